@@ -1,0 +1,574 @@
+//! Model configurations, read from the diffusers / transformers `config.json` files.
+//!
+//! Every size the models use comes from here: nothing in the model code assumes SD1.5's 320
+//! channels, 768-wide text states, 8 heads, 77 tokens or a VAE scale factor of 8. The `sd15()`
+//! presets mirror the published SD1.5 files for benchmarks that build the model with random weights.
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// A value diffusers accepts either once for every block or as one value per block.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T: Copy> PerBlock<T> {
+    /// The value for block `i` of `n` (a single value applies to every block).
+    pub fn get(&self, i: usize) -> T {
+        match self {
+            PerBlock::One(v) => *v,
+            PerBlock::Many(v) => v[i.min(v.len() - 1)],
+        }
+    }
+
+    /// The values for `n` blocks, reversed (diffusers' order for the up blocks).
+    pub fn reversed(&self, n: usize) -> Vec<T> {
+        (0..n).rev().map(|i| self.get(i)).collect()
+    }
+
+    fn check_len(&self, n: usize, name: &str) -> std::result::Result<(), String> {
+        match self {
+            PerBlock::Many(v) if v.len() != n => Err(format!(
+                "`{name}` has {} values, expected one per down block ({n})",
+                v.len()
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Reads and parses a JSON config, naming the file on any error.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::config(path, e))
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `unet/config.json` (diffusers `UNet2DConditionModel`), restricted to what SD1.x uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    #[serde(default = "UNetConfig::default_mid")]
+    pub mid_block_type: Option<String>,
+    pub layers_per_block: PerBlock<usize>,
+    /// SD1.x quirk: this is the number of heads, not the head size.
+    pub attention_head_dim: PerBlock<usize>,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock<usize>>,
+    pub cross_attention_dim: PerBlock<usize>,
+    #[serde(default = "UNetConfig::default_tlpb")]
+    pub transformer_layers_per_block: PerBlock<usize>,
+    pub norm_num_groups: usize,
+    #[serde(default = "UNetConfig::default_norm_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "default_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default = "UNetConfig::default_one")]
+    pub downsample_padding: usize,
+    #[serde(default = "UNetConfig::default_one_f")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default = "UNetConfig::default_silu")]
+    pub act_fn: String,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default = "UNetConfig::default_conv_kernel")]
+    pub conv_in_kernel: usize,
+    #[serde(default = "UNetConfig::default_conv_kernel")]
+    pub conv_out_kernel: usize,
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default)]
+    pub upcast_attention: bool,
+    // Options of other UNets: read so that a config using them is refused, not misread.
+    #[serde(default)]
+    pub only_cross_attention: Option<PerBlock<bool>>,
+    #[serde(default)]
+    pub dual_cross_attention: Option<bool>,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub num_class_embeds: Option<usize>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
+    #[serde(default)]
+    pub time_embedding_dim: Option<usize>,
+    #[serde(default)]
+    pub time_embedding_type: Option<String>,
+    #[serde(default)]
+    pub timestep_post_act: Option<String>,
+    #[serde(default)]
+    pub resnet_time_scale_shift: Option<String>,
+    #[serde(default)]
+    pub resnet_skip_time_act: Option<bool>,
+    #[serde(default)]
+    pub resnet_out_scale_factor: Option<f64>,
+    #[serde(default)]
+    pub attention_type: Option<String>,
+    #[serde(default)]
+    pub cross_attention_norm: Option<String>,
+}
+
+impl UNetConfig {
+    fn default_mid() -> Option<String> {
+        Some("UNetMidBlock2DCrossAttn".into())
+    }
+    fn default_tlpb() -> PerBlock<usize> {
+        PerBlock::One(1)
+    }
+    fn default_norm_eps() -> f64 {
+        1e-5
+    }
+    fn default_one() -> usize {
+        1
+    }
+    fn default_one_f() -> f64 {
+        1.0
+    }
+    fn default_silu() -> String {
+        "silu".into()
+    }
+    fn default_conv_kernel() -> usize {
+        3
+    }
+
+    /// The published SD1.5 `unet/config.json`.
+    pub fn sd15() -> Self {
+        let json = r#"{
+            "in_channels": 4, "out_channels": 4,
+            "block_out_channels": [320, 640, 1280, 1280],
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "layers_per_block": 2, "attention_head_dim": 8, "cross_attention_dim": 768,
+            "norm_num_groups": 32, "norm_eps": 1e-05, "sample_size": 64,
+            "flip_sin_to_cos": true, "freq_shift": 0, "downsample_padding": 1, "mid_block_scale_factor": 1
+        }"#;
+        serde_json::from_str(json).expect("the built-in SD1.5 UNet config parses")
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let cfg: Self = read_json(path)?;
+        cfg.validate().map_err(|msg| Error::config(path, msg))?;
+        Ok(cfg)
+    }
+
+    /// Number of down (and up) blocks.
+    pub fn n_blocks(&self) -> usize {
+        self.block_out_channels.len()
+    }
+
+    /// Heads of the attention layers in down block `i` (mid block: the last one; up blocks:
+    /// reversed). SD1.x configs give the head count in `attention_head_dim`.
+    pub fn heads(&self) -> &PerBlock<usize> {
+        self.num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim)
+    }
+
+    /// Width of the time embedding.
+    pub fn time_embed_dim(&self) -> usize {
+        self.block_out_channels[0] * 4
+    }
+
+    /// Checks that this is a UNet the model code builds faithfully; names the first option that is not.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let n = self.n_blocks();
+        if n == 0 {
+            return Err("`block_out_channels` is empty".into());
+        }
+        if self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(format!(
+                "{} down and {} up block types for {n} entries of `block_out_channels`",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            ));
+        }
+        for (name, v) in [
+            ("layers_per_block", &self.layers_per_block),
+            ("attention_head_dim", &self.attention_head_dim),
+            ("cross_attention_dim", &self.cross_attention_dim),
+            (
+                "transformer_layers_per_block",
+                &self.transformer_layers_per_block,
+            ),
+        ] {
+            v.check_len(n, name)?;
+        }
+        if let Some(h) = &self.num_attention_heads {
+            h.check_len(n, "num_attention_heads")?;
+        }
+        for t in &self.down_block_types {
+            if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
+                return Err(format!("down block type `{t}` is not supported"));
+            }
+        }
+        for t in &self.up_block_types {
+            if t != "CrossAttnUpBlock2D" && t != "UpBlock2D" {
+                return Err(format!("up block type `{t}` is not supported"));
+            }
+        }
+        if self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn") {
+            return Err(format!(
+                "mid block type {:?} is not supported (SD1.x uses UNetMidBlock2DCrossAttn)",
+                self.mid_block_type
+            ));
+        }
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            if c % self.norm_num_groups != 0 {
+                return Err(format!(
+                    "block_out_channels[{i}] = {c} is not a multiple of norm_num_groups = {}",
+                    self.norm_num_groups
+                ));
+            }
+            let heads = self.heads().get(i);
+            if heads == 0 || c % heads != 0 {
+                return Err(format!(
+                    "block {i}: {c} channels cannot be split into {heads} attention heads"
+                ));
+            }
+        }
+        if self.act_fn != "silu" {
+            return Err(format!("act_fn `{}` is not supported", self.act_fn));
+        }
+        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+            return Err("even conv_in_kernel / conv_out_kernel are not supported".into());
+        }
+        let unsupported: [(&str, bool); 15] = [
+            (
+                "only_cross_attention",
+                !matches!(self.only_cross_attention, None | Some(PerBlock::One(false)))
+                    && !matches!(&self.only_cross_attention, Some(PerBlock::Many(v)) if v.iter().all(|b| !b)),
+            ),
+            (
+                "dual_cross_attention",
+                self.dual_cross_attention == Some(true),
+            ),
+            ("class_embed_type", self.class_embed_type.is_some()),
+            ("num_class_embeds", self.num_class_embeds.is_some()),
+            ("addition_embed_type", self.addition_embed_type.is_some()),
+            ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
+            ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
+            ("time_embedding_dim", self.time_embedding_dim.is_some()),
+            (
+                "time_embedding_type",
+                !matches!(
+                    self.time_embedding_type.as_deref(),
+                    None | Some("positional")
+                ),
+            ),
+            ("timestep_post_act", self.timestep_post_act.is_some()),
+            (
+                "resnet_time_scale_shift",
+                !matches!(
+                    self.resnet_time_scale_shift.as_deref(),
+                    None | Some("default")
+                ),
+            ),
+            (
+                "resnet_skip_time_act",
+                self.resnet_skip_time_act == Some(true),
+            ),
+            (
+                "resnet_out_scale_factor",
+                !matches!(self.resnet_out_scale_factor, None | Some(1.0)),
+            ),
+            (
+                "attention_type",
+                !matches!(self.attention_type.as_deref(), None | Some("default")),
+            ),
+            ("cross_attention_norm", self.cross_attention_norm.is_some()),
+        ];
+        if let Some((name, _)) = unsupported.iter().find(|(_, bad)| *bad) {
+            return Err(format!(
+                "option `{name}` is set: only SD1.x UNets are supported"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `vae/config.json` (diffusers `AutoencoderKL`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "VaeConfig::default_rgb")]
+    pub in_channels: usize,
+    #[serde(default = "VaeConfig::default_rgb")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default)]
+    pub down_block_types: Vec<String>,
+    #[serde(default)]
+    pub up_block_types: Vec<String>,
+    pub layers_per_block: usize,
+    pub latent_channels: usize,
+    pub norm_num_groups: usize,
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+    #[serde(default = "VaeConfig::default_scaling")]
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "default_true")]
+    pub use_quant_conv: bool,
+    #[serde(default = "default_true")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "default_true")]
+    pub mid_block_add_attention: bool,
+    #[serde(default = "default_true")]
+    pub force_upcast: bool,
+    #[serde(default = "UNetConfig::default_silu")]
+    pub act_fn: String,
+}
+
+impl VaeConfig {
+    fn default_rgb() -> usize {
+        3
+    }
+    fn default_scaling() -> f64 {
+        0.18215
+    }
+
+    /// The published SD1.5 `vae/config.json`.
+    pub fn sd15() -> Self {
+        let json = r#"{
+            "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+            "latent_channels": 4, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215
+        }"#;
+        serde_json::from_str(json).expect("the built-in SD1.5 VAE config parses")
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let cfg: Self = read_json(path)?;
+        cfg.validate().map_err(|msg| Error::config(path, msg))?;
+        Ok(cfg)
+    }
+
+    /// Pixels per latent cell: 2^(number of blocks - 1).
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let n = self.block_out_channels.len();
+        if n == 0 {
+            return Err("`block_out_channels` is empty".into());
+        }
+        for t in &self.down_block_types {
+            if t != "DownEncoderBlock2D" {
+                return Err(format!("down block type `{t}` is not supported"));
+            }
+        }
+        for t in &self.up_block_types {
+            if t != "UpDecoderBlock2D" {
+                return Err(format!("up block type `{t}` is not supported"));
+            }
+        }
+        if !self.down_block_types.is_empty() && self.down_block_types.len() != n {
+            return Err(format!(
+                "{} down block types for {n} entries of `block_out_channels`",
+                self.down_block_types.len()
+            ));
+        }
+        if let Some(c) = self
+            .block_out_channels
+            .iter()
+            .find(|&&c| c % self.norm_num_groups != 0)
+        {
+            return Err(format!(
+                "{c} channels are not a multiple of norm_num_groups = {}",
+                self.norm_num_groups
+            ));
+        }
+        if self.act_fn != "silu" {
+            return Err(format!("act_fn `{}` is not supported", self.act_fn));
+        }
+        Ok(())
+    }
+}
+
+/// The activation of the CLIP text encoder's MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextActivation {
+    QuickGelu,
+    Gelu,
+    GeluNew,
+}
+
+/// `text_encoder/config.json` (transformers `CLIPTextConfig`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TextEncoderConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: TextActivation,
+    #[serde(default = "UNetConfig::default_norm_eps")]
+    pub layer_norm_eps: f64,
+}
+
+impl TextEncoderConfig {
+    /// The published SD1.5 `text_encoder/config.json` (CLIP ViT-L/14's text tower).
+    pub fn sd15() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            hidden_act: TextActivation::QuickGelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let cfg: Self = read_json(path)?;
+        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(Error::config(
+                path,
+                format!(
+                    "hidden_size {} cannot be split into {} heads",
+                    cfg.hidden_size, cfg.num_attention_heads
+                ),
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
+/// `scheduler/scheduler_config.json`. Only the noise schedule is read from it: generation always
+/// uses DDIM (as the paper does), so a PNDM config such as SD1.5's is read with DDIM's defaults
+/// for the keys it lacks, as diffusers' `DDIMScheduler.from_config` would.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SchedulerConfig {
+    #[serde(default = "SchedulerConfig::default_t")]
+    pub num_train_timesteps: usize,
+    #[serde(default = "SchedulerConfig::default_beta_start")]
+    pub beta_start: f64,
+    #[serde(default = "SchedulerConfig::default_beta_end")]
+    pub beta_end: f64,
+    #[serde(default = "SchedulerConfig::default_schedule")]
+    pub beta_schedule: String,
+    #[serde(default)]
+    pub trained_betas: Option<Vec<f64>>,
+    #[serde(default = "default_true")]
+    pub clip_sample: bool,
+    #[serde(default = "SchedulerConfig::default_clip_range")]
+    pub clip_sample_range: f64,
+    #[serde(default = "default_true")]
+    pub set_alpha_to_one: bool,
+    #[serde(default)]
+    pub steps_offset: usize,
+    #[serde(default = "SchedulerConfig::default_prediction")]
+    pub prediction_type: String,
+    #[serde(default = "SchedulerConfig::default_spacing")]
+    pub timestep_spacing: String,
+    #[serde(default)]
+    pub thresholding: bool,
+    #[serde(default)]
+    pub rescale_betas_zero_snr: bool,
+}
+
+impl SchedulerConfig {
+    fn default_t() -> usize {
+        1000
+    }
+    fn default_beta_start() -> f64 {
+        0.0001
+    }
+    fn default_beta_end() -> f64 {
+        0.02
+    }
+    fn default_schedule() -> String {
+        "linear".into()
+    }
+    fn default_clip_range() -> f64 {
+        1.0
+    }
+    fn default_prediction() -> String {
+        "epsilon".into()
+    }
+    fn default_spacing() -> String {
+        "leading".into()
+    }
+
+    /// SD1.5's schedule (its published file is a PNDM config with these values).
+    pub fn sd15() -> Self {
+        let json = r#"{
+            "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "num_train_timesteps": 1000, "set_alpha_to_one": false, "steps_offset": 1, "clip_sample": false
+        }"#;
+        serde_json::from_str(json).expect("the built-in SD1.5 scheduler config parses")
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let cfg: Self = read_json(path)?;
+        cfg.validate().map_err(|msg| Error::config(path, msg))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.num_train_timesteps == 0 {
+            return Err("num_train_timesteps is 0".into());
+        }
+        if !matches!(
+            self.beta_schedule.as_str(),
+            "linear" | "scaled_linear" | "squaredcos_cap_v2"
+        ) && self.trained_betas.is_none()
+        {
+            return Err(format!(
+                "beta_schedule `{}` is not supported",
+                self.beta_schedule
+            ));
+        }
+        if !matches!(
+            self.prediction_type.as_str(),
+            "epsilon" | "v_prediction" | "sample"
+        ) {
+            return Err(format!(
+                "prediction_type `{}` is not supported",
+                self.prediction_type
+            ));
+        }
+        if !matches!(
+            self.timestep_spacing.as_str(),
+            "leading" | "trailing" | "linspace"
+        ) {
+            return Err(format!(
+                "timestep_spacing `{}` is not supported",
+                self.timestep_spacing
+            ));
+        }
+        if self.thresholding {
+            return Err("dynamic thresholding is not supported".into());
+        }
+        if self.rescale_betas_zero_snr {
+            return Err("rescale_betas_zero_snr is not supported".into());
+        }
+        Ok(())
+    }
+}

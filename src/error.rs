@@ -1,0 +1,135 @@
+//! The library's one error type.
+//!
+//! Every variant that comes from a file names the file; weight problems name the tensor, the
+//! expected and the found shape. Library code returns these; it never panics on user input.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// What went wrong with one tensor of a weight file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightProblem {
+    /// The model needs this tensor and no file holds it.
+    Missing {
+        tensor: String,
+        expected: Vec<usize>,
+    },
+    /// The tensor is there with another shape.
+    WrongShape {
+        tensor: String,
+        file: PathBuf,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+}
+
+impl fmt::Display for WeightProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WeightProblem::Missing { tensor, expected } => {
+                write!(
+                    f,
+                    "tensor `{tensor}` is missing (expected shape {expected:?})"
+                )
+            }
+            WeightProblem::WrongShape {
+                tensor,
+                file,
+                expected,
+                found,
+            } => write!(
+                f,
+                "tensor `{tensor}` in {} has shape {found:?}, expected {expected:?}",
+                file.display()
+            ),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("{}: {msg}", path.display())]
+    Config { path: PathBuf, msg: String },
+
+    #[error("{}: not a valid safetensors file: {msg}", path.display())]
+    Safetensors { path: PathBuf, msg: String },
+
+    #[error(
+        "{component} weights ({}) do not fit the model:\n  {}",
+        files_list(files),
+        problems_list(problems)
+    )]
+    Weights {
+        component: String,
+        files: Vec<PathBuf>,
+        problems: Vec<WeightProblem>,
+    },
+
+    #[error("model not found: {0}")]
+    ModelNotFound(String),
+
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+
+    #[error("invalid argument `{arg}`: {msg}")]
+    InvalidArgument { arg: String, msg: String },
+
+    #[error("tokenizer ({}): {msg}", path.display())]
+    Tokenizer { path: PathBuf, msg: String },
+
+    #[error("image {}: {msg}", path.display())]
+    Image { path: PathBuf, msg: String },
+
+    #[error("cancelled")]
+    Cancelled,
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+fn files_list(files: &[PathBuf]) -> String {
+    files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn problems_list(problems: &[WeightProblem]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n  ")
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn config(path: impl Into<PathBuf>, msg: impl fmt::Display) -> Self {
+        Error::Config {
+            path: path.into(),
+            msg: msg.to_string(),
+        }
+    }
+
+    pub(crate) fn arg(arg: &str, msg: impl fmt::Display) -> Self {
+        Error::InvalidArgument {
+            arg: arg.to_string(),
+            msg: msg.to_string(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

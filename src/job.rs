@@ -1,0 +1,77 @@
+//! Progress and cancellation for long jobs (generation, training).
+//!
+//! A [`Job`] is cheap to clone and shared between the code that runs a job and the code that may
+//! cancel it (a Ctrl-C handler): long loops call [`Job::check`] between steps, and stop with
+//! [`Error::Cancelled`](crate::Error::Cancelled), keeping what they reached where that makes sense.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Default)]
+pub struct Job {
+    cancelled: Arc<AtomicBool>,
+    show_progress: bool,
+}
+
+impl Job {
+    /// A job without a visible progress bar.
+    pub fn quiet() -> Self {
+        Self::default()
+    }
+
+    /// A job that draws progress bars on stderr (indicatif hides them when stderr is not a
+    /// terminal).
+    pub fn with_progress() -> Self {
+        Self {
+            show_progress: true,
+            ..Self::default()
+        }
+    }
+
+    /// Asks the running job to stop at its next check.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+
+    /// Clears a cancellation, so the job object can run the next job.
+    pub fn reset(&self) {
+        self.cancelled.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// The flag a signal handler sets.
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancelled.clone()
+    }
+
+    /// `Err(Cancelled)` once the job was cancelled.
+    pub fn check(&self) -> Result<()> {
+        if self.is_cancelled() {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A progress bar of `len` steps, hidden for quiet jobs.
+    pub fn bar(&self, len: usize, message: &str) -> ProgressBar {
+        if !self.show_progress {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(len as u64);
+        let style = ProgressStyle::with_template(
+            "{msg:>10} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        bar.set_style(style);
+        bar.set_message(message.to_string());
+        bar
+    }
+}

@@ -1,0 +1,29 @@
+//! infusion: customize Stable Diffusion 1.5 with the Infusion method.
+//!
+//! This crate holds the SD1.x pipeline on candle (tokenizer, CLIP text encoder, UNet with an
+//! attention hook, VAE, DDIM), model loading from diffusers folders and the Hugging Face cache,
+//! and the `infusion-repl` command line.
+
+pub mod attention;
+pub mod cli;
+pub mod config;
+mod error;
+pub mod hub;
+pub mod image_io;
+pub mod job;
+mod nn;
+pub mod pipeline;
+pub mod scheduler;
+pub mod text_encoder;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use attention::{
+    AttentionCall, AttentionHook, AttnKind, AttnSite, BatchLayout, Guidance, HookCtx, LayerInfo,
+    Row, Step, Stream,
+};
+pub use error::{Error, Result, WeightProblem};
+pub use job::Job;
+pub use pipeline::{GenerateOptions, Generation, LoadOptions, StableDiffusion};

@@ -1,0 +1,243 @@
+//! Checked loading of safetensors weights.
+//!
+//! A model is built twice: first against a probe that answers every request with a zero-cost
+//! placeholder and writes down which tensor with which shape was asked for, then, only if every
+//! request matches the files, against the real memory-mapped tensors. So a bad file is reported
+//! as a whole (every missing tensor, every wrong shape, each with its file), before anything is
+//! loaded onto the device.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+
+use crate::error::{Error, Result, WeightProblem};
+
+/// The safetensors files of one model component (`unet`, `vae`, ...), opened and indexed.
+pub struct WeightFiles {
+    component: String,
+    files: Vec<PathBuf>,
+    mmaps: Vec<MmapedSafetensors>,
+    /// tensor name -> (shape, index into `files`)
+    index: HashMap<String, (Vec<usize>, usize)>,
+}
+
+impl WeightFiles {
+    /// Opens and validates the headers of `files`. A truncated or corrupt file is an error that
+    /// names it.
+    pub fn open(component: &str, files: &[PathBuf]) -> Result<Self> {
+        let mut mmaps = Vec::with_capacity(files.len());
+        let mut index = HashMap::new();
+        for (i, path) in files.iter().enumerate() {
+            if !path.is_file() {
+                return Err(Error::io(
+                    path,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "weight file not found"),
+                ));
+            }
+            // SAFETY: the file is only read; the mapping lives as long as `WeightFiles`, and the
+            // tensors built from it copy their data out of the mapping.
+            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::Safetensors {
+                path: path.clone(),
+                msg: root_cause(&e),
+            })?;
+            for (name, view) in st.tensors() {
+                index.insert(name, (view.shape().to_vec(), i));
+            }
+            mmaps.push(st);
+        }
+        Ok(Self {
+            component: component.to_string(),
+            files: files.to_vec(),
+            mmaps,
+            index,
+        })
+    }
+
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// Names and shapes of every tensor in the files.
+    pub fn shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.index
+            .iter()
+            .map(|(k, (s, _))| (k.as_str(), s.as_slice()))
+    }
+
+    /// Builds a model with `build`, after checking that every tensor it asks for is present with
+    /// the right shape. Tensors are converted to `dtype` on `device`.
+    pub fn build<M>(
+        &self,
+        dtype: DType,
+        device: &Device,
+        build: impl Fn(VarBuilder) -> candle_core::Result<M>,
+    ) -> Result<M> {
+        let probe = Probe {
+            files: self,
+            problems: Mutex::new(Vec::new()),
+        };
+        let dry = {
+            let vb = VarBuilder::from_backend(Box::new(&probe), DType::F32, Device::Cpu);
+            build(vb)
+        };
+        let mut problems = probe
+            .problems
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
+        if !problems.is_empty() {
+            problems.sort_by(|a, b| problem_key(a).cmp(problem_key(b)));
+            problems.dedup();
+            return Err(Error::Weights {
+                component: self.component.clone(),
+                files: self.files.clone(),
+                problems,
+            });
+        }
+        // The dry run can only fail for reasons other than the weights (e.g. a config the
+        // constructors refuse): report that as it is.
+        drop(dry.map_err(|e| self.candle_error(e))?);
+        let vb = VarBuilder::from_backend(Box::new(Real(self)), dtype, device.clone());
+        build(vb).map_err(|e| self.candle_error(e))
+    }
+
+    fn candle_error(&self, e: candle_core::Error) -> Error {
+        Error::Config {
+            path: self.files.first().cloned().unwrap_or_default(),
+            msg: format!("building the {} failed: {}", self.component, root_cause(&e)),
+        }
+    }
+
+    fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        match self.index.get(name) {
+            Some((_, i)) => self.mmaps[*i].load(name, device),
+            None => candle_core::bail!("cannot find tensor {name}"),
+        }
+    }
+}
+
+fn problem_key(p: &WeightProblem) -> &str {
+    match p {
+        WeightProblem::Missing { tensor, .. } | WeightProblem::WrongShape { tensor, .. } => tensor,
+    }
+}
+
+/// The innermost message of a candle error, without the backtrace wrapping.
+pub(crate) fn root_cause(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => root_cause(inner),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", root_cause(inner))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Records what a model asks for and hands back placeholders that cost no memory.
+struct Probe<'a> {
+    files: &'a WeightFiles,
+    problems: Mutex<Vec<WeightProblem>>,
+}
+
+impl Probe<'_> {
+    fn report(&self, p: WeightProblem) {
+        self.problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(p);
+    }
+}
+
+fn placeholder(shape: &Shape, dtype: DType) -> candle_core::Result<Tensor> {
+    Tensor::zeros((), dtype, &Device::Cpu)?.broadcast_as(shape)
+}
+
+impl SimpleBackend for &Probe<'_> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        _: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match self.files.index.get(name) {
+            None => self.report(WeightProblem::Missing {
+                tensor: name.to_string(),
+                expected: s.dims().to_vec(),
+            }),
+            Some((found, i)) if found.as_slice() != s.dims() => {
+                self.report(WeightProblem::WrongShape {
+                    tensor: name.to_string(),
+                    file: self.files.files[*i].clone(),
+                    expected: s.dims().to_vec(),
+                    found: found.clone(),
+                })
+            }
+            Some(_) => {}
+        }
+        placeholder(&s, dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, _: &Device) -> candle_core::Result<Tensor> {
+        match self.files.index.get(name) {
+            Some((shape, _)) => placeholder(&Shape::from(shape.clone()), dtype),
+            None => {
+                self.report(WeightProblem::Missing {
+                    tensor: name.to_string(),
+                    expected: vec![],
+                });
+                candle_core::bail!("cannot find tensor {name}")
+            }
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.files.index.contains_key(name)
+    }
+}
+
+/// The real tensors, once the probe found nothing wrong.
+struct Real<'a>(&'a WeightFiles);
+
+impl SimpleBackend for Real<'_> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.0.load(name, dev)?.to_dtype(dtype)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            });
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.index.contains_key(name)
+    }
+}
+
+/// Reads a whole safetensors file into named tensors (small files: references, noise, concepts).
+pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    candle_core::safetensors::load_buffer(&data, device).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg: root_cause(&e),
+    })
+}

@@ -1,0 +1,85 @@
+//! Helpers shared by the integration tests.
+//!
+//! Reference tensors come from `tests/fixtures/reference` (copied from the shared fixtures,
+//! made by diffusers 0.42.1 / transformers 5.17.0 / torch 2.11 on CPU in float32; see
+//! `tests/fixtures/README.md`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use infusion::{LoadOptions, StableDiffusion};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn tiny_model_dir() -> PathBuf {
+    repo().join("models").join("tiny-sd")
+}
+
+pub fn reference(name: &str) -> HashMap<String, Tensor> {
+    let path = repo().join("tests/fixtures/reference").join(name);
+    infusion::weights::load_safetensors(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+pub fn get<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> &'a Tensor {
+    t.get(name)
+        .unwrap_or_else(|| panic!("reference tensor `{name}` missing"))
+}
+
+/// The tiny model, loaded once per test binary (CPU, f32).
+pub fn tiny() -> &'static StableDiffusion {
+    static SD: OnceLock<StableDiffusion> = OnceLock::new();
+    SD.get_or_init(|| {
+        StableDiffusion::load_dir(&tiny_model_dir(), &LoadOptions::default())
+            .expect("the bundled tiny model loads")
+    })
+}
+
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Asserts max|actual - expected| <= tol * max(1, max|expected|) (the fixtures' README
+/// tolerance form) and returns the error relative to that scale.
+#[track_caller]
+pub fn assert_close(actual: &Tensor, expected: &Tensor, tol: f32, what: &str) -> f32 {
+    let actual = actual
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let expected = expected.to_dtype(DType::F32).unwrap();
+    assert_eq!(
+        actual.dims(),
+        expected.dims(),
+        "{what}: shape {:?} vs reference {:?}",
+        actual.dims(),
+        expected.dims()
+    );
+    let err = max_abs(&(&actual - &expected).unwrap());
+    let scale = max_abs(&expected).max(1.0);
+    let rel = err / scale;
+    eprintln!("{what}: relative error {rel:e} (tolerance {tol:e})");
+    assert!(
+        rel <= tol,
+        "{what}: max abs error {err:e} = {rel:e} x scale {scale}, tolerance {tol:e}"
+    );
+    rel
+}
+
+pub fn ids_tensor(ids: &Tensor) -> Tensor {
+    ids.to_dtype(DType::U32).unwrap()
+}

@@ -1,0 +1,13 @@
+//! One integration-test binary, one module per feature.
+
+mod common;
+
+mod attention;
+mod loading;
+
+mod scheduler;
+mod text_encoder;
+mod tokenizer;
+mod txt2img;
+mod unet;
+mod vae;
