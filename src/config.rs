@@ -251,7 +251,7 @@ impl UNetConfig {
         if self.act_fn != "silu" {
             return Err(format!("act_fn `{}` is not supported", self.act_fn));
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
             return Err("even conv_in_kernel / conv_out_kernel are not supported".into());
         }
         let unsupported: [(&str, bool); 15] = [
@@ -447,7 +447,8 @@ impl TextEncoderConfig {
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let cfg: Self = read_json(path)?;
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(Error::config(
                 path,
                 format!(

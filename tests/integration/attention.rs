@@ -149,8 +149,7 @@ fn a_layout_that_does_not_fit_the_batch_is_an_error() {
             get(&r, "encoder_hidden_states"),
             Some(&hook),
         )
-        .err()
-        .expect("a 3-row layout for a batch of 2 is refused");
+        .expect_err("a 3-row layout for a batch of 2 is refused");
     assert!(e.to_string().contains("3 rows"), "{e}");
 }
 

@@ -3,7 +3,9 @@
 mod common;
 
 mod attention;
+mod cli;
 mod loading;
+mod other_configs;
 
 mod scheduler;
 mod text_encoder;

@@ -1,0 +1,148 @@
+//! The `infusion-repl` command README.md documents: the bundled tiny model by default, a model
+//! from the Hugging Face cache by repo id, initial noise from a file, clear errors.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::common::{get, reference, tiny_model_dir};
+
+fn run(args: &[&str], cwd: &Path, env: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_infusion-repl"));
+    cmd.args(args).current_dir(cwd).env_remove("INFUSION_MODEL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("infusion-repl runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn generate_with_the_bundled_model_writes_a_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(
+        &["generate", "a red teapot", "--steps", "3", "-o", "t.png"],
+        dir.path(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("bundled tiny model"), "{}", stderr(&o));
+    let img = image::open(dir.path().join("t.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (32, 32));
+}
+
+#[test]
+fn noise_file_reproduces_the_reference_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = reference("txt2img.safetensors");
+    let noise = dir.path().join("noise.safetensors");
+    let t = std::collections::HashMap::from([("noise".to_string(), get(&r, "init_noise").clone())]);
+    candle_core::safetensors::save(&t, &noise).unwrap();
+    let o = run(
+        &[
+            "generate",
+            "a photo of a cat sitting by a teapot",
+            "--steps",
+            "5",
+            "--guidance",
+            "7.5",
+            "--noise",
+            noise.to_str().unwrap(),
+            "-o",
+            "ref.png",
+        ],
+        dir.path(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = image::open(dir.path().join("ref.png")).unwrap().to_rgb8();
+    let expected: Vec<f32> = get(&r, "image_01")
+        .squeeze(0)
+        .unwrap()
+        .permute((1, 2, 0))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    // At most one 8-bit level off (values on a rounding boundary).
+    for (&p, &e) in img.as_raw().iter().zip(&expected) {
+        assert!((p as f32 - (e * 255.0).round()).abs() <= 1.0);
+    }
+}
+
+#[test]
+fn repo_id_is_found_in_the_hf_home_cache() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--acme--tiny-sd");
+    let snap = repo.join("snapshots/abc123");
+    for sub in ["", "tokenizer", "text_encoder", "unet", "vae", "scheduler"] {
+        let from = tiny_model_dir().join(sub);
+        std::fs::create_dir_all(snap.join(sub)).unwrap();
+        for e in std::fs::read_dir(&from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), snap.join(sub).join(e.file_name())).unwrap();
+            }
+        }
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
+    let o = run(
+        &[
+            "--model",
+            "acme/tiny-sd",
+            "generate",
+            "--steps",
+            "2",
+            "-o",
+            "c.png",
+        ],
+        home.path(),
+        &[("HF_HOME", home.path())],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(home.path().join("c.png").is_file());
+    assert!(!stderr(&o).contains("bundled"), "{}", stderr(&o));
+}
+
+#[test]
+fn errors_name_the_culprit_and_exit_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(
+        &["--model", "nobody/nothing", "generate"],
+        dir.path(),
+        &[("HF_HOME", dir.path())],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("models--nobody--nothing"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = run(
+        &["generate", "--width", "31", "--steps", "1"],
+        dir.path(),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("width"), "{}", stderr(&o));
+
+    let o = run(&["--dtype", "f8", "generate"], dir.path(), &[]);
+    assert!(stderr(&o).contains("--dtype"), "{}", stderr(&o));
+    // Nothing half-written.
+    let pngs = std::fs::read_dir(dir.path()).unwrap().count();
+    assert_eq!(pngs, 0);
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_the_feature_says_how_to_get_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(&["--device", "cuda", "generate"], dir.path(), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--features cuda"), "{}", stderr(&o));
+}
