@@ -234,6 +234,9 @@ impl UNetConfig {
                 self.mid_block_type
             ));
         }
+        if self.norm_num_groups == 0 {
+            return Err("norm_num_groups is 0".into());
+        }
         for (i, &c) in self.block_out_channels.iter().enumerate() {
             if c % self.norm_num_groups != 0 {
                 return Err(format!(
@@ -389,6 +392,9 @@ impl VaeConfig {
                 "{} down block types for {n} entries of `block_out_channels`",
                 self.down_block_types.len()
             ));
+        }
+        if self.norm_num_groups == 0 {
+            return Err("norm_num_groups is 0".into());
         }
         if let Some(c) = self
             .block_out_channels
@@ -571,5 +577,99 @@ impl SchedulerConfig {
             return Err("rescale_betas_zero_snr is not supported".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_unet() -> serde_json::Value {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-sd/unet/config.json");
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    fn validate(v: &serde_json::Value) -> std::result::Result<(), String> {
+        let cfg: UNetConfig = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+        cfg.validate()
+    }
+
+    #[test]
+    fn tiny_and_sd15_configs_are_valid() {
+        validate(&tiny_unet()).unwrap();
+        UNetConfig::sd15().validate().unwrap();
+        VaeConfig::sd15().validate().unwrap();
+        SchedulerConfig::sd15().validate().unwrap();
+        assert_eq!(VaeConfig::sd15().scale_factor(), 8);
+        assert_eq!(UNetConfig::sd15().heads().get(3), 8);
+    }
+
+    #[test]
+    fn bad_unet_configs_are_refused_with_the_option_named() {
+        let cases: &[(&str, serde_json::Value, &str)] = &[
+            ("norm_num_groups", serde_json::json!(0), "norm_num_groups"),
+            ("norm_num_groups", serde_json::json!(7), "norm_num_groups"),
+            (
+                "attention_head_dim",
+                serde_json::json!([2]),
+                "attention_head_dim",
+            ),
+            ("attention_head_dim", serde_json::json!(0), "heads"),
+            ("attention_head_dim", serde_json::json!(3), "heads"),
+            ("block_out_channels", serde_json::json!([]), "empty"),
+            ("block_out_channels", serde_json::json!([32]), "block types"),
+            (
+                "layers_per_block",
+                serde_json::json!([1, 2, 3]),
+                "layers_per_block",
+            ),
+            (
+                "class_embed_type",
+                serde_json::json!("timestep"),
+                "class_embed_type",
+            ),
+            (
+                "resnet_time_scale_shift",
+                serde_json::json!("scale_shift"),
+                "resnet_time_scale_shift",
+            ),
+            (
+                "mid_block_type",
+                serde_json::json!("UNetMidBlock2DSimpleCrossAttn"),
+                "mid block",
+            ),
+            ("act_fn", serde_json::json!("gelu"), "act_fn"),
+        ];
+        for (key, value, needle) in cases {
+            let mut v = tiny_unet();
+            v[*key] = value.clone();
+            let e = validate(&v).expect_err(key);
+            assert!(e.contains(needle), "{key} = {value}: {e}");
+        }
+    }
+
+    #[test]
+    fn per_block_values_follow_diffusers_order() {
+        let v: PerBlock<usize> = serde_json::from_str("[1, 2, 4]").unwrap();
+        assert_eq!((v.get(0), v.get(2)), (1, 4));
+        assert_eq!(v.reversed(3), vec![4, 2, 1]);
+        let one: PerBlock<usize> = serde_json::from_str("8").unwrap();
+        assert_eq!(one.reversed(2), vec![8, 8]);
+    }
+
+    #[test]
+    fn scheduler_defaults_are_ddims() {
+        // A PNDM config like SD1.5's, without DDIM's keys.
+        let cfg: SchedulerConfig = serde_json::from_str(
+            r#"{"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear",
+                "beta_start": 0.00085, "beta_end": 0.012, "skip_prk_steps": true,
+                "set_alpha_to_one": false, "steps_offset": 1, "clip_sample": false}"#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.timestep_spacing, "leading");
+        assert_eq!(cfg.prediction_type, "epsilon");
+        let bad: SchedulerConfig = serde_json::from_str(r#"{"thresholding": true}"#).unwrap();
+        assert!(bad.validate().unwrap_err().contains("thresholding"));
     }
 }

@@ -89,7 +89,8 @@ pub enum Error {
     #[error("cancelled")]
     Cancelled,
 
-    #[error(transparent)]
+    /// A tensor operation failed; shown without candle's backtrace.
+    #[error("{}", crate::weights::root_cause(.0))]
     Candle(#[from] candle_core::Error),
 }
 

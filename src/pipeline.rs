@@ -160,6 +160,11 @@ impl StableDiffusion {
 
     /// Loads a model from a folder in diffusers layout.
     pub fn load_dir(root: &Path, opts: &LoadOptions) -> Result<Self> {
+        if opts.device.is_cpu() && opts.dtype == DType::BF16 {
+            return Err(Error::Unsupported(
+                "bf16 on the CPU (candle's CPU matmul has no bf16): use f32 or f16 there".into(),
+            ));
+        }
         let files = ModelFiles::locate(root, opts.dtype == DType::F16)?;
         let te_cfg = TextEncoderConfig::from_file(&files.text_encoder.config)?;
         let unet_cfg = UNetConfig::from_file(&files.unet.config)?;

@@ -4,6 +4,7 @@ mod common;
 
 mod attention;
 mod cli;
+mod dtype;
 mod loading;
 mod other_configs;
 
