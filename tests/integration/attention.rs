@@ -421,10 +421,12 @@ fn gradients_through_the_hook_match_reference() {
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {path}"));
-        let expected = get(&r, &format!("grad.{path}"));
+        let expected = get(&r, &format!("grad.{path}"))
+            .to_device(&Device::Cpu)
+            .unwrap();
         // Gradients are ~1e-3 in size: compare relative to the reference's own scale.
-        let scale = max_abs(expected);
-        let err = max_abs(&(g.to_device(&Device::Cpu).unwrap() - expected).unwrap());
+        let scale = max_abs(&expected);
+        let err = max_abs(&(g.to_device(&Device::Cpu).unwrap() - &expected).unwrap());
         assert!(
             err <= 1e-3 * scale,
             "grad {path}: error {err:e}, reference scale {scale:e}"

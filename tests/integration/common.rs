@@ -19,9 +19,19 @@ pub fn tiny_model_dir() -> PathBuf {
     repo().join("models").join("tiny-sd")
 }
 
+/// The device parity tests run on: `INFUSION_TEST_DEVICE` (`cpu`, the default, or `cuda[:N]`),
+/// so the GPU check runs the same tests on CUDA.
+pub fn device() -> Device {
+    match std::env::var("INFUSION_TEST_DEVICE") {
+        Ok(d) if !d.is_empty() => infusion::cli::parse_device(&d).expect("INFUSION_TEST_DEVICE"),
+        _ => Device::Cpu,
+    }
+}
+
+/// Reference tensors, on the test device.
 pub fn reference(name: &str) -> HashMap<String, Tensor> {
     let path = repo().join("tests/fixtures/reference").join(name);
-    infusion::weights::load_safetensors(&path, &Device::Cpu)
+    infusion::weights::load_safetensors(&path, &device())
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
@@ -34,8 +44,11 @@ pub fn get<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> &'a Tensor {
 pub fn tiny() -> &'static StableDiffusion {
     static SD: OnceLock<StableDiffusion> = OnceLock::new();
     SD.get_or_init(|| {
-        StableDiffusion::load_dir(&tiny_model_dir(), &LoadOptions::default())
-            .expect("the bundled tiny model loads")
+        let opts = LoadOptions {
+            device: device(),
+            ..Default::default()
+        };
+        StableDiffusion::load_dir(&tiny_model_dir(), &opts).expect("the bundled tiny model loads")
     })
 }
 
@@ -61,7 +74,11 @@ pub fn assert_close(actual: &Tensor, expected: &Tensor, tol: f32, what: &str) ->
         .unwrap()
         .to_dtype(DType::F32)
         .unwrap();
-    let expected = expected.to_dtype(DType::F32).unwrap();
+    let expected = expected
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
     assert_eq!(
         actual.dims(),
         expected.dims(),
