@@ -68,7 +68,9 @@ impl VaeAttention {
             .group_norm
             .forward(xs)?
             .reshape((b, c, h * w))?
-            .transpose(1, 2)?;
+            .transpose(1, 2)?
+            // candle 0.11.1's Linear gives wrong results on a transposed 3-D input with batch > 1.
+            .contiguous()?;
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
