@@ -42,7 +42,7 @@ impl LayerInfo {
 }
 
 /// Which half of classifier-free guidance a batch row belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Guidance {
     Unconditional,
     Conditional,
@@ -50,7 +50,7 @@ pub enum Guidance {
 
 /// Which of the two Infusion pipelines a batch row belongs to: F (foundational, plain SD) or
 /// C (customized).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Stream {
     Foundational,
     Customized,

@@ -5,14 +5,18 @@
 //! and the `infusion-repl` command line.
 
 pub mod attention;
+pub mod attention_maps;
 pub mod cli;
+pub mod concept;
 pub mod config;
 mod error;
 pub mod hub;
 pub mod image_io;
+pub mod infusion;
 pub mod job;
 mod nn;
 pub mod pipeline;
+pub mod prompt;
 pub mod scheduler;
 pub mod text_encoder;
 pub mod tokenizer;
@@ -24,6 +28,8 @@ pub use attention::{
     AttentionCall, AttentionHook, AttnKind, AttnSite, BatchLayout, Guidance, HookCtx, LayerInfo,
     Row, Step, Stream,
 };
+pub use concept::Concept;
 pub use error::{Error, Result, WeightProblem};
+pub use infusion::{generate_infusion, ConceptSet, InfusionGeneration, InfusionOptions};
 pub use job::Job;
 pub use pipeline::{GenerateOptions, Generation, LoadOptions, StableDiffusion};

@@ -241,3 +241,61 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
         msg: root_cause(&e),
     })
 }
+
+impl WeightFiles {
+    /// A fingerprint of the weights that survives a change of precision: for every tensor (by
+    /// name), its name, shape and 64 evenly spaced values rounded to f16, hashed with SHA-256.
+    /// The f32 and the fp16 files of one model give the same fingerprint; different weights
+    /// almost surely do not. Reads a few bytes per tensor, not the whole file.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut names: Vec<&String> = self.index.keys().collect();
+        names.sort();
+        let mut h = Sha256::new();
+        for name in names {
+            let (shape, i) = &self.index[name];
+            let view = self.mmaps[*i].get(name).map_err(|e| Error::Safetensors {
+                path: self.files[*i].clone(),
+                msg: root_cause(&e),
+            })?;
+            h.update(name.as_bytes());
+            for d in shape {
+                h.update((*d as u64).to_le_bytes());
+            }
+            let n: usize = shape.iter().product();
+            let data = view.data();
+            let samples = n.min(64);
+            for s in 0..samples {
+                let idx = if samples <= 1 {
+                    0
+                } else {
+                    s * (n - 1) / (samples - 1)
+                };
+                let v = sample_as_f16(data, view.dtype(), idx).unwrap_or(half::f16::NAN);
+                h.update(v.to_bits().to_le_bytes());
+            }
+        }
+        let digest = h.finalize();
+        Ok(format!(
+            "sha256:{}",
+            digest[..12]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ))
+    }
+}
+
+fn sample_as_f16(data: &[u8], dtype: safetensors::Dtype, idx: usize) -> Option<half::f16> {
+    use safetensors::Dtype;
+    let bytes = |n: usize| data.get(idx * n..idx * n + n);
+    Some(match dtype {
+        Dtype::F32 => half::f16::from_f32(f32::from_le_bytes(bytes(4)?.try_into().ok()?)),
+        Dtype::F16 => half::f16::from_le_bytes(bytes(2)?.try_into().ok()?),
+        Dtype::BF16 => {
+            half::f16::from_f32(half::bf16::from_le_bytes(bytes(2)?.try_into().ok()?).to_f32())
+        }
+        Dtype::F64 => half::f16::from_f64(f64::from_le_bytes(bytes(8)?.try_into().ok()?)),
+        _ => half::f16::from_f32(bytes(1)?[0] as f32),
+    })
+}

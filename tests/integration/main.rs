@@ -5,6 +5,7 @@ mod common;
 mod attention;
 mod cli;
 mod dtype;
+mod infusion;
 mod loading;
 mod other_configs;
 

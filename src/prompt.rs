@@ -1,0 +1,118 @@
+//! Prompts with concepts: `"a <mycat> reading next to a <pot>"`.
+//!
+//! `<name>` (letters, digits, `_`, `-`) marks where a loaded concept goes. The foundational
+//! pipeline sees the prompt with each mark replaced by the concept's class word ("a cat reading
+//! next to a teapot"); the customized pipeline adds the concept's Δ at every token position of
+//! that word. A `<` that does not start such a mark is ordinary text.
+
+use std::ops::Range;
+
+use crate::error::{Error, Result};
+
+/// One `<name>` of a prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConceptMark {
+    pub name: String,
+    /// Byte range of the class word in [`ParsedPrompt::base`].
+    pub span: Range<usize>,
+}
+
+/// A prompt split into what F sees and where the concepts go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedPrompt {
+    /// The prompt with every `<name>` replaced by its class word.
+    pub base: String,
+    pub marks: Vec<ConceptMark>,
+}
+
+impl ParsedPrompt {
+    pub fn has_concepts(&self) -> bool {
+        !self.marks.is_empty()
+    }
+
+    /// The prompt as the user wrote it, without the `<` `>` marks (for CLIP-T).
+    pub fn plain(&self) -> &str {
+        &self.base
+    }
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_' || c == '-'
+}
+
+/// Finds the `<name>` marks of `prompt` and replaces each by `word_of(name)`. An unknown name is
+/// an error that names it.
+pub fn parse_prompt(
+    prompt: &str,
+    word_of: impl Fn(&str) -> Option<String>,
+) -> Result<ParsedPrompt> {
+    let mut base = String::with_capacity(prompt.len());
+    let mut marks = vec![];
+    let mut rest = prompt;
+    while let Some(i) = rest.find('<') {
+        base.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let name_len = after
+            .char_indices()
+            .find(|&(_, c)| !is_name_char(c))
+            .map(|(j, _)| j)
+            .unwrap_or(after.len());
+        if name_len > 0 && after[name_len..].starts_with('>') {
+            let name = &after[..name_len];
+            let word = word_of(name).ok_or_else(|| {
+                Error::arg("prompt", format!("no concept named <{name}> is loaded"))
+            })?;
+            let start = base.len();
+            base.push_str(&word);
+            marks.push(ConceptMark {
+                name: name.to_string(),
+                span: start..base.len(),
+            });
+            rest = &after[name_len + 1..];
+        } else {
+            base.push('<');
+            rest = after;
+        }
+    }
+    base.push_str(rest);
+    Ok(ParsedPrompt { base, marks })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(name: &str) -> Option<String> {
+        match name {
+            "mycat" => Some("cat".into()),
+            "pot" => Some("teapot".into()),
+            "bear-2" => Some("teddy bear".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn marks_become_class_words_with_spans() {
+        let p = parse_prompt("a <mycat> reading next to a <pot>", words).unwrap();
+        assert_eq!(p.base, "a cat reading next to a teapot");
+        assert_eq!(p.marks.len(), 2);
+        assert_eq!(&p.base[p.marks[0].span.clone()], "cat");
+        assert_eq!(&p.base[p.marks[1].span.clone()], "teapot");
+        let p = parse_prompt("<bear-2>, <mycat><pot>!", words).unwrap();
+        assert_eq!(p.base, "teddy bear, catteapot!");
+        assert_eq!(&p.base[p.marks[0].span.clone()], "teddy bear");
+    }
+
+    #[test]
+    fn other_angle_brackets_are_text() {
+        let p = parse_prompt("a < b, x<>y, <not closed, <a b>", words).unwrap();
+        assert_eq!(p.base, "a < b, x<>y, <not closed, <a b>");
+        assert!(!p.has_concepts());
+    }
+
+    #[test]
+    fn unknown_names_are_errors_naming_them() {
+        let e = parse_prompt("a <dog> and a <mycat>", words).unwrap_err();
+        assert!(e.to_string().contains("<dog>"), "{e}");
+    }
+}

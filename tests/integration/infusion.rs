@@ -1,0 +1,254 @@
+//! Infusion generation through the library (concepts, `<name>` prompts, the batched F/C run)
+//! against reference/infusion.safetensors (tolerance 1e-3 relative for 5-step trajectories, as
+//! tests/fixtures/README.md suggests), and its exact properties.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use infusion::attention_maps::AttentionMaps;
+use infusion::{generate_infusion, Concept, ConceptSet, InfusionOptions, Job, Stream};
+
+use crate::common::{assert_close, get, max_abs, reference, tiny};
+
+fn concept(name: &str, word: &str, prefix: &str, scale: f64) -> Concept {
+    let r = reference("infusion.safetensors");
+    let layers = tiny().unet.attention_layers();
+    let mut c = Concept::zeros(name, word, layers.iter().copied(), None).unwrap();
+    c.deltas = c
+        .deltas
+        .keys()
+        .map(|k| {
+            let d = (get(&r, &format!("{prefix}{k}"))
+                .to_device(&Device::Cpu)
+                .unwrap()
+                * scale)
+                .unwrap();
+            (k.clone(), d)
+        })
+        .collect::<BTreeMap<_, _>>();
+    c
+}
+
+fn set(concepts: Vec<Concept>) -> ConceptSet {
+    let mut s = ConceptSet::new();
+    for c in concepts {
+        s.insert(c);
+    }
+    s
+}
+
+fn options(replace_steps: f64) -> InfusionOptions {
+    let r = reference("infusion.safetensors");
+    let mut o = InfusionOptions::default();
+    o.generate.steps = 5;
+    o.generate.guidance = 7.5;
+    o.generate.noise = Some(get(&r, "init_noise").clone());
+    o.replace_steps = replace_steps;
+    o
+}
+
+fn diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).unwrap())
+}
+
+#[test]
+fn one_and_two_concepts_match_reference() {
+    let r = reference("infusion.safetensors");
+    let concepts = set(vec![
+        concept("mycat", "cat", "", 1.0),
+        concept("pot", "teapot", "concept2.", 1.0),
+    ]);
+    let g = generate_infusion(
+        tiny(),
+        &concepts,
+        "a photo of a <mycat> sitting by a teapot",
+        &options(1.0),
+        None,
+        &Job::quiet(),
+    )
+    .unwrap();
+    assert_eq!(g.parsed.base, "a photo of a cat sitting by a teapot");
+    assert_eq!(g.concepts, vec!["mycat"]);
+    assert_close(
+        &g.base_latents,
+        get(&r, "final_F_latents"),
+        1e-3,
+        "F latents",
+    );
+    assert_close(
+        &g.custom_latents,
+        get(&r, "final_C_latents"),
+        1e-3,
+        "C latents",
+    );
+    assert!(
+        diff(&g.base_image, &g.custom_image) > 1e-3,
+        "C's image differs from F's"
+    );
+
+    let g = generate_infusion(
+        tiny(),
+        &concepts,
+        "a photo of a <mycat> sitting by a <pot>",
+        &options(1.0),
+        None,
+        &Job::quiet(),
+    )
+    .unwrap();
+    assert_eq!(g.concepts, vec!["mycat", "pot"]);
+    assert_close(
+        &g.custom_latents,
+        get(&r, "multi_final_C_latents"),
+        1e-3,
+        "multi C latents",
+    );
+}
+
+#[test]
+fn zero_delta_gives_c_equal_to_f_bit_for_bit() {
+    let concepts = set(vec![concept("mycat", "cat", "", 0.0)]);
+    for replace in [1.0, 0.0, 0.4] {
+        let g = generate_infusion(
+            tiny(),
+            &concepts,
+            "a photo of a <mycat> sitting by a teapot",
+            &options(replace),
+            None,
+            &Job::quiet(),
+        )
+        .unwrap();
+        assert_eq!(
+            diff(&g.base_latents, &g.custom_latents),
+            0.0,
+            "replace {replace}"
+        );
+        assert_eq!(
+            diff(&g.base_image, &g.custom_image),
+            0.0,
+            "replace {replace}"
+        );
+    }
+}
+
+#[test]
+fn a_prompt_without_concepts_gives_exactly_the_plain_sd_image() {
+    let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
+    let opts = options(1.0);
+    let prompt = "a photo of a cat sitting by a teapot";
+    let g = generate_infusion(tiny(), &concepts, prompt, &opts, None, &Job::quiet()).unwrap();
+    let plain = tiny()
+        .generate(prompt, &opts.generate, &Job::quiet())
+        .unwrap();
+    assert_eq!(diff(&g.base_latents, &plain.latents), 0.0);
+    assert_eq!(diff(&g.custom_image, &plain.image), 0.0);
+    assert!(g.concepts.is_empty());
+}
+
+#[test]
+fn replace_steps_trades_layout_for_freedom() {
+    let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
+    let prompt = "a photo of a <mycat> sitting by a teapot";
+    let run = |f| {
+        generate_infusion(tiny(), &concepts, prompt, &options(f), None, &Job::quiet())
+            .unwrap()
+            .custom_latents
+    };
+    let all = run(1.0);
+    let none = run(0.0);
+    let some = run(0.6);
+    assert!(diff(&all, &none) > 1e-4);
+    assert!(diff(&all, &some) > 0.0 && diff(&none, &some) > 0.0);
+    let e = generate_infusion(
+        tiny(),
+        &concepts,
+        prompt,
+        &options(1.5),
+        None,
+        &Job::quiet(),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("replace_steps"), "{e}");
+}
+
+#[test]
+fn unknown_and_truncated_concepts_are_errors() {
+    let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
+    let e = generate_infusion(
+        tiny(),
+        &concepts,
+        "a <dog>",
+        &options(1.0),
+        None,
+        &Job::quiet(),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("<dog>"), "{e}");
+    let long = format!("{} <mycat>", "a ".repeat(80));
+    let e = generate_infusion(tiny(), &concepts, &long, &options(1.0), None, &Job::quiet())
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("<mycat>") && e.to_string().contains("cut off"),
+        "{e}"
+    );
+}
+
+#[test]
+fn captured_maps_match_reference_and_c_uses_f_maps() {
+    let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
+    let maps = AttentionMaps::new(true);
+    generate_infusion(
+        tiny(),
+        &concepts,
+        "a photo of a <mycat> sitting by a teapot",
+        &options(1.0),
+        Some(&maps),
+        &Job::quiet(),
+    )
+    .unwrap();
+    let r = reference("attention.safetensors");
+    assert_eq!(maps.layers().len(), r.len());
+    assert_eq!(maps.steps(), vec![0, 1, 2, 3, 4]);
+    for (layer, expected) in &r {
+        let (heads, n, keys) = expected.dims3().unwrap();
+        let head_mean = (expected.sum(0).unwrap() / heads as f64).unwrap();
+        let got = maps
+            .layer_map(Stream::Foundational, layer, Some(0))
+            .unwrap();
+        let (h, w, k) = got.dims3().unwrap();
+        assert_eq!((h * w, k), (n, keys));
+        assert_close(&got.reshape((n, keys)).unwrap(), &head_mean, 1e-4, layer);
+        let c = maps.layer_map(Stream::Customized, layer, Some(3)).unwrap();
+        let f = maps
+            .layer_map(Stream::Foundational, layer, Some(3))
+            .unwrap();
+        assert_eq!(diff(&c, &f), 0.0, "C uses F's maps");
+    }
+    // Aggregation over the 8x8 layers (the fixture's smallest), a token map, an overlay.
+    assert_eq!(maps.resolutions(), vec![(16, 16), (8, 8)]);
+    let agg = maps.aggregate(Stream::Customized, Some((8, 8))).unwrap();
+    assert_eq!(agg.dims(), [8, 8, 77]);
+    let sums = agg.sum(2).unwrap();
+    assert_close(
+        &sums,
+        &sums.ones_like().unwrap(),
+        1e-5,
+        "aggregated rows sum to one",
+    );
+    let cat = infusion::attention_maps::token_map(&agg, &[5]).unwrap();
+    let img = image::RgbImage::from_pixel(32, 32, image::Rgb([128, 128, 128]));
+    let over = infusion::attention_maps::overlay(&img, &cat, 0.6).unwrap();
+    assert_eq!((over.width(), over.height()), (32, 32));
+    assert!(over.pixels().any(|p| p.0 != [128, 128, 128]));
+    // Raw tensors out.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("maps.safetensors");
+    maps.save(&path).unwrap();
+    let back = infusion::weights::load_safetensors(&path, &Device::Cpu).unwrap();
+    let key = "F/mid_block.attentions.0.transformer_blocks.0.attn2/step0";
+    assert_eq!(back[key].dims(), [8, 8, 77]);
+    assert_eq!(back.len(), 2 * r.len() * 6);
+    let _ = DType::F32;
+}
