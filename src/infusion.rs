@@ -59,6 +59,29 @@ impl ConceptSet {
         self.concepts.is_empty()
     }
 
+    /// Reads a concept file, checks it against `sd` (layers, lengths, base model; `force` accepts a
+    /// concept trained on another model) and adds it. Returns it with the warnings to show.
+    pub fn load_file(
+        &mut self,
+        path: &std::path::Path,
+        sd: &StableDiffusion,
+        force: bool,
+    ) -> Result<(Arc<Concept>, Vec<String>)> {
+        let concept = Concept::load(path)?;
+        let warnings = concept
+            .check_model(sd.unet.attention_layers(), sd.unet_fingerprint(), force)
+            .map_err(|e| match e {
+                Error::InvalidArgument { msg, .. } => Error::Config {
+                    path: path.to_path_buf(),
+                    msg,
+                },
+                e => e,
+            })?;
+        let concept = Arc::new(concept);
+        self.concepts.insert(concept.name.clone(), concept.clone());
+        Ok((concept, warnings))
+    }
+
     /// Parses `<name>` marks of a prompt against these concepts.
     pub fn parse(&self, prompt: &str) -> Result<ParsedPrompt> {
         parse_prompt(prompt, |n| self.get(n).map(|c| c.word.clone()))

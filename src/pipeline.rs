@@ -146,6 +146,7 @@ pub struct StableDiffusion {
     pub vae: Vae,
     pub scheduler: Ddim,
     files: Option<ModelFiles>,
+    unet_fingerprint: String,
     device: Device,
     dtype: DType,
     vae_dtype: DType,
@@ -186,9 +187,9 @@ impl StableDiffusion {
             dev,
             |vb| TextEncoder::new(vb, &te_cfg),
         )?;
-        let unet =
-            WeightFiles::open("UNet", &files.unet.weights)?
-                .build(opts.dtype, dev, |vb| UNet::new(vb, &unet_cfg))?;
+        let unet_files = WeightFiles::open("UNet", &files.unet.weights)?;
+        let unet_fingerprint = unet_files.fingerprint()?;
+        let unet = unet_files.build(opts.dtype, dev, |vb| UNet::new(vb, &unet_cfg))?;
         let vae = WeightFiles::open("VAE", &files.vae.weights)?
             .build(vae_dtype, dev, |vb| Vae::new(vb, &vae_cfg))?;
         Ok(Self {
@@ -198,10 +199,16 @@ impl StableDiffusion {
             vae,
             scheduler: Ddim::new(&sched_cfg),
             files: Some(files),
+            unet_fingerprint,
             device: dev.clone(),
             dtype: opts.dtype,
             vae_dtype,
         })
+    }
+
+    /// Fingerprint of the UNet weights (`base_model` of the concepts trained on this model).
+    pub fn unet_fingerprint(&self) -> &str {
+        &self.unet_fingerprint
     }
 
     pub fn files(&self) -> Option<&ModelFiles> {

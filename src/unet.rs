@@ -541,6 +541,12 @@ impl UNet {
         &self.config
     }
 
+    /// The attention layers a UNet of this config has, without building its weights.
+    pub fn attention_layers_of(cfg: &UNetConfig) -> Result<Vec<LayerInfo>> {
+        let unet = crate::weights::build_meta(|vb| UNet::new(vb, cfg))?;
+        Ok(unet.attention_layers().into_iter().cloned().collect())
+    }
+
     /// Every attention layer, in the order the UNet runs them.
     pub fn attention_layers(&self) -> Vec<&LayerInfo> {
         self.down

@@ -201,6 +201,43 @@ impl SimpleBackend for &Probe<'_> {
     }
 }
 
+/// A backend that answers every request with a zero-cost placeholder: building a model with it
+/// costs no memory, which is enough to list its layers from a config alone.
+struct Meta;
+
+impl SimpleBackend for Meta {
+    fn get(
+        &self,
+        s: Shape,
+        _: &str,
+        _: Init,
+        dtype: DType,
+        _: &Device,
+    ) -> candle_core::Result<Tensor> {
+        placeholder(&s, dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("no shape known for {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        false
+    }
+}
+
+/// Builds a model whose weights are placeholders (no memory, not runnable): to read its
+/// structure, e.g. the attention layers of a config.
+pub fn build_meta<M>(
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+) -> candle_core::Result<M> {
+    build(VarBuilder::from_backend(
+        Box::new(Meta),
+        DType::F32,
+        Device::Cpu,
+    ))
+}
+
 /// The real tensors, once the probe found nothing wrong.
 struct Real<'a>(&'a WeightFiles);
 

@@ -4,6 +4,7 @@ mod common;
 
 mod attention;
 mod cli;
+mod concept;
 mod dtype;
 mod infusion;
 mod loading;
