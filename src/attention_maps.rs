@@ -125,7 +125,7 @@ impl AttentionMaps {
     /// Feature-map sizes recorded, largest first.
     pub fn resolutions(&self) -> Vec<(usize, usize)> {
         let mut r: Vec<_> = self.layers().into_iter().map(|(_, s)| s).collect();
-        r.sort_by(|a, b| (b.0 * b.1).cmp(&(a.0 * a.1)));
+        r.sort_by_key(|&(h, w)| std::cmp::Reverse(h * w));
         r.dedup();
         r
     }

@@ -20,6 +20,7 @@ pub mod prompt;
 pub mod scheduler;
 pub mod text_encoder;
 pub mod tokenizer;
+pub mod train;
 pub mod unet;
 pub mod vae;
 pub mod weights;

@@ -223,6 +223,11 @@ impl StableDiffusion {
         self.dtype
     }
 
+    /// The VAE's dtype (f32 when its config forces the upcast).
+    pub fn vae_dtype(&self) -> DType {
+        self.vae_dtype
+    }
+
     /// Pixels per latent cell.
     pub fn vae_scale_factor(&self) -> usize {
         self.vae.config().scale_factor()

@@ -13,6 +13,7 @@ mod other_configs;
 mod scheduler;
 mod text_encoder;
 mod tokenizer;
+mod train;
 mod txt2img;
 mod unet;
 mod vae;

@@ -1,0 +1,253 @@
+//! Infusion training: the loss and its gradients against reference/train_grad.safetensors
+//! (tolerance 1e-4 relative for single passes, as tests/fixtures/README.md suggests), image
+//! loading, and runs on the tiny model: the loss goes down, runs are deterministic, a resumed
+//! run continues the same curve, Ctrl-C keeps the Δs, a NaN stops with the last good Δs.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use infusion::train::{infusion_loss, load_images, TrainOptions, Trainer};
+use infusion::Job;
+
+use crate::common::{assert_close, get, max_abs, reference, tiny};
+
+#[test]
+fn loss_and_gradients_match_reference() {
+    let r = reference("train_grad.safetensors");
+    let sd = tiny();
+    let ts: Vec<usize> = get(&r, "t")
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|t| t as usize)
+        .collect();
+    let pos: Vec<usize> = get(&r, "concept_token_indices")
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|i| i as usize)
+        .collect();
+    let tokens = sd.tokenize("a photo of a cat").unwrap();
+    assert_eq!(
+        tokens.positions_of_word("a photo of a cat", "cat"),
+        vec![pos.clone()]
+    );
+    let ctx = sd.text_states(&[&tokens, &tokens]).unwrap();
+    assert_close(&ctx, get(&r, "encoder_hidden_states"), 1e-4, "text states");
+    let vars: BTreeMap<String, Var> = sd
+        .unet
+        .attention_layers()
+        .into_iter()
+        .filter(|l| l.kind == infusion::AttnKind::CrossAttention)
+        .map(|l| (l.path.clone(), Var::from_tensor(get(&r, &l.path)).unwrap()))
+        .collect();
+    let deltas = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let loss = infusion_loss(
+        sd,
+        get(&r, "z0"),
+        &ts,
+        get(&r, "eps"),
+        &ctx,
+        &[pos.clone(), pos],
+        &deltas,
+    )
+    .unwrap();
+    assert_close(&loss, get(&r, "loss"), 1e-5, "loss");
+    let grads = loss.backward().unwrap();
+    for (k, v) in &vars {
+        let g = grads
+            .get(v.as_tensor())
+            .expect("a gradient for every layer");
+        let expected = get(&r, &format!("grad.{k}"));
+        // Gradients are ~1e-3: compare relative to the reference's own size.
+        let scale = max_abs(expected);
+        let err = max_abs(
+            &(g.to_device(&Device::Cpu).unwrap() - expected.to_device(&Device::Cpu).unwrap())
+                .unwrap(),
+        );
+        assert!(
+            err <= 1e-4 * scale.max(1e-3),
+            "{k}: error {err:e} (reference size {scale:e})"
+        );
+    }
+}
+
+/// Three small images of different kinds: RGB png, grayscale jpg, RGBA 16-bit png, webp.
+fn image_folder() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let rgb = image::RgbImage::from_fn(40, 30, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 8) as u8, 128])
+    });
+    rgb.save(p.join("a.png")).unwrap();
+    let gray = image::GrayImage::from_fn(30, 50, |x, y| image::Luma([((x + y) * 4) as u8]));
+    gray.save(p.join("b.jpg")).unwrap();
+    let rgba16 = image::ImageBuffer::<image::Rgba<u16>, Vec<u16>>::from_fn(36, 36, |x, _| {
+        image::Rgba([
+            60000,
+            1000,
+            (x * 1000) as u16,
+            if x < 18 { 65535 } else { 0 },
+        ])
+    });
+    rgba16.save(p.join("c.png")).unwrap();
+    image::DynamicImage::ImageRgb8(rgb)
+        .save(p.join("d.webp"))
+        .unwrap();
+    std::fs::write(p.join("notes.txt"), "not an image").unwrap();
+    dir
+}
+
+#[test]
+fn training_images_of_every_kind_load_as_rgb() {
+    let dir = image_folder();
+    let imgs = load_images(dir.path()).unwrap();
+    let names: Vec<_> = imgs
+        .iter()
+        .map(|(p, _)| p.file_name().unwrap().to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["a.png", "b.jpg", "c.png", "d.webp"]);
+    // Transparent pixels come out white, opaque ones keep their colour (16 -> 8 bit).
+    let c = &imgs[2].1;
+    assert_eq!(c.get_pixel(30, 5).0, [255, 255, 255]);
+    assert_eq!(c.get_pixel(2, 5).0[0], 233);
+    let sq = infusion::train::square_crop(&imgs[1].1, 32);
+    assert_eq!(sq.dimensions(), (32, 32));
+    let e = load_images(&dir.path().join("nope")).unwrap_err();
+    assert!(e.to_string().contains("nope"), "{e}");
+    let empty = tempfile::tempdir().unwrap();
+    let e = load_images(empty.path()).unwrap_err();
+    assert!(e.to_string().contains("no jpg, png or webp"), "{e}");
+}
+
+fn images() -> Vec<image::RgbImage> {
+    let dir = image_folder();
+    load_images(dir.path())
+        .unwrap()
+        .into_iter()
+        .map(|(_, i)| i)
+        .collect()
+}
+
+fn opts(steps: usize) -> TrainOptions {
+    TrainOptions {
+        steps,
+        lr: 0.1,
+        seed: 3,
+        ..Default::default()
+    }
+}
+
+fn deltas_diff(a: &infusion::Concept, b: &infusion::Concept) -> f32 {
+    a.deltas
+        .iter()
+        .map(|(k, d)| max_abs(&(d - &b.deltas[k]).unwrap()))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn training_lowers_the_loss_on_a_fixed_evaluation_set() {
+    let imgs = images();
+    let mut t = Trainer::new(tiny(), "thing", "teapot", &imgs, opts(40)).unwrap();
+    let before = t.eval_loss(11, 16, true).unwrap();
+    assert_eq!(
+        t.eval_loss(11, 16, false).unwrap(),
+        before,
+        "Δ starts at zero"
+    );
+    let report = t.run(&Job::quiet()).unwrap();
+    assert_eq!(report.steps_done, 40);
+    assert!(!report.cancelled);
+    let after = t.eval_loss(11, 16, false).unwrap();
+    eprintln!("eval loss: Δ = 0 {before}, trained {after}");
+    assert!(
+        after < before * 0.99,
+        "trained {after} vs untrained {before}"
+    );
+    let c = t.concept().unwrap();
+    assert_eq!(c.base_model.as_deref(), Some(tiny().unet_fingerprint()));
+    assert_eq!(c.train["steps"], 40);
+}
+
+#[test]
+fn runs_are_deterministic_and_resuming_continues_the_same_curve() {
+    let imgs = images();
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(6);
+    o.checkpoint_every = Some(3);
+    o.checkpoint_dir = Some(dir.path().to_path_buf());
+    let mut a = Trainer::new(tiny(), "thing", "teapot", &imgs, o.clone()).unwrap();
+    let ra = a.run(&Job::quiet()).unwrap();
+    assert_eq!(ra.checkpoints.len(), 2);
+    let mut b = Trainer::new(tiny(), "thing", "teapot", &imgs, o).unwrap();
+    let rb = b.run(&Job::quiet()).unwrap();
+    assert_eq!(ra.losses, rb.losses);
+    assert_eq!(
+        deltas_diff(&a.concept().unwrap(), &b.concept().unwrap()),
+        0.0
+    );
+
+    let mut c = Trainer::resume(tiny(), &ra.checkpoints[0], &imgs, None).unwrap();
+    assert_eq!(c.steps_done(), 3);
+    let rc = c.run(&Job::quiet()).unwrap();
+    assert_eq!(rc.losses, ra.losses[3..]);
+    assert_eq!(
+        deltas_diff(&a.concept().unwrap(), &c.concept().unwrap()),
+        0.0
+    );
+    // The checkpoint is an ordinary concept file too.
+    let ck = infusion::Concept::load(&ra.checkpoints[1]).unwrap();
+    assert_eq!(deltas_diff(&ck, &a.concept().unwrap()), 0.0);
+}
+
+#[test]
+fn cancelling_keeps_the_deltas_reached() {
+    let imgs = images();
+    let mut t = Trainer::new(tiny(), "thing", "teapot", &imgs, opts(50)).unwrap();
+    t.step().unwrap();
+    t.step().unwrap();
+    let job = Job::quiet();
+    job.cancel();
+    let r = t.run(&job).unwrap();
+    assert!(r.cancelled);
+    assert_eq!(r.steps_done, 2);
+    let c = t.concept().unwrap();
+    assert!(c.deltas.values().any(|d| max_abs(d) > 0.0));
+}
+
+#[test]
+fn a_non_finite_loss_stops_with_the_last_good_deltas() {
+    let imgs = images();
+    let mut o = opts(20);
+    o.lr = 1e30;
+    let mut t = Trainer::new(tiny(), "thing", "teapot", &imgs, o).unwrap();
+    let e = t.run(&Job::quiet()).unwrap_err();
+    assert!(e.to_string().contains("loss became"), "{e}");
+    let c = t.concept().unwrap();
+    for d in c.deltas.values() {
+        assert!(max_abs(d).is_finite());
+    }
+    assert!(t.steps_done() >= 1);
+}
+
+#[test]
+fn bad_options_are_named() {
+    let imgs = images();
+    let mut o = opts(1);
+    o.templates = vec!["a photo".into()];
+    let e = Trainer::new(tiny(), "thing", "teapot", &imgs, o)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("templates"), "{e}");
+    let e = Trainer::new(tiny(), "bad name!", "teapot", &imgs, opts(1))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("name"), "{e}");
+    let mut o = opts(1);
+    o.batch = 0;
+    assert!(Trainer::new(tiny(), "thing", "teapot", &imgs, o).is_err());
+    let _ = (DType::F32, Tensor::zeros(1, DType::F32, &Device::Cpu));
+}
