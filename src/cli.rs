@@ -7,9 +7,12 @@ use std::process::ExitCode;
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
+use crate::attention_maps::AttentionMaps;
 use crate::error::{Error, Result};
+use crate::infusion::{generate_infusion, ConceptSet, InfusionOptions};
 use crate::job::Job;
 use crate::pipeline::{load_noise, GenerateOptions, LoadOptions, StableDiffusion};
+use crate::train::{load_images, TrainOptions, Trainer};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,8 +42,48 @@ struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Generate an image from a prompt.
+    /// Generate an image from a prompt; with concepts, the base and customized images.
     Generate(GenerateArgs),
+    /// Train a concept from a folder of images.
+    Train(TrainArgs),
+}
+
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// Folder of 3-20 images of the concept (jpg, png, webp).
+    folder: PathBuf,
+    /// The concept's name: prompts call it `<NAME>`.
+    #[arg(long)]
+    name: String,
+    /// Its class word (`cat`, `teapot`).
+    #[arg(long)]
+    word: String,
+    /// Where to write the concept (default: NAME.safetensors).
+    #[arg(short, long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value_t = 500)]
+    steps: usize,
+    #[arg(long, default_value_t = 0.01)]
+    lr: f64,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Prompt template with `{}` for the class word (repeat for several; default: 10 templates).
+    #[arg(long = "template")]
+    templates: Vec<String>,
+    /// Do not add horizontally flipped images.
+    #[arg(long)]
+    no_flip: bool,
+    /// Write a checkpoint every N steps (into `NAME-checkpoints/` beside the output).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Continue from a checkpoint (`NAME-stepNNNNNN.safetensors`).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Store the deltas in f32 instead of f16.
+    #[arg(long)]
+    f32: bool,
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +109,18 @@ struct GenerateArgs {
     /// A safetensors file whose tensor `noise` is the initial latent.
     #[arg(long)]
     noise: Option<PathBuf>,
+    /// A concept file to load (repeat for several); prompts use them as `<name>`.
+    #[arg(long = "concept")]
+    concepts: Vec<PathBuf>,
+    /// Load concepts trained on another model anyway.
+    #[arg(long)]
+    force: bool,
+    /// Fraction of the steps in which C uses F's attention maps.
+    #[arg(long, default_value_t = 1.0)]
+    replace_steps: f64,
+    /// Write the cross-attention maps of F and C (every step) to this safetensors file.
+    #[arg(long)]
+    maps: Option<PathBuf>,
 }
 
 /// The tiny random-weight model shipped in the repository.
@@ -150,10 +205,106 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
         height: args.height,
         noise: args.noise.as_deref().map(load_noise).transpose()?,
     };
-    let generation = sd.generate(&args.prompt, &opts, job)?;
-    generation.save_png(&args.out)?;
-    println!("{}", args.out.display());
+    if args.concepts.is_empty() && args.maps.is_none() {
+        let generation = sd.generate(&args.prompt, &opts, job)?;
+        generation.save_png(&args.out)?;
+        println!("{}", args.out.display());
+        return Ok(());
+    }
+    let mut concepts = ConceptSet::new();
+    for path in &args.concepts {
+        let (c, warnings) = concepts.load_file(path, &sd, args.force)?;
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+        eprintln!("loaded <{}> ({}) from {}", c.name, c.word, path.display());
+    }
+    let maps = args.maps.as_ref().map(|_| AttentionMaps::new(true));
+    let iopts = InfusionOptions {
+        generate: opts,
+        replace_steps: args.replace_steps,
+    };
+    let g = generate_infusion(&sd, &concepts, &args.prompt, &iopts, maps.as_ref(), job)?;
+    for p in g.save_pngs(&args.out)? {
+        println!("{}", p.display());
+    }
+    if let (Some(m), Some(path)) = (&maps, &args.maps) {
+        m.save(path)?;
+        println!("{}", path.display());
+    }
     Ok(())
+}
+
+fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job) -> Result<()> {
+    let sd = load_model(global)?;
+    let images: Vec<_> = load_images(&args.folder)?
+        .into_iter()
+        .map(|(_, i)| i)
+        .collect();
+    if !(3..=20).contains(&images.len()) {
+        eprintln!(
+            "warning: {} images in {}: Infusion is meant for 3-20",
+            images.len(),
+            args.folder.display()
+        );
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{}.safetensors", args.name)));
+    let mut trainer = match &args.resume {
+        Some(ckpt) => Trainer::resume(&sd, ckpt, &images, Some(args.steps))?,
+        None => {
+            let defaults = TrainOptions::default();
+            let ckpt_dir = args
+                .checkpoint_every
+                .map(|_| out.with_file_name(format!("{}-checkpoints", args.name)));
+            let opts = TrainOptions {
+                steps: args.steps,
+                lr: args.lr,
+                batch: args.batch,
+                seed: args.seed,
+                templates: if args.templates.is_empty() {
+                    defaults.templates
+                } else {
+                    args.templates.clone()
+                },
+                flip: !args.no_flip,
+                checkpoint_every: args.checkpoint_every,
+                checkpoint_dir: ckpt_dir,
+                ..defaults
+            };
+            Trainer::new(&sd, &args.name, &args.word, &images, opts)?
+        }
+    };
+    let dtype = if args.f32 { DType::F32 } else { DType::F16 };
+    let result = trainer.run(job);
+    // Whatever happened, the deltas reached (or the last good ones) are kept.
+    let concept = trainer.concept()?;
+    concept.save(&out, dtype)?;
+    match result {
+        Ok(report) => {
+            if report.cancelled {
+                eprintln!(
+                    "stopped at step {}: the deltas reached are saved",
+                    report.steps_done
+                );
+            }
+            if let Some(l) = report.losses.last() {
+                eprintln!("step {}: loss {l:.5}", report.steps_done);
+            }
+            println!("{}", out.display());
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!(
+                "the deltas of step {} are saved in {}",
+                trainer.steps_done(),
+                out.display()
+            );
+            Err(e)
+        }
+    }
 }
 
 /// Runs the command line; returns the process exit code.
@@ -175,6 +326,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let _ = ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
     let result = match &cli.command {
         Command::Generate(args) => generate(&cli.global, args, &job),
+        Command::Train(args) => train(&cli.global, args, &job),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -83,3 +83,30 @@ pub fn save_png(img: &RgbImage, path: &Path, text: &[(&str, String)]) -> Result<
         writer.finish().map_err(png_err)
     })
 }
+
+/// Images side by side in rows of `cols`, each cell the size of the largest image (smaller ones
+/// centred on black).
+pub fn grid(images: &[RgbImage], cols: usize) -> Result<RgbImage> {
+    if images.is_empty() {
+        return Err(Error::arg("images", "no images to put in a grid"));
+    }
+    if cols == 0 {
+        return Err(Error::arg("cols", "must be at least 1"));
+    }
+    let cw = images.iter().map(|i| i.width()).max().unwrap_or(0);
+    let ch = images.iter().map(|i| i.height()).max().unwrap_or(0);
+    let cols = cols.min(images.len());
+    let rows = images.len().div_ceil(cols);
+    let mut out = RgbImage::new(cw * cols as u32, ch * rows as u32);
+    for (i, img) in images.iter().enumerate() {
+        let x = (i % cols) as u32 * cw + (cw - img.width()) / 2;
+        let y = (i / cols) as u32 * ch + (ch - img.height()) / 2;
+        image::imageops::replace(&mut out, img, x as i64, y as i64);
+    }
+    Ok(out)
+}
+
+/// Images in one row.
+pub fn hstack(images: &[RgbImage]) -> Result<RgbImage> {
+    grid(images, images.len().max(1))
+}

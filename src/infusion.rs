@@ -278,6 +278,42 @@ pub struct InfusionGeneration {
     pub custom_image: Tensor,
 }
 
+impl InfusionGeneration {
+    /// The text chunks of the PNGs: prompt, concepts and settings.
+    pub fn png_text(&self) -> Vec<(&'static str, String)> {
+        let g = &self.options.generate;
+        vec![
+            ("prompt", self.prompt.clone()),
+            ("base_prompt", self.parsed.base.clone()),
+            ("concepts", self.concepts.join(",")),
+            ("negative_prompt", g.negative_prompt.clone()),
+            ("seed", g.seed.to_string()),
+            ("steps", g.steps.to_string()),
+            ("guidance", g.guidance.to_string()),
+            ("replace_steps", self.options.replace_steps.to_string()),
+            (
+                "software",
+                format!("infusion-repl {}", env!("CARGO_PKG_VERSION")),
+            ),
+        ]
+    }
+
+    /// Writes `OUT` (base | customized side by side), `OUT.base.png` and `OUT.custom.png`
+    /// (OUT's extension replaced). Returns the paths written.
+    pub fn save_pngs(&self, out: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+        use crate::image_io::{hstack, save_png, tensor_to_rgb};
+        let base = tensor_to_rgb(&self.base_image)?;
+        let custom = tensor_to_rgb(&self.custom_image)?;
+        let text = self.png_text();
+        let base_path = out.with_extension("base.png");
+        let custom_path = out.with_extension("custom.png");
+        save_png(&hstack(&[base.clone(), custom.clone()])?, out, &text)?;
+        save_png(&base, &base_path, &text)?;
+        save_png(&custom, &custom_path, &text)?;
+        Ok(vec![out.to_path_buf(), base_path, custom_path])
+    }
+}
+
 /// Generates F and C side by side. A prompt without concepts runs F alone, and C is F.
 pub fn generate_infusion(
     sd: &StableDiffusion,

@@ -146,3 +146,83 @@ fn cuda_without_the_feature_says_how_to_get_it() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--features cuda"), "{}", stderr(&o));
 }
+
+#[test]
+fn train_then_generate_with_the_concept() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = dir.path().join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    for i in 0..3u8 {
+        image::RgbImage::from_fn(40, 40, |x, y| {
+            image::Rgb([x as u8 * 5, y as u8 * 5, i * 80])
+        })
+        .save(imgs.join(format!("{i}.png")))
+        .unwrap();
+    }
+    let o = run(
+        &[
+            "train",
+            "imgs",
+            "--name",
+            "pot",
+            "--word",
+            "teapot",
+            "--steps",
+            "3",
+            "--checkpoint-every",
+            "2",
+        ],
+        dir.path(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let concept = infusion::Concept::load(&dir.path().join("pot.safetensors")).unwrap();
+    assert_eq!(concept.train["steps"], 3);
+    assert!(dir
+        .path()
+        .join("pot-checkpoints/pot-step000002.safetensors")
+        .is_file());
+
+    let o = run(
+        &[
+            "generate",
+            "a <pot> on a table",
+            "--concept",
+            "pot.safetensors",
+            "--steps",
+            "2",
+            "--maps",
+            "maps.safetensors",
+            "-o",
+            "pair.png",
+        ],
+        dir.path(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let pair = image::open(dir.path().join("pair.png")).unwrap();
+    assert_eq!((pair.width(), pair.height()), (64, 32));
+    assert!(dir.path().join("pair.base.png").is_file());
+    assert!(dir.path().join("pair.custom.png").is_file());
+    let maps = infusion::weights::load_safetensors(
+        &dir.path().join("maps.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(maps.keys().any(|k| k.starts_with("C/")));
+
+    let o = run(
+        &[
+            "generate",
+            "a <dog>",
+            "--concept",
+            "pot.safetensors",
+            "--steps",
+            "1",
+        ],
+        dir.path(),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("<dog>"), "{}", stderr(&o));
+}
