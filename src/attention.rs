@@ -426,3 +426,61 @@ impl Attention {
         self.to_out.forward(&call.finish()?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn call(b: usize) -> AttentionCall {
+        let r = |seed: u64, n: usize| {
+            let t = crate::pipeline::seeded_noise(seed, &[b, n, 8]).unwrap();
+            t.to_device(&Device::Cpu).unwrap()
+        };
+        AttentionCall::new(r(1, 6), r(2, 5), r(3, 5), 2).unwrap()
+    }
+
+    #[test]
+    fn a_shared_row_gets_no_softmax_of_its_own() {
+        let mut c = call(4);
+        c.share_probs(3, 1).unwrap();
+        let p1 = c.probs(1).unwrap();
+        // Only rows 0..3 were computed, in one batched call; row 3 reads row 1's.
+        assert_eq!(c.own.as_ref().unwrap().0, vec![0, 1, 2]);
+        let p3 = c.probs(3).unwrap();
+        let d = (p1 - p3)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0);
+    }
+
+    #[test]
+    fn replaced_rows_are_checked_and_used() {
+        let mut c = call(2);
+        let bad = Tensor::zeros((2, 6, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(c.set_probs(0, bad).is_err());
+        let uniform = (Tensor::ones((2, 6, 5), DType::F32, &Device::Cpu).unwrap() / 5.0).unwrap();
+        c.set_probs(0, uniform.clone()).unwrap();
+        assert!(c.share_probs(1, 1).is_err());
+        assert!(c.probs(2).is_err());
+        let v = c.values().clone();
+        let out = c.finish().unwrap();
+        // With uniform probabilities every query of row 0 gets the mean of the values.
+        let mean = v.get(0).unwrap().mean_keepdim(0).unwrap();
+        let row0 = out.get(0).unwrap().get(3).unwrap().unsqueeze(0).unwrap();
+        let d = (row0 - mean)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6, "{d}");
+    }
+}

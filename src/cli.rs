@@ -8,10 +8,11 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
 use crate::attention_maps::AttentionMaps;
+use crate::bench::BenchOptions;
 use crate::error::{Error, Result};
 use crate::infusion::{generate_infusion, ConceptSet, InfusionOptions};
 use crate::job::Job;
-use crate::pipeline::{load_noise, GenerateOptions, LoadOptions, StableDiffusion};
+use crate::pipeline::{load_noise, GenerateOptions, LoadOptions, ModelConfigs, StableDiffusion};
 use crate::train::{load_images, TrainOptions, Trainer};
 
 #[derive(Debug, Parser)]
@@ -46,6 +47,23 @@ enum Command {
     Generate(GenerateArgs),
     /// Train a concept from a folder of images.
     Train(TrainArgs),
+    /// Time UNet calls, text-to-image, Infusion pairs and training steps (prints a table).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// `model`: the --model (default: the bundled tiny one); `sd15`: SD1.5's shapes with random
+    /// weights.
+    #[arg(long, default_value = "model")]
+    shapes: String,
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -307,6 +325,50 @@ fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job) -> Result<()> {
     }
 }
 
+fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
+    let (sd, name) = match args.shapes.as_str() {
+        "model" => {
+            let name = global
+                .model
+                .clone()
+                .unwrap_or_else(|| "bundled tiny model".into());
+            (load_model(global)?, name)
+        }
+        "sd15" => {
+            let opts = LoadOptions {
+                device: parse_device(&global.device)?,
+                dtype: parse_dtype(&global.dtype)?,
+            };
+            let sd = StableDiffusion::random(
+                &ModelConfigs::sd15(),
+                &bundled_model().join("tokenizer"),
+                &opts,
+                0,
+            )?;
+            (sd, "SD1.5 shapes, random weights".to_string())
+        }
+        other => {
+            return Err(Error::arg(
+                "--shapes",
+                format!("`{other}`: expected model or sd15"),
+            ))
+        }
+    };
+    let opts = BenchOptions {
+        steps: args.steps,
+        repeats: args.repeats,
+    };
+    let report = crate::bench::run(&sd, &name, &opts, job)?;
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| Error::arg("--json", e))?;
+        crate::image_io::write_atomic(path, |w| {
+            w.write_all(json.as_bytes()).map_err(|e| Error::io(path, e))
+        })?;
+    }
+    Ok(())
+}
+
 /// Runs the command line; returns the process exit code.
 pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let cli = match Cli::try_parse_from(args) {
@@ -327,6 +389,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let result = match &cli.command {
         Command::Generate(args) => generate(&cli.global, args, &job),
         Command::Train(args) => train(&cli.global, args, &job),
+        Command::Bench(args) => bench(&cli.global, args, &job),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -298,6 +298,53 @@ impl InfusionGeneration {
         ]
     }
 
+    /// Token positions of `word` in the prompt: `<name>` for a concept's word, or a word of the
+    /// base prompt (every occurrence).
+    pub fn word_positions(&self, word: &str) -> Result<Vec<usize>> {
+        let word = word.trim();
+        let positions: Vec<usize> = match word.strip_prefix('<').and_then(|w| w.strip_suffix('>')) {
+            Some(name) => self
+                .parsed
+                .marks
+                .iter()
+                .filter(|m| m.name == name)
+                .flat_map(|m| self.tokens.positions_of_span(m.span.clone()))
+                .collect(),
+            None => self
+                .tokens
+                .positions_of_word(&self.parsed.base, word)
+                .into_iter()
+                .flatten()
+                .collect(),
+        };
+        if positions.is_empty() {
+            return Err(Error::arg(
+                "word",
+                format!("{word:?} is not in the prompt {:?}", self.prompt),
+            ));
+        }
+        Ok(positions)
+    }
+
+    /// The heat map of `word`'s attention (aggregated over heads, steps and the layers of
+    /// `resolution`) over F's or C's image.
+    pub fn attention_overlay(
+        &self,
+        maps: &AttentionMaps,
+        stream: Stream,
+        word: &str,
+        resolution: Option<(usize, usize)>,
+    ) -> Result<image::RgbImage> {
+        let positions = self.word_positions(word)?;
+        let agg = maps.aggregate(stream, resolution)?;
+        let map = crate::attention_maps::token_map(&agg, &positions)?;
+        let image = match stream {
+            Stream::Foundational => &self.base_image,
+            Stream::Customized => &self.custom_image,
+        };
+        crate::attention_maps::overlay(&crate::image_io::tensor_to_rgb(image)?, &map, 0.6)
+    }
+
     /// Writes `OUT` (base | customized side by side), `OUT.base.png` and `OUT.custom.png`
     /// (OUT's extension replaced). Returns the paths written.
     pub fn save_pngs(&self, out: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {

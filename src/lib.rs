@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod attention_maps;
+pub mod bench;
 pub mod cli;
 pub mod concept;
 pub mod config;

@@ -24,6 +24,27 @@ use crate::unet::UNet;
 use crate::vae::Vae;
 use crate::weights::{load_safetensors, WeightFiles};
 
+/// The configs of every component.
+#[derive(Debug, Clone)]
+pub struct ModelConfigs {
+    pub text: TextEncoderConfig,
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+impl ModelConfigs {
+    /// SD1.5's published configs.
+    pub fn sd15() -> Self {
+        Self {
+            text: TextEncoderConfig::sd15(),
+            unet: UNetConfig::sd15(),
+            vae: VaeConfig::sd15(),
+            scheduler: SchedulerConfig::sd15(),
+        }
+    }
+}
+
 /// Where and in which precision to run.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -200,6 +221,41 @@ impl StableDiffusion {
             scheduler: Ddim::new(&sched_cfg),
             files: Some(files),
             unet_fingerprint,
+            device: dev.clone(),
+            dtype: opts.dtype,
+            vae_dtype,
+        })
+    }
+
+    /// A model with the given configs and random weights (for benchmarks at real shapes): the
+    /// tokenizer comes from `tokenizer_dir`.
+    pub fn random(
+        configs: &ModelConfigs,
+        tokenizer_dir: &Path,
+        opts: &LoadOptions,
+        seed: u64,
+    ) -> Result<Self> {
+        let dev = &opts.device;
+        let vae_dtype = if configs.vae.force_upcast {
+            DType::F32
+        } else {
+            opts.dtype
+        };
+        let vb = |dtype, s| crate::weights::random_varbuilder(seed + s, dtype, dev);
+        let text_encoder = TextEncoder::new(vb(opts.dtype, 1), &configs.text)?;
+        let unet = UNet::new(vb(opts.dtype, 2), &configs.unet)?;
+        let vae = Vae::new(vb(vae_dtype, 3), &configs.vae)?;
+        Ok(Self {
+            tokenizer: ClipTokenizer::from_dir(
+                tokenizer_dir,
+                configs.text.max_position_embeddings,
+            )?,
+            text_encoder,
+            unet,
+            vae,
+            scheduler: Ddim::new(&configs.scheduler),
+            files: None,
+            unet_fingerprint: format!("random:{seed}"),
             device: dev.clone(),
             dtype: opts.dtype,
             vae_dtype,

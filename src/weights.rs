@@ -238,6 +238,47 @@ pub fn build_meta<M>(
     ))
 }
 
+/// Random weights for benchmarks: N(0, 1/fan_in) for matrices and kernels, 1 + N(0, 0.02) for
+/// 1-D `weight`s (norm scales), N(0, 0.02) for biases. Drawn on `device`.
+struct RandomInit;
+
+impl SimpleBackend for RandomInit {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let dims = s.dims();
+        let t = if dims.len() >= 2 {
+            let fan_in: usize = dims[1..].iter().product();
+            Tensor::randn(0f32, (1.0 / fan_in.max(1) as f64).sqrt() as f32, &s, dev)?
+        } else if name.ends_with("weight") {
+            (Tensor::randn(0f32, 0.02, &s, dev)? + 1.0)?
+        } else {
+            Tensor::randn(0f32, 0.02, &s, dev)?
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("no shape known for {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        false
+    }
+}
+
+/// A VarBuilder that makes up random weights of whatever shape is asked for (benchmarks).
+pub fn random_varbuilder(seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    // Seeding is best effort: the values only need to be plausible, not reproducible.
+    let _ = device.set_seed(seed);
+    VarBuilder::from_backend(Box::new(RandomInit), dtype, device.clone())
+}
+
 /// The real tensors, once the probe found nothing wrong.
 struct Real<'a>(&'a WeightFiles);
 

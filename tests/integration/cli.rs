@@ -226,3 +226,35 @@ fn train_then_generate_with_the_concept() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("<dog>"), "{}", stderr(&o));
 }
+
+/// The benchmark as a smoke run (nothing timed is asserted): every measurement is there, with
+/// positive times and the ratios against its baselines.
+#[test]
+fn bench_smoke_run_reports_every_measurement() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(
+        &[
+            "bench",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--json",
+            "b.json",
+        ],
+        dir.path(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("infusion pair"), "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("b.json")).unwrap()).unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    for r in rows {
+        assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert_eq!(rows[3]["ratio"][0], "text-to-image");
+    assert!(rows[3]["ratio"][1].as_f64().unwrap() > 0.0);
+}

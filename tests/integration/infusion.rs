@@ -252,3 +252,33 @@ fn captured_maps_match_reference_and_c_uses_f_maps() {
     assert_eq!(back.len(), 2 * r.len() * 6);
     let _ = DType::F32;
 }
+
+#[test]
+fn attention_overlays_for_concepts_and_words() {
+    let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
+    let maps = AttentionMaps::new(false);
+    let g = generate_infusion(
+        tiny(),
+        &concepts,
+        "a photo of a <mycat> sitting by a teapot",
+        &options(1.0),
+        Some(&maps),
+        &Job::quiet(),
+    )
+    .unwrap();
+    assert_eq!(g.word_positions("<mycat>").unwrap(), vec![5]);
+    assert_eq!(g.word_positions("teapot").unwrap(), vec![9]);
+    assert!(g.word_positions("dog").is_err());
+    let a = g
+        .attention_overlay(&maps, Stream::Customized, "<mycat>", None)
+        .unwrap();
+    let b = g
+        .attention_overlay(&maps, Stream::Customized, "teapot", None)
+        .unwrap();
+    assert_eq!(a.dimensions(), (32, 32));
+    assert_ne!(a, b, "different tokens attend to different places");
+    assert!(
+        maps.steps().is_empty(),
+        "per-step maps are only kept when asked for"
+    );
+}

@@ -344,3 +344,33 @@ fn weight_check_applies_to_other_configs() {
         "{e}"
     );
 }
+
+/// Random weights at a config's shapes (what the benchmark uses for SD1.5) give a working model.
+#[test]
+fn random_weights_build_a_working_model() {
+    let dir = tiny_model_dir();
+    let configs = infusion::pipeline::ModelConfigs {
+        text: TextEncoderConfig::from_file(&dir.join("text_encoder/config.json")).unwrap(),
+        unet: UNetConfig::from_file(&dir.join("unet/config.json")).unwrap(),
+        vae: VaeConfig::from_file(&dir.join("vae/config.json")).unwrap(),
+        scheduler: infusion::config::SchedulerConfig::from_file(
+            &dir.join("scheduler/scheduler_config.json"),
+        )
+        .unwrap(),
+    };
+    let sd = StableDiffusion::random(&configs, &dir.join("tokenizer"), &LoadOptions::default(), 1)
+        .unwrap();
+    let g = sd
+        .generate(
+            "a cat",
+            &GenerateOptions {
+                steps: 2,
+                ..Default::default()
+            },
+            &Job::quiet(),
+        )
+        .unwrap();
+    assert_eq!(g.image.dims(), [1, 3, 32, 32]);
+    assert!(max_abs(&g.latents).is_finite());
+    assert_eq!(sd.unet_fingerprint(), "random:1");
+}
