@@ -708,7 +708,7 @@ impl<'a> Trainer<'a> {
             if let (Some(every), Some(dir)) =
                 (self.opts.checkpoint_every, &self.opts.checkpoint_dir)
             {
-                if self.step % every == 0 {
+                if self.step.is_multiple_of(every) {
                     report.checkpoints.push(self.save_checkpoint(dir)?);
                 }
             }
