@@ -29,6 +29,8 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct AttentionMaps {
     keep_steps: bool,
+    /// Only layers with at most this many queries are recorded (`None`: all).
+    max_queries: Option<usize>,
     entries: Mutex<BTreeMap<(Stream, String), Entry>>,
 }
 
@@ -44,7 +46,17 @@ impl AttentionMaps {
     pub fn new(keep_steps: bool) -> Self {
         Self {
             keep_steps,
+            max_queries: None,
             entries: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// A cheap store for interactive use: step sums of the layers with at most `max_queries`
+    /// queries (256 = the 16x16 maps prompt-to-prompt shows), nothing per step.
+    pub fn light(max_queries: usize) -> Self {
+        Self {
+            max_queries: Some(max_queries),
+            ..Self::new(false)
         }
     }
 
@@ -54,6 +66,12 @@ impl AttentionMaps {
 
     /// Records the conditional rows (sample 0) of both streams from an attention call.
     pub fn record(&self, site: &AttnSite<'_>, call: &mut AttentionCall) -> candle_core::Result<()> {
+        if self
+            .max_queries
+            .is_some_and(|m| site.spatial.0 * site.spatial.1 > m)
+        {
+            return Ok(());
+        }
         let step = site.step.map(|s| s.index).unwrap_or(0);
         for stream in [Stream::Foundational, Stream::Customized] {
             let Some(row) = site.rows.find(stream, Guidance::Conditional, 0) else {

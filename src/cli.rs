@@ -13,19 +13,55 @@ use crate::error::{Error, Result};
 use crate::infusion::{generate_infusion, ConceptSet, InfusionOptions};
 use crate::job::Job;
 use crate::pipeline::{load_noise, GenerateOptions, LoadOptions, ModelConfigs, StableDiffusion};
+use crate::script::{ScriptConfig, Session};
 use crate::train::{load_images, TrainOptions, Trainer};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "infusion-repl",
     version,
-    about = "Customize Stable Diffusion 1.5 with Infusion"
+    about = "Customize Stable Diffusion 1.5 with Infusion",
+    long_about = "Customize Stable Diffusion 1.5 with Infusion.\n\nWith no argument: an interactive Rhai REPL. With FILE.rhai: runs that recipe (the arguments after it reach it as `ARGS`). Or one of the commands below.",
+    override_usage = "infusion-repl [OPTIONS]                      (the REPL)\n       infusion-repl [OPTIONS] FILE.rhai [ARGS]...  (a recipe)\n       infusion-repl [OPTIONS] <COMMAND>"
 )]
 struct Cli {
     #[command(flatten)]
     global: GlobalArgs,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+}
+
+/// The command line of a recipe run: everything after the file goes to the script.
+#[derive(Debug, Parser)]
+#[command(name = "infusion-repl")]
+struct ScriptCli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    script: PathBuf,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+const SUBCOMMANDS: &[&str] = &["generate", "train", "bench", "help"];
+
+/// Index of the first argument that is neither an option nor an option's value.
+fn first_positional(args: &[OsString]) -> Option<usize> {
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        if a == "--" {
+            return (i + 1 < args.len()).then_some(i + 1);
+        }
+        if a.starts_with('-') {
+            if matches!(a.as_ref(), "--model" | "--device" | "--dtype") {
+                i += 1;
+            }
+            i += 1;
+            continue;
+        }
+        return Some(i);
+    }
+    None
 }
 
 #[derive(Debug, Args)]
@@ -39,6 +75,9 @@ struct GlobalArgs {
     /// f32, f16 or bf16.
     #[arg(long, global = true, default_value = "f32")]
     dtype: String,
+    /// Never draw images in the terminal: print the saved file's path.
+    #[arg(long, global = true)]
+    no_images: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -371,8 +410,16 @@ fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
 
 /// Runs the command line; returns the process exit code.
 pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
-    let cli = match Cli::try_parse_from(args) {
-        Ok(cli) => cli,
+    let args: Vec<OsString> = args.into_iter().collect();
+    let script_mode = first_positional(&args)
+        .is_some_and(|i| !SUBCOMMANDS.contains(&args[i].to_string_lossy().as_ref()));
+    let parsed = if script_mode {
+        ScriptCli::try_parse_from(&args).map(|c| (c.global, None, Some((c.script, c.args))))
+    } else {
+        Cli::try_parse_from(&args).map(|c| (c.global, c.command, None))
+    };
+    let (global, command, script) = match parsed {
+        Ok(p) => p,
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() {
@@ -382,14 +429,31 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             };
         }
     };
-    let job = Job::with_progress();
+    let session = Session::new(ScriptConfig {
+        model: global.model.clone(),
+        device: global.device.clone(),
+        dtype: global.dtype.clone(),
+        no_images: global.no_images,
+        ..ScriptConfig::default()
+    });
+    let job = session.job.clone();
     let flag = job.cancel_flag();
-    // Ctrl-C stops the running job at its next step; a second Ctrl-C while stopping is ignored.
+    // Ctrl-C stops the running job at its next step (in the REPL: and returns to the prompt).
     let _ = ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
-    let result = match &cli.command {
-        Command::Generate(args) => generate(&cli.global, args, &job),
-        Command::Train(args) => train(&cli.global, args, &job),
-        Command::Bench(args) => bench(&cli.global, args, &job),
+    let result = match (command, script) {
+        (Some(Command::Generate(args)), _) => generate(&global, &args, &job),
+        (Some(Command::Train(args)), _) => train(&global, &args, &job),
+        (Some(Command::Bench(args)), _) => bench(&global, &args, &job),
+        (None, Some((script, args))) => {
+            return match crate::script::run_file(&session, &script, &args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(msg) => {
+                    eprintln!("{msg}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        (None, None) => return crate::repl::run(session),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

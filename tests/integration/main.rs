@@ -9,6 +9,8 @@ mod dtype;
 mod infusion;
 mod loading;
 mod other_configs;
+mod recipes;
+mod repl;
 
 mod scheduler;
 mod text_encoder;

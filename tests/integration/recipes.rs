@@ -1,0 +1,217 @@
+//! Every recipe in scripts/ runs end to end on the bundled tiny model, and what it produced is
+//! checked; a recipe with a planted error fails with `FILE:LINE:COL: message`.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use candle_core::DType;
+use infusion::Concept;
+
+use crate::common::{repo, tiny};
+
+fn run_recipe(name: &str, args: &[&str], cwd: &Path) -> Output {
+    let script = repo().join("scripts").join(name);
+    Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .arg("--no-images")
+        .arg(script)
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("INFUSION_MODEL")
+        .output()
+        .expect("infusion-repl runs")
+}
+
+fn ok(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "exit {:?}: {err}", o.status.code());
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn size(path: &Path) -> (u32, u32) {
+    let i = image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (i.width(), i.height())
+}
+
+/// A concept for the tiny model with random deltas, saved at `dir/NAME.safetensors`.
+fn write_concept(dir: &Path, name: &str, word: &str, seed: u64) {
+    let sd = tiny();
+    let mut c = Concept::zeros(
+        name,
+        word,
+        sd.unet.attention_layers(),
+        Some(sd.unet_fingerprint().into()),
+    )
+    .unwrap();
+    for (i, d) in c.deltas.values_mut().enumerate() {
+        *d = (infusion::pipeline::seeded_noise(seed * 100 + i as u64, d.dims()).unwrap() * 0.5)
+            .unwrap();
+    }
+    c.save(&dir.join(format!("{name}.safetensors")), DType::F16)
+        .unwrap();
+}
+
+#[test]
+fn quickstart_writes_one_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(&run_recipe(
+        "quickstart.rhai",
+        &["a red teapot", "q.png", "3"],
+        dir.path(),
+    ));
+    assert!(out.contains("wrote q.png"), "{out}");
+    assert_eq!(size(&dir.path().join("q.png")), (32, 32));
+    // show() without a terminal saved the image and printed its path.
+    let shown = out
+        .lines()
+        .find(|l| l.contains("infusion-out/show-"))
+        .expect("a shown path");
+    assert!(dir.path().join(shown.trim()).is_file());
+}
+
+#[test]
+fn single_concept_trains_saves_and_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = repo().join("assets/example-concept");
+    let out = ok(&run_recipe(
+        "single_concept.rhai",
+        &[folder.to_str().unwrap(), "pot", "teapot", "4", ".", "2"],
+        dir.path(),
+    ));
+    assert!(out.contains("trained Concept(<pot> = teapot"), "{out}");
+    let c = Concept::load(&dir.path().join("pot.safetensors")).unwrap();
+    assert_eq!((c.name.as_str(), c.word.as_str()), ("pot", "teapot"));
+    assert_eq!(c.train["steps"], 4);
+    assert_eq!(c.base_model.as_deref(), Some(tiny().unet_fingerprint()));
+    assert_eq!(size(&dir.path().join("pot-0.png")), (64, 32));
+    assert_eq!(size(&dir.path().join("pot-sheet.png")), (64, 64));
+}
+
+#[test]
+fn multi_concept_composes_two_concepts() {
+    let dir = tempfile::tempdir().unwrap();
+    write_concept(dir.path(), "mycat", "cat", 1);
+    write_concept(dir.path(), "pot", "teapot", 2);
+    let out = ok(&run_recipe(
+        "multi_concept.rhai",
+        &[
+            "a <mycat> next to a <pot>",
+            "mycat.safetensors",
+            "pot.safetensors",
+            "--steps",
+            "2",
+            "--out",
+            "m.png",
+        ],
+        dir.path(),
+    ));
+    assert!(out.contains("concepts used: [\"mycat\", \"pot\"]"), "{out}");
+    assert_eq!(size(&dir.path().join("m.png")), (64, 32));
+    let base = image::open(dir.path().join("m.base.png")).unwrap();
+    let custom = image::open(dir.path().join("m.custom.png")).unwrap();
+    assert_ne!(
+        base.as_bytes(),
+        custom.as_bytes(),
+        "the concepts change the image"
+    );
+}
+
+#[test]
+fn attention_maps_writes_tiles_words_and_raw_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    write_concept(dir.path(), "pot", "teapot", 3);
+    let out = ok(&run_recipe(
+        "attention_maps.rhai",
+        &[
+            "a <pot> on a wooden table",
+            "pot.safetensors",
+            "--steps",
+            "2",
+            "--out",
+            "am",
+        ],
+        dir.path(),
+    ));
+    assert!(out.contains("am.safetensors"), "{out}");
+    // 6 tokens between bos and eos: "a teapot on a wooden table", each a 32 px tile + 2 px gap.
+    let (w, h) = size(&dir.path().join("am-C.png"));
+    assert_eq!((w, h), (6 * 34 - 2, 32 + 14));
+    assert_eq!(size(&dir.path().join("am-F.png")), (w, h));
+    // Rows: <pot>, then "teapot", "wooden", "table" (words longer than 2 letters).
+    assert_eq!(size(&dir.path().join("am-words.png")), (66, 4 * 46));
+    let maps = infusion::weights::load_safetensors(
+        &dir.path().join("am.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(maps.keys().any(|k| k.ends_with("/step1")));
+}
+
+#[test]
+fn a_planted_error_reports_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.rhai");
+    std::fs::write(
+        &bad,
+        "let m = load_model();\nlet x = 1;\nlet g = m.generate(\"a cat\", #{steps: 1, sede: 3});\n",
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .arg(&bad)
+        .current_dir(dir.path())
+        .env_remove("INFUSION_MODEL")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let expected = format!("{}:3:11: generate: unknown option `sede`", bad.display());
+    assert!(err.contains(&expected), "{err}");
+    assert!(
+        err.contains("  let g = m.generate(") && err.contains("          ^"),
+        "{err}"
+    );
+
+    std::fs::write(&bad, "let a = 1;\nlet b = (a + ;\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("{}:2:", bad.display())), "{err}");
+}
+
+#[test]
+fn recipes_say_what_they_do_and_which_args_they_take() {
+    for e in std::fs::read_dir(repo().join("scripts")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().and_then(|e| e.to_str()) != Some("rhai") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).unwrap();
+        let header: Vec<&str> = text.lines().take_while(|l| l.starts_with("//")).collect();
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert!(
+            header.first().is_some_and(|l| l.contains(name)),
+            "{name}: header names the recipe"
+        );
+        assert!(
+            header.iter().any(|l| l.contains("ARGS")),
+            "{name}: header lists its ARGS"
+        );
+    }
+}
+
+#[test]
+fn everything_after_the_recipe_reaches_it_as_args() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("args.rhai");
+    std::fs::write(&s, "print(`n=${ARGS.len()} ${ARGS}`);").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .args(["--dtype", "f32"])
+        .arg(&s)
+        .args(["generate", "--steps", "3", "-o"])
+        .output()
+        .unwrap();
+    let out = ok(&o);
+    assert!(out.contains("n=4 [\"generate\", \"--steps\", \"3\", \"-o\"]"), "{out}");
+}

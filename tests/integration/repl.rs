@@ -1,0 +1,86 @@
+//! The real REPL driven through a pseudo-terminal: multi-line input, functions that persist,
+//! `:help`, an error that does not end the session, and Ctrl-C during training.
+
+use std::process::Command;
+
+use rexpect::session::{spawn_command, PtySession};
+
+fn spawn(dir: &std::path::Path) -> PtySession {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_infusion-repl"));
+    cmd.arg("--no-images")
+        .current_dir(dir)
+        .env("XDG_DATA_HOME", dir.join("data"))
+        .env("HOME", dir)
+        .env("TERM", "xterm")
+        .env_remove("INFUSION_MODEL");
+    spawn_command(cmd, Some(120_000)).expect("the REPL starts in a pty")
+}
+
+#[test]
+fn a_session_with_functions_help_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = spawn(dir.path());
+    p.exp_string("infusion> ").unwrap();
+    // A function typed over three lines: the open brace continues the input.
+    p.send_line("fn sq(x) {").unwrap();
+    p.send_line("  x * x").unwrap();
+    p.send_line("}").unwrap();
+    p.exp_string("infusion> ").unwrap();
+    p.send_line("print(sq(7) + 1000);").unwrap();
+    p.exp_string("1049").unwrap();
+    p.send_line(":help generate").unwrap();
+    p.exp_string("Generates the base image").unwrap();
+    p.exp_string("Example:").unwrap();
+    p.send_line("nosuchfn(1);").unwrap();
+    p.exp_string("^ Function not found: nosuchfn").unwrap();
+    // Still alive, and sq is still defined.
+    p.send_line("print(`ok ${sq(3)}`);").unwrap();
+    p.exp_string("ok 9").unwrap();
+    p.send_line("let m = load_model(); let g = m.generate(\"a cat\", #{steps: 2, stepz: 1});")
+        .unwrap();
+    p.exp_string("unknown option `stepz`").unwrap();
+    p.send_line("let g = m.generate(\"a cat\", #{steps: 2}); g.custom")
+        .unwrap();
+    p.exp_regex("infusion-out/show-[0-9]+-[0-9]+\\.png")
+        .unwrap();
+    p.send_line(":scope").unwrap();
+    p.exp_string("let g: Generation").unwrap();
+    p.send_line(":quit").unwrap();
+    p.exp_eof().unwrap();
+    assert!(dir.path().join("data/infusion-repl/history.txt").is_file());
+}
+
+#[test]
+fn ctrl_c_during_training_returns_to_the_prompt_with_the_deltas_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = dir.path().join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    for i in 0..3u8 {
+        image::RgbImage::from_fn(32, 32, |x, y| {
+            image::Rgb([x as u8 * 7, y as u8 * 7, i * 80])
+        })
+        .save(imgs.join(format!("{i}.png")))
+        .unwrap();
+    }
+    let mut p = spawn(dir.path());
+    p.exp_string("infusion> ").unwrap();
+    p.send_line("let m = load_model();").unwrap();
+    p.exp_string("infusion> ").unwrap();
+    p.send_line("let c = m.train_concept(\"imgs\", \"pot\", \"teapot\", #{steps: 1000000});")
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    p.send_control('c').unwrap();
+    p.exp_string("stopped at step").unwrap();
+    p.exp_string("infusion> ").unwrap();
+    p.send_line("print(`steps ${c.steps} concepts ${concepts().len()}`);")
+        .unwrap();
+    let (_, line) = p.exp_regex("steps [0-9]+ concepts 1").unwrap();
+    let steps: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!((1..1_000_000).contains(&steps), "{line}");
+    // The session goes on: a generation with the concept works.
+    p.send_line("let g = m.generate(\"a <pot>\", #{steps: 2}); print(g.concepts);")
+        .unwrap();
+    p.exp_string("[\"pot\"]").unwrap();
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+}
