@@ -476,6 +476,38 @@ mod tests {
     }
 
     #[test]
+    fn completion_offers_functions_variables_commands_and_paths() {
+        let helper = ReplHelper {
+            names: Rc::new(RefCell::new(Names {
+                functions: vec!["generate".into(), "grid".into(), "load_model".into()],
+                variables: vec!["gallery".into()],
+            })),
+            files: FilenameCompleter::new(),
+            hinter: HistoryHinter::new(),
+        };
+        let history = DefaultHistory::new();
+        let ctx = Context::new(&history);
+        let words = |line: &str| {
+            let (start, c) = helper.complete(line, line.len(), &ctx).unwrap();
+            (
+                start,
+                c.into_iter().map(|p| p.replacement).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            words("let x = g"),
+            (8, vec!["gallery".into(), "generate".into(), "grid".into()])
+        );
+        assert_eq!(words("m.gen").1, vec!["generate".to_string()]);
+        assert_eq!(words(":he").1, vec![":help".to_string()]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mycat.safetensors"), "").unwrap();
+        let line = format!("load_concept(\"{}/myc", dir.path().display());
+        let (_, c) = words(&line);
+        assert!(c.iter().any(|p| p.ends_with("mycat.safetensors")), "{c:?}");
+    }
+
+    #[test]
     fn string_starts_are_found_for_file_completion() {
         assert_eq!(open_string_start("load_concept(\"mod", 17), Some(14));
         assert_eq!(open_string_start("f(\"a\", x", 8), None);

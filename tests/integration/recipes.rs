@@ -213,5 +213,8 @@ fn everything_after_the_recipe_reaches_it_as_args() {
         .output()
         .unwrap();
     let out = ok(&o);
-    assert!(out.contains("n=4 [\"generate\", \"--steps\", \"3\", \"-o\"]"), "{out}");
+    assert!(
+        out.contains("n=4 [\"generate\", \"--steps\", \"3\", \"-o\"]"),
+        "{out}"
+    );
 }

@@ -24,8 +24,8 @@ fn a_session_with_functions_help_and_errors() {
     // A function typed over three lines: the open brace continues the input.
     p.send_line("fn sq(x) {").unwrap();
     p.send_line("  x * x").unwrap();
-    p.send_line("}").unwrap();
-    p.exp_string("infusion> ").unwrap();
+    p.send_line("} print(\"sq defined\");").unwrap();
+    p.exp_string("sq defined").unwrap();
     p.send_line("print(sq(7) + 1000);").unwrap();
     p.exp_string("1049").unwrap();
     p.send_line(":help generate").unwrap();
@@ -43,6 +43,18 @@ fn a_session_with_functions_help_and_errors() {
         .unwrap();
     p.exp_regex("infusion-out/show-[0-9]+-[0-9]+\\.png")
         .unwrap();
+    // Type only at a fresh prompt: the line editor drops input typed while a command runs.
+    p.exp_string("infusion> ").unwrap();
+    std::fs::write(
+        dir.path().join("lib.rhai"),
+        "fn triple(x) { 3 * x }\nlet loaded = true;\nprint(\"lib ready\");\n",
+    )
+    .unwrap();
+    p.send_line(":load lib.rhai").unwrap();
+    p.exp_string("lib ready").unwrap();
+    p.exp_string("infusion> ").unwrap();
+    p.send_line("print(`t=${triple(14)} ${loaded}`);").unwrap();
+    p.exp_string("t=42 true").unwrap();
     p.send_line(":scope").unwrap();
     p.exp_string("let g: Generation").unwrap();
     p.send_line(":quit").unwrap();
@@ -65,7 +77,7 @@ fn ctrl_c_during_training_returns_to_the_prompt_with_the_deltas_kept() {
     let mut p = spawn(dir.path());
     p.exp_string("infusion> ").unwrap();
     p.send_line("let m = load_model();").unwrap();
-    p.exp_string("infusion> ").unwrap();
+    p.exp_string("bundled tiny model").unwrap();
     p.send_line("let c = m.train_concept(\"imgs\", \"pot\", \"teapot\", #{steps: 1000000});")
         .unwrap();
     std::thread::sleep(std::time::Duration::from_secs(4));
