@@ -15,6 +15,7 @@ pub mod hub;
 pub mod image_io;
 pub mod infusion;
 pub mod job;
+pub mod metrics;
 mod nn;
 pub mod pipeline;
 pub mod prompt;

@@ -8,7 +8,7 @@ use candle_nn::{embedding, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use crate::config::{TextActivation, TextEncoderConfig};
 use crate::nn::layer_norm;
 
-struct ClipAttention {
+pub(crate) struct ClipAttention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -17,8 +17,30 @@ struct ClipAttention {
     head_dim: usize,
 }
 
+/// The sizes of one CLIP encoder layer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerDims {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub hidden_act: TextActivation,
+    pub layer_norm_eps: f64,
+}
+
+impl TextEncoderConfig {
+    pub(crate) fn layer_dims(&self) -> LayerDims {
+        LayerDims {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_attention_heads: self.num_attention_heads,
+            hidden_act: self.hidden_act,
+            layer_norm_eps: self.layer_norm_eps,
+        }
+    }
+}
+
 impl ClipAttention {
-    fn new(vb: VarBuilder, cfg: &TextEncoderConfig) -> candle_core::Result<Self> {
+    fn new(vb: VarBuilder, cfg: &LayerDims) -> candle_core::Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
             q_proj: linear(d, d, vb.pp("q_proj"))?,
@@ -30,7 +52,7 @@ impl ClipAttention {
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let (b, n, d) = xs.dims3()?;
         let split = |t: Tensor| {
             t.reshape((b, n, self.heads, self.head_dim))?
@@ -41,7 +63,11 @@ impl ClipAttention {
         let q = split((self.q_proj.forward(xs)? * scale)?)?;
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let scores = q.matmul(&k.t()?)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
         let probs =
             crate::nn::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
@@ -49,7 +75,8 @@ impl ClipAttention {
     }
 }
 
-struct ClipLayer {
+/// One pre-LN CLIP encoder layer (the text and the vision tower share it).
+pub(crate) struct ClipLayer {
     layer_norm1: LayerNorm,
     self_attn: ClipAttention,
     layer_norm2: LayerNorm,
@@ -59,7 +86,7 @@ struct ClipLayer {
 }
 
 impl ClipLayer {
-    fn new(vb: VarBuilder, cfg: &TextEncoderConfig) -> candle_core::Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, cfg: &LayerDims) -> candle_core::Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
             layer_norm1: layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
@@ -71,7 +98,11 @@ impl ClipLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let h = self
             .self_attn
             .forward(&crate::nn::norm(&self.layer_norm1, xs)?, mask)?;
@@ -103,7 +134,7 @@ impl TextEncoder {
         let vb = vb.pp("text_model");
         let emb = vb.pp("embeddings");
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| ClipLayer::new(vb.pp("encoder").pp("layers").pp(i), cfg))
+            .map(|i| ClipLayer::new(vb.pp("encoder").pp("layers").pp(i), &cfg.layer_dims()))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             token_embedding: embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?,
@@ -144,7 +175,7 @@ impl TextEncoder {
         let mask = causal_mask(n, xs.dtype(), ids.device())?;
         let mut xs = xs;
         for layer in &self.layers {
-            xs = layer.forward(&xs, &mask)?;
+            xs = layer.forward(&xs, Some(&mask))?;
         }
         crate::nn::norm(&self.final_layer_norm, &xs)
     }

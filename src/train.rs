@@ -290,41 +290,42 @@ impl AttentionHook for ReplayMaps<'_> {
     }
 }
 
-/// The Infusion training loss of one batch: F's pass (no gradient) gives the cross-attention
-/// maps; C's pass uses them and V' = V + Δ at `positions[row]` of each row; the loss is the mean
-/// squared error of C's prediction against `noise`. `z0`: scaled clean latents `(b, C, h, w)`;
-/// `timesteps`: one per row; `context`: `(b, tokens, width)` text states. Gradients reach the
-/// Δs (when they are `Var`s) only through the values.
-pub fn infusion_loss(
+/// What C adds in one batch row: for each concept, the token positions of its word and its Δ
+/// per layer (a `Var`'s tensor when training).
+pub type RowEdit<'a> = Vec<(Vec<usize>, &'a BTreeMap<String, Tensor>)>;
+
+/// The noise predictions of F and C on one batch: F's pass (no gradient) gives the
+/// cross-attention maps; C's pass uses them and V' = V + Δ at each concept's positions of each
+/// row. `z_t`: noisy latents; `timesteps`: one per row; `context`: `(b, tokens, width)` text
+/// states. Gradients reach the Δs only through the values.
+pub fn infusion_eps(
     sd: &StableDiffusion,
-    z0: &Tensor,
+    z_t: &Tensor,
     timesteps: &[usize],
-    noise: &Tensor,
     context: &Tensor,
-    positions: &[Vec<usize>],
-    deltas: &BTreeMap<String, Tensor>,
-) -> Result<Tensor> {
+    edits: &[RowEdit<'_>],
+) -> Result<(Tensor, Tensor)> {
     let dt = sd.dtype();
     let dev = sd.device();
-    let n = z0.dim(0)?;
-    if timesteps.len() != n || positions.len() != n || context.dim(0)? != n {
+    let n = z_t.dim(0)?;
+    if timesteps.len() != n || edits.len() != n || context.dim(0)? != n {
         return Err(Error::arg(
             "batch",
             format!(
-                "{n} latents, {} timesteps, {} position lists, {} text states",
+                "{n} latents, {} timesteps, {} row edits, {} text states",
                 timesteps.len(),
-                positions.len(),
+                edits.len(),
                 context.dim(0)?
             ),
         ));
     }
-    let z_t = sd.scheduler.add_noise(z0, noise, timesteps)?.to_dtype(dt)?;
+    let z_t = z_t.to_dtype(dt)?;
     let t = Tensor::new(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), dev)?;
     let ctx = context.to_dtype(dt)?;
     let keys = ctx.dim(1)?;
     let rows = BatchLayout::uniform(n, Stream::Foundational, Guidance::Conditional);
     let record = RecordMaps(Mutex::new(HashMap::new()));
-    sd.unet.forward(
+    let eps_f = sd.unet.forward(
         &z_t,
         &t,
         &ctx,
@@ -335,27 +336,42 @@ pub fn infusion_loss(
         }),
     )?;
     let maps = record.0.into_inner().unwrap_or_else(|e| e.into_inner());
-    // Per row, a one-hot mask of the word's positions: offsets = mask x Δ.
-    let mut mask = vec![0f32; n * keys];
-    for (r, pos) in positions.iter().enumerate() {
-        for &k in pos {
-            if k >= keys {
-                return Err(Error::arg(
-                    "positions",
-                    format!("position {k} is past {keys} tokens"),
-                ));
+    // Per distinct Δ map, a one-hot mask over (row, position): offsets = Σ mask x Δ.
+    let mut groups: Vec<(&BTreeMap<String, Tensor>, Vec<f32>)> = vec![];
+    for (r, edit) in edits.iter().enumerate() {
+        for (positions, deltas) in edit {
+            let i = match groups.iter().position(|(d, _)| std::ptr::eq(*d, *deltas)) {
+                Some(i) => i,
+                None => {
+                    groups.push((deltas, vec![0f32; n * keys]));
+                    groups.len() - 1
+                }
+            };
+            for &k in positions {
+                if k >= keys {
+                    return Err(Error::arg(
+                        "positions",
+                        format!("position {k} is past {keys} tokens"),
+                    ));
+                }
+                groups[i].1[r * keys + k] = 1.0;
             }
-            mask[r * keys + k] = 1.0;
         }
     }
-    let mask = Tensor::from_vec(mask, (n, keys, 1), dev)?;
-    let offsets = deltas
-        .iter()
-        .map(|(k, d)| {
+    let mut offsets: HashMap<String, Tensor> = HashMap::new();
+    for (deltas, mask) in groups {
+        let mask = Tensor::from_vec(mask, (n, keys, 1), dev)?;
+        for (layer, d) in deltas {
+            let d = d.to_device(dev)?.to_dtype(DType::F32)?;
             let inner = d.dim(0)?;
-            Ok((k.clone(), mask.broadcast_mul(&d.reshape((1, 1, inner))?)?))
-        })
-        .collect::<Result<HashMap<_, _>>>()?;
+            let term = mask.broadcast_mul(&d.reshape((1, 1, inner))?)?;
+            let sum = match offsets.remove(layer) {
+                Some(prev) => (prev + term)?,
+                None => term,
+            };
+            offsets.insert(layer.clone(), sum);
+        }
+    }
     let replay = ReplayMaps {
         maps: &maps,
         offsets: &offsets,
@@ -371,6 +387,37 @@ pub fn infusion_loss(
             step: None,
         }),
     )?;
+    Ok((eps_f, eps_c))
+}
+
+/// The Infusion training loss of one batch: the mean squared error of C's prediction (see
+/// [`infusion_eps`]) against `noise`, with the concept's Δs at `positions[row]`. `z0`: scaled
+/// clean latents `(b, C, h, w)`.
+pub fn infusion_loss(
+    sd: &StableDiffusion,
+    z0: &Tensor,
+    timesteps: &[usize],
+    noise: &Tensor,
+    context: &Tensor,
+    positions: &[Vec<usize>],
+    deltas: &BTreeMap<String, Tensor>,
+) -> Result<Tensor> {
+    if positions.len() != z0.dim(0)? {
+        return Err(Error::arg(
+            "positions",
+            format!(
+                "{} position lists for {} latents",
+                positions.len(),
+                z0.dim(0)?
+            ),
+        ));
+    }
+    let z_t = sd.scheduler.add_noise(z0, noise, timesteps)?;
+    let edits: Vec<RowEdit<'_>> = positions
+        .iter()
+        .map(|p| vec![(p.clone(), deltas)])
+        .collect();
+    let (_, eps_c) = infusion_eps(sd, &z_t, timesteps, context, &edits)?;
     Ok((eps_c.to_dtype(DType::F32)? - noise.to_dtype(DType::F32)?)?
         .sqr()?
         .mean_all()?)

@@ -76,7 +76,8 @@ fn ctrl_c_during_training_returns_to_the_prompt_with_the_deltas_kept() {
     }
     let mut p = spawn(dir.path());
     p.exp_string("infusion> ").unwrap();
-    p.send_line("let m = load_model(); print(\"model ready\");").unwrap();
+    p.send_line("let m = load_model(); print(\"model ready\");")
+        .unwrap();
     p.exp_string("model ready").unwrap();
     p.send_line("let c = m.train_concept(\"imgs\", \"pot\", \"teapot\", #{steps: 1000000});")
         .unwrap();

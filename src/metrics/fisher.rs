@@ -1,0 +1,256 @@
+//! Latent Fisher divergence (the paper's concept-agnostic overfitting measure): the mean over
+//! prompts, clean latents, uniform timesteps and noise of ||eps_a(z_t, t, c) - eps_b(z_t, t, c)||²
+//! between two variants of a model.
+//!
+//! A variant is the base model, the base model with concepts applied to its prompts (Infusion:
+//! F's maps, Δ on the concept words' values), or the base model with other UNet weights (to
+//! compare with methods that fine-tune the UNet). Prompts without concept marks run the plain
+//! base model in the concept variant, so base vs base+concepts is exactly 0 on them.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::Distribution;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::infusion::{place_concepts, ConceptSet};
+use crate::job::Job;
+use crate::pipeline::{GenerateOptions, StableDiffusion};
+use crate::train::{image_to_tensor, infusion_eps, square_crop, RowEdit};
+use crate::unet::UNet;
+use crate::weights::WeightFiles;
+
+/// One side of the comparison.
+pub enum Variant<'a> {
+    Base,
+    Concepts(&'a ConceptSet),
+    /// The base model with these UNet weights instead.
+    Weights(&'a UNet),
+}
+
+/// Loads a UNet weight file of the same config as `sd`'s (e.g. a fine-tuned UNet).
+pub fn load_unet_weights(sd: &StableDiffusion, files: &[std::path::PathBuf]) -> Result<UNet> {
+    let cfg = sd.unet.config().clone();
+    WeightFiles::open("UNet", files)?.build(sd.dtype(), sd.device(), |vb| UNet::new(vb, &cfg))
+}
+
+#[derive(Debug, Clone)]
+pub struct FisherOptions {
+    pub samples: usize,
+    pub seed: u64,
+    pub batch: usize,
+    /// Clean images to noise (their VAE latents); none: latents the base model generates from
+    /// each prompt (one per prompt, `gen_steps` DDIM steps).
+    pub images: Vec<RgbImage>,
+    pub gen_steps: usize,
+}
+
+impl Default for FisherOptions {
+    fn default() -> Self {
+        Self {
+            samples: 64,
+            seed: 0,
+            batch: 4,
+            images: vec![],
+            gen_steps: 25,
+        }
+    }
+}
+
+/// One sample: a prompt (as written), a timestep and the noisy latent `(1, C, h, w)`.
+#[derive(Debug, Clone)]
+pub struct FisherSample {
+    pub prompt: String,
+    pub timestep: usize,
+    pub z_t: Tensor,
+}
+
+/// The divergence: mean, its standard error, the per-sample values.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fisher {
+    pub mean: f64,
+    pub std_err: f64,
+    pub samples: usize,
+    pub values: Vec<f64>,
+}
+
+/// The samples the divergence averages over (deterministic for a seed).
+pub fn fisher_inputs(
+    sd: &StableDiffusion,
+    concepts: Option<&ConceptSet>,
+    prompts: &[String],
+    opts: &FisherOptions,
+    job: &Job,
+) -> Result<Vec<FisherSample>> {
+    if prompts.is_empty() {
+        return Err(Error::arg("prompts", "no prompts"));
+    }
+    if opts.samples == 0 {
+        return Err(Error::arg("samples", "must be at least 1"));
+    }
+    let empty = ConceptSet::new();
+    let concepts = concepts.unwrap_or(&empty);
+    let clean: Vec<Tensor> = if opts.images.is_empty() {
+        let mut out = vec![];
+        for (i, p) in prompts.iter().enumerate() {
+            let base = concepts.parse(p)?.base;
+            let g = sd.generate(
+                &base,
+                &GenerateOptions {
+                    seed: opts.seed.wrapping_add(i as u64),
+                    steps: opts.gen_steps,
+                    ..Default::default()
+                },
+                job,
+            )?;
+            out.push(g.latents);
+        }
+        out
+    } else {
+        let size = sd.default_size() as u32;
+        opts.images
+            .iter()
+            .map(|img| sd.encode_mean(&image_to_tensor(&square_crop(img, size), sd.device())?))
+            .collect::<Result<_>>()?
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    rng.set_stream(7);
+    let t_max = sd.scheduler.num_train_timesteps();
+    (0..opts.samples)
+        .map(|i| {
+            let z0 = &clean[i % clean.len()];
+            let timestep = rng.random_range(0..t_max);
+            let numel = z0.elem_count();
+            let noise: Vec<f32> = (0..numel)
+                .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+                .collect();
+            let noise = Tensor::from_vec(noise, z0.dims(), sd.device())?;
+            let z_t = sd
+                .scheduler
+                .add_noise(&z0.to_dtype(DType::F32)?, &noise, &[timestep])?;
+            Ok(FisherSample {
+                prompt: prompts[i % prompts.len()].clone(),
+                timestep,
+                z_t,
+            })
+        })
+        .collect()
+}
+
+/// The noise prediction of a variant on a batch of samples.
+fn eps(
+    sd: &StableDiffusion,
+    variant: &Variant<'_>,
+    batch: &[FisherSample],
+    marks_from: &ConceptSet,
+) -> Result<Tensor> {
+    let z_t = Tensor::cat(&batch.iter().map(|s| &s.z_t).collect::<Vec<_>>(), 0)?;
+    let ts: Vec<usize> = batch.iter().map(|s| s.timestep).collect();
+    let parsed = batch
+        .iter()
+        .map(|s| marks_from.parse(&s.prompt))
+        .collect::<Result<Vec<_>>>()?;
+    let tokens = parsed
+        .iter()
+        .map(|p| sd.tokenize(&p.base))
+        .collect::<Result<Vec<_>>>()?;
+    let ctx = sd.text_states(&tokens.iter().collect::<Vec<_>>())?;
+    let t = Tensor::new(
+        ts.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+        sd.device(),
+    )?;
+    let z = z_t.to_dtype(sd.dtype())?;
+    Ok(match variant {
+        Variant::Base => sd.unet.forward(&z, &t, &ctx, None)?,
+        Variant::Weights(unet) => unet.forward(&z, &t, &ctx, None)?,
+        Variant::Concepts(set) => {
+            let placements = parsed
+                .iter()
+                .zip(&tokens)
+                .map(|(p, tok)| place_concepts(set, p, tok))
+                .collect::<Result<Vec<_>>>()?;
+            let plain = sd.unet.forward(&z, &t, &ctx, None)?;
+            if placements.iter().all(|p| p.is_empty()) {
+                plain
+            } else {
+                let edits: Vec<RowEdit<'_>> = placements
+                    .iter()
+                    .map(|row| {
+                        row.iter()
+                            .map(|p| (p.positions.clone(), &p.concept.deltas))
+                            .collect()
+                    })
+                    .collect();
+                let (_, custom) = infusion_eps(sd, &z, &ts, &ctx, &edits)?;
+                // Rows without concepts keep the plain prediction, exactly.
+                let rows = placements
+                    .iter()
+                    .enumerate()
+                    .map(|(r, p)| {
+                        if p.is_empty() {
+                            plain.get(r)
+                        } else {
+                            custom.get(r)
+                        }
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::stack(&rows, 0)?
+            }
+        }
+    })
+}
+
+/// The latent Fisher divergence between variants `a` and `b` of `sd` over `prompts`.
+pub fn fisher_divergence(
+    sd: &StableDiffusion,
+    a: &Variant<'_>,
+    b: &Variant<'_>,
+    prompts: &[String],
+    opts: &FisherOptions,
+    job: &Job,
+) -> Result<Fisher> {
+    let empty = ConceptSet::new();
+    let marks_from = match (a, b) {
+        (Variant::Concepts(s), _) | (_, Variant::Concepts(s)) => *s,
+        _ => &empty,
+    };
+    let inputs = fisher_inputs(sd, Some(marks_from), prompts, opts, job)?;
+    let bar = job.bar(inputs.len(), "fisher");
+    let mut values = Vec::with_capacity(inputs.len());
+    for chunk in inputs.chunks(opts.batch.max(1)) {
+        job.check()?;
+        let ea = eps(sd, a, chunk, marks_from)?.to_dtype(DType::F32)?;
+        let eb = eps(sd, b, chunk, marks_from)?.to_dtype(DType::F32)?;
+        let per_row: Vec<f32> = (ea - eb)?
+            .sqr()?
+            .flatten_from(1)?
+            .sum(1)?
+            .to_device(&Device::Cpu)?
+            .to_vec1()?;
+        values.extend(per_row.into_iter().map(f64::from));
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let n = values.len();
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let var = if n > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64
+    } else {
+        0.0
+    };
+    Ok(Fisher {
+        mean,
+        std_err: (var / n as f64).sqrt(),
+        samples: n,
+        values,
+    })
+}
+
+/// Reads a UNet weight file for [`Variant::Weights`].
+pub fn unet_from_file(sd: &StableDiffusion, path: &Path) -> Result<UNet> {
+    load_unet_weights(sd, &[path.to_path_buf()])
+}
