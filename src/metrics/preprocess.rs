@@ -180,7 +180,10 @@ pub struct ImageProcessor {
     pub std: [f32; 3],
 }
 
-fn size_of(v: &Value) -> Option<(Option<u32>, Option<(u32, u32)>)> {
+/// (shortest edge, exact (h, w)) of a `size` entry.
+type SizeSpec = (Option<u32>, Option<(u32, u32)>);
+
+fn size_of(v: &Value) -> Option<SizeSpec> {
     match v {
         Value::Number(n) => Some((Some(n.as_u64()? as u32), None)),
         Value::Object(o) => {

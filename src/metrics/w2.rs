@@ -50,7 +50,7 @@ fn samples(t: &Tensor, pool: Option<usize>, name: &str) -> Result<DMatrix<f64>> 
     };
     let n = t.dim(0)?;
     let flat: Vec<f32> = t.flatten_all()?.to_vec1()?;
-    let d = if n == 0 { 0 } else { flat.len() / n };
+    let d = flat.len().checked_div(n).unwrap_or(0);
     if n < 2 || d == 0 {
         return Err(Error::arg(
             name,
