@@ -87,6 +87,11 @@ pub fn save_png(img: &RgbImage, path: &Path, text: &[(&str, String)]) -> Result<
 /// Images side by side in rows of `cols`, each cell the size of the largest image (smaller ones
 /// centred on black).
 pub fn grid(images: &[RgbImage], cols: usize) -> Result<RgbImage> {
+    grid_on(images, cols, image::Rgb([0, 0, 0]))
+}
+
+/// [`grid`] on a background colour.
+pub fn grid_on(images: &[RgbImage], cols: usize, background: image::Rgb<u8>) -> Result<RgbImage> {
     if images.is_empty() {
         return Err(Error::arg("images", "no images to put in a grid"));
     }
@@ -97,7 +102,7 @@ pub fn grid(images: &[RgbImage], cols: usize) -> Result<RgbImage> {
     let ch = images.iter().map(|i| i.height()).max().unwrap_or(0);
     let cols = cols.min(images.len());
     let rows = images.len().div_ceil(cols);
-    let mut out = RgbImage::new(cw * cols as u32, ch * rows as u32);
+    let mut out = RgbImage::from_pixel(cw * cols as u32, ch * rows as u32, background);
     for (i, img) in images.iter().enumerate() {
         let x = (i % cols) as u32 * cw + (cw - img.width()) / 2;
         let y = (i / cols) as u32 * ch + (ch - img.height()) / 2;

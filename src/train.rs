@@ -562,6 +562,11 @@ impl<'a> Trainer<'a> {
         &self.opts
     }
 
+    /// Changes how many steps [`Trainer::run`] trains to (to train on in stages).
+    pub fn set_total_steps(&mut self, steps: usize) {
+        self.opts.steps = steps;
+    }
+
     /// Number of training images (with mirror images).
     pub fn n_images(&self) -> usize {
         self.lat_mean.dims()[0]

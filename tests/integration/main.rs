@@ -5,7 +5,9 @@ mod common;
 mod attention;
 mod cli;
 mod concept;
+mod curves;
 mod dtype;
+mod evaluation;
 mod fisher;
 mod infusion;
 mod loading;
@@ -15,6 +17,7 @@ mod recipes;
 mod repl;
 
 mod scheduler;
+mod script_api;
 mod text_encoder;
 mod tokenizer;
 mod train;

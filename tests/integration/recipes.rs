@@ -218,3 +218,26 @@ fn everything_after_the_recipe_reaches_it_as_args() {
         "{out}"
     );
 }
+
+#[test]
+fn overfitting_writes_curves_and_a_chart() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = repo().join("assets/example-concept");
+    let out = ok(&run_recipe(
+        "overfitting.rhai",
+        &[
+            folder.to_str().unwrap(),
+            "pot",
+            "teapot",
+            "0,3",
+            "curves",
+            "2",
+            "2",
+        ],
+        dir.path(),
+    ));
+    assert!(out.contains("step | Fisher | W2"), "{out}");
+    let csv = std::fs::read_to_string(dir.path().join("curves/pot-curves.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert_eq!(size(&dir.path().join("curves/pot-curves.png")), (900, 360));
+}

@@ -2,6 +2,7 @@
 
 pub mod concepts;
 pub mod images;
+pub mod metrics;
 pub mod model;
 pub mod tensors;
 
@@ -26,6 +27,7 @@ pub fn register(engine: &mut Engine, session: &Arc<Session>) {
     model::register(engine, session);
     concepts::register(engine, session);
     images::register(engine, session);
+    metrics::register(engine, session);
     tensors::register(engine, session);
 }
 

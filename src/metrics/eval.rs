@@ -1,0 +1,277 @@
+//! The evaluation runner, after the paper's protocol: every concept x every prompt x N images,
+//! scored with CLIP-T, CLIP-I and DINO-I, written as a CSV (one row per image) and a markdown
+//! table (per concept, with its storage). Resumable: rows already in the CSV are not redone,
+//! and the CSV is rewritten atomically after every image, so an interrupted run loses at most
+//! the image in progress and a restarted one ends with the same table.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::clip::{cosine_matrix, Clip};
+use super::dino::Dino;
+use crate::concept::Concept;
+use crate::error::{Error, Result};
+use crate::image_io::{save_png, tensor_to_rgb, write_atomic};
+use crate::infusion::{generate_infusion, ConceptSet, InfusionOptions};
+use crate::job::Job;
+use crate::pipeline::{GenerateOptions, StableDiffusion};
+use crate::train::load_images;
+
+/// A concept to evaluate: its file and the folder of its training images.
+#[derive(Debug, Clone)]
+pub struct EvalConcept {
+    pub file: PathBuf,
+    pub images: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Prompts with `{}` where the concept goes (as `<name>`).
+    pub prompts: Vec<String>,
+    pub images_per_prompt: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    /// Image `i` of every prompt uses seed `seed + i`.
+    pub seed: u64,
+    pub out_dir: PathBuf,
+    /// Use concepts trained on another model.
+    pub force: bool,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            prompts: vec!["a photo of a {}".into()],
+            images_per_prompt: 4,
+            steps: 50,
+            guidance: 8.0,
+            seed: 0,
+            out_dir: PathBuf::from("eval"),
+            force: false,
+        }
+    }
+}
+
+/// One generated image and its scores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRow {
+    pub concept: String,
+    pub prompt_index: usize,
+    pub sample: usize,
+    pub seed: u64,
+    pub prompt: String,
+    pub image: String,
+    pub clip_t: f64,
+    pub clip_i: f64,
+    pub dino_i: f64,
+}
+
+/// Per-concept means.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvalSummary {
+    pub concept: String,
+    pub images: usize,
+    pub clip_t: f64,
+    pub clip_i: f64,
+    pub dino_i: f64,
+    pub storage_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct EvalReport {
+    pub rows: Vec<EvalRow>,
+    pub summary: Vec<EvalSummary>,
+    pub csv: PathBuf,
+    pub table: PathBuf,
+    pub markdown: String,
+}
+
+fn read_rows(path: &Path) -> Result<Vec<EvalRow>> {
+    if !path.is_file() {
+        return Ok(vec![]);
+    }
+    let mut r = csv::Reader::from_path(path).map_err(|e| Error::config(path, e))?;
+    r.deserialize()
+        .map(|row| row.map_err(|e| Error::config(path, format!("unreadable row: {e}"))))
+        .collect()
+}
+
+fn write_rows(path: &Path, rows: &[EvalRow]) -> Result<()> {
+    let mut w = csv::Writer::from_writer(vec![]);
+    for r in rows {
+        w.serialize(r).map_err(|e| Error::config(path, e))?;
+    }
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::config(path, e.to_string()))?;
+    write_atomic(path, |out| {
+        out.write_all(&bytes).map_err(|e| Error::io(path, e))
+    })
+}
+
+/// Means per concept, rows in (concept, prompt, sample) order.
+pub fn summarize(rows: &[EvalRow], storage: &BTreeMap<String, u64>) -> Vec<EvalSummary> {
+    let mut by: BTreeMap<&str, Vec<&EvalRow>> = BTreeMap::new();
+    for r in rows {
+        by.entry(&r.concept).or_default().push(r);
+    }
+    by.into_iter()
+        .map(|(c, mut rs)| {
+            rs.sort_by_key(|r| (r.prompt_index, r.sample));
+            let n = rs.len() as f64;
+            let mean = |f: fn(&EvalRow) -> f64| rs.iter().map(|r| f(r)).sum::<f64>() / n;
+            EvalSummary {
+                concept: c.to_string(),
+                images: rs.len(),
+                clip_t: mean(|r| r.clip_t),
+                clip_i: mean(|r| r.clip_i),
+                dino_i: mean(|r| r.dino_i),
+                storage_bytes: storage.get(c).copied().unwrap_or(0),
+            }
+        })
+        .collect()
+}
+
+/// The markdown table of a summary.
+pub fn markdown(summary: &[EvalSummary]) -> String {
+    let mut s = String::from("| concept | images | CLIP-T | CLIP-I | DINO-I | storage |\n|---|---:|---:|---:|---:|---:|\n");
+    for e in summary {
+        s.push_str(&format!(
+            "| {} | {} | {:.4} | {:.4} | {:.4} | {:.1} KB |\n",
+            e.concept,
+            e.images,
+            e.clip_t,
+            e.clip_i,
+            e.dino_i,
+            e.storage_bytes as f64 / 1024.0
+        ));
+    }
+    s
+}
+
+/// Runs (or resumes) an evaluation. `on_row` sees every new row; an error from it stops the
+/// run (what is done is kept).
+pub fn evaluate(
+    sd: &StableDiffusion,
+    clip: &Clip,
+    dino: &Dino,
+    concepts: &[EvalConcept],
+    opts: &EvalOptions,
+    job: &Job,
+    on_row: &mut dyn FnMut(&EvalRow) -> Result<()>,
+) -> Result<EvalReport> {
+    if opts.prompts.is_empty() || opts.images_per_prompt == 0 {
+        return Err(Error::arg(
+            "prompts",
+            "nothing to evaluate: no prompts or no images per prompt",
+        ));
+    }
+    if let Some(p) = opts.prompts.iter().find(|p| !p.contains("{}")) {
+        return Err(Error::arg(
+            "prompts",
+            format!("{p:?} has no `{{}}` for the concept"),
+        ));
+    }
+    let dir = &opts.out_dir;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let csv_path = dir.join("scores.csv");
+    let mut rows = read_rows(&csv_path)?;
+    let done: HashSet<(String, usize, usize)> = rows
+        .iter()
+        .map(|r| (r.concept.clone(), r.prompt_index, r.sample))
+        .collect();
+    let total = concepts.len() * opts.prompts.len() * opts.images_per_prompt;
+    let bar = job.bar(total, "evaluate");
+    bar.inc(done.len().min(total) as u64);
+    let mut storage = BTreeMap::new();
+    for ec in concepts {
+        let concept = Concept::load(&ec.file)?;
+        for w in concept.check_model(
+            sd.unet.attention_layers(),
+            sd.unet_fingerprint(),
+            opts.force,
+        )? {
+            eprintln!("warning: {w}");
+        }
+        let name = concept.name.clone();
+        let bytes = std::fs::metadata(&ec.file)
+            .map_err(|e| Error::io(&ec.file, e))?
+            .len();
+        storage.insert(name.clone(), bytes);
+        let todo: Vec<(usize, usize)> = (0..opts.prompts.len())
+            .flat_map(|p| (0..opts.images_per_prompt).map(move |s| (p, s)))
+            .filter(|(p, s)| !done.contains(&(name.clone(), *p, *s)))
+            .collect();
+        if todo.is_empty() {
+            continue;
+        }
+        let refs: Vec<_> = load_images(&ec.images)?
+            .into_iter()
+            .map(|(_, i)| i)
+            .collect();
+        let ref_clip = clip.image_embeds(&refs)?;
+        let ref_dino = dino.embeds(&refs)?;
+        let mut set = ConceptSet::new();
+        set.insert(concept);
+        let img_dir = dir.join("images").join(&name);
+        std::fs::create_dir_all(&img_dir).map_err(|e| Error::io(&img_dir, e))?;
+        for (p, s) in todo {
+            job.check()?;
+            let prompt = opts.prompts[p].replace("{}", &format!("<{name}>"));
+            let seed = opts.seed + s as u64;
+            let io = InfusionOptions {
+                generate: GenerateOptions {
+                    seed,
+                    steps: opts.steps,
+                    guidance: opts.guidance,
+                    ..Default::default()
+                },
+                replace_steps: 1.0,
+            };
+            let g = generate_infusion(sd, &set, &prompt, &io, None, job)?;
+            let img = tensor_to_rgb(&g.custom_image)?;
+            let rel = format!("images/{name}/p{p:03}-s{s:03}.png");
+            save_png(&img, &dir.join(&rel), &g.png_text())?;
+            let images = std::slice::from_ref(&img);
+            let mean = |t: Tensor| -> Result<f64> { Ok(t.mean_all()?.to_scalar::<f32>()? as f64) };
+            let row = EvalRow {
+                concept: name.clone(),
+                prompt_index: p,
+                sample: s,
+                seed,
+                prompt: prompt.clone(),
+                image: rel,
+                clip_t: mean(cosine_matrix(
+                    &clip.image_embeds(images)?,
+                    &clip.text_embeds(&[&g.parsed.base])?,
+                )?)?,
+                clip_i: mean(cosine_matrix(&clip.image_embeds(images)?, &ref_clip)?)?,
+                dino_i: mean(cosine_matrix(&dino.embeds(images)?, &ref_dino)?)?,
+            };
+            rows.push(row.clone());
+            rows.sort_by(|a, b| {
+                (&a.concept, a.prompt_index, a.sample).cmp(&(&b.concept, b.prompt_index, b.sample))
+            });
+            write_rows(&csv_path, &rows)?;
+            bar.inc(1);
+            on_row(&row)?;
+        }
+    }
+    bar.finish_and_clear();
+    let summary = summarize(&rows, &storage);
+    let md = markdown(&summary);
+    let table = dir.join("table.md");
+    write_atomic(&table, |w| {
+        w.write_all(md.as_bytes()).map_err(|e| Error::io(&table, e))
+    })?;
+    Ok(EvalReport {
+        rows,
+        summary,
+        csv: csv_path,
+        table,
+        markdown: md,
+    })
+}

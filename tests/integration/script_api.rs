@@ -1,0 +1,65 @@
+//! The metric bindings through the same engine the REPL and the runner use.
+
+use infusion::script::{build_engine, ScriptConfig, Session};
+use rhai::{Dynamic, Scope};
+
+use crate::common::repo;
+
+fn eval(script: &str) -> Dynamic {
+    let session = Session::new(ScriptConfig {
+        no_images: true,
+        progress: false,
+        ..ScriptConfig::default()
+    });
+    let engine = build_engine(&session);
+    let mut scope = Scope::new();
+    scope.push("REPO", repo().display().to_string());
+    engine
+        .eval_with_scope::<Dynamic>(&mut scope, script)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn scores_and_distances_from_scripts() {
+    let v = eval(
+        r#"
+        let m = load_model();
+        let clip = load_clip();
+        let dino = load_dino();
+        let refs = `${REPO}/assets/example-concept`;
+        let a = []; let b = []; let imgs = [];
+        for s in 0..3 {
+            let g = m.generate("a photo of a teapot", #{seed: s, steps: 2});
+            a.push(g.base_latents);
+            b.push(m.generate("a photo of a cat", #{seed: s + 10, steps: 2}).base_latents);
+            imgs.push(g.base);
+        }
+        #{
+            w_same: wasserstein(a, a),
+            w: wasserstein(a, b),
+            w2: wasserstein2(a, b),
+            pooled: wasserstein(a, b, #{pool: 2}),
+            ct: clip_t(clip, imgs, ["a photo of a teapot"]),
+            ci: clip_i(clip, imgs, refs),
+            di: dino_i(dino, imgs, refs),
+            shape: clip.image_embeds(imgs).shape,
+            tshape: clip.text_embeds("a cat").shape,
+            dshape: dino.embeds(imgs).shape,
+            f0: fisher_divergence(m, m, ["a photo of a dog"], #{samples: 2, gen_steps: 2}).mean,
+        }
+        "#,
+    );
+    let m = v.cast::<rhai::Map>();
+    let f = |k: &str| m[k].as_float().unwrap_or_else(|_| panic!("{k}: {}", m[k]));
+    assert!(f("w_same") < 1e-5);
+    assert!(f("w") > 0.0);
+    assert!((f("w2") - f("w") * f("w")).abs() < 1e-6 * f("w2").max(1.0));
+    assert!(f("pooled") > 0.0 && f("pooled") != f("w"));
+    for k in ["ct", "ci", "di"] {
+        assert!(f(k).abs() <= 1.0, "{k}");
+    }
+    assert_eq!(m["shape"].to_string(), "[3, 16]");
+    assert_eq!(m["tshape"].to_string(), "[1, 16]");
+    assert_eq!(m["dshape"].to_string(), "[3, 32]");
+    assert_eq!(f("f0"), 0.0, "a model against itself");
+}
