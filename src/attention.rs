@@ -318,8 +318,9 @@ impl AttentionCall {
             self.compute_own()?;
             self.own.take().expect("computed above").1
         } else {
+            let dtype = self.v.dtype();
             let per_row = (0..self.batch())
-                .map(|r| self.probs(r)?.unsqueeze(0))
+                .map(|r| self.probs(r)?.to_dtype(dtype)?.unsqueeze(0))
                 .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&per_row, 0)?
         };
@@ -343,10 +344,18 @@ fn merge_heads(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.reshape((b, n, h * d))
 }
 
-/// softmax(q k^T * scale) in f32: q (b, h, n, d), k (b, h, m, d) -> (b, h, n, m).
+/// softmax((q * scale) k^T): q (b, h, n, d), k (b, h, m, d) -> (b, h, n, m).
+///
+/// In f32, or whenever gradients flow, the softmax runs in f32. In f16/bf16 inference the
+/// scores stay in the working dtype: candle's fused softmax accumulates in f32 anyway, and the
+/// 4096 x 4096 score matrices of SD1.5's self-attention are not copied to f32 and back.
 fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    crate::nn::softmax_last_dim(&scores.to_dtype(DType::F32)?)
+    let scores = (q * scale)?.matmul(&k.t()?)?;
+    if scores.dtype() == DType::F32 || scores.track_op() {
+        crate::nn::softmax_last_dim(&scores.to_dtype(DType::F32)?)
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)
+    }
 }
 
 /// A diffusers `Attention` module as SD's transformer blocks use it: `to_q`, `to_k`, `to_v`

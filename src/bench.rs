@@ -60,7 +60,7 @@ impl BenchReport {
     /// A plain-text table.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "{} on {} ({}), {}x{} images, {} steps\n{:<28} {:>12} {:>8}  {}\n",
+            "{} on {} ({}), {}x{} images, {} steps\n{:<28} {:>12} {:>8} {:>10}  {}\n",
             self.model,
             self.device,
             self.dtype,
@@ -70,6 +70,7 @@ impl BenchReport {
             "measurement",
             "seconds",
             "repeats",
+            "peak MiB",
             "ratio"
         );
         for r in &self.rows {
@@ -78,9 +79,13 @@ impl BenchReport {
                 .as_ref()
                 .map(|(b, x)| format!("{x:.2}x {b}"))
                 .unwrap_or_default();
+            let peak = r
+                .peak_memory_bytes
+                .map(|b| format!("{:.0}", b as f64 / (1024.0 * 1024.0)))
+                .unwrap_or_else(|| "-".into());
             s.push_str(&format!(
-                "{:<28} {:>12.4} {:>8}  {}\n",
-                r.name, r.seconds, r.repeats, ratio
+                "{:<28} {:>12.4} {:>8} {:>10}  {}\n",
+                r.name, r.seconds, r.repeats, peak, ratio
             ));
         }
         s
@@ -92,10 +97,16 @@ fn sync(dev: &Device) -> Result<()> {
     Ok(())
 }
 
-/// Median seconds of `repeats` calls of `f` after one warm-up call.
-fn time<T>(dev: &Device, repeats: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+/// Median seconds of `repeats` calls of `f` after one warm-up call, and the peak device
+/// memory over the timed calls (where the device reports it).
+fn time<T>(
+    dev: &Device,
+    repeats: usize,
+    mut f: impl FnMut() -> Result<T>,
+) -> Result<(f64, Option<u64>)> {
     f()?;
     sync(dev)?;
+    crate::device_mem::reset_peak(dev);
     let mut times = Vec::with_capacity(repeats);
     for _ in 0..repeats.max(1) {
         let t0 = Instant::now();
@@ -104,16 +115,21 @@ fn time<T>(dev: &Device, repeats: usize, mut f: impl FnMut() -> Result<T>) -> Re
         times.push(t0.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2])
+    Ok((times[times.len() / 2], crate::device_mem::peak_bytes(dev)))
 }
 
-fn row(name: &str, seconds: f64, repeats: usize, baseline: Option<(&str, f64)>) -> BenchRow {
+fn row(
+    name: &str,
+    (seconds, peak): (f64, Option<u64>),
+    repeats: usize,
+    baseline: Option<(&str, f64)>,
+) -> BenchRow {
     BenchRow {
         name: name.to_string(),
         seconds,
         repeats,
         ratio: baseline.map(|(b, s)| (b.to_string(), seconds / s)),
-        peak_memory_bytes: None,
+        peak_memory_bytes: peak,
     }
 }
 
@@ -134,7 +150,7 @@ pub fn run(
     let states = sd.text_states(&[&neg, &tokens])?;
     let mut rows = vec![];
 
-    let unet = |b: usize| -> Result<f64> {
+    let unet = |b: usize| -> Result<(f64, Option<u64>)> {
         let x = seeded_noise(1, &[b, c, h, w])?
             .to_device(&dev)?
             .to_dtype(sd.dtype())?;
@@ -151,7 +167,7 @@ pub fn run(
         "unet forward, batch 4",
         unet4,
         opts.repeats,
-        Some(("unet batch 2", unet2)),
+        Some(("unet batch 2", unet2.0)),
     ));
 
     let gen_opts = GenerateOptions {
@@ -185,7 +201,7 @@ pub fn run(
         "infusion pair (base+custom)",
         pair,
         opts.repeats,
-        Some(("text-to-image", txt2img)),
+        Some(("text-to-image", txt2img.0)),
     ));
 
     let images: Vec<image::RgbImage> = (0..3u8)
@@ -210,7 +226,7 @@ pub fn run(
         "training step, batch 4",
         step,
         opts.repeats,
-        Some(("unet batch 4", unet4)),
+        Some(("unet batch 4", unet4.0)),
     ));
 
     Ok(BenchReport {

@@ -180,11 +180,23 @@ struct GenerateArgs {
     maps: Option<PathBuf>,
 }
 
+/// The repository's folder of bundled files: `$INFUSION_HOME`, else the source checkout the
+/// binary was built from, else the current folder (a copied checkout, e.g. on a GPU machine).
+pub fn repo_dir() -> PathBuf {
+    if let Some(h) = std::env::var_os("INFUSION_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if built.join("models").is_dir() {
+        built.to_path_buf()
+    } else {
+        PathBuf::from(".")
+    }
+}
+
 /// The tiny random-weight model shipped in the repository.
 pub fn bundled_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join("tiny-sd")
+    repo_dir().join("models").join("tiny-sd")
 }
 
 /// Parses `cpu`, `cuda`, `cuda:N`.

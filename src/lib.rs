@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cli;
 pub mod concept;
 pub mod config;
+pub mod device_mem;
 mod error;
 pub mod hub;
 pub mod image_io;

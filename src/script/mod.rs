@@ -56,7 +56,7 @@ impl Default for ScriptConfig {
 pub fn default_stdlib() -> PathBuf {
     std::env::var_os("INFUSION_STDLIB")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("stdlib"))
+        .unwrap_or_else(|| crate::cli::repo_dir().join("stdlib"))
 }
 
 /// State shared by the bound functions of one engine.

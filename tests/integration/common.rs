@@ -11,8 +11,10 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor};
 use infusion::{LoadOptions, StableDiffusion};
 
+/// The checkout's root (see `infusion::cli::repo_dir`: a test binary copied to another machine
+/// finds the fixtures in the current folder).
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    infusion::cli::repo_dir()
 }
 
 pub fn tiny_model_dir() -> PathBuf {
