@@ -7,8 +7,10 @@
 # CUDA pieces = CUDA 13.0.2 wheels from PyPI, exactly the set that torch 2.11.0 (cu130)
 # pins via cuda-toolkit==13.0.2, so the .so files on the GPU box are the same ones.
 #
-# Copied from ../shared/cuda/build.sh (the tested recipe) with one change: `cargo metadata` gets
-# $CARGO_FLAGS, so a crate whose CUDA support is an optional feature finds cudarc.
+# Copied from ../shared/cuda/build.sh (the tested recipe) with two changes: `cargo metadata` gets
+# $CARGO_FLAGS, so a crate whose CUDA support is an optional feature finds cudarc; and with
+# TEST_OUT=path it also builds the integration-test binary (for the parity run on the GPU); and
+# MODE=check only type-checks every target with the CUDA toolchain (CI: no GPU needed).
 #
 # usage: build.sh [CRATE_DIR] [BIN_NAME] [OUT_FILE]     (extra cargo flags: CARGO_FLAGS="--features cuda")
 #   defaults: <this dir>/probe  candle_probe  ./.carry/candle_probe
@@ -76,8 +78,28 @@ grep -oE '^pub unsafe fn cu[A-Za-z0-9_]+' "$CUDARC_DIR/src/driver/sys/mod.rs" | 
   awk '{print "int " $1 "(void) { return 34; } /* CUDA_ERROR_STUB_LIBRARY */"}' > "$WORK/libcuda_stub.c"
 gcc -shared -fPIC -O1 -Wl,-soname,libcuda.so.1 -o "$CUDA/lib/stubs/libcuda.so" "$WORK/libcuda_stub.c"
 
-# ---- 3. build ----
+# ---- 3. build (MODE=check: only type-check every target, for CI; nothing is written) ----
+if [ "${MODE:-build}" = check ]; then
+  cargo check ${CARGO_FLAGS:-} --all-targets --manifest-path "$CRATE_DIR/Cargo.toml"
+  echo "checked ${CARGO_FLAGS:-} in $(( $(date +%s) - T0 ))s"
+  exit 0
+fi
 cargo build --release ${CARGO_FLAGS:-} --manifest-path "$CRATE_DIR/Cargo.toml" --bin "$BIN_NAME"
+
+# ---- 3b. optionally the integration-test binary too (TEST_OUT=path) ----
+if [ -n "${TEST_OUT:-}" ]; then
+  TEST_EXE=$(cargo test --release ${CARGO_FLAGS:-} --manifest-path "$CRATE_DIR/Cargo.toml" \
+      --test integration --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "integration" and m.get("executable"):
+        print(m["executable"])')
+  [ -n "$TEST_EXE" ] || { echo "ERROR: no integration test binary"; exit 1; }
+  mkdir -p "$(dirname "$TEST_OUT")"
+  strip -o "$TEST_OUT" "$TEST_EXE"
+  echo "built $TEST_OUT ($(du -h "$TEST_OUT" | cut -f1))"
+fi
 
 # ---- 4. strip + copy + report ----
 mkdir -p "$(dirname "$OUT_FILE")"

@@ -284,11 +284,7 @@ impl Clip {
 
     /// Pixel values `(n, 3, H, W)` of images, preprocessed as the checkpoint says.
     pub fn pixel_values(&self, images: &[RgbImage]) -> Result<Tensor> {
-        let px = images
-            .iter()
-            .map(|i| self.processor.pixel_values(i, &self.device))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::stack(&px, 0)?)
+        self.processor.batch(images, &self.device)
     }
 
     /// Vision tower on pixel values: (last hidden state, pooled, projected embeddings).

@@ -201,11 +201,7 @@ impl Dino {
     }
 
     pub fn pixel_values(&self, images: &[RgbImage]) -> Result<Tensor> {
-        let px = images
-            .iter()
-            .map(|i| self.processor.pixel_values(i, &self.device))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::stack(&px, 0)?)
+        self.processor.batch(images, &self.device)
     }
 
     /// The last hidden state `(n, 1 + patches, D)` after the final layer norm.

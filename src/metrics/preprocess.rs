@@ -303,6 +303,15 @@ impl ImageProcessor {
         }
     }
 
+    /// `(n, 3, H, W)` pixel values of several images.
+    pub fn batch(&self, images: &[RgbImage], device: &Device) -> Result<Tensor> {
+        let px = images
+            .iter()
+            .map(|i| self.pixel_values(i, device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&px, 0)?)
+    }
+
     /// `(3, H, W)` pixel values: `float32(u8 * rescale)`, then `(x - mean) / std` in float32.
     pub fn pixel_values(&self, img: &RgbImage, device: &Device) -> Result<Tensor> {
         let img = self.resize_crop(img);

@@ -102,3 +102,16 @@ pub fn assert_close(actual: &Tensor, expected: &Tensor, tol: f32, what: &str) ->
 pub fn ids_tensor(ids: &Tensor) -> Tensor {
     ids.to_dtype(DType::U32).unwrap()
 }
+
+/// The bundled tiny CLIP and DINO, on the test device.
+pub fn tiny_scorers() -> (infusion::metrics::clip::Clip, infusion::metrics::dino::Dino) {
+    let clip = infusion::metrics::clip::Clip::load(
+        &repo().join("models/tiny-clip"),
+        &repo().join("models/tiny-sd/tokenizer"),
+        &device(),
+    )
+    .expect("the bundled tiny CLIP loads");
+    let dino = infusion::metrics::dino::Dino::load(&repo().join("models/tiny-dino"), &device())
+        .expect("the bundled tiny DINO loads");
+    (clip, dino)
+}

@@ -1,8 +1,6 @@
 //! Over-training curves on the tiny model: the metrics at each checkpoint, a CSV and a chart.
 
-use infusion::metrics::clip::Clip;
 use infusion::metrics::curves::{overtraining_curves, CurveOptions};
-use infusion::metrics::dino::Dino;
 use infusion::train::{load_images, TrainOptions};
 use infusion::Job;
 
@@ -11,13 +9,7 @@ use crate::common::{repo, tiny};
 #[test]
 fn curves_measure_every_checkpoint_and_draw_a_chart() {
     let sd = tiny();
-    let clip = Clip::load(
-        &repo().join("models/tiny-clip"),
-        &repo().join("models/tiny-sd/tokenizer"),
-        sd.device(),
-    )
-    .unwrap();
-    let dino = Dino::load(&repo().join("models/tiny-dino"), sd.device()).unwrap();
+    let (clip, dino) = crate::common::tiny_scorers();
     let images: Vec<_> = load_images(&repo().join("assets/example-concept"))
         .unwrap()
         .into_iter()

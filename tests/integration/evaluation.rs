@@ -2,8 +2,6 @@
 //! an uninterrupted one, and redoes nothing that was done.
 
 use candle_core::DType;
-use infusion::metrics::clip::Clip;
-use infusion::metrics::dino::Dino;
 use infusion::metrics::eval::{evaluate, EvalConcept, EvalOptions};
 use infusion::{Concept, Error, Job};
 
@@ -30,13 +28,7 @@ fn concept_file(dir: &std::path::Path, name: &str, seed: u64) -> std::path::Path
 #[test]
 fn an_interrupted_run_resumes_to_the_same_table() {
     let sd = tiny();
-    let clip = Clip::load(
-        &repo().join("models/tiny-clip"),
-        &repo().join("models/tiny-sd/tokenizer"),
-        sd.device(),
-    )
-    .unwrap();
-    let dino = Dino::load(&repo().join("models/tiny-dino"), sd.device()).unwrap();
+    let (clip, dino) = crate::common::tiny_scorers();
     let work = tempfile::tempdir().unwrap();
     let images = repo().join("assets/example-concept");
     let concepts = vec![

@@ -42,16 +42,11 @@ fn u8_of(t: &Tensor) -> Vec<u8> {
 }
 
 fn clip() -> Clip {
-    Clip::load(
-        &repo().join("models/tiny-clip"),
-        &repo().join("models/tiny-sd/tokenizer"),
-        &crate::common::device(),
-    )
-    .unwrap()
+    crate::common::tiny_scorers().0
 }
 
 fn dino() -> Dino {
-    Dino::load(&repo().join("models/tiny-dino"), &crate::common::device()).unwrap()
+    crate::common::tiny_scorers().1
 }
 
 #[test]

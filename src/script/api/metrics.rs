@@ -210,6 +210,25 @@ fn load_dino(session: &Session, path: Option<&str>) -> RhaiResult<DinoVal> {
     Ok(DinoVal(Arc::new(rt(Dino::load(&dir, &device(session)?))?)))
 }
 
+/// The `clip` and `dino` of an options map, or the bundled tiny ones.
+fn scorers(session: &Session, opts: &Map) -> RhaiResult<(ClipVal, DinoVal)> {
+    let clip = match opts
+        .get("clip")
+        .and_then(|c| c.clone().try_cast::<ClipVal>())
+    {
+        Some(c) => c,
+        None => load_clip(session, None)?,
+    };
+    let dino = match opts
+        .get("dino")
+        .and_then(|c| c.clone().try_cast::<DinoVal>())
+    {
+        Some(c) => c,
+        None => load_dino(session, None)?,
+    };
+    Ok((clip, dino))
+}
+
 fn run_eval(session: &Session, model: &Model, opts: &Map) -> RhaiResult<Map> {
     let o = Opts::new(
         opts,
@@ -243,20 +262,7 @@ fn run_eval(session: &Session, model: &Model, opts: &Map) -> RhaiResult<Map> {
             })
         })
         .collect::<RhaiResult<Vec<_>>>()?;
-    let clip = match opts
-        .get("clip")
-        .and_then(|c| c.clone().try_cast::<ClipVal>())
-    {
-        Some(c) => c,
-        None => load_clip(session, None)?,
-    };
-    let dino = match opts
-        .get("dino")
-        .and_then(|c| c.clone().try_cast::<DinoVal>())
-    {
-        Some(c) => c,
-        None => load_dino(session, None)?,
-    };
+    let (clip, dino) = scorers(session, opts)?;
     let eo = EvalOptions {
         prompts: o.strings("prompts")?.unwrap_or(d.prompts),
         images_per_prompt: o.usize("n")?.unwrap_or(d.images_per_prompt),
@@ -349,20 +355,7 @@ fn run_curves(
         guidance: o.float("guidance")?.unwrap_or(d.guidance),
         out_dir: o.string("out")?.map(PathBuf::from).unwrap_or(d.out_dir),
     };
-    let clip = match opts
-        .get("clip")
-        .and_then(|c| c.clone().try_cast::<ClipVal>())
-    {
-        Some(c) => c,
-        None => load_clip(session, None)?,
-    };
-    let dino = match opts
-        .get("dino")
-        .and_then(|c| c.clone().try_cast::<DinoVal>())
-    {
-        Some(c) => c,
-        None => load_dino(session, None)?,
-    };
+    let (clip, dino) = scorers(session, opts)?;
     let images: Vec<_> = rt(load_images(Path::new(folder)))?
         .into_iter()
         .map(|(_, i)| i)

@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""Ratios of our benchmark (infusion-repl bench --json) to the diffusers baseline
+(shared/bench/diffusers_baseline.py --json) measured in the same device call, against the
+targets of the CUDA issue. Prints a markdown table."""
+import json
+import sys
+
+
+def main(ours_path, theirs_path):
+    ours = {r["name"]: r for r in json.load(open(ours_path))["rows"]}
+    theirs = json.load(open(theirs_path))
+    t2i = theirs["txt2img"]
+    train = theirs["train_step"]["per_layer"]
+    rows = [
+        ("UNet forward, batch 2", ours["unet forward, batch 2"], theirs["unet_forward"]["batch2"], None),
+        ("UNet forward, batch 4", ours["unet forward, batch 4"], theirs["unet_forward"]["batch4"], None),
+        ("text-to-image, 50 steps", ours["text-to-image, per image"], t2i, 0.8),
+        ("Infusion pair vs diffusers' plain image", ours["infusion pair (base+custom)"], t2i, 1.3),
+        ("training step, batch 4", ours["training step, batch 4"], train, 1.0),
+    ]
+    print("| measurement | ours (s) | diffusers (s) | ratio | target | met | peak ours / diffusers (GiB) |")
+    print("|---|---:|---:|---:|---:|---|---|")
+    gib = 1024 ** 3
+    for name, o, t, target in rows:
+        ratio = o["seconds"] / t["median_s"]
+        met = "" if target is None else ("yes" if ratio <= target else "no")
+        po = o.get("peak_memory_bytes")
+        pt = t.get("peak_mem_bytes")
+        peak = f"{po / gib:.2f} / {pt / gib:.2f}" if po and pt else "-"
+        tgt = "" if target is None else f"<= {target}"
+        print(f"| {name} | {o['seconds']:.4f} | {t['median_s']:.4f} | {ratio:.2f} | {tgt} | {met} | {peak} |")
+    po = ours["text-to-image, per image"].get("peak_memory_bytes")
+    pt = t2i.get("peak_mem_bytes")
+    if po and pt:
+        print(f"\nPeak memory of generation: {po / gib:.2f} GiB vs {pt / gib:.2f} GiB "
+              f"(target: no higher) -> {'met' if po <= pt else 'not met'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
