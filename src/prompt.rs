@@ -29,11 +29,6 @@ impl ParsedPrompt {
     pub fn has_concepts(&self) -> bool {
         !self.marks.is_empty()
     }
-
-    /// The prompt as the user wrote it, without the `<` `>` marks (for CLIP-T).
-    pub fn plain(&self) -> &str {
-        &self.base
-    }
 }
 
 fn is_name_char(c: char) -> bool {

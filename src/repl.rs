@@ -317,13 +317,18 @@ impl Repl {
             }
         };
         self.ast += new;
-        let result = self
-            .engine
-            .eval_ast_with_scope::<Dynamic>(&mut self.scope, &self.ast);
+        // A bug that panics in a bound function must not end the session.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.engine
+                .eval_ast_with_scope::<Dynamic>(&mut self.scope, &self.ast)
+        }));
         self.ast.clear_statements();
         match result {
-            Ok(v) => print_value(&self.session, &v),
-            Err(e) => print_error(input, &e),
+            Ok(Ok(v)) => print_value(&self.session, &v),
+            Ok(Err(e)) => print_error(input, &e),
+            Err(_) => {
+                eprintln!("error: internal error (a bug: please report it); the session goes on")
+            }
         }
         self.session.job.reset();
     }

@@ -81,7 +81,8 @@ fn ctrl_c_during_training_returns_to_the_prompt_with_the_deltas_kept() {
     p.exp_string("model ready").unwrap();
     p.send_line("let c = m.train_concept(\"imgs\", \"pot\", \"teapot\", #{steps: 1000000});")
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(4));
+    // The progress bar shows the loss once a step is done: then interrupt.
+    p.exp_regex("loss [0-9]").unwrap();
     p.send_control('c').unwrap();
     p.exp_string("stopped at step").unwrap();
     p.exp_string("infusion> ").unwrap();
