@@ -69,7 +69,8 @@ pub fn show(session: &Session, img: &Img) -> RhaiResult<()> {
         return Ok(());
     }
     let (cols, _) = terminal_columns();
-    let width = (img.rgb.width() / 8).clamp(8, cols.saturating_sub(2).max(8));
+    // About 4 pixels per cell, at least 24 cells wide (tiny images), at most the terminal.
+    let width = (img.rgb.width() / 4).clamp(24, cols.saturating_sub(2).max(24));
     let conf = viuer::Config {
         absolute_offset: false,
         width: Some(width),
