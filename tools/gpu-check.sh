@@ -12,8 +12,11 @@ OUT=${OUT:-gpu-check-out}
 mkdir -p "$OUT"
 L=$(dirname "$(find / -name 'libcublas.so.13*' -not -path '*/proc/*' 2>/dev/null | head -1)")
 export LD_LIBRARY_PATH=$L:${LD_LIBRARY_PATH:-}
-gunzip -kf .carry/infusion-repl.gz .carry/integration.gz
-chmod +x .carry/infusion-repl .carry/integration
+for f in infusion-repl integration; do   # python's lzma: no xz binary needed there
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    ".carry/$f.xz" ".carry/$f"
+  chmod +x ".carry/$f"
+done
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; } | tee "$OUT/device.txt"
 
 echo "== 1. parity on CUDA, f32 (+ f16/bf16 vs f32)"

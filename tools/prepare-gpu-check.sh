@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepares what tools/gpu-check.sh needs on the GPU machine (which has no Rust toolchain and no
 # network), in the git-ignored folders .carry/ and .whl/ of the checkout:
-#   .carry/infusion-repl.gz     the CUDA build of the binary (release, stripped, gzipped)
-#   .carry/integration.gz       the CUDA build of the integration tests
+#   .carry/infusion-repl.xz     the CUDA build of the binary (release, stripped, xz: the carry
+#   .carry/integration.xz       limit is 64 MiB) and of the integration tests
 #   .carry/diffusers_baseline.py  the PyTorch/diffusers baseline (../shared/bench)
 #   .whl/diffusers-*.whl        diffusers 0.42.1, not installed on the GPU machine
 # Then, with the device tool:  run(command="bash tools/gpu-check.sh", carry=[".carry", ".whl"])
@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 mkdir -p .carry .whl
 CARGO_FLAGS="--features cuda" TEST_OUT=.carry/integration bash tools/cuda-build.sh . infusion-repl .carry/infusion-repl
-gzip -f .carry/infusion-repl .carry/integration
+rm -f .carry/*.gz
+xz -9 -T0 -f .carry/infusion-repl .carry/integration
 cp "$SHARED/bench/diffusers_baseline.py" .carry/
 ls .whl/diffusers-0.42.1-*.whl >/dev/null 2>&1 ||
   python3 -m pip download -q --no-deps diffusers==0.42.1 -d .whl
