@@ -112,17 +112,19 @@ fn pixel_values_match() {
     }
 }
 
+/// The reference's pixel values of the three images, `(3, 3, 224, 224)`.
+fn stored_pixels(r: &std::collections::HashMap<String, Tensor>, model: &str) -> Tensor {
+    let each: Vec<Tensor> = (0..3)
+        .map(|k| get(r, &format!("{model}.pixel_values.{k}")).clone())
+        .collect();
+    Tensor::cat(&each, 0).unwrap()
+}
+
 #[test]
 fn clip_embeddings_and_scores_match() {
     let r = reference("metrics.safetensors");
     let c = clip();
-    let px = Tensor::cat(
-        &(0..3)
-            .map(|k| get(&r, &format!("clip.pixel_values.{k}")).clone())
-            .collect::<Vec<_>>(),
-        0,
-    )
-    .unwrap();
+    let px = stored_pixels(&r, "clip");
     let (last, pooled, img) = c.vision_forward(&px).unwrap();
     assert_close(
         &last,
@@ -184,13 +186,7 @@ fn clip_embeddings_and_scores_match() {
 fn dino_embeddings_and_scores_match() {
     let r = reference("metrics.safetensors");
     let d = dino();
-    let px = Tensor::cat(
-        &(0..3)
-            .map(|k| get(&r, &format!("dino.pixel_values.{k}")).clone())
-            .collect::<Vec<_>>(),
-        0,
-    )
-    .unwrap();
+    let px = stored_pixels(&r, "dino");
     let last = d.forward(&px).unwrap();
     assert_close(
         &last,
