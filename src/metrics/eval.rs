@@ -237,6 +237,7 @@ pub fn evaluate(
             save_png(&img, &dir.join(&rel), &g.png_text())?;
             let images = std::slice::from_ref(&img);
             let mean = |t: Tensor| -> Result<f64> { Ok(t.mean_all()?.to_scalar::<f32>()? as f64) };
+            let embeds = clip.image_embeds(images)?;
             let row = EvalRow {
                 concept: name.clone(),
                 prompt_index: p,
@@ -245,10 +246,10 @@ pub fn evaluate(
                 prompt: prompt.clone(),
                 image: rel,
                 clip_t: mean(cosine_matrix(
-                    &clip.image_embeds(images)?,
+                    &embeds,
                     &clip.text_embeds(&[&g.parsed.base])?,
                 )?)?,
-                clip_i: mean(cosine_matrix(&clip.image_embeds(images)?, &ref_clip)?)?,
+                clip_i: mean(cosine_matrix(&embeds, &ref_clip)?)?,
                 dino_i: mean(cosine_matrix(&dino.embeds(images)?, &ref_dino)?)?,
             };
             rows.push(row.clone());

@@ -173,9 +173,8 @@ fn eps(
                 .zip(&tokens)
                 .map(|(p, tok)| place_concepts(set, p, tok))
                 .collect::<Result<Vec<_>>>()?;
-            let plain = sd.unet.forward(&z, &t, &ctx, None)?;
             if placements.iter().all(|p| p.is_empty()) {
-                plain
+                sd.unet.forward(&z, &t, &ctx, None)?
             } else {
                 let edits: Vec<RowEdit<'_>> = placements
                     .iter()
@@ -185,7 +184,8 @@ fn eps(
                             .collect()
                     })
                     .collect();
-                let (_, custom) = infusion_eps(sd, &z, &ts, &ctx, &edits)?;
+                // F's pass (which gives C its maps) is the plain prediction.
+                let (plain, custom) = infusion_eps(sd, &z, &ts, &ctx, &edits)?;
                 // Rows without concepts keep the plain prediction, exactly.
                 let rows = placements
                     .iter()
