@@ -14,7 +14,7 @@ use crate::infusion::{generate_infusion, ConceptSet, InfusionOptions};
 use crate::job::Job;
 use crate::pipeline::{load_noise, GenerateOptions, LoadOptions, ModelConfigs, StableDiffusion};
 use crate::script::{ScriptConfig, Session};
-use crate::train::{load_images, TrainOptions, Trainer};
+use crate::train::{image_count_warning, load_image_set, TrainOptions, Trainer};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -306,16 +306,9 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
 
 fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job) -> Result<()> {
     let sd = load_model(global)?;
-    let images: Vec<_> = load_images(&args.folder)?
-        .into_iter()
-        .map(|(_, i)| i)
-        .collect();
-    if !(3..=20).contains(&images.len()) {
-        eprintln!(
-            "warning: {} images in {}: Infusion is meant for 3-20",
-            images.len(),
-            args.folder.display()
-        );
+    let images: Vec<_> = load_image_set(&args.folder)?;
+    if let Some(w) = image_count_warning(images.len(), &args.folder) {
+        eprintln!("warning: {w}");
     }
     let out = args
         .out

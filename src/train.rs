@@ -144,6 +144,21 @@ pub fn load_images(folder: &Path) -> Result<Vec<(PathBuf, RgbImage)>> {
         .collect()
 }
 
+/// The images of a folder, as [`load_images`] reads them, without their paths.
+pub fn load_image_set(folder: &Path) -> Result<Vec<RgbImage>> {
+    Ok(load_images(folder)?.into_iter().map(|(_, i)| i).collect())
+}
+
+/// A warning when a folder holds a number of training images Infusion is not meant for.
+pub fn image_count_warning(n: usize, folder: &Path) -> Option<String> {
+    (!(3..=20).contains(&n)).then(|| {
+        format!(
+            "{n} images in {}: Infusion is meant for 3-20",
+            folder.display()
+        )
+    })
+}
+
 fn to_rgb_over_white(img: &image::DynamicImage) -> RgbImage {
     if !img.color().has_alpha() {
         return img.to_rgb8();

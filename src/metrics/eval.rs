@@ -18,7 +18,7 @@ use crate::image_io::{save_png, tensor_to_rgb, write_atomic};
 use crate::infusion::{generate_infusion, ConceptSet, InfusionOptions};
 use crate::job::Job;
 use crate::pipeline::{GenerateOptions, StableDiffusion};
-use crate::train::load_images;
+use crate::train::load_image_set;
 
 /// A concept to evaluate: its file and the folder of its training images.
 #[derive(Debug, Clone)]
@@ -208,10 +208,7 @@ pub fn evaluate(
         if todo.is_empty() {
             continue;
         }
-        let refs: Vec<_> = load_images(&ec.images)?
-            .into_iter()
-            .map(|(_, i)| i)
-            .collect();
+        let refs: Vec<_> = load_image_set(&ec.images)?;
         let ref_clip = clip.image_embeds(&refs)?;
         let ref_dino = dino.embeds(&refs)?;
         let mut set = ConceptSet::new();

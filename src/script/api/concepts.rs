@@ -11,7 +11,7 @@ use super::model::Model;
 use super::{json_to_dynamic, volatile};
 use crate::concept::Concept;
 use crate::script::{err, rt, Opts, RhaiResult, Session};
-use crate::train::{load_images, TrainOptions, Trainer};
+use crate::train::{image_count_warning, load_image_set, TrainOptions, Trainer};
 
 /// A concept value (cheap to clone).
 #[derive(Debug, Clone)]
@@ -82,15 +82,9 @@ fn train(
         checkpoint_dir,
         weight_decay: d.weight_decay,
     };
-    let images: Vec<_> = rt(load_images(Path::new(folder)))?
-        .into_iter()
-        .map(|(_, i)| i)
-        .collect();
-    if !(3..=20).contains(&images.len()) {
-        eprintln!(
-            "warning: {} images in {folder}: Infusion is meant for 3-20",
-            images.len()
-        );
+    let images: Vec<_> = rt(load_image_set(Path::new(folder)))?;
+    if let Some(w) = image_count_warning(images.len(), Path::new(folder)) {
+        eprintln!("warning: {w}");
     }
     let mut trainer = rt(Trainer::new(&model.sd, name, word, &images, topts))?;
     session.job.reset();

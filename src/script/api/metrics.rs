@@ -23,7 +23,7 @@ use crate::metrics::fisher::{fisher_divergence, unet_from_file, FisherOptions, V
 use crate::metrics::scores;
 use crate::metrics::w2::wasserstein;
 use crate::script::{err, rt, Opts, RhaiResult, Session};
-use crate::train::{load_images, TrainOptions};
+use crate::train::{load_image_set, TrainOptions};
 
 /// A loaded CLIP model (cheap to clone).
 #[derive(Clone)]
@@ -41,10 +41,7 @@ fn device(session: &Session) -> RhaiResult<candle_core::Device> {
 fn images_arg(v: Dynamic, what: &str) -> RhaiResult<Vec<RgbImage>> {
     if v.is_string() {
         let folder = v.to_string();
-        return Ok(rt(load_images(Path::new(&folder)))?
-            .into_iter()
-            .map(|(_, i)| i)
-            .collect());
+        return rt(load_image_set(Path::new(&folder)));
     }
     let arr = v.into_array().map_err(|t| {
         err(format!(
@@ -121,10 +118,7 @@ fn fisher(
         seed: o.int("seed")?.map(|s| s as u64).unwrap_or(d.seed),
         batch: o.usize("batch")?.unwrap_or(d.batch),
         images: match o.string("images")? {
-            Some(folder) => rt(load_images(Path::new(&folder)))?
-                .into_iter()
-                .map(|(_, i)| i)
-                .collect(),
+            Some(folder) => rt(load_image_set(Path::new(&folder)))?,
             None => vec![],
         },
         gen_steps: o.usize("gen_steps")?.unwrap_or(d.gen_steps),
@@ -356,10 +350,7 @@ fn run_curves(
         out_dir: o.string("out")?.map(PathBuf::from).unwrap_or(d.out_dir),
     };
     let (clip, dino) = scorers(session, opts)?;
-    let images: Vec<_> = rt(load_images(Path::new(folder)))?
-        .into_iter()
-        .map(|(_, i)| i)
-        .collect();
+    let images: Vec<_> = rt(load_image_set(Path::new(folder)))?;
     session.job.reset();
     let c = rt(overtraining_curves(
         &model.sd,
