@@ -16,48 +16,57 @@ fn spawn(dir: &std::path::Path) -> PtySession {
     spawn_command(cmd, Some(120_000)).expect("the REPL starts in a pty")
 }
 
+/// Types `line` at a fresh prompt. The line editor discards input typed while a command runs,
+/// so every command first waits for the next `infusion> `. Callers expect output text that the
+/// echo of the typed line cannot contain (e.g. `print("model " + "ready")`), or a match could
+/// land on the echo and the next prompt would be taken too early.
+fn command(p: &mut PtySession, line: &str) {
+    p.exp_string("infusion> ").unwrap();
+    p.send_line(line).unwrap();
+}
+
 #[test]
 fn a_session_with_functions_help_and_errors() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = spawn(dir.path());
-    p.exp_string("infusion> ").unwrap();
-    // A function typed over three lines: the open brace continues the input.
-    p.send_line("fn sq(x) {").unwrap();
+    // A function typed over three lines: the open brace continues the input (one prompt).
+    command(&mut p, "fn sq(x) {");
     p.send_line("  x * x").unwrap();
-    p.send_line("} print(\"sq defined\");").unwrap();
+    p.send_line("} print(\"sq \" + \"defined\");").unwrap();
     p.exp_string("sq defined").unwrap();
-    p.send_line("print(sq(7) + 1000);").unwrap();
+    command(&mut p, "print(sq(7) + 1000);");
     p.exp_string("1049").unwrap();
-    p.send_line(":help generate").unwrap();
+    command(&mut p, ":help generate");
     p.exp_string("Generates the base image").unwrap();
     p.exp_string("Example:").unwrap();
-    p.send_line("nosuchfn(1);").unwrap();
+    command(&mut p, "nosuchfn(1);");
     p.exp_string("^ Function not found: nosuchfn").unwrap();
     // Still alive, and sq is still defined.
-    p.send_line("print(`ok ${sq(3)}`);").unwrap();
+    command(&mut p, "print(`ok ${sq(3)}`);");
     p.exp_string("ok 9").unwrap();
-    p.send_line("let m = load_model(); let g = m.generate(\"a cat\", #{steps: 2, stepz: 1});")
-        .unwrap();
+    command(
+        &mut p,
+        "let m = load_model(); let g = m.generate(\"a cat\", #{steps: 2, stepz: 1});",
+    );
     p.exp_string("unknown option `stepz`").unwrap();
-    p.send_line("let g = m.generate(\"a cat\", #{steps: 2}); g.custom")
-        .unwrap();
+    command(
+        &mut p,
+        "let g = m.generate(\"a cat\", #{steps: 2}); g.custom",
+    );
     p.exp_regex("infusion-out/show-[0-9]+-[0-9]+\\.png")
         .unwrap();
-    // Type only at a fresh prompt: the line editor drops input typed while a command runs.
-    p.exp_string("infusion> ").unwrap();
     std::fs::write(
         dir.path().join("lib.rhai"),
         "fn triple(x) { 3 * x }\nlet loaded = true;\nprint(\"lib ready\");\n",
     )
     .unwrap();
-    p.send_line(":load lib.rhai").unwrap();
+    command(&mut p, ":load lib.rhai");
     p.exp_string("lib ready").unwrap();
-    p.exp_string("infusion> ").unwrap();
-    p.send_line("print(`t=${triple(14)} ${loaded}`);").unwrap();
+    command(&mut p, "print(`t=${triple(14)} ${loaded}`);");
     p.exp_string("t=42 true").unwrap();
-    p.send_line(":scope").unwrap();
+    command(&mut p, ":scope");
     p.exp_string("let g: Generation").unwrap();
-    p.send_line(":quit").unwrap();
+    command(&mut p, ":quit");
     p.exp_eof().unwrap();
     assert!(dir.path().join("data/infusion-repl/history.txt").is_file());
 }
@@ -75,26 +84,33 @@ fn ctrl_c_during_training_returns_to_the_prompt_with_the_deltas_kept() {
         .unwrap();
     }
     let mut p = spawn(dir.path());
-    p.exp_string("infusion> ").unwrap();
-    p.send_line("let m = load_model(); print(\"model ready\");")
-        .unwrap();
+    command(
+        &mut p,
+        "let m = load_model(); print(\"model \" + \"ready\");",
+    );
     p.exp_string("model ready").unwrap();
-    p.send_line("let c = m.train_concept(\"imgs\", \"pot\", \"teapot\", #{steps: 1000000});")
-        .unwrap();
+    command(
+        &mut p,
+        "let c = m.train_concept(\"imgs\", \"pot\", \"teapot\", #{steps: 1000000});",
+    );
     // The progress bar shows the loss once a step is done: then interrupt.
     p.exp_regex("loss [0-9]").unwrap();
     p.send_control('c').unwrap();
     p.exp_string("stopped at step").unwrap();
-    p.exp_string("infusion> ").unwrap();
-    p.send_line("print(`steps ${c.steps} concepts ${concepts().len()}`);")
-        .unwrap();
+    command(
+        &mut p,
+        "print(`steps ${c.steps} concepts ${concepts().len()}`);",
+    );
     let (_, line) = p.exp_regex("steps [0-9]+ concepts 1").unwrap();
     let steps: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!((1..1_000_000).contains(&steps), "{line}");
     // The session goes on: a generation with the concept works.
-    p.send_line("let g = m.generate(\"a <pot>\", #{steps: 2}); print(g.concepts);")
-        .unwrap();
+    command(
+        &mut p,
+        "let g = m.generate(\"a <pot>\", #{steps: 2}); print(g.concepts);",
+    );
     p.exp_string("[\"pot\"]").unwrap();
+    p.exp_string("infusion> ").unwrap();
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();
 }
