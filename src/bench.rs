@@ -51,6 +51,10 @@ pub struct BenchReport {
     pub model: String,
     pub device: String,
     pub dtype: String,
+    /// The attention implementation (`naive` or `fused`).
+    pub attention: String,
+    /// `cudnn` when the binary was built with the `cudnn` feature, else `im2col` (candle's).
+    pub convolutions: String,
     pub image_size: usize,
     pub steps: usize,
     pub rows: Vec<BenchRow>,
@@ -60,10 +64,12 @@ impl BenchReport {
     /// A plain-text table.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "{} on {} ({}), {}x{} images, {} steps\n{:<28} {:>12} {:>8} {:>10}  {}\n",
+            "{} on {} ({}, {} attention, {} convolutions), {}x{} images, {} steps\n{:<28} {:>12} {:>8} {:>10}  {}\n",
             self.model,
             self.device,
             self.dtype,
+            self.attention,
+            self.convolutions,
             self.image_size,
             self.image_size,
             self.steps,
@@ -233,6 +239,13 @@ pub fn run(
         model: model.to_string(),
         device: format!("{dev:?}"),
         dtype: format!("{:?}", sd.dtype()).to_lowercase(),
+        attention: crate::fused_attention::attention_kernel().to_string(),
+        convolutions: if cfg!(feature = "cudnn") {
+            "cudnn"
+        } else {
+            "im2col"
+        }
+        .into(),
         image_size: size,
         steps: opts.steps,
         rows,

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::attention_maps::AttentionMaps;
 use crate::bench::BenchOptions;
 use crate::error::{Error, Result};
+use crate::fused_attention::{set_attention_kernel, AttentionKernel};
 use crate::infusion::{generate_infusion, ConceptSet, InfusionOptions};
 use crate::job::Job;
 use crate::pipeline::{load_noise, GenerateOptions, LoadOptions, ModelConfigs, StableDiffusion};
@@ -53,7 +54,10 @@ fn first_positional(args: &[OsString]) -> Option<usize> {
             return (i + 1 < args.len()).then_some(i + 1);
         }
         if a.starts_with('-') {
-            if matches!(a.as_ref(), "--model" | "--device" | "--dtype") {
+            if matches!(
+                a.as_ref(),
+                "--model" | "--device" | "--dtype" | "--attention"
+            ) {
                 i += 1;
             }
             i += 1;
@@ -78,6 +82,15 @@ struct GlobalArgs {
     /// Never draw images in the terminal: print the saved file's path.
     #[arg(long, global = true)]
     no_images: bool,
+    /// naive (matmul, softmax, matmul) or fused (no score matrix; used where no probabilities
+    /// are asked for and nothing trains through the layer).
+    #[arg(
+        long,
+        global = true,
+        env = "INFUSION_ATTENTION",
+        default_value = "naive"
+    )]
+    attention: AttentionKernel,
 }
 
 #[derive(Debug, Subcommand)]
@@ -434,6 +447,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             };
         }
     };
+    set_attention_kernel(global.attention);
     let session = Session::new(ScriptConfig {
         model: global.model.clone(),
         device: global.device.clone(),

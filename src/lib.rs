@@ -12,6 +12,7 @@ pub mod concept;
 pub mod config;
 pub mod device_mem;
 mod error;
+pub mod fused_attention;
 pub mod hub;
 pub mod image_io;
 pub mod infusion;

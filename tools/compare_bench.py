@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
 """Ratios of our benchmark (infusion-repl bench --json) to the diffusers baseline
 (shared/bench/diffusers_baseline.py --json) measured in the same device call, against the
-targets of the CUDA issue. Prints a markdown table."""
+targets of the CUDA issue. Prints a markdown table per variant of ours (attention kernel,
+convolutions).
+
+usage: compare_bench.py DIFFUSERS.json OURS.json [OURS.json ...]"""
 import json
 import sys
 
 
-def main(ours_path, theirs_path):
-    ours = {r["name"]: r for r in json.load(open(ours_path))["rows"]}
-    theirs = json.load(open(theirs_path))
+def table(ours_path, theirs):
+    report = json.load(open(ours_path))
+    ours = {r["name"]: r for r in report["rows"]}
+    print(f"\n### ours: {report.get('attention', 'naive')} attention, "
+          f"{report.get('convolutions', 'im2col')} convolutions ({ours_path})\n")
     t2i = theirs["txt2img"]
     train = theirs["train_step"]["per_layer"]
     rows = [
@@ -36,5 +41,13 @@ def main(ours_path, theirs_path):
               f"(target: no higher) -> {'met' if po <= pt else 'not met'}")
 
 
+def main(theirs_path, ours_paths):
+    theirs = json.load(open(theirs_path))
+    for path in ours_paths:
+        table(path, theirs)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main(sys.argv[1], sys.argv[2:])

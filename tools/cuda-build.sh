@@ -60,6 +60,23 @@ EOF
   done
 fi
 
+# ---- 1b. cuDNN (only with the `cudnn` feature): the link needs libcudnn.so. Only the loader
+# library is kept (125 KB; it dlopens the engine libraries at run time, which the GPU machine's
+# PyTorch install has). cuDNN 9.13 is the first release built for CUDA 13; any 9.x loads.
+if [[ "${CARGO_FLAGS:-}" == *cudnn* ]] && [ "${MODE:-build}" != check ] && [ ! -e "$CUDA/lib/libcudnn.so" ]; then
+  echo 'nvidia-cudnn-cu13==9.13.0.50 --hash=sha256:2150b4850725d30653ec3e365f0732e3e2e3eb8633cf3bd2d3117628dea8b4f9' \
+    > "$WORK/cudnn-wheel.txt"
+  python3 -m pip download -q --no-deps --only-binary=:all: --require-hashes \
+      --platform manylinux_2_27_x86_64 --python-version 3.12 -r "$WORK/cudnn-wheel.txt" -d "$WHEELS"
+  python3 - "$WHEELS"/nvidia_cudnn_cu13-9.13.0.50-*.whl "$CUDA/lib" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("nvidia/cudnn/lib/libcudnn.so.9") as src, \
+        open(sys.argv[2] + "/libcudnn.so.9", "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+  ln -sfn libcudnn.so.9 "$CUDA/lib/libcudnn.so"
+fi
+
 export CUDA_HOME=$CUDA                 # cudarc build.rs: link-search $CUDA_HOME/lib{,64}{,/stubs}
 export PATH=$CUDA/bin:$PATH            # cudaforge + cudarc run `nvcc` (--version, --ptx, -c)
 export CUDA_COMPUTE_CAP=90             # no nvidia-smi here; cudaforge turns 90 into sm_90a

@@ -17,6 +17,18 @@ pub const FUNCTIONS: &[FnDoc] = &[
         example: "let m = load_model(\"stable-diffusion-v1-5/stable-diffusion-v1-5\", #{device: \"cuda\", dtype: \"f16\"});",
     },
     FnDoc {
+        name: "set_attention_kernel",
+        signatures: &["set_attention_kernel(name)"],
+        doc: "Chooses how attention runs from now on in this session, for every model: \"naive\" (matmul, softmax, matmul; the default) or \"fused\" (no score matrix in memory: a tensor-core kernel on CUDA in f16/bf16, a tiled loop on the CPU). Layers whose maps are captured and layers that training differentiates through stay naive. Same as --attention on the command line.",
+        example: "set_attention_kernel(\"fused\"); let g = m.generate(\"a cat\", #{maps: false});",
+    },
+    FnDoc {
+        name: "attention_kernel",
+        signatures: &["attention_kernel() -> string"],
+        doc: "The attention implementation in use: \"naive\" or \"fused\" (see set_attention_kernel).",
+        example: "print(attention_kernel());",
+    },
+    FnDoc {
         name: "generate",
         signatures: &["model.generate(prompt) -> Generation", "model.generate(prompt, #{seed, steps, guidance, negative, width, height, noise, replace_steps, maps}) -> Generation"],
         doc: "Generates the base image (plain SD) and the customized image (Infusion) from the same noise. <name> in the prompt marks a loaded concept. Defaults: seed 0, 50 DDIM steps, guidance 8, the model's size. noise is a safetensors file whose tensor `noise` is the initial latent; replace_steps the fraction of steps in which C uses F's attention maps; maps \"light\" (default: 16x16 maps, averaged), \"all\" (every layer and step) or false. Ctrl-C cancels.",

@@ -228,12 +228,15 @@ fn train_then_generate_with_the_concept() {
 }
 
 /// The benchmark as a smoke run (nothing timed is asserted): every measurement is there, with
-/// positive times and the ratios against its baselines.
+/// positive times and the ratios against its baselines, and the implementations it ran with
+/// (the fused attention here, so the smoke run covers that path too).
 #[test]
 fn bench_smoke_run_reports_every_measurement() {
     let dir = tempfile::tempdir().unwrap();
     let o = run(
         &[
+            "--attention",
+            "fused",
             "bench",
             "--steps",
             "2",
@@ -248,8 +251,13 @@ fn bench_smoke_run_reports_every_measurement() {
     assert!(o.status.success(), "{}", stderr(&o));
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(table.contains("infusion pair"), "{table}");
+    assert!(
+        table.contains("fused attention, im2col convolutions"),
+        "{table}"
+    );
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("b.json")).unwrap()).unwrap();
+    assert_eq!(json["attention"], "fused");
     let rows = json["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 5);
     for r in rows {

@@ -8,7 +8,7 @@ use infusion::{GenerateOptions, Job, LoadOptions, StableDiffusion};
 
 use crate::common::{assert_close, device, get, max_abs, reference, tiny_model_dir};
 
-fn load(dtype: DType) -> infusion::Result<StableDiffusion> {
+pub(crate) fn load(dtype: DType) -> infusion::Result<StableDiffusion> {
     StableDiffusion::load_dir(
         &tiny_model_dir(),
         &LoadOptions {
@@ -18,7 +18,7 @@ fn load(dtype: DType) -> infusion::Result<StableDiffusion> {
     )
 }
 
-fn check_close_to_reference(dtype: DType, tol: f32) {
+pub(crate) fn check_close_to_reference(dtype: DType, tol: f32) {
     let sd = load(dtype).unwrap();
     assert_eq!(sd.dtype(), dtype);
     assert_eq!(

@@ -10,7 +10,7 @@ use infusion::{generate_infusion, Concept, ConceptSet, InfusionOptions, Job, Str
 
 use crate::common::{assert_close, get, max_abs, reference, tiny};
 
-fn concept(name: &str, word: &str, prefix: &str, scale: f64) -> Concept {
+pub(crate) fn concept(name: &str, word: &str, prefix: &str, scale: f64) -> Concept {
     let r = reference("infusion.safetensors");
     let layers = tiny().unet.attention_layers();
     let mut c = Concept::zeros(name, word, layers.iter().copied(), None).unwrap();
@@ -29,7 +29,7 @@ fn concept(name: &str, word: &str, prefix: &str, scale: f64) -> Concept {
     c
 }
 
-fn set(concepts: Vec<Concept>) -> ConceptSet {
+pub(crate) fn set(concepts: Vec<Concept>) -> ConceptSet {
     let mut s = ConceptSet::new();
     for c in concepts {
         s.insert(c);
@@ -37,7 +37,7 @@ fn set(concepts: Vec<Concept>) -> ConceptSet {
     s
 }
 
-fn options(replace_steps: f64) -> InfusionOptions {
+pub(crate) fn options(replace_steps: f64) -> InfusionOptions {
     let r = reference("infusion.safetensors");
     let mut o = InfusionOptions::default();
     o.generate.steps = 5;

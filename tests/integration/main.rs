@@ -9,6 +9,7 @@ mod curves;
 mod dtype;
 mod evaluation;
 mod fisher;
+mod fused;
 mod infusion;
 mod loading;
 mod metrics;

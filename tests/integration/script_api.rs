@@ -63,3 +63,42 @@ fn scores_and_distances_from_scripts() {
     assert_eq!(m["dshape"].to_string(), "[3, 32]");
     assert_eq!(f("f0"), 0.0, "a model against itself");
 }
+
+/// `set_attention_kernel` switches this session's thread to the fused op (the generation then
+/// runs through it), names the choices when the name is wrong, and leaves other threads alone.
+#[test]
+fn attention_kernel_is_chosen_from_scripts() {
+    use infusion::fused_attention::{attention_kernel, fused_calls_on_this_thread};
+    // The process-wide choice (naive unless INFUSION_ATTENTION says otherwise).
+    let default = attention_kernel().to_string();
+    let other = std::thread::spawn(|| eval("attention_kernel()").into_string().unwrap());
+    let default2 = default.clone();
+    std::thread::spawn(move || {
+        let before = fused_calls_on_this_thread();
+        let v = eval(
+            r#"
+            let was = attention_kernel();
+            set_attention_kernel("fused");
+            let m = load_model();
+            m.generate("a cat", #{steps: 1, maps: false});
+            [was, attention_kernel()]
+            "#,
+        );
+        let v: Vec<String> = v
+            .cast::<rhai::Array>()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert_eq!(v, [default2.as_str(), "fused"]);
+        assert!(fused_calls_on_this_thread() > before);
+        let session = Session::new(ScriptConfig::default());
+        let e = build_engine(&session)
+            .eval::<Dynamic>("set_attention_kernel(\"flash\")")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("naive or fused"), "{e}");
+    })
+    .join()
+    .unwrap();
+    assert_eq!(other.join().unwrap(), default);
+}

@@ -13,6 +13,11 @@ use crate::common::{assert_close, get, max_abs, reference, tiny};
 
 #[test]
 fn loss_and_gradients_match_reference() {
+    check_loss_and_gradients();
+}
+
+/// The Infusion loss and the Δ gradients on the tiny model against the reference.
+pub(crate) fn check_loss_and_gradients() {
     let r = reference("train_grad.safetensors");
     let sd = tiny();
     let ts: Vec<usize> = get(&r, "t")

@@ -7,7 +7,7 @@ use infusion::{GenerateOptions, Job};
 
 use crate::common::{assert_close, get, reference, tiny};
 
-fn options(r: &std::collections::HashMap<String, Tensor>) -> GenerateOptions {
+pub(crate) fn options(r: &std::collections::HashMap<String, Tensor>) -> GenerateOptions {
     GenerateOptions {
         steps: 5,
         guidance: 7.5,

@@ -1,0 +1,139 @@
+//! The fused attention (`--attention fused`) through the whole pipeline: text-to-image, half
+//! precision, Infusion (C reusing F's cross-attention probabilities) and the training loss with
+//! its gradients, each against the same references and tolerances as the unfused path. On the
+//! CPU this runs the Rust implementation of the tiled algorithm; with
+//! `INFUSION_TEST_DEVICE=cuda`, the CUDA kernel for f16 and bf16 (f32 stays unfused there).
+//! The choice is scoped to the test's thread, so the other tests keep the default.
+
+use candle_core::DType;
+use infusion::fused_attention::{
+    fused_calls_on_this_thread, with_attention_kernel, AttentionKernel,
+};
+use infusion::{generate_infusion, Job};
+
+use crate::common::{assert_close, device, get, max_abs, reference, tiny};
+
+fn fused<R>(f: impl FnOnce() -> R) -> R {
+    with_attention_kernel(AttentionKernel::Fused, f)
+}
+
+#[test]
+fn txt2img_matches_the_reference_and_the_unfused_run() {
+    let r = reference("txt2img.safetensors");
+    let prompt = "a photo of a cat sitting by a teapot";
+    let opts = crate::txt2img::options(&r);
+    let calls = fused_calls_on_this_thread();
+    let g = fused(|| tiny().generate(prompt, &opts, &Job::quiet())).unwrap();
+    // Every attention layer ran fused at each of the 5 steps (both CFG rows in one call); the
+    // CUDA kernel is f16/bf16 only, so in f32 on CUDA nothing did.
+    let per_step = tiny().unet.attention_layers().len();
+    let expected = if device().is_cpu() { 5 * per_step } else { 0 };
+    assert_eq!(fused_calls_on_this_thread() - calls, expected);
+    assert_close(
+        &g.latents,
+        get(&r, "final_latents"),
+        1e-3,
+        "fused final latents",
+    );
+    assert_close(&g.image, get(&r, "image_01"), 1e-3, "fused image");
+    // Against the unfused run in the same precision: only the summation order differs.
+    let naive = with_attention_kernel(AttentionKernel::Naive, || {
+        tiny().generate(prompt, &opts, &Job::quiet())
+    })
+    .unwrap();
+    assert_close(&g.latents, &naive.latents, 1e-4, "fused vs unfused latents");
+}
+
+#[test]
+fn half_precision_stays_close_to_the_f32_reference() {
+    // The tolerances of tests/integration/dtype.rs: f16 2e-2, bf16 6e-2.
+    let calls = fused_calls_on_this_thread();
+    fused(|| crate::dtype::check_close_to_reference(DType::F16, 2e-2));
+    assert!(
+        fused_calls_on_this_thread() > calls,
+        "f16 runs fused on every device"
+    );
+    if !device().is_cpu() {
+        fused(|| crate::dtype::check_close_to_reference(DType::BF16, 6e-2));
+    }
+}
+
+#[test]
+fn infusion_pair_matches_the_reference() {
+    use crate::infusion::{concept, options, set};
+    let r = reference("infusion.safetensors");
+    let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
+    let g = fused(|| {
+        generate_infusion(
+            tiny(),
+            &concepts,
+            "a photo of a <mycat> sitting by a teapot",
+            &options(1.0),
+            None,
+            &Job::quiet(),
+        )
+    })
+    .unwrap();
+    assert_close(
+        &g.base_latents,
+        get(&r, "final_F_latents"),
+        1e-3,
+        "F latents",
+    );
+    assert_close(
+        &g.custom_latents,
+        get(&r, "final_C_latents"),
+        1e-3,
+        "C latents",
+    );
+    assert!(max_abs(&(&g.base_image - &g.custom_image).unwrap()) > 1e-3);
+}
+
+#[test]
+fn training_loss_and_gradients_match_the_reference() {
+    // The F pass and C's layers upstream of every Δ run fused; C's layers that carry
+    // gradients fall back to the differentiable path on their own.
+    fused(crate::train::check_loss_and_gradients);
+}
+
+/// The op alone at SD1.5's head sizes (40, 80, 160) against matmul-softmax-matmul in f32 on the
+/// same device; on CUDA at SD1.5's full 4096-pixel self-attention. Tolerances: f16 1e-2, bf16
+/// 8e-2 (inputs, P and the output are rounded; values are ~N(0, 1)).
+#[test]
+fn the_op_matches_unfused_attention_at_sd15_head_sizes() {
+    use candle_core::Tensor;
+    let dev = device();
+    let pixels = if dev.is_cpu() { 300 } else { 4096 };
+    let mut dtypes = vec![(DType::F16, 1e-2)];
+    if !dev.is_cpu() {
+        dtypes.push((DType::BF16, 8e-2));
+    }
+    for (b, heads, n, m, d) in [
+        (2, 8, pixels, pixels, 40),
+        (2, 8, pixels, 77, 40),
+        (2, 8, pixels / 4, 77, 80),
+        (2, 8, pixels / 16, pixels / 16, 160),
+    ] {
+        let q = Tensor::randn(0f32, 2.0, (b, heads, n, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 2.0, (b, heads, m, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, heads, m, d), &dev).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        for &(dtype, tol) in &dtypes {
+            let [q, k, v] = [&q, &k, &v].map(|t| t.to_dtype(dtype).unwrap());
+            let up = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let scores = (up(&q).matmul(&up(&k).t().unwrap()).unwrap() * scale).unwrap();
+            let want = candle_nn::ops::softmax_last_dim(&scores)
+                .unwrap()
+                .matmul(&up(&v))
+                .unwrap();
+            let got = infusion::fused_attention::fused_attention(&q, &k, &v, scale).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            let err = max_abs(&(up(&got) - want).unwrap());
+            assert!(
+                err <= tol,
+                "{dtype:?} {:?}: {err} > {tol}",
+                (b, heads, n, m, d)
+            );
+        }
+    }
+}
