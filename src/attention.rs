@@ -354,6 +354,12 @@ fn merge_heads(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.reshape((b, n, h * d))
 }
 
+/// The unfused attention `softmax(scale * q k^T) v`: q `(b, h, n, d)`, k and v `(b, h, m, d)`
+/// -> `(b, h, n, d)`, as every layer runs it when the fused op does not apply.
+pub fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_probs(q, k, scale)?.to_dtype(v.dtype())?.matmul(v)
+}
+
 /// softmax((q * scale) k^T): q (b, h, n, d), k (b, h, m, d) -> (b, h, n, m).
 ///
 /// In f32, or whenever gradients flow, the softmax runs in f32. In f16/bf16 inference the

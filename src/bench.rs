@@ -7,8 +7,10 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
+use crate::attention::naive_attention;
 use crate::concept::Concept;
 use crate::error::Result;
+use crate::fused_attention;
 use crate::infusion::{generate_infusion, ConceptSet, InfusionOptions};
 use crate::job::Job;
 use crate::pipeline::{seeded_noise, GenerateOptions, StableDiffusion};
@@ -234,6 +236,40 @@ pub fn run(
         opts.repeats,
         Some(("unet batch 4", unet4.0)),
     ));
+
+    // The first self-attention (the full latent resolution: 4096 tokens for SD1.5) alone, both
+    // implementations, batch 2: what the fused kernel changes, without the rest of the UNet.
+    if let Some(layer) = sd.unet.attention_layers().first() {
+        let (heads, d) = (layer.heads, layer.head_dim);
+        let n = h * w;
+        let qkv = (0..3)
+            .map(|i| {
+                seeded_noise(10 + i, &[2, heads, n, d])?
+                    .to_device(&dev)?
+                    .to_dtype(sd.dtype())
+                    .map_err(Into::into)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let name = format!("self-attention {n}x{d}, batch 2");
+        let naive = time(&dev, opts.repeats, || {
+            Ok(naive_attention(&qkv[0], &qkv[1], &qkv[2], scale)?)
+        })?;
+        rows.push(row(&format!("{name}, naive"), naive, opts.repeats, None));
+        if fused_attention::supports(&qkv[0], &qkv[1], &qkv[2]) {
+            let fused = time(&dev, opts.repeats, || {
+                Ok(fused_attention::fused_attention(
+                    &qkv[0], &qkv[1], &qkv[2], scale,
+                )?)
+            })?;
+            rows.push(row(
+                &format!("{name}, fused"),
+                fused,
+                opts.repeats,
+                Some(("naive", naive.0)),
+            ));
+        }
+    }
 
     Ok(BenchReport {
         model: model.to_string(),

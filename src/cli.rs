@@ -99,7 +99,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Train a concept from a folder of images.
     Train(TrainArgs),
-    /// Time UNet calls, text-to-image, Infusion pairs and training steps (prints a table).
+    /// Time UNet calls, text-to-image, Infusion pairs, training steps and the largest
+    /// self-attention alone (prints a table).
     Bench(BenchArgs),
 }
 

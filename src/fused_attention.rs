@@ -113,6 +113,7 @@ pub fn attention_kernel() -> AttentionKernel {
     }
 }
 
+/// Sets the process-wide implementation (the command line's `--attention`).
 pub fn set_attention_kernel(k: AttentionKernel) {
     let v = match k {
         AttentionKernel::Naive => NAIVE,
@@ -121,15 +122,22 @@ pub fn set_attention_kernel(k: AttentionKernel) {
     KERNEL.store(v, Ordering::Relaxed);
 }
 
-/// Whether the fused op can run on these tensors: no gradients, and a dtype the device's
-/// implementation has (CUDA: f16, bf16; CPU: f32, f16, bf16).
+/// The largest head size the CUDA kernel takes (its shared memory grows with it: 143 KiB at
+/// 256, of the 227 KiB an H100 block may have). SD1.5's are 40, 80 and 160.
+const CUDA_MAX_HEAD_DIM: usize = 256;
+
+/// Whether the fused op can run on these tensors: no gradients, and a dtype (and on CUDA, a head
+/// size) the device's implementation has (CUDA: f16, bf16; CPU: f32, f16, bf16).
 pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     if q.track_op() || k.track_op() || v.track_op() {
         return false;
     }
     let dtype_ok = match q.device() {
         Device::Cpu => matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16),
-        Device::Cuda(_) => matches!(q.dtype(), DType::F16 | DType::BF16),
+        Device::Cuda(_) => {
+            matches!(q.dtype(), DType::F16 | DType::BF16)
+                && q.dims().last().is_some_and(|&d| d <= CUDA_MAX_HEAD_DIM)
+        }
         _ => false,
     };
     dtype_ok && k.dtype() == q.dtype() && v.dtype() == q.dtype()

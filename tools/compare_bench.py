@@ -34,6 +34,9 @@ def table(ours_path, theirs):
         peak = f"{po / gib:.2f} / {pt / gib:.2f}" if po and pt else "-"
         tgt = "" if target is None else f"<= {target}"
         print(f"| {name} | {o['seconds']:.4f} | {t['median_s']:.4f} | {ratio:.2f} | {tgt} | {met} | {peak} |")
+    for name, r in ours.items():
+        if name.startswith("self-attention") and r.get("ratio"):
+            print(f"\n{name}: {r['seconds'] * 1e3:.3f} ms, {r['ratio'][1]:.2f}x the naive one")
     po = ours["text-to-image, per image"].get("peak_memory_bytes")
     pt = t2i.get("peak_mem_bytes")
     if po and pt:

@@ -259,7 +259,14 @@ fn bench_smoke_run_reports_every_measurement() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("b.json")).unwrap()).unwrap();
     assert_eq!(json["attention"], "fused");
     let rows = json["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 5);
+    // Five pipeline rows, then the first self-attention alone: naive, and fused against it.
+    assert_eq!(rows.len(), 7);
+    assert!(
+        rows[5]["name"].as_str().unwrap().ends_with("naive"),
+        "{}",
+        rows[5]
+    );
+    assert_eq!(rows[6]["ratio"][0], "naive");
     for r in rows {
         assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
     }
