@@ -17,7 +17,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{linear, linear_no_bias, Linear, VarBuilder};
 
-use crate::fused_attention::{self, attention_kernel, AttentionKernel};
+use crate::fused::{self, attention as fused_attention};
 
 /// Self-attention (`attn1`: keys from the image) or cross-attention (`attn2`: keys from the text).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -317,7 +317,7 @@ impl AttentionCall {
     fn finish(mut self) -> Result<Tensor> {
         let all_own = self.sources.iter().all(|s| matches!(s, ProbSource::Own));
         // Nobody asked for probabilities: the fused op never materialises them.
-        if all_own && self.own.is_none() && attention_kernel() == AttentionKernel::Fused {
+        if all_own && self.own.is_none() && fused::fused() {
             let v = split_heads(&self.v, self.heads)?;
             if fused_attention::supports(&self.q, &self.k, &v) {
                 let out = fused_attention::fused_attention(&self.q, &self.k, &v, self.scale)?;

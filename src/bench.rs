@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::attention::naive_attention;
 use crate::concept::Concept;
 use crate::error::Result;
-use crate::fused_attention;
+use crate::fused::{self, group_norm::GroupNorm, Kernels};
 use crate::infusion::{generate_infusion, ConceptSet, InfusionOptions};
 use crate::job::Job;
 use crate::pipeline::{seeded_noise, GenerateOptions, StableDiffusion};
@@ -53,8 +53,8 @@ pub struct BenchReport {
     pub model: String,
     pub device: String,
     pub dtype: String,
-    /// The attention implementation (`naive` or `fused`).
-    pub attention: String,
+    /// The kernels (`naive` or `fused`, see [`crate::fused`]).
+    pub kernels: String,
     /// `cudnn` when the binary was built with the `cudnn` feature, else `im2col` (candle's).
     pub convolutions: String,
     pub image_size: usize,
@@ -66,11 +66,11 @@ impl BenchReport {
     /// A plain-text table.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "{} on {} ({}, {} attention, {} convolutions), {}x{} images, {} steps\n{:<28} {:>12} {:>8} {:>10}  {}\n",
+            "{} on {} ({}, {} kernels, {} convolutions), {}x{} images, {} steps\n{:<40} {:>12} {:>8} {:>10}  {}\n",
             self.model,
             self.device,
             self.dtype,
-            self.attention,
+            self.kernels,
             self.convolutions,
             self.image_size,
             self.image_size,
@@ -92,7 +92,7 @@ impl BenchReport {
                 .map(|b| format!("{:.0}", b as f64 / (1024.0 * 1024.0)))
                 .unwrap_or_else(|| "-".into());
             s.push_str(&format!(
-                "{:<28} {:>12.4} {:>8} {:>10}  {}\n",
+                "{:<40} {:>12.4} {:>8} {:>10}  {}\n",
                 r.name, r.seconds, r.repeats, peak, ratio
             ));
         }
@@ -256,9 +256,9 @@ pub fn run(
             Ok(naive_attention(&qkv[0], &qkv[1], &qkv[2], scale)?)
         })?;
         rows.push(row(&format!("{name}, naive"), naive, opts.repeats, None));
-        if fused_attention::supports(&qkv[0], &qkv[1], &qkv[2]) {
+        if fused::attention::supports(&qkv[0], &qkv[1], &qkv[2]) {
             let fused = time(&dev, opts.repeats, || {
-                Ok(fused_attention::fused_attention(
+                Ok(fused::attention::fused_attention(
                     &qkv[0], &qkv[1], &qkv[2], scale,
                 )?)
             })?;
@@ -271,11 +271,39 @@ pub fn run(
         }
     }
 
+    // The first ResNet's group norm + SiLU (full resolution, first block's width), both ways.
+    let cfg = sd.unet.config();
+    if let Some(&ch) = cfg.block_out_channels.first() {
+        let x = seeded_noise(20, &[2, ch, h, w])?
+            .to_device(&dev)?
+            .to_dtype(sd.dtype())?;
+        let affine = |seed| -> Result<Tensor> {
+            Ok(seeded_noise(seed, &[ch])?
+                .to_device(&dev)?
+                .to_dtype(sd.dtype())?)
+        };
+        let gn = GroupNorm::new(affine(21)?, affine(22)?, cfg.norm_num_groups, cfg.norm_eps)?;
+        let name = format!("group norm + SiLU 2x{ch}x{h}x{w}");
+        let naive = time(&dev, opts.repeats, || {
+            Ok(fused::with_kernels(Kernels::Naive, || {
+                gn.forward(&x, true)
+            })?)
+        })?;
+        rows.push(row(&format!("{name}, naive"), naive, opts.repeats, None));
+        let fused = time(&dev, opts.repeats, || Ok(gn.fused(&x, true)?))?;
+        rows.push(row(
+            &format!("{name}, fused"),
+            fused,
+            opts.repeats,
+            Some(("naive", naive.0)),
+        ));
+    }
+
     Ok(BenchReport {
         model: model.to_string(),
         device: format!("{dev:?}"),
         dtype: format!("{:?}", sd.dtype()).to_lowercase(),
-        attention: crate::fused_attention::attention_kernel().to_string(),
+        kernels: fused::kernels().to_string(),
         convolutions: if cfg!(feature = "cudnn") {
             "cudnn"
         } else {

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::attention_maps::AttentionMaps;
 use crate::bench::BenchOptions;
 use crate::error::{Error, Result};
-use crate::fused_attention::{set_attention_kernel, AttentionKernel};
+use crate::fused::{set_kernels, Kernels};
 use crate::infusion::{generate_infusion, ConceptSet, InfusionOptions};
 use crate::job::Job;
 use crate::pipeline::{load_noise, GenerateOptions, LoadOptions, ModelConfigs, StableDiffusion};
@@ -54,10 +54,7 @@ fn first_positional(args: &[OsString]) -> Option<usize> {
             return (i + 1 < args.len()).then_some(i + 1);
         }
         if a.starts_with('-') {
-            if matches!(
-                a.as_ref(),
-                "--model" | "--device" | "--dtype" | "--attention"
-            ) {
+            if matches!(a.as_ref(), "--model" | "--device" | "--dtype" | "--kernels") {
                 i += 1;
             }
             i += 1;
@@ -82,15 +79,10 @@ struct GlobalArgs {
     /// Never draw images in the terminal: print the saved file's path.
     #[arg(long, global = true)]
     no_images: bool,
-    /// naive (matmul, softmax, matmul) or fused (no score matrix; used where no probabilities
-    /// are asked for and nothing trains through the layer).
-    #[arg(
-        long,
-        global = true,
-        env = "INFUSION_ATTENTION",
-        default_value = "naive"
-    )]
-    attention: AttentionKernel,
+    /// naive (candle's composite ops) or fused (single-kernel attention and group norm + SiLU,
+    /// used where nothing trains through them and no attention maps are asked for).
+    #[arg(long, global = true, env = "INFUSION_KERNELS", default_value = "naive")]
+    kernels: Kernels,
 }
 
 #[derive(Debug, Subcommand)]
@@ -448,7 +440,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             };
         }
     };
-    set_attention_kernel(global.attention);
+    set_kernels(global.kernels);
     let session = Session::new(ScriptConfig {
         model: global.model.clone(),
         device: global.device.clone(),

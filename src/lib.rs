@@ -12,7 +12,7 @@ pub mod concept;
 pub mod config;
 pub mod device_mem;
 mod error;
-pub mod fused_attention;
+pub mod fused;
 pub mod hub;
 pub mod image_io;
 pub mod infusion;

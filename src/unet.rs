@@ -1,18 +1,17 @@
 //! The SD1.x UNet (diffusers `UNet2DConditionModel`), with the attention hook inside it.
 //!
 //! Weight paths match diffusers exactly, so stock files load unchanged; every size comes from
-//! [`UNetConfig`]. candle-transformers' ResNet block and timestep embedding are reused as they are.
+//! [`UNetConfig`]. candle-transformers' timestep embedding is reused as it is; the ResNet block is
+//! ours ([`ResnetBlock`]) so its group norms can run fused.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{
-    conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder,
-};
+use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 
 use crate::attention::{Attention, HookCtx, LayerInfo};
 use crate::config::UNetConfig;
-use crate::nn::{layer_norm, norm, silu};
+use crate::fused::group_norm::GroupNorm;
+use crate::nn::{layer_norm, norm, ResnetBlock, ResnetSpec};
 
 /// Diffusers' `Transformer2DModel` uses a fixed group-norm epsilon.
 const TRANSFORMER_NORM_EPS: f64 = 1e-6;
@@ -132,7 +131,7 @@ impl SpatialTransformer {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: group_norm(groups, channels, TRANSFORMER_NORM_EPS, vb.pp("norm"))?,
+            norm: GroupNorm::load(groups, channels, TRANSFORMER_NORM_EPS, vb.pp("norm"))?,
             proj_in: proj("proj_in")?,
             blocks,
             proj_out: proj("proj_out")?,
@@ -142,7 +141,7 @@ impl SpatialTransformer {
     fn forward(&self, xs: &Tensor, context: &Tensor, hook: Option<&HookCtx<'_>>) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let residual = xs;
-        let xs = self.norm.forward(xs)?;
+        let xs = self.norm.forward(xs, false)?;
         let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
         let mut xs = match &self.proj_in {
             Projection::Conv(conv) => to_tokens(&conv.forward(&xs)?)?,
@@ -162,7 +161,7 @@ impl SpatialTransformer {
 
 /// A down, mid or up block: ResNet blocks, optionally each followed by a spatial transformer.
 struct Block {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<ResnetBlock>,
     attentions: Vec<SpatialTransformer>,
     /// Stride-2 conv (down blocks) or nearest-upsample + conv (up blocks).
     resample: Option<Conv2d>,
@@ -209,17 +208,18 @@ impl Block {
         out_channels: usize,
         cfg: &UNetConfig,
         output_scale_factor: f64,
-    ) -> Result<ResnetBlock2D> {
-        let rcfg = ResnetBlock2DConfig {
-            out_channels: Some(out_channels),
-            temb_channels: Some(cfg.time_embed_dim()),
-            groups: cfg.norm_num_groups,
-            groups_out: None,
-            eps: cfg.norm_eps,
-            use_in_shortcut: None,
-            output_scale_factor,
-        };
-        ResnetBlock2D::new(vb, in_channels, rcfg)
+    ) -> Result<ResnetBlock> {
+        ResnetBlock::new(
+            vb,
+            ResnetSpec {
+                in_channels,
+                out_channels,
+                temb_channels: Some(cfg.time_embed_dim()),
+                groups: cfg.norm_num_groups,
+                eps: cfg.norm_eps,
+                output_scale_factor,
+            },
+        )
     }
 
     fn down(
@@ -517,7 +517,7 @@ impl UNet {
             down,
             mid,
             up,
-            conv_norm_out: group_norm(
+            conv_norm_out: GroupNorm::load(
                 cfg.norm_num_groups,
                 c0,
                 cfg.norm_eps,
@@ -600,7 +600,7 @@ impl UNet {
         for block in &self.up {
             xs = block.forward_up(&xs, &mut skips, &emb, context, hook)?;
         }
-        let xs = silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward(&xs, true)?;
         self.conv_out.forward(&xs)
     }
 }

@@ -3,11 +3,11 @@
 //! current `to_q/to_k/to_v/to_out.0` and the older `query/key/value/proj_attn`.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 use crate::config::VaeConfig;
-use crate::nn::silu;
+use crate::fused::group_norm::GroupNorm;
+use crate::nn::{ResnetBlock, ResnetSpec};
 
 const VAE_EPS: f64 = 1e-6;
 
@@ -24,17 +24,18 @@ fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
     )
 }
 
-fn resnet(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> Result<ResnetBlock2D> {
-    let cfg = ResnetBlock2DConfig {
-        out_channels: Some(cout),
-        temb_channels: None,
-        groups,
-        groups_out: None,
-        eps: VAE_EPS,
-        use_in_shortcut: None,
-        output_scale_factor: 1.0,
-    };
-    ResnetBlock2D::new(vb, cin, cfg)
+fn resnet(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> Result<ResnetBlock> {
+    ResnetBlock::new(
+        vb,
+        ResnetSpec {
+            in_channels: cin,
+            out_channels: cout,
+            temb_channels: None,
+            groups,
+            eps: VAE_EPS,
+            output_scale_factor: 1.0,
+        },
+    )
 }
 
 /// Single-head self-attention over the pixels of the mid block.
@@ -54,7 +55,7 @@ impl VaeAttention {
             ("to_q", "to_k", "to_v", "to_out.0")
         };
         Ok(Self {
-            group_norm: group_norm(groups, channels, VAE_EPS, vb.pp("group_norm"))?,
+            group_norm: GroupNorm::load(groups, channels, VAE_EPS, vb.pp("group_norm"))?,
             to_q: linear(channels, channels, vb.pp(q))?,
             to_k: linear(channels, channels, vb.pp(k))?,
             to_v: linear(channels, channels, vb.pp(v))?,
@@ -66,7 +67,7 @@ impl VaeAttention {
         let (b, c, h, w) = xs.dims4()?;
         let tokens = self
             .group_norm
-            .forward(xs)?
+            .forward(xs, false)?
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             // candle 0.11.1's Linear gives wrong results on a transposed 3-D input with batch > 1.
@@ -84,9 +85,9 @@ impl VaeAttention {
 }
 
 struct MidBlock {
-    resnet0: ResnetBlock2D,
+    resnet0: ResnetBlock,
     attention: Option<VaeAttention>,
-    resnet1: ResnetBlock2D,
+    resnet1: ResnetBlock,
 }
 
 impl MidBlock {
@@ -113,7 +114,7 @@ impl MidBlock {
 }
 
 struct CoderBlock {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<ResnetBlock>,
     /// Encoder: stride-2 conv after padding right/bottom; decoder: nearest 2x then conv.
     resample: Option<Conv2d>,
 }
@@ -166,7 +167,7 @@ impl Encoder {
             conv_in: conv3x3(cfg.in_channels, ch[0], vb.pp("conv_in"))?,
             blocks,
             mid: MidBlock::new(vb.pp("mid_block"), ch[n - 1], cfg)?,
-            norm_out: group_norm(g, ch[n - 1], VAE_EPS, vb.pp("conv_norm_out"))?,
+            norm_out: GroupNorm::load(g, ch[n - 1], VAE_EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(ch[n - 1], 2 * cfg.latent_channels, vb.pp("conv_out"))?,
         })
     }
@@ -185,7 +186,7 @@ impl Encoder {
             }
         }
         let xs = self.mid.forward(&xs)?;
-        self.conv_out.forward(&silu(&self.norm_out.forward(&xs)?)?)
+        self.conv_out.forward(&self.norm_out.forward(&xs, true)?)
     }
 }
 
@@ -231,7 +232,7 @@ impl Decoder {
             conv_in: conv3x3(cfg.latent_channels, rev[0], vb.pp("conv_in"))?,
             mid: MidBlock::new(vb.pp("mid_block"), rev[0], cfg)?,
             blocks,
-            norm_out: group_norm(g, rev[n - 1], VAE_EPS, vb.pp("conv_norm_out"))?,
+            norm_out: GroupNorm::load(g, rev[n - 1], VAE_EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(rev[n - 1], cfg.out_channels, vb.pp("conv_out"))?,
         })
     }
@@ -247,7 +248,7 @@ impl Decoder {
                 xs = conv.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)?;
             }
         }
-        self.conv_out.forward(&silu(&self.norm_out.forward(&xs)?)?)
+        self.conv_out.forward(&self.norm_out.forward(&xs, true)?)
     }
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Ratios of our benchmark (infusion-repl bench --json) to the diffusers baseline
 (shared/bench/diffusers_baseline.py --json) measured in the same device call, against the
-targets of the CUDA issue. Prints a markdown table per variant of ours (attention kernel,
+targets of the CUDA issue. Prints a markdown table per variant of ours (kernels,
 convolutions).
 
 usage: compare_bench.py DIFFUSERS.json OURS.json [OURS.json ...]"""
@@ -12,7 +12,7 @@ import sys
 def table(ours_path, theirs):
     report = json.load(open(ours_path))
     ours = {r["name"]: r for r in report["rows"]}
-    print(f"\n### ours: {report.get('attention', 'naive')} attention, "
+    print(f"\n### ours: {report.get('kernels', 'naive')} kernels, "
           f"{report.get('convolutions', 'im2col')} convolutions ({ours_path})\n")
     t2i = theirs["txt2img"]
     train = theirs["train_step"]["per_layer"]
@@ -35,7 +35,7 @@ def table(ours_path, theirs):
         tgt = "" if target is None else f"<= {target}"
         print(f"| {name} | {o['seconds']:.4f} | {t['median_s']:.4f} | {ratio:.2f} | {tgt} | {met} | {peak} |")
     for name, r in ours.items():
-        if name.startswith("self-attention") and r.get("ratio"):
+        if (name.startswith("self-attention") or name.startswith("group norm")) and r.get("ratio"):
             print(f"\n{name}: {r['seconds'] * 1e3:.3f} ms, {r['ratio'][1]:.2f}x the naive one")
     po = ours["text-to-image, per image"].get("peak_memory_bytes")
     pt = t2i.get("peak_mem_bytes")

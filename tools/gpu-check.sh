@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, in one device call (see tools/prepare-gpu-check.sh):
 #   1. the parity tests on CUDA in f32, the half-precision tests (f16 and bf16 vs f32) and the
-#      fused attention kernel's tests (f16, bf16),
-#   2. a smoke generation in f16 with the fused attention,
-#   3. our benchmark on SD1.5's shapes in f16, once per variant: unfused attention, fused
-#      attention, and fused attention with cuDNN convolutions (the second binary),
+#      fused kernels' tests (f16, bf16),
+#   2. a smoke generation in f16 with the fused kernels,
+#   3. our benchmark on SD1.5's shapes in f16, once per variant: naive kernels, fused
+#      kernels, and fused kernels with cuDNN convolutions (the second binary),
 #   4. the diffusers baseline on the same GPU in the same call,
 #   5. the ratios against the targets, one table per variant.
 # Everything it prints also lands in $OUT (the device tool brings it back).
@@ -22,18 +22,18 @@ for f in infusion-repl infusion-repl-cudnn integration; do   # python's lzma: no
 done
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; } | tee "$OUT/device.txt"
 
-echo "== 1. parity on CUDA, f32 (+ f16/bf16 vs f32, + the fused kernel)"
+echo "== 1. parity on CUDA, f32 (+ f16/bf16 vs f32, + the fused kernels)"
 INFUSION_TEST_DEVICE=cuda timeout 240 .carry/integration --test-threads 1 \
   tokenizer:: text_encoder:: unet:: vae:: scheduler:: txt2img:: attention:: infusion:: \
   train::loss metrics:: dtype:: fused:: 2>&1 | tee "$OUT/parity.txt" | grep -E "^test |test result|panicked"
 
-echo "== 2. f16 smoke generation, fused attention"
-timeout 60 .carry/infusion-repl --device cuda --dtype f16 --attention fused generate "a photo of a cat" \
+echo "== 2. f16 smoke generation, fused kernels"
+timeout 60 .carry/infusion-repl --device cuda --dtype f16 --kernels fused generate "a photo of a cat" \
   --steps 10 -o "$OUT/f16.png" 2>&1 | tail -2
 
 echo "== 3. our benchmark, SD1.5 shapes, f16"
-bench() {  # name binary attention
-  timeout 200 ".carry/$2" --device cuda --dtype f16 --attention "$3" bench --shapes sd15 \
+bench() {  # name binary kernels
+  timeout 200 ".carry/$2" --device cuda --dtype f16 --kernels "$3" bench --shapes sd15 \
     --repeats 3 --json "$OUT/ours-$1.json" 2>&1 | tee "$OUT/ours-$1.txt"
 }
 bench naive infusion-repl naive

@@ -229,13 +229,13 @@ fn train_then_generate_with_the_concept() {
 
 /// The benchmark as a smoke run (nothing timed is asserted): every measurement is there, with
 /// positive times and the ratios against its baselines, and the implementations it ran with
-/// (the fused attention here, so the smoke run covers that path too).
+/// (the fused kernels here, so the smoke run covers that path too).
 #[test]
 fn bench_smoke_run_reports_every_measurement() {
     let dir = tempfile::tempdir().unwrap();
     let o = run(
         &[
-            "--attention",
+            "--kernels",
             "fused",
             "bench",
             "--steps",
@@ -252,21 +252,24 @@ fn bench_smoke_run_reports_every_measurement() {
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(table.contains("infusion pair"), "{table}");
     assert!(
-        table.contains("fused attention, im2col convolutions"),
+        table.contains("fused kernels, im2col convolutions"),
         "{table}"
     );
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("b.json")).unwrap()).unwrap();
-    assert_eq!(json["attention"], "fused");
+    assert_eq!(json["kernels"], "fused");
     let rows = json["rows"].as_array().unwrap();
-    // Five pipeline rows, then the first self-attention alone: naive, and fused against it.
-    assert_eq!(rows.len(), 7);
-    assert!(
-        rows[5]["name"].as_str().unwrap().ends_with("naive"),
-        "{}",
-        rows[5]
-    );
-    assert_eq!(rows[6]["ratio"][0], "naive");
+    // Five pipeline rows, then the first self-attention and the first group norm + SiLU alone:
+    // naive, and fused against it.
+    assert_eq!(rows.len(), 9);
+    for i in [5, 7] {
+        assert!(
+            rows[i]["name"].as_str().unwrap().ends_with("naive"),
+            "{}",
+            rows[i]
+        );
+        assert_eq!(rows[i + 1]["ratio"][0], "naive");
+    }
     for r in rows {
         assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
     }

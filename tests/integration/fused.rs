@@ -1,20 +1,19 @@
-//! The fused attention (`--attention fused`) through the whole pipeline: text-to-image, half
-//! precision, Infusion (C reusing F's cross-attention probabilities) and the training loss with
-//! its gradients, each against the same references and tolerances as the unfused path. On the
-//! CPU this runs the Rust implementation of the tiled algorithm; with
-//! `INFUSION_TEST_DEVICE=cuda`, the CUDA kernel for f16 and bf16 (f32 stays unfused there).
+//! The fused kernels (`--kernels fused`: attention, group norm + SiLU) through the whole
+//! pipeline: text-to-image, half precision, Infusion (C reusing F's cross-attention
+//! probabilities) and the training loss with its gradients, each against the same references and
+//! tolerances as the unfused path. On the CPU this runs the Rust implementations of the kernels'
+//! algorithms; with `INFUSION_TEST_DEVICE=cuda`, the CUDA kernels (attention in f16 and bf16
+//! only: f32 attention stays unfused there).
 //! The choice is scoped to the test's thread, so the other tests keep the default.
 
 use candle_core::DType;
-use infusion::fused_attention::{
-    fused_calls_on_this_thread, with_attention_kernel, AttentionKernel,
-};
+use infusion::fused::{fused_calls_on_this_thread, with_kernels, Kernels};
 use infusion::{generate_infusion, Job};
 
 use crate::common::{assert_close, device, get, max_abs, reference, tiny};
 
 fn fused<R>(f: impl FnOnce() -> R) -> R {
-    with_attention_kernel(AttentionKernel::Fused, f)
+    with_kernels(Kernels::Fused, f)
 }
 
 #[test]
@@ -25,10 +24,13 @@ fn txt2img_matches_the_reference_and_the_unfused_run() {
     let calls = fused_calls_on_this_thread();
     let g = fused(|| tiny().generate(prompt, &opts, &Job::quiet())).unwrap();
     // Every attention layer ran fused at each of the 5 steps (both CFG rows in one call); the
-    // CUDA kernel is f16/bf16 only, so in f32 on CUDA nothing did.
+    // CUDA attention kernel is f16/bf16 only, so in f32 on CUDA none did. The group norms ran
+    // fused on every device (the CUDA kernel has f32 too).
+    let after = fused_calls_on_this_thread();
     let per_step = tiny().unet.attention_layers().len();
     let expected = if device().is_cpu() { 5 * per_step } else { 0 };
-    assert_eq!(fused_calls_on_this_thread() - calls, expected);
+    assert_eq!(after.attention - calls.attention, expected);
+    assert!(after.group_norm > calls.group_norm);
     assert_close(
         &g.latents,
         get(&r, "final_latents"),
@@ -37,7 +39,7 @@ fn txt2img_matches_the_reference_and_the_unfused_run() {
     );
     assert_close(&g.image, get(&r, "image_01"), 1e-3, "fused image");
     // Against the unfused run in the same precision: only the summation order differs.
-    let naive = with_attention_kernel(AttentionKernel::Naive, || {
+    let naive = with_kernels(Kernels::Naive, || {
         tiny().generate(prompt, &opts, &Job::quiet())
     })
     .unwrap();
@@ -49,8 +51,9 @@ fn half_precision_stays_close_to_the_f32_reference() {
     // The tolerances of tests/integration/dtype.rs: f16 2e-2, bf16 6e-2.
     let calls = fused_calls_on_this_thread();
     fused(|| crate::dtype::check_close_to_reference(DType::F16, 2e-2));
+    let after = fused_calls_on_this_thread();
     assert!(
-        fused_calls_on_this_thread() > calls,
+        after.attention > calls.attention && after.group_norm > calls.group_norm,
         "f16 runs fused on every device"
     );
     if !device().is_cpu() {
@@ -126,7 +129,7 @@ fn the_op_matches_unfused_attention_at_sd15_head_sizes() {
                 .unwrap()
                 .matmul(&up(&v))
                 .unwrap();
-            let got = infusion::fused_attention::fused_attention(&q, &k, &v, scale).unwrap();
+            let got = infusion::fused::attention::fused_attention(&q, &k, &v, scale).unwrap();
             assert_eq!(got.dtype(), dtype);
             let err = max_abs(&(up(&got) - want).unwrap());
             assert!(

@@ -64,24 +64,24 @@ fn scores_and_distances_from_scripts() {
     assert_eq!(f("f0"), 0.0, "a model against itself");
 }
 
-/// `set_attention_kernel` switches this session's thread to the fused op (the generation then
+/// `set_kernels` switches this session's thread to the fused op (the generation then
 /// runs through it), names the choices when the name is wrong, and leaves other threads alone.
 #[test]
-fn attention_kernel_is_chosen_from_scripts() {
-    use infusion::fused_attention::{attention_kernel, fused_calls_on_this_thread};
-    // The process-wide choice (naive unless INFUSION_ATTENTION says otherwise).
-    let default = attention_kernel().to_string();
-    let other = std::thread::spawn(|| eval("attention_kernel()").into_string().unwrap());
+fn kernels_are_chosen_from_scripts() {
+    use infusion::fused::{fused_calls_on_this_thread, kernels};
+    // The process-wide choice (naive unless INFUSION_KERNELS says otherwise).
+    let default = kernels().to_string();
+    let other = std::thread::spawn(|| eval("kernels()").into_string().unwrap());
     let default2 = default.clone();
     std::thread::spawn(move || {
         let before = fused_calls_on_this_thread();
         let v = eval(
             r#"
-            let was = attention_kernel();
-            set_attention_kernel("fused");
+            let was = kernels();
+            set_kernels("fused");
             let m = load_model();
             m.generate("a cat", #{steps: 1, maps: false});
-            [was, attention_kernel()]
+            [was, kernels()]
             "#,
         );
         let v: Vec<String> = v
@@ -90,10 +90,10 @@ fn attention_kernel_is_chosen_from_scripts() {
             .map(|s| s.into_string().unwrap())
             .collect();
         assert_eq!(v, [default2.as_str(), "fused"]);
-        assert!(fused_calls_on_this_thread() > before);
+        assert!(fused_calls_on_this_thread().attention > before.attention);
         let session = Session::new(ScriptConfig::default());
         let e = build_engine(&session)
-            .eval::<Dynamic>("set_attention_kernel(\"flash\")")
+            .eval::<Dynamic>("set_kernels(\"flash\")")
             .unwrap_err()
             .to_string();
         assert!(e.contains("naive or fused"), "{e}");

@@ -11,7 +11,7 @@ use super::volatile;
 use crate::attention::Stream;
 use crate::attention_maps::{overlay, token_map, AttentionMaps};
 use crate::cli::{bundled_model, parse_device, parse_dtype};
-use crate::fused_attention::{attention_kernel, set_thread_attention_kernel};
+use crate::fused::{kernels, set_thread_kernels};
 use crate::image_io::tensor_to_rgb;
 use crate::infusion::{generate_infusion, InfusionGeneration, InfusionOptions};
 use crate::pipeline::{load_noise, GenerateOptions, LoadOptions, StableDiffusion};
@@ -302,16 +302,11 @@ pub fn register(engine: &mut Engine, session: &Arc<Session>) {
         m.sd.unet_fingerprint().to_string()
     });
 
-    volatile!(engine, "attention_kernel", || attention_kernel()
-        .to_string());
-    volatile!(
-        engine,
-        "set_attention_kernel",
-        |name: &str| -> RhaiResult<()> {
-            set_thread_attention_kernel(name.parse().map_err(err)?);
-            Ok(())
-        }
-    );
+    volatile!(engine, "kernels", || kernels().to_string());
+    volatile!(engine, "set_kernels", |name: &str| -> RhaiResult<()> {
+        set_thread_kernels(name.parse().map_err(err)?);
+        Ok(())
+    });
 
     let s = session.clone();
     volatile!(engine, "load_model", move || load(&s, None, None));

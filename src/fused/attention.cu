@@ -6,7 +6,7 @@
 // Tensor cores (WMMA 16x16x16) compute S = Q K^T and O += P V with f32 accumulators; the
 // head dimension is zero-padded to dp (a multiple of 16: SD1.5's 40 -> 48). The running max,
 // the running sum and O stay in f32; P is rounded to the storage type before P V, as in
-// FlashAttention. src/fused_attention.rs has the same algorithm on the CPU (the reference the
+// FlashAttention. src/fused/attention.rs has the same algorithm on the CPU (the reference the
 // tests hold the kernel's algorithm to) and the launch.
 //
 // Shared memory (dynamic), in this order:

@@ -5,19 +5,15 @@
 //! batch 2), which costs more time than the matmuls and sets the peak memory. The fused op
 //! streams key tiles through an online softmax instead (FlashAttention's forward pass).
 //!
-//! - On CUDA, `src/kernels/attention.cu` (f16 and bf16, tensor cores), compiled by `build.rs`.
+//! - On CUDA, `src/fused/attention.cu` (f16 and bf16, tensor cores), compiled by `build.rs`.
 //! - On the CPU, the same tiled algorithm in plain Rust: the reference that the tests compare
-//!   with the unfused path, and what `--attention fused` runs on a CPU.
+//!   with the unfused path, and what `--kernels fused` runs on a CPU.
 //!
 //! The fused op has no backward pass and cannot hand out probabilities, so [`AttentionCall`]
-//! takes it only when no hook asked for probabilities and nothing tracks gradients. Which
-//! implementation runs is a process-wide choice ([`AttentionKernel`], `--attention`, or the
-//! `INFUSION_ATTENTION` environment variable); the default stays unfused until a GPU run has
-//! measured the kernel (notes/cuda.md).
+//! takes it only when no hook asked for probabilities and nothing tracks gradients, and only
+//! when the fused kernels are chosen ([`super::Kernels`]).
 //!
 //! [`AttentionCall`]: crate::attention::AttentionCall
-
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType};
@@ -26,101 +22,6 @@ use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, T
 const BQ: usize = 64;
 /// Keys per tile.
 const BK: usize = 32;
-
-/// Which attention implementation the models use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttentionKernel {
-    /// Matmul, softmax, matmul (probabilities materialised).
-    Naive,
-    /// The fused op wherever it applies (inference, no probabilities asked for).
-    Fused,
-}
-
-impl std::str::FromStr for AttentionKernel {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "naive" => Ok(Self::Naive),
-            "fused" => Ok(Self::Fused),
-            _ => Err(format!("unknown attention kernel `{s}` (naive or fused)")),
-        }
-    }
-}
-
-impl std::fmt::Display for AttentionKernel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Naive => "naive",
-            Self::Fused => "fused",
-        })
-    }
-}
-
-const UNSET: u8 = 0;
-const NAIVE: u8 = 1;
-const FUSED: u8 = 2;
-static KERNEL: AtomicU8 = AtomicU8::new(UNSET);
-
-thread_local! {
-    static SCOPED: std::cell::Cell<Option<AttentionKernel>> = const { std::cell::Cell::new(None) };
-    static CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// How many fused attention calls this thread has made (tests check that the path ran).
-pub fn fused_calls_on_this_thread() -> usize {
-    CALLS.with(|c| c.get())
-}
-
-/// Runs `f` with `kernel` on this thread only (tests compare both paths side by side while
-/// other threads run with the process-wide choice).
-pub fn with_attention_kernel<R>(kernel: AttentionKernel, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<AttentionKernel>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            SCOPED.with(|s| s.set(self.0));
-        }
-    }
-    let _restore = Restore(SCOPED.with(|s| s.replace(Some(kernel))));
-    f()
-}
-
-/// Sets the implementation for this thread from now on (a script session's choice: the REPL
-/// and recipes run their models on their own thread), over the process-wide one.
-pub fn set_thread_attention_kernel(kernel: AttentionKernel) {
-    SCOPED.with(|s| s.set(Some(kernel)));
-}
-
-/// The implementation in use: [`with_attention_kernel`] or [`set_thread_attention_kernel`] on
-/// this thread, else the one set by
-/// [`set_attention_kernel`], else `INFUSION_ATTENTION` (`naive` or `fused`; anything else is
-/// ignored), else naive.
-pub fn attention_kernel() -> AttentionKernel {
-    if let Some(k) = SCOPED.with(|s| s.get()) {
-        return k;
-    }
-    match KERNEL.load(Ordering::Relaxed) {
-        NAIVE => AttentionKernel::Naive,
-        FUSED => AttentionKernel::Fused,
-        _ => {
-            let k = std::env::var("INFUSION_ATTENTION")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(AttentionKernel::Naive);
-            set_attention_kernel(k);
-            k
-        }
-    }
-}
-
-/// Sets the process-wide implementation (the command line's `--attention`).
-pub fn set_attention_kernel(k: AttentionKernel) {
-    let v = match k {
-        AttentionKernel::Naive => NAIVE,
-        AttentionKernel::Fused => FUSED,
-    };
-    KERNEL.store(v, Ordering::Relaxed);
-}
 
 /// The largest head size the CUDA kernel takes (its shared memory grows with it: 143 KiB at
 /// 256, of the 227 KiB an H100 block may have). SD1.5's are 40, 80 and 160.
@@ -158,7 +59,7 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
     if m == 0 {
         candle_core::bail!("fused attention over zero keys");
     }
-    CALLS.with(|c| c.set(c.get() + 1));
+    super::count_call(|n| n.attention += 1);
     let flat = |t: &Tensor, rows: usize| t.reshape((b * h, rows, d))?.contiguous();
     let out = flat(q, n)?.apply_op3_no_bwd(
         &flat(k, m)?,
@@ -516,16 +417,5 @@ mod tests {
         assert!(!supports(var.as_tensor(), &k, &k));
         assert!(!supports(&q.to_dtype(DType::F64)?, &k, &k));
         Ok(())
-    }
-
-    #[test]
-    fn kernel_choice_parses_and_prints() {
-        for k in [AttentionKernel::Naive, AttentionKernel::Fused] {
-            assert_eq!(k.to_string().parse::<AttentionKernel>(), Ok(k));
-        }
-        assert!("flash"
-            .parse::<AttentionKernel>()
-            .unwrap_err()
-            .contains("naive or fused"));
     }
 }
