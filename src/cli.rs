@@ -219,11 +219,16 @@ pub fn parse_device(s: &str) -> Result<Device> {
 }
 
 fn cuda(ordinal: usize) -> Result<Device> {
+    let hint = if cfg!(feature = "cuda") {
+        "is an NVIDIA GPU there, with its driver (libcuda.so.1)?"
+    } else {
+        "this binary has no GPU support: build it with `--features cuda`"
+    };
     Device::new_cuda(ordinal).map_err(|e| {
         Error::arg(
             "--device",
             format!(
-                "cannot open cuda:{ordinal}: {} (build with `--features cuda` for GPU support)",
+                "cannot open cuda:{ordinal}: {} ({hint})",
                 crate::weights::root_cause(&e)
             ),
         )
