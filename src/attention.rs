@@ -316,13 +316,15 @@ impl AttentionCall {
     /// Mixes the values with the probabilities: `(batch, queries, inner)`.
     fn finish(mut self) -> Result<Tensor> {
         let all_own = self.sources.iter().all(|s| matches!(s, ProbSource::Own));
+        let v = split_heads(&self.v, self.heads)?;
         // Nobody asked for probabilities: the fused op never materialises them.
-        if all_own && self.own.is_none() && fused::fused() {
-            let v = split_heads(&self.v, self.heads)?;
-            if fused_attention::supports(&self.q, &self.k, &v) {
-                let out = fused_attention::fused_attention(&self.q, &self.k, &v, self.scale)?;
-                return merge_heads(&out);
-            }
+        if all_own
+            && self.own.is_none()
+            && fused::fused()
+            && fused_attention::supports(&self.q, &self.k, &v)
+        {
+            let out = fused_attention::fused_attention(&self.q, &self.k, &v, self.scale)?;
+            return merge_heads(&out);
         }
         let probs = if all_own {
             self.compute_own()?;
@@ -334,7 +336,6 @@ impl AttentionCall {
                 .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&per_row, 0)?
         };
-        let v = split_heads(&self.v, self.heads)?;
         let out = probs.to_dtype(v.dtype())?.matmul(&v)?;
         merge_heads(&out)
     }
