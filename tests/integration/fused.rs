@@ -140,3 +140,52 @@ fn the_op_matches_unfused_attention_at_sd15_head_sizes() {
         }
     }
 }
+
+/// Captured attention maps under `fused`: the captured (cross-attention) layers still compute
+/// their probabilities, the others run fused, and every map matches the unfused run's within
+/// 1e-4 (the maps test's tolerance against the reference), C's still equal to F's.
+#[test]
+fn captured_maps_are_those_of_the_unfused_run() {
+    use crate::infusion::{concept, options, set};
+    use infusion::attention_maps::AttentionMaps;
+    use infusion::Stream;
+    let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
+    let run = |kernels| {
+        let maps = AttentionMaps::new(true);
+        with_kernels(kernels, || {
+            generate_infusion(
+                tiny(),
+                &concepts,
+                "a photo of a <mycat> sitting by a teapot",
+                &options(1.0),
+                Some(&maps),
+                &Job::quiet(),
+            )
+        })
+        .unwrap();
+        maps
+    };
+    let before = fused_calls_on_this_thread();
+    let fused_maps = run(Kernels::Fused);
+    let after = fused_calls_on_this_thread();
+    assert!(after.group_norm > before.group_norm);
+    // The self-attention layers ran fused (f32 attention is unfused on CUDA).
+    assert_eq!(after.attention > before.attention, device().is_cpu());
+    let naive_maps = run(Kernels::Naive);
+    assert_eq!(fused_maps.layers(), naive_maps.layers());
+    for (layer, _) in naive_maps.layers() {
+        for step in [0, 4] {
+            let f = fused_maps
+                .layer_map(Stream::Customized, &layer, Some(step))
+                .unwrap();
+            let n = naive_maps
+                .layer_map(Stream::Customized, &layer, Some(step))
+                .unwrap();
+            assert_close(&f, &n, 1e-4, &format!("{layer} step {step}"));
+            let ff = fused_maps
+                .layer_map(Stream::Foundational, &layer, Some(step))
+                .unwrap();
+            assert_eq!(max_abs(&(&f - &ff).unwrap()), 0.0, "C uses F's maps");
+        }
+    }
+}
