@@ -364,7 +364,6 @@ mod tests {
     /// (SD1.5's 40, 80 and 160 among them), and large scores that need the running max.
     #[test]
     fn matches_unfused_attention_for_each_dtype() -> Result<()> {
-        let dev = Device::Cpu;
         for (i, &(b, h, n, m, d)) in [
             (1, 1, 1, 1, 8),
             (2, 3, 65, 77, 40),
@@ -375,15 +374,20 @@ mod tests {
         .iter()
         .enumerate()
         {
-            let q = (Tensor::randn(0f32, 3.0, (b, h, n, d), &dev)? + i as f64)?;
-            let k = Tensor::randn(0f32, 3.0, (b, h, m, d), &dev)?;
-            let v = Tensor::randn(0f32, 1.0, (b, h, m, d), &dev)?;
+            let noise = |seed: u64, dims: &[usize]| {
+                crate::pipeline::seeded_noise(seed, dims).map_err(candle_core::Error::wrap)
+            };
+            let i = i as u64;
+            let q = ((noise(i, &[b, h, n, d])? * 3.0)? + i as f64)?;
+            let k = (noise(10 + i, &[b, h, m, d])? * 3.0)?;
+            let v = noise(20 + i, &[b, h, m, d])?;
             let scale = 1.0 / (d as f64).sqrt();
             let want = naive(&q, &k, &v, scale)?;
-            // Tolerances: f32 is exact up to summation order; f16 / bf16 round the inputs, P
-            // and the output (10 and 7 mantissa bits) against an f32 reference of the
-            // unrounded inputs.
-            for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, 1e-2), (DType::BF16, 8e-2)] {
+            // Tolerances: f32 differs by summation order only, but scores here reach ~50, where
+            // one rounding (4e-6) moves exp() by as much relative: 1e-4 on outputs of size ~3.
+            // f16 / bf16 round P and the output (10 and 7 mantissa bits) against an f32
+            // reference of the same rounded inputs.
+            for (dtype, tol) in [(DType::F32, 1e-4), (DType::F16, 1e-2), (DType::BF16, 8e-2)] {
                 let (qd, kd, vd) = (q.to_dtype(dtype)?, k.to_dtype(dtype)?, v.to_dtype(dtype)?);
                 let want = if dtype == DType::F32 {
                     want.clone()
