@@ -15,8 +15,9 @@
 //!
 //! [`AttentionCall`]: crate::attention::AttentionCall
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+
+use super::op3::{self, Op3};
 
 /// Query rows per block (4 warps x 16 rows on the GPU).
 const BQ: usize = 64;
@@ -73,13 +74,6 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
 
 struct FusedAttention {
     scale: f32,
-}
-
-fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("fused attention: {what} is not contiguous"),
-    }
 }
 
 /// The tiled forward pass on the CPU, one `(batch x head)` slice per task, in the same order of
@@ -147,115 +141,40 @@ fn cpu_attention<T: WithDType>(
     out
 }
 
-impl CustomOp3 for FusedAttention {
-    fn name(&self) -> &'static str {
-        "fused-attention"
-    }
+impl Op3 for FusedAttention {
+    const WHAT: &'static str = "fused attention";
+    const INPUTS: [&'static str; 3] = ["q", "k", "v"];
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (bh, n, d) = l1.shape().dims3()?;
-        let m = l2.shape().dims3()?.1;
-        let dims = (bh, n, m, d);
-        fn run<T: WithDType>(
-            q: &[T],
-            k: &[T],
-            v: &[T],
-            ls: [&Layout; 3],
-            dims: (usize, usize, usize, usize),
-            scale: f32,
-        ) -> Result<Vec<T>> {
-            Ok(cpu_attention(
-                contiguous(q, ls[0], "q")?,
-                contiguous(k, ls[1], "k")?,
-                contiguous(v, ls[2], "v")?,
-                dims,
-                scale,
-            ))
-        }
-        let ls = [l1, l2, l3];
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(run(q, k, v, ls, dims, self.scale)?)
-            }
-            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
-                CpuStorage::F16(run(q, k, v, ls, dims, self.scale)?)
-            }
-            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                CpuStorage::BF16(run(q, k, v, ls, dims, self.scale)?)
-            }
-            _ => candle_core::bail!(
-                "fused attention on the CPU takes f32, f16 or bf16 q, k, v of one dtype, got {:?}",
-                s1.dtype()
-            ),
-        };
-        Ok((out, l1.shape().clone()))
+    fn cpu<T: WithDType>(&self, [q, k, v]: [&[T]; 3], [lq, lk, _]: [&Layout; 3]) -> Result<Vec<T>> {
+        let (bh, n, d) = lq.shape().dims3()?;
+        let m = lk.shape().dims3()?.1;
+        Ok(cpu_attention(q, k, v, (bh, n, m, d), self.scale))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    const KERNEL: &'static str = "fused_attention";
+    #[cfg(feature = "cuda")]
+    const CUDA_F32: bool = false;
+
+    #[cfg(feature = "cuda")]
+    fn launch<T: super::op3::cuda::DeviceRepr>(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::forward(self.scale, s1, l1, s2, l2, s3, l3)
-    }
-}
-
-#[cfg(feature = "cuda")]
-mod cuda {
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-    };
-    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
-
-    use super::{BK, BQ};
-
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
-
-    /// Bytes of dynamic shared memory for a padded head dimension `dp` (see attention.cu).
-    fn shared_bytes(dp: usize, elem: usize) -> usize {
-        elem * (BQ * dp + 2 * BK * dp + BQ * BK) + 4 * (BQ * BK + BQ * dp + 2 * BQ)
-    }
-
-    fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-        match l.contiguous_offsets() {
-            Some((a, b)) => Ok(s.slice(a..b)),
-            None => candle_core::bail!("fused attention: {what} is not contiguous"),
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn launch<T: DeviceRepr>(
         name: &str,
-        dev: &CudaDevice,
-        q: &CudaSlice<T>,
-        lq: &Layout,
-        k: &CudaSlice<T>,
-        lk: &Layout,
-        v: &CudaSlice<T>,
-        lv: &Layout,
-        scale: f32,
-    ) -> Result<CudaSlice<T>> {
-        let (q, k, v) = (view(q, lq, "q")?, view(k, lk, "k")?, view(v, lv, "v")?);
+        dev: &candle_core::CudaDevice,
+        [q, k, v]: [super::op3::cuda::CudaView<'_, T>; 3],
+        [lq, lk, _]: [&Layout; 3],
+    ) -> Result<super::op3::cuda::CudaSlice<T>> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+
+        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
         let (bh, n, d) = lq.shape().dims3()?;
         let m = lk.shape().dims3()?.1;
         let dp = d.div_ceil(16) * 16;
-        let smem = shared_bytes(dp, std::mem::size_of::<T>());
+        // Dynamic shared memory for the padded head size `dp` (the layout in attention.cu).
+        let elem = std::mem::size_of::<T>();
+        let smem = elem * (BQ * dp + 2 * BK * dp + BQ * BK) + 4 * (BQ * BK + BQ * dp + 2 * BQ);
         let func = dev.get_or_load_custom_func(name, "infusion_attention", PTX)?;
         func.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -279,61 +198,41 @@ mod cuda {
         builder.arg(&m);
         builder.arg(&d);
         builder.arg(&dp);
-        builder.arg(&scale);
+        builder.arg(&self.scale);
         // SAFETY: the arguments match the kernel's signature in attention.cu.
         unsafe { builder.launch(cfg) }.w()?;
         Ok(out)
     }
+}
 
-    pub(super) fn forward(
-        scale: f32,
-        s1: &CudaStorage,
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
         l1: &Layout,
-        s2: &CudaStorage,
+        s2: &CpuStorage,
         l2: &Layout,
-        s3: &CudaStorage,
+        s3: &CpuStorage,
         l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = s1.device();
-        let slice = match (&s1.slice, &s2.slice, &s3.slice) {
-            (CudaStorageSlice::F16(q), CudaStorageSlice::F16(k), CudaStorageSlice::F16(v)) => {
-                CudaStorageSlice::F16(launch(
-                    "fused_attention_f16",
-                    dev,
-                    q,
-                    l1,
-                    k,
-                    l2,
-                    v,
-                    l3,
-                    scale,
-                )?)
-            }
-            (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
-                CudaStorageSlice::BF16(launch(
-                    "fused_attention_bf16",
-                    dev,
-                    q,
-                    l1,
-                    k,
-                    l2,
-                    v,
-                    l3,
-                    scale,
-                )?)
-            }
-            _ => candle_core::bail!(
-                "fused attention on CUDA takes f16 or bf16 q, k, v of one dtype, got {:?}",
-                s1.dtype()
-            ),
-        };
-        Ok((
-            CudaStorage {
-                slice,
-                device: dev.clone(),
-            },
-            l1.shape().clone(),
-        ))
+    ) -> Result<(CpuStorage, Shape)> {
+        op3::cpu_fwd(self, [(s1, l1), (s2, l2), (s3, l3)])
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        op3::cuda::cuda_fwd(self, [(s1, l1), (s2, l2), (s3, l3)])
     }
 }
 

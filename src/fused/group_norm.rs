@@ -5,9 +5,10 @@
 //! kernels chosen and nothing tracking gradients, one pass per statistic and one for the output:
 //! `src/fused/group_norm.cu` on CUDA, the same three passes in Rust on the CPU.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 use candle_nn::VarBuilder;
+
+use super::op3::{self, Op3};
 
 /// A group norm layer (`weight`, `bias` of `channels` each).
 #[derive(Debug, Clone)]
@@ -166,10 +167,58 @@ fn cpu_group_norm<T: WithDType>(
     y
 }
 
-fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("fused group norm: {what} is not contiguous"),
+impl Op3 for FusedGroupNorm {
+    const WHAT: &'static str = "fused group norm";
+    const INPUTS: [&'static str; 3] = ["input", "weight", "bias"];
+
+    fn cpu<T: WithDType>(&self, [x, w, b]: [&[T]; 3], [lx, _, _]: [&Layout; 3]) -> Result<Vec<T>> {
+        let (_, c, hw) = lx.shape().dims3()?;
+        Ok(cpu_group_norm(x, w, b, (c, hw), self))
+    }
+
+    #[cfg(feature = "cuda")]
+    const KERNEL: &'static str = "group_norm";
+    #[cfg(feature = "cuda")]
+    const CUDA_F32: bool = true;
+
+    #[cfg(feature = "cuda")]
+    fn launch<T: super::op3::cuda::DeviceRepr>(
+        &self,
+        name: &str,
+        dev: &candle_core::CudaDevice,
+        [x, w, b]: [super::op3::cuda::CudaView<'_, T>; 3],
+        [lx, _, _]: [&Layout; 3],
+    ) -> Result<super::op3::cuda::CudaSlice<T>> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+
+        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
+        /// Threads per block (THREADS in group_norm.cu).
+        const THREADS: u32 = 512;
+        let (n, c, hw) = lx.shape().dims3()?;
+        let func = dev.get_or_load_custom_func(name, "infusion_group_norm", PTX)?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(n * c * hw)? };
+        let cfg = LaunchConfig {
+            grid_dim: ((n * self.groups) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (c, hw) = (c as i32, hw as i32);
+        let (groups, silu) = (self.groups as i32, self.silu as i32);
+        let mut builder = func.builder();
+        builder.arg(&x);
+        builder.arg(&w);
+        builder.arg(&b);
+        builder.arg(&out);
+        builder.arg(&c);
+        builder.arg(&hw);
+        builder.arg(&groups);
+        builder.arg(&self.eps);
+        builder.arg(&silu);
+        // SAFETY: the arguments match the kernel's signature in group_norm.cu.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(out)
     }
 }
 
@@ -187,40 +236,7 @@ impl CustomOp3 for FusedGroupNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, hw) = l1.shape().dims3()?;
-        fn run<T: WithDType>(
-            x: &[T],
-            w: &[T],
-            b: &[T],
-            ls: [&Layout; 3],
-            dims: (usize, usize),
-            op: &FusedGroupNorm,
-        ) -> Result<Vec<T>> {
-            Ok(cpu_group_norm(
-                contiguous(x, ls[0], "x")?,
-                contiguous(w, ls[1], "weight")?,
-                contiguous(b, ls[2], "bias")?,
-                dims,
-                op,
-            ))
-        }
-        let ls = [l1, l2, l3];
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(run(x, w, b, ls, (c, hw), self)?)
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(b)) => {
-                CpuStorage::F16(run(x, w, b, ls, (c, hw), self)?)
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => {
-                CpuStorage::BF16(run(x, w, b, ls, (c, hw), self)?)
-            }
-            _ => candle_core::bail!(
-                "fused group norm takes f32, f16 or bf16 input and weights of one dtype, got {:?}",
-                s1.dtype()
-            ),
-        };
-        Ok((out, l1.shape().clone()))
+        op3::cpu_fwd(self, [(s1, l1), (s2, l2), (s3, l3)])
     }
 
     #[cfg(feature = "cuda")]
@@ -233,105 +249,7 @@ impl CustomOp3 for FusedGroupNorm {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::forward(self, [(s1, l1), (s2, l2), (s3, l3)])
-    }
-}
-
-#[cfg(feature = "cuda")]
-mod cuda {
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-    };
-    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
-
-    use super::FusedGroupNorm;
-
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
-    /// Threads per block (THREADS in group_norm.cu).
-    const THREADS: u32 = 512;
-
-    fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-        match l.contiguous_offsets() {
-            Some((a, b)) => Ok(s.slice(a..b)),
-            None => candle_core::bail!("fused group norm: {what} is not contiguous"),
-        }
-    }
-
-    fn launch<T: DeviceRepr>(
-        name: &str,
-        dev: &CudaDevice,
-        op: &FusedGroupNorm,
-        [(x, lx), (w, lw), (b, lb)]: [(&CudaSlice<T>, &Layout); 3],
-    ) -> Result<CudaSlice<T>> {
-        let (x, w, b) = (
-            view(x, lx, "x")?,
-            view(w, lw, "weight")?,
-            view(b, lb, "bias")?,
-        );
-        let (n, c, hw) = lx.shape().dims3()?;
-        let func = dev.get_or_load_custom_func(name, "infusion_group_norm", PTX)?;
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { dev.alloc::<T>(n * c * hw)? };
-        let cfg = LaunchConfig {
-            grid_dim: ((n * op.groups) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (c, hw, groups, silu) = (c as i32, hw as i32, op.groups as i32, op.silu as i32);
-        let mut builder = func.builder();
-        builder.arg(&x);
-        builder.arg(&w);
-        builder.arg(&b);
-        builder.arg(&out);
-        builder.arg(&c);
-        builder.arg(&hw);
-        builder.arg(&groups);
-        builder.arg(&op.eps);
-        builder.arg(&silu);
-        // SAFETY: the arguments match the kernel's signature in group_norm.cu.
-        unsafe { builder.launch(cfg) }.w()?;
-        Ok(out)
-    }
-
-    pub(super) fn forward(
-        op: &FusedGroupNorm,
-        [(s1, l1), (s2, l2), (s3, l3)]: [(&CudaStorage, &Layout); 3],
-    ) -> Result<(CudaStorage, Shape)> {
-        use CudaStorageSlice as S;
-        let dev = s1.device();
-        let slice = match (&s1.slice, &s2.slice, &s3.slice) {
-            (S::F32(x), S::F32(w), S::F32(b)) => S::F32(launch(
-                "group_norm_f32",
-                dev,
-                op,
-                [(x, l1), (w, l2), (b, l3)],
-            )?),
-            (S::F16(x), S::F16(w), S::F16(b)) => S::F16(launch(
-                "group_norm_f16",
-                dev,
-                op,
-                [(x, l1), (w, l2), (b, l3)],
-            )?),
-            (S::BF16(x), S::BF16(w), S::BF16(b)) => S::BF16(launch(
-                "group_norm_bf16",
-                dev,
-                op,
-                [(x, l1), (w, l2), (b, l3)],
-            )?),
-            _ => candle_core::bail!(
-                "fused group norm on CUDA takes f32, f16 or bf16 input and weights of one dtype, got {:?}",
-                s1.dtype()
-            ),
-        };
-        Ok((
-            CudaStorage {
-                slice,
-                device: dev.clone(),
-            },
-            l1.shape().clone(),
-        ))
+        op3::cuda::cuda_fwd(self, [(s1, l1), (s2, l2), (s3, l3)])
     }
 }
 

@@ -16,6 +16,7 @@
 
 pub mod attention;
 pub mod group_norm;
+mod op3;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
