@@ -51,16 +51,13 @@ fn diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(&(a - b).unwrap())
 }
 
-#[test]
-fn one_and_two_concepts_match_reference() {
+/// Generates the fixture's one-concept prompt with `concepts` (which hold `mycat`) and checks F's
+/// and C's final latents against the reference, and that C's image differs from F's.
+pub(crate) fn check_one_concept_pair(concepts: &ConceptSet) {
     let r = reference("infusion.safetensors");
-    let concepts = set(vec![
-        concept("mycat", "cat", "", 1.0),
-        concept("pot", "teapot", "concept2.", 1.0),
-    ]);
     let g = generate_infusion(
         tiny(),
-        &concepts,
+        concepts,
         "a photo of a <mycat> sitting by a teapot",
         &options(1.0),
         None,
@@ -85,6 +82,16 @@ fn one_and_two_concepts_match_reference() {
         diff(&g.base_image, &g.custom_image) > 1e-3,
         "C's image differs from F's"
     );
+}
+
+#[test]
+fn one_and_two_concepts_match_reference() {
+    let r = reference("infusion.safetensors");
+    let concepts = set(vec![
+        concept("mycat", "cat", "", 1.0),
+        concept("pot", "teapot", "concept2.", 1.0),
+    ]);
+    check_one_concept_pair(&concepts);
 
     let g = generate_infusion(
         tiny(),
