@@ -157,11 +157,15 @@ pub fn run(
     let neg = sd.tokenize("")?;
     let states = sd.text_states(&[&neg, &tokens])?;
     let mut rows = vec![];
+    // Seeded inputs on the model's device, in its dtype.
+    let noise = |seed: u64, dims: &[usize]| -> Result<Tensor> {
+        Ok(seeded_noise(seed, dims)?
+            .to_device(&dev)?
+            .to_dtype(sd.dtype())?)
+    };
 
     let unet = |b: usize| -> Result<(f64, Option<u64>)> {
-        let x = seeded_noise(1, &[b, c, h, w])?
-            .to_device(&dev)?
-            .to_dtype(sd.dtype())?;
+        let x = noise(1, &[b, c, h, w])?;
         let ctx = Tensor::cat(&vec![&states; b / 2], 0)?;
         let t = Tensor::new(500f32, &dev)?;
         time(&dev, opts.repeats, || {
@@ -243,12 +247,7 @@ pub fn run(
         let (heads, d) = (layer.heads, layer.head_dim);
         let n = h * w;
         let qkv = (0..3)
-            .map(|i| {
-                seeded_noise(10 + i, &[2, heads, n, d])?
-                    .to_device(&dev)?
-                    .to_dtype(sd.dtype())
-                    .map_err(Into::into)
-            })
+            .map(|i| noise(10 + i, &[2, heads, n, d]))
             .collect::<Result<Vec<_>>>()?;
         let scale = 1.0 / (d as f64).sqrt();
         let name = format!("self-attention {n}x{d}, batch 2");
@@ -274,15 +273,13 @@ pub fn run(
     // The first ResNet's group norm + SiLU (full resolution, first block's width), both ways.
     let cfg = sd.unet.config();
     if let Some(&ch) = cfg.block_out_channels.first() {
-        let x = seeded_noise(20, &[2, ch, h, w])?
-            .to_device(&dev)?
-            .to_dtype(sd.dtype())?;
-        let affine = |seed| -> Result<Tensor> {
-            Ok(seeded_noise(seed, &[ch])?
-                .to_device(&dev)?
-                .to_dtype(sd.dtype())?)
-        };
-        let gn = GroupNorm::new(affine(21)?, affine(22)?, cfg.norm_num_groups, cfg.norm_eps)?;
+        let x = noise(20, &[2, ch, h, w])?;
+        let gn = GroupNorm::new(
+            noise(21, &[ch])?,
+            noise(22, &[ch])?,
+            cfg.norm_num_groups,
+            cfg.norm_eps,
+        )?;
         let name = format!("group norm + SiLU 2x{ch}x{h}x{w}");
         let naive = time(&dev, opts.repeats, || {
             Ok(fused::with_kernels(Kernels::Naive, || {
