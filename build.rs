@@ -1,4 +1,4 @@
-//! With the `cuda` feature, compiles the crate's own CUDA kernels (src/fused/*.cu) to PTX with
+//! With the `cuda` feature, compiles the crate's own CUDA kernels (src/sd/fused/*.cu) to PTX with
 //! nvcc, as candle-kernels does; the PTX is embedded and JIT-compiled by the driver on first use.
 //! `compute_80` PTX runs on every GPU with tensor-core WMMA for f16 and bf16 (A100, H100, H200).
 //! Without the feature nothing is compiled and no CUDA toolkit is needed.
@@ -25,7 +25,7 @@ fn main() {
         })
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     for name in KERNELS {
-        let src = format!("src/fused/{name}.cu");
+        let src = format!("src/sd/fused/{name}.cu");
         println!("cargo::rerun-if-changed={src}");
         let ptx = out_dir.join(format!("{name}.ptx"));
         let status = Command::new(&nvcc)

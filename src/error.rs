@@ -90,7 +90,7 @@ pub enum Error {
     Cancelled,
 
     /// A tensor operation failed; shown without candle's backtrace.
-    #[error("{}", crate::weights::root_cause(.0))]
+    #[error("{}", crate::sd::weights::root_cause(.0))]
     Candle(#[from] candle_core::Error),
 }
 

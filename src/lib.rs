@@ -1,43 +1,26 @@
-//! infusion: customize Stable Diffusion 1.5 with the Infusion method.
+//! infusion-repl: customize Stable Diffusion 1.5 with the Infusion method.
 //!
-//! This crate holds the SD1.x pipeline on candle (tokenizer, CLIP text encoder, UNet with an
-//! attention hook, VAE, DDIM), model loading from diffusers folders and the Hugging Face cache,
-//! and the `infusion-repl` command line.
+//! The library is layered, dependencies pointing down only:
+//! - [`app`]: the front ends (command line, REPL, Rhai bindings, benchmark);
+//! - [`metrics`]: the paper's overfitting measures and scores;
+//! - [`infusion`]: the method (concepts, prompts, generation, training, attention maps);
+//! - [`sd`]: the SD1.x model and pipeline, which names no method;
+//! - [`util`], [`error`], [`job`]: small shared pieces.
 
-pub mod attention;
-pub mod attention_maps;
-pub mod bench;
-pub mod cli;
-pub mod concept;
-pub mod config;
-pub mod device_mem;
+pub mod app;
 mod error;
-pub mod fused;
-pub mod hub;
-pub mod image_io;
 pub mod infusion;
 pub mod job;
 pub mod metrics;
-mod nn;
-pub mod pipeline;
-pub mod prompt;
-pub mod repl;
-pub mod scheduler;
-pub mod script;
-pub mod text_encoder;
-pub mod text_render;
-pub mod tokenizer;
-pub mod train;
-pub mod unet;
-pub mod vae;
-pub mod weights;
+pub mod sd;
+pub mod util;
 
-pub use attention::{
+pub use error::{Error, Result, WeightProblem};
+pub use infusion::concept::Concept;
+pub use infusion::generate::{generate_infusion, ConceptSet, InfusionGeneration, InfusionOptions};
+pub use job::Job;
+pub use sd::attention::{
     AttentionCall, AttentionHook, AttnKind, AttnSite, BatchLayout, Guidance, HookCtx, LayerInfo,
     Row, Step, Stream,
 };
-pub use concept::Concept;
-pub use error::{Error, Result, WeightProblem};
-pub use infusion::{generate_infusion, ConceptSet, InfusionGeneration, InfusionOptions};
-pub use job::Job;
-pub use pipeline::{GenerateOptions, Generation, LoadOptions, StableDiffusion};
+pub use sd::pipeline::{GenerateOptions, Generation, LoadOptions, StableDiffusion};

@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    infusion::cli::run(std::env::args_os())
+    infusion_repl::app::cli::run(std::env::args_os())
 }

@@ -2,7 +2,7 @@
 
 use image::{Rgb, RgbImage};
 
-use crate::text_render::{draw_text, text_width};
+use crate::util::text_render::{draw_text, text_width};
 
 const BG: Rgb<u8> = Rgb([255, 255, 255]);
 const AXIS: Rgb<u8> = Rgb([120, 120, 120]);

@@ -13,12 +13,12 @@ use image::RgbImage;
 use serde::Deserialize;
 
 use super::preprocess::ImageProcessor;
-use crate::config::{read_json, TextActivation, TextEncoderConfig};
+use crate::sd::config::{read_json, TextActivation, TextEncoderConfig};
 use crate::error::{Error, Result};
-use crate::nn::{layer_norm, norm};
-use crate::text_encoder::{ClipLayer, LayerDims, TextEncoder};
-use crate::tokenizer::ClipTokenizer;
-use crate::weights::WeightFiles;
+use crate::sd::nn::{layer_norm, norm};
+use crate::sd::text_encoder::{ClipLayer, LayerDims, TextEncoder};
+use crate::sd::tokenizer::ClipTokenizer;
+use crate::sd::weights::WeightFiles;
 
 fn d_text_hidden() -> usize {
     512

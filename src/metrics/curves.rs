@@ -14,11 +14,11 @@ use super::fisher::{fisher_divergence, FisherOptions, Variant};
 use super::scores::{clip_i, clip_t, dino_i};
 use super::w2::wasserstein;
 use crate::error::{Error, Result};
-use crate::image_io::{grid_on, save_png, tensor_to_rgb, write_atomic};
-use crate::infusion::{generate_infusion, ConceptSet, InfusionOptions};
+use crate::util::image_io::{grid_on, save_png, tensor_to_rgb, write_atomic};
+use crate::infusion::generate::{generate_infusion, ConceptSet, InfusionOptions};
 use crate::job::Job;
-use crate::pipeline::{GenerateOptions, StableDiffusion};
-use crate::train::{TrainOptions, Trainer};
+use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
+use crate::infusion::train::{TrainOptions, Trainer};
 
 #[derive(Debug, Clone)]
 pub struct CurveOptions {

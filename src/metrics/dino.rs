@@ -10,10 +10,10 @@ use serde::Deserialize;
 
 use super::clip::weight_file;
 use super::preprocess::ImageProcessor;
-use crate::config::read_json;
+use crate::sd::config::read_json;
 use crate::error::{Error, Result};
-use crate::nn::{layer_norm, norm, softmax_last_dim};
-use crate::weights::WeightFiles;
+use crate::sd::nn::{layer_norm, norm, softmax_last_dim};
+use crate::sd::weights::WeightFiles;
 
 fn d_hidden() -> usize {
     384

@@ -12,13 +12,13 @@ use serde::{Deserialize, Serialize};
 
 use super::clip::{cosine_matrix, Clip};
 use super::dino::Dino;
-use crate::concept::Concept;
+use crate::infusion::concept::Concept;
 use crate::error::{Error, Result};
-use crate::image_io::{save_png, tensor_to_rgb, write_atomic};
-use crate::infusion::{generate_infusion, ConceptSet, InfusionOptions};
+use crate::util::image_io::{save_png, tensor_to_rgb, write_atomic};
+use crate::infusion::generate::{generate_infusion, ConceptSet, InfusionOptions};
 use crate::job::Job;
-use crate::pipeline::{GenerateOptions, StableDiffusion};
-use crate::train::load_image_set;
+use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
+use crate::infusion::train::load_image_set;
 
 /// A concept to evaluate: its file and the folder of its training images.
 #[derive(Debug, Clone)]

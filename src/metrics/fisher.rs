@@ -17,12 +17,12 @@ use rand_distr::Distribution;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::infusion::{place_concepts, ConceptSet};
+use crate::infusion::generate::{place_concepts, ConceptSet};
 use crate::job::Job;
-use crate::pipeline::{GenerateOptions, StableDiffusion};
-use crate::train::{image_to_tensor, infusion_eps, square_crop, RowEdit};
-use crate::unet::UNet;
-use crate::weights::WeightFiles;
+use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
+use crate::infusion::train::{image_to_tensor, infusion_eps, square_crop, RowEdit};
+use crate::sd::unet::UNet;
+use crate::sd::weights::WeightFiles;
 
 /// One side of the comparison.
 pub enum Variant<'a> {

@@ -232,7 +232,7 @@ impl ImageProcessor {
     /// `size_means_shortest_edge`: what a bare number `size` means. CLIP's processor resizes the
     /// short side to it; ViT's (DINO) resizes to a square of it.
     pub fn from_file(path: &Path, size_means_shortest_edge: bool) -> Result<Self> {
-        let v: Value = crate::config::read_json(path)?;
+        let v: Value = crate::sd::config::read_json(path)?;
         let (mut shortest_edge, mut size) = v
             .get("size")
             .and_then(size_of)

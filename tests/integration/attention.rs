@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var};
-use infusion::pipeline::Trajectory;
-use infusion::{
+use infusion_repl::sd::pipeline::Trajectory;
+use infusion_repl::{
     AttentionCall, AttentionHook, AttnKind, AttnSite, BatchLayout, Guidance, HookCtx, Job,
     LayerInfo, Stream,
 };
@@ -79,7 +79,7 @@ fn first_step_cross_attention_probabilities_match_reference() {
         &Job::quiet(),
         &mut |rep| {
             if rep.step.index == 0 {
-                Err(infusion::Error::Cancelled)
+                Err(infusion_repl::Error::Cancelled)
             } else {
                 Ok(())
             }

@@ -176,7 +176,7 @@ fn train_then_generate_with_the_concept() {
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let concept = infusion::Concept::load(&dir.path().join("pot.safetensors")).unwrap();
+    let concept = infusion_repl::Concept::load(&dir.path().join("pot.safetensors")).unwrap();
     assert_eq!(concept.train["steps"], 3);
     assert!(dir
         .path()
@@ -204,7 +204,7 @@ fn train_then_generate_with_the_concept() {
     assert_eq!((pair.width(), pair.height()), (64, 32));
     assert!(dir.path().join("pair.base.png").is_file());
     assert!(dir.path().join("pair.custom.png").is_file());
-    let maps = infusion::weights::load_safetensors(
+    let maps = infusion_repl::sd::weights::load_safetensors(
         &dir.path().join("maps.safetensors"),
         &candle_core::Device::Cpu,
     )

@@ -9,12 +9,12 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
-use infusion::{LoadOptions, StableDiffusion};
+use infusion_repl::{LoadOptions, StableDiffusion};
 
-/// The checkout's root (see `infusion::cli::repo_dir`: a test binary copied to another machine
+/// The checkout's root (see `infusion_repl::app::cli::repo_dir`: a test binary copied to another machine
 /// finds the fixtures in the current folder).
 pub fn repo() -> PathBuf {
-    infusion::cli::repo_dir()
+    infusion_repl::app::cli::repo_dir()
 }
 
 pub fn tiny_model_dir() -> PathBuf {
@@ -25,7 +25,7 @@ pub fn tiny_model_dir() -> PathBuf {
 /// so the GPU check runs the same tests on CUDA.
 pub fn device() -> Device {
     match std::env::var("INFUSION_TEST_DEVICE") {
-        Ok(d) if !d.is_empty() => infusion::cli::parse_device(&d).expect("INFUSION_TEST_DEVICE"),
+        Ok(d) if !d.is_empty() => infusion_repl::app::cli::parse_device(&d).expect("INFUSION_TEST_DEVICE"),
         _ => Device::Cpu,
     }
 }
@@ -33,7 +33,7 @@ pub fn device() -> Device {
 /// Reference tensors, on the test device.
 pub fn reference(name: &str) -> HashMap<String, Tensor> {
     let path = repo().join("tests/fixtures/reference").join(name);
-    infusion::weights::load_safetensors(&path, &device())
+    infusion_repl::sd::weights::load_safetensors(&path, &device())
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
@@ -104,14 +104,14 @@ pub fn ids_tensor(ids: &Tensor) -> Tensor {
 }
 
 /// The bundled tiny CLIP and DINO, on the test device.
-pub fn tiny_scorers() -> (infusion::metrics::clip::Clip, infusion::metrics::dino::Dino) {
-    let clip = infusion::metrics::clip::Clip::load(
+pub fn tiny_scorers() -> (infusion_repl::metrics::clip::Clip, infusion_repl::metrics::dino::Dino) {
+    let clip = infusion_repl::metrics::clip::Clip::load(
         &repo().join("models/tiny-clip"),
         &repo().join("models/tiny-sd/tokenizer"),
         &device(),
     )
     .expect("the bundled tiny CLIP loads");
-    let dino = infusion::metrics::dino::Dino::load(&repo().join("models/tiny-dino"), &device())
+    let dino = infusion_repl::metrics::dino::Dino::load(&repo().join("models/tiny-dino"), &device())
         .expect("the bundled tiny DINO loads");
     (clip, dino)
 }

@@ -1,8 +1,8 @@
 //! Over-training curves on the tiny model: the metrics at each checkpoint, a CSV and a chart.
 
-use infusion::metrics::curves::{overtraining_curves, CurveOptions};
-use infusion::train::{load_images, TrainOptions};
-use infusion::Job;
+use infusion_repl::metrics::curves::{overtraining_curves, CurveOptions};
+use infusion_repl::infusion::train::{load_images, TrainOptions};
+use infusion_repl::Job;
 
 use crate::common::{repo, tiny};
 

@@ -4,11 +4,11 @@
 //! bf16 on the CPU is refused with a clear message (candle's CPU matmul has no bf16).
 
 use candle_core::DType;
-use infusion::{GenerateOptions, Job, LoadOptions, StableDiffusion};
+use infusion_repl::{GenerateOptions, Job, LoadOptions, StableDiffusion};
 
 use crate::common::{assert_close, device, get, max_abs, reference, tiny_model_dir};
 
-pub(crate) fn load(dtype: DType) -> infusion::Result<StableDiffusion> {
+pub(crate) fn load(dtype: DType) -> infusion_repl::Result<StableDiffusion> {
     StableDiffusion::load_dir(
         &tiny_model_dir(),
         &LoadOptions {

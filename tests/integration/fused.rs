@@ -7,8 +7,8 @@
 //! The choice is scoped to the test's thread, so the other tests keep the default.
 
 use candle_core::DType;
-use infusion::fused::{fused_calls_on_this_thread, with_kernels, Kernels};
-use infusion::{generate_infusion, Job};
+use infusion_repl::sd::fused::{fused_calls_on_this_thread, with_kernels, Kernels};
+use infusion_repl::{generate_infusion, Job};
 
 use crate::common::{assert_close, device, get, max_abs, reference, tiny};
 
@@ -94,7 +94,7 @@ fn the_op_matches_unfused_attention_at_sd15_head_sizes() {
         (2, 8, pixels / 16, pixels / 16, 160),
     ] {
         let noise = |seed, dims: &[usize]| {
-            infusion::pipeline::seeded_noise(seed, dims)
+            infusion_repl::sd::pipeline::seeded_noise(seed, dims)
                 .unwrap()
                 .to_device(&dev)
                 .unwrap()
@@ -111,7 +111,7 @@ fn the_op_matches_unfused_attention_at_sd15_head_sizes() {
                 .unwrap()
                 .matmul(&up(&v))
                 .unwrap();
-            let got = infusion::fused::attention::fused_attention(&q, &k, &v, scale).unwrap();
+            let got = infusion_repl::sd::fused::attention::fused_attention(&q, &k, &v, scale).unwrap();
             assert_eq!(got.dtype(), dtype);
             let err = max_abs(&(up(&got) - want).unwrap());
             assert!(
@@ -129,8 +129,8 @@ fn the_op_matches_unfused_attention_at_sd15_head_sizes() {
 #[test]
 fn captured_maps_are_those_of_the_unfused_run() {
     use crate::infusion::{concept, options, set};
-    use infusion::attention_maps::AttentionMaps;
-    use infusion::Stream;
+    use infusion_repl::infusion::maps::AttentionMaps;
+    use infusion_repl::Stream;
     let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
     let run = |kernels| {
         let maps = AttentionMaps::new(true);

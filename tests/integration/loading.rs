@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use infusion::{LoadOptions, StableDiffusion};
+use infusion_repl::{LoadOptions, StableDiffusion};
 
 use crate::common::tiny_model_dir;
 
@@ -34,7 +34,7 @@ fn with_edited_unet(
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&tiny_model_dir(), dir.path());
     let file = dir.path().join("unet/diffusion_pytorch_model.safetensors");
-    let mut t = infusion::weights::load_safetensors(&file, &candle_core::Device::Cpu).unwrap();
+    let mut t = infusion_repl::sd::weights::load_safetensors(&file, &candle_core::Device::Cpu).unwrap();
     edit(&mut t);
     candle_core::safetensors::save(&t, &file).unwrap();
     dir
@@ -136,7 +136,7 @@ fn old_vae_attention_names_load_the_same_model() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&tiny_model_dir(), dir.path());
     let file = dir.path().join("vae/diffusion_pytorch_model.safetensors");
-    let t = infusion::weights::load_safetensors(&file, &candle_core::Device::Cpu).unwrap();
+    let t = infusion_repl::sd::weights::load_safetensors(&file, &candle_core::Device::Cpu).unwrap();
     let renamed: std::collections::HashMap<String, candle_core::Tensor> = t
         .into_iter()
         .map(|(k, v)| {
@@ -172,7 +172,7 @@ fn fp16_variant_is_preferred_when_asked_for() {
         .join("unet/diffusion_pytorch_model.fp16.safetensors");
     std::fs::write(&bad, b"broken").unwrap();
     StableDiffusion::load_dir(dir.path(), &LoadOptions::default()).unwrap();
-    let files = infusion::hub::ModelFiles::locate(dir.path(), true).unwrap();
+    let files = infusion_repl::sd::hub::ModelFiles::locate(dir.path(), true).unwrap();
     assert_eq!(files.unet.weights, vec![bad.clone()]);
     assert_eq!(
         files.vae.weights,
@@ -188,13 +188,13 @@ fn hugging_face_cache_snapshot_is_found_from_a_repo_id() {
     copy_dir(&tiny_model_dir(), &snap);
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
-    let found = infusion::hub::snapshot_in_cache(cache.path(), "someorg/tiny-sd").unwrap();
+    let found = infusion_repl::sd::hub::snapshot_in_cache(cache.path(), "someorg/tiny-sd").unwrap();
     assert_eq!(found, snap);
-    let found = infusion::hub::snapshot_in_cache(cache.path(), "someorg/tiny-sd@0123abcd").unwrap();
+    let found = infusion_repl::sd::hub::snapshot_in_cache(cache.path(), "someorg/tiny-sd@0123abcd").unwrap();
     assert_eq!(found, snap);
-    let e = infusion::hub::snapshot_in_cache(cache.path(), "someorg/tiny-sd@v2").unwrap_err();
+    let e = infusion_repl::sd::hub::snapshot_in_cache(cache.path(), "someorg/tiny-sd@v2").unwrap_err();
     assert!(e.to_string().contains("v2"), "{e}");
-    let e = infusion::hub::snapshot_in_cache(cache.path(), "other/model").unwrap_err();
+    let e = infusion_repl::sd::hub::snapshot_in_cache(cache.path(), "other/model").unwrap_err();
     assert!(e.to_string().contains("models--other--model"), "{e}");
     StableDiffusion::load_dir(&found, &LoadOptions::default()).unwrap();
 }

@@ -7,12 +7,12 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use infusion::config::{TextEncoderConfig, UNetConfig, VaeConfig};
-use infusion::pipeline::Trajectory;
-use infusion::text_encoder::TextEncoder;
-use infusion::unet::UNet;
-use infusion::vae::Vae;
-use infusion::{
+use infusion_repl::sd::config::{TextEncoderConfig, UNetConfig, VaeConfig};
+use infusion_repl::sd::pipeline::Trajectory;
+use infusion_repl::sd::text_encoder::TextEncoder;
+use infusion_repl::sd::unet::UNet;
+use infusion_repl::sd::vae::Vae;
+use infusion_repl::{
     AttentionCall, AttentionHook, AttnKind, AttnSite, BatchLayout, GenerateOptions, Guidance,
     HookCtx, Job, LayerInfo, LoadOptions, StableDiffusion, Stream,
 };
@@ -38,7 +38,7 @@ fn write_component<M>(
     for (i, name) in names.iter().enumerate() {
         let data = varmap.data().lock().unwrap();
         let var = &data[name];
-        let noise = infusion::pipeline::seeded_noise(seed * 10_000 + i as u64, var.dims()).unwrap();
+        let noise = infusion_repl::sd::pipeline::seeded_noise(seed * 10_000 + i as u64, var.dims()).unwrap();
         var.set(&(var.as_tensor() + (noise * 0.05).unwrap()).unwrap())
             .unwrap();
     }
@@ -254,7 +254,7 @@ fn check_case(case: &Case) {
     assert!(max_abs(&g.image).is_finite(), "{name}");
 
     // Per-element timesteps give what separate calls give.
-    let x = infusion::pipeline::seeded_noise(5, &[2, 4, h, w]).unwrap();
+    let x = infusion_repl::sd::pipeline::seeded_noise(5, &[2, 4, h, w]).unwrap();
     let tokens = sd.tokenize("a teapot").unwrap();
     let neg = sd.tokenize("").unwrap();
     let ctx = sd.text_states(&[&neg, &tokens]).unwrap();
@@ -281,7 +281,7 @@ fn check_case(case: &Case) {
         uncond: ctx.get(0).unwrap().unsqueeze(0).unwrap(),
         cond: ctx.get(1).unwrap().unsqueeze(0).unwrap(),
     };
-    let init = infusion::pipeline::seeded_noise(9, &[1, 4, h, w]).unwrap();
+    let init = infusion_repl::sd::pipeline::seeded_noise(9, &[1, 4, h, w]).unwrap();
     let out = sd
         .denoise(
             &init,
@@ -349,11 +349,11 @@ fn weight_check_applies_to_other_configs() {
 #[test]
 fn random_weights_build_a_working_model() {
     let dir = tiny_model_dir();
-    let configs = infusion::pipeline::ModelConfigs {
+    let configs = infusion_repl::sd::pipeline::ModelConfigs {
         text: TextEncoderConfig::from_file(&dir.join("text_encoder/config.json")).unwrap(),
         unet: UNetConfig::from_file(&dir.join("unet/config.json")).unwrap(),
         vae: VaeConfig::from_file(&dir.join("vae/config.json")).unwrap(),
-        scheduler: infusion::config::SchedulerConfig::from_file(
+        scheduler: infusion_repl::sd::config::SchedulerConfig::from_file(
             &dir.join("scheduler/scheduler_config.json"),
         )
         .unwrap(),

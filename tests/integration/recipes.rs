@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use candle_core::DType;
-use infusion::Concept;
+use infusion_repl::Concept;
 
 use crate::common::{repo, tiny};
 
@@ -43,7 +43,7 @@ fn write_concept(dir: &Path, name: &str, word: &str, seed: u64) {
     )
     .unwrap();
     for (i, d) in c.deltas.values_mut().enumerate() {
-        *d = (infusion::pipeline::seeded_noise(seed * 100 + i as u64, d.dims()).unwrap() * 0.5)
+        *d = (infusion_repl::sd::pipeline::seeded_noise(seed * 100 + i as u64, d.dims()).unwrap() * 0.5)
             .unwrap();
     }
     c.save(&dir.join(format!("{name}.safetensors")), DType::F16)
@@ -138,7 +138,7 @@ fn attention_maps_writes_tiles_words_and_raw_maps() {
     assert_eq!(size(&dir.path().join("am-F.png")), (w, h));
     // Rows: <pot>, then "teapot", "wooden", "table" (words longer than 2 letters).
     assert_eq!(size(&dir.path().join("am-words.png")), (66, 4 * 46));
-    let maps = infusion::weights::load_safetensors(
+    let maps = infusion_repl::sd::weights::load_safetensors(
         &dir.path().join("am.safetensors"),
         &candle_core::Device::Cpu,
     )

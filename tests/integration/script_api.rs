@@ -1,6 +1,6 @@
 //! The metric bindings through the same engine the REPL and the runner use.
 
-use infusion::script::{build_engine, ScriptConfig, Session};
+use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
 use rhai::{Dynamic, Scope};
 
 use crate::common::repo;
@@ -68,7 +68,7 @@ fn scores_and_distances_from_scripts() {
 /// runs through it), names the choices when the name is wrong, and leaves other threads alone.
 #[test]
 fn kernels_are_chosen_from_scripts() {
-    use infusion::fused::{fused_calls_on_this_thread, kernels};
+    use infusion_repl::sd::fused::{fused_calls_on_this_thread, kernels};
     // The process-wide choice (naive unless INFUSION_KERNELS says otherwise).
     let default = kernels().to_string();
     let other = std::thread::spawn(|| eval("kernels()").into_string().unwrap());

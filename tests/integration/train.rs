@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use infusion::train::{infusion_loss, load_images, TrainOptions, Trainer};
-use infusion::Job;
+use infusion_repl::infusion::train::{infusion_loss, load_images, TrainOptions, Trainer};
+use infusion_repl::Job;
 
 use crate::common::{assert_close, get, max_abs, reference, tiny};
 
@@ -43,7 +43,7 @@ pub(crate) fn check_loss_and_gradients() {
         .unet
         .attention_layers()
         .into_iter()
-        .filter(|l| l.kind == infusion::AttnKind::CrossAttention)
+        .filter(|l| l.kind == infusion_repl::AttnKind::CrossAttention)
         .map(|l| (l.path.clone(), Var::from_tensor(get(&r, &l.path)).unwrap()))
         .collect();
     let deltas = vars
@@ -119,7 +119,7 @@ fn training_images_of_every_kind_load_as_rgb() {
     let c = &imgs[2].1;
     assert_eq!(c.get_pixel(30, 5).0, [255, 255, 255]);
     assert_eq!(c.get_pixel(2, 5).0[0], 233);
-    let sq = infusion::train::square_crop(&imgs[1].1, 32);
+    let sq = infusion_repl::infusion::train::square_crop(&imgs[1].1, 32);
     assert_eq!(sq.dimensions(), (32, 32));
     let e = load_images(&dir.path().join("nope")).unwrap_err();
     assert!(e.to_string().contains("nope"), "{e}");
@@ -146,7 +146,7 @@ fn opts(steps: usize) -> TrainOptions {
     }
 }
 
-fn deltas_diff(a: &infusion::Concept, b: &infusion::Concept) -> f32 {
+fn deltas_diff(a: &infusion_repl::Concept, b: &infusion_repl::Concept) -> f32 {
     a.deltas
         .iter()
         .map(|(k, d)| max_abs(&(d - &b.deltas[k]).unwrap()))
@@ -204,7 +204,7 @@ fn runs_are_deterministic_and_resuming_continues_the_same_curve() {
         0.0
     );
     // The checkpoint is an ordinary concept file too.
-    let ck = infusion::Concept::load(&ra.checkpoints[1]).unwrap();
+    let ck = infusion_repl::Concept::load(&ra.checkpoints[1]).unwrap();
     assert_eq!(deltas_diff(&ck, &a.concept().unwrap()), 0.0);
 }
 

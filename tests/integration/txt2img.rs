@@ -3,7 +3,7 @@
 //! amplify per-step error, see tests/fixtures/README.md).
 
 use candle_core::Tensor;
-use infusion::{GenerateOptions, Job};
+use infusion_repl::{GenerateOptions, Job};
 
 use crate::common::{assert_close, get, reference, tiny};
 
@@ -47,8 +47,8 @@ fn trajectory_and_image_match_reference() {
         "text states",
     );
     let init = sd.initial_latents(&opts).unwrap();
-    let traj = infusion::pipeline::Trajectory {
-        stream: infusion::Stream::Foundational,
+    let traj = infusion_repl::sd::pipeline::Trajectory {
+        stream: infusion_repl::Stream::Foundational,
         sample: 0,
         uncond: states.get(0).unwrap().unsqueeze(0).unwrap(),
         cond: states.get(1).unwrap().unsqueeze(0).unwrap(),

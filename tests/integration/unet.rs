@@ -52,7 +52,7 @@ fn attention_layers_are_named_by_weight_path() {
     let layers = tiny().unet.attention_layers();
     let cross: Vec<_> = layers
         .iter()
-        .filter(|l| l.kind == infusion::AttnKind::CrossAttention)
+        .filter(|l| l.kind == infusion_repl::AttnKind::CrossAttention)
         .map(|l| (l.path.as_str(), l.heads, l.head_dim))
         .collect();
     // The table in tests/fixtures/README.md, in the order the UNet runs them.

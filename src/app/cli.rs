@@ -1,0 +1,486 @@
+//! The `infusion-repl` command line.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand};
+
+use crate::infusion::maps::AttentionMaps;
+use crate::app::bench::BenchOptions;
+use crate::error::{Error, Result};
+use crate::sd::fused::{set_kernels, Kernels};
+use crate::infusion::generate::{generate_infusion, ConceptSet, InfusionOptions};
+use crate::job::Job;
+use crate::sd::pipeline::{load_noise, GenerateOptions, LoadOptions, ModelConfigs, StableDiffusion};
+use crate::app::script::{ScriptConfig, Session};
+use crate::infusion::train::{image_count_warning, load_image_set, TrainOptions, Trainer};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "infusion-repl",
+    version,
+    about = "Customize Stable Diffusion 1.5 with Infusion",
+    long_about = "Customize Stable Diffusion 1.5 with Infusion.\n\nWith no argument: an interactive Rhai REPL. With FILE.rhai: runs that recipe (the arguments after it reach it as `ARGS`). Or one of the commands below.",
+    override_usage = "infusion-repl [OPTIONS]                      (the REPL)\n       infusion-repl [OPTIONS] FILE.rhai [ARGS]...  (a recipe)\n       infusion-repl [OPTIONS] <COMMAND>"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// The command line of a recipe run: everything after the file goes to the script.
+#[derive(Debug, Parser)]
+#[command(name = "infusion-repl")]
+struct ScriptCli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    script: PathBuf,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+const SUBCOMMANDS: &[&str] = &["generate", "train", "bench", "help"];
+
+/// Index of the first argument that is neither an option nor an option's value.
+fn first_positional(args: &[OsString]) -> Option<usize> {
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        if a == "--" {
+            return (i + 1 < args.len()).then_some(i + 1);
+        }
+        if a.starts_with('-') {
+            if matches!(a.as_ref(), "--model" | "--device" | "--dtype" | "--kernels") {
+                i += 1;
+            }
+            i += 1;
+            continue;
+        }
+        return Some(i);
+    }
+    None
+}
+
+#[derive(Debug, Args)]
+struct GlobalArgs {
+    /// Model folder (diffusers layout) or Hugging Face repo id; default: the bundled tiny model.
+    #[arg(long, global = true, env = "INFUSION_MODEL")]
+    model: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
+    /// f32, f16 or bf16.
+    #[arg(long, global = true, default_value = "f32")]
+    dtype: String,
+    /// Never draw images in the terminal: print the saved file's path.
+    #[arg(long, global = true)]
+    no_images: bool,
+    /// naive (candle's composite ops) or fused (single-kernel attention and group norm + SiLU,
+    /// used where nothing trains through them and no attention maps are asked for).
+    #[arg(long, global = true, env = "INFUSION_KERNELS", default_value = "naive")]
+    kernels: Kernels,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate an image from a prompt; with concepts, the base and customized images.
+    Generate(GenerateArgs),
+    /// Train a concept from a folder of images.
+    Train(TrainArgs),
+    /// Time UNet calls, text-to-image, Infusion pairs, training steps and the largest
+    /// self-attention alone (prints a table).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// `model`: the --model (default: the bundled tiny one); `sd15`: SD1.5's shapes with random
+    /// weights.
+    #[arg(long, default_value = "model")]
+    shapes: String,
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// Folder of 3-20 images of the concept (jpg, png, webp).
+    folder: PathBuf,
+    /// The concept's name: prompts call it `<NAME>`.
+    #[arg(long)]
+    name: String,
+    /// Its class word (`cat`, `teapot`).
+    #[arg(long)]
+    word: String,
+    /// Where to write the concept (default: NAME.safetensors).
+    #[arg(short, long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value_t = 500)]
+    steps: usize,
+    #[arg(long, default_value_t = 0.01)]
+    lr: f64,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Prompt template with `{}` for the class word (repeat for several; default: 10 templates).
+    #[arg(long = "template")]
+    templates: Vec<String>,
+    /// Do not add horizontally flipped images.
+    #[arg(long)]
+    no_flip: bool,
+    /// Write a checkpoint every N steps (into `NAME-checkpoints/` beside the output).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Continue from a checkpoint (`NAME-stepNNNNNN.safetensors`).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Store the deltas in f32 instead of f16.
+    #[arg(long)]
+    f32: bool,
+}
+
+#[derive(Debug, Args)]
+struct GenerateArgs {
+    /// The prompt.
+    #[arg(default_value = "a photo of a cat sitting by a teapot")]
+    prompt: String,
+    /// Where to write the PNG.
+    #[arg(short, long, default_value = "image.png")]
+    out: PathBuf,
+    #[arg(long, default_value = "")]
+    negative: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, default_value_t = 8.0)]
+    guidance: f64,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    /// A safetensors file whose tensor `noise` is the initial latent.
+    #[arg(long)]
+    noise: Option<PathBuf>,
+    /// A concept file to load (repeat for several); prompts use them as `<name>`.
+    #[arg(long = "concept")]
+    concepts: Vec<PathBuf>,
+    /// Load concepts trained on another model anyway.
+    #[arg(long)]
+    force: bool,
+    /// Fraction of the steps in which C uses F's attention maps.
+    #[arg(long, default_value_t = 1.0)]
+    replace_steps: f64,
+    /// Write the cross-attention maps of F and C (every step) to this safetensors file.
+    #[arg(long)]
+    maps: Option<PathBuf>,
+}
+
+/// The repository's folder of bundled files: `$INFUSION_HOME`, else the source checkout the
+/// binary was built from, else the current folder (a copied checkout, e.g. on a GPU machine).
+pub fn repo_dir() -> PathBuf {
+    if let Some(h) = std::env::var_os("INFUSION_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if built.join("models").is_dir() {
+        built.to_path_buf()
+    } else {
+        PathBuf::from(".")
+    }
+}
+
+/// The tiny random-weight model shipped in the repository.
+pub fn bundled_model() -> PathBuf {
+    repo_dir().join("models").join("tiny-sd")
+}
+
+/// Parses `cpu`, `cuda`, `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let bad = || Error::arg("--device", format!("`{s}`: expected cpu, cuda or cuda:N"));
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        _ => match s.strip_prefix("cuda:") {
+            Some(n) => cuda(n.parse().map_err(|_| bad())?),
+            None => Err(bad()),
+        },
+    }
+}
+
+fn cuda(ordinal: usize) -> Result<Device> {
+    let hint = if cfg!(feature = "cuda") {
+        "is an NVIDIA GPU there, with its driver (libcuda.so.1)?"
+    } else {
+        "this binary has no GPU support: build it with `--features cuda`"
+    };
+    Device::new_cuda(ordinal).map_err(|e| {
+        Error::arg(
+            "--device",
+            format!(
+                "cannot open cuda:{ordinal}: {} ({hint})",
+                crate::sd::weights::root_cause(&e)
+            ),
+        )
+    })
+}
+
+/// Parses `f32`, `f16`, `bf16`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(Error::arg(
+            "--dtype",
+            format!("`{s}`: expected f32, f16 or bf16"),
+        )),
+    }
+}
+
+fn load_model(global: &GlobalArgs) -> Result<StableDiffusion> {
+    let opts = LoadOptions {
+        device: parse_device(&global.device)?,
+        dtype: parse_dtype(&global.dtype)?,
+    };
+    match &global.model {
+        Some(spec) => StableDiffusion::load(spec, &opts),
+        None => {
+            let dir = bundled_model();
+            eprintln!(
+                "note: no --model given: using the bundled tiny model with random weights ({})",
+                dir.display()
+            );
+            StableDiffusion::load_dir(&dir, &opts)
+        }
+    }
+}
+
+fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
+    let sd = load_model(global)?;
+    let tokens = sd.tokenize(&args.prompt)?;
+    if tokens.truncated() {
+        eprintln!(
+            "warning: the prompt has {} tokens, the text encoder takes {}: the end is cut off",
+            tokens.untruncated_n_tokens,
+            sd.tokenizer.max_len()
+        );
+    }
+    let opts = GenerateOptions {
+        negative_prompt: args.negative.clone(),
+        seed: args.seed,
+        steps: args.steps,
+        guidance: args.guidance,
+        width: args.width,
+        height: args.height,
+        noise: args.noise.as_deref().map(load_noise).transpose()?,
+    };
+    if args.concepts.is_empty() && args.maps.is_none() {
+        let generation = sd.generate(&args.prompt, &opts, job)?;
+        generation.save_png(&args.out)?;
+        println!("{}", args.out.display());
+        return Ok(());
+    }
+    let mut concepts = ConceptSet::new();
+    for path in &args.concepts {
+        let (c, warnings) = concepts.load_file(path, &sd, args.force)?;
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+        eprintln!("loaded <{}> ({}) from {}", c.name, c.word, path.display());
+    }
+    let maps = args.maps.as_ref().map(|_| AttentionMaps::new(true));
+    let iopts = InfusionOptions {
+        generate: opts,
+        replace_steps: args.replace_steps,
+    };
+    let g = generate_infusion(&sd, &concepts, &args.prompt, &iopts, maps.as_ref(), job)?;
+    for p in g.save_pngs(&args.out)? {
+        println!("{}", p.display());
+    }
+    if let (Some(m), Some(path)) = (&maps, &args.maps) {
+        m.save(path)?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job) -> Result<()> {
+    let sd = load_model(global)?;
+    let images: Vec<_> = load_image_set(&args.folder)?;
+    if let Some(w) = image_count_warning(images.len(), &args.folder) {
+        eprintln!("warning: {w}");
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{}.safetensors", args.name)));
+    let mut trainer = match &args.resume {
+        Some(ckpt) => Trainer::resume(&sd, ckpt, &images, Some(args.steps))?,
+        None => {
+            let defaults = TrainOptions::default();
+            let ckpt_dir = args
+                .checkpoint_every
+                .map(|_| out.with_file_name(format!("{}-checkpoints", args.name)));
+            let opts = TrainOptions {
+                steps: args.steps,
+                lr: args.lr,
+                batch: args.batch,
+                seed: args.seed,
+                templates: if args.templates.is_empty() {
+                    defaults.templates
+                } else {
+                    args.templates.clone()
+                },
+                flip: !args.no_flip,
+                checkpoint_every: args.checkpoint_every,
+                checkpoint_dir: ckpt_dir,
+                ..defaults
+            };
+            Trainer::new(&sd, &args.name, &args.word, &images, opts)?
+        }
+    };
+    let dtype = if args.f32 { DType::F32 } else { DType::F16 };
+    let result = trainer.run(job);
+    // Whatever happened, the deltas reached (or the last good ones) are kept.
+    let concept = trainer.concept()?;
+    concept.save(&out, dtype)?;
+    match result {
+        Ok(report) => {
+            if report.cancelled {
+                eprintln!(
+                    "stopped at step {}: the deltas reached are saved",
+                    report.steps_done
+                );
+            }
+            if let Some(l) = report.losses.last() {
+                eprintln!("step {}: loss {l:.5}", report.steps_done);
+            }
+            println!("{}", out.display());
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!(
+                "the deltas of step {} are saved in {}",
+                trainer.steps_done(),
+                out.display()
+            );
+            Err(e)
+        }
+    }
+}
+
+fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
+    let (sd, name) = match args.shapes.as_str() {
+        "model" => {
+            let name = global
+                .model
+                .clone()
+                .unwrap_or_else(|| "bundled tiny model".into());
+            (load_model(global)?, name)
+        }
+        "sd15" => {
+            let opts = LoadOptions {
+                device: parse_device(&global.device)?,
+                dtype: parse_dtype(&global.dtype)?,
+            };
+            let sd = StableDiffusion::random(
+                &ModelConfigs::sd15(),
+                &bundled_model().join("tokenizer"),
+                &opts,
+                0,
+            )?;
+            (sd, "SD1.5 shapes, random weights".to_string())
+        }
+        other => {
+            return Err(Error::arg(
+                "--shapes",
+                format!("`{other}`: expected model or sd15"),
+            ))
+        }
+    };
+    let opts = BenchOptions {
+        steps: args.steps,
+        repeats: args.repeats,
+    };
+    let report = crate::app::bench::run(&sd, &name, &opts, job)?;
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| Error::arg("--json", e))?;
+        crate::util::image_io::write_atomic(path, |w| {
+            w.write_all(json.as_bytes()).map_err(|e| Error::io(path, e))
+        })?;
+    }
+    Ok(())
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let args: Vec<OsString> = args.into_iter().collect();
+    let script_mode = first_positional(&args)
+        .is_some_and(|i| !SUBCOMMANDS.contains(&args[i].to_string_lossy().as_ref()));
+    let parsed = if script_mode {
+        ScriptCli::try_parse_from(&args).map(|c| (c.global, None, Some((c.script, c.args))))
+    } else {
+        Cli::try_parse_from(&args).map(|c| (c.global, c.command, None))
+    };
+    let (global, command, script) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    set_kernels(global.kernels);
+    let session = Session::new(ScriptConfig {
+        model: global.model.clone(),
+        device: global.device.clone(),
+        dtype: global.dtype.clone(),
+        no_images: global.no_images,
+        ..ScriptConfig::default()
+    });
+    let job = session.job.clone();
+    let flag = job.cancel_flag();
+    // Ctrl-C stops the running job at its next step (in the REPL: and returns to the prompt).
+    let _ = ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
+    let result = match (command, script) {
+        (Some(Command::Generate(args)), _) => generate(&global, &args, &job),
+        (Some(Command::Train(args)), _) => train(&global, &args, &job),
+        (Some(Command::Bench(args)), _) => bench(&global, &args, &job),
+        (None, Some((script, args))) => {
+            return match crate::app::script::run_file(&session, &script, &args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(msg) => {
+                    eprintln!("{msg}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        (None, None) => return crate::app::repl::run(session),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Error::Cancelled) => {
+            eprintln!("cancelled");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,521 @@
+//! The interactive REPL: rustyline over one Rhai engine and one scope kept across inputs.
+//!
+//! Each input is compiled and merged into the session's AST, so functions defined at the prompt
+//! persist, and the AST's statements are cleared after they ran, so they never run again.
+//! An unfinished `{`, `(`, `[`, string or comment continues on the next line.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use rhai::{Dynamic, Engine, EvalAltResult, Scope, AST};
+use rustyline::completion::{Completer, FilenameCompleter, Pair};
+use rustyline::error::ReadlineError;
+use rustyline::highlight::Highlighter;
+use rustyline::hint::{Hinter, HistoryHinter};
+use rustyline::history::DefaultHistory;
+use rustyline::validate::{ValidationContext, ValidationResult, Validator};
+use rustyline::{CompletionType, Context, Editor, Helper};
+
+use crate::app::script::api::concepts::ConceptVal;
+use crate::app::script::api::images::{show, Img};
+use crate::app::script::api::model::{Gen, Model};
+use crate::app::script::api::tensors::TensorVal;
+use crate::app::script::{build_engine, describe, docs, Session};
+
+const KEYWORDS: &[&str] = &[
+    "let", "const", "fn", "if", "else", "for", "in", "while", "loop", "break", "continue",
+    "return", "import", "as", "true", "false", "print",
+];
+const COMMANDS: &[&str] = &[":help", ":scope", ":load", ":quit"];
+
+/// Whether `input` is unfinished: an open bracket, string or block comment at its end.
+pub fn is_incomplete(input: &str) -> bool {
+    let mut depth: i64 = 0;
+    let mut chars = input.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth -= 1,
+            '"' | '`' => {
+                let quote = c;
+                let mut closed = false;
+                while let Some(d) = chars.next() {
+                    if d == '\\' && quote == '"' {
+                        chars.next();
+                    } else if d == quote {
+                        closed = true;
+                        break;
+                    }
+                }
+                if !closed {
+                    return true;
+                }
+            }
+            '\'' => {
+                // a character literal: 'a' or '\n'
+                if chars.next() == Some('\\') {
+                    chars.next();
+                }
+                chars.next();
+            }
+            '/' if chars.peek() == Some(&'/') => {
+                for d in chars.by_ref() {
+                    if d == '\n' {
+                        break;
+                    }
+                }
+            }
+            '/' if chars.peek() == Some(&'*') => {
+                chars.next();
+                let mut closed = false;
+                let mut prev = ' ';
+                for d in chars.by_ref() {
+                    if prev == '*' && d == '/' {
+                        closed = true;
+                        break;
+                    }
+                    prev = d;
+                }
+                if !closed {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+    }
+    depth > 0
+}
+
+/// Names the completer offers, refreshed after every input.
+#[derive(Default)]
+struct Names {
+    functions: Vec<String>,
+    variables: Vec<String>,
+}
+
+struct ReplHelper {
+    names: Rc<RefCell<Names>>,
+    files: FilenameCompleter,
+    hinter: HistoryHinter,
+}
+
+/// Byte offset where the string literal containing `pos` starts (after its quote), if `pos` is
+/// inside one on this line.
+fn open_string_start(line: &str, pos: usize) -> Option<usize> {
+    let mut start = None;
+    let mut escaped = false;
+    for (i, c) in line[..pos].char_indices() {
+        match (start, c) {
+            (Some(_), '\\') if !escaped => {
+                escaped = true;
+                continue;
+            }
+            (Some(_), '"') if !escaped => start = None,
+            (None, '"') => start = Some(i + 1),
+            _ => {}
+        }
+        escaped = false;
+    }
+    start
+}
+
+impl Completer for ReplHelper {
+    type Candidate = Pair;
+
+    fn complete(
+        &self,
+        line: &str,
+        pos: usize,
+        ctx: &Context<'_>,
+    ) -> rustyline::Result<(usize, Vec<Pair>)> {
+        if open_string_start(line, pos).is_some() {
+            return self
+                .files
+                .complete_path(line, pos)
+                .or_else(|_| self.files.complete(line, pos, ctx));
+        }
+        let start = line[..pos]
+            .char_indices()
+            .rev()
+            .find(|(_, c)| !(c.is_alphanumeric() || *c == '_' || *c == ':'))
+            .map(|(i, c)| i + c.len_utf8())
+            .unwrap_or(0);
+        let word = &line[start..pos];
+        let names = self.names.borrow();
+        let mut out: Vec<Pair> = if word.starts_with(':') {
+            COMMANDS
+                .iter()
+                .filter(|c| c.starts_with(word))
+                .map(|c| Pair {
+                    display: c.to_string(),
+                    replacement: c.to_string(),
+                })
+                .collect()
+        } else {
+            names
+                .functions
+                .iter()
+                .chain(&names.variables)
+                .map(String::as_str)
+                .chain(KEYWORDS.iter().copied())
+                .filter(|n| n.starts_with(word) && !word.is_empty())
+                .map(|n| Pair {
+                    display: n.to_string(),
+                    replacement: n.to_string(),
+                })
+                .collect()
+        };
+        out.sort_by(|a, b| a.display.cmp(&b.display));
+        out.dedup_by(|a, b| a.display == b.display);
+        Ok((start, out))
+    }
+}
+
+impl Hinter for ReplHelper {
+    type Hint = String;
+    fn hint(&self, line: &str, pos: usize, ctx: &Context<'_>) -> Option<String> {
+        self.hinter.hint(line, pos, ctx)
+    }
+}
+
+impl Highlighter for ReplHelper {
+    fn highlight_hint<'h>(&self, hint: &'h str) -> Cow<'h, str> {
+        Cow::Owned(format!("\x1b[2m{hint}\x1b[0m"))
+    }
+}
+
+impl Validator for ReplHelper {
+    fn validate(&self, ctx: &mut ValidationContext) -> rustyline::Result<ValidationResult> {
+        let input = ctx.input();
+        if !input.trim_start().starts_with(':') && is_incomplete(input) {
+            Ok(ValidationResult::Incomplete)
+        } else {
+            Ok(ValidationResult::Valid(None))
+        }
+    }
+}
+
+impl Helper for ReplHelper {}
+
+fn history_path() -> Option<PathBuf> {
+    dirs::data_dir().map(|d| d.join("infusion-repl").join("history.txt"))
+}
+
+/// The error under the input line that caused it: the line, a caret, the message.
+fn print_error(input: &str, err: &EvalAltResult) {
+    let (msg, pos) = describe(err);
+    match pos.line() {
+        Some(line) => {
+            let text = input.lines().nth(line - 1).unwrap_or("");
+            let col = pos.position().unwrap_or(1);
+            eprintln!("  {text}\n  {}^ {msg}", " ".repeat(col.saturating_sub(1)));
+        }
+        None => eprintln!("error: {msg}"),
+    }
+}
+
+fn print_help(topic: &str) {
+    if topic.is_empty() {
+        println!("Functions (:help NAME for details and an example):");
+        for d in docs::FUNCTIONS {
+            println!("  {:<16} {}", d.name, d.signatures[0]);
+        }
+        println!(
+            "Commands: :help [NAME], :scope (variables), :load FILE (run a script here), :quit"
+        );
+        println!("Ctrl-C cancels a running generation or training; Ctrl-D leaves.");
+        return;
+    }
+    match docs::find(topic) {
+        Some(d) => {
+            for s in d.signatures {
+                println!("  {s}");
+            }
+            println!("\n{}\n\nExample:\n  {}", d.doc, d.example);
+        }
+        None => {
+            let near: Vec<&str> = docs::FUNCTIONS
+                .iter()
+                .map(|d| d.name)
+                .filter(|n| n.contains(topic) || topic.contains(n))
+                .collect();
+            println!(
+                "no function named `{topic}`{}",
+                if near.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (did you mean {}?)", near.join(", "))
+                }
+            );
+        }
+    }
+}
+
+/// A one-line description of a value, and shows images.
+fn print_value(session: &Session, value: &Dynamic) {
+    if value.is_unit() {
+        return;
+    }
+    if let Some(img) = value.clone().try_cast::<Img>() {
+        if let Err(e) = show(session, &img) {
+            print_error("", &e);
+        }
+        return;
+    }
+    let text = describe_value(value);
+    println!("{text}");
+}
+
+fn describe_value(value: &Dynamic) -> String {
+    macro_rules! try_display {
+        ($($t:ty),*) => {
+            $(if let Some(v) = value.clone().try_cast::<$t>() {
+                return v.to_string();
+            })*
+        };
+    }
+    try_display!(Model, Gen, ConceptVal, TensorVal, Img);
+    if value.is_array() {
+        let arr = value.clone().into_array().unwrap_or_default();
+        let items: Vec<String> = arr.iter().map(describe_value).collect();
+        return format!("[{}]", items.join(", "));
+    }
+    if value.is_map() {
+        let map = value.clone().cast::<rhai::Map>();
+        let items: Vec<String> = map
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", describe_value(v)))
+            .collect();
+        return format!("#{{{}}}", items.join(", "));
+    }
+    if value.is_string() {
+        return format!("{:?}", value.to_string());
+    }
+    value.to_string()
+}
+
+struct Repl {
+    session: Arc<Session>,
+    engine: Engine,
+    scope: Scope<'static>,
+    ast: AST,
+}
+
+impl Repl {
+    /// Compiles and runs one input; functions it defines stay, statements do not.
+    fn eval(&mut self, input: &str) {
+        self.session.job.reset();
+        let new = match self.engine.compile_with_scope(&self.scope, input) {
+            Ok(ast) => ast,
+            Err(e) => {
+                print_error(input, &e.into());
+                return;
+            }
+        };
+        self.ast += new;
+        // A bug that panics in a bound function must not end the session.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.engine
+                .eval_ast_with_scope::<Dynamic>(&mut self.scope, &self.ast)
+        }));
+        self.ast.clear_statements();
+        match result {
+            Ok(Ok(v)) => print_value(&self.session, &v),
+            Ok(Err(e)) => print_error(input, &e),
+            Err(_) => {
+                eprintln!("error: internal error (a bug: please report it); the session goes on")
+            }
+        }
+        self.session.job.reset();
+    }
+
+    fn load(&mut self, path: &Path) {
+        match std::fs::read_to_string(path) {
+            Ok(src) => self.eval(&src),
+            Err(e) => eprintln!("error: {}: {e}", path.display()),
+        }
+    }
+
+    fn print_scope(&self) {
+        if self.scope.is_empty() {
+            println!("(no variables)");
+        }
+        for (name, constant, value) in self.scope.iter() {
+            let mut text = describe_value(&value);
+            if text.len() > 70 {
+                text.truncate(67);
+                text.push_str("...");
+            }
+            let kw = if constant { "const" } else { "let" };
+            let ty = self.engine.map_type_name(value.type_name());
+            println!("{kw} {name}: {ty} = {text}");
+        }
+    }
+
+    fn function_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .engine
+            .gen_fn_signatures(false)
+            .into_iter()
+            .chain(self.ast.iter_functions().map(|f| f.name.to_string()))
+            .filter_map(|s| s.split('(').next().map(|n| n.trim().to_string()))
+            .map(|n| n.rsplit(' ').next().unwrap_or(&n).to_string())
+            .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_alphanumeric() || c == '_'))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+/// Runs the REPL until `:quit` or Ctrl-D.
+pub fn run(session: Arc<Session>) -> std::process::ExitCode {
+    let engine = build_engine(&session);
+    let mut repl = Repl {
+        session,
+        engine,
+        scope: Scope::new(),
+        ast: AST::empty(),
+    };
+    let names = Rc::new(RefCell::new(Names {
+        functions: repl.function_names(),
+        variables: vec![],
+    }));
+    let config = rustyline::Config::builder()
+        .completion_type(CompletionType::List)
+        .auto_add_history(true)
+        .build();
+    let mut rl: Editor<ReplHelper, DefaultHistory> = match Editor::with_config(config) {
+        Ok(rl) => rl,
+        Err(e) => {
+            eprintln!("error: cannot start the line editor: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    rl.set_helper(Some(ReplHelper {
+        names: names.clone(),
+        files: FilenameCompleter::new(),
+        hinter: HistoryHinter::new(),
+    }));
+    let history = history_path();
+    if let Some(h) = &history {
+        let _ = rl.load_history(h);
+    }
+    if std::io::stdin().is_terminal() {
+        println!(
+            "infusion-repl {}: :help lists the functions, Ctrl-D leaves.",
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+    loop {
+        match rl.readline("infusion> ") {
+            Ok(line) => {
+                let input = line.trim();
+                if input.is_empty() {
+                    continue;
+                }
+                if let Some(cmd) = input.strip_prefix(':') {
+                    let (name, arg) = cmd.split_once(char::is_whitespace).unwrap_or((cmd, ""));
+                    match name {
+                        "quit" | "q" | "exit" => break,
+                        "help" | "h" => print_help(arg.trim()),
+                        "scope" => repl.print_scope(),
+                        "load" => repl.load(Path::new(arg.trim().trim_matches('"'))),
+                        other => eprintln!("unknown command :{other} ({})", COMMANDS.join(", ")),
+                    }
+                } else {
+                    repl.eval(&line);
+                }
+                let mut n = names.borrow_mut();
+                n.variables = repl.scope.iter().map(|(k, _, _)| k.to_string()).collect();
+                n.functions = repl.function_names();
+            }
+            // Ctrl-C at the prompt clears the line.
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => break,
+            Err(e) => {
+                eprintln!("error: {e}");
+                break;
+            }
+        }
+    }
+    if let Some(h) = &history {
+        if let Some(dir) = h.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = rl.save_history(h);
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unfinished_brackets_strings_and_comments_continue() {
+        for s in [
+            "fn f(x) {",
+            "let a = [1,",
+            "print(\"abc",
+            "let s = `multi",
+            "/* note",
+            "f(g(1)",
+        ] {
+            assert!(is_incomplete(s), "{s}");
+        }
+        for s in [
+            "fn f(x) { x }",
+            "let a = \"{\";",
+            "let c = '(';",
+            "// (",
+            "/* ( */ 1",
+            "x)",
+        ] {
+            assert!(!is_incomplete(s), "{s}");
+        }
+    }
+
+    #[test]
+    fn completion_offers_functions_variables_commands_and_paths() {
+        let helper = ReplHelper {
+            names: Rc::new(RefCell::new(Names {
+                functions: vec!["generate".into(), "grid".into(), "load_model".into()],
+                variables: vec!["gallery".into()],
+            })),
+            files: FilenameCompleter::new(),
+            hinter: HistoryHinter::new(),
+        };
+        let history = DefaultHistory::new();
+        let ctx = Context::new(&history);
+        let words = |line: &str| {
+            let (start, c) = helper.complete(line, line.len(), &ctx).unwrap();
+            (
+                start,
+                c.into_iter().map(|p| p.replacement).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            words("let x = g"),
+            (8, vec!["gallery".into(), "generate".into(), "grid".into()])
+        );
+        assert_eq!(words("m.gen").1, vec!["generate".to_string()]);
+        assert_eq!(words(":he").1, vec![":help".to_string()]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mycat.safetensors"), "").unwrap();
+        let line = format!("load_concept(\"{}/myc", dir.path().display());
+        let (_, c) = words(&line);
+        assert!(c.iter().any(|p| p.ends_with("mycat.safetensors")), "{c:?}");
+    }
+
+    #[test]
+    fn string_starts_are_found_for_file_completion() {
+        assert_eq!(open_string_start("load_concept(\"mod", 17), Some(14));
+        assert_eq!(open_string_start("f(\"a\", x", 8), None);
+        assert_eq!(open_string_start("f(\"a\\\"b", 7), Some(3));
+    }
+}

@@ -1,0 +1,138 @@
+//! Images in scripts: show inline (viuer), save as PNG with metadata, compose, resize.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use image::RgbImage;
+use rhai::{Array, Engine, INT};
+
+use super::volatile;
+use crate::app::script::{err, rt, RhaiResult, Session};
+
+/// An RGB image, with the text chunks its PNG gets (prompt, seed, ...).
+#[derive(Debug, Clone)]
+pub struct Img {
+    pub rgb: Arc<RgbImage>,
+    pub text: Arc<Vec<(&'static str, String)>>,
+}
+
+impl Img {
+    pub fn new(rgb: RgbImage) -> Self {
+        Self {
+            rgb: Arc::new(rgb),
+            text: Arc::new(vec![]),
+        }
+    }
+
+    pub fn with_text(rgb: RgbImage, text: Vec<(&'static str, String)>) -> Self {
+        Self {
+            rgb: Arc::new(rgb),
+            text: Arc::new(text),
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> crate::Result<()> {
+        crate::util::image_io::save_png(&self.rgb, path, &self.text)
+    }
+}
+
+impl std::fmt::Display for Img {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Image[{}x{}]", self.rgb.width(), self.rgb.height())
+    }
+}
+
+fn images_of(arr: Array, func: &str) -> RhaiResult<Vec<RgbImage>> {
+    arr.into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.try_cast::<Img>()
+                .map(|img| (*img.rgb).clone())
+                .ok_or_else(|| err(format!("{func}: element {i} is not an image")))
+        })
+        .collect()
+}
+
+/// Shows `img` in the terminal (kitty, iTerm or sixel graphics where the terminal has them,
+/// half blocks otherwise). When stdout is not a terminal or images are off, the image is saved
+/// and its path printed instead, and the terminal is never probed.
+pub fn show(session: &Session, img: &Img) -> RhaiResult<()> {
+    if session.config.no_images || !std::io::stdout().is_terminal() {
+        let n = session.shown.fetch_add(1, Ordering::SeqCst);
+        let dir = &session.config.out_dir;
+        rt(std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e)))?;
+        let path: PathBuf = dir.join(format!("show-{:03}-{}.png", n, std::process::id()));
+        rt(img.save(&path))?;
+        println!("{}", path.display());
+        return Ok(());
+    }
+    let (cols, _) = terminal_columns();
+    // About 4 pixels per cell, at least 24 cells wide (tiny images), at most the terminal.
+    let width = (img.rgb.width() / 4).clamp(24, cols.saturating_sub(2).max(24));
+    let conf = viuer::Config {
+        absolute_offset: false,
+        width: Some(width),
+        ..Default::default()
+    };
+    viuer::print(&image::DynamicImage::ImageRgb8((*img.rgb).clone()), &conf)
+        .map_err(|e| err(format!("show: {e}")))?;
+    Ok(())
+}
+
+fn terminal_columns() -> (u32, u32) {
+    match viuer::terminal_size() {
+        (w, h) if w > 0 => (w as u32, h as u32),
+        _ => (80, 24),
+    }
+}
+
+fn load_image(path: &str) -> RhaiResult<Img> {
+    let p = Path::new(path);
+    let img = image::open(p).map_err(|e| err(format!("image {path}: {e}")))?;
+    Ok(Img::new(img.to_rgb8()))
+}
+
+pub fn register(engine: &mut Engine, session: &Arc<Session>) {
+    engine.register_type_with_name::<Img>("Image");
+    engine.register_fn("to_string", |i: &mut Img| i.to_string());
+    engine.register_fn("to_debug", |i: &mut Img| i.to_string());
+    engine.register_get("width", |i: &mut Img| i.rgb.width() as INT);
+    engine.register_get("height", |i: &mut Img| i.rgb.height() as INT);
+    volatile!(engine, "save", |i: &mut Img,
+                               path: &str|
+     -> RhaiResult<String> {
+        rt(i.save(Path::new(path)))?;
+        Ok(path.to_string())
+    });
+    engine.register_fn("resize", |i: &mut Img, w: INT, h: INT| -> RhaiResult<Img> {
+        if w <= 0 || h <= 0 {
+            return Err(err(format!("resize: {w}x{h} is not a size")));
+        }
+        let r = image::imageops::resize(
+            &*i.rgb,
+            w as u32,
+            h as u32,
+            image::imageops::FilterType::CatmullRom,
+        );
+        Ok(Img::with_text(r, (*i.text).clone()))
+    });
+    engine.register_fn("hstack", |arr: Array| -> RhaiResult<Img> {
+        Ok(Img::new(rt(crate::util::image_io::hstack(&images_of(
+            arr, "hstack",
+        )?))?))
+    });
+    engine.register_fn("grid", |arr: Array, cols: INT| -> RhaiResult<Img> {
+        if cols <= 0 {
+            return Err(err(format!("grid: {cols} columns")));
+        }
+        Ok(Img::new(rt(crate::util::image_io::grid(
+            &images_of(arr, "grid")?,
+            cols as usize,
+        ))?))
+    });
+    volatile!(engine, "load_image", |path: &str| load_image(path));
+    let s = session.clone();
+    volatile!(engine, "show", move |img: Img| show(&s, &img));
+}

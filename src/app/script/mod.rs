@@ -1,0 +1,193 @@
+//! The Rhai scripting layer: one engine factory for the REPL, the recipe runner and the tests.
+//!
+//! Bound functions are registered by concern (`api/model.rs`, `api/concepts.rs`,
+//! `api/images.rs`, `api/tensors.rs`); they share a [`Session`] (the default model settings, the
+//! concepts loaded so far, the job that Ctrl-C cancels). Functions that touch the GPU, the disk or
+//! randomness are registered as volatile, so Rhai never runs them at compile time.
+
+pub mod api;
+pub mod docs;
+mod opts;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, RwLock};
+
+use rhai::{Dynamic, Engine, EvalAltResult, OptimizationLevel, Position, Scope};
+
+use crate::infusion::generate::ConceptSet;
+use crate::job::Job;
+
+pub use opts::Opts;
+
+/// What a session runs with: the global flags.
+#[derive(Debug, Clone)]
+pub struct ScriptConfig {
+    /// `--model` / `INFUSION_MODEL`; `None`: the bundled tiny model.
+    pub model: Option<String>,
+    pub device: String,
+    pub dtype: String,
+    /// Never draw images in the terminal; print their file path.
+    pub no_images: bool,
+    /// Where `import "name"` finds the stdlib modules.
+    pub stdlib: PathBuf,
+    /// Where `show` writes images it cannot draw.
+    pub out_dir: PathBuf,
+    /// Draw progress bars.
+    pub progress: bool,
+}
+
+impl Default for ScriptConfig {
+    fn default() -> Self {
+        Self {
+            model: None,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            no_images: false,
+            stdlib: default_stdlib(),
+            out_dir: PathBuf::from("infusion-out"),
+            progress: true,
+        }
+    }
+}
+
+/// The stdlib folder: `$INFUSION_STDLIB`, else `stdlib/` in the repository.
+pub fn default_stdlib() -> PathBuf {
+    std::env::var_os("INFUSION_STDLIB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::app::cli::repo_dir().join("stdlib"))
+}
+
+/// State shared by the bound functions of one engine.
+#[derive(Debug)]
+pub struct Session {
+    pub config: ScriptConfig,
+    /// The running job: Ctrl-C cancels it.
+    pub job: Job,
+    /// Concepts loaded or trained in this session, found by `<name>` in prompts.
+    pub concepts: RwLock<ConceptSet>,
+    /// Names of concepts loaded with `force` (used even if trained on another model).
+    pub forced: Mutex<HashSet<String>>,
+    /// The last model loaded (concepts are checked against it).
+    pub model: Mutex<Option<api::model::Model>>,
+    /// Images `show` wrote to files.
+    pub shown: AtomicUsize,
+}
+
+impl Session {
+    pub fn new(config: ScriptConfig) -> Arc<Self> {
+        let job = if config.progress {
+            Job::with_progress()
+        } else {
+            Job::quiet()
+        };
+        Arc::new(Self {
+            config,
+            job,
+            concepts: RwLock::new(ConceptSet::new()),
+            forced: Mutex::new(HashSet::new()),
+            model: Mutex::new(None),
+            shown: AtomicUsize::new(0),
+        })
+    }
+}
+
+/// The error type of bound functions.
+pub type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
+
+/// Turns a library result into a Rhai one; the message carries the library error as it is.
+pub fn rt<T>(r: crate::Result<T>) -> RhaiResult<T> {
+    r.map_err(|e| err(e.to_string()))
+}
+
+/// A runtime error with a message (Rhai attaches the call's position).
+pub fn err(msg: impl Into<String>) -> Box<EvalAltResult> {
+    Box::new(EvalAltResult::ErrorRuntime(
+        Dynamic::from(msg.into()),
+        Position::NONE,
+    ))
+}
+
+/// Builds the engine every entry point uses.
+pub fn build_engine(session: &Arc<Session>) -> Engine {
+    let mut engine = Engine::new();
+    // Native functions are volatile anyway; Simple never calls functions at compile time.
+    engine.set_optimization_level(OptimizationLevel::Simple);
+    engine.set_max_expr_depths(256, 256);
+    let resolver =
+        rhai::module_resolvers::FileModuleResolver::new_with_path(&session.config.stdlib);
+    engine.set_module_resolver(resolver);
+    // Long scripts stop at the next operation once the job is cancelled (Ctrl-C).
+    let job = session.job.clone();
+    engine.on_progress(move |_| {
+        if job.is_cancelled() {
+            Some(Dynamic::from("cancelled"))
+        } else {
+            None
+        }
+    });
+    api::register(&mut engine, session);
+    engine
+}
+
+/// The innermost message of an error and the position to show for it: for a failing native
+/// call, where the script called it.
+pub fn describe(err: &EvalAltResult) -> (String, Position) {
+    let mut pos = err.position();
+    let mut e = err;
+    while let EvalAltResult::ErrorInFunctionCall(_, _, inner, p) = e {
+        if !p.is_none() {
+            pos = *p;
+        }
+        e = inner;
+    }
+    if pos.is_none() {
+        pos = e.position();
+    }
+    let msg = match e {
+        EvalAltResult::ErrorRuntime(d, _) => d.to_string(),
+        EvalAltResult::ErrorTerminated(_, _) => "cancelled".to_string(),
+        other => {
+            let text = other.to_string();
+            match text.rfind(" (line ") {
+                Some(i) if text.ends_with(')') => text[..i].to_string(),
+                _ => text,
+            }
+        }
+    };
+    (msg, pos)
+}
+
+/// `NAME:LINE:COL: message`, then the source line and a caret under the column.
+pub fn format_error(name: &str, source: &str, err: &EvalAltResult) -> String {
+    let (msg, pos) = describe(err);
+    match (pos.line(), pos.position()) {
+        (Some(line), col) => {
+            let col = col.unwrap_or(1);
+            let text = source.lines().nth(line - 1).unwrap_or("");
+            format!(
+                "{name}:{line}:{col}: {msg}\n  {text}\n  {}^",
+                " ".repeat(col.saturating_sub(1))
+            )
+        }
+        _ => format!("{name}: {msg}"),
+    }
+}
+
+/// Runs a recipe file with `args` bound to `ARGS`. On error, returns the formatted message.
+pub fn run_file(session: &Arc<Session>, path: &Path, args: &[String]) -> Result<(), String> {
+    let name = path.display().to_string();
+    let source = std::fs::read_to_string(path).map_err(|e| format!("{name}: {e}"))?;
+    let engine = build_engine(session);
+    let mut scope = Scope::new();
+    let argv: rhai::Array = args.iter().map(|a| Dynamic::from(a.clone())).collect();
+    scope.push("ARGS", argv);
+    let ast = engine.compile(&source).map_err(|e| {
+        let e: EvalAltResult = e.into();
+        format_error(&name, &source, &e)
+    })?;
+    engine
+        .run_ast_with_scope(&mut scope, &ast)
+        .map_err(|e| format_error(&name, &source, &e))
+}

@@ -1,0 +1,512 @@
+//! Attention layers and the attention hook.
+//!
+//! Every attention layer of the UNet owns its weights and is addressed by its weight path
+//! (`down_blocks.0.attentions.0.transformer_blocks.0.attn2`). A caller may pass an
+//! [`AttentionHook`] with a typed description of the batch rows ([`BatchLayout`]); in each layer
+//! the hook asks for ([`AttentionHook::wants`]) it gets an [`AttentionCall`] after Q, K and V are
+//! computed and before the values are mixed, and can
+//! - read the attention probabilities of any row ([`AttentionCall::probs`]),
+//! - replace them ([`AttentionCall::set_probs`]) or make a row reuse another row's
+//!   ([`AttentionCall::share_probs`]); a row whose probabilities come from elsewhere never has its
+//!   own softmax computed,
+//! - change the value features before the head split ([`AttentionCall::set_values`]).
+//!
+//! Without a hook, or in layers the hook does not want, nothing is recorded and nothing is
+//! copied: the layer runs its plain path.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{linear, linear_no_bias, Linear, VarBuilder};
+
+use crate::sd::fused::{self, attention as fused_attention};
+
+/// Self-attention (`attn1`: keys from the image) or cross-attention (`attn2`: keys from the text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttnKind {
+    SelfAttention,
+    CrossAttention,
+}
+
+/// What is fixed about an attention layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// The module's weight path, e.g. `up_blocks.1.attentions.0.transformer_blocks.0.attn2`.
+    pub path: String,
+    pub kind: AttnKind,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl LayerInfo {
+    /// Width of the value space (`to_v` output features) = heads * head_dim.
+    pub fn inner_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+/// Which half of classifier-free guidance a batch row belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Guidance {
+    Unconditional,
+    Conditional,
+}
+
+/// Which of the two Infusion pipelines a batch row belongs to: F (foundational, plain SD) or
+/// C (customized).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stream {
+    Foundational,
+    Customized,
+}
+
+/// One row of a UNet batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Row {
+    pub stream: Stream,
+    pub guidance: Guidance,
+    /// Index of the image this row belongs to (several images may share a batch).
+    pub sample: usize,
+}
+
+/// What each row of a UNet batch is. Hooks find rows through it, never by slicing halves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchLayout {
+    rows: Vec<Row>,
+}
+
+impl BatchLayout {
+    pub fn new(rows: Vec<Row>) -> Self {
+        Self { rows }
+    }
+
+    /// Classifier-free guidance for one image of one stream: `[uncond, cond]`.
+    pub fn cfg(stream: Stream) -> Self {
+        Self::new(vec![
+            Row {
+                stream,
+                guidance: Guidance::Unconditional,
+                sample: 0,
+            },
+            Row {
+                stream,
+                guidance: Guidance::Conditional,
+                sample: 0,
+            },
+        ])
+    }
+
+    /// `n` rows of one stream and guidance, samples 0..n (e.g. a training batch).
+    pub fn uniform(n: usize, stream: Stream, guidance: Guidance) -> Self {
+        Self::new(
+            (0..n)
+                .map(|sample| Row {
+                    stream,
+                    guidance,
+                    sample,
+                })
+                .collect(),
+        )
+    }
+
+    /// Appends the rows of `other` after these.
+    pub fn concat(&self, other: &BatchLayout) -> Self {
+        Self::new(self.rows.iter().chain(&other.rows).copied().collect())
+    }
+
+    pub fn rows(&self) -> &[Row] {
+        &self.rows
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Index of the row with this stream, guidance and sample.
+    pub fn find(&self, stream: Stream, guidance: Guidance, sample: usize) -> Option<usize> {
+        self.rows
+            .iter()
+            .position(|r| r.stream == stream && r.guidance == guidance && r.sample == sample)
+    }
+}
+
+/// The denoising step a UNet call belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// 0-based index of the step in the schedule.
+    pub index: usize,
+    /// The diffusion timestep (0..num_train_timesteps).
+    pub timestep: usize,
+}
+
+/// Where an attention call happens: the layer, the step, the rows, the query grid.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnSite<'a> {
+    pub layer: &'a LayerInfo,
+    pub step: Option<Step>,
+    pub rows: &'a BatchLayout,
+    /// Height and width of the feature map the queries come from (queries are row-major).
+    pub spatial: (usize, usize),
+}
+
+/// A strategy that observes or changes attention. See the module documentation.
+pub trait AttentionHook: Send + Sync {
+    /// Whether calls of this layer go through [`AttentionHook::attend`]. Layers not wanted run
+    /// the plain path at no extra cost.
+    fn wants(&self, layer: &LayerInfo) -> bool;
+
+    /// Called once per wanted layer and UNet call, before the values are mixed.
+    fn attend(&self, site: &AttnSite<'_>, call: &mut AttentionCall) -> Result<()>;
+}
+
+/// A hook with the rows and step of one UNet call.
+#[derive(Clone, Copy)]
+pub struct HookCtx<'a> {
+    pub hook: &'a dyn AttentionHook,
+    pub rows: &'a BatchLayout,
+    pub step: Option<Step>,
+}
+
+#[derive(Debug, Clone)]
+enum ProbSource {
+    Own,
+    Given(Tensor),
+    Row(usize),
+}
+
+/// One attention layer's call, open to a hook. Probabilities are `(heads, queries, keys)` per row
+/// in f32; values are `(batch, keys, heads * head_dim)`, before the head split.
+pub struct AttentionCall {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: usize,
+    scale: f64,
+    sources: Vec<ProbSource>,
+    /// Own probabilities, computed at most once, for the rows listed.
+    own: Option<(Vec<usize>, Tensor)>,
+}
+
+impl AttentionCall {
+    /// `q`: (b, n, inner), `k` and `v`: (b, m, inner).
+    fn new(q: Tensor, k: Tensor, v: Tensor, heads: usize) -> Result<Self> {
+        let b = q.dim(0)?;
+        let head_dim = q.dim(2)? / heads;
+        Ok(Self {
+            q: split_heads(&q, heads)?,
+            k: split_heads(&k, heads)?,
+            v,
+            heads,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            sources: vec![ProbSource::Own; b],
+            own: None,
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// Number of queries (pixels of the feature map).
+    pub fn queries(&self) -> usize {
+        self.q.dims()[2]
+    }
+
+    /// Number of keys (text tokens in cross-attention).
+    pub fn keys(&self) -> usize {
+        self.k.dims()[2]
+    }
+
+    /// The value features `(batch, keys, inner)` as they will be mixed.
+    pub fn values(&self) -> &Tensor {
+        &self.v
+    }
+
+    /// Replaces the value features; the shape must stay the same.
+    pub fn set_values(&mut self, v: Tensor) -> Result<()> {
+        if v.shape() != self.v.shape() {
+            candle_core::bail!(
+                "hook values have shape {:?}, expected {:?}",
+                v.dims(),
+                self.v.dims()
+            );
+        }
+        self.v = v;
+        Ok(())
+    }
+
+    fn check_row(&self, row: usize) -> Result<()> {
+        if row >= self.batch() {
+            candle_core::bail!("row {row} is out of the batch of {}", self.batch());
+        }
+        Ok(())
+    }
+
+    /// The probabilities row `row` will use, `(heads, queries, keys)`, f32.
+    pub fn probs(&mut self, row: usize) -> Result<Tensor> {
+        self.check_row(row)?;
+        let mut r = row;
+        for _ in 0..=self.batch() {
+            match &self.sources[r] {
+                ProbSource::Given(p) => return Ok(p.clone()),
+                ProbSource::Row(src) => r = *src,
+                ProbSource::Own => {
+                    self.compute_own()?;
+                    let (rows, p) = self.own.as_ref().expect("computed above");
+                    let i = rows
+                        .iter()
+                        .position(|&x| x == r)
+                        .expect("own rows computed");
+                    return p.get(i);
+                }
+            }
+        }
+        candle_core::bail!("rows share probabilities in a cycle (row {row})")
+    }
+
+    /// Row `row` uses `probs` `(heads, queries, keys)` instead of its own softmax.
+    pub fn set_probs(&mut self, row: usize, probs: Tensor) -> Result<()> {
+        self.check_row(row)?;
+        let want = [self.heads, self.queries(), self.keys()];
+        if probs.dims() != want {
+            candle_core::bail!(
+                "hook probabilities have shape {:?}, expected {want:?}",
+                probs.dims()
+            );
+        }
+        self.sources[row] = ProbSource::Given(probs.to_dtype(DType::F32)?);
+        Ok(())
+    }
+
+    /// Row `dst` uses the probabilities of row `src` (as `src` ends up with them).
+    pub fn share_probs(&mut self, dst: usize, src: usize) -> Result<()> {
+        self.check_row(dst)?;
+        self.check_row(src)?;
+        if dst == src {
+            candle_core::bail!("row {dst} cannot share its own probabilities");
+        }
+        self.sources[dst] = ProbSource::Row(src);
+        Ok(())
+    }
+
+    /// Softmax(Q K^T * scale) for every row whose source is its own, in one batched call.
+    fn compute_own(&mut self) -> Result<()> {
+        if self.own.is_some() {
+            return Ok(());
+        }
+        let rows: Vec<usize> = (0..self.batch())
+            .filter(|&r| matches!(self.sources[r], ProbSource::Own))
+            .collect();
+        let (q, k) = if rows.len() == self.batch() {
+            (self.q.clone(), self.k.clone())
+        } else {
+            let idx = Tensor::new(
+                rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                self.q.device(),
+            )?;
+            (self.q.index_select(&idx, 0)?, self.k.index_select(&idx, 0)?)
+        };
+        let probs = attention_probs(&q, &k, self.scale)?;
+        self.own = Some((rows, probs));
+        Ok(())
+    }
+
+    /// Mixes the values with the probabilities: `(batch, queries, inner)`.
+    fn finish(mut self) -> Result<Tensor> {
+        let all_own = self.sources.iter().all(|s| matches!(s, ProbSource::Own));
+        let v = split_heads(&self.v, self.heads)?;
+        // Nobody asked for probabilities: the fused op never materialises them.
+        if all_own
+            && self.own.is_none()
+            && fused::fused()
+            && fused_attention::supports(&self.q, &self.k, &v)
+        {
+            let out = fused_attention::fused_attention(&self.q, &self.k, &v, self.scale)?;
+            return merge_heads(&out);
+        }
+        let probs = if all_own {
+            self.compute_own()?;
+            self.own.take().expect("computed above").1
+        } else {
+            let dtype = self.v.dtype();
+            let per_row = (0..self.batch())
+                .map(|r| self.probs(r)?.to_dtype(dtype)?.unsqueeze(0))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&per_row, 0)?
+        };
+        let out = probs.to_dtype(v.dtype())?.matmul(&v)?;
+        merge_heads(&out)
+    }
+}
+
+/// (b, n, h*d) -> (b, h, n, d)
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, inner) = x.dims3()?;
+    x.reshape((b, n, heads, inner / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// (b, h, n, d) -> (b, n, h*d)
+fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, n, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, n, h * d))
+}
+
+/// The unfused attention `softmax(scale * q k^T) v`: q `(b, h, n, d)`, k and v `(b, h, m, d)`
+/// -> `(b, h, n, d)`, as every layer runs it when the fused op does not apply.
+pub fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_probs(q, k, scale)?.to_dtype(v.dtype())?.matmul(v)
+}
+
+/// softmax((q * scale) k^T): q (b, h, n, d), k (b, h, m, d) -> (b, h, n, m).
+///
+/// In f32, or whenever gradients flow, the softmax runs in f32. In f16/bf16 inference the
+/// scores stay in the working dtype: candle's fused softmax accumulates in f32 anyway, and the
+/// 4096 x 4096 score matrices of SD1.5's self-attention are not copied to f32 and back.
+fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
+    let scores = (q * scale)?.matmul(&k.t()?)?;
+    if scores.dtype() == DType::F32 || scores.track_op() {
+        crate::sd::nn::softmax_last_dim(&scores.to_dtype(DType::F32)?)
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)
+    }
+}
+
+/// A diffusers `Attention` module as SD's transformer blocks use it: `to_q`, `to_k`, `to_v`
+/// without bias, `to_out.0` with bias.
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    info: LayerInfo,
+}
+
+impl Attention {
+    /// `context_dim`: `None` for self-attention, the text width for cross-attention.
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        let kv_dim = context_dim.unwrap_or(query_dim);
+        Ok(Self {
+            to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: linear_no_bias(kv_dim, inner, vb.pp("to_k"))?,
+            to_v: linear_no_bias(kv_dim, inner, vb.pp("to_v"))?,
+            to_out: linear(inner, query_dim, vb.pp("to_out").pp(0))?,
+            info: LayerInfo {
+                path: vb.prefix(),
+                kind: if context_dim.is_some() {
+                    AttnKind::CrossAttention
+                } else {
+                    AttnKind::SelfAttention
+                },
+                heads,
+                head_dim,
+            },
+        })
+    }
+
+    pub fn info(&self) -> &LayerInfo {
+        &self.info
+    }
+
+    /// `xs`: (b, h*w, query_dim) with `spatial` = (h, w); `context`: (b, keys, context_dim) for
+    /// cross-attention.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        spatial: (usize, usize),
+        hook: Option<&HookCtx<'_>>,
+    ) -> Result<Tensor> {
+        let kv_in = context.unwrap_or(xs);
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(kv_in)?;
+        let v = self.to_v.forward(kv_in)?;
+        let mut call = AttentionCall::new(q, k, v, self.info.heads)?;
+        if let Some(h) = hook.filter(|h| h.hook.wants(&self.info)) {
+            if h.rows.len() != call.batch() {
+                candle_core::bail!(
+                    "{}: the batch layout has {} rows, the batch {}",
+                    self.info.path,
+                    h.rows.len(),
+                    call.batch()
+                );
+            }
+            let site = AttnSite {
+                layer: &self.info,
+                step: h.step,
+                rows: h.rows,
+                spatial,
+            };
+            h.hook.attend(&site, &mut call)?;
+        }
+        self.to_out.forward(&call.finish()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn call(b: usize) -> AttentionCall {
+        let r = |seed: u64, n: usize| {
+            let t = crate::sd::pipeline::seeded_noise(seed, &[b, n, 8]).unwrap();
+            t.to_device(&Device::Cpu).unwrap()
+        };
+        AttentionCall::new(r(1, 6), r(2, 5), r(3, 5), 2).unwrap()
+    }
+
+    #[test]
+    fn a_shared_row_gets_no_softmax_of_its_own() {
+        let mut c = call(4);
+        c.share_probs(3, 1).unwrap();
+        let p1 = c.probs(1).unwrap();
+        // Only rows 0..3 were computed, in one batched call; row 3 reads row 1's.
+        assert_eq!(c.own.as_ref().unwrap().0, vec![0, 1, 2]);
+        let p3 = c.probs(3).unwrap();
+        let d = (p1 - p3)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0);
+    }
+
+    #[test]
+    fn replaced_rows_are_checked_and_used() {
+        let mut c = call(2);
+        let bad = Tensor::zeros((2, 6, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(c.set_probs(0, bad).is_err());
+        let uniform = (Tensor::ones((2, 6, 5), DType::F32, &Device::Cpu).unwrap() / 5.0).unwrap();
+        c.set_probs(0, uniform.clone()).unwrap();
+        assert!(c.share_probs(1, 1).is_err());
+        assert!(c.probs(2).is_err());
+        let v = c.values().clone();
+        let out = c.finish().unwrap();
+        // With uniform probabilities every query of row 0 gets the mean of the values.
+        let mean = v.get(0).unwrap().mean_keepdim(0).unwrap();
+        let row0 = out.get(0).unwrap().get(3).unwrap().unsqueeze(0).unwrap();
+        let d = (row0 - mean)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6, "{d}");
+    }
+}

@@ -1,0 +1,109 @@
+//! Small layers and ops shared by the models.
+//!
+//! Fused candle kernels (`softmax_last_dim`, the fused layer norm) have no backward pass, so each
+//! op here takes the fused path only when its input does not take part in a gradient
+//! computation (`Tensor::track_op`), and the differentiable composite path otherwise. Inference
+//! keeps the fast kernels; Infusion training backpropagates through the same model code.
+
+use candle_core::{Tensor, D};
+use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, LayerNorm, Linear, Module, VarBuilder};
+
+use crate::sd::fused::group_norm::GroupNorm;
+
+/// A layer norm over the last dimension with weight and bias (`weight`/`bias` names).
+pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
+    let weight = vb.get(size, "weight")?;
+    let bias = vb.get(size, "bias")?;
+    Ok(LayerNorm::new(weight, bias, eps))
+}
+
+/// Applies a layer norm, differentiably when `xs` tracks gradients.
+pub fn norm(ln: &LayerNorm, xs: &Tensor) -> candle_core::Result<Tensor> {
+    match ln.bias() {
+        Some(bias) if xs.track_op() => {
+            candle_nn::ops::layer_norm_slow(xs, ln.weight(), bias, ln.eps() as f32)
+        }
+        _ => ln.forward(xs),
+    }
+}
+
+/// Softmax over the last dimension, differentiably when `xs` tracks gradients.
+pub fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
+    if xs.track_op() {
+        candle_nn::ops::softmax(xs, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(xs)
+    }
+}
+
+/// SiLU, differentiable (candle's `silu` is a plain unary op with a backward).
+pub fn silu(xs: &Tensor) -> candle_core::Result<Tensor> {
+    candle_nn::ops::silu(xs)
+}
+
+/// Diffusers' `ResnetBlock2D` (`norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`,
+/// `conv_shortcut`), the op sequence of candle-transformers' block, with each group norm and
+/// its SiLU as one [`GroupNorm`] call (fused when the fused kernels are chosen).
+pub struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+/// The sizes of a [`ResnetBlock`].
+#[derive(Debug, Clone, Copy)]
+pub struct ResnetSpec {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Width of the time embedding (`None`: no `time_emb_proj`, as in the VAE).
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    pub output_scale_factor: f64,
+}
+
+impl ResnetBlock {
+    pub fn new(vb: VarBuilder, s: ResnetSpec) -> candle_core::Result<Self> {
+        let conv3 = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let (cin, cout) = (s.in_channels, s.out_channels);
+        Ok(Self {
+            norm1: GroupNorm::load(s.groups, cin, s.eps, vb.pp("norm1"))?,
+            conv1: conv2d(cin, cout, 3, conv3, vb.pp("conv1"))?,
+            time_emb_proj: s
+                .temb_channels
+                .map(|t| linear(t, cout, vb.pp("time_emb_proj")))
+                .transpose()?,
+            norm2: GroupNorm::load(s.groups, cout, s.eps, vb.pp("norm2"))?,
+            conv2: conv2d(cout, cout, 3, conv3, vb.pp("conv2"))?,
+            conv_shortcut: (cin != cout)
+                .then(|| conv2d(cin, cout, 1, Default::default(), vb.pp("conv_shortcut")))
+                .transpose()?,
+            output_scale_factor: s.output_scale_factor,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        let h = self.conv1.forward(&self.norm1.forward(xs, true)?)?;
+        let h = match (temb, &self.time_emb_proj) {
+            (Some(temb), Some(proj)) => proj
+                .forward(&silu(temb)?)?
+                .unsqueeze(D::Minus1)?
+                .unsqueeze(D::Minus1)?
+                .broadcast_add(&h)?,
+            _ => h,
+        };
+        let h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
+        (shortcut + h)? / self.output_scale_factor
+    }
+}

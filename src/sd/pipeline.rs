@@ -1,0 +1,529 @@
+//! The Stable Diffusion 1.x text-to-image pipeline: tokenizer, text encoder, UNet, VAE and DDIM
+//! with classifier-free guidance.
+//!
+//! [`StableDiffusion::denoise`] runs any number of trajectories from the same initial noise in
+//! one batched UNet call per step (`[uncond, cond]` per trajectory), with an optional attention
+//! hook: plain generation runs one trajectory, Infusion runs F and C side by side.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::Distribution;
+
+use crate::sd::attention::{AttentionHook, BatchLayout, Guidance, HookCtx, Row, Step, Stream};
+use crate::sd::config::{SchedulerConfig, TextEncoderConfig, UNetConfig, VaeConfig};
+use crate::error::{Error, Result};
+use crate::sd::hub::{resolve_model, ModelFiles};
+use crate::util::image_io::{save_png, tensor_to_rgb};
+use crate::job::Job;
+use crate::sd::scheduler::Ddim;
+use crate::sd::text_encoder::TextEncoder;
+use crate::sd::tokenizer::{ClipTokenizer, Tokens};
+use crate::sd::unet::UNet;
+use crate::sd::vae::Vae;
+use crate::sd::weights::{load_safetensors, WeightFiles};
+
+/// The configs of every component.
+#[derive(Debug, Clone)]
+pub struct ModelConfigs {
+    pub text: TextEncoderConfig,
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+impl ModelConfigs {
+    /// SD1.5's published configs.
+    pub fn sd15() -> Self {
+        Self {
+            text: TextEncoderConfig::sd15(),
+            unet: UNetConfig::sd15(),
+            vae: VaeConfig::sd15(),
+            scheduler: SchedulerConfig::sd15(),
+        }
+    }
+}
+
+/// Where and in which precision to run.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Working dtype of the text encoder and UNet. The VAE runs in f32 when its config says
+    /// `force_upcast` (SD1.5's does: its decoder overflows in f16).
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// Settings of one text-to-image generation. Defaults follow the paper: DDIM, 50 steps,
+/// guidance 8, the model's native size.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f64,
+    /// Image size in pixels; `None`: the model's native size.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    /// Initial latents `(1, C, h, w)` instead of seeded noise (to reproduce another tool's run).
+    pub noise: Option<Tensor>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            negative_prompt: String::new(),
+            seed: 0,
+            steps: 50,
+            guidance: 8.0,
+            width: None,
+            height: None,
+            noise: None,
+        }
+    }
+}
+
+/// One trajectory of a batched denoising run: its stream and its text states.
+#[derive(Debug, Clone)]
+pub struct Trajectory {
+    pub stream: Stream,
+    pub sample: usize,
+    /// `(1, tokens, width)` text states of the negative prompt and of the prompt.
+    pub uncond: Tensor,
+    pub cond: Tensor,
+}
+
+/// What the denoising loop reports after each step.
+pub struct StepReport<'a> {
+    pub step: Step,
+    /// The raw UNet output of the step, rows as the batch layout says.
+    pub unet_out: &'a Tensor,
+    /// Per trajectory: the guided noise prediction used, and the latents after the step.
+    pub guided_eps: &'a [Tensor],
+    pub latents: &'a [Tensor],
+}
+
+/// The result of a text-to-image generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub prompt: String,
+    pub options: GenerateOptions,
+    pub tokens: Tokens,
+    pub timesteps: Vec<usize>,
+    /// Final latents `(1, C, h, w)`, as the UNet sees them (scaled), f32.
+    pub latents: Tensor,
+    /// Decoded image `(1, 3, H, W)`, values in [0, 1], f32.
+    pub image: Tensor,
+}
+
+impl Generation {
+    /// Saves the image as PNG with the prompt and settings in text chunks.
+    pub fn save_png(&self, path: &Path) -> Result<()> {
+        let img = tensor_to_rgb(&self.image)?;
+        let o = &self.options;
+        save_png(
+            &img,
+            path,
+            &[
+                ("prompt", self.prompt.clone()),
+                ("negative_prompt", o.negative_prompt.clone()),
+                ("seed", o.seed.to_string()),
+                ("steps", o.steps.to_string()),
+                ("guidance", o.guidance.to_string()),
+                (
+                    "software",
+                    format!("infusion-repl {}", env!("CARGO_PKG_VERSION")),
+                ),
+            ],
+        )
+    }
+}
+
+/// Seeded standard-normal noise, drawn on the CPU with ChaCha8 so that a seed gives the same
+/// noise on every device and dtype.
+pub fn seeded_noise(seed: u64, shape: &[usize]) -> Result<Tensor> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+        .collect();
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+}
+
+/// A loaded SD1.x model.
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: TextEncoder,
+    pub unet: UNet,
+    pub vae: Vae,
+    pub scheduler: Ddim,
+    files: Option<ModelFiles>,
+    unet_fingerprint: String,
+    device: Device,
+    dtype: DType,
+    vae_dtype: DType,
+}
+
+impl StableDiffusion {
+    /// Loads a model from a folder or a Hugging Face cache repo id.
+    pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
+        let root = resolve_model(spec)?;
+        Self::load_dir(&root, opts)
+    }
+
+    /// Loads a model from a folder in diffusers layout.
+    pub fn load_dir(root: &Path, opts: &LoadOptions) -> Result<Self> {
+        if opts.device.is_cpu() && opts.dtype == DType::BF16 {
+            return Err(Error::Unsupported(
+                "bf16 on the CPU (candle's CPU matmul has no bf16): use f32 or f16 there".into(),
+            ));
+        }
+        let files = ModelFiles::locate(root, opts.dtype == DType::F16)?;
+        let te_cfg = TextEncoderConfig::from_file(&files.text_encoder.config)?;
+        let unet_cfg = UNetConfig::from_file(&files.unet.config)?;
+        let vae_cfg = VaeConfig::from_file(&files.vae.config)?;
+        let sched_cfg = match &files.scheduler {
+            Some(p) => SchedulerConfig::from_file(p)?,
+            None => SchedulerConfig::sd15(),
+        };
+        check_compatible(&files, &te_cfg, &unet_cfg, &vae_cfg)?;
+        let tokenizer = ClipTokenizer::from_dir(&files.tokenizer, te_cfg.max_position_embeddings)?;
+        let dev = &opts.device;
+        let vae_dtype = if vae_cfg.force_upcast {
+            DType::F32
+        } else {
+            opts.dtype
+        };
+        let text_encoder = WeightFiles::open("text encoder", &files.text_encoder.weights)?.build(
+            opts.dtype,
+            dev,
+            |vb| TextEncoder::new(vb, &te_cfg),
+        )?;
+        let unet_files = WeightFiles::open("UNet", &files.unet.weights)?;
+        let unet_fingerprint = unet_files.fingerprint()?;
+        let unet = unet_files.build(opts.dtype, dev, |vb| UNet::new(vb, &unet_cfg))?;
+        let vae = WeightFiles::open("VAE", &files.vae.weights)?
+            .build(vae_dtype, dev, |vb| Vae::new(vb, &vae_cfg))?;
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler: Ddim::new(&sched_cfg),
+            files: Some(files),
+            unet_fingerprint,
+            device: dev.clone(),
+            dtype: opts.dtype,
+            vae_dtype,
+        })
+    }
+
+    /// A model with the given configs and random weights (for benchmarks at real shapes): the
+    /// tokenizer comes from `tokenizer_dir`.
+    pub fn random(
+        configs: &ModelConfigs,
+        tokenizer_dir: &Path,
+        opts: &LoadOptions,
+        seed: u64,
+    ) -> Result<Self> {
+        let dev = &opts.device;
+        let vae_dtype = if configs.vae.force_upcast {
+            DType::F32
+        } else {
+            opts.dtype
+        };
+        let vb = |dtype, s| crate::sd::weights::random_varbuilder(seed + s, dtype, dev);
+        let text_encoder = TextEncoder::new(vb(opts.dtype, 1), &configs.text)?;
+        let unet = UNet::new(vb(opts.dtype, 2), &configs.unet)?;
+        let vae = Vae::new(vb(vae_dtype, 3), &configs.vae)?;
+        Ok(Self {
+            tokenizer: ClipTokenizer::from_dir(
+                tokenizer_dir,
+                configs.text.max_position_embeddings,
+            )?,
+            text_encoder,
+            unet,
+            vae,
+            scheduler: Ddim::new(&configs.scheduler),
+            files: None,
+            unet_fingerprint: format!("random:{seed}"),
+            device: dev.clone(),
+            dtype: opts.dtype,
+            vae_dtype,
+        })
+    }
+
+    /// Fingerprint of the UNet weights (`base_model` of the concepts trained on this model).
+    pub fn unet_fingerprint(&self) -> &str {
+        &self.unet_fingerprint
+    }
+
+    pub fn files(&self) -> Option<&ModelFiles> {
+        self.files.as_ref()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The VAE's dtype (f32 when its config forces the upcast).
+    pub fn vae_dtype(&self) -> DType {
+        self.vae_dtype
+    }
+
+    /// Pixels per latent cell.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().scale_factor()
+    }
+
+    /// The model's native image size (UNet sample size times the VAE scale factor).
+    pub fn default_size(&self) -> usize {
+        let s = self.unet.config().sample_size.unwrap_or(64);
+        s * self.vae_scale_factor()
+    }
+
+    /// Latent grid `(h, w)` for an image of `width` x `height` pixels.
+    pub fn latent_size(&self, width: usize, height: usize) -> Result<(usize, usize)> {
+        let f = self.vae_scale_factor();
+        for (name, v) in [("width", width), ("height", height)] {
+            if v == 0 || v % f != 0 {
+                return Err(Error::arg(
+                    name,
+                    format!("{v} is not a positive multiple of the VAE scale factor {f}"),
+                ));
+            }
+        }
+        Ok((height / f, width / f))
+    }
+
+    /// Tokenizes a prompt for this model's text encoder.
+    pub fn tokenize(&self, prompt: &str) -> Result<Tokens> {
+        self.tokenizer.encode(prompt)
+    }
+
+    /// Text states `(n, tokens, width)` of tokenized prompts, in the working dtype.
+    pub fn text_states(&self, tokens: &[&Tokens]) -> Result<Tensor> {
+        let ids: Vec<u32> = tokens.iter().flat_map(|t| t.ids.iter().copied()).collect();
+        let ids = Tensor::from_vec(ids, (tokens.len(), self.tokenizer.max_len()), &self.device)?;
+        Ok(self.text_encoder.forward(&ids)?)
+    }
+
+    /// Initial latents for `opts`: the given noise (checked) or seeded noise.
+    pub fn initial_latents(&self, opts: &GenerateOptions) -> Result<Tensor> {
+        let size = self.default_size();
+        let (h, w) = self.latent_size(opts.width.unwrap_or(size), opts.height.unwrap_or(size))?;
+        let c = self.unet.config().in_channels;
+        let noise = match &opts.noise {
+            Some(n) => {
+                let n = if n.rank() == 3 {
+                    n.unsqueeze(0)?
+                } else {
+                    n.clone()
+                };
+                if n.dims() != [1, c, h, w] {
+                    return Err(Error::arg(
+                        "noise",
+                        format!(
+                            "shape {:?} does not fit the image size: expected [1, {c}, {h}, {w}]",
+                            n.dims()
+                        ),
+                    ));
+                }
+                n
+            }
+            None => seeded_noise(opts.seed, &[1, c, h, w])?,
+        };
+        Ok(noise.to_device(&self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// Runs DDIM with classifier-free guidance for every trajectory from the same `init`
+    /// latents, batched as `[uncond, cond]` per trajectory in one UNet call per step. Returns the
+    /// final latents of each trajectory (f32). `on_step` sees every step.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise(
+        &self,
+        init: &Tensor,
+        trajectories: &[Trajectory],
+        steps: usize,
+        guidance: f64,
+        hook: Option<&dyn AttentionHook>,
+        job: &Job,
+        on_step: &mut dyn FnMut(&StepReport<'_>) -> Result<()>,
+    ) -> Result<Vec<Tensor>> {
+        if steps == 0 {
+            return Err(Error::arg("steps", "must be at least 1"));
+        }
+        if trajectories.is_empty() {
+            return Err(Error::arg("trajectories", "nothing to denoise"));
+        }
+        let rows: Vec<Row> = trajectories
+            .iter()
+            .flat_map(|t| {
+                [Guidance::Unconditional, Guidance::Conditional].map(|guidance| Row {
+                    stream: t.stream,
+                    guidance,
+                    sample: t.sample,
+                })
+            })
+            .collect();
+        let layout = BatchLayout::new(rows);
+        let context = Tensor::cat(
+            &trajectories
+                .iter()
+                .flat_map(|t| [&t.uncond, &t.cond])
+                .collect::<Vec<_>>(),
+            0,
+        )?
+        .to_dtype(self.dtype)?;
+        let timesteps = self.scheduler.timesteps(steps);
+        let mut latents: Vec<Tensor> = vec![init.to_dtype(self.dtype)?; trajectories.len()];
+        let bar = job.bar(timesteps.len(), "denoise");
+        for (index, &t) in timesteps.iter().enumerate() {
+            job.check()?;
+            let step = Step { index, timestep: t };
+            let input = Tensor::cat(&latents.iter().flat_map(|z| [z, z]).collect::<Vec<_>>(), 0)?;
+            let t_tensor = Tensor::new(t as f32, &self.device)?;
+            let ctx = hook.map(|hook| HookCtx {
+                hook,
+                rows: &layout,
+                step: Some(step),
+            });
+            let out = self
+                .unet
+                .forward(&input, &t_tensor, &context, ctx.as_ref())?;
+            let mut guided = Vec::with_capacity(latents.len());
+            for (i, z) in latents.iter_mut().enumerate() {
+                let u = out.get(2 * i)?.unsqueeze(0)?;
+                let c = out.get(2 * i + 1)?.unsqueeze(0)?;
+                let eps = (&u + ((c - &u)? * guidance)?)?;
+                *z = self.scheduler.step(&eps, t, z, steps)?;
+                guided.push(eps);
+            }
+            on_step(&StepReport {
+                step,
+                unet_out: &out,
+                guided_eps: &guided,
+                latents: &latents,
+            })?;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        latents
+            .into_iter()
+            .map(|z| Ok(z.to_dtype(DType::F32)?))
+            .collect()
+    }
+
+    /// Text-to-image with plain SD.
+    pub fn generate(&self, prompt: &str, opts: &GenerateOptions, job: &Job) -> Result<Generation> {
+        let tokens = self.tokenize(prompt)?;
+        let negative = self.tokenize(&opts.negative_prompt)?;
+        let states = self.text_states(&[&negative, &tokens])?;
+        let init = self.initial_latents(opts)?;
+        let traj = Trajectory {
+            stream: Stream::Foundational,
+            sample: 0,
+            uncond: states.get(0)?.unsqueeze(0)?,
+            cond: states.get(1)?.unsqueeze(0)?,
+        };
+        let latents = self
+            .denoise(
+                &init,
+                &[traj],
+                opts.steps,
+                opts.guidance,
+                None,
+                job,
+                &mut |_| Ok(()),
+            )?
+            .remove(0);
+        let image = self.decode_to_unit(&latents)?;
+        Ok(Generation {
+            prompt: prompt.to_string(),
+            options: opts.clone(),
+            tokens,
+            timesteps: self.scheduler.timesteps(opts.steps),
+            latents,
+            image,
+        })
+    }
+
+    /// UNet-scale latents -> the VAE's raw output `(b, 3, H, W)` (about [-1, 1]), f32.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let z = self.vae.unscale(&latents.to_dtype(self.vae_dtype)?)?;
+        Ok(self.vae.decode(&z)?.to_dtype(DType::F32)?)
+    }
+
+    /// UNet-scale latents -> image `(b, 3, H, W)` in [0, 1], f32.
+    pub fn decode_to_unit(&self, latents: &Tensor) -> Result<Tensor> {
+        Ok(((self.decode(latents)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+
+    /// Image `(b, 3, H, W)` in [-1, 1] -> the mean of the latent distribution, scaled for the
+    /// UNet.
+    pub fn encode_mean(&self, image: &Tensor) -> Result<Tensor> {
+        let dist = self.vae.encode(&image.to_dtype(self.vae_dtype)?)?;
+        Ok(self.vae.scale(&dist.mean)?.to_dtype(self.dtype)?)
+    }
+}
+
+/// The components must fit together: text width = the UNet's cross-attention width, VAE latents
+/// = UNet input channels.
+fn check_compatible(
+    files: &ModelFiles,
+    te: &TextEncoderConfig,
+    unet: &UNetConfig,
+    vae: &VaeConfig,
+) -> Result<()> {
+    for i in 0..unet.n_blocks() {
+        let d = unet.cross_attention_dim.get(i);
+        if d != te.hidden_size {
+            return Err(Error::config(
+                &files.unet.config,
+                format!(
+                    "cross_attention_dim {d} does not match the text encoder's hidden_size {} ({})",
+                    te.hidden_size,
+                    files.text_encoder.config.display()
+                ),
+            ));
+        }
+    }
+    if unet.in_channels != vae.latent_channels {
+        return Err(Error::config(
+            &files.unet.config,
+            format!(
+                "in_channels {} does not match the VAE's latent_channels {} ({})",
+                unet.in_channels,
+                vae.latent_channels,
+                files.vae.config.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads initial noise from a safetensors file: the tensor named `noise`.
+pub fn load_noise(path: &Path) -> Result<Tensor> {
+    let mut tensors = load_safetensors(path, &Device::Cpu)?;
+    let n = tensors.remove("noise").ok_or_else(|| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg: format!(
+            "no tensor named `noise` (found: {})",
+            tensors.keys().cloned().collect::<Vec<_>>().join(", ")
+        ),
+    })?;
+    Ok(n.to_dtype(DType::F32)?)
+}

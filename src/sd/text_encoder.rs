@@ -1,0 +1,192 @@
+//! The CLIP text encoder (transformers' `CLIPTextModel`): what SD feeds the UNet is its last
+//! hidden state after `final_layer_norm`. Weight names follow the `text_model.` layout of the
+//! published files; every size comes from [`TextEncoderConfig`].
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{embedding, linear, Embedding, LayerNorm, Linear, VarBuilder};
+
+use crate::sd::config::{TextActivation, TextEncoderConfig};
+use crate::sd::nn::layer_norm;
+
+pub(crate) struct ClipAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+/// The sizes of one CLIP encoder layer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerDims {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub hidden_act: TextActivation,
+    pub layer_norm_eps: f64,
+}
+
+impl TextEncoderConfig {
+    pub(crate) fn layer_dims(&self) -> LayerDims {
+        LayerDims {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_attention_heads: self.num_attention_heads,
+            hidden_act: self.hidden_act,
+            layer_norm_eps: self.layer_norm_eps,
+        }
+    }
+}
+
+impl ClipAttention {
+    fn new(vb: VarBuilder, cfg: &LayerDims) -> candle_core::Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            q_proj: linear(d, d, vb.pp("q_proj"))?,
+            k_proj: linear(d, d, vb.pp("k_proj"))?,
+            v_proj: linear(d, d, vb.pp("v_proj"))?,
+            out_proj: linear(d, d, vb.pp("out_proj"))?,
+            heads: cfg.num_attention_heads,
+            head_dim: d / cfg.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let (b, n, d) = xs.dims3()?;
+        let split = |t: Tensor| {
+            t.reshape((b, n, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let q = split((self.q_proj.forward(xs)? * scale)?)?;
+        let k = split(self.k_proj.forward(xs)?)?;
+        let v = split(self.v_proj.forward(xs)?)?;
+        let scores = q.matmul(&k.t()?)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs =
+            crate::sd::nn::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+/// One pre-LN CLIP encoder layer (the text and the vision tower share it).
+pub(crate) struct ClipLayer {
+    layer_norm1: LayerNorm,
+    self_attn: ClipAttention,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: TextActivation,
+}
+
+impl ClipLayer {
+    pub(crate) fn new(vb: VarBuilder, cfg: &LayerDims) -> candle_core::Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            layer_norm1: layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
+            layer_norm2: layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: linear(d, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(cfg.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&crate::sd::nn::norm(&self.layer_norm1, xs)?, mask)?;
+        let xs = (xs + h)?;
+        let h = self
+            .fc1
+            .forward(&crate::sd::nn::norm(&self.layer_norm2, &xs)?)?;
+        let h = match self.act {
+            TextActivation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
+            TextActivation::Gelu => h.gelu_erf()?,
+            TextActivation::GeluNew => h.gelu()?,
+        };
+        xs + self.fc2.forward(&h)?
+    }
+}
+
+/// CLIP's text transformer with its final layer norm.
+pub struct TextEncoder {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<ClipLayer>,
+    final_layer_norm: LayerNorm,
+    max_len: usize,
+}
+
+impl TextEncoder {
+    /// `vb` points at the file's root; the weights live under `text_model.`.
+    pub fn new(vb: VarBuilder, cfg: &TextEncoderConfig) -> candle_core::Result<Self> {
+        let vb = vb.pp("text_model");
+        let emb = vb.pp("embeddings");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| ClipLayer::new(vb.pp("encoder").pp("layers").pp(i), &cfg.layer_dims()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            token_embedding: embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?,
+            position_embedding: embedding(
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+                emb.pp("position_embedding"),
+            )?,
+            layers,
+            final_layer_norm: layer_norm(
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+                vb.pp("final_layer_norm"),
+            )?,
+            max_len: cfg.max_position_embeddings,
+        })
+    }
+
+    /// The number of token positions (77 for SD1.x).
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// `ids`: (batch, n) integer token ids, n <= max_len. Returns (batch, n, hidden).
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, n) = ids.dims2()?;
+        if n > self.max_len {
+            candle_core::bail!(
+                "{n} token ids, the text encoder takes at most {}",
+                self.max_len
+            );
+        }
+        let positions = Tensor::arange(0u32, n as u32, ids.device())?;
+        let xs = self
+            .token_embedding
+            .forward(ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = causal_mask(n, xs.dtype(), ids.device())?;
+        let mut xs = xs;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, Some(&mask))?;
+        }
+        crate::sd::nn::norm(&self.final_layer_norm, &xs)
+    }
+}
+
+fn causal_mask(n: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (n, n), device)?
+        .to_dtype(dtype)?
+        .unsqueeze(0)?
+        .unsqueeze(0)
+}

@@ -1,0 +1,606 @@
+//! The SD1.x UNet (diffusers `UNet2DConditionModel`), with the attention hook inside it.
+//!
+//! Weight paths match diffusers exactly, so stock files load unchanged; every size comes from
+//! [`UNetConfig`]. candle-transformers' timestep embedding is reused as it is; the ResNet block is
+//! ours ([`ResnetBlock`]) so its group norms can run fused.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
+
+use crate::sd::attention::{Attention, HookCtx, LayerInfo};
+use crate::sd::config::UNetConfig;
+use crate::sd::fused::group_norm::GroupNorm;
+use crate::sd::nn::{layer_norm, norm, ResnetBlock, ResnetSpec};
+
+/// Diffusers' `Transformer2DModel` uses a fixed group-norm epsilon.
+const TRANSFORMER_NORM_EPS: f64 = 1e-6;
+/// `BasicTransformerBlock`'s layer norms.
+const BLOCK_NORM_EPS: f64 = 1e-5;
+
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    /// GEGLU feed-forward with an inner width of 4 * dim (`ff.net.0.proj`, `ff.net.2`).
+    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj_in: linear(dim, inner * 2, vb.pp("net").pp(0).pp("proj"))?,
+            proj_out: linear(inner, dim, vb.pp("net").pp(2))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.proj_in.forward(xs)?;
+        let half = h.dim(D::Minus1)? / 2;
+        let hidden = h.narrow(D::Minus1, 0, half)?;
+        let gate = h.narrow(D::Minus1, half, half)?;
+        // diffusers' GEGLU uses the exact (erf) GELU.
+        self.proj_out.forward(&(hidden * gate.gelu_erf()?)?)
+    }
+}
+
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl TransformerBlock {
+    fn new(vb: VarBuilder, dim: usize, heads: usize, cross_dim: usize) -> Result<Self> {
+        let head_dim = dim / heads;
+        Ok(Self {
+            norm1: layer_norm(dim, BLOCK_NORM_EPS, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, None, heads, head_dim)?,
+            norm2: layer_norm(dim, BLOCK_NORM_EPS, vb.pp("norm2"))?,
+            attn2: Attention::new(vb.pp("attn2"), dim, Some(cross_dim), heads, head_dim)?,
+            norm3: layer_norm(dim, BLOCK_NORM_EPS, vb.pp("norm3"))?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        context: &Tensor,
+        spatial: (usize, usize),
+        hook: Option<&HookCtx<'_>>,
+    ) -> Result<Tensor> {
+        let xs = (self
+            .attn1
+            .forward(&norm(&self.norm1, xs)?, None, spatial, hook)?
+            + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&norm(&self.norm2, &xs)?, Some(context), spatial, hook)?
+            + xs)?;
+        self.ff.forward(&norm(&self.norm3, &xs)?)? + xs
+    }
+}
+
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// Diffusers' `Transformer2DModel` (the `attentions.N` modules).
+struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+impl SpatialTransformer {
+    fn new(
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        depth: usize,
+        cross_dim: usize,
+        groups: usize,
+        linear_projection: bool,
+    ) -> Result<Self> {
+        let proj = |name: &str| -> Result<Projection> {
+            Ok(if linear_projection {
+                Projection::Linear(linear(channels, channels, vb.pp(name))?)
+            } else {
+                Projection::Conv(conv2d(
+                    channels,
+                    channels,
+                    1,
+                    Default::default(),
+                    vb.pp(name),
+                )?)
+            })
+        };
+        let blocks = (0..depth)
+            .map(|i| {
+                TransformerBlock::new(
+                    vb.pp("transformer_blocks").pp(i),
+                    channels,
+                    heads,
+                    cross_dim,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: GroupNorm::load(groups, channels, TRANSFORMER_NORM_EPS, vb.pp("norm"))?,
+            proj_in: proj("proj_in")?,
+            blocks,
+            proj_out: proj("proj_out")?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor, hook: Option<&HookCtx<'_>>) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let residual = xs;
+        let xs = self.norm.forward(xs, false)?;
+        let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
+        let mut xs = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(&xs)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(&xs)?)?,
+        };
+        for block in &self.blocks {
+            xs = block.forward(&xs, context, (h, w), hook)?;
+        }
+        let to_map = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
+        let xs = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_map(&xs)?)?,
+            Projection::Linear(lin) => to_map(&lin.forward(&xs)?)?,
+        };
+        xs + residual
+    }
+}
+
+/// A down, mid or up block: ResNet blocks, optionally each followed by a spatial transformer.
+struct Block {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<SpatialTransformer>,
+    /// Stride-2 conv (down blocks) or nearest-upsample + conv (up blocks).
+    resample: Option<Conv2d>,
+    /// Down blocks: pad right and bottom by one before a stride-2 conv with padding 0.
+    pad_before_resample: bool,
+}
+
+struct BlockSpec {
+    channels: usize,
+    heads: usize,
+    depth: usize,
+    cross_dim: usize,
+    has_attention: bool,
+}
+
+impl Block {
+    fn attentions(
+        vb: &VarBuilder,
+        n: usize,
+        spec: &BlockSpec,
+        cfg: &UNetConfig,
+    ) -> Result<Vec<SpatialTransformer>> {
+        if !spec.has_attention {
+            return Ok(vec![]);
+        }
+        (0..n)
+            .map(|i| {
+                SpatialTransformer::new(
+                    vb.pp("attentions").pp(i),
+                    spec.channels,
+                    spec.heads,
+                    spec.depth,
+                    spec.cross_dim,
+                    cfg.norm_num_groups,
+                    cfg.use_linear_projection,
+                )
+            })
+            .collect()
+    }
+
+    fn resnet(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        cfg: &UNetConfig,
+        output_scale_factor: f64,
+    ) -> Result<ResnetBlock> {
+        ResnetBlock::new(
+            vb,
+            ResnetSpec {
+                in_channels,
+                out_channels,
+                temb_channels: Some(cfg.time_embed_dim()),
+                groups: cfg.norm_num_groups,
+                eps: cfg.norm_eps,
+                output_scale_factor,
+            },
+        )
+    }
+
+    fn down(
+        vb: VarBuilder,
+        in_channels: usize,
+        n_layers: usize,
+        spec: &BlockSpec,
+        add_downsample: bool,
+        cfg: &UNetConfig,
+    ) -> Result<Self> {
+        let resnets = (0..n_layers)
+            .map(|i| {
+                let cin = if i == 0 { in_channels } else { spec.channels };
+                Self::resnet(vb.pp("resnets").pp(i), cin, spec.channels, cfg, 1.0)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let resample = if add_downsample {
+            let conv_cfg = Conv2dConfig {
+                stride: 2,
+                padding: cfg.downsample_padding,
+                ..Default::default()
+            };
+            Some(conv2d(
+                spec.channels,
+                spec.channels,
+                3,
+                conv_cfg,
+                vb.pp("downsamplers").pp(0).pp("conv"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            resnets,
+            attentions: Self::attentions(&vb, n_layers, spec, cfg)?,
+            resample,
+            pad_before_resample: cfg.downsample_padding == 0,
+        })
+    }
+
+    fn mid(vb: VarBuilder, spec: &BlockSpec, cfg: &UNetConfig) -> Result<Self> {
+        let resnets = (0..2)
+            .map(|i| {
+                Self::resnet(
+                    vb.pp("resnets").pp(i),
+                    spec.channels,
+                    spec.channels,
+                    cfg,
+                    cfg.mid_block_scale_factor,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            resnets,
+            attentions: Self::attentions(&vb, 1, spec, cfg)?,
+            resample: None,
+            pad_before_resample: false,
+        })
+    }
+
+    /// `skip_channels[j]`: channels of the skip connection concatenated before resnet j.
+    fn up(
+        vb: VarBuilder,
+        prev_channels: usize,
+        skip_channels: &[usize],
+        spec: &BlockSpec,
+        add_upsample: bool,
+        cfg: &UNetConfig,
+    ) -> Result<Self> {
+        let resnets = skip_channels
+            .iter()
+            .enumerate()
+            .map(|(j, &skip)| {
+                let cin = if j == 0 { prev_channels } else { spec.channels };
+                Self::resnet(vb.pp("resnets").pp(j), cin + skip, spec.channels, cfg, 1.0)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let resample = if add_upsample {
+            let conv_cfg = Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            Some(conv2d(
+                spec.channels,
+                spec.channels,
+                3,
+                conv_cfg,
+                vb.pp("upsamplers").pp(0).pp("conv"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            resnets,
+            attentions: Self::attentions(&vb, skip_channels.len(), spec, cfg)?,
+            resample,
+            pad_before_resample: false,
+        })
+    }
+
+    fn attention_layers(&self) -> impl Iterator<Item = &LayerInfo> {
+        self.attentions
+            .iter()
+            .flat_map(|a| a.blocks.iter())
+            .flat_map(|b| [b.attn1.info(), b.attn2.info()])
+    }
+
+    /// Returns the output and the states after each layer (and after the downsampler).
+    fn forward_down(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        hook: Option<&HookCtx<'_>>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut xs = xs.clone();
+        let mut states = Vec::with_capacity(self.resnets.len() + 1);
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            xs = resnet.forward(&xs, Some(temb))?;
+            if let Some(attn) = self.attentions.get(i) {
+                xs = attn.forward(&xs, context, hook)?;
+            }
+            states.push(xs.clone());
+        }
+        if let Some(conv) = &self.resample {
+            if self.pad_before_resample {
+                xs = xs
+                    .pad_with_zeros(D::Minus1, 0, 1)?
+                    .pad_with_zeros(D::Minus2, 0, 1)?;
+            }
+            xs = conv.forward(&xs)?;
+            states.push(xs.clone());
+        }
+        Ok((xs, states))
+    }
+
+    fn forward_mid(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        hook: Option<&HookCtx<'_>>,
+    ) -> Result<Tensor> {
+        let mut xs = self.resnets[0].forward(xs, Some(temb))?;
+        for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
+            xs = attn.forward(&xs, context, hook)?;
+            xs = resnet.forward(&xs, Some(temb))?;
+        }
+        Ok(xs)
+    }
+
+    /// `skips`: the states to concatenate, the last one first; `upsample_to`: the size of the
+    /// next block's skip connection.
+    fn forward_up(
+        &self,
+        xs: &Tensor,
+        skips: &mut Vec<Tensor>,
+        temb: &Tensor,
+        context: &Tensor,
+        hook: Option<&HookCtx<'_>>,
+    ) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            let skip = skips
+                .pop()
+                .ok_or_else(|| candle_core::Error::Msg("UNet skip connections exhausted".into()))?;
+            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
+            if let Some(attn) = self.attentions.get(i) {
+                xs = attn.forward(&xs, context, hook)?;
+            }
+        }
+        if let Some(conv) = &self.resample {
+            let (h, w) = match skips.last() {
+                Some(next) => {
+                    let (_, _, h, w) = next.dims4()?;
+                    (h, w)
+                }
+                None => {
+                    let (_, _, h, w) = xs.dims4()?;
+                    (2 * h, 2 * w)
+                }
+            };
+            xs = conv.forward(&xs.upsample_nearest2d(h, w)?)?;
+        }
+        Ok(xs)
+    }
+}
+
+/// The SD1.x UNet.
+pub struct UNet {
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    conv_in: Conv2d,
+    down: Vec<Block>,
+    mid: Block,
+    up: Vec<Block>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    config: UNetConfig,
+}
+
+impl UNet {
+    pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::Msg)?;
+        let n = cfg.n_blocks();
+        let ch = &cfg.block_out_channels;
+        let c0 = ch[0];
+        let conv_in = conv2d(
+            cfg.in_channels,
+            c0,
+            cfg.conv_in_kernel,
+            Conv2dConfig {
+                padding: (cfg.conv_in_kernel - 1) / 2,
+                ..Default::default()
+            },
+            vb.pp("conv_in"),
+        )?;
+        let time_proj = Timesteps::new(c0, cfg.flip_sin_to_cos, cfg.freq_shift);
+        let time_embedding =
+            TimestepEmbedding::new(vb.pp("time_embedding"), c0, cfg.time_embed_dim())?;
+        let heads = cfg.heads();
+
+        let mut down = Vec::with_capacity(n);
+        let mut skip_channels = vec![c0];
+        for i in 0..n {
+            let cin = if i == 0 { c0 } else { ch[i - 1] };
+            let spec = BlockSpec {
+                channels: ch[i],
+                heads: heads.get(i),
+                depth: cfg.transformer_layers_per_block.get(i),
+                cross_dim: cfg.cross_attention_dim.get(i),
+                has_attention: cfg.down_block_types[i] == "CrossAttnDownBlock2D",
+            };
+            let layers = cfg.layers_per_block.get(i);
+            let is_final = i + 1 == n;
+            down.push(Block::down(
+                vb.pp("down_blocks").pp(i),
+                cin,
+                layers,
+                &spec,
+                !is_final,
+                cfg,
+            )?);
+            skip_channels.extend(std::iter::repeat_n(ch[i], layers + usize::from(!is_final)));
+        }
+
+        let mid_spec = BlockSpec {
+            channels: ch[n - 1],
+            heads: heads.get(n - 1),
+            depth: cfg.transformer_layers_per_block.get(n - 1),
+            cross_dim: cfg.cross_attention_dim.get(n - 1),
+            has_attention: true,
+        };
+        let mid = Block::mid(vb.pp("mid_block"), &mid_spec, cfg)?;
+
+        let rev_ch: Vec<usize> = ch.iter().rev().copied().collect();
+        let rev_heads = heads.reversed(n);
+        let rev_cross = cfg.cross_attention_dim.reversed(n);
+        let rev_depth = cfg.transformer_layers_per_block.reversed(n);
+        let rev_layers = cfg.layers_per_block.reversed(n);
+        let mut up = Vec::with_capacity(n);
+        let mut prev = rev_ch[0];
+        for i in 0..n {
+            let n_layers = rev_layers[i] + 1;
+            let take = skip_channels.split_off(skip_channels.len().saturating_sub(n_layers));
+            if take.len() != n_layers {
+                candle_core::bail!(
+                    "UNet config gives up block {i} more layers than skip connections"
+                );
+            }
+            let skips: Vec<usize> = take.into_iter().rev().collect();
+            let spec = BlockSpec {
+                channels: rev_ch[i],
+                heads: rev_heads[i],
+                depth: rev_depth[i],
+                cross_dim: rev_cross[i],
+                has_attention: cfg.up_block_types[i] == "CrossAttnUpBlock2D",
+            };
+            let is_final = i + 1 == n;
+            up.push(Block::up(
+                vb.pp("up_blocks").pp(i),
+                prev,
+                &skips,
+                &spec,
+                !is_final,
+                cfg,
+            )?);
+            prev = rev_ch[i];
+        }
+
+        Ok(Self {
+            time_proj,
+            time_embedding,
+            conv_in,
+            down,
+            mid,
+            up,
+            conv_norm_out: GroupNorm::load(
+                cfg.norm_num_groups,
+                c0,
+                cfg.norm_eps,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_out: conv2d(
+                c0,
+                cfg.out_channels,
+                cfg.conv_out_kernel,
+                Conv2dConfig {
+                    padding: (cfg.conv_out_kernel - 1) / 2,
+                    ..Default::default()
+                },
+                vb.pp("conv_out"),
+            )?,
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// The attention layers a UNet of this config has, without building its weights.
+    pub fn attention_layers_of(cfg: &UNetConfig) -> Result<Vec<LayerInfo>> {
+        let unet = crate::sd::weights::build_meta(|vb| UNet::new(vb, cfg))?;
+        Ok(unet.attention_layers().into_iter().cloned().collect())
+    }
+
+    /// Every attention layer, in the order the UNet runs them.
+    pub fn attention_layers(&self) -> Vec<&LayerInfo> {
+        self.down
+            .iter()
+            .chain(std::iter::once(&self.mid))
+            .chain(&self.up)
+            .flat_map(Block::attention_layers)
+            .collect()
+    }
+
+    /// Predicts the noise. `sample`: (b, c, h, w); `timesteps`: a scalar or one value per row;
+    /// `context`: (b, tokens, cross_dim). `hook` observes or changes the attention layers.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        hook: Option<&HookCtx<'_>>,
+    ) -> Result<Tensor> {
+        let (b, _, _, _) = sample.dims4()?;
+        let dtype = sample.dtype();
+        let t = timesteps.to_dtype(DType::F32)?;
+        let t = match t.rank() {
+            0 => t.broadcast_as(b)?.contiguous()?,
+            1 if t.dim(0)? == b => t,
+            1 if t.dim(0)? == 1 => t.broadcast_as(b)?.contiguous()?,
+            _ => candle_core::bail!(
+                "timesteps have shape {:?}, expected a scalar or {b} values",
+                timesteps.dims()
+            ),
+        };
+        if context.dim(0)? != b {
+            candle_core::bail!("{} text states for a batch of {b} latents", context.dim(0)?);
+        }
+        let emb = self.time_proj.forward(&t)?.to_dtype(dtype)?;
+        let emb = self.time_embedding.forward(&emb)?;
+
+        let sample = if self.config.center_input_sample {
+            ((sample * 2.0)? - 1.0)?
+        } else {
+            sample.clone()
+        };
+        let mut xs = self.conv_in.forward(&sample)?;
+        let mut skips = vec![xs.clone()];
+        for block in &self.down {
+            let (out, states) = block.forward_down(&xs, &emb, context, hook)?;
+            xs = out;
+            skips.extend(states);
+        }
+        xs = self.mid.forward_mid(&xs, &emb, context, hook)?;
+        for block in &self.up {
+            xs = block.forward_up(&xs, &mut skips, &emb, context, hook)?;
+        }
+        let xs = self.conv_norm_out.forward(&xs, true)?;
+        self.conv_out.forward(&xs)
+    }
+}
