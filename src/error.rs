@@ -90,7 +90,7 @@ pub enum Error {
     Cancelled,
 
     /// A tensor operation failed; shown without candle's backtrace.
-    #[error("{}", crate::sd::weights::root_cause(.0))]
+    #[error("{}", root_cause(.0))]
     Candle(#[from] candle_core::Error),
 }
 
@@ -134,3 +134,14 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// The innermost message of a candle error, without the backtrace wrapping.
+pub(crate) fn root_cause(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => root_cause(inner),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", root_cause(inner))
+        }
+        other => other.to_string(),
+    }
+}

@@ -8,6 +8,7 @@
 //! - [`util`], [`error`], [`job`]: small shared pieces.
 
 pub mod app;
+pub mod assets;
 mod error;
 pub mod infusion;
 pub mod job;

@@ -114,7 +114,7 @@ fn time<T>(
 ) -> Result<(f64, Option<u64>)> {
     f()?;
     sync(dev)?;
-    crate::sd::device_mem::reset_peak(dev);
+    crate::sd::device::reset_peak(dev);
     let mut times = Vec::with_capacity(repeats);
     for _ in 0..repeats.max(1) {
         let t0 = Instant::now();
@@ -123,7 +123,7 @@ fn time<T>(
         times.push(t0.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.total_cmp(b));
-    Ok((times[times.len() / 2], crate::sd::device_mem::peak_bytes(dev)))
+    Ok((times[times.len() / 2], crate::sd::device::peak_bytes(dev)))
 }
 
 fn row(

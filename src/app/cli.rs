@@ -1,15 +1,16 @@
 //! The `infusion-repl` command line.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use candle_core::{DType, Device};
-use clap::{Args, Parser, Subcommand};
+use candle_core::DType;
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::infusion::maps::AttentionMaps;
 use crate::app::bench::BenchOptions;
 use crate::error::{Error, Result};
+use crate::sd::device::{parse_device, parse_dtype};
 use crate::sd::fused::{set_kernels, Kernels};
 use crate::infusion::generate::{generate_infusion, ConceptSet, InfusionOptions};
 use crate::job::Job;
@@ -186,68 +187,6 @@ struct GenerateArgs {
     maps: Option<PathBuf>,
 }
 
-/// The repository's folder of bundled files: `$INFUSION_HOME`, else the source checkout the
-/// binary was built from, else the current folder (a copied checkout, e.g. on a GPU machine).
-pub fn repo_dir() -> PathBuf {
-    if let Some(h) = std::env::var_os("INFUSION_HOME").filter(|h| !h.is_empty()) {
-        return PathBuf::from(h);
-    }
-    let built = Path::new(env!("CARGO_MANIFEST_DIR"));
-    if built.join("models").is_dir() {
-        built.to_path_buf()
-    } else {
-        PathBuf::from(".")
-    }
-}
-
-/// The tiny random-weight model shipped in the repository.
-pub fn bundled_model() -> PathBuf {
-    repo_dir().join("models").join("tiny-sd")
-}
-
-/// Parses `cpu`, `cuda`, `cuda:N`.
-pub fn parse_device(s: &str) -> Result<Device> {
-    let bad = || Error::arg("--device", format!("`{s}`: expected cpu, cuda or cuda:N"));
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => cuda(0),
-        _ => match s.strip_prefix("cuda:") {
-            Some(n) => cuda(n.parse().map_err(|_| bad())?),
-            None => Err(bad()),
-        },
-    }
-}
-
-fn cuda(ordinal: usize) -> Result<Device> {
-    let hint = if cfg!(feature = "cuda") {
-        "is an NVIDIA GPU there, with its driver (libcuda.so.1)?"
-    } else {
-        "this binary has no GPU support: build it with `--features cuda`"
-    };
-    Device::new_cuda(ordinal).map_err(|e| {
-        Error::arg(
-            "--device",
-            format!(
-                "cannot open cuda:{ordinal}: {} ({hint})",
-                crate::sd::weights::root_cause(&e)
-            ),
-        )
-    })
-}
-
-/// Parses `f32`, `f16`, `bf16`.
-pub fn parse_dtype(s: &str) -> Result<DType> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        _ => Err(Error::arg(
-            "--dtype",
-            format!("`{s}`: expected f32, f16 or bf16"),
-        )),
-    }
-}
-
 fn load_model(global: &GlobalArgs) -> Result<StableDiffusion> {
     let opts = LoadOptions {
         device: parse_device(&global.device)?,
@@ -256,7 +195,7 @@ fn load_model(global: &GlobalArgs) -> Result<StableDiffusion> {
     match &global.model {
         Some(spec) => StableDiffusion::load(spec, &opts),
         None => {
-            let dir = bundled_model();
+            let dir = crate::assets::tiny_sd();
             eprintln!(
                 "note: no --model given: using the bundled tiny model with random weights ({})",
                 dir.display()
@@ -396,7 +335,7 @@ fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
             };
             let sd = StableDiffusion::random(
                 &ModelConfigs::sd15(),
-                &bundled_model().join("tokenizer"),
+                &crate::assets::clip_tokenizer(),
                 &opts,
                 0,
             )?;
@@ -479,8 +418,26 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             ExitCode::from(130)
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", as_flags(e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The library names options as scripts do (`replace_steps`); on the command line the same
+/// option is a flag (`--replace-steps`), and the error says so.
+fn as_flags(e: Error) -> Error {
+    let Error::InvalidArgument { arg, msg } = e else {
+        return e;
+    };
+    let cmd = Cli::command();
+    let flag = std::iter::once(&cmd)
+        .chain(cmd.get_subcommands())
+        .flat_map(|c| c.get_arguments())
+        .find(|a| a.get_id().as_str() == arg)
+        .and_then(|a| a.get_long().map(|l| format!("--{l}")));
+    Error::InvalidArgument {
+        arg: flag.unwrap_or(arg),
+        msg,
     }
 }

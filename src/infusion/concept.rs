@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::sd::attention::{AttnKind, LayerInfo};
 use crate::error::{Error, Result};
 use crate::util::image_io::write_atomic;
-use crate::sd::weights::root_cause;
+use crate::error::root_cause;
 
 /// The `format` metadata value this version writes and reads.
 pub const FORMAT: &str = "infusion-concept/1";

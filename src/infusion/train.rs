@@ -849,7 +849,7 @@ impl<'a> Trainer<'a> {
             .parse()
             .map_err(|_| bad("bad `adam_step`".into()))?;
         let tensors = candle_core::safetensors::load_buffer(&data, sd.device())
-            .map_err(|e| bad(crate::sd::weights::root_cause(&e)))?;
+            .map_err(|e| bad(crate::error::root_cause(&e)))?;
         let mut t = Trainer::new(sd, &concept.name, &concept.word, images, opts)?;
         for (k, var) in &t.vars {
             var.set(&concept.deltas[k].to_device(sd.device())?)?;

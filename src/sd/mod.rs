@@ -7,7 +7,7 @@
 
 pub mod attention;
 pub mod config;
-pub mod device_mem;
+pub mod device;
 pub mod fused;
 pub mod hub;
 pub(crate) mod nn;

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
-use crate::error::{Error, Result, WeightProblem};
+use crate::error::{root_cause, Error, Result, WeightProblem};
 
 /// The safetensors files of one model component (`unet`, `vae`, ...), opened and indexed.
 pub struct WeightFiles {
@@ -123,17 +123,6 @@ impl WeightFiles {
 fn problem_key(p: &WeightProblem) -> &str {
     match p {
         WeightProblem::Missing { tensor, .. } | WeightProblem::WrongShape { tensor, .. } => tensor,
-    }
-}
-
-/// The innermost message of a candle error, without the backtrace wrapping.
-pub(crate) fn root_cause(e: &candle_core::Error) -> String {
-    match e {
-        candle_core::Error::WithBacktrace { inner, .. } => root_cause(inner),
-        candle_core::Error::Context { inner, context } => {
-            format!("{context}: {}", root_cause(inner))
-        }
-        other => other.to_string(),
     }
 }
 

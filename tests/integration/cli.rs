@@ -132,7 +132,16 @@ fn errors_name_the_culprit_and_exit_non_zero() {
     assert!(stderr(&o).contains("width"), "{}", stderr(&o));
 
     let o = run(&["--dtype", "f8", "generate"], dir.path(), &[]);
-    assert!(stderr(&o).contains("--dtype"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("`--dtype`"), "{}", stderr(&o));
+    // The library names the option `device`; the command line calls it by its flag.
+    let o = run(&["--device", "gpu", "generate"], dir.path(), &[]);
+    assert!(stderr(&o).contains("`--device`: `gpu`"), "{}", stderr(&o));
+    let o = run(
+        &["generate", "--steps", "1", "--replace-steps", "2", "--maps", "m.st"],
+        dir.path(),
+        &[],
+    );
+    assert!(stderr(&o).contains("`--replace-steps`: 2"), "{}", stderr(&o));
     // Nothing half-written.
     let pngs = std::fs::read_dir(dir.path()).unwrap().count();
     assert_eq!(pngs, 0);

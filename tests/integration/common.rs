@@ -11,10 +11,10 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor};
 use infusion_repl::{LoadOptions, StableDiffusion};
 
-/// The checkout's root (see `infusion_repl::app::cli::repo_dir`: a test binary copied to another machine
+/// The checkout's root (see `infusion_repl::assets::home`: a test binary copied to another machine
 /// finds the fixtures in the current folder).
 pub fn repo() -> PathBuf {
-    infusion_repl::app::cli::repo_dir()
+    infusion_repl::assets::home()
 }
 
 pub fn tiny_model_dir() -> PathBuf {
@@ -25,7 +25,7 @@ pub fn tiny_model_dir() -> PathBuf {
 /// so the GPU check runs the same tests on CUDA.
 pub fn device() -> Device {
     match std::env::var("INFUSION_TEST_DEVICE") {
-        Ok(d) if !d.is_empty() => infusion_repl::app::cli::parse_device(&d).expect("INFUSION_TEST_DEVICE"),
+        Ok(d) if !d.is_empty() => infusion_repl::sd::device::parse_device(&d).expect("INFUSION_TEST_DEVICE"),
         _ => Device::Cpu,
     }
 }

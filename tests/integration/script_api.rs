@@ -64,6 +64,19 @@ fn scores_and_distances_from_scripts() {
     assert_eq!(f("f0"), 0.0, "a model against itself");
 }
 
+/// Errors of a bound function name its options as the script spells them, never as the
+/// command line does.
+#[test]
+fn option_errors_use_the_script_names() {
+    let session = Session::new(ScriptConfig::default());
+    let e = build_engine(&session)
+        .eval::<Dynamic>(r#"load_model("models/tiny-sd", #{device: "gpu"})"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`device`: `gpu`"), "{e}");
+    assert!(!e.contains("--device"), "{e}");
+}
+
 /// `set_kernels` switches this session's thread to the fused op (the generation then
 /// runs through it), names the choices when the name is wrong, and leaves other threads alone.
 #[test]

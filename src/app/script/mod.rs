@@ -45,18 +45,11 @@ impl Default for ScriptConfig {
             device: "cpu".into(),
             dtype: "f32".into(),
             no_images: false,
-            stdlib: default_stdlib(),
+            stdlib: crate::assets::stdlib(),
             out_dir: PathBuf::from("infusion-out"),
             progress: true,
         }
     }
-}
-
-/// The stdlib folder: `$INFUSION_STDLIB`, else `stdlib/` in the repository.
-pub fn default_stdlib() -> PathBuf {
-    std::env::var_os("INFUSION_STDLIB")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::app::cli::repo_dir().join("stdlib"))
 }
 
 /// State shared by the bound functions of one engine.

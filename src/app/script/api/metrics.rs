@@ -13,7 +13,6 @@ use super::images::Img;
 use super::model::Model;
 use super::tensors::TensorVal;
 use super::volatile;
-use crate::app::cli::bundled_model;
 use crate::infusion::generate::ConceptSet;
 use crate::metrics::clip::Clip;
 use crate::metrics::curves::{overtraining_curves, CurveOptions};
@@ -34,7 +33,7 @@ pub struct ClipVal(pub Arc<Clip>);
 pub struct DinoVal(pub Arc<Dino>);
 
 fn device(session: &Session) -> RhaiResult<candle_core::Device> {
-    rt(crate::app::cli::parse_device(&session.config.device))
+    rt(crate::sd::device::parse_device(&session.config.device))
 }
 
 /// Images from an array of images, or a folder path.
@@ -188,8 +187,8 @@ fn w2(a: Dynamic, b: Dynamic, opts: &Map, squared: bool) -> RhaiResult<FLOAT> {
 fn load_clip(session: &Session, path: Option<&str>) -> RhaiResult<ClipVal> {
     let dir = path
         .map(PathBuf::from)
-        .unwrap_or_else(|| bundled_model().with_file_name("tiny-clip"));
-    let tok = bundled_model().join("tokenizer");
+        .unwrap_or_else(crate::assets::tiny_clip);
+    let tok = crate::assets::clip_tokenizer();
     Ok(ClipVal(Arc::new(rt(Clip::load(
         &dir,
         &tok,
@@ -200,7 +199,7 @@ fn load_clip(session: &Session, path: Option<&str>) -> RhaiResult<ClipVal> {
 fn load_dino(session: &Session, path: Option<&str>) -> RhaiResult<DinoVal> {
     let dir = path
         .map(PathBuf::from)
-        .unwrap_or_else(|| bundled_model().with_file_name("tiny-dino"));
+        .unwrap_or_else(crate::assets::tiny_dino);
     Ok(DinoVal(Arc::new(rt(Dino::load(&dir, &device(session)?))?)))
 }
 

@@ -10,7 +10,7 @@ use super::tensors::TensorVal;
 use super::volatile;
 use crate::sd::attention::Stream;
 use crate::infusion::maps::{overlay, token_map, AttentionMaps};
-use crate::app::cli::{bundled_model, parse_device, parse_dtype};
+use crate::sd::device::{parse_device, parse_dtype};
 use crate::sd::fused::{kernels, set_thread_kernels};
 use crate::util::image_io::tensor_to_rgb;
 use crate::infusion::generate::{generate_infusion, InfusionGeneration, InfusionOptions};
@@ -83,7 +83,7 @@ fn load(session: &Session, spec: Option<&str>, opts: Option<&Map>) -> RhaiResult
     let (sd, source) = match spec {
         Some(s) => (rt(StableDiffusion::load(&s, &lo))?, s),
         None => {
-            let dir = bundled_model();
+            let dir = crate::assets::tiny_sd();
             eprintln!(
                 "note: using the bundled tiny model with random weights ({})",
                 dir.display()

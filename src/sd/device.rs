@@ -1,10 +1,53 @@
-//! Peak device memory, where the device can tell.
+//! Devices and dtypes: parsing their names, and the peak device memory where the device can
+//! tell.
 //!
 //! On CUDA, candle allocates stream-ordered (`cuMemAllocAsync`) from the device's default
 //! memory pool, whose `USED_MEM_HIGH` attribute is the high-water mark of memory in use; it can
 //! be reset between measurements. The CPU reports nothing.
 
-use candle_core::Device;
+use candle_core::{DType, Device};
+
+use crate::error::{root_cause, Error, Result};
+
+/// Parses `cpu`, `cuda`, `cuda:N` (errors name the argument `device`).
+pub fn parse_device(s: &str) -> Result<Device> {
+    let bad = || Error::arg("device", format!("`{s}`: expected cpu, cuda or cuda:N"));
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        _ => match s.strip_prefix("cuda:") {
+            Some(n) => cuda(n.parse().map_err(|_| bad())?),
+            None => Err(bad()),
+        },
+    }
+}
+
+fn cuda(ordinal: usize) -> Result<Device> {
+    let hint = if cfg!(feature = "cuda") {
+        "is an NVIDIA GPU there, with its driver (libcuda.so.1)?"
+    } else {
+        "this binary has no GPU support: build it with `--features cuda`"
+    };
+    Device::new_cuda(ordinal).map_err(|e| {
+        Error::arg(
+            "device",
+            format!("cannot open cuda:{ordinal}: {} ({hint})", root_cause(&e)),
+        )
+    })
+}
+
+/// Parses `f32`, `f16`, `bf16` (errors name the argument `dtype`).
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(Error::arg(
+            "dtype",
+            format!("`{s}`: expected f32, f16 or bf16"),
+        )),
+    }
+}
 
 /// Resets the peak counter of `device` (no-op where there is none).
 pub fn reset_peak(device: &Device) {
