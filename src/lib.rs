@@ -18,10 +18,10 @@ pub mod util;
 
 pub use error::{Error, Result, WeightProblem};
 pub use infusion::concept::Concept;
-pub use infusion::generate::{generate_infusion, ConceptSet, InfusionGeneration, InfusionOptions};
+pub use infusion::concept::ConceptSet;
+pub use infusion::generate::{generate_infusion, InfusionGeneration, InfusionOptions};
+pub use infusion::Stream;
 pub use job::Job;
-pub use sd::attention::{
-    AttentionCall, AttentionHook, AttnKind, AttnSite, BatchLayout, Guidance, HookCtx, LayerInfo,
-    Row, Step, Stream,
-};
+pub use sd::attention::{AttentionCall, AttnKind, LayerInfo};
+pub use sd::hook::{AttentionHook, AttnSite, BatchLayout, Branch, Guidance, HookCtx, Row, Step};
 pub use sd::pipeline::{GenerateOptions, Generation, LoadOptions, StableDiffusion};

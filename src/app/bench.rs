@@ -11,9 +11,11 @@ use crate::sd::attention::naive_attention;
 use crate::infusion::concept::Concept;
 use crate::error::Result;
 use crate::sd::fused::{self, group_norm::GroupNorm, Kernels};
-use crate::infusion::generate::{generate_infusion, ConceptSet, InfusionOptions};
+use crate::infusion::concept::ConceptSet;
+use crate::infusion::generate::{generate_infusion, InfusionOptions};
 use crate::job::Job;
-use crate::sd::pipeline::{seeded_noise, GenerateOptions, StableDiffusion};
+use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
+use crate::util::noise::seeded_noise;
 use crate::infusion::train::{TrainOptions, Trainer};
 
 /// What to run.

@@ -12,11 +12,13 @@ use crate::app::bench::BenchOptions;
 use crate::error::{Error, Result};
 use crate::sd::device::{parse_device, parse_dtype};
 use crate::sd::fused::{set_kernels, Kernels};
-use crate::infusion::generate::{generate_infusion, ConceptSet, InfusionOptions};
+use crate::infusion::concept::ConceptSet;
+use crate::infusion::generate::{generate_infusion, InfusionOptions};
 use crate::job::Job;
 use crate::sd::pipeline::{load_noise, GenerateOptions, LoadOptions, ModelConfigs, StableDiffusion};
 use crate::app::script::{ScriptConfig, Session};
-use crate::infusion::train::{image_count_warning, load_image_set, TrainOptions, Trainer};
+use crate::infusion::train::{image_count_warning, TrainOptions, Trainer};
+use crate::util::image_io::load_folder_images;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -256,7 +258,7 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
 
 fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job) -> Result<()> {
     let sd = load_model(global)?;
-    let images: Vec<_> = load_image_set(&args.folder)?;
+    let images: Vec<_> = load_folder_images(&args.folder)?;
     if let Some(w) = image_count_warning(images.len(), &args.folder) {
         eprintln!("warning: {w}");
     }
@@ -356,7 +358,7 @@ fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
     print!("{}", report.table());
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&report).map_err(|e| Error::arg("--json", e))?;
-        crate::util::image_io::write_atomic(path, |w| {
+        crate::util::fs::write_atomic(path, |w| {
             w.write_all(json.as_bytes()).map_err(|e| Error::io(path, e))
         })?;
     }

@@ -13,12 +13,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::prompt::{parse_prompt, ParsedPrompt};
 use crate::sd::attention::{AttnKind, LayerInfo};
+use crate::sd::pipeline::StableDiffusion;
 use crate::error::{Error, Result};
-use crate::util::image_io::write_atomic;
+use crate::util::fs::write_atomic;
 use crate::error::root_cause;
 
 /// The `format` metadata value this version writes and reads.
@@ -259,5 +262,71 @@ impl Concept {
             Some(_) => {}
         }
         Ok(warnings)
+    }
+}
+
+/// The concepts of a session, found by name.
+#[derive(Debug, Clone, Default)]
+pub struct ConceptSet {
+    concepts: BTreeMap<String, Arc<Concept>>,
+}
+
+impl ConceptSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) a concept; returns the one it replaced.
+    pub fn insert(&mut self, concept: Concept) -> Option<Arc<Concept>> {
+        self.concepts
+            .insert(concept.name.clone(), Arc::new(concept))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Concept>> {
+        self.concepts.get(name)
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Arc<Concept>> {
+        self.concepts.remove(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Concept>> {
+        self.concepts.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.concepts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.concepts.is_empty()
+    }
+
+    /// Reads a concept file, checks it against `sd` (layers, lengths, base model; `force` accepts a
+    /// concept trained on another model) and adds it. Returns it with the warnings to show.
+    pub fn load_file(
+        &mut self,
+        path: &std::path::Path,
+        sd: &StableDiffusion,
+        force: bool,
+    ) -> Result<(Arc<Concept>, Vec<String>)> {
+        let concept = Concept::load(path)?;
+        let warnings = concept
+            .check_model(sd.unet.attention_layers(), sd.unet_fingerprint(), force)
+            .map_err(|e| match e {
+                Error::InvalidArgument { msg, .. } => Error::Config {
+                    path: path.to_path_buf(),
+                    msg,
+                },
+                e => e,
+            })?;
+        let concept = Arc::new(concept);
+        self.concepts.insert(concept.name.clone(), concept.clone());
+        Ok((concept, warnings))
+    }
+
+    /// Parses `<name>` marks of a prompt against these concepts.
+    pub fn parse(&self, prompt: &str) -> Result<ParsedPrompt> {
+        parse_prompt(prompt, |n| self.get(n).map(|c| c.word.clone()))
     }
 }

@@ -12,9 +12,11 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor};
 use image::{ImageBuffer, Luma, RgbImage};
 
-use crate::sd::attention::{AttentionCall, AttnSite, Guidance, Stream};
+use super::Stream;
+use crate::sd::attention::AttentionCall;
+use crate::sd::hook::{AttnSite, Guidance};
 use crate::error::{Error, Result};
-use crate::util::image_io::write_atomic;
+use crate::util::fs::write_atomic;
 
 #[derive(Debug)]
 struct Entry {
@@ -32,13 +34,6 @@ pub struct AttentionMaps {
     /// Only layers with at most this many queries are recorded (`None`: all).
     max_queries: Option<usize>,
     entries: Mutex<BTreeMap<(Stream, String), Entry>>,
-}
-
-fn stream_tag(s: Stream) -> &'static str {
-    match s {
-        Stream::Foundational => "F",
-        Stream::Customized => "C",
-    }
 }
 
 impl AttentionMaps {
@@ -74,7 +69,7 @@ impl AttentionMaps {
         }
         let step = site.step.map(|s| s.index).unwrap_or(0);
         for stream in [Stream::Foundational, Stream::Customized] {
-            let Some(row) = site.rows.find(stream, Guidance::Conditional, 0) else {
+            let Some(row) = site.rows.find(stream.branch(), Guidance::Conditional, 0) else {
                 continue;
             };
             let map = call
@@ -234,7 +229,7 @@ impl AttentionMaps {
         for ((stream, layer), e) in self.lock().iter() {
             let (h, w) = e.spatial;
             let keys = e.sum.dim(1)?;
-            let tag = stream_tag(*stream);
+            let tag = stream.tag();
             tensors.push((
                 format!("{tag}/{layer}"),
                 (&e.sum / e.count as f64)?.reshape((h, w, keys))?,

@@ -6,8 +6,11 @@
 //! that word. A `<` that does not start such a mark is ordinary text.
 
 use std::ops::Range;
+use std::sync::Arc;
 
+use super::concept::{Concept, ConceptSet};
 use crate::error::{Error, Result};
+use crate::sd::tokenizer::Tokens;
 
 /// One `<name>` of a prompt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +75,45 @@ pub fn parse_prompt(
     base.push_str(rest);
     Ok(ParsedPrompt { base, marks })
 }
+
+/// A concept placed in a prompt: its Δs and the token positions of its word.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub concept: Arc<Concept>,
+    pub positions: Vec<usize>,
+}
+
+/// Resolves the marks of `parsed` to token positions in `tokens` (the tokenized base prompt).
+pub fn place_concepts(
+    concepts: &ConceptSet,
+    parsed: &ParsedPrompt,
+    tokens: &Tokens,
+) -> Result<Vec<Placement>> {
+    parsed
+        .marks
+        .iter()
+        .map(|m| {
+            let concept = concepts
+                .get(&m.name)
+                .ok_or_else(|| Error::arg("prompt", format!("no concept named <{}> is loaded", m.name)))?
+                .clone();
+            let positions = tokens.positions_of_span(m.span.clone());
+            if positions.is_empty() {
+                return Err(Error::arg(
+                    "prompt",
+                    format!(
+                        "the word of <{}> was cut off: the prompt has {} tokens, the text encoder takes {}",
+                        m.name,
+                        tokens.untruncated_n_tokens,
+                        tokens.ids.len()
+                    ),
+                ));
+            }
+            Ok(Placement { concept, positions })
+        })
+        .collect()
+}
+
 
 #[cfg(test)]
 mod tests {

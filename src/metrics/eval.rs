@@ -14,11 +14,13 @@ use super::clip::{cosine_matrix, Clip};
 use super::dino::Dino;
 use crate::infusion::concept::Concept;
 use crate::error::{Error, Result};
-use crate::util::image_io::{save_png, tensor_to_rgb, write_atomic};
-use crate::infusion::generate::{generate_infusion, ConceptSet, InfusionOptions};
+use crate::util::fs::write_atomic;
+use crate::util::image_io::{save_png, tensor_to_rgb};
+use crate::infusion::concept::ConceptSet;
+use crate::infusion::generate::{generate_infusion, InfusionOptions};
 use crate::job::Job;
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
-use crate::infusion::train::load_image_set;
+use crate::util::image_io::load_folder_images;
 
 /// A concept to evaluate: its file and the folder of its training images.
 #[derive(Debug, Clone)]
@@ -208,7 +210,7 @@ pub fn evaluate(
         if todo.is_empty() {
             continue;
         }
-        let refs: Vec<_> = load_image_set(&ec.images)?;
+        let refs: Vec<_> = load_folder_images(&ec.images)?;
         let ref_clip = clip.image_embeds(&refs)?;
         let ref_dino = dino.embeds(&refs)?;
         let mut set = ConceptSet::new();

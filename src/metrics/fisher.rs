@@ -13,16 +13,18 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::Distribution;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::infusion::generate::{place_concepts, ConceptSet};
+use crate::infusion::concept::ConceptSet;
+use crate::infusion::hook::{eps_pair, SampleEdit};
+use crate::infusion::prompt::place_concepts;
 use crate::job::Job;
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
-use crate::infusion::train::{image_to_tensor, infusion_eps, square_crop, RowEdit};
 use crate::sd::unet::UNet;
 use crate::sd::weights::WeightFiles;
+use crate::util::image_io::{image_to_tensor, square_crop};
+use crate::util::noise::normal;
 
 /// One side of the comparison.
 pub enum Variant<'a> {
@@ -124,11 +126,7 @@ pub fn fisher_inputs(
         .map(|i| {
             let z0 = &clean[i % clean.len()];
             let timestep = rng.random_range(0..t_max);
-            let numel = z0.elem_count();
-            let noise: Vec<f32> = (0..numel)
-                .map(|_| rand_distr::StandardNormal.sample(&mut rng))
-                .collect();
-            let noise = Tensor::from_vec(noise, z0.dims(), sd.device())?;
+            let noise = normal(&mut rng, z0.dims(), sd.device())?;
             let z_t = sd
                 .scheduler
                 .add_noise(&z0.to_dtype(DType::F32)?, &noise, &[timestep])?;
@@ -176,16 +174,16 @@ fn eps(
             if placements.iter().all(|p| p.is_empty()) {
                 sd.unet.forward(&z, &t, &ctx, None)?
             } else {
-                let edits: Vec<RowEdit<'_>> = placements
+                let edits: Vec<SampleEdit<'_>> = placements
                     .iter()
                     .map(|row| {
                         row.iter()
-                            .map(|p| (p.positions.clone(), &p.concept.deltas))
+                            .map(|p| (p.positions.as_slice(), &p.concept.deltas))
                             .collect()
                     })
                     .collect();
                 // F's pass (which gives C its maps) is the plain prediction.
-                let (plain, custom) = infusion_eps(sd, &z, &ts, &ctx, &edits)?;
+                let (plain, custom) = eps_pair(sd, &z, &ts, &ctx, &edits)?;
                 // Rows without concepts keep the plain prediction, exactly.
                 let rows = placements
                     .iter()

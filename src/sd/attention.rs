@@ -1,10 +1,10 @@
-//! Attention layers and the attention hook.
+//! Attention layers, and the call object a hook works on.
 //!
 //! Every attention layer of the UNet owns its weights and is addressed by its weight path
 //! (`down_blocks.0.attentions.0.transformer_blocks.0.attn2`). A caller may pass an
-//! [`AttentionHook`] with a typed description of the batch rows ([`BatchLayout`]); in each layer
-//! the hook asks for ([`AttentionHook::wants`]) it gets an [`AttentionCall`] after Q, K and V are
-//! computed and before the values are mixed, and can
+//! [`AttentionHook`](super::hook::AttentionHook) with a typed description of the batch rows
+//! ([`BatchLayout`](super::hook::BatchLayout)); in each layer the hook wants it gets an
+//! [`AttentionCall`] after Q, K and V are computed and before the values are mixed, and can
 //! - read the attention probabilities of any row ([`AttentionCall::probs`]),
 //! - replace them ([`AttentionCall::set_probs`]) or make a row reuse another row's
 //!   ([`AttentionCall::share_probs`]); a row whose probabilities come from elsewhere never has its
@@ -17,6 +17,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{linear, linear_no_bias, Linear, VarBuilder};
 
+use super::hook::HookCtx;
 use crate::sd::fused::{self, attention as fused_attention};
 
 /// Self-attention (`attn1`: keys from the image) or cross-attention (`attn2`: keys from the text).
@@ -43,131 +44,6 @@ impl LayerInfo {
     }
 }
 
-/// Which half of classifier-free guidance a batch row belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Guidance {
-    Unconditional,
-    Conditional,
-}
-
-/// Which of the two Infusion pipelines a batch row belongs to: F (foundational, plain SD) or
-/// C (customized).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Stream {
-    Foundational,
-    Customized,
-}
-
-/// One row of a UNet batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Row {
-    pub stream: Stream,
-    pub guidance: Guidance,
-    /// Index of the image this row belongs to (several images may share a batch).
-    pub sample: usize,
-}
-
-/// What each row of a UNet batch is. Hooks find rows through it, never by slicing halves.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BatchLayout {
-    rows: Vec<Row>,
-}
-
-impl BatchLayout {
-    pub fn new(rows: Vec<Row>) -> Self {
-        Self { rows }
-    }
-
-    /// Classifier-free guidance for one image of one stream: `[uncond, cond]`.
-    pub fn cfg(stream: Stream) -> Self {
-        Self::new(vec![
-            Row {
-                stream,
-                guidance: Guidance::Unconditional,
-                sample: 0,
-            },
-            Row {
-                stream,
-                guidance: Guidance::Conditional,
-                sample: 0,
-            },
-        ])
-    }
-
-    /// `n` rows of one stream and guidance, samples 0..n (e.g. a training batch).
-    pub fn uniform(n: usize, stream: Stream, guidance: Guidance) -> Self {
-        Self::new(
-            (0..n)
-                .map(|sample| Row {
-                    stream,
-                    guidance,
-                    sample,
-                })
-                .collect(),
-        )
-    }
-
-    /// Appends the rows of `other` after these.
-    pub fn concat(&self, other: &BatchLayout) -> Self {
-        Self::new(self.rows.iter().chain(&other.rows).copied().collect())
-    }
-
-    pub fn rows(&self) -> &[Row] {
-        &self.rows
-    }
-
-    pub fn len(&self) -> usize {
-        self.rows.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
-    }
-
-    /// Index of the row with this stream, guidance and sample.
-    pub fn find(&self, stream: Stream, guidance: Guidance, sample: usize) -> Option<usize> {
-        self.rows
-            .iter()
-            .position(|r| r.stream == stream && r.guidance == guidance && r.sample == sample)
-    }
-}
-
-/// The denoising step a UNet call belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Step {
-    /// 0-based index of the step in the schedule.
-    pub index: usize,
-    /// The diffusion timestep (0..num_train_timesteps).
-    pub timestep: usize,
-}
-
-/// Where an attention call happens: the layer, the step, the rows, the query grid.
-#[derive(Debug, Clone, Copy)]
-pub struct AttnSite<'a> {
-    pub layer: &'a LayerInfo,
-    pub step: Option<Step>,
-    pub rows: &'a BatchLayout,
-    /// Height and width of the feature map the queries come from (queries are row-major).
-    pub spatial: (usize, usize),
-}
-
-/// A strategy that observes or changes attention. See the module documentation.
-pub trait AttentionHook: Send + Sync {
-    /// Whether calls of this layer go through [`AttentionHook::attend`]. Layers not wanted run
-    /// the plain path at no extra cost.
-    fn wants(&self, layer: &LayerInfo) -> bool;
-
-    /// Called once per wanted layer and UNet call, before the values are mixed.
-    fn attend(&self, site: &AttnSite<'_>, call: &mut AttentionCall) -> Result<()>;
-}
-
-/// A hook with the rows and step of one UNet call.
-#[derive(Clone, Copy)]
-pub struct HookCtx<'a> {
-    pub hook: &'a dyn AttentionHook,
-    pub rows: &'a BatchLayout,
-    pub step: Option<Step>,
-}
 
 #[derive(Debug, Clone)]
 enum ProbSource {
@@ -441,7 +317,7 @@ impl Attention {
                     call.batch()
                 );
             }
-            let site = AttnSite {
+            let site = super::hook::AttnSite {
                 layer: &self.info,
                 step: h.step,
                 rows: h.rows,
@@ -460,7 +336,7 @@ mod tests {
 
     fn call(b: usize) -> AttentionCall {
         let r = |seed: u64, n: usize| {
-            let t = crate::sd::pipeline::seeded_noise(seed, &[b, n, 8]).unwrap();
+            let t = crate::util::noise::seeded_noise(seed, &[b, n, 8]).unwrap();
             t.to_device(&Device::Cpu).unwrap()
         };
         AttentionCall::new(r(1, 6), r(2, 5), r(3, 5), 2).unwrap()

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod config;
 pub mod device;
 pub mod fused;
+pub mod hook;
 pub mod hub;
 pub(crate) mod nn;
 pub mod pipeline;

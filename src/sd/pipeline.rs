@@ -8,10 +8,8 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
-use rand_distr::Distribution;
 
-use crate::sd::attention::{AttentionHook, BatchLayout, Guidance, HookCtx, Row, Step, Stream};
+use crate::sd::hook::{AttentionHook, BatchLayout, Branch, Guidance, HookCtx, Row, Step};
 use crate::sd::config::{SchedulerConfig, TextEncoderConfig, UNetConfig, VaeConfig};
 use crate::error::{Error, Result};
 use crate::sd::hub::{resolve_model, ModelFiles};
@@ -92,10 +90,11 @@ impl Default for GenerateOptions {
     }
 }
 
-/// One trajectory of a batched denoising run: its stream and its text states.
+/// One trajectory of a batched denoising run: its branch (a tag the caller gives meaning), its
+/// sample index and its text states.
 #[derive(Debug, Clone)]
 pub struct Trajectory {
-    pub stream: Stream,
+    pub branch: Branch,
     pub sample: usize,
     /// `(1, tokens, width)` text states of the negative prompt and of the prompt.
     pub uncond: Tensor,
@@ -146,17 +145,6 @@ impl Generation {
             ],
         )
     }
-}
-
-/// Seeded standard-normal noise, drawn on the CPU with ChaCha8 so that a seed gives the same
-/// noise on every device and dtype.
-pub fn seeded_noise(seed: u64, shape: &[usize]) -> Result<Tensor> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let data: Vec<f32> = (0..n)
-        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
-        .collect();
-    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
 /// A loaded SD1.x model.
@@ -344,7 +332,7 @@ impl StableDiffusion {
                 }
                 n
             }
-            None => seeded_noise(opts.seed, &[1, c, h, w])?,
+            None => crate::util::noise::seeded_noise(opts.seed, &[1, c, h, w])?,
         };
         Ok(noise.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
@@ -373,7 +361,7 @@ impl StableDiffusion {
             .iter()
             .flat_map(|t| {
                 [Guidance::Unconditional, Guidance::Conditional].map(|guidance| Row {
-                    stream: t.stream,
+                    branch: t.branch,
                     guidance,
                     sample: t.sample,
                 })
@@ -434,7 +422,7 @@ impl StableDiffusion {
         let states = self.text_states(&[&negative, &tokens])?;
         let init = self.initial_latents(opts)?;
         let traj = Trajectory {
-            stream: Stream::Foundational,
+            branch: Branch::MAIN,
             sample: 0,
             uncond: states.get(0)?.unsqueeze(0)?,
             cond: states.get(1)?.unsqueeze(0)?,

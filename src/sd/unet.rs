@@ -8,7 +8,8 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
-use crate::sd::attention::{Attention, HookCtx, LayerInfo};
+use crate::sd::attention::{Attention, LayerInfo};
+use crate::sd::hook::HookCtx;
 use crate::sd::config::UNetConfig;
 use crate::sd::fused::group_norm::GroupNorm;
 use crate::sd::nn::{layer_norm, norm, ResnetBlock, ResnetSpec};

@@ -1,11 +1,11 @@
 //! Images in and out: tensors to RGB, PNG files written atomically with text metadata.
 
-use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
+use super::fs::write_atomic;
 use crate::error::{Error, Result};
 
 /// An image tensor `(3, H, W)` or `(1, 3, H, W)` with values in [0, 1] -> 8-bit RGB, rounding
@@ -39,26 +39,6 @@ pub fn tensor_to_rgb(image: &Tensor) -> Result<RgbImage> {
         .collect();
     RgbImage::from_raw(w as u32, h as u32, data)
         .ok_or_else(|| Error::arg("image", "pixel buffer does not match its size"))
-}
-
-/// Writes `path` through a temporary file in the same folder and a rename, so a crash or an error
-/// never leaves a half-written file behind.
-pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".infusion-")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(path, e))?;
-    {
-        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
-        write(&mut w)?;
-        w.flush().map_err(|e| Error::io(path, e))?;
-    }
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
 }
 
 /// Saves `img` as PNG at `path` (atomically), with `text` as tEXt chunks (keyword, value).
@@ -114,4 +94,84 @@ pub fn grid_on(images: &[RgbImage], cols: usize, background: image::Rgb<u8>) -> 
 /// Images in one row.
 pub fn hstack(images: &[RgbImage]) -> Result<RgbImage> {
     grid(images, images.len().max(1))
+}
+
+/// Loads the images of a folder (jpg, png, webp; grayscale, RGBA and 16-bit converted to 8-bit
+/// RGB, transparency over white), sorted by file name.
+pub fn load_folder(folder: &Path) -> Result<Vec<(PathBuf, RgbImage)>> {
+    let entries = std::fs::read_dir(folder).map_err(|e| Error::io(folder, e))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .map(|e| {
+                    matches!(
+                        e.to_ascii_lowercase().as_str(),
+                        "jpg" | "jpeg" | "png" | "webp"
+                    )
+                })
+                .unwrap_or(false)
+        })
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(Error::Image {
+            path: folder.to_path_buf(),
+            msg: "no jpg, png or webp images in this folder".into(),
+        });
+    }
+    paths
+        .into_iter()
+        .map(|p| {
+            let img = image::open(&p).map_err(|e| Error::Image {
+                path: p.clone(),
+                msg: e.to_string(),
+            })?;
+            Ok((p, to_rgb_over_white(&img)))
+        })
+        .collect()
+}
+
+/// The images of a folder, as [`load_folder`] reads them, without their paths.
+pub fn load_folder_images(folder: &Path) -> Result<Vec<RgbImage>> {
+    Ok(load_folder(folder)?.into_iter().map(|(_, i)| i).collect())
+}
+
+fn to_rgb_over_white(img: &image::DynamicImage) -> RgbImage {
+    if !img.color().has_alpha() {
+        return img.to_rgb8();
+    }
+    let rgba = img.to_rgba8();
+    RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let p = rgba.get_pixel(x, y).0;
+        let a = p[3] as f32 / 255.0;
+        let c = |v: u8| (v as f32 * a + 255.0 * (1.0 - a)).round() as u8;
+        image::Rgb([c(p[0]), c(p[1]), c(p[2])])
+    })
+}
+
+/// Resizes the shorter side to `size` and crops the centre square.
+pub fn square_crop(img: &RgbImage, size: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let scale = size as f64 / w.min(h) as f64;
+    let (nw, nh) = (
+        ((w as f64 * scale).round() as u32).max(size),
+        ((h as f64 * scale).round() as u32).max(size),
+    );
+    let resized = image::imageops::resize(img, nw, nh, image::imageops::FilterType::CatmullRom);
+    image::imageops::crop_imm(&resized, (nw - size) / 2, (nh - size) / 2, size, size).to_image()
+}
+
+/// An RGB image as a `(1, 3, H, W)` tensor in [-1, 1].
+pub fn image_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
+    let (w, h) = img.dimensions();
+    let data: Vec<f32> = img
+        .as_raw()
+        .iter()
+        .map(|&v| v as f32 / 127.5 - 1.0)
+        .collect();
+    Ok(Tensor::from_vec(data, (h as usize, w as usize, 3), device)?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?)
 }

@@ -1,4 +1,7 @@
-//! Small helpers every layer uses: image files and tensors, text drawn into images.
+//! Small helpers every layer uses: atomic file writes, image files and tensors, seeded noise,
+//! text drawn into images.
 
+pub mod fs;
 pub mod image_io;
+pub mod noise;
 pub mod text_render;

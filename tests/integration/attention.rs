@@ -8,11 +8,16 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor, Var};
 use infusion_repl::sd::pipeline::Trajectory;
 use infusion_repl::{
+    Branch,
     AttentionCall, AttentionHook, AttnKind, AttnSite, BatchLayout, Guidance, HookCtx, Job,
-    LayerInfo, Stream,
+    LayerInfo,
 };
 
 use crate::common::{assert_close, get, max_abs, reference, tiny};
+
+/// The rows of the plain (F) and the changed (C) branch, as Infusion tags them.
+const F: Branch = Branch(0);
+const C: Branch = Branch(1);
 
 const PROMPT: &str = "a photo of a cat sitting by a teapot";
 
@@ -23,7 +28,7 @@ fn is_cross(l: &LayerInfo) -> bool {
 /// Records the probabilities of one row in every cross-attention layer at one step.
 struct Capture {
     step: usize,
-    stream: Stream,
+    branch: Branch,
     maps: Mutex<HashMap<String, Tensor>>,
 }
 
@@ -35,7 +40,7 @@ impl AttentionHook for Capture {
         if site.step.map(|s| s.index) == Some(self.step) {
             let row = site
                 .rows
-                .find(self.stream, Guidance::Conditional, 0)
+                .find(self.branch, Guidance::Conditional, 0)
                 .unwrap();
             let p = call.probs(row)?;
             self.maps.lock().unwrap().insert(site.layer.path.clone(), p);
@@ -44,15 +49,15 @@ impl AttentionHook for Capture {
     }
 }
 
-fn text_trajectories(streams: &[Stream]) -> Vec<Trajectory> {
+fn text_trajectories(branches: &[Branch]) -> Vec<Trajectory> {
     let sd = tiny();
     let neg = sd.tokenize("").unwrap();
     let pos = sd.tokenize(PROMPT).unwrap();
     let states = sd.text_states(&[&neg, &pos]).unwrap();
-    streams
+    branches
         .iter()
-        .map(|&stream| Trajectory {
-            stream,
+        .map(|&branch| Trajectory {
+            branch,
             sample: 0,
             uncond: states.get(0).unwrap().unsqueeze(0).unwrap(),
             cond: states.get(1).unwrap().unsqueeze(0).unwrap(),
@@ -67,12 +72,12 @@ fn first_step_cross_attention_probabilities_match_reference() {
     // Run the 5-step schedule (first step t=801) and stop after its first step.
     let hook5 = Capture {
         step: 0,
-        stream: Stream::Foundational,
+        branch: F,
         maps: Mutex::new(HashMap::new()),
     };
     let _ = tiny().denoise(
         &init,
-        &text_trajectories(&[Stream::Foundational]),
+        &text_trajectories(&[F]),
         5,
         7.5,
         Some(&hook5),
@@ -121,7 +126,7 @@ fn observing_hook_changes_nothing() {
     let unet = &tiny().unet;
     let (x, ctx) = (get(&r, "sample"), get(&r, "encoder_hidden_states"));
     let plain = unet.forward(x, &t, ctx, None).unwrap();
-    let rows = BatchLayout::cfg(Stream::Foundational);
+    let rows = BatchLayout::cfg(F);
     let hook = HookCtx {
         hook: &Observer,
         rows: &rows,
@@ -135,7 +140,7 @@ fn observing_hook_changes_nothing() {
 fn a_layout_that_does_not_fit_the_batch_is_an_error() {
     let r = reference("unet.safetensors");
     let t = get(&r, "timesteps").to_dtype(DType::F32).unwrap();
-    let rows = BatchLayout::uniform(3, Stream::Foundational, Guidance::Conditional);
+    let rows = BatchLayout::uniform(3, F, Guidance::Conditional);
     let hook = HookCtx {
         hook: &Observer,
         rows: &rows,
@@ -189,11 +194,11 @@ impl AttentionHook for Infusion<'_> {
     fn attend(&self, site: &AttnSite<'_>, call: &mut AttentionCall) -> candle_core::Result<()> {
         let cf = site
             .rows
-            .find(Stream::Foundational, Guidance::Conditional, 0)
+            .find(F, Guidance::Conditional, 0)
             .unwrap();
         let cc = site
             .rows
-            .find(Stream::Customized, Guidance::Conditional, 0)
+            .find(C, Guidance::Conditional, 0)
             .unwrap();
         call.share_probs(cc, cf)?;
         add_deltas(call, &[cc], &self.concepts, &site.layer.path)
@@ -226,7 +231,7 @@ fn run_infusion(
     let fin = tiny()
         .denoise(
             get(r, "init_noise"),
-            &text_trajectories(&[Stream::Foundational, Stream::Customized]),
+            &text_trajectories(&[F, C]),
             5,
             7.5,
             Some(&hook),
@@ -361,7 +366,7 @@ fn gradients_through_the_hook_match_reference() {
     let z_t = sd.scheduler.add_noise(z0, eps, &ts).unwrap();
     assert_close(&z_t, get(&r, "z_t"), 1e-5, "z_t");
     let ctx = get(&r, "encoder_hidden_states");
-    let rows = BatchLayout::uniform(2, Stream::Foundational, Guidance::Conditional);
+    let rows = BatchLayout::uniform(2, F, Guidance::Conditional);
 
     let record = Record(Mutex::new(HashMap::new()));
     let eps_f = sd
@@ -399,7 +404,7 @@ fn gradients_through_the_hook_match_reference() {
         deltas: &delta_tensors,
         positions: &positions,
     };
-    let rows_c = BatchLayout::uniform(2, Stream::Customized, Guidance::Conditional);
+    let rows_c = BatchLayout::uniform(2, C, Guidance::Conditional);
     let eps_c = sd
         .unet
         .forward(

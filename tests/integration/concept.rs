@@ -18,7 +18,7 @@ fn random_concept(name: &str) -> Concept {
     )
     .unwrap();
     for (i, d) in c.deltas.values_mut().enumerate() {
-        *d = infusion_repl::sd::pipeline::seeded_noise(i as u64, d.dims()).unwrap();
+        *d = infusion_repl::util::noise::seeded_noise(i as u64, d.dims()).unwrap();
     }
     c.train = serde_json::json!({"steps": 10, "lr": 0.01});
     c

@@ -1,7 +1,8 @@
 //! Over-training curves on the tiny model: the metrics at each checkpoint, a CSV and a chart.
 
 use infusion_repl::metrics::curves::{overtraining_curves, CurveOptions};
-use infusion_repl::infusion::train::{load_images, TrainOptions};
+use infusion_repl::infusion::train::TrainOptions;
+use infusion_repl::util::image_io::load_folder;
 use infusion_repl::Job;
 
 use crate::common::{repo, tiny};
@@ -10,7 +11,7 @@ use crate::common::{repo, tiny};
 fn curves_measure_every_checkpoint_and_draw_a_chart() {
     let sd = tiny();
     let (clip, dino) = crate::common::tiny_scorers();
-    let images: Vec<_> = load_images(&repo().join("assets/example-concept"))
+    let images: Vec<_> = load_folder(&repo().join("assets/example-concept"))
         .unwrap()
         .into_iter()
         .map(|(_, i)| i)

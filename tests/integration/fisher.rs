@@ -27,7 +27,7 @@ fn concepts() -> ConceptSet {
     let sd = tiny();
     let mut c = Concept::zeros("mycat", "cat", sd.unet.attention_layers(), None).unwrap();
     for (i, d) in c.deltas.values_mut().enumerate() {
-        *d = infusion_repl::sd::pipeline::seeded_noise(i as u64, d.dims()).unwrap();
+        *d = infusion_repl::util::noise::seeded_noise(i as u64, d.dims()).unwrap();
     }
     let mut set = ConceptSet::new();
     set.insert(c);

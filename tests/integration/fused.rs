@@ -94,7 +94,7 @@ fn the_op_matches_unfused_attention_at_sd15_head_sizes() {
         (2, 8, pixels / 16, pixels / 16, 160),
     ] {
         let noise = |seed, dims: &[usize]| {
-            infusion_repl::sd::pipeline::seeded_noise(seed, dims)
+            infusion_repl::util::noise::seeded_noise(seed, dims)
                 .unwrap()
                 .to_device(&dev)
                 .unwrap()

@@ -248,8 +248,8 @@ fn w2_is_zero_for_identical_sets_and_symmetric() {
     let ba = wasserstein(b, a, None).unwrap();
     assert!((ab.w2_squared - ba.w2_squared).abs() <= 1e-9 * ab.w2_squared);
     // Pooling [n, C, H, W] latents to a smaller grid: fewer dims, still a distance.
-    let la = infusion_repl::sd::pipeline::seeded_noise(1, &[6, 4, 8, 8]).unwrap();
-    let lb = (infusion_repl::sd::pipeline::seeded_noise(2, &[5, 4, 8, 8]).unwrap() + 0.5).unwrap();
+    let la = infusion_repl::util::noise::seeded_noise(1, &[6, 4, 8, 8]).unwrap();
+    let lb = (infusion_repl::util::noise::seeded_noise(2, &[5, 4, 8, 8]).unwrap() + 0.5).unwrap();
     let pooled = wasserstein(&la, &lb, Some(4)).unwrap();
     assert_eq!(pooled.dims, 4 * 2 * 2);
     assert!(pooled.w2 > 0.0);

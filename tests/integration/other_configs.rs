@@ -13,12 +13,17 @@ use infusion_repl::sd::text_encoder::TextEncoder;
 use infusion_repl::sd::unet::UNet;
 use infusion_repl::sd::vae::Vae;
 use infusion_repl::{
+    Branch,
     AttentionCall, AttentionHook, AttnKind, AttnSite, BatchLayout, GenerateOptions, Guidance,
-    HookCtx, Job, LayerInfo, LoadOptions, StableDiffusion, Stream,
+    HookCtx, Job, LayerInfo, LoadOptions, StableDiffusion,
 };
 use serde_json::{json, Value};
 
 use crate::common::{max_abs, tiny_model_dir};
+
+/// The rows of the plain (F) and the changed (C) branch, as Infusion tags them.
+const F: Branch = Branch(0);
+const C: Branch = Branch(1);
 
 /// Writes `config` and random weights for the component built by `build` into `dir`.
 fn write_component<M>(
@@ -38,7 +43,7 @@ fn write_component<M>(
     for (i, name) in names.iter().enumerate() {
         let data = varmap.data().lock().unwrap();
         let var = &data[name];
-        let noise = infusion_repl::sd::pipeline::seeded_noise(seed * 10_000 + i as u64, var.dims()).unwrap();
+        let noise = infusion_repl::util::noise::seeded_noise(seed * 10_000 + i as u64, var.dims()).unwrap();
         var.set(&(var.as_tensor() + (noise * 0.05).unwrap()).unwrap())
             .unwrap();
     }
@@ -202,12 +207,12 @@ impl AttentionHook for ShareOnly {
         layer.kind == AttnKind::CrossAttention
     }
     fn attend(&self, site: &AttnSite<'_>, call: &mut AttentionCall) -> candle_core::Result<()> {
-        let find = |stream| {
+        let find = |branch| {
             site.rows
-                .find(stream, Guidance::Conditional, 0)
-                .ok_or_else(|| candle_core::Error::Msg(format!("no {stream:?} row")))
+                .find(branch, Guidance::Conditional, 0)
+                .ok_or_else(|| candle_core::Error::Msg(format!("no {branch:?} row")))
         };
-        call.share_probs(find(Stream::Customized)?, find(Stream::Foundational)?)?;
+        call.share_probs(find(C)?, find(F)?)?;
         let v = call.values().clone();
         call.set_values((&v + v.zeros_like()?)?)
     }
@@ -254,7 +259,7 @@ fn check_case(case: &Case) {
     assert!(max_abs(&g.image).is_finite(), "{name}");
 
     // Per-element timesteps give what separate calls give.
-    let x = infusion_repl::sd::pipeline::seeded_noise(5, &[2, 4, h, w]).unwrap();
+    let x = infusion_repl::util::noise::seeded_noise(5, &[2, 4, h, w]).unwrap();
     let tokens = sd.tokenize("a teapot").unwrap();
     let neg = sd.tokenize("").unwrap();
     let ctx = sd.text_states(&[&neg, &tokens]).unwrap();
@@ -275,17 +280,17 @@ fn check_case(case: &Case) {
     }
 
     // A hook that reuses F's probabilities for C and adds zero leaves C equal to F, bit for bit.
-    let traj = |stream| Trajectory {
-        stream,
+    let traj = |branch| Trajectory {
+        branch,
         sample: 0,
         uncond: ctx.get(0).unwrap().unsqueeze(0).unwrap(),
         cond: ctx.get(1).unwrap().unsqueeze(0).unwrap(),
     };
-    let init = infusion_repl::sd::pipeline::seeded_noise(9, &[1, 4, h, w]).unwrap();
+    let init = infusion_repl::util::noise::seeded_noise(9, &[1, 4, h, w]).unwrap();
     let out = sd
         .denoise(
             &init,
-            &[traj(Stream::Foundational), traj(Stream::Customized)],
+            &[traj(F), traj(C)],
             3,
             8.0,
             Some(&ShareOnly),
@@ -296,7 +301,7 @@ fn check_case(case: &Case) {
     assert_eq!(max_abs(&(&out[0] - &out[1]).unwrap()), 0.0, "{name}");
 
     // The same layout check as on the fixture model.
-    let rows = BatchLayout::cfg(Stream::Foundational);
+    let rows = BatchLayout::cfg(F);
     let hook = HookCtx {
         hook: &ShareOnly,
         rows: &rows,
@@ -306,7 +311,7 @@ fn check_case(case: &Case) {
         .unet
         .forward(&x, &ts, &ctx, Some(&hook))
         .expect_err("no C rows");
-    assert!(e.to_string().contains("no Customized row"), "{name}: {e}");
+    assert!(e.to_string().contains("no Branch(1) row"), "{name}: {e}");
 }
 
 #[test]

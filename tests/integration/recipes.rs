@@ -43,7 +43,7 @@ fn write_concept(dir: &Path, name: &str, word: &str, seed: u64) {
     )
     .unwrap();
     for (i, d) in c.deltas.values_mut().enumerate() {
-        *d = (infusion_repl::sd::pipeline::seeded_noise(seed * 100 + i as u64, d.dims()).unwrap() * 0.5)
+        *d = (infusion_repl::util::noise::seeded_noise(seed * 100 + i as u64, d.dims()).unwrap() * 0.5)
             .unwrap();
     }
     c.save(&dir.join(format!("{name}.safetensors")), DType::F16)

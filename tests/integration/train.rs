@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use infusion_repl::infusion::train::{infusion_loss, load_images, TrainOptions, Trainer};
+use infusion_repl::infusion::train::{infusion_loss, TrainOptions, Trainer};
+use infusion_repl::util::image_io::load_folder;
 use infusion_repl::Job;
 
 use crate::common::{assert_close, get, max_abs, reference, tiny};
@@ -56,7 +57,7 @@ pub(crate) fn check_loss_and_gradients() {
         &ts,
         get(&r, "eps"),
         &ctx,
-        &[pos.clone(), pos],
+        &[&pos, &pos],
         &deltas,
     )
     .unwrap();
@@ -109,7 +110,7 @@ fn image_folder() -> tempfile::TempDir {
 #[test]
 fn training_images_of_every_kind_load_as_rgb() {
     let dir = image_folder();
-    let imgs = load_images(dir.path()).unwrap();
+    let imgs = load_folder(dir.path()).unwrap();
     let names: Vec<_> = imgs
         .iter()
         .map(|(p, _)| p.file_name().unwrap().to_str().unwrap().to_string())
@@ -119,18 +120,18 @@ fn training_images_of_every_kind_load_as_rgb() {
     let c = &imgs[2].1;
     assert_eq!(c.get_pixel(30, 5).0, [255, 255, 255]);
     assert_eq!(c.get_pixel(2, 5).0[0], 233);
-    let sq = infusion_repl::infusion::train::square_crop(&imgs[1].1, 32);
+    let sq = infusion_repl::util::image_io::square_crop(&imgs[1].1, 32);
     assert_eq!(sq.dimensions(), (32, 32));
-    let e = load_images(&dir.path().join("nope")).unwrap_err();
+    let e = load_folder(&dir.path().join("nope")).unwrap_err();
     assert!(e.to_string().contains("nope"), "{e}");
     let empty = tempfile::tempdir().unwrap();
-    let e = load_images(empty.path()).unwrap_err();
+    let e = load_folder(empty.path()).unwrap_err();
     assert!(e.to_string().contains("no jpg, png or webp"), "{e}");
 }
 
 fn images() -> Vec<image::RgbImage> {
     let dir = image_folder();
-    load_images(dir.path())
+    load_folder(dir.path())
         .unwrap()
         .into_iter()
         .map(|(_, i)| i)

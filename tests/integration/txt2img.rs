@@ -48,7 +48,7 @@ fn trajectory_and_image_match_reference() {
     );
     let init = sd.initial_latents(&opts).unwrap();
     let traj = infusion_repl::sd::pipeline::Trajectory {
-        stream: infusion_repl::Stream::Foundational,
+        branch: infusion_repl::Branch::MAIN,
         sample: 0,
         uncond: states.get(0).unwrap().unsqueeze(0).unwrap(),
         cond: states.get(1).unwrap().unsqueeze(0).unwrap(),

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use rhai::{Dynamic, Engine, EvalAltResult, OptimizationLevel, Position, Scope};
 
-use crate::infusion::generate::ConceptSet;
+use crate::infusion::concept::ConceptSet;
 use crate::job::Job;
 
 pub use opts::Opts;

@@ -274,7 +274,7 @@ mod tests {
         .enumerate()
         {
             let noise = |seed: u64, dims: &[usize]| {
-                crate::sd::pipeline::seeded_noise(seed, dims).map_err(candle_core::Error::wrap)
+                crate::util::noise::seeded_noise(seed, dims).map_err(candle_core::Error::wrap)
             };
             let i = i as u64;
             let q = ((noise(i, &[b, h, n, d])? * 3.0)? + i as f64)?;

@@ -268,7 +268,7 @@ mod tests {
     }
 
     fn noise(seed: u64, dims: &[usize]) -> Result<Tensor> {
-        crate::sd::pipeline::seeded_noise(seed, dims).map_err(candle_core::Error::wrap)
+        crate::util::noise::seeded_noise(seed, dims).map_err(candle_core::Error::wrap)
     }
 
     fn max_abs(t: &Tensor) -> Result<f32> {

@@ -11,7 +11,8 @@ use super::model::Model;
 use super::{json_to_dynamic, volatile};
 use crate::infusion::concept::Concept;
 use crate::app::script::{err, rt, Opts, RhaiResult, Session};
-use crate::infusion::train::{image_count_warning, load_image_set, TrainOptions, Trainer};
+use crate::infusion::train::{image_count_warning, TrainOptions, Trainer};
+use crate::util::image_io::load_folder_images;
 
 /// A concept value (cheap to clone).
 #[derive(Debug, Clone)]
@@ -82,7 +83,7 @@ fn train(
         checkpoint_dir,
         weight_decay: d.weight_decay,
     };
-    let images: Vec<_> = rt(load_image_set(Path::new(folder)))?;
+    let images: Vec<_> = rt(load_folder_images(Path::new(folder)))?;
     if let Some(w) = image_count_warning(images.len(), Path::new(folder)) {
         eprintln!("warning: {w}");
     }

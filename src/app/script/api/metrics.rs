@@ -13,7 +13,7 @@ use super::images::Img;
 use super::model::Model;
 use super::tensors::TensorVal;
 use super::volatile;
-use crate::infusion::generate::ConceptSet;
+use crate::infusion::concept::ConceptSet;
 use crate::metrics::clip::Clip;
 use crate::metrics::curves::{overtraining_curves, CurveOptions};
 use crate::metrics::dino::Dino;
@@ -22,7 +22,8 @@ use crate::metrics::fisher::{fisher_divergence, unet_from_file, FisherOptions, V
 use crate::metrics::scores;
 use crate::metrics::w2::wasserstein;
 use crate::app::script::{err, rt, Opts, RhaiResult, Session};
-use crate::infusion::train::{load_image_set, TrainOptions};
+use crate::infusion::train::TrainOptions;
+use crate::util::image_io::load_folder_images;
 
 /// A loaded CLIP model (cheap to clone).
 #[derive(Clone)]
@@ -40,7 +41,7 @@ fn device(session: &Session) -> RhaiResult<candle_core::Device> {
 fn images_arg(v: Dynamic, what: &str) -> RhaiResult<Vec<RgbImage>> {
     if v.is_string() {
         let folder = v.to_string();
-        return rt(load_image_set(Path::new(&folder)));
+        return rt(load_folder_images(Path::new(&folder)));
     }
     let arr = v.into_array().map_err(|t| {
         err(format!(
@@ -117,7 +118,7 @@ fn fisher(
         seed: o.int("seed")?.map(|s| s as u64).unwrap_or(d.seed),
         batch: o.usize("batch")?.unwrap_or(d.batch),
         images: match o.string("images")? {
-            Some(folder) => rt(load_image_set(Path::new(&folder)))?,
+            Some(folder) => rt(load_folder_images(Path::new(&folder)))?,
             None => vec![],
         },
         gen_steps: o.usize("gen_steps")?.unwrap_or(d.gen_steps),
@@ -349,7 +350,7 @@ fn run_curves(
         out_dir: o.string("out")?.map(PathBuf::from).unwrap_or(d.out_dir),
     };
     let (clip, dino) = scorers(session, opts)?;
-    let images: Vec<_> = rt(load_image_set(Path::new(folder)))?;
+    let images: Vec<_> = rt(load_folder_images(Path::new(folder)))?;
     session.job.reset();
     let c = rt(overtraining_curves(
         &model.sd,

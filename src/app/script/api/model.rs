@@ -8,7 +8,7 @@ use rhai::{Array, Dynamic, Engine, Map, FLOAT, INT};
 use super::images::Img;
 use super::tensors::TensorVal;
 use super::volatile;
-use crate::sd::attention::Stream;
+use crate::infusion::Stream;
 use crate::infusion::maps::{overlay, token_map, AttentionMaps};
 use crate::sd::device::{parse_device, parse_dtype};
 use crate::sd::fused::{kernels, set_thread_kernels};

@@ -66,7 +66,7 @@ fn save_tensors(map: Map, path: &str) -> RhaiResult<()> {
     let bytes =
         safetensors::serialize(sorted, None).map_err(|e| err(format!("save_tensors: {e}")))?;
     let p = Path::new(path);
-    rt(crate::util::image_io::write_atomic(p, |w| {
+    rt(crate::util::fs::write_atomic(p, |w| {
         w.write_all(&bytes).map_err(|e| crate::Error::io(p, e))
     }))
 }

@@ -1,0 +1,445 @@
+//! The trainer: AdamW steps on the Δs of one concept, with the Infusion loss; progress, Ctrl-C,
+//! the NaN guard and resumable checkpoints.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use image::RgbImage;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::data::{Batch, TrainingSet, DEFAULT_TEMPLATES};
+use super::optim::{AdamState, AdamW};
+use crate::error::{root_cause, Error, Result};
+use crate::infusion::concept::{check_name, Concept};
+use crate::infusion::hook::{eps_pair, SampleEdit};
+use crate::job::Job;
+use crate::sd::attention::{AttnKind, LayerInfo};
+use crate::sd::pipeline::StableDiffusion;
+use crate::util::fs::write_atomic;
+
+/// Settings of a training run. Defaults follow the paper: AdamW, lr 0.01, batch 4.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct TrainOptions {
+    pub steps: usize,
+    pub lr: f64,
+    pub batch: usize,
+    pub seed: u64,
+    /// Prompt templates with `{}` for the class word.
+    pub templates: Vec<String>,
+    /// Also train on the horizontally flipped images.
+    pub flip: bool,
+    /// AdamW's decoupled weight decay (PyTorch's default 0.01).
+    pub weight_decay: f64,
+    /// Write a checkpoint every N steps into `checkpoint_dir`.
+    pub checkpoint_every: Option<usize>,
+    pub checkpoint_dir: Option<PathBuf>,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            steps: 500,
+            lr: 0.01,
+            batch: 4,
+            seed: 0,
+            templates: DEFAULT_TEMPLATES.iter().map(|s| s.to_string()).collect(),
+            flip: true,
+            weight_decay: 0.01,
+            checkpoint_every: None,
+            checkpoint_dir: None,
+        }
+    }
+}
+
+impl TrainOptions {
+    fn validate(&self) -> Result<()> {
+        if self.batch == 0 {
+            return Err(Error::arg("batch", "must be at least 1"));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::arg(
+                "lr",
+                format!("{} is not a positive learning rate", self.lr),
+            ));
+        }
+        if self.templates.is_empty() {
+            return Err(Error::arg("templates", "no prompt template given"));
+        }
+        if let Some(t) = self.templates.iter().find(|t| !t.contains("{}")) {
+            return Err(Error::arg(
+                "templates",
+                format!("{t:?} has no `{{}}` for the class word"),
+            ));
+        }
+        if self.checkpoint_every == Some(0) {
+            return Err(Error::arg("checkpoint_every", "must be at least 1"));
+        }
+        if self.checkpoint_every.is_some() && self.checkpoint_dir.is_none() {
+            return Err(Error::arg("checkpoint_every", "needs a checkpoint folder"));
+        }
+        Ok(())
+    }
+}
+
+/// The Infusion training loss of one batch: the mean squared error of C's prediction (see
+/// [`eps_pair`]) against `noise`, with the concept's Δs at `positions[row]`. `z0`: scaled clean
+/// latents `(b, C, h, w)`.
+pub fn infusion_loss(
+    sd: &StableDiffusion,
+    z0: &Tensor,
+    timesteps: &[usize],
+    noise: &Tensor,
+    context: &Tensor,
+    positions: &[&[usize]],
+    deltas: &BTreeMap<String, Tensor>,
+) -> Result<Tensor> {
+    if positions.len() != z0.dim(0)? {
+        return Err(Error::arg(
+            "positions",
+            format!(
+                "{} position lists for {} latents",
+                positions.len(),
+                z0.dim(0)?
+            ),
+        ));
+    }
+    let z_t = sd.scheduler.add_noise(z0, noise, timesteps)?;
+    let edits: Vec<SampleEdit<'_>> = positions.iter().map(|&p| vec![(p, deltas)]).collect();
+    let (_, eps_c) = eps_pair(sd, &z_t, timesteps, context, &edits)?;
+    Ok((eps_c.to_dtype(DType::F32)? - noise.to_dtype(DType::F32)?)?
+        .sqr()?
+        .mean_all()?)
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    /// Steps done in total (over resumes).
+    pub steps_done: usize,
+    /// Loss of each step of this run.
+    pub losses: Vec<f32>,
+    /// True when the run was stopped (Ctrl-C) before its last step.
+    pub cancelled: bool,
+    /// Checkpoints written.
+    pub checkpoints: Vec<PathBuf>,
+}
+
+/// A concept being trained on one model.
+pub struct Trainer<'a> {
+    sd: &'a StableDiffusion,
+    name: String,
+    word: String,
+    opts: TrainOptions,
+    data: TrainingSet,
+    layers: Vec<LayerInfo>,
+    vars: BTreeMap<String, Var>,
+    adam: AdamW,
+    step: usize,
+    /// The Δs before the last update (to roll back to when the loss turns non-finite).
+    previous: Option<BTreeMap<String, Tensor>>,
+}
+
+/// The random stream of training step `step` (`eval`: the evaluation set's).
+fn step_rng(seed: u64, step: usize, eval: bool) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(2 * step as u64 + u64::from(eval));
+    rng
+}
+
+impl<'a> Trainer<'a> {
+    /// Prepares training: crops and encodes the images once (and their mirror images), encodes
+    /// the templates, sets every Δ to zero.
+    pub fn new(
+        sd: &'a StableDiffusion,
+        name: &str,
+        word: &str,
+        images: &[RgbImage],
+        opts: TrainOptions,
+    ) -> Result<Self> {
+        check_name(name)?;
+        opts.validate()?;
+        let word = word.trim().to_string();
+        let data = TrainingSet::new(sd, &word, images, &opts.templates, opts.flip)?;
+        let layers: Vec<LayerInfo> = sd
+            .unet
+            .attention_layers()
+            .into_iter()
+            .filter(|l| l.kind == AttnKind::CrossAttention)
+            .cloned()
+            .collect();
+        let vars = layers
+            .iter()
+            .map(|l| {
+                let v = Var::zeros(l.inner_dim(), DType::F32, sd.device())?;
+                Ok((l.path.clone(), v))
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let adam = AdamW::new(opts.lr, opts.weight_decay, &vars)?;
+        Ok(Self {
+            sd,
+            name: name.to_string(),
+            word,
+            opts,
+            data,
+            layers,
+            vars,
+            adam,
+            step: 0,
+            previous: None,
+        })
+    }
+
+    pub fn steps_done(&self) -> usize {
+        self.step
+    }
+
+    pub fn options(&self) -> &TrainOptions {
+        &self.opts
+    }
+
+    /// Changes how many steps [`Trainer::run`] trains to (to train on in stages).
+    pub fn set_total_steps(&mut self, steps: usize) {
+        self.opts.steps = steps;
+    }
+
+    /// Number of training images (with mirror images).
+    pub fn n_images(&self) -> usize {
+        self.data.n_images()
+    }
+
+    /// The concept with the Δs reached so far.
+    pub fn concept(&self) -> Result<Concept> {
+        let mut c = Concept::zeros(
+            &self.name,
+            &self.word,
+            &self.layers,
+            Some(self.sd.unet_fingerprint().to_string()),
+        )?;
+        for (k, v) in &self.vars {
+            c.deltas
+                .insert(k.clone(), v.as_tensor().to_device(&Device::Cpu)?);
+        }
+        c.train = serde_json::json!({
+            "steps": self.step,
+            "lr": self.opts.lr,
+            "batch": self.opts.batch,
+            "seed": self.opts.seed,
+            "templates": self.opts.templates,
+            "flip": self.opts.flip,
+            "weight_decay": self.opts.weight_decay,
+            "images": self.n_images(),
+        });
+        Ok(c)
+    }
+
+    /// Loss of C with the given Δ tensors on `batch` (with gradient when the Δs are `Var`s).
+    fn loss(&self, batch: &Batch, deltas: &BTreeMap<String, Tensor>) -> Result<Tensor> {
+        let z0 = self.data.latents(self.sd, batch)?;
+        let (ctx, positions) = self.data.prompts(self.sd, batch)?;
+        let ts: Vec<usize> = batch.draws.iter().map(|d| d.timestep).collect();
+        infusion_loss(self.sd, &z0, &ts, &batch.noise, &ctx, &positions, deltas)
+    }
+
+    fn var_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+
+    /// One optimization step; returns its loss. A non-finite loss is an error that rolls the
+    /// Δs back to those of the last finite loss (one update back, when there was one).
+    pub fn step(&mut self) -> Result<f32> {
+        let mut rng = step_rng(self.opts.seed, self.step, false);
+        let batch = self.data.draw(self.sd, &mut rng, self.opts.batch)?;
+        let loss = self.loss(&batch, &self.var_tensors())?;
+        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            let failed = self.step + 1;
+            if let Some(prev) = self.previous.take() {
+                for (k, v) in &self.vars {
+                    v.set(&prev[k])?;
+                }
+                self.step -= 1;
+            }
+            return Err(Error::arg(
+                "training",
+                format!(
+                    "the loss became {value} at step {failed}: stopped, keeping the Δs of step {} \
+                     (the last with a finite loss); try a lower learning rate",
+                    self.step
+                ),
+            ));
+        }
+        let grads = loss.backward()?;
+        let g = self
+            .vars
+            .iter()
+            .map(|(k, v)| {
+                let g = grads
+                    .get(v.as_tensor())
+                    .cloned()
+                    .unwrap_or(v.as_tensor().zeros_like()?);
+                Ok((k.clone(), g))
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        self.previous = Some(
+            self.vars
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+                .collect::<Result<_>>()?,
+        );
+        self.adam.update(&self.vars, &g)?;
+        self.step += 1;
+        Ok(value)
+    }
+
+    /// Mean loss over a fixed evaluation set of `n` draws from `seed` (image, t, noise), with the
+    /// current Δs, or with Δ = 0 when `zero`.
+    pub fn eval_loss(&self, seed: u64, n: usize, zero: bool) -> Result<f32> {
+        let probe = self.data.draw(self.sd, &mut step_rng(seed, 0, true), n)?;
+        let deltas = self
+            .vars
+            .iter()
+            .map(|(k, v)| {
+                let t = v.as_tensor();
+                Ok((k.clone(), if zero { t.zeros_like()? } else { t.detach() }))
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let mut total = 0.0;
+        for chunk in 0..n.div_ceil(self.opts.batch) {
+            let a = chunk * self.opts.batch;
+            let b = (a + self.opts.batch).min(n);
+            let l = self.loss(&probe.slice(a, b)?, &deltas)?;
+            total += l.to_scalar::<f32>()? as f64 * (b - a) as f64;
+        }
+        Ok((total / n as f64) as f32)
+    }
+
+    /// Runs the remaining steps with a progress bar showing the loss. Ctrl-C (the job's cancel)
+    /// stops after the current step, keeping the Δs reached; checkpoints are written as asked.
+    pub fn run(&mut self, job: &Job) -> Result<TrainReport> {
+        let total = self.opts.steps;
+        let bar = job.bar(total.saturating_sub(self.step), "train");
+        let mut report = TrainReport {
+            steps_done: self.step,
+            losses: vec![],
+            cancelled: false,
+            checkpoints: vec![],
+        };
+        while self.step < total {
+            if job.is_cancelled() {
+                report.cancelled = true;
+                break;
+            }
+            let loss = self.step()?;
+            report.losses.push(loss);
+            report.steps_done = self.step;
+            bar.set_message(format!("loss {loss:.4}"));
+            bar.inc(1);
+            if let (Some(every), Some(dir)) =
+                (self.opts.checkpoint_every, &self.opts.checkpoint_dir)
+            {
+                if self.step.is_multiple_of(every) {
+                    report.checkpoints.push(self.save_checkpoint(dir)?);
+                }
+            }
+        }
+        bar.finish_and_clear();
+        Ok(report)
+    }
+
+    /// Writes `DIR/NAME-stepNNNNNN.safetensors` (a concept file, usable as it is) and beside it
+    /// `.optim.safetensors` with the optimizer state, for [`Trainer::resume`].
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<PathBuf> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let path = dir.join(format!("{}-step{:06}.safetensors", self.name, self.step));
+        self.concept()?.save(&path, DType::F32)?;
+        let state = self.adam.state();
+        let mut tensors: Vec<(String, Tensor)> = vec![];
+        for (k, m) in &state.m {
+            tensors.push((format!("m/{k}"), m.to_device(&Device::Cpu)?));
+        }
+        for (k, v) in &state.v {
+            tensors.push((format!("v/{k}"), v.to_device(&Device::Cpu)?));
+        }
+        let meta = HashMap::from([
+            ("format".to_string(), "infusion-optimizer/1".to_string()),
+            ("step".to_string(), self.step.to_string()),
+            ("adam_step".to_string(), state.step.to_string()),
+            (
+                "options".to_string(),
+                serde_json::to_string(&self.opts).map_err(|e| Error::arg("options", e))?,
+            ),
+        ]);
+        let bytes = safetensors::serialize(tensors, Some(meta))
+            .map_err(|e| Error::arg("checkpoint", e.to_string()))?;
+        let opt_path = optimizer_path(&path);
+        write_atomic(&opt_path, |w| {
+            w.write_all(&bytes).map_err(|e| Error::io(&opt_path, e))
+        })?;
+        Ok(path)
+    }
+
+    /// Continues training from a checkpoint written by [`Trainer::save_checkpoint`], with the
+    /// same images; `steps` may be raised to train further.
+    pub fn resume(
+        sd: &'a StableDiffusion,
+        checkpoint: &Path,
+        images: &[RgbImage],
+        steps: Option<usize>,
+    ) -> Result<Self> {
+        let concept = Concept::load(checkpoint)?;
+        concept.check_model(sd.unet.attention_layers(), sd.unet_fingerprint(), false)?;
+        let opt_path = optimizer_path(checkpoint);
+        let data = std::fs::read(&opt_path).map_err(|e| Error::io(&opt_path, e))?;
+        let bad = |msg: String| Error::Safetensors {
+            path: opt_path.clone(),
+            msg,
+        };
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(&data).map_err(|e| bad(e.to_string()))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let get = |k: &str| {
+            meta.get(k)
+                .cloned()
+                .ok_or_else(|| bad(format!("metadata `{k}` is missing")))
+        };
+        let mut opts: TrainOptions =
+            serde_json::from_str(&get("options")?).map_err(|e| bad(format!("options: {e}")))?;
+        if let Some(s) = steps {
+            opts.steps = s;
+        }
+        let step: usize = get("step")?.parse().map_err(|_| bad("bad `step`".into()))?;
+        let adam_step: usize = get("adam_step")?
+            .parse()
+            .map_err(|_| bad("bad `adam_step`".into()))?;
+        let tensors = candle_core::safetensors::load_buffer(&data, sd.device())
+            .map_err(|e| bad(root_cause(&e)))?;
+        let mut t = Trainer::new(sd, &concept.name, &concept.word, images, opts)?;
+        let mut state = AdamState {
+            step: adam_step,
+            m: BTreeMap::new(),
+            v: BTreeMap::new(),
+        };
+        for (k, var) in &t.vars {
+            var.set(&concept.deltas[k].to_device(sd.device())?)?;
+            for (prefix, moments) in [("m", &mut state.m), ("v", &mut state.v)] {
+                let name = format!("{prefix}/{k}");
+                let x = tensors
+                    .get(&name)
+                    .ok_or_else(|| bad(format!("no `{name}`")))?;
+                moments.insert(k.clone(), x.clone());
+            }
+        }
+        t.adam.set_state(state);
+        t.step = step;
+        Ok(t)
+    }
+}
+
+fn optimizer_path(checkpoint: &Path) -> PathBuf {
+    checkpoint.with_extension("optim.safetensors")
+}

@@ -1,0 +1,140 @@
+//! The attention hook: how a caller observes or changes the attention layers of one UNet call.
+//!
+//! The caller describes the rows of the batch with a [`BatchLayout`] (which branch, which half
+//! of classifier-free guidance, which sample) and passes an [`AttentionHook`]; in every layer the
+//! hook [`wants`](AttentionHook::wants), it gets the layer's [`AttentionCall`] (see
+//! `attention.rs`) to read or replace probabilities and change values. Layers are addressed by
+//! their weight path, never by counting calls, and rows by their layout, never by slicing halves.
+
+use candle_core::Result;
+
+use super::attention::{AttentionCall, LayerInfo};
+
+/// Which half of classifier-free guidance a batch row belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Guidance {
+    Unconditional,
+    Conditional,
+}
+
+/// Which branch of a batched run a row belongs to: an opaque tag the caller gives meaning. A
+/// method may run several branches side by side in one UNet call (the plain model and a changed
+/// one, say) and tell them apart by it; plain generation uses [`Branch::MAIN`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Branch(pub u8);
+
+impl Branch {
+    /// The branch of plain generation.
+    pub const MAIN: Branch = Branch(0);
+}
+
+/// One row of a UNet batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Row {
+    pub branch: Branch,
+    pub guidance: Guidance,
+    /// Index of the image this row belongs to (several images may share a batch).
+    pub sample: usize,
+}
+
+/// What each row of a UNet batch is. Hooks find rows through it, never by slicing halves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchLayout {
+    rows: Vec<Row>,
+}
+
+impl BatchLayout {
+    pub fn new(rows: Vec<Row>) -> Self {
+        Self { rows }
+    }
+
+    /// Classifier-free guidance for one image of one branch: `[uncond, cond]`.
+    pub fn cfg(branch: Branch) -> Self {
+        Self::new(vec![
+            Row {
+                branch,
+                guidance: Guidance::Unconditional,
+                sample: 0,
+            },
+            Row {
+                branch,
+                guidance: Guidance::Conditional,
+                sample: 0,
+            },
+        ])
+    }
+
+    /// `n` rows of one branch and guidance, samples 0..n (e.g. a training batch).
+    pub fn uniform(n: usize, branch: Branch, guidance: Guidance) -> Self {
+        Self::new(
+            (0..n)
+                .map(|sample| Row {
+                    branch,
+                    guidance,
+                    sample,
+                })
+                .collect(),
+        )
+    }
+
+    /// Appends the rows of `other` after these.
+    pub fn concat(&self, other: &BatchLayout) -> Self {
+        Self::new(self.rows.iter().chain(&other.rows).copied().collect())
+    }
+
+    pub fn rows(&self) -> &[Row] {
+        &self.rows
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Index of the row with this branch, guidance and sample.
+    pub fn find(&self, branch: Branch, guidance: Guidance, sample: usize) -> Option<usize> {
+        self.rows
+            .iter()
+            .position(|r| r.branch == branch && r.guidance == guidance && r.sample == sample)
+    }
+}
+
+/// The denoising step a UNet call belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// 0-based index of the step in the schedule.
+    pub index: usize,
+    /// The diffusion timestep (0..num_train_timesteps).
+    pub timestep: usize,
+}
+
+/// Where an attention call happens: the layer, the step, the rows, the query grid.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnSite<'a> {
+    pub layer: &'a LayerInfo,
+    pub step: Option<Step>,
+    pub rows: &'a BatchLayout,
+    /// Height and width of the feature map the queries come from (queries are row-major).
+    pub spatial: (usize, usize),
+}
+
+/// A strategy that observes or changes attention. See the module documentation.
+pub trait AttentionHook: Send + Sync {
+    /// Whether calls of this layer go through [`AttentionHook::attend`]. Layers not wanted run
+    /// the plain path at no extra cost.
+    fn wants(&self, layer: &LayerInfo) -> bool;
+
+    /// Called once per wanted layer and UNet call, before the values are mixed.
+    fn attend(&self, site: &AttnSite<'_>, call: &mut AttentionCall) -> Result<()>;
+}
+
+/// A hook with the rows and step of one UNet call.
+#[derive(Clone, Copy)]
+pub struct HookCtx<'a> {
+    pub hook: &'a dyn AttentionHook,
+    pub rows: &'a BatchLayout,
+    pub step: Option<Step>,
+}
