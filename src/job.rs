@@ -1,11 +1,14 @@
-//! Progress and cancellation for long jobs (generation, training).
+//! Progress, cancellation and messages for long jobs (generation, training).
 //!
 //! A [`Job`] is cheap to clone and shared between the code that runs a job and the code that may
 //! cancel it (a Ctrl-C handler): long loops call [`Job::check`] between steps, and stop with
 //! [`Error::Cancelled`](crate::Error::Cancelled), keeping what they reached where that makes sense.
+//! Library code reports warnings and notes through it ([`Job::warn`], [`Job::note`]), so every
+//! front end shows them the same way; a warning is shown once per job.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -15,6 +18,16 @@ use crate::error::{Error, Result};
 pub struct Job {
     cancelled: Arc<AtomicBool>,
     show_progress: bool,
+    messages: Arc<Messages>,
+}
+
+/// The messages of a job: shown on stderr, or kept (for tests and callers that show them
+/// elsewhere).
+#[derive(Debug, Default)]
+struct Messages {
+    keep: bool,
+    kept: Mutex<Vec<String>>,
+    warned: Mutex<HashSet<String>>,
 }
 
 impl Job {
@@ -30,6 +43,58 @@ impl Job {
             show_progress: true,
             ..Self::default()
         }
+    }
+
+    /// A job without progress bars that keeps its messages instead of printing them (see
+    /// [`Job::messages`]).
+    pub fn collecting() -> Self {
+        Self {
+            messages: Arc::new(Messages {
+                keep: true,
+                ..Messages::default()
+            }),
+            ..Self::default()
+        }
+    }
+
+    /// A warning for the user (`warning: ...`); the same text is shown once.
+    pub fn warn(&self, msg: impl std::fmt::Display) {
+        let msg = format!("warning: {msg}");
+        let new = self
+            .messages
+            .warned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(msg.clone());
+        if new {
+            self.say(msg);
+        }
+    }
+
+    /// A note for the user (`note: ...`): what the tool chose on their behalf.
+    pub fn note(&self, msg: impl std::fmt::Display) {
+        self.say(format!("note: {msg}"));
+    }
+
+    fn say(&self, line: String) {
+        if self.messages.keep {
+            self.messages
+                .kept
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(line);
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    /// The messages kept by a [`Job::collecting`] job, in order.
+    pub fn messages(&self) -> Vec<String> {
+        self.messages
+            .kept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Asks the running job to stop at its next check.

@@ -7,6 +7,7 @@
 //! - [`sd`]: the SD1.x model and pipeline, which names no method;
 //! - [`util`], [`error`], [`job`]: small shared pieces.
 
+pub mod actions;
 pub mod app;
 pub mod assets;
 mod error;

@@ -196,7 +196,7 @@ pub fn run(
         *d = (seeded_noise(i as u64, d.dims())? * 0.1)?;
     }
     let mut concepts = ConceptSet::new();
-    concepts.insert(concept);
+    concepts.insert(concept, false);
     let iopts = InfusionOptions {
         generate: gen_opts.clone(),
         replace_steps: 1.0,

@@ -4,11 +4,11 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use candle_core::DType;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::infusion::maps::AttentionMaps;
 use crate::app::bench::BenchOptions;
+use crate::actions::{self, TrainEnd, TrainRequest};
 use crate::error::{Error, Result};
 use crate::sd::device::{parse_device, parse_dtype};
 use crate::sd::fused::{set_kernels, Kernels};
@@ -17,8 +17,7 @@ use crate::infusion::generate::{generate_infusion, InfusionOptions};
 use crate::job::Job;
 use crate::sd::pipeline::{load_noise, GenerateOptions, LoadOptions, ModelConfigs, StableDiffusion};
 use crate::app::script::{ScriptConfig, Session};
-use crate::infusion::train::{image_count_warning, TrainOptions, Trainer};
-use crate::util::image_io::load_folder_images;
+use crate::infusion::train::TrainOptions;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -189,64 +188,32 @@ struct GenerateArgs {
     maps: Option<PathBuf>,
 }
 
-fn load_model(global: &GlobalArgs) -> Result<StableDiffusion> {
-    let opts = LoadOptions {
-        device: parse_device(&global.device)?,
-        dtype: parse_dtype(&global.dtype)?,
-    };
-    match &global.model {
-        Some(spec) => StableDiffusion::load(spec, &opts),
-        None => {
-            let dir = crate::assets::tiny_sd();
-            eprintln!(
-                "note: no --model given: using the bundled tiny model with random weights ({})",
-                dir.display()
-            );
-            StableDiffusion::load_dir(&dir, &opts)
-        }
-    }
+fn load_model(global: &GlobalArgs, job: &Job) -> Result<StableDiffusion> {
+    Ok(actions::load_model(global.model.as_deref(), &global.device, &global.dtype, job)?.sd)
 }
 
 fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
-    let sd = load_model(global)?;
-    let tokens = sd.tokenize(&args.prompt)?;
-    if tokens.truncated() {
-        eprintln!(
-            "warning: the prompt has {} tokens, the text encoder takes {}: the end is cut off",
-            tokens.untruncated_n_tokens,
-            sd.tokenizer.max_len()
-        );
-    }
-    let opts = GenerateOptions {
-        negative_prompt: args.negative.clone(),
-        seed: args.seed,
-        steps: args.steps,
-        guidance: args.guidance,
-        width: args.width,
-        height: args.height,
-        noise: args.noise.as_deref().map(load_noise).transpose()?,
-    };
-    if args.concepts.is_empty() && args.maps.is_none() {
-        let generation = sd.generate(&args.prompt, &opts, job)?;
-        generation.save_png(&args.out)?;
-        println!("{}", args.out.display());
-        return Ok(());
-    }
+    let sd = load_model(global, job)?;
     let mut concepts = ConceptSet::new();
     for path in &args.concepts {
-        let (c, warnings) = concepts.load_file(path, &sd, args.force)?;
-        for w in warnings {
-            eprintln!("warning: {w}");
-        }
+        let c = concepts.load_file(path, Some(&sd), args.force, job)?;
         eprintln!("loaded <{}> ({}) from {}", c.name, c.word, path.display());
     }
-    let maps = args.maps.as_ref().map(|_| AttentionMaps::new(true));
-    let iopts = InfusionOptions {
-        generate: opts,
+    let opts = InfusionOptions {
+        generate: GenerateOptions {
+            negative_prompt: args.negative.clone(),
+            seed: args.seed,
+            steps: args.steps,
+            guidance: args.guidance,
+            width: args.width,
+            height: args.height,
+            noise: args.noise.as_deref().map(load_noise).transpose()?,
+        },
         replace_steps: args.replace_steps,
     };
-    let g = generate_infusion(&sd, &concepts, &args.prompt, &iopts, maps.as_ref(), job)?;
-    for p in g.save_pngs(&args.out)? {
+    let maps = args.maps.as_ref().map(|_| AttentionMaps::new(true));
+    let g = generate_infusion(&sd, &concepts, &args.prompt, &opts, maps.as_ref(), job)?;
+    for p in g.save(&args.out)? {
         println!("{}", p.display());
     }
     if let (Some(m), Some(path)) = (&maps, &args.maps) {
@@ -257,63 +224,53 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
 }
 
 fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job) -> Result<()> {
-    let sd = load_model(global)?;
-    let images: Vec<_> = load_folder_images(&args.folder)?;
-    if let Some(w) = image_count_warning(images.len(), &args.folder) {
-        eprintln!("warning: {w}");
-    }
+    let sd = load_model(global, job)?;
+    let defaults = TrainOptions::default();
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{}.safetensors", args.name)));
-    let mut trainer = match &args.resume {
-        Some(ckpt) => Trainer::resume(&sd, ckpt, &images, Some(args.steps))?,
-        None => {
-            let defaults = TrainOptions::default();
-            let ckpt_dir = args
-                .checkpoint_every
-                .map(|_| out.with_file_name(format!("{}-checkpoints", args.name)));
-            let opts = TrainOptions {
-                steps: args.steps,
-                lr: args.lr,
-                batch: args.batch,
-                seed: args.seed,
-                templates: if args.templates.is_empty() {
-                    defaults.templates
-                } else {
-                    args.templates.clone()
-                },
-                flip: !args.no_flip,
-                checkpoint_every: args.checkpoint_every,
-                checkpoint_dir: ckpt_dir,
-                ..defaults
-            };
-            Trainer::new(&sd, &args.name, &args.word, &images, opts)?
-        }
+    let req = TrainRequest {
+        folder: args.folder.clone(),
+        name: args.name.clone(),
+        word: args.word.clone(),
+        options: TrainOptions {
+            steps: args.steps,
+            lr: args.lr,
+            batch: args.batch,
+            seed: args.seed,
+            templates: if args.templates.is_empty() {
+                defaults.templates
+            } else {
+                args.templates.clone()
+            },
+            flip: !args.no_flip,
+            checkpoint_every: args.checkpoint_every,
+            ..defaults
+        },
+        resume: args.resume.clone(),
+        out: Some(out.clone()),
+        save_f32: args.f32,
     };
-    let dtype = if args.f32 { DType::F32 } else { DType::F16 };
-    let result = trainer.run(job);
-    // Whatever happened, the deltas reached (or the last good ones) are kept.
-    let concept = trainer.concept()?;
-    concept.save(&out, dtype)?;
-    match result {
-        Ok(report) => {
-            if report.cancelled {
+    let t = actions::train_concept(&sd, &req, job)?;
+    match t.end {
+        TrainEnd::Finished | TrainEnd::Cancelled => {
+            if matches!(t.end, TrainEnd::Cancelled) {
                 eprintln!(
                     "stopped at step {}: the deltas reached are saved",
-                    report.steps_done
+                    t.steps_done
                 );
             }
-            if let Some(l) = report.losses.last() {
-                eprintln!("step {}: loss {l:.5}", report.steps_done);
+            if let Some(l) = t.losses.last() {
+                eprintln!("step {}: loss {l:.5}", t.steps_done);
             }
             println!("{}", out.display());
             Ok(())
         }
-        Err(e) => {
+        TrainEnd::Failed(e) => {
             eprintln!(
                 "the deltas of step {} are saved in {}",
-                trainer.steps_done(),
+                t.steps_done,
                 out.display()
             );
             Err(e)
@@ -328,7 +285,7 @@ fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
                 .model
                 .clone()
                 .unwrap_or_else(|| "bundled tiny model".into());
-            (load_model(global)?, name)
+            (load_model(global, job)?, name)
         }
         "sd15" => {
             let opts = LoadOptions {

@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::prompt::{parse_prompt, ParsedPrompt};
 use crate::sd::attention::{AttnKind, LayerInfo};
+use crate::job::Job;
 use crate::sd::pipeline::StableDiffusion;
 use crate::error::{Error, Result};
 use crate::util::fs::write_atomic;
@@ -268,7 +269,14 @@ impl Concept {
 /// The concepts of a session, found by name.
 #[derive(Debug, Clone, Default)]
 pub struct ConceptSet {
-    concepts: BTreeMap<String, Arc<Concept>>,
+    concepts: BTreeMap<String, Entry>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    concept: Arc<Concept>,
+    /// Used even when trained on another model.
+    forced: bool,
 }
 
 impl ConceptSet {
@@ -276,22 +284,28 @@ impl ConceptSet {
         Self::default()
     }
 
-    /// Adds (or replaces) a concept; returns the one it replaced.
-    pub fn insert(&mut self, concept: Concept) -> Option<Arc<Concept>> {
+    /// Adds (or replaces) a concept; `forced`: use it even on a model it was not trained on.
+    /// Returns the one it replaced.
+    pub fn insert(&mut self, concept: Concept, forced: bool) -> Option<Arc<Concept>> {
+        self.insert_arc(Arc::new(concept), forced)
+    }
+
+    fn insert_arc(&mut self, concept: Arc<Concept>, forced: bool) -> Option<Arc<Concept>> {
         self.concepts
-            .insert(concept.name.clone(), Arc::new(concept))
+            .insert(concept.name.clone(), Entry { concept, forced })
+            .map(|e| e.concept)
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Concept>> {
-        self.concepts.get(name)
+        self.concepts.get(name).map(|e| &e.concept)
     }
 
     pub fn remove(&mut self, name: &str) -> Option<Arc<Concept>> {
-        self.concepts.remove(name)
+        self.concepts.remove(name).map(|e| e.concept)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Concept>> {
-        self.concepts.values()
+        self.concepts.values().map(|e| &e.concept)
     }
 
     pub fn len(&self) -> usize {
@@ -302,31 +316,51 @@ impl ConceptSet {
         self.concepts.is_empty()
     }
 
-    /// Reads a concept file, checks it against `sd` (layers, lengths, base model; `force` accepts a
-    /// concept trained on another model) and adds it. Returns it with the warnings to show.
+    /// Reads a concept file and adds it. With a model, checks it against the model first (see
+    /// [`ConceptSet::check`]); `force` accepts a concept trained on another model.
     pub fn load_file(
         &mut self,
-        path: &std::path::Path,
-        sd: &StableDiffusion,
+        path: &Path,
+        sd: Option<&StableDiffusion>,
         force: bool,
-    ) -> Result<(Arc<Concept>, Vec<String>)> {
-        let concept = Concept::load(path)?;
-        let warnings = concept
-            .check_model(sd.unet.attention_layers(), sd.unet_fingerprint(), force)
-            .map_err(|e| match e {
+        job: &Job,
+    ) -> Result<Arc<Concept>> {
+        let concept = Arc::new(Concept::load(path)?);
+        if let Some(sd) = sd {
+            check(&concept, sd, force, job).map_err(|e| match e {
                 Error::InvalidArgument { msg, .. } => Error::Config {
                     path: path.to_path_buf(),
                     msg,
                 },
                 e => e,
             })?;
-        let concept = Arc::new(concept);
-        self.concepts.insert(concept.name.clone(), concept.clone());
-        Ok((concept, warnings))
+        }
+        self.insert_arc(concept.clone(), force);
+        Ok(concept)
+    }
+
+    /// Checks the concept `name` against `sd`: every cross-attention layer present with its
+    /// width, and the base model (refused unless it was added forced). Warnings go to `job`.
+    pub fn check(&self, name: &str, sd: &StableDiffusion, job: &Job) -> Result<()> {
+        match self.concepts.get(name) {
+            Some(e) => check(&e.concept, sd, e.forced, job),
+            None => Err(Error::arg(
+                "concept",
+                format!("no concept named <{name}> is loaded"),
+            )),
+        }
     }
 
     /// Parses `<name>` marks of a prompt against these concepts.
     pub fn parse(&self, prompt: &str) -> Result<ParsedPrompt> {
         parse_prompt(prompt, |n| self.get(n).map(|c| c.word.clone()))
     }
+}
+
+/// [`Concept::check_model`] against `sd`, its warnings reported to `job`.
+pub fn check(concept: &Concept, sd: &StableDiffusion, force: bool, job: &Job) -> Result<()> {
+    for w in concept.check_model(sd.unet.attention_layers(), sd.unet_fingerprint(), force)? {
+        job.warn(w);
+    }
+    Ok(())
 }

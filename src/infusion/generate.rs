@@ -57,23 +57,33 @@ pub struct InfusionGeneration {
 }
 
 impl InfusionGeneration {
-    /// The text chunks of the PNGs: prompt, concepts and settings.
+    /// True when a concept was used (otherwise C is F and the images are the same).
+    pub fn is_customized(&self) -> bool {
+        !self.concepts.is_empty()
+    }
+
+    /// The text chunks of the PNGs: prompt and settings, and the concepts when there are.
     pub fn png_text(&self) -> Vec<(&'static str, String)> {
         let g = &self.options.generate;
-        vec![
-            ("prompt", self.prompt.clone()),
-            ("base_prompt", self.parsed.base.clone()),
-            ("concepts", self.concepts.join(",")),
+        let mut text = vec![("prompt", self.prompt.clone())];
+        if self.is_customized() {
+            text.push(("base_prompt", self.parsed.base.clone()));
+            text.push(("concepts", self.concepts.join(",")));
+        }
+        text.extend([
             ("negative_prompt", g.negative_prompt.clone()),
             ("seed", g.seed.to_string()),
             ("steps", g.steps.to_string()),
             ("guidance", g.guidance.to_string()),
-            ("replace_steps", self.options.replace_steps.to_string()),
-            (
-                "software",
-                format!("infusion-repl {}", env!("CARGO_PKG_VERSION")),
-            ),
-        ]
+        ]);
+        if self.is_customized() {
+            text.push(("replace_steps", self.options.replace_steps.to_string()));
+        }
+        text.push((
+            "software",
+            format!("infusion-repl {}", env!("CARGO_PKG_VERSION")),
+        ));
+        text
     }
 
     /// Token positions of `word` in the prompt: `<name>` for a concept's word, or a word of the
@@ -123,13 +133,18 @@ impl InfusionGeneration {
         super::maps::overlay(&crate::util::image_io::tensor_to_rgb(image)?, &map, 0.6)
     }
 
-    /// Writes `OUT` (base | customized side by side), `OUT.base.png` and `OUT.custom.png`
-    /// (OUT's extension replaced). Returns the paths written.
-    pub fn save_pngs(&self, out: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+    /// Writes the PNGs, the prompt and settings in their text chunks: with concepts, `OUT`
+    /// (base | customized side by side), `OUT.base.png` and `OUT.custom.png` (OUT's extension
+    /// replaced); without, the one image as `OUT`. Returns the paths written.
+    pub fn save(&self, out: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
         use crate::util::image_io::{hstack, save_png, tensor_to_rgb};
         let base = tensor_to_rgb(&self.base_image)?;
-        let custom = tensor_to_rgb(&self.custom_image)?;
         let text = self.png_text();
+        if !self.is_customized() {
+            save_png(&base, out, &text)?;
+            return Ok(vec![out.to_path_buf()]);
+        }
+        let custom = tensor_to_rgb(&self.custom_image)?;
         let base_path = out.with_extension("base.png");
         let custom_path = out.with_extension("custom.png");
         save_png(&hstack(&[base.clone(), custom.clone()])?, out, &text)?;
@@ -157,7 +172,18 @@ pub fn generate_infusion(
     let g = &opts.generate;
     let parsed = concepts.parse(prompt)?;
     let tokens = sd.tokenize(&parsed.base)?;
+    if tokens.truncated() {
+        job.warn(format!(
+            "the prompt {:?} has {} tokens, the text encoder takes {}: the end is cut off",
+            parsed.base,
+            tokens.untruncated_n_tokens,
+            sd.tokenizer.max_len()
+        ));
+    }
     let placements = place_concepts(concepts, &parsed, &tokens)?;
+    for p in &placements {
+        concepts.check(&p.concept.name, sd, job)?;
+    }
     let negative = sd.tokenize(&g.negative_prompt)?;
     let states = sd.text_states(&[&negative, &tokens])?;
     let init = sd.initial_latents(g)?;

@@ -151,7 +151,7 @@ pub fn overtraining_curves(
             candle_core::DType::F16,
         )?;
         let mut set = ConceptSet::new();
-        set.insert(concept);
+        set.insert(concept, false);
 
         let fisher = fisher_divergence(
             sd,

@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 
 use super::clip::{cosine_matrix, Clip};
 use super::dino::Dino;
-use crate::infusion::concept::Concept;
 use crate::error::{Error, Result};
 use crate::util::fs::write_atomic;
 use crate::util::image_io::{save_png, tensor_to_rgb};
@@ -190,15 +189,11 @@ pub fn evaluate(
     bar.inc(done.len().min(total) as u64);
     let mut storage = BTreeMap::new();
     for ec in concepts {
-        let concept = Concept::load(&ec.file)?;
-        for w in concept.check_model(
-            sd.unet.attention_layers(),
-            sd.unet_fingerprint(),
-            opts.force,
-        )? {
-            eprintln!("warning: {w}");
-        }
-        let name = concept.name.clone();
+        let mut set = ConceptSet::new();
+        let name = set
+            .load_file(&ec.file, Some(sd), opts.force, job)?
+            .name
+            .clone();
         let bytes = std::fs::metadata(&ec.file)
             .map_err(|e| Error::io(&ec.file, e))?
             .len();
@@ -213,8 +208,6 @@ pub fn evaluate(
         let refs: Vec<_> = load_folder_images(&ec.images)?;
         let ref_clip = clip.image_embeds(&refs)?;
         let ref_dino = dino.embeds(&refs)?;
-        let mut set = ConceptSet::new();
-        set.insert(concept);
         let img_dir = dir.join("images").join(&name);
         std::fs::create_dir_all(&img_dir).map_err(|e| Error::io(&img_dir, e))?;
         for (p, s) in todo {

@@ -13,7 +13,6 @@ use crate::sd::hook::{AttentionHook, BatchLayout, Branch, Guidance, HookCtx, Row
 use crate::sd::config::{SchedulerConfig, TextEncoderConfig, UNetConfig, VaeConfig};
 use crate::error::{Error, Result};
 use crate::sd::hub::{resolve_model, ModelFiles};
-use crate::util::image_io::{save_png, tensor_to_rgb};
 use crate::job::Job;
 use crate::sd::scheduler::Ddim;
 use crate::sd::text_encoder::TextEncoder;
@@ -122,29 +121,6 @@ pub struct Generation {
     pub latents: Tensor,
     /// Decoded image `(1, 3, H, W)`, values in [0, 1], f32.
     pub image: Tensor,
-}
-
-impl Generation {
-    /// Saves the image as PNG with the prompt and settings in text chunks.
-    pub fn save_png(&self, path: &Path) -> Result<()> {
-        let img = tensor_to_rgb(&self.image)?;
-        let o = &self.options;
-        save_png(
-            &img,
-            path,
-            &[
-                ("prompt", self.prompt.clone()),
-                ("negative_prompt", o.negative_prompt.clone()),
-                ("seed", o.seed.to_string()),
-                ("steps", o.steps.to_string()),
-                ("guidance", o.guidance.to_string()),
-                (
-                    "software",
-                    format!("infusion-repl {}", env!("CARGO_PKG_VERSION")),
-                ),
-            ],
-        )
-    }
 }
 
 /// A loaded SD1.x model.

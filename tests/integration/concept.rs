@@ -4,7 +4,7 @@
 use candle_core::{DType, Tensor};
 use infusion_repl::sd::config::UNetConfig;
 use infusion_repl::sd::unet::UNet;
-use infusion_repl::{Concept, ConceptSet};
+use infusion_repl::{Concept, ConceptSet, Job};
 
 use crate::common::{max_abs, tiny};
 
@@ -26,7 +26,7 @@ fn random_concept(name: &str) -> Concept {
 
 fn load_err(path: &std::path::Path) -> String {
     let mut set = ConceptSet::new();
-    match set.load_file(path, tiny(), false) {
+    match set.load_file(path, Some(tiny()), false, &Job::quiet()) {
         Ok(_) => panic!("{} loaded", path.display()),
         Err(e) => e.to_string(),
     }
@@ -39,8 +39,9 @@ fn f32_round_trip_is_exact_and_f16_rounds_once() {
     let p32 = dir.path().join("c32.safetensors");
     c.save(&p32, DType::F32).unwrap();
     let mut set = ConceptSet::new();
-    let (back, warnings) = set.load_file(&p32, tiny(), false).unwrap();
-    assert!(warnings.is_empty(), "{warnings:?}");
+    let job = Job::collecting();
+    let back = set.load_file(&p32, Some(tiny()), false, &job).unwrap();
+    assert!(job.messages().is_empty(), "{:?}", job.messages());
     assert_eq!((back.name.as_str(), back.word.as_str()), ("mycat", "cat"));
     assert_eq!(back.base_model, c.base_model);
     assert_eq!(back.train, c.train);
@@ -132,12 +133,16 @@ fn wrong_model_is_refused_unless_forced_and_unknown_base_warns() {
         "{e}"
     );
     let mut set = ConceptSet::new();
-    let (_, w) = set.load_file(&p, tiny(), true).unwrap();
+    let job = Job::collecting();
+    set.load_file(&p, Some(tiny()), true, &job).unwrap();
+    let w = job.messages();
     assert!(w.iter().any(|w| w.contains("forced")), "{w:?}");
 
     c.base_model = None;
     c.save(&p, DType::F16).unwrap();
-    let (_, w) = set.load_file(&p, tiny(), false).unwrap();
+    let job = Job::collecting();
+    set.load_file(&p, Some(tiny()), false, &job).unwrap();
+    let w = job.messages();
     assert!(w.iter().any(|w| w.contains("does not say")), "{w:?}");
 }
 

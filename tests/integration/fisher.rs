@@ -30,7 +30,7 @@ fn concepts() -> ConceptSet {
         *d = infusion_repl::util::noise::seeded_noise(i as u64, d.dims()).unwrap();
     }
     let mut set = ConceptSet::new();
-    set.insert(c);
+    set.insert(c, false);
     set
 }
 

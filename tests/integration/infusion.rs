@@ -32,7 +32,7 @@ pub(crate) fn concept(name: &str, word: &str, prefix: &str, scale: f64) -> Conce
 pub(crate) fn set(concepts: Vec<Concept>) -> ConceptSet {
     let mut s = ConceptSet::new();
     for c in concepts {
-        s.insert(c);
+        s.insert(c, false);
     }
     s
 }
@@ -288,4 +288,23 @@ fn attention_overlays_for_concepts_and_words() {
         maps.steps().is_empty(),
         "per-step maps are only kept when asked for"
     );
+}
+
+/// A prompt longer than the text encoder takes is cut, and the one library path says so: the
+/// command line and the scripts both go through it.
+#[test]
+fn a_cut_prompt_is_reported_through_the_job() {
+    let long = vec!["teapot"; 100].join(" ");
+    let mut o = options(1.0);
+    o.generate.steps = 1;
+    let job = Job::collecting();
+    generate_infusion(tiny(), &ConceptSet::new(), &long, &o, None, &job).unwrap();
+    let m = job.messages();
+    assert!(
+        m.len() == 1 && m[0].starts_with("warning: ") && m[0].contains("cut off"),
+        "{m:?}"
+    );
+    let job = Job::collecting();
+    generate_infusion(tiny(), &ConceptSet::new(), "a teapot", &o, None, &job).unwrap();
+    assert!(job.messages().is_empty(), "{:?}", job.messages());
 }

@@ -241,3 +241,24 @@ fn overfitting_writes_curves_and_a_chart() {
     assert_eq!(csv.lines().count(), 3, "{csv}");
     assert_eq!(size(&dir.path().join("curves/pot-curves.png")), (900, 360));
 }
+
+/// Scripts report a cut prompt as the command line does (the warning comes from the library).
+#[test]
+fn a_cut_prompt_warns_in_scripts_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("long.rhai");
+    std::fs::write(
+        &script,
+        "let m = load_model(); let p = \"\"; for i in 0..100 { p += \"teapot \"; } m.generate(p, #{steps: 1});",
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .arg(&script)
+        .current_dir(dir.path())
+        .env_remove("INFUSION_MODEL")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("warning: the prompt") && err.contains("cut off"), "{err}");
+}

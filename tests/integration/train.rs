@@ -196,7 +196,7 @@ fn runs_are_deterministic_and_resuming_continues_the_same_curve() {
         0.0
     );
 
-    let mut c = Trainer::resume(tiny(), &ra.checkpoints[0], &imgs, None).unwrap();
+    let mut c = Trainer::resume(tiny(), &ra.checkpoints[0], &imgs, None, &Job::quiet()).unwrap();
     assert_eq!(c.steps_done(), 3);
     let rc = c.run(&Job::quiet()).unwrap();
     assert_eq!(rc.losses, ra.losses[3..]);

@@ -98,16 +98,22 @@ fn generate_api_reproduces_reference_image() {
 #[test]
 fn png_has_the_image_and_the_settings() {
     let r = reference("txt2img.safetensors");
-    let g = tiny()
-        .generate(
-            "a photo of a cat sitting by a teapot",
-            &options(&r),
-            &Job::quiet(),
-        )
-        .unwrap();
+    // A prompt without concepts: the plain image, one PNG.
+    let g = infusion_repl::generate_infusion(
+        tiny(),
+        &infusion_repl::ConceptSet::new(),
+        "a photo of a cat sitting by a teapot",
+        &infusion_repl::InfusionOptions {
+            generate: options(&r),
+            replace_steps: 1.0,
+        },
+        None,
+        &Job::quiet(),
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("out.png");
-    g.save_png(&path).unwrap();
+    assert_eq!(g.save(&path).unwrap(), vec![path.clone()]);
     let img = image::open(&path).unwrap().to_rgb8();
     assert_eq!((img.width(), img.height()), (32, 32));
     // Pixels equal the reference image in [0, 1] rounded to 8 bits (at most one level off,

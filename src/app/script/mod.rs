@@ -9,7 +9,6 @@ pub mod api;
 pub mod docs;
 mod opts;
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
@@ -60,8 +59,6 @@ pub struct Session {
     pub job: Job,
     /// Concepts loaded or trained in this session, found by `<name>` in prompts.
     pub concepts: RwLock<ConceptSet>,
-    /// Names of concepts loaded with `force` (used even if trained on another model).
-    pub forced: Mutex<HashSet<String>>,
     /// The last model loaded (concepts are checked against it).
     pub model: Mutex<Option<api::model::Model>>,
     /// Images `show` wrote to files.
@@ -79,7 +76,6 @@ impl Session {
             config,
             job,
             concepts: RwLock::new(ConceptSet::new()),
-            forced: Mutex::new(HashSet::new()),
             model: Mutex::new(None),
             shown: AtomicUsize::new(0),
         })

@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use super::data::{Batch, TrainingSet, DEFAULT_TEMPLATES};
 use super::optim::{AdamState, AdamW};
 use crate::error::{root_cause, Error, Result};
-use crate::infusion::concept::{check_name, Concept};
+use crate::infusion::concept::{check, check_name, Concept};
 use crate::infusion::hook::{eps_pair, SampleEdit};
 use crate::job::Job;
 use crate::sd::attention::{AttnKind, LayerInfo};
@@ -390,9 +390,10 @@ impl<'a> Trainer<'a> {
         checkpoint: &Path,
         images: &[RgbImage],
         steps: Option<usize>,
+        job: &Job,
     ) -> Result<Self> {
         let concept = Concept::load(checkpoint)?;
-        concept.check_model(sd.unet.attention_layers(), sd.unet_fingerprint(), false)?;
+        check(&concept, sd, false, job)?;
         let opt_path = optimizer_path(checkpoint);
         let data = std::fs::read(&opt_path).map_err(|e| Error::io(&opt_path, e))?;
         let bad = |msg: String| Error::Safetensors {

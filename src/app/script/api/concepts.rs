@@ -10,9 +10,9 @@ use rhai::{Array, Dynamic, Engine, Map, INT};
 use super::model::Model;
 use super::{json_to_dynamic, volatile};
 use crate::infusion::concept::Concept;
+use crate::actions::{self, TrainEnd, TrainRequest};
 use crate::app::script::{err, rt, Opts, RhaiResult, Session};
-use crate::infusion::train::{image_count_warning, TrainOptions, Trainer};
-use crate::util::image_io::load_folder_images;
+use crate::infusion::train::TrainOptions;
 
 /// A concept value (cheap to clone).
 #[derive(Debug, Clone)]
@@ -31,17 +31,14 @@ impl std::fmt::Display for ConceptVal {
     }
 }
 
-fn add(session: &Session, concept: Concept, forced: bool) -> ConceptVal {
-    let name = concept.name.clone();
-    let mut set = session.concepts.write().unwrap_or_else(|e| e.into_inner());
-    set.insert(concept);
-    let mut f = session.forced.lock().unwrap_or_else(|e| e.into_inner());
-    if forced {
-        f.insert(name.clone());
-    } else {
-        f.remove(&name);
-    }
-    ConceptVal(set.get(&name).expect("just inserted").clone())
+fn add(session: &Session, concept: Concept) -> ConceptVal {
+    let concept = Arc::new(concept);
+    session
+        .concepts
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert((*concept).clone(), false);
+    ConceptVal(concept)
 }
 
 fn train(
@@ -67,69 +64,62 @@ fn train(
         ],
     )?;
     let d = TrainOptions::default();
-    let checkpoint_every = o.usize("checkpoint_every")?;
-    let checkpoint_dir = o
-        .string("checkpoint_dir")?
-        .map(PathBuf::from)
-        .or_else(|| checkpoint_every.map(|_| PathBuf::from(format!("{name}-checkpoints"))));
-    let topts = TrainOptions {
-        steps: o.usize("steps")?.unwrap_or(d.steps),
-        lr: o.float("lr")?.unwrap_or(d.lr),
-        batch: o.usize("batch")?.unwrap_or(d.batch),
-        seed: o.int("seed")?.map(|s| s as u64).unwrap_or(d.seed),
-        templates: o.strings("templates")?.unwrap_or(d.templates),
-        flip: o.bool("flip")?.unwrap_or(d.flip),
-        checkpoint_every,
-        checkpoint_dir,
-        weight_decay: d.weight_decay,
+    let req = TrainRequest {
+        folder: PathBuf::from(folder),
+        name: name.to_string(),
+        word: word.to_string(),
+        options: TrainOptions {
+            steps: o.usize("steps")?.unwrap_or(d.steps),
+            lr: o.float("lr")?.unwrap_or(d.lr),
+            batch: o.usize("batch")?.unwrap_or(d.batch),
+            seed: o.int("seed")?.map(|s| s as u64).unwrap_or(d.seed),
+            templates: o.strings("templates")?.unwrap_or(d.templates),
+            flip: o.bool("flip")?.unwrap_or(d.flip),
+            checkpoint_every: o.usize("checkpoint_every")?,
+            checkpoint_dir: o.string("checkpoint_dir")?.map(PathBuf::from),
+            weight_decay: d.weight_decay,
+        },
+        resume: None,
+        out: None,
+        save_f32: false,
     };
-    let images: Vec<_> = rt(load_folder_images(Path::new(folder)))?;
-    if let Some(w) = image_count_warning(images.len(), Path::new(folder)) {
-        eprintln!("warning: {w}");
-    }
-    let mut trainer = rt(Trainer::new(&model.sd, name, word, &images, topts))?;
     session.job.reset();
-    let result = trainer.run(&session.job);
+    let t = rt(actions::train_concept(&model.sd, &req, &session.job))?;
     // The deltas reached (or the last good ones) join the session whatever happened.
-    let concept = add(session, rt(trainer.concept())?, false);
-    match result {
-        Ok(report) => {
-            if report.cancelled {
-                eprintln!(
-                    "stopped at step {}: <{name}> keeps the deltas reached",
-                    report.steps_done
-                );
-                session.job.reset();
-            }
+    let concept = add(session, t.concept);
+    match t.end {
+        TrainEnd::Finished => Ok(concept),
+        TrainEnd::Cancelled => {
+            eprintln!(
+                "stopped at step {}: <{name}> keeps the deltas reached",
+                t.steps_done
+            );
+            session.job.reset();
             Ok(concept)
         }
-        Err(e) => Err(err(format!("{e} (<{name}> keeps them)"))),
+        TrainEnd::Failed(e) => Err(err(format!("{e} (<{name}> keeps them)"))),
     }
 }
 
 fn load(session: &Session, path: &str, opts: &Map) -> RhaiResult<ConceptVal> {
     let o = Opts::new(opts, "load_concept", &["force"])?;
     let force = o.bool("force")?.unwrap_or(false);
-    let p = Path::new(path);
-    let concept = rt(Concept::load(p))?;
-    if let Some(model) = session
+    let model = session
         .model
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-    {
-        let warnings = concept
-            .check_model(
-                model.sd.unet.attention_layers(),
-                model.sd.unet_fingerprint(),
-                force,
-            )
-            .map_err(|e| err(format!("{path}: {e}")))?;
-        for w in warnings {
-            eprintln!("warning: {w}");
-        }
-    }
-    Ok(add(session, concept, force))
+        .clone();
+    let concept = rt(session
+        .concepts
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .load_file(
+            Path::new(path),
+            model.as_ref().map(|m| &*m.sd),
+            force,
+            &session.job,
+        ))?;
+    Ok(ConceptVal(concept))
 }
 
 pub fn register(engine: &mut Engine, session: &Arc<Session>) {
@@ -203,10 +193,6 @@ pub fn register(engine: &mut Engine, session: &Arc<Session>) {
     });
     let s = session.clone();
     volatile!(engine, "forget_concept", move |name: &str| -> bool {
-        s.forced
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
         s.concepts
             .write()
             .unwrap_or_else(|e| e.into_inner())

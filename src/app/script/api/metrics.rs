@@ -157,7 +157,7 @@ fn fisher(
             let c = c
                 .try_cast::<ConceptVal>()
                 .ok_or_else(|| err("fisher_divergence: every element must be a concept"))?;
-            set.insert((*c.0).clone());
+            set.insert((*c.0).clone(), false);
         }
         rt(fisher_divergence(
             sd,

@@ -10,11 +10,11 @@ use super::tensors::TensorVal;
 use super::volatile;
 use crate::infusion::Stream;
 use crate::infusion::maps::{overlay, token_map, AttentionMaps};
-use crate::sd::device::{parse_device, parse_dtype};
+use crate::actions;
 use crate::sd::fused::{kernels, set_thread_kernels};
 use crate::util::image_io::tensor_to_rgb;
 use crate::infusion::generate::{generate_infusion, InfusionGeneration, InfusionOptions};
-use crate::sd::pipeline::{load_noise, GenerateOptions, LoadOptions, StableDiffusion};
+use crate::sd::pipeline::{load_noise, GenerateOptions, StableDiffusion};
 use crate::app::script::{err, rt, Opts, RhaiResult, Session};
 use crate::util::text_render::labelled_row;
 
@@ -73,30 +73,16 @@ fn load(session: &Session, spec: Option<&str>, opts: Option<&Map>) -> RhaiResult
         device = o.string("device")?.unwrap_or(device);
         dtype = o.string("dtype")?.unwrap_or(dtype);
     }
-    let lo = LoadOptions {
-        device: rt(parse_device(&device))?,
-        dtype: rt(parse_dtype(&dtype))?,
-    };
-    let spec = spec
-        .map(str::to_string)
-        .or_else(|| session.config.model.clone());
-    let (sd, source) = match spec {
-        Some(s) => (rt(StableDiffusion::load(&s, &lo))?, s),
-        None => {
-            let dir = crate::assets::tiny_sd();
-            eprintln!(
-                "note: using the bundled tiny model with random weights ({})",
-                dir.display()
-            );
-            (
-                rt(StableDiffusion::load_dir(&dir, &lo))?,
-                "bundled tiny model".to_string(),
-            )
-        }
-    };
+    let spec = spec.map(str::to_string).or_else(|| session.config.model.clone());
+    let loaded = rt(actions::load_model(
+        spec.as_deref(),
+        &device,
+        &dtype,
+        &session.job,
+    ))?;
     let model = Model {
-        sd: Arc::new(sd),
-        source,
+        sd: Arc::new(loaded.sd),
+        source: loaded.source,
     };
     *session.model.lock().unwrap_or_else(|e| e.into_inner()) = Some(model.clone());
     Ok(model)
@@ -143,25 +129,6 @@ fn generate(session: &Session, model: &Model, prompt: &str, opts: &Map) -> RhaiR
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    // Concepts loaded before this model was: check them against it now.
-    let parsed = rt(concepts.parse(prompt))?;
-    let forced = session
-        .forced
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    for mark in &parsed.marks {
-        if let Some(c) = concepts.get(&mark.name) {
-            let warnings = rt(c.check_model(
-                model.sd.unet.attention_layers(),
-                model.sd.unet_fingerprint(),
-                forced.contains(&mark.name),
-            ))?;
-            for w in warnings {
-                eprintln!("warning: {w}");
-            }
-        }
-    }
     session.job.reset();
     let g = rt(generate_infusion(
         &model.sd,
@@ -396,7 +363,7 @@ pub fn register(engine: &mut Engine, session: &Arc<Session>) {
     volatile!(engine, "save", |g: &mut Gen,
                                path: &str|
      -> RhaiResult<Array> {
-        let paths = rt(g.g.save_pngs(Path::new(path)))?;
+        let paths = rt(g.g.save(Path::new(path)))?;
         Ok(paths
             .into_iter()
             .map(|p| Dynamic::from(p.display().to_string()))

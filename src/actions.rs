@@ -1,0 +1,190 @@
+//! One library call per user action, shared by the command line and the scripts, so that both
+//! behave the same: loading a model (or the bundled one), training a concept from a folder (with
+//! one rule for where checkpoints go). Generating is [`generate_infusion`] itself, and loading a
+//! concept file [`ConceptSet::load_file`].
+//!
+//! [`generate_infusion`]: crate::infusion::generate::generate_infusion
+//! [`ConceptSet::load_file`]: crate::infusion::concept::ConceptSet::load_file
+
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+
+use crate::error::{Error, Result};
+use crate::infusion::concept::Concept;
+use crate::infusion::train::{image_count_warning, TrainOptions, TrainReport, Trainer};
+use crate::job::Job;
+use crate::sd::device::{parse_device, parse_dtype};
+use crate::sd::pipeline::{LoadOptions, StableDiffusion};
+use crate::util::image_io::load_folder_images;
+
+/// A loaded model and what it was loaded from.
+pub struct LoadedModel {
+    pub sd: StableDiffusion,
+    /// The folder or repo id given, or `bundled tiny model`.
+    pub source: String,
+}
+
+/// Loads `model` (a diffusers folder or a repo id in the Hugging Face cache) on `device`
+/// (`cpu`, `cuda`, `cuda:N`) in `dtype` (`f32`, `f16`, `bf16`); without a model, the bundled
+/// tiny one with random weights, and a note that says so.
+pub fn load_model(model: Option<&str>, device: &str, dtype: &str, job: &Job) -> Result<LoadedModel> {
+    let opts = LoadOptions {
+        device: parse_device(device)?,
+        dtype: parse_dtype(dtype)?,
+    };
+    match model {
+        Some(spec) => Ok(LoadedModel {
+            sd: StableDiffusion::load(spec, &opts)?,
+            source: spec.to_string(),
+        }),
+        None => {
+            let dir = crate::assets::tiny_sd();
+            job.note(format!(
+                "no model given: using the bundled tiny model with random weights ({})",
+                dir.display()
+            ));
+            Ok(LoadedModel {
+                sd: StableDiffusion::load_dir(&dir, &opts)?,
+                source: "bundled tiny model".to_string(),
+            })
+        }
+    }
+}
+
+/// What to train: a concept from a folder of images.
+#[derive(Debug, Clone)]
+pub struct TrainRequest {
+    pub folder: PathBuf,
+    pub name: String,
+    /// The class word.
+    pub word: String,
+    /// `checkpoint_dir` `None` with `checkpoint_every` set: see [`TrainRequest::checkpoint_dir`].
+    pub options: TrainOptions,
+    /// Continue from this checkpoint (its settings; `options.steps` is the new total).
+    pub resume: Option<PathBuf>,
+    /// Where to save the concept (f16, or f32 with `save_f32`); `None`: not saved.
+    pub out: Option<PathBuf>,
+    pub save_f32: bool,
+}
+
+impl TrainRequest {
+    /// Where checkpoints go: the folder asked for, else `NAME-checkpoints/` beside the output
+    /// (in the working folder when nothing is saved).
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.options.checkpoint_dir {
+            return dir.clone();
+        }
+        let folder = format!("{}-checkpoints", self.name);
+        match self.out.as_deref().and_then(Path::parent) {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.join(folder),
+            _ => PathBuf::from(folder),
+        }
+    }
+}
+
+/// How a training run ended.
+#[derive(Debug)]
+pub enum TrainEnd {
+    Finished,
+    /// Ctrl-C: stopped early, the Δs reached are kept.
+    Cancelled,
+    /// The run failed (a non-finite loss, a checkpoint that cannot be written): the Δs of the
+    /// last good step are kept.
+    Failed(Error),
+}
+
+/// What a training run gives: the concept reached whatever happened, and where it was saved.
+#[derive(Debug)]
+pub struct Trained {
+    pub concept: Concept,
+    pub end: TrainEnd,
+    pub steps_done: usize,
+    pub losses: Vec<f32>,
+    pub checkpoints: Vec<PathBuf>,
+    pub saved: Option<PathBuf>,
+}
+
+/// Trains a concept from a folder: loads its images (warning outside 3-20), trains (or resumes)
+/// with a progress bar, and saves the concept reached, whether the run finished, was cancelled
+/// or failed. An error here means nothing was trained (bad images, options, checkpoint).
+pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Result<Trained> {
+    let images = load_folder_images(&req.folder)?;
+    if let Some(w) = image_count_warning(images.len(), &req.folder) {
+        job.warn(w);
+    }
+    let mut trainer = match &req.resume {
+        Some(ckpt) => Trainer::resume(sd, ckpt, &images, Some(req.options.steps), job)?,
+        None => {
+            let mut options = req.options.clone();
+            if options.checkpoint_every.is_some() {
+                options.checkpoint_dir = Some(req.checkpoint_dir());
+            }
+            Trainer::new(sd, &req.name, &req.word, &images, options)?
+        }
+    };
+    let (end, report) = match trainer.run(job) {
+        Ok(r) if r.cancelled => (TrainEnd::Cancelled, Some(r)),
+        Ok(r) => (TrainEnd::Finished, Some(r)),
+        Err(e) => (TrainEnd::Failed(e), None),
+    };
+    let concept = trainer.concept()?;
+    let saved = match &req.out {
+        Some(out) => {
+            let dtype = if req.save_f32 { DType::F32 } else { DType::F16 };
+            concept.save(out, dtype)?;
+            Some(out.clone())
+        }
+        None => None,
+    };
+    let TrainReport {
+        losses,
+        checkpoints,
+        ..
+    } = report.unwrap_or(TrainReport {
+        steps_done: trainer.steps_done(),
+        losses: vec![],
+        cancelled: false,
+        checkpoints: vec![],
+    });
+    Ok(Trained {
+        concept,
+        end,
+        steps_done: trainer.steps_done(),
+        losses,
+        checkpoints,
+        saved,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(out: Option<&str>, dir: Option<&str>) -> TrainRequest {
+        TrainRequest {
+            folder: PathBuf::from("photos"),
+            name: "pot".into(),
+            word: "teapot".into(),
+            options: TrainOptions {
+                checkpoint_every: Some(10),
+                checkpoint_dir: dir.map(PathBuf::from),
+                ..TrainOptions::default()
+            },
+            resume: None,
+            out: out.map(PathBuf::from),
+            save_f32: false,
+        }
+    }
+
+    /// One rule for both front ends: beside the output, else in the working folder, unless a
+    /// folder is given.
+    #[test]
+    fn checkpoints_go_beside_the_output_or_where_asked() {
+        let at = |out, dir| request(out, dir).checkpoint_dir();
+        assert_eq!(at(Some("out/pot.safetensors"), None), Path::new("out/pot-checkpoints"));
+        assert_eq!(at(Some("pot.safetensors"), None), Path::new("pot-checkpoints"));
+        assert_eq!(at(None, None), Path::new("pot-checkpoints"));
+        assert_eq!(at(Some("out/pot.safetensors"), Some("ck")), Path::new("ck"));
+    }
+}
