@@ -6,21 +6,61 @@ use std::path::Path;
 use crate::error::{Error, Result};
 
 /// Writes `path` through a temporary file in the same folder and a rename, so a crash or an error
-/// never leaves a half-written file behind.
+/// never leaves a half-written file behind. The file gets the permissions a plain create would
+/// give: a new file `0666` less the umask, a replaced file its old mode.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".infusion-")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(path, e))?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".infusion-");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Created with this mode less the umask, as `File::create` would.
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let mut tmp = builder.tempfile_in(dir).map_err(|e| Error::io(path, e))?;
     {
         let mut w = std::io::BufWriter::new(tmp.as_file_mut());
         write(&mut w)?;
         w.flush().map_err(|e| Error::io(path, e))?;
     }
+    if let Ok(old) = std::fs::metadata(path) {
+        tmp.as_file()
+            .set_permissions(old.permissions())
+            .map_err(|e| Error::io(path, e))?;
+    }
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// A new file gets what `File::create` gives under the process's umask (not tempfile's
+    /// 0600); a replaced file keeps its mode. (tests/integration/cli.rs checks 0644 under umask
+    /// 022 end to end.)
+    #[test]
+    fn permissions_are_those_of_a_plain_create() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::File::create(&plain).unwrap();
+        let new = dir.path().join("new.png");
+        write_atomic(&new, |w| Ok(w.write_all(b"x").unwrap())).unwrap();
+        assert_eq!(mode(&new), mode(&plain));
+
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o640)).unwrap();
+        write_atomic(&new, |w| Ok(w.write_all(b"y").unwrap())).unwrap();
+        assert_eq!(mode(&new), 0o640);
+        assert_eq!(std::fs::read(&new).unwrap(), b"y");
+    }
 }

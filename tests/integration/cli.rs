@@ -285,3 +285,40 @@ fn bench_smoke_run_reports_every_measurement() {
     assert_eq!(rows[3]["ratio"][0], "text-to-image");
     assert!(rows[3]["ratio"][1].as_f64().unwrap() > 0.0);
 }
+
+/// Under umask 022 every file the tool writes is readable by group and others (0644), as a
+/// plain create would make it: images, concepts and checkpoints alike.
+#[cfg(unix)]
+#[test]
+fn written_files_follow_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = dir.path().join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    for i in 0..3u8 {
+        image::RgbImage::from_fn(40, 40, |x, y| image::Rgb([x as u8, y as u8, i * 80]))
+            .save(imgs.join(format!("{i}.png")))
+            .unwrap();
+    }
+    let bin = env!("CARGO_BIN_EXE_infusion-repl");
+    let script = format!(
+        "umask 022 && '{bin}' generate x --steps 1 -o a.png && \
+         '{bin}' train imgs --name pot --word teapot --steps 2 --checkpoint-every 1"
+    );
+    let o = Command::new("sh")
+        .args(["-c", &script])
+        .current_dir(dir.path())
+        .env_remove("INFUSION_MODEL")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in [
+        "a.png",
+        "pot.safetensors",
+        "pot-checkpoints/pot-step000001.safetensors",
+        "pot-checkpoints/pot-step000001.optim.safetensors",
+    ] {
+        let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644, "{f}: {:o}", mode & 0o777);
+    }
+}
