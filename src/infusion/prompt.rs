@@ -4,6 +4,12 @@
 //! pipeline sees the prompt with each mark replaced by the concept's class word ("a cat reading
 //! next to a teapot"); the customized pipeline adds the concept's Δ at every token position of
 //! that word. A `<` that does not start such a mark is ordinary text.
+//!
+//! A mark stands apart as a word: no letter or digit, and no other mark, right before or after
+//! it. `<pot>s` would become "teapots", which tokenizes differently from "teapot", and
+//! `<mycat><pot>` would put both residuals on the nonsense tokens of "catteapot"; both are
+//! refused with the prompt and a caret under the spot. Punctuation may touch a mark
+//! (`<pot>'s`, `(<pot>)`, `<pot>-shaped`).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -38,8 +44,31 @@ fn is_name_char(c: char) -> bool {
     c.is_alphanumeric() || c == '_' || c == '-'
 }
 
+/// A prompt error with the prompt and a caret under byte `at`.
+fn prompt_error(prompt: &str, at: usize, msg: &str) -> Error {
+    let col = prompt[..at].chars().count();
+    Error::arg(
+        "prompt",
+        format!("{msg}:\n  {prompt}\n  {}^", " ".repeat(col)),
+    )
+}
+
+/// Checks that the mark at bytes `start..end` of `prompt` (from `<` to `>`) stands apart.
+fn check_apart(prompt: &str, start: usize, end: usize) -> Result<()> {
+    let touches = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '<' || c == '>');
+    let msg = "a concept mark must stand apart from the letters and marks around it \
+               (write \"<mycat> <pot>\", \"<pot> pots\")";
+    if touches(prompt[..start].chars().next_back()) {
+        return Err(prompt_error(prompt, start, msg));
+    }
+    if touches(prompt[end..].chars().next()) {
+        return Err(prompt_error(prompt, end, msg));
+    }
+    Ok(())
+}
+
 /// Finds the `<name>` marks of `prompt` and replaces each by `word_of(name)`. An unknown name is
-/// an error that names it.
+/// an error that names it; a mark that does not stand apart is an error that shows where.
 pub fn parse_prompt(
     prompt: &str,
     word_of: impl Fn(&str) -> Option<String>,
@@ -56,6 +85,8 @@ pub fn parse_prompt(
             .map(|(j, _)| j)
             .unwrap_or(after.len());
         if name_len > 0 && after[name_len..].starts_with('>') {
+            let start = prompt.len() - rest.len() + i;
+            check_apart(prompt, start, start + name_len + 2)?;
             let name = &after[..name_len];
             let word = word_of(name).ok_or_else(|| {
                 Error::arg("prompt", format!("no concept named <{name}> is loaded"))
@@ -135,9 +166,23 @@ mod tests {
         assert_eq!(p.marks.len(), 2);
         assert_eq!(&p.base[p.marks[0].span.clone()], "cat");
         assert_eq!(&p.base[p.marks[1].span.clone()], "teapot");
-        let p = parse_prompt("<bear-2>, <mycat><pot>!", words).unwrap();
-        assert_eq!(p.base, "teddy bear, catteapot!");
+        let p = parse_prompt("<bear-2>, (<mycat>) <pot>'s lid, <pot>-shaped!", words).unwrap();
+        assert_eq!(p.base, "teddy bear, (cat) teapot's lid, teapot-shaped!");
         assert_eq!(&p.base[p.marks[0].span.clone()], "teddy bear");
+        assert_eq!(p.marks.len(), 4);
+    }
+
+    #[test]
+    fn marks_touching_letters_or_marks_are_refused_with_a_caret() {
+        let e = parse_prompt("a <mycat><pot> on a mat", words)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stand apart"), "{e}");
+        assert!(e.ends_with("  a <mycat><pot> on a mat\n           ^"), "{e}");
+        let e = parse_prompt("two <pot>s", words).unwrap_err().to_string();
+        assert!(e.ends_with("  two <pot>s\n           ^"), "{e}");
+        let e = parse_prompt("é<pot>", words).unwrap_err().to_string();
+        assert!(e.ends_with("  é<pot>\n   ^"), "{e}");
     }
 
     #[test]
