@@ -236,7 +236,19 @@ fn a_non_finite_loss_stops_with_the_last_good_deltas() {
     for d in c.deltas.values() {
         assert!(max_abs(d).is_finite());
     }
-    assert!(t.steps_done() >= 1);
+    // The optimizer is rolled back with the Δs: one AdamW update per step kept, and with every
+    // update undone (the first step's Δ = 0) its moments are zero again.
+    let dir = tempfile::tempdir().unwrap();
+    let ck = t.save_checkpoint(dir.path()).unwrap();
+    let optim = ck.with_extension("optim.safetensors");
+    let bytes = std::fs::read(&optim).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = header.metadata().clone().unwrap();
+    assert_eq!(meta["adam_step"], t.steps_done().to_string());
+    if t.steps_done() == 0 {
+        let moments = infusion_repl::sd::weights::load_safetensors(&optim, &Device::Cpu).unwrap();
+        assert!(moments.values().all(|m| max_abs(m) == 0.0));
+    }
 }
 
 #[test]

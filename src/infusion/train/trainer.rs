@@ -126,6 +126,63 @@ pub struct TrainReport {
     pub checkpoints: Vec<PathBuf>,
 }
 
+/// Dynamic loss scaling for f16 models, as PyTorch's `GradScaler`: at SD's scale the gradients
+/// of the loss through f16 activations underflow, so the loss is multiplied by `scale` before
+/// the backward pass and the gradients divided after. A step whose gradients overflow is skipped
+/// and the scale halved; after [`LossScale::GROWTH_INTERVAL`] good steps it doubles.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScale {
+    pub scale: f64,
+    /// Good steps since the scale last changed.
+    pub good: usize,
+}
+
+impl LossScale {
+    pub const INITIAL: f64 = 65536.0;
+    pub const GROWTH_INTERVAL: usize = 2000;
+
+    pub fn new() -> Self {
+        Self {
+            scale: Self::INITIAL,
+            good: 0,
+        }
+    }
+
+    /// Updates the scale after a step; returns whether the step's update is to be applied.
+    pub fn after_step(&mut self, grads_finite: bool) -> Result<bool> {
+        if !grads_finite {
+            if self.scale <= 1.0 {
+                return Err(Error::arg(
+                    "dtype",
+                    "the gradients overflow f16 even without loss scaling: train the model in \
+                     f32 (or bf16 on CUDA)",
+                ));
+            }
+            self.scale /= 2.0;
+            self.good = 0;
+            return Ok(false);
+        }
+        self.good += 1;
+        if self.good == Self::GROWTH_INTERVAL {
+            self.scale *= 2.0;
+            self.good = 0;
+        }
+        Ok(true)
+    }
+}
+
+impl Default for LossScale {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a step can be undone to: the Δs and the optimizer state before it.
+struct Snapshot {
+    deltas: BTreeMap<String, Tensor>,
+    adam: AdamState,
+}
+
 /// A concept being trained on one model.
 pub struct Trainer<'a> {
     sd: &'a StableDiffusion,
@@ -137,8 +194,10 @@ pub struct Trainer<'a> {
     vars: BTreeMap<String, Var>,
     adam: AdamW,
     step: usize,
-    /// The Δs before the last update (to roll back to when the loss turns non-finite).
-    previous: Option<BTreeMap<String, Tensor>>,
+    /// The state before the last update (to roll back to when the loss turns non-finite).
+    previous: Option<Snapshot>,
+    /// Loss scaling, for f16 models.
+    scaler: Option<LossScale>,
 }
 
 /// The random stream of training step `step` (`eval`: the evaluation set's).
@@ -188,6 +247,7 @@ impl<'a> Trainer<'a> {
             adam,
             step: 0,
             previous: None,
+            scaler: (sd.dtype() == DType::F16).then(LossScale::new),
         })
     }
 
@@ -249,8 +309,26 @@ impl<'a> Trainer<'a> {
             .collect()
     }
 
+    /// The loss scale of f16 training (`None` in other dtypes).
+    pub fn loss_scale(&self) -> Option<LossScale> {
+        self.scaler
+    }
+
+    fn snapshot(&self) -> Result<Snapshot> {
+        Ok(Snapshot {
+            deltas: self
+                .vars
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+                .collect::<Result<_>>()?,
+            adam: self.adam.state().clone(),
+        })
+    }
+
     /// One optimization step; returns its loss. A non-finite loss is an error that rolls the
-    /// Δs back to those of the last finite loss (one update back, when there was one).
+    /// Δs and the optimizer state back to those of the last finite loss (one update back, when
+    /// there was one). In f16 the loss is scaled (see [`LossScale`]); a step whose scaled
+    /// gradients overflow changes nothing but the scale.
     pub fn step(&mut self) -> Result<f32> {
         let mut rng = step_rng(self.opts.seed, self.step, false);
         let batch = self.data.draw(self.sd, &mut rng, self.opts.batch)?;
@@ -260,8 +338,9 @@ impl<'a> Trainer<'a> {
             let failed = self.step + 1;
             if let Some(prev) = self.previous.take() {
                 for (k, v) in &self.vars {
-                    v.set(&prev[k])?;
+                    v.set(&prev.deltas[k])?;
                 }
+                self.adam.set_state(prev.adam);
                 self.step -= 1;
             }
             return Err(Error::arg(
@@ -273,25 +352,32 @@ impl<'a> Trainer<'a> {
                 ),
             ));
         }
-        let grads = loss.backward()?;
+        let scale = self.scaler.map_or(1.0, |s| s.scale);
+        let grads = if scale == 1.0 {
+            loss.backward()?
+        } else {
+            (loss * scale)?.backward()?
+        };
         let g = self
             .vars
             .iter()
             .map(|(k, v)| {
-                let g = grads
-                    .get(v.as_tensor())
-                    .cloned()
-                    .unwrap_or(v.as_tensor().zeros_like()?);
+                let g = match grads.get(v.as_tensor()) {
+                    Some(g) if scale == 1.0 => g.clone(),
+                    Some(g) => (g / scale)?,
+                    None => v.as_tensor().zeros_like()?,
+                };
                 Ok((k.clone(), g))
             })
             .collect::<Result<BTreeMap<_, _>>>()?;
-        self.previous = Some(
-            self.vars
-                .iter()
-                .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
-                .collect::<Result<_>>()?,
-        );
-        self.adam.update(&self.vars, &g)?;
+        self.previous = Some(self.snapshot()?);
+        let apply = match &mut self.scaler {
+            Some(s) => s.after_step(all_finite(&g)?)?,
+            None => true,
+        };
+        if apply {
+            self.adam.update(&self.vars, &g)?;
+        }
         self.step += 1;
         Ok(value)
     }
@@ -321,6 +407,13 @@ impl<'a> Trainer<'a> {
     /// Runs the remaining steps with a progress bar showing the loss. Ctrl-C (the job's cancel)
     /// stops after the current step, keeping the Δs reached; checkpoints are written as asked.
     pub fn run(&mut self, job: &Job) -> Result<TrainReport> {
+        if let Some(s) = self.scaler {
+            job.note(format!(
+                "training an f16 model: the loss is scaled (dynamic loss scaling, now {}) so \
+                 its gradients do not underflow f16",
+                s.scale
+            ));
+        }
         let total = self.opts.steps;
         let bar = job.bar(total.saturating_sub(self.step), "train");
         let mut report = TrainReport {
@@ -365,7 +458,7 @@ impl<'a> Trainer<'a> {
         for (k, v) in &state.v {
             tensors.push((format!("v/{k}"), v.to_device(&Device::Cpu)?));
         }
-        let meta = HashMap::from([
+        let mut meta = HashMap::from([
             ("format".to_string(), "infusion-optimizer/1".to_string()),
             ("step".to_string(), self.step.to_string()),
             ("adam_step".to_string(), state.step.to_string()),
@@ -374,6 +467,9 @@ impl<'a> Trainer<'a> {
                 serde_json::to_string(&self.opts).map_err(|e| Error::arg("options", e))?,
             ),
         ]);
+        if let Some(s) = self.scaler {
+            meta.insert("loss_scale".to_string(), format!("{} {}", s.scale, s.good));
+        }
         let bytes = safetensors::serialize(tensors, Some(meta))
             .map_err(|e| Error::arg("checkpoint", e.to_string()))?;
         let opt_path = optimizer_path(&path);
@@ -437,10 +533,53 @@ impl<'a> Trainer<'a> {
         }
         t.adam.set_state(state);
         t.step = step;
+        if let (Some(scaler), Some(text)) = (&mut t.scaler, meta.get("loss_scale")) {
+            let mut parts = text.split(' ');
+            let (Some(scale), Some(good)) = (
+                parts.next().and_then(|v| v.parse().ok()),
+                parts.next().and_then(|v| v.parse().ok()),
+            ) else {
+                return Err(bad(format!("bad `loss_scale`: {text:?}")));
+            };
+            *scaler = LossScale { scale, good };
+        }
         Ok(t)
     }
 }
 
+fn all_finite(grads: &BTreeMap<String, Tensor>) -> Result<bool> {
+    for g in grads.values() {
+        let s = g.abs()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !s.is_finite() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 fn optimizer_path(checkpoint: &Path) -> PathBuf {
     checkpoint.with_extension("optim.safetensors")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GradScaler's rule: an overflow skips the step and halves the scale, a run of good steps
+    /// doubles it, and an overflow at scale 1 is an error.
+    #[test]
+    fn the_loss_scale_backs_off_grows_and_gives_up_at_one() {
+        let mut s = LossScale::new();
+        assert!(!s.after_step(false).unwrap());
+        assert_eq!(s, LossScale { scale: 32768.0, good: 0 });
+        for _ in 0..LossScale::GROWTH_INTERVAL - 1 {
+            assert!(s.after_step(true).unwrap());
+        }
+        assert_eq!(s.scale, 32768.0);
+        assert!(s.after_step(true).unwrap());
+        assert_eq!(s, LossScale { scale: 65536.0, good: 0 });
+        let mut s = LossScale { scale: 1.0, good: 7 };
+        let e = s.after_step(false).unwrap_err().to_string();
+        assert!(e.contains("f32"), "{e}");
+    }
 }
