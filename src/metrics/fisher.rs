@@ -1,6 +1,7 @@
-//! Latent Fisher divergence (the paper's concept-agnostic overfitting measure): the mean over
-//! prompts, clean latents, uniform timesteps and noise of ||eps_a(z_t, t, c) - eps_b(z_t, t, c)||²
-//! between two variants of a model.
+//! Latent Fisher divergence (the paper's concept-agnostic overfitting measure, its Definition
+//! 3.1): half the mean over prompts, clean latents, uniform timesteps and noise of
+//! ||eps_a(z_t, t, c) - eps_b(z_t, t, c)||² between two variants of a model,
+//! `D = 1/2 E ||eps_a - eps_b||²`.
 //!
 //! A variant is the base model, the base model with concepts applied to its prompts (Infusion:
 //! F's maps, Δ on the concept words' values), or the base model with other UNet weights (to
@@ -71,7 +72,8 @@ pub struct FisherSample {
     pub z_t: Tensor,
 }
 
-/// The divergence: mean, its standard error, the per-sample values.
+/// The divergence: mean, its standard error, the per-sample values (each `1/2 ||eps_a -
+/// eps_b||²`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Fisher {
     pub mean: f64,
@@ -229,7 +231,8 @@ pub fn fisher_divergence(
             .sum(1)?
             .to_device(&Device::Cpu)?
             .to_vec1()?;
-        values.extend(per_row.into_iter().map(f64::from));
+        // Definition 3.1's factor 1/2.
+        values.extend(per_row.into_iter().map(|v| 0.5 * f64::from(v)));
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();

@@ -163,7 +163,7 @@ pub const FUNCTIONS: &[FnDoc] = &[
     FnDoc {
         name: "fisher_divergence",
         signatures: &["fisher_divergence(model, other, prompts) -> #{mean, std_err, samples}", "fisher_divergence(model, other, prompts, #{samples, seed, batch, images, gen_steps}) -> map"],
-        doc: "Latent Fisher divergence (concept-agnostic overfitting): the mean over prompts, latents, uniform timesteps and noise of ||eps_a - eps_b||^2 between the model and a variant: other is a concept or an array of concepts (applied to the prompts' <name> marks), another model (its UNet), or a UNet weight file. Latents come from the images folder when given, else from the model's own generations (gen_steps). Deterministic for a seed. Prompts without marks give exactly 0 for concepts.",
+        doc: "Latent Fisher divergence (concept-agnostic overfitting, the paper's Definition 3.1): 1/2 times the mean over prompts, latents, uniform timesteps and noise of ||eps_a - eps_b||^2 between the model and a variant: other is a concept or an array of concepts (applied to the prompts' <name> marks), another model (its UNet), or a UNet weight file. Latents come from the images folder when given, else from the model's own generations (gen_steps). Deterministic for a seed. Prompts without marks give exactly 0 for concepts.",
         example: "let f = fisher_divergence(m, [cat], [\"a photo of a dog\", \"a <mycat> on a sofa\"], #{samples: 64}); print(f.mean);",
     },
     FnDoc {
