@@ -64,6 +64,36 @@ fn scores_and_distances_from_scripts() {
     assert_eq!(f("f0"), 0.0, "a model against itself");
 }
 
+/// The stdlib ships DreamBooth's two evaluation lists whole (25 object prompts with the 5
+/// property prompts, 25 live-subject prompts) and the training templates train_concept uses.
+#[test]
+fn the_stdlib_prompt_lists_are_dreamboths() {
+    let v = eval(
+        r#"
+        import "prompts" as p;
+        let all = p::OBJECT_PROMPTS + p::LIVE_PROMPTS;
+        let each_has_one_slot = all.all(|x| x.split("{}").len() == 2);
+        [p::OBJECT_PROMPTS.len(), p::LIVE_PROMPTS.len(), each_has_one_slot,
+         p::OBJECT_PROMPTS[24], p::LIVE_PROMPTS[13], p::TEMPLATES.len(), p::TEMPLATES[0],
+         p::fill(p::OBJECT_PROMPTS[20], "<pot>")]
+        "#,
+    );
+    let v: Vec<String> = v.cast::<rhai::Array>().iter().map(|x| x.to_string()).collect();
+    assert_eq!(
+        v,
+        [
+            "25",
+            "25",
+            "true",
+            "a cube shaped {}",
+            "a {} wearing a black top hat and a monocle",
+            "10",
+            "a photo of a {}",
+            "a red <pot>",
+        ]
+    );
+}
+
 /// Errors of a bound function name its options as the script spells them, never as the
 /// command line does.
 #[test]

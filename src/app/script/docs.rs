@@ -59,6 +59,12 @@ pub const FUNCTIONS: &[FnDoc] = &[
         example: "let cat = m.train_concept(\"photos/mycat\", \"mycat\", \"cat\", #{steps: 400}); cat.save(\"mycat.safetensors\");",
     },
     FnDoc {
+        name: "default_templates",
+        signatures: &["default_templates() -> array of string"],
+        doc: "The prompt templates train_concept uses when none are given ({} stands for the class word), after textual inversion's list. The stdlib's prompts::TEMPLATES.",
+        example: "let t = default_templates(); print(t[0]);",
+    },
+    FnDoc {
         name: "load_concept",
         signatures: &["load_concept(path) -> Concept", "load_concept(path, #{force: true}) -> Concept"],
         doc: "Loads a concept file (infusion-concept/1) into the session. A concept trained on another model is refused unless force is true.",

@@ -12,7 +12,7 @@ use super::{json_to_dynamic, volatile};
 use crate::infusion::concept::Concept;
 use crate::actions::{self, TrainEnd, TrainRequest};
 use crate::app::script::{err, rt, Opts, RhaiResult, Session};
-use crate::infusion::train::TrainOptions;
+use crate::infusion::train::{TrainOptions, DEFAULT_TEMPLATES};
 
 /// A concept value (cheap to clone).
 #[derive(Debug, Clone)]
@@ -172,6 +172,9 @@ pub fn register(engine: &mut Engine, session: &Arc<Session>) {
             train(&s, m, folder, name, word, &o)
         }
     );
+    engine.register_fn("default_templates", || -> Array {
+        DEFAULT_TEMPLATES.iter().map(|t| Dynamic::from(t.to_string())).collect()
+    });
     let s = session.clone();
     volatile!(engine, "load_concept", move |path: &str| load(
         &s,
