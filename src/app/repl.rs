@@ -24,7 +24,7 @@ use crate::app::script::api::concepts::ConceptVal;
 use crate::app::script::api::images::{show, Img};
 use crate::app::script::api::model::{Gen, Model};
 use crate::app::script::api::tensors::TensorVal;
-use crate::app::script::{build_engine, describe, docs, Session};
+use crate::app::script::{build_engine, caret, describe, docs, Session};
 
 const KEYWORDS: &[&str] = &[
     "let", "const", "fn", "if", "else", "for", "in", "while", "loop", "break", "continue",
@@ -208,12 +208,8 @@ fn history_path() -> Option<PathBuf> {
 /// The error under the input line that caused it: the line, a caret, the message.
 fn print_error(input: &str, err: &EvalAltResult) {
     let (msg, pos) = describe(err);
-    match pos.line() {
-        Some(line) => {
-            let text = input.lines().nth(line - 1).unwrap_or("");
-            let col = pos.position().unwrap_or(1);
-            eprintln!("  {text}\n  {}^ {msg}", " ".repeat(col.saturating_sub(1)));
-        }
+    match caret(input, pos) {
+        Some((_, _, lines)) => eprintln!("{lines} {msg}"),
         None => eprintln!("error: {msg}"),
     }
 }

@@ -7,11 +7,11 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::clip::{cosine_matrix, Clip};
+use super::clip::Clip;
 use super::dino::Dino;
+use super::scores::Scorer;
 use crate::error::{Error, Result};
 use crate::util::fs::write_atomic;
 use crate::util::image_io::{save_png, tensor_to_rgb};
@@ -153,17 +153,7 @@ pub fn markdown(summary: &[EvalSummary]) -> String {
     s
 }
 
-/// Runs (or resumes) an evaluation. `on_row` sees every new row; an error from it stops the
-/// run (what is done is kept).
-pub fn evaluate(
-    sd: &StableDiffusion,
-    clip: &Clip,
-    dino: &Dino,
-    concepts: &[EvalConcept],
-    opts: &EvalOptions,
-    job: &Job,
-    on_row: &mut dyn FnMut(&EvalRow) -> Result<()>,
-) -> Result<EvalReport> {
+fn check_options(opts: &EvalOptions) -> Result<()> {
     if opts.prompts.is_empty() || opts.images_per_prompt == 0 {
         return Err(Error::arg(
             "prompts",
@@ -176,6 +166,68 @@ pub fn evaluate(
             format!("{p:?} has no `{{}}` for the concept"),
         ));
     }
+    Ok(())
+}
+
+/// One concept of an evaluation: its set, its name, its scorer.
+struct Subject<'a> {
+    set: ConceptSet,
+    name: String,
+    scorer: Scorer<'a>,
+}
+
+impl Subject<'_> {
+    /// Generates image `sample` of prompt `p`, saves it under `dir` and scores it.
+    fn row(
+        &self,
+        sd: &StableDiffusion,
+        opts: &EvalOptions,
+        (p, sample): (usize, usize),
+        job: &Job,
+    ) -> Result<EvalRow> {
+        let name = &self.name;
+        let prompt = opts.prompts[p].replace("{}", &format!("<{name}>"));
+        let seed = opts.seed + sample as u64;
+        let io = InfusionOptions {
+            generate: GenerateOptions {
+                seed,
+                steps: opts.steps,
+                guidance: opts.guidance,
+                ..Default::default()
+            },
+            replace_steps: 1.0,
+        };
+        let g = generate_infusion(sd, &self.set, &prompt, &io, None, job)?;
+        let img = tensor_to_rgb(&g.custom_image)?;
+        let rel = format!("images/{name}/p{p:03}-s{sample:03}.png");
+        save_png(&img, &opts.out_dir.join(&rel), &g.png_text())?;
+        let scores = self.scorer.score(&img, &g.parsed.base)?;
+        Ok(EvalRow {
+            concept: name.clone(),
+            prompt_index: p,
+            sample,
+            seed,
+            prompt,
+            image: rel,
+            clip_t: scores.clip_t,
+            clip_i: scores.clip_i,
+            dino_i: scores.dino_i,
+        })
+    }
+}
+
+/// Runs (or resumes) an evaluation. `on_row` sees every new row; an error from it stops the
+/// run (what is done is kept).
+pub fn evaluate(
+    sd: &StableDiffusion,
+    clip: &Clip,
+    dino: &Dino,
+    concepts: &[EvalConcept],
+    opts: &EvalOptions,
+    job: &Job,
+    on_row: &mut dyn FnMut(&EvalRow) -> Result<()>,
+) -> Result<EvalReport> {
+    check_options(opts)?;
     let dir = &opts.out_dir;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let csv_path = dir.join("scores.csv");
@@ -205,45 +257,16 @@ pub fn evaluate(
         if todo.is_empty() {
             continue;
         }
-        let refs: Vec<_> = load_folder_images(&ec.images)?;
-        let ref_clip = clip.image_embeds(&refs)?;
-        let ref_dino = dino.embeds(&refs)?;
         let img_dir = dir.join("images").join(&name);
         std::fs::create_dir_all(&img_dir).map_err(|e| Error::io(&img_dir, e))?;
-        for (p, s) in todo {
+        let subject = Subject {
+            set,
+            name,
+            scorer: Scorer::new(clip, dino, &load_folder_images(&ec.images)?)?,
+        };
+        for at in todo {
             job.check()?;
-            let prompt = opts.prompts[p].replace("{}", &format!("<{name}>"));
-            let seed = opts.seed + s as u64;
-            let io = InfusionOptions {
-                generate: GenerateOptions {
-                    seed,
-                    steps: opts.steps,
-                    guidance: opts.guidance,
-                    ..Default::default()
-                },
-                replace_steps: 1.0,
-            };
-            let g = generate_infusion(sd, &set, &prompt, &io, None, job)?;
-            let img = tensor_to_rgb(&g.custom_image)?;
-            let rel = format!("images/{name}/p{p:03}-s{s:03}.png");
-            save_png(&img, &dir.join(&rel), &g.png_text())?;
-            let images = std::slice::from_ref(&img);
-            let mean = |t: Tensor| -> Result<f64> { Ok(t.mean_all()?.to_scalar::<f32>()? as f64) };
-            let embeds = clip.image_embeds(images)?;
-            let row = EvalRow {
-                concept: name.clone(),
-                prompt_index: p,
-                sample: s,
-                seed,
-                prompt: prompt.clone(),
-                image: rel,
-                clip_t: mean(cosine_matrix(
-                    &embeds,
-                    &clip.text_embeds(&[&g.parsed.base])?,
-                )?)?,
-                clip_i: mean(cosine_matrix(&embeds, &ref_clip)?)?,
-                dino_i: mean(cosine_matrix(&dino.embeds(images)?, &ref_dino)?)?,
-            };
+            let row = subject.row(sd, opts, at, job)?;
             rows.push(row.clone());
             rows.sort_by(|a, b| {
                 (&a.concept, a.prompt_index, a.sample).cmp(&(&b.concept, b.prompt_index, b.sample))

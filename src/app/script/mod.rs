@@ -148,19 +148,22 @@ pub fn describe(err: &EvalAltResult) -> (String, Position) {
     (msg, pos)
 }
 
+/// The source line of `pos` and, under it, a caret at its column (`"  TEXT\n  ^"`), with
+/// the line and column; `None` when the position is unknown.
+pub fn caret(source: &str, pos: Position) -> Option<(usize, usize, String)> {
+    let line = pos.line()?;
+    let col = pos.position().unwrap_or(1);
+    let text = source.lines().nth(line - 1).unwrap_or("");
+    let lines = format!("  {text}\n  {}^", " ".repeat(col.saturating_sub(1)));
+    Some((line, col, lines))
+}
+
 /// `NAME:LINE:COL: message`, then the source line and a caret under the column.
 pub fn format_error(name: &str, source: &str, err: &EvalAltResult) -> String {
     let (msg, pos) = describe(err);
-    match (pos.line(), pos.position()) {
-        (Some(line), col) => {
-            let col = col.unwrap_or(1);
-            let text = source.lines().nth(line - 1).unwrap_or("");
-            format!(
-                "{name}:{line}:{col}: {msg}\n  {text}\n  {}^",
-                " ".repeat(col.saturating_sub(1))
-            )
-        }
-        _ => format!("{name}: {msg}"),
+    match caret(source, pos) {
+        Some((line, col, lines)) => format!("{name}:{line}:{col}: {msg}\n{lines}"),
+        None => format!("{name}: {msg}"),
     }
 }
 
