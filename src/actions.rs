@@ -28,7 +28,12 @@ pub struct LoadedModel {
 /// Loads `model` (a diffusers folder or a repo id in the Hugging Face cache) on `device`
 /// (`cpu`, `cuda`, `cuda:N`) in `dtype` (`f32`, `f16`, `bf16`); without a model, the bundled
 /// tiny one with random weights, and a note that says so.
-pub fn load_model(model: Option<&str>, device: &str, dtype: &str, job: &Job) -> Result<LoadedModel> {
+pub fn load_model(
+    model: Option<&str>,
+    device: &str,
+    dtype: &str,
+    job: &Job,
+) -> Result<LoadedModel> {
     let opts = LoadOptions {
         device: parse_device(device)?,
         dtype: parse_dtype(dtype)?,
@@ -182,8 +187,14 @@ mod tests {
     #[test]
     fn checkpoints_go_beside_the_output_or_where_asked() {
         let at = |out, dir| request(out, dir).checkpoint_dir();
-        assert_eq!(at(Some("out/pot.safetensors"), None), Path::new("out/pot-checkpoints"));
-        assert_eq!(at(Some("pot.safetensors"), None), Path::new("pot-checkpoints"));
+        assert_eq!(
+            at(Some("out/pot.safetensors"), None),
+            Path::new("out/pot-checkpoints")
+        );
+        assert_eq!(
+            at(Some("pot.safetensors"), None),
+            Path::new("pot-checkpoints")
+        );
         assert_eq!(at(None, None), Path::new("pot-checkpoints"));
         assert_eq!(at(Some("out/pot.safetensors"), Some("ck")), Path::new("ck"));
     }

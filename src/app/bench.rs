@@ -7,16 +7,16 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::sd::attention::naive_attention;
-use crate::infusion::concept::Concept;
 use crate::error::Result;
-use crate::sd::fused::{self, group_norm::GroupNorm, Kernels};
+use crate::infusion::concept::Concept;
 use crate::infusion::concept::ConceptSet;
 use crate::infusion::generate::{generate_infusion, InfusionOptions};
+use crate::infusion::train::{TrainOptions, Trainer};
 use crate::job::Job;
+use crate::sd::attention::naive_attention;
+use crate::sd::fused::{self, group_norm::GroupNorm, Kernels};
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
 use crate::util::noise::seeded_noise;
-use crate::infusion::train::{TrainOptions, Trainer};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -143,6 +143,165 @@ fn row(
     }
 }
 
+const PROMPT: &str = "a photo of a cat sitting by a teapot";
+
+/// One benchmark run on one model: the rows measured so far.
+struct Bench<'a> {
+    sd: &'a StableDiffusion,
+    opts: &'a BenchOptions,
+    job: &'a Job,
+    dev: Device,
+    /// The latent grid of the model's native size.
+    hw: (usize, usize),
+    rows: Vec<BenchRow>,
+}
+
+impl Bench<'_> {
+    /// Seeded inputs on the model's device, in its dtype.
+    fn noise(&self, seed: u64, dims: &[usize]) -> Result<Tensor> {
+        Ok(seeded_noise(seed, dims)?
+            .to_device(&self.dev)?
+            .to_dtype(self.sd.dtype())?)
+    }
+
+    /// Times `f` and adds the row; returns its seconds (a baseline for later rows).
+    fn measure<T>(
+        &mut self,
+        name: &str,
+        baseline: Option<(&str, f64)>,
+        f: impl FnMut() -> Result<T>,
+    ) -> Result<f64> {
+        let t = time(&self.dev, self.opts.repeats, f)?;
+        self.rows.push(row(name, t, self.opts.repeats, baseline));
+        Ok(t.0)
+    }
+
+    /// One UNet call at batch 2 (classifier-free guidance) and 4; returns batch 4's seconds.
+    fn unet(&mut self) -> Result<f64> {
+        let sd = self.sd;
+        let (h, w) = self.hw;
+        let c = sd.unet.config().in_channels;
+        let (tokens, neg) = (sd.tokenize(PROMPT)?, sd.tokenize("")?);
+        let states = sd.text_states(&[&neg, &tokens])?;
+        let t = Tensor::new(500f32, &self.dev)?;
+        let at = |bench: &mut Self, b: usize, name: &str, base: Option<(&str, f64)>| {
+            let x = bench.noise(1, &[b, c, h, w])?;
+            let ctx = Tensor::cat(&vec![&states; b / 2], 0)?;
+            bench.measure(name, base, || Ok(sd.unet.forward(&x, &t, &ctx, None)?))
+        };
+        let b2 = at(self, 2, "unet forward, batch 2", None)?;
+        at(self, 4, "unet forward, batch 4", Some(("unet batch 2", b2)))
+    }
+
+    /// Text-to-image, and the Infusion pair (base + custom) against it.
+    fn generation(&mut self) -> Result<()> {
+        let (sd, job) = (self.sd, self.job);
+        let gen_opts = GenerateOptions {
+            steps: self.opts.steps,
+            ..Default::default()
+        };
+        let txt2img = self.measure("text-to-image, per image", None, || {
+            sd.generate(PROMPT, &gen_opts, job)
+        })?;
+        let mut concept = Concept::zeros("thing", "cat", sd.unet.attention_layers(), None)?;
+        for (i, d) in concept.deltas.values_mut().enumerate() {
+            *d = (seeded_noise(i as u64, d.dims())? * 0.1)?;
+        }
+        let mut concepts = ConceptSet::new();
+        concepts.insert(concept, false);
+        let iopts = InfusionOptions {
+            generate: gen_opts.clone(),
+            replace_steps: 1.0,
+        };
+        let prompt = "a photo of a <thing> sitting by a teapot";
+        self.measure(
+            "infusion pair (base+custom)",
+            Some(("text-to-image", txt2img)),
+            || generate_infusion(sd, &concepts, prompt, &iopts, None, job),
+        )?;
+        Ok(())
+    }
+
+    /// One training step at batch 4, against a UNet call at batch 4.
+    fn training(&mut self, unet4: f64) -> Result<()> {
+        let size = self.sd.default_size() as u32;
+        let images: Vec<image::RgbImage> = (0..3u8)
+            .map(|i| {
+                image::RgbImage::from_fn(size, size, |x, y| image::Rgb([x as u8, y as u8, i * 60]))
+            })
+            .collect();
+        let opts = TrainOptions {
+            steps: usize::MAX,
+            ..Default::default()
+        };
+        let mut trainer = Trainer::new(self.sd, "thing", "cat", &images, opts)?;
+        self.measure(
+            "training step, batch 4",
+            Some(("unet batch 4", unet4)),
+            || trainer.step(),
+        )?;
+        Ok(())
+    }
+
+    /// The first self-attention (the full latent resolution: 4096 tokens for SD1.5) alone, both
+    /// implementations, batch 2: what the fused kernel changes, without the rest of the UNet.
+    fn attention(&mut self) -> Result<()> {
+        let Some(layer) = self
+            .sd
+            .unet
+            .attention_layers()
+            .first()
+            .map(|l| (*l).clone())
+        else {
+            return Ok(());
+        };
+        let (heads, d) = (layer.heads, layer.head_dim);
+        let n = self.hw.0 * self.hw.1;
+        let qkv = (0..3)
+            .map(|i| self.noise(10 + i, &[2, heads, n, d]))
+            .collect::<Result<Vec<_>>>()?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let name = format!("self-attention {n}x{d}, batch 2");
+        let naive = self.measure(&format!("{name}, naive"), None, || {
+            Ok(naive_attention(&qkv[0], &qkv[1], &qkv[2], scale)?)
+        })?;
+        if fused::attention::supports(&qkv[0], &qkv[1], &qkv[2]) {
+            self.measure(&format!("{name}, fused"), Some(("naive", naive)), || {
+                Ok(fused::attention::fused_attention(
+                    &qkv[0], &qkv[1], &qkv[2], scale,
+                )?)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The first ResNet's group norm + SiLU (full resolution, first block's width), both ways.
+    fn group_norm(&mut self) -> Result<()> {
+        let cfg = self.sd.unet.config().clone();
+        let Some(&ch) = cfg.block_out_channels.first() else {
+            return Ok(());
+        };
+        let (h, w) = self.hw;
+        let x = self.noise(20, &[2, ch, h, w])?;
+        let gn = GroupNorm::new(
+            self.noise(21, &[ch])?,
+            self.noise(22, &[ch])?,
+            cfg.norm_num_groups,
+            cfg.norm_eps,
+        )?;
+        let name = format!("group norm + SiLU 2x{ch}x{h}x{w}");
+        let naive = self.measure(&format!("{name}, naive"), None, || {
+            Ok(fused::with_kernels(Kernels::Naive, || {
+                gn.forward(&x, true)
+            })?)
+        })?;
+        self.measure(&format!("{name}, fused"), Some(("naive", naive)), || {
+            Ok(gn.fused(&x, true)?)
+        })?;
+        Ok(())
+    }
+}
+
 /// Runs every measurement on `sd`.
 pub fn run(
     sd: &StableDiffusion,
@@ -150,157 +309,23 @@ pub fn run(
     opts: &BenchOptions,
     job: &Job,
 ) -> Result<BenchReport> {
-    let dev = sd.device().clone();
     let size = sd.default_size();
-    let (h, w) = sd.latent_size(size, size)?;
-    let c = sd.unet.config().in_channels;
-    let prompt = "a photo of a cat sitting by a teapot";
-    let tokens = sd.tokenize(prompt)?;
-    let neg = sd.tokenize("")?;
-    let states = sd.text_states(&[&neg, &tokens])?;
-    let mut rows = vec![];
-    // Seeded inputs on the model's device, in its dtype.
-    let noise = |seed: u64, dims: &[usize]| -> Result<Tensor> {
-        Ok(seeded_noise(seed, dims)?
-            .to_device(&dev)?
-            .to_dtype(sd.dtype())?)
-    };
-
-    let unet = |b: usize| -> Result<(f64, Option<u64>)> {
-        let x = noise(1, &[b, c, h, w])?;
-        let ctx = Tensor::cat(&vec![&states; b / 2], 0)?;
-        let t = Tensor::new(500f32, &dev)?;
-        time(&dev, opts.repeats, || {
-            Ok(sd.unet.forward(&x, &t, &ctx, None)?)
-        })
-    };
-    let unet2 = unet(2)?;
-    let unet4 = unet(4)?;
-    rows.push(row("unet forward, batch 2", unet2, opts.repeats, None));
-    rows.push(row(
-        "unet forward, batch 4",
-        unet4,
-        opts.repeats,
-        Some(("unet batch 2", unet2.0)),
-    ));
-
-    let gen_opts = GenerateOptions {
-        steps: opts.steps,
-        ..Default::default()
-    };
-    let txt2img = time(&dev, opts.repeats, || sd.generate(prompt, &gen_opts, job))?;
-    rows.push(row("text-to-image, per image", txt2img, opts.repeats, None));
-
-    let mut concept = Concept::zeros("thing", "cat", sd.unet.attention_layers(), None)?;
-    for (i, d) in concept.deltas.values_mut().enumerate() {
-        *d = (seeded_noise(i as u64, d.dims())? * 0.1)?;
-    }
-    let mut concepts = ConceptSet::new();
-    concepts.insert(concept, false);
-    let iopts = InfusionOptions {
-        generate: gen_opts.clone(),
-        replace_steps: 1.0,
-    };
-    let pair = time(&dev, opts.repeats, || {
-        generate_infusion(
-            sd,
-            &concepts,
-            "a photo of a <thing> sitting by a teapot",
-            &iopts,
-            None,
-            job,
-        )
-    })?;
-    rows.push(row(
-        "infusion pair (base+custom)",
-        pair,
-        opts.repeats,
-        Some(("text-to-image", txt2img.0)),
-    ));
-
-    let images: Vec<image::RgbImage> = (0..3u8)
-        .map(|i| {
-            image::RgbImage::from_fn(size as u32, size as u32, |x, y| {
-                image::Rgb([x as u8, y as u8, i * 60])
-            })
-        })
-        .collect();
-    let mut trainer = Trainer::new(
+    let mut bench = Bench {
         sd,
-        "thing",
-        "cat",
-        &images,
-        TrainOptions {
-            steps: usize::MAX,
-            ..Default::default()
-        },
-    )?;
-    let step = time(&dev, opts.repeats, || trainer.step())?;
-    rows.push(row(
-        "training step, batch 4",
-        step,
-        opts.repeats,
-        Some(("unet batch 4", unet4.0)),
-    ));
-
-    // The first self-attention (the full latent resolution: 4096 tokens for SD1.5) alone, both
-    // implementations, batch 2: what the fused kernel changes, without the rest of the UNet.
-    if let Some(layer) = sd.unet.attention_layers().first() {
-        let (heads, d) = (layer.heads, layer.head_dim);
-        let n = h * w;
-        let qkv = (0..3)
-            .map(|i| noise(10 + i, &[2, heads, n, d]))
-            .collect::<Result<Vec<_>>>()?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let name = format!("self-attention {n}x{d}, batch 2");
-        let naive = time(&dev, opts.repeats, || {
-            Ok(naive_attention(&qkv[0], &qkv[1], &qkv[2], scale)?)
-        })?;
-        rows.push(row(&format!("{name}, naive"), naive, opts.repeats, None));
-        if fused::attention::supports(&qkv[0], &qkv[1], &qkv[2]) {
-            let fused = time(&dev, opts.repeats, || {
-                Ok(fused::attention::fused_attention(
-                    &qkv[0], &qkv[1], &qkv[2], scale,
-                )?)
-            })?;
-            rows.push(row(
-                &format!("{name}, fused"),
-                fused,
-                opts.repeats,
-                Some(("naive", naive.0)),
-            ));
-        }
-    }
-
-    // The first ResNet's group norm + SiLU (full resolution, first block's width), both ways.
-    let cfg = sd.unet.config();
-    if let Some(&ch) = cfg.block_out_channels.first() {
-        let x = noise(20, &[2, ch, h, w])?;
-        let gn = GroupNorm::new(
-            noise(21, &[ch])?,
-            noise(22, &[ch])?,
-            cfg.norm_num_groups,
-            cfg.norm_eps,
-        )?;
-        let name = format!("group norm + SiLU 2x{ch}x{h}x{w}");
-        let naive = time(&dev, opts.repeats, || {
-            Ok(fused::with_kernels(Kernels::Naive, || {
-                gn.forward(&x, true)
-            })?)
-        })?;
-        rows.push(row(&format!("{name}, naive"), naive, opts.repeats, None));
-        let fused = time(&dev, opts.repeats, || Ok(gn.fused(&x, true)?))?;
-        rows.push(row(
-            &format!("{name}, fused"),
-            fused,
-            opts.repeats,
-            Some(("naive", naive.0)),
-        ));
-    }
-
+        opts,
+        job,
+        dev: sd.device().clone(),
+        hw: sd.latent_size(size, size)?,
+        rows: vec![],
+    };
+    let unet4 = bench.unet()?;
+    bench.generation()?;
+    bench.training(unet4)?;
+    bench.attention()?;
+    bench.group_norm()?;
     Ok(BenchReport {
         model: model.to_string(),
-        device: format!("{dev:?}"),
+        device: format!("{:?}", bench.dev),
         dtype: format!("{:?}", sd.dtype()).to_lowercase(),
         kernels: fused::kernels().to_string(),
         convolutions: if cfg!(feature = "cudnn") {
@@ -311,6 +336,6 @@ pub fn run(
         .into(),
         image_size: size,
         steps: opts.steps,
-        rows,
+        rows: bench.rows,
     })
 }

@@ -6,18 +6,20 @@ use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::infusion::maps::AttentionMaps;
-use crate::app::bench::BenchOptions;
 use crate::actions::{self, TrainEnd, TrainRequest};
+use crate::app::bench::BenchOptions;
+use crate::app::script::{ScriptConfig, Session};
 use crate::error::{Error, Result};
-use crate::sd::device::{parse_device, parse_dtype};
-use crate::sd::fused::{set_kernels, Kernels};
 use crate::infusion::concept::ConceptSet;
 use crate::infusion::generate::{generate_infusion, InfusionOptions};
-use crate::job::Job;
-use crate::sd::pipeline::{load_noise, GenerateOptions, LoadOptions, ModelConfigs, StableDiffusion};
-use crate::app::script::{ScriptConfig, Session};
+use crate::infusion::maps::AttentionMaps;
 use crate::infusion::train::TrainOptions;
+use crate::job::Job;
+use crate::sd::device::{parse_device, parse_dtype};
+use crate::sd::fused::{set_kernels, Kernels};
+use crate::sd::pipeline::{
+    load_noise, GenerateOptions, LoadOptions, ModelConfigs, StableDiffusion,
+};
 
 #[derive(Debug, Parser)]
 #[command(

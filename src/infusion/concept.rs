@@ -18,12 +18,12 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::prompt::{parse_prompt, ParsedPrompt};
-use crate::sd::attention::{AttnKind, LayerInfo};
-use crate::job::Job;
-use crate::sd::pipeline::StableDiffusion;
-use crate::error::{Error, Result};
-use crate::util::fs::write_atomic;
 use crate::error::root_cause;
+use crate::error::{Error, Result};
+use crate::job::Job;
+use crate::sd::attention::{AttnKind, LayerInfo};
+use crate::sd::pipeline::StableDiffusion;
+use crate::util::fs::write_atomic;
 
 /// The `format` metadata value this version writes and reads.
 pub const FORMAT: &str = "infusion-concept/1";

@@ -13,9 +13,9 @@ use candle_core::{DType, Device, Tensor};
 use image::{ImageBuffer, Luma, RgbImage};
 
 use super::Stream;
+use crate::error::{Error, Result};
 use crate::sd::attention::AttentionCall;
 use crate::sd::hook::{AttnSite, Guidance};
-use crate::error::{Error, Result};
 use crate::util::fs::write_atomic;
 
 #[derive(Debug)]

@@ -145,7 +145,6 @@ pub fn place_concepts(
         .collect()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,7 +177,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("stand apart"), "{e}");
-        assert!(e.ends_with("  a <mycat><pot> on a mat\n           ^"), "{e}");
+        assert!(
+            e.ends_with("  a <mycat><pot> on a mat\n           ^"),
+            "{e}"
+        );
         let e = parse_prompt("two <pot>s", words).unwrap_err().to_string();
         assert!(e.ends_with("  two <pot>s\n           ^"), "{e}");
         let e = parse_prompt("é<pot>", words).unwrap_err().to_string();

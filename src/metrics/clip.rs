@@ -13,8 +13,8 @@ use image::RgbImage;
 use serde::Deserialize;
 
 use super::preprocess::ImageProcessor;
-use crate::sd::config::{read_json, TextActivation, TextEncoderConfig};
 use crate::error::{Error, Result};
+use crate::sd::config::{read_json, TextActivation, TextEncoderConfig};
 use crate::sd::nn::{layer_norm, norm};
 use crate::sd::text_encoder::{ClipLayer, LayerDims, TextEncoder};
 use crate::sd::tokenizer::ClipTokenizer;

@@ -1,7 +1,7 @@
 //! Over-training curves (the paper's figures 10 and 11): train a concept and, at chosen steps,
 //! measure both overfitting metrics and the three scores; written as CSV and drawn as a chart.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use image::RgbImage;
@@ -14,13 +14,14 @@ use super::fisher::{fisher_divergence, FisherOptions, Variant};
 use super::scores::{clip_i, clip_t, dino_i};
 use super::w2::wasserstein;
 use crate::error::{Error, Result};
-use crate::util::fs::write_atomic;
-use crate::util::image_io::{grid_on, save_png, tensor_to_rgb};
+use crate::infusion::concept::Concept;
 use crate::infusion::concept::ConceptSet;
-use crate::infusion::generate::{generate_infusion, InfusionOptions};
+use crate::infusion::generate::{generate_infusion, InfusionGeneration, InfusionOptions};
+use crate::infusion::train::{TrainOptions, Trainer};
 use crate::job::Job;
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
-use crate::infusion::train::{TrainOptions, Trainer};
+use crate::util::fs::write_atomic;
+use crate::util::image_io::{grid_on, save_png, tensor_to_rgb};
 
 #[derive(Debug, Clone)]
 pub struct CurveOptions {
@@ -104,6 +105,104 @@ pub fn chart(points: &[CurvePoint]) -> Result<RgbImage> {
     grid_on(&panels, 3, image::Rgb([255, 255, 255]))
 }
 
+/// What a checkpoint is measured with.
+struct Measure<'a> {
+    sd: &'a StableDiffusion,
+    clip: &'a Clip,
+    dino: &'a Dino,
+    /// The training images (CLIP-I and DINO-I's references).
+    images: &'a [RgbImage],
+    opts: &'a CurveOptions,
+    job: &'a Job,
+}
+
+impl Measure<'_> {
+    fn generate(&self, set: &ConceptSet, prompt: &str, seed: u64) -> Result<InfusionGeneration> {
+        let io = InfusionOptions {
+            generate: GenerateOptions {
+                seed,
+                steps: self.opts.steps,
+                guidance: self.opts.guidance,
+                ..Default::default()
+            },
+            replace_steps: 1.0,
+        };
+        generate_infusion(self.sd, set, prompt, &io, None, self.job)
+    }
+
+    /// W2 between the base and customized latents of "a photo of a <NAME>", seeds 0..n.
+    fn w2(&self, set: &ConceptSet, name: &str) -> Result<f64> {
+        let prompt = format!("a photo of a <{name}>");
+        let (mut base, mut custom) = (vec![], vec![]);
+        for s in 0..self.opts.w2_samples {
+            let g = self.generate(set, &prompt, s as u64)?;
+            base.push(g.base_latents);
+            custom.push(g.custom_latents);
+        }
+        Ok(wasserstein(
+            &Tensor::cat(&base, 0)?,
+            &Tensor::cat(&custom, 0)?,
+            self.opts.w2_pool,
+        )?
+        .w2)
+    }
+
+    /// Everything at one training step, with the concept reached.
+    fn point(&self, step: usize, concept: Concept) -> Result<CurvePoint> {
+        let name = concept.name.clone();
+        let mut set = ConceptSet::new();
+        set.insert(concept, false);
+        let fisher = fisher_divergence(
+            self.sd,
+            &Variant::Base,
+            &Variant::Concepts(&set),
+            &self.opts.fisher_prompts,
+            &FisherOptions {
+                samples: self.opts.fisher_samples,
+                gen_steps: self.opts.steps.min(25),
+                ..Default::default()
+            },
+            self.job,
+        )?;
+        let w2 = self.w2(&set, &name)?;
+        let (mut generated, mut prompts) = (vec![], vec![]);
+        for p in &self.opts.eval_prompts {
+            for s in 0..self.opts.images_per_prompt {
+                let g = self.generate(
+                    &set,
+                    &p.replace("{}", &format!("<{name}>")),
+                    1000 + s as u64,
+                )?;
+                generated.push(tensor_to_rgb(&g.custom_image)?);
+                prompts.push(g.parsed.base.clone());
+            }
+        }
+        let prompt_refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        Ok(CurvePoint {
+            step,
+            fisher: fisher.mean,
+            fisher_std_err: fisher.std_err,
+            w2,
+            clip_t: clip_t(self.clip, &generated, &prompt_refs)?,
+            clip_i: clip_i(self.clip, &generated, self.images)?,
+            dino_i: dino_i(self.dino, &generated, self.images)?,
+        })
+    }
+}
+
+fn write_csv(path: &Path, points: &[CurvePoint]) -> Result<()> {
+    let mut w = csv::Writer::from_writer(vec![]);
+    for p in points {
+        w.serialize(p).map_err(|e| Error::config(path, e))?;
+    }
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::config(path, e.to_string()))?;
+    write_atomic(path, |out| {
+        out.write_all(&bytes).map_err(|e| Error::io(path, e))
+    })
+}
+
 /// Trains `name` (class word `word`) on `images` and measures at every checkpoint.
 #[allow(clippy::too_many_arguments)]
 pub fn overtraining_curves(
@@ -130,17 +229,18 @@ pub fn overtraining_curves(
     }
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
     let mut trainer = Trainer::new(sd, name, word, images, opts.train.clone())?;
-    let gen = |seed: u64| GenerateOptions {
-        seed,
-        steps: opts.steps,
-        guidance: opts.guidance,
-        ..Default::default()
+    let measure = Measure {
+        sd,
+        clip,
+        dino,
+        images,
+        opts,
+        job,
     };
     let mut points = vec![];
     for &step in &checkpoints {
         trainer.set_total_steps(step);
-        let report = trainer.run(job)?;
-        if report.cancelled {
+        if trainer.run(job)?.cancelled {
             return Err(Error::Cancelled);
         }
         let concept = trainer.concept()?;
@@ -150,80 +250,10 @@ pub fn overtraining_curves(
                 .join(format!("{name}-step{step:06}.safetensors")),
             candle_core::DType::F16,
         )?;
-        let mut set = ConceptSet::new();
-        set.insert(concept, false);
-
-        let fisher = fisher_divergence(
-            sd,
-            &Variant::Base,
-            &Variant::Concepts(&set),
-            &opts.fisher_prompts,
-            &FisherOptions {
-                samples: opts.fisher_samples,
-                gen_steps: opts.steps.min(25),
-                ..Default::default()
-            },
-            job,
-        )?;
-
-        let w2_prompt = format!("a photo of a <{name}>");
-        let (mut base, mut custom) = (vec![], vec![]);
-        for s in 0..opts.w2_samples {
-            let io = InfusionOptions {
-                generate: gen(s as u64),
-                replace_steps: 1.0,
-            };
-            let g = generate_infusion(sd, &set, &w2_prompt, &io, None, job)?;
-            base.push(g.base_latents);
-            custom.push(g.custom_latents);
-        }
-        let w2 = wasserstein(
-            &Tensor::cat(&base, 0)?,
-            &Tensor::cat(&custom, 0)?,
-            opts.w2_pool,
-        )?;
-
-        let (mut generated, mut prompts) = (vec![], vec![]);
-        for p in &opts.eval_prompts {
-            for s in 0..opts.images_per_prompt {
-                let io = InfusionOptions {
-                    generate: gen(1000 + s as u64),
-                    replace_steps: 1.0,
-                };
-                let g = generate_infusion(
-                    sd,
-                    &set,
-                    &p.replace("{}", &format!("<{name}>")),
-                    &io,
-                    None,
-                    job,
-                )?;
-                generated.push(tensor_to_rgb(&g.custom_image)?);
-                prompts.push(g.parsed.base.clone());
-            }
-        }
-        let prompt_refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-        points.push(CurvePoint {
-            step,
-            fisher: fisher.mean,
-            fisher_std_err: fisher.std_err,
-            w2: w2.w2,
-            clip_t: clip_t(clip, &generated, &prompt_refs)?,
-            clip_i: clip_i(clip, &generated, images)?,
-            dino_i: dino_i(dino, &generated, images)?,
-        });
+        points.push(measure.point(step, concept)?);
     }
     let csv = opts.out_dir.join(format!("{name}-curves.csv"));
-    let mut w = csv::Writer::from_writer(vec![]);
-    for p in &points {
-        w.serialize(p).map_err(|e| Error::config(&csv, e))?;
-    }
-    let bytes = w
-        .into_inner()
-        .map_err(|e| Error::config(&csv, e.to_string()))?;
-    write_atomic(&csv, |out| {
-        out.write_all(&bytes).map_err(|e| Error::io(&csv, e))
-    })?;
+    write_csv(&csv, &points)?;
     let chart_image = chart(&points)?;
     let chart_path = opts.out_dir.join(format!("{name}-curves.png"));
     save_png(&chart_image, &chart_path, &[("concept", name.to_string())])?;

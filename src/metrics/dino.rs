@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use super::clip::weight_file;
 use super::preprocess::ImageProcessor;
-use crate::sd::config::read_json;
 use crate::error::{Error, Result};
+use crate::sd::config::read_json;
 use crate::sd::nn::{layer_norm, norm, softmax_last_dim};
 use crate::sd::weights::WeightFiles;
 

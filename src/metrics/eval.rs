@@ -13,13 +13,13 @@ use super::clip::Clip;
 use super::dino::Dino;
 use super::scores::Scorer;
 use crate::error::{Error, Result};
-use crate::util::fs::write_atomic;
-use crate::util::image_io::{save_png, tensor_to_rgb};
 use crate::infusion::concept::ConceptSet;
 use crate::infusion::generate::{generate_infusion, InfusionOptions};
 use crate::job::Job;
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
+use crate::util::fs::write_atomic;
 use crate::util::image_io::load_folder_images;
+use crate::util::image_io::{save_png, tensor_to_rgb};
 
 /// A concept to evaluate: its file and the folder of its training images.
 #[derive(Debug, Clone)]

@@ -69,7 +69,10 @@ pub struct Scorer<'a> {
 impl<'a> Scorer<'a> {
     pub fn new(clip: &'a Clip, dino: &'a Dino, references: &[RgbImage]) -> Result<Self> {
         if references.is_empty() {
-            return Err(Error::arg("references", "no reference images to score against"));
+            return Err(Error::arg(
+                "references",
+                "no reference images to score against",
+            ));
         }
         Ok(Self {
             clip,

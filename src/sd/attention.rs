@@ -44,7 +44,6 @@ impl LayerInfo {
     }
 }
 
-
 #[derive(Debug, Clone)]
 enum ProbSource {
     Own,

@@ -28,11 +28,6 @@ impl<T: Copy> PerBlock<T> {
         }
     }
 
-    /// The values for `n` blocks, reversed (diffusers' order for the up blocks).
-    pub fn reversed(&self, n: usize) -> Vec<T> {
-        (0..n).rev().map(|i| self.get(i)).collect()
-    }
-
     fn check_len(&self, n: usize, name: &str) -> std::result::Result<(), String> {
         match self {
             PerBlock::Many(v) if v.len() != n => Err(format!(
@@ -652,9 +647,8 @@ mod tests {
     fn per_block_values_follow_diffusers_order() {
         let v: PerBlock<usize> = serde_json::from_str("[1, 2, 4]").unwrap();
         assert_eq!((v.get(0), v.get(2)), (1, 4));
-        assert_eq!(v.reversed(3), vec![4, 2, 1]);
         let one: PerBlock<usize> = serde_json::from_str("8").unwrap();
-        assert_eq!(one.reversed(2), vec![8, 8]);
+        assert_eq!((one.get(0), one.get(3)), (8, 8));
     }
 
     #[test]

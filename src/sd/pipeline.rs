@@ -9,11 +9,11 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::sd::hook::{AttentionHook, BatchLayout, Branch, Guidance, HookCtx, Row, Step};
-use crate::sd::config::{SchedulerConfig, TextEncoderConfig, UNetConfig, VaeConfig};
 use crate::error::{Error, Result};
-use crate::sd::hub::{resolve_model, ModelFiles};
 use crate::job::Job;
+use crate::sd::config::{SchedulerConfig, TextEncoderConfig, UNetConfig, VaeConfig};
+use crate::sd::hook::{AttentionHook, BatchLayout, Branch, Guidance, HookCtx, Row, Step};
+use crate::sd::hub::{resolve_model, ModelFiles};
 use crate::sd::scheduler::Ddim;
 use crate::sd::text_encoder::TextEncoder;
 use crate::sd::tokenizer::{ClipTokenizer, Tokens};

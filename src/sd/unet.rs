@@ -9,9 +9,9 @@ use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuil
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
 use crate::sd::attention::{Attention, LayerInfo};
-use crate::sd::hook::HookCtx;
 use crate::sd::config::UNetConfig;
 use crate::sd::fused::group_norm::GroupNorm;
+use crate::sd::hook::HookCtx;
 use crate::sd::nn::{layer_norm, norm, ResnetBlock, ResnetSpec};
 
 /// Diffusers' `Transformer2DModel` uses a fixed group-norm epsilon.
@@ -170,12 +170,26 @@ struct Block {
     pad_before_resample: bool,
 }
 
+/// What the blocks at one depth of the UNet share.
 struct BlockSpec {
     channels: usize,
     heads: usize,
     depth: usize,
     cross_dim: usize,
     has_attention: bool,
+}
+
+impl BlockSpec {
+    /// The spec of depth `i` (0 = the outermost down block and the last up block).
+    fn of(cfg: &UNetConfig, i: usize, has_attention: bool) -> Self {
+        Self {
+            channels: cfg.block_out_channels[i],
+            heads: cfg.heads().get(i),
+            depth: cfg.transformer_layers_per_block.get(i),
+            cross_dim: cfg.cross_attention_dim.get(i),
+            has_attention,
+        }
+    }
 }
 
 impl Block {
@@ -441,76 +455,9 @@ impl UNet {
         let time_proj = Timesteps::new(c0, cfg.flip_sin_to_cos, cfg.freq_shift);
         let time_embedding =
             TimestepEmbedding::new(vb.pp("time_embedding"), c0, cfg.time_embed_dim())?;
-        let heads = cfg.heads();
-
-        let mut down = Vec::with_capacity(n);
-        let mut skip_channels = vec![c0];
-        for i in 0..n {
-            let cin = if i == 0 { c0 } else { ch[i - 1] };
-            let spec = BlockSpec {
-                channels: ch[i],
-                heads: heads.get(i),
-                depth: cfg.transformer_layers_per_block.get(i),
-                cross_dim: cfg.cross_attention_dim.get(i),
-                has_attention: cfg.down_block_types[i] == "CrossAttnDownBlock2D",
-            };
-            let layers = cfg.layers_per_block.get(i);
-            let is_final = i + 1 == n;
-            down.push(Block::down(
-                vb.pp("down_blocks").pp(i),
-                cin,
-                layers,
-                &spec,
-                !is_final,
-                cfg,
-            )?);
-            skip_channels.extend(std::iter::repeat_n(ch[i], layers + usize::from(!is_final)));
-        }
-
-        let mid_spec = BlockSpec {
-            channels: ch[n - 1],
-            heads: heads.get(n - 1),
-            depth: cfg.transformer_layers_per_block.get(n - 1),
-            cross_dim: cfg.cross_attention_dim.get(n - 1),
-            has_attention: true,
-        };
-        let mid = Block::mid(vb.pp("mid_block"), &mid_spec, cfg)?;
-
-        let rev_ch: Vec<usize> = ch.iter().rev().copied().collect();
-        let rev_heads = heads.reversed(n);
-        let rev_cross = cfg.cross_attention_dim.reversed(n);
-        let rev_depth = cfg.transformer_layers_per_block.reversed(n);
-        let rev_layers = cfg.layers_per_block.reversed(n);
-        let mut up = Vec::with_capacity(n);
-        let mut prev = rev_ch[0];
-        for i in 0..n {
-            let n_layers = rev_layers[i] + 1;
-            let take = skip_channels.split_off(skip_channels.len().saturating_sub(n_layers));
-            if take.len() != n_layers {
-                candle_core::bail!(
-                    "UNet config gives up block {i} more layers than skip connections"
-                );
-            }
-            let skips: Vec<usize> = take.into_iter().rev().collect();
-            let spec = BlockSpec {
-                channels: rev_ch[i],
-                heads: rev_heads[i],
-                depth: rev_depth[i],
-                cross_dim: rev_cross[i],
-                has_attention: cfg.up_block_types[i] == "CrossAttnUpBlock2D",
-            };
-            let is_final = i + 1 == n;
-            up.push(Block::up(
-                vb.pp("up_blocks").pp(i),
-                prev,
-                &skips,
-                &spec,
-                !is_final,
-                cfg,
-            )?);
-            prev = rev_ch[i];
-        }
-
+        let (down, mut skip_channels) = Self::down_blocks(&vb, cfg)?;
+        let mid = Block::mid(vb.pp("mid_block"), &BlockSpec::of(cfg, n - 1, true), cfg)?;
+        let up = Self::up_blocks(&vb, cfg, &mut skip_channels)?;
         Ok(Self {
             time_proj,
             time_embedding,
@@ -536,6 +483,66 @@ impl UNet {
             )?,
             config: cfg.clone(),
         })
+    }
+
+    /// The down blocks, and the channels of the skip connections they leave (`conv_in`'s first).
+    fn down_blocks(vb: &VarBuilder, cfg: &UNetConfig) -> Result<(Vec<Block>, Vec<usize>)> {
+        let n = cfg.n_blocks();
+        let ch = &cfg.block_out_channels;
+        let mut down = Vec::with_capacity(n);
+        let mut skip_channels = vec![ch[0]];
+        for i in 0..n {
+            let cin = if i == 0 { ch[0] } else { ch[i - 1] };
+            let spec = BlockSpec::of(cfg, i, cfg.down_block_types[i] == "CrossAttnDownBlock2D");
+            let layers = cfg.layers_per_block.get(i);
+            let downsample = i + 1 < n;
+            down.push(Block::down(
+                vb.pp("down_blocks").pp(i),
+                cin,
+                layers,
+                &spec,
+                downsample,
+                cfg,
+            )?);
+            skip_channels.extend(std::iter::repeat_n(ch[i], layers + usize::from(downsample)));
+        }
+        Ok((down, skip_channels))
+    }
+
+    /// The up blocks, deepest first, each taking its skip connections off the end of
+    /// `skip_channels`.
+    fn up_blocks(
+        vb: &VarBuilder,
+        cfg: &UNetConfig,
+        skip_channels: &mut Vec<usize>,
+    ) -> Result<Vec<Block>> {
+        let n = cfg.n_blocks();
+        let mut up = Vec::with_capacity(n);
+        let mut prev = cfg.block_out_channels[n - 1];
+        for i in 0..n {
+            // Up block i mirrors depth n - 1 - i.
+            let depth = n - 1 - i;
+            let n_layers = cfg.layers_per_block.get(depth) + 1;
+            let take = skip_channels.split_off(skip_channels.len().saturating_sub(n_layers));
+            if take.len() != n_layers {
+                candle_core::bail!(
+                    "UNet config gives up block {i} more layers than skip connections"
+                );
+            }
+            let skips: Vec<usize> = take.into_iter().rev().collect();
+            let spec = BlockSpec::of(cfg, depth, cfg.up_block_types[i] == "CrossAttnUpBlock2D");
+            let channels = spec.channels;
+            up.push(Block::up(
+                vb.pp("up_blocks").pp(i),
+                prev,
+                &skips,
+                &spec,
+                i + 1 < n,
+                cfg,
+            )?);
+            prev = channels;
+        }
+        Ok(up)
     }
 
     pub fn config(&self) -> &UNetConfig {

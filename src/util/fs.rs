@@ -55,11 +55,11 @@ mod tests {
         let plain = dir.path().join("plain");
         std::fs::File::create(&plain).unwrap();
         let new = dir.path().join("new.png");
-        write_atomic(&new, |w| Ok(w.write_all(b"x").unwrap())).unwrap();
+        write_atomic(&new, |w| w.write_all(b"x").map_err(|e| Error::io("new", e))).unwrap();
         assert_eq!(mode(&new), mode(&plain));
 
         std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o640)).unwrap();
-        write_atomic(&new, |w| Ok(w.write_all(b"y").unwrap())).unwrap();
+        write_atomic(&new, |w| w.write_all(b"y").map_err(|e| Error::io("new", e))).unwrap();
         assert_eq!(mode(&new), 0o640);
         assert_eq!(std::fs::read(&new).unwrap(), b"y");
     }

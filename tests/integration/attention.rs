@@ -8,8 +8,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor, Var};
 use infusion_repl::sd::pipeline::Trajectory;
 use infusion_repl::{
-    Branch,
-    AttentionCall, AttentionHook, AttnKind, AttnSite, BatchLayout, Guidance, HookCtx, Job,
+    AttentionCall, AttentionHook, AttnKind, AttnSite, BatchLayout, Branch, Guidance, HookCtx, Job,
     LayerInfo,
 };
 
@@ -192,14 +191,8 @@ impl AttentionHook for Infusion<'_> {
         is_cross(layer)
     }
     fn attend(&self, site: &AttnSite<'_>, call: &mut AttentionCall) -> candle_core::Result<()> {
-        let cf = site
-            .rows
-            .find(F, Guidance::Conditional, 0)
-            .unwrap();
-        let cc = site
-            .rows
-            .find(C, Guidance::Conditional, 0)
-            .unwrap();
+        let cf = site.rows.find(F, Guidance::Conditional, 0).unwrap();
+        let cc = site.rows.find(C, Guidance::Conditional, 0).unwrap();
         call.share_probs(cc, cf)?;
         add_deltas(call, &[cc], &self.concepts, &site.layer.path)
     }

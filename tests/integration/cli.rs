@@ -137,11 +137,23 @@ fn errors_name_the_culprit_and_exit_non_zero() {
     let o = run(&["--device", "gpu", "generate"], dir.path(), &[]);
     assert!(stderr(&o).contains("`--device`: `gpu`"), "{}", stderr(&o));
     let o = run(
-        &["generate", "--steps", "1", "--replace-steps", "2", "--maps", "m.st"],
+        &[
+            "generate",
+            "--steps",
+            "1",
+            "--replace-steps",
+            "2",
+            "--maps",
+            "m.st",
+        ],
         dir.path(),
         &[],
     );
-    assert!(stderr(&o).contains("`--replace-steps`: 2"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("`--replace-steps`: 2"),
+        "{}",
+        stderr(&o)
+    );
     // Nothing half-written.
     let pngs = std::fs::read_dir(dir.path()).unwrap().count();
     assert_eq!(pngs, 0);
@@ -318,7 +330,10 @@ fn written_files_follow_the_umask() {
         "pot-checkpoints/pot-step000001.safetensors",
         "pot-checkpoints/pot-step000001.optim.safetensors",
     ] {
-        let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join(f))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o644, "{f}: {:o}", mode & 0o777);
     }
 }

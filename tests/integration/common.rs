@@ -25,7 +25,9 @@ pub fn tiny_model_dir() -> PathBuf {
 /// so the GPU check runs the same tests on CUDA.
 pub fn device() -> Device {
     match std::env::var("INFUSION_TEST_DEVICE") {
-        Ok(d) if !d.is_empty() => infusion_repl::sd::device::parse_device(&d).expect("INFUSION_TEST_DEVICE"),
+        Ok(d) if !d.is_empty() => {
+            infusion_repl::sd::device::parse_device(&d).expect("INFUSION_TEST_DEVICE")
+        }
         _ => Device::Cpu,
     }
 }
@@ -104,14 +106,18 @@ pub fn ids_tensor(ids: &Tensor) -> Tensor {
 }
 
 /// The bundled tiny CLIP and DINO, on the test device.
-pub fn tiny_scorers() -> (infusion_repl::metrics::clip::Clip, infusion_repl::metrics::dino::Dino) {
+pub fn tiny_scorers() -> (
+    infusion_repl::metrics::clip::Clip,
+    infusion_repl::metrics::dino::Dino,
+) {
     let clip = infusion_repl::metrics::clip::Clip::load(
         &repo().join("models/tiny-clip"),
         &repo().join("models/tiny-sd/tokenizer"),
         &device(),
     )
     .expect("the bundled tiny CLIP loads");
-    let dino = infusion_repl::metrics::dino::Dino::load(&repo().join("models/tiny-dino"), &device())
-        .expect("the bundled tiny DINO loads");
+    let dino =
+        infusion_repl::metrics::dino::Dino::load(&repo().join("models/tiny-dino"), &device())
+            .expect("the bundled tiny DINO loads");
     (clip, dino)
 }

@@ -98,7 +98,10 @@ fn f16_training_scales_the_loss_and_follows_f32() {
         job.messages()
     );
     for (a, b) in l32.iter().zip(&l16) {
-        assert!(b.is_finite() && (a - b).abs() <= 2e-2 * a.abs(), "{a} vs {b}");
+        assert!(
+            b.is_finite() && (a - b).abs() <= 2e-2 * a.abs(),
+            "{a} vs {b}"
+        );
     }
     let (mut same_sign, mut total) = (0usize, 0usize);
     for (k, d32) in &c32.deltas {
@@ -110,5 +113,8 @@ fn f16_training_scales_the_loss_and_follows_f32() {
             total += 1;
         }
     }
-    assert!(same_sign * 10 >= total * 9, "{same_sign} of {total} agree in sign");
+    assert!(
+        same_sign * 10 >= total * 9,
+        "{same_sign} of {total} agree in sign"
+    );
 }

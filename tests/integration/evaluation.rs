@@ -17,7 +17,8 @@ fn concept_file(dir: &std::path::Path, name: &str, seed: u64) -> std::path::Path
     )
     .unwrap();
     for (i, d) in c.deltas.values_mut().enumerate() {
-        *d = (infusion_repl::util::noise::seeded_noise(seed * 10 + i as u64, d.dims()).unwrap() * 0.3)
+        *d = (infusion_repl::util::noise::seeded_noise(seed * 10 + i as u64, d.dims()).unwrap()
+            * 0.3)
             .unwrap();
     }
     let p = dir.join(format!("{name}.safetensors"));

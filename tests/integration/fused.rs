@@ -111,7 +111,8 @@ fn the_op_matches_unfused_attention_at_sd15_head_sizes() {
                 .unwrap()
                 .matmul(&up(&v))
                 .unwrap();
-            let got = infusion_repl::sd::fused::attention::fused_attention(&q, &k, &v, scale).unwrap();
+            let got =
+                infusion_repl::sd::fused::attention::fused_attention(&q, &k, &v, scale).unwrap();
             assert_eq!(got.dtype(), dtype);
             let err = max_abs(&(up(&got) - want).unwrap());
             assert!(

@@ -34,7 +34,8 @@ fn with_edited_unet(
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&tiny_model_dir(), dir.path());
     let file = dir.path().join("unet/diffusion_pytorch_model.safetensors");
-    let mut t = infusion_repl::sd::weights::load_safetensors(&file, &candle_core::Device::Cpu).unwrap();
+    let mut t =
+        infusion_repl::sd::weights::load_safetensors(&file, &candle_core::Device::Cpu).unwrap();
     edit(&mut t);
     candle_core::safetensors::save(&t, &file).unwrap();
     dir
@@ -190,9 +191,11 @@ fn hugging_face_cache_snapshot_is_found_from_a_repo_id() {
     std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
     let found = infusion_repl::sd::hub::snapshot_in_cache(cache.path(), "someorg/tiny-sd").unwrap();
     assert_eq!(found, snap);
-    let found = infusion_repl::sd::hub::snapshot_in_cache(cache.path(), "someorg/tiny-sd@0123abcd").unwrap();
+    let found = infusion_repl::sd::hub::snapshot_in_cache(cache.path(), "someorg/tiny-sd@0123abcd")
+        .unwrap();
     assert_eq!(found, snap);
-    let e = infusion_repl::sd::hub::snapshot_in_cache(cache.path(), "someorg/tiny-sd@v2").unwrap_err();
+    let e =
+        infusion_repl::sd::hub::snapshot_in_cache(cache.path(), "someorg/tiny-sd@v2").unwrap_err();
     assert!(e.to_string().contains("v2"), "{e}");
     let e = infusion_repl::sd::hub::snapshot_in_cache(cache.path(), "other/model").unwrap_err();
     assert!(e.to_string().contains("models--other--model"), "{e}");

@@ -13,9 +13,8 @@ use infusion_repl::sd::text_encoder::TextEncoder;
 use infusion_repl::sd::unet::UNet;
 use infusion_repl::sd::vae::Vae;
 use infusion_repl::{
-    Branch,
-    AttentionCall, AttentionHook, AttnKind, AttnSite, BatchLayout, GenerateOptions, Guidance,
-    HookCtx, Job, LayerInfo, LoadOptions, StableDiffusion,
+    AttentionCall, AttentionHook, AttnKind, AttnSite, BatchLayout, Branch, GenerateOptions,
+    Guidance, HookCtx, Job, LayerInfo, LoadOptions, StableDiffusion,
 };
 use serde_json::{json, Value};
 
@@ -43,7 +42,8 @@ fn write_component<M>(
     for (i, name) in names.iter().enumerate() {
         let data = varmap.data().lock().unwrap();
         let var = &data[name];
-        let noise = infusion_repl::util::noise::seeded_noise(seed * 10_000 + i as u64, var.dims()).unwrap();
+        let noise =
+            infusion_repl::util::noise::seeded_noise(seed * 10_000 + i as u64, var.dims()).unwrap();
         var.set(&(var.as_tensor() + (noise * 0.05).unwrap()).unwrap())
             .unwrap();
     }

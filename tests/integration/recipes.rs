@@ -43,7 +43,8 @@ fn write_concept(dir: &Path, name: &str, word: &str, seed: u64) {
     )
     .unwrap();
     for (i, d) in c.deltas.values_mut().enumerate() {
-        *d = (infusion_repl::util::noise::seeded_noise(seed * 100 + i as u64, d.dims()).unwrap() * 0.5)
+        *d = (infusion_repl::util::noise::seeded_noise(seed * 100 + i as u64, d.dims()).unwrap()
+            * 0.5)
             .unwrap();
     }
     c.save(&dir.join(format!("{name}.safetensors")), DType::F16)
@@ -260,5 +261,8 @@ fn a_cut_prompt_warns_in_scripts_too() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("warning: the prompt") && err.contains("cut off"), "{err}");
+    assert!(
+        err.contains("warning: the prompt") && err.contains("cut off"),
+        "{err}"
+    );
 }

@@ -78,7 +78,11 @@ fn the_stdlib_prompt_lists_are_dreamboths() {
          p::fill(p::OBJECT_PROMPTS[20], "<pot>")]
         "#,
     );
-    let v: Vec<String> = v.cast::<rhai::Array>().iter().map(|x| x.to_string()).collect();
+    let v: Vec<String> = v
+        .cast::<rhai::Array>()
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
     assert_eq!(
         v,
         [

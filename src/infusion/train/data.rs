@@ -177,11 +177,7 @@ impl TrainingSet {
     }
 
     /// The batch's text states `(b, tokens, width)` and the word's positions per row.
-    pub fn prompts(
-        &self,
-        sd: &StableDiffusion,
-        batch: &Batch,
-    ) -> Result<(Tensor, Vec<&[usize]>)> {
+    pub fn prompts(&self, sd: &StableDiffusion, batch: &Batch) -> Result<(Tensor, Vec<&[usize]>)> {
         let idx = index(batch.draws.iter().map(|d| d.template), sd)?;
         let positions = batch
             .draws

@@ -549,7 +549,11 @@ impl<'a> Trainer<'a> {
 
 fn all_finite(grads: &BTreeMap<String, Tensor>) -> Result<bool> {
     for g in grads.values() {
-        let s = g.abs()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let s = g
+            .abs()?
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
         if !s.is_finite() {
             return Ok(false);
         }
@@ -571,14 +575,29 @@ mod tests {
     fn the_loss_scale_backs_off_grows_and_gives_up_at_one() {
         let mut s = LossScale::new();
         assert!(!s.after_step(false).unwrap());
-        assert_eq!(s, LossScale { scale: 32768.0, good: 0 });
+        assert_eq!(
+            s,
+            LossScale {
+                scale: 32768.0,
+                good: 0
+            }
+        );
         for _ in 0..LossScale::GROWTH_INTERVAL - 1 {
             assert!(s.after_step(true).unwrap());
         }
         assert_eq!(s.scale, 32768.0);
         assert!(s.after_step(true).unwrap());
-        assert_eq!(s, LossScale { scale: 65536.0, good: 0 });
-        let mut s = LossScale { scale: 1.0, good: 7 };
+        assert_eq!(
+            s,
+            LossScale {
+                scale: 65536.0,
+                good: 0
+            }
+        );
+        let mut s = LossScale {
+            scale: 1.0,
+            good: 7,
+        };
         let e = s.after_step(false).unwrap_err().to_string();
         assert!(e.contains("f32"), "{e}");
     }

@@ -9,9 +9,9 @@ use rhai::{Array, Dynamic, Engine, Map, INT};
 
 use super::model::Model;
 use super::{json_to_dynamic, volatile};
-use crate::infusion::concept::Concept;
 use crate::actions::{self, TrainEnd, TrainRequest};
 use crate::app::script::{err, rt, Opts, RhaiResult, Session};
+use crate::infusion::concept::Concept;
 use crate::infusion::train::{TrainOptions, DEFAULT_TEMPLATES};
 
 /// A concept value (cheap to clone).
@@ -173,7 +173,10 @@ pub fn register(engine: &mut Engine, session: &Arc<Session>) {
         }
     );
     engine.register_fn("default_templates", || -> Array {
-        DEFAULT_TEMPLATES.iter().map(|t| Dynamic::from(t.to_string())).collect()
+        DEFAULT_TEMPLATES
+            .iter()
+            .map(|t| Dynamic::from(t.to_string()))
+            .collect()
     });
     let s = session.clone();
     volatile!(engine, "load_concept", move |path: &str| load(

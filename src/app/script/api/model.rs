@@ -8,14 +8,14 @@ use rhai::{Array, Dynamic, Engine, Map, FLOAT, INT};
 use super::images::Img;
 use super::tensors::TensorVal;
 use super::volatile;
-use crate::infusion::Stream;
-use crate::infusion::maps::{overlay, token_map, AttentionMaps};
 use crate::actions;
-use crate::sd::fused::{kernels, set_thread_kernels};
-use crate::util::image_io::tensor_to_rgb;
-use crate::infusion::generate::{generate_infusion, InfusionGeneration, InfusionOptions};
-use crate::sd::pipeline::{load_noise, GenerateOptions, StableDiffusion};
 use crate::app::script::{err, rt, Opts, RhaiResult, Session};
+use crate::infusion::generate::{generate_infusion, InfusionGeneration, InfusionOptions};
+use crate::infusion::maps::{overlay, token_map, AttentionMaps};
+use crate::infusion::Stream;
+use crate::sd::fused::{kernels, set_thread_kernels};
+use crate::sd::pipeline::{load_noise, GenerateOptions, StableDiffusion};
+use crate::util::image_io::tensor_to_rgb;
 use crate::util::text_render::labelled_row;
 
 /// A loaded model (cheap to clone).
@@ -73,7 +73,9 @@ fn load(session: &Session, spec: Option<&str>, opts: Option<&Map>) -> RhaiResult
         device = o.string("device")?.unwrap_or(device);
         dtype = o.string("dtype")?.unwrap_or(dtype);
     }
-    let spec = spec.map(str::to_string).or_else(|| session.config.model.clone());
+    let spec = spec
+        .map(str::to_string)
+        .or_else(|| session.config.model.clone());
     let loaded = rt(actions::load_model(
         spec.as_deref(),
         &device,
