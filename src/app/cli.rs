@@ -8,7 +8,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::actions::{self, TrainEnd, TrainRequest};
 use crate::app::bench::BenchOptions;
-use crate::app::script::{ScriptConfig, Session};
+use crate::app::script::{RunError, ScriptConfig, Session};
 use crate::error::{Error, Result};
 use crate::infusion::concept::ConceptSet;
 use crate::infusion::generate::{generate_infusion, InfusionOptions};
@@ -36,9 +36,14 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// The command line of a recipe run: everything after the file goes to the script.
+/// The command line of a recipe run: everything after the file goes to the script (its own
+/// `--help` too).
 #[derive(Debug, Parser)]
-#[command(name = "infusion-repl")]
+#[command(
+    name = "infusion-repl",
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
 struct ScriptCli {
     #[command(flatten)]
     global: GlobalArgs,
@@ -128,8 +133,9 @@ struct TrainArgs {
     /// Where to write the concept (default: NAME.safetensors).
     #[arg(short, long)]
     out: Option<PathBuf>,
+    /// Training steps (in total, when resuming).
     #[arg(long, default_value_t = 500)]
-    steps: usize,
+    train_steps: usize,
     #[arg(long, default_value_t = 0.01)]
     lr: f64,
     #[arg(long, default_value_t = 4)]
@@ -237,7 +243,7 @@ fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job) -> Result<()> {
         name: args.name.clone(),
         word: args.word.clone(),
         options: TrainOptions {
-            steps: args.steps,
+            steps: args.train_steps,
             lr: args.lr,
             batch: args.batch,
             seed: args.seed,
@@ -327,8 +333,13 @@ fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
 /// Runs the command line; returns the process exit code.
 pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let args: Vec<OsString> = args.into_iter().collect();
-    let script_mode = first_positional(&args)
-        .is_some_and(|i| !SUBCOMMANDS.contains(&args[i].to_string_lossy().as_ref()));
+    // A recipe gets everything after its file; help asked for before it is the tool's.
+    let script_mode = first_positional(&args).is_some_and(|i| {
+        !SUBCOMMANDS.contains(&args[i].to_string_lossy().as_ref())
+            && !args[1..i]
+                .iter()
+                .any(|a| matches!(a.to_str(), Some("-h" | "--help" | "-V" | "--version")))
+    });
     let parsed = if script_mode {
         ScriptCli::try_parse_from(&args).map(|c| (c.global, None, Some((c.script, c.args))))
     } else {
@@ -364,7 +375,15 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         (None, Some((script, args))) => {
             return match crate::app::script::run_file(&session, &script, &args) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(msg) => {
+                Err(RunError::Usage { text, help: true }) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(RunError::Usage { text, help: false }) => {
+                    eprintln!("{text}");
+                    ExitCode::from(2)
+                }
+                Err(RunError::Failed(msg)) => {
                     eprintln!("{msg}");
                     ExitCode::FAILURE
                 }

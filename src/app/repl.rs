@@ -21,10 +21,11 @@ use rustyline::validate::{ValidationContext, ValidationResult, Validator};
 use rustyline::{CompletionType, Context, Editor, Helper};
 
 use crate::app::script::api::concepts::ConceptVal;
+use crate::app::script::api::generation::Gen;
 use crate::app::script::api::images::{show, Img};
-use crate::app::script::api::model::{Gen, Model};
+use crate::app::script::api::model::Model;
 use crate::app::script::api::tensors::TensorVal;
-use crate::app::script::{build_engine, caret, describe, docs, Session};
+use crate::app::script::{build_engine, caret, describe, Docs, Session};
 
 const KEYWORDS: &[&str] = &[
     "let", "const", "fn", "if", "else", "for", "in", "while", "loop", "break", "continue",
@@ -214,33 +215,21 @@ fn print_error(input: &str, err: &EvalAltResult) {
     }
 }
 
-fn print_help(topic: &str) {
+fn print_help(docs: &Docs, topic: &str) {
     if topic.is_empty() {
-        println!("Functions (:help NAME for details and an example):");
-        for d in docs::FUNCTIONS {
-            println!("  {:<16} {}", d.name, d.signatures[0]);
-        }
+        print!("{}", docs.index());
         println!(
             "Commands: :help [NAME], :scope (variables), :load FILE (run a script here), :quit"
         );
         println!("Ctrl-C cancels a running generation or training; Ctrl-D leaves.");
         return;
     }
-    match docs::find(topic) {
-        Some(d) => {
-            for s in d.signatures {
-                println!("  {s}");
-            }
-            println!("\n{}\n\nExample:\n  {}", d.doc, d.example);
-        }
+    match docs.help(topic) {
+        Some(text) => println!("{text}"),
         None => {
-            let near: Vec<&str> = docs::FUNCTIONS
-                .iter()
-                .map(|d| d.name)
-                .filter(|n| n.contains(topic) || topic.contains(n))
-                .collect();
+            let near = docs.near(topic);
             println!(
-                "no function named `{topic}`{}",
+                "nothing named `{topic}`{}",
                 if near.is_empty() {
                     String::new()
                 } else {
@@ -418,7 +407,7 @@ pub fn run(session: Arc<Session>) -> std::process::ExitCode {
                     let (name, arg) = cmd.split_once(char::is_whitespace).unwrap_or((cmd, ""));
                     match name {
                         "quit" | "q" | "exit" => break,
-                        "help" | "h" => print_help(arg.trim()),
+                        "help" | "h" => print_help(&repl.session.docs(), arg.trim()),
                         "scope" => repl.print_scope(),
                         "load" => repl.load(Path::new(arg.trim().trim_matches('"'))),
                         other => eprintln!("unknown command :{other} ({})", COMMANDS.join(", ")),

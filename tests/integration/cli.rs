@@ -188,7 +188,7 @@ fn train_then_generate_with_the_concept() {
             "pot",
             "--word",
             "teapot",
-            "--steps",
+            "--train-steps",
             "3",
             "--checkpoint-every",
             "2",
@@ -315,7 +315,7 @@ fn written_files_follow_the_umask() {
     let bin = env!("CARGO_BIN_EXE_infusion-repl");
     let script = format!(
         "umask 022 && '{bin}' generate x --steps 1 -o a.png && \
-         '{bin}' train imgs --name pot --word teapot --steps 2 --checkpoint-every 1"
+         '{bin}' train imgs --name pot --word teapot --train-steps 2 --checkpoint-every 1"
     );
     let o = Command::new("sh")
         .args(["-c", &script])

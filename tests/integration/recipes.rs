@@ -56,7 +56,7 @@ fn quickstart_writes_one_image() {
     let dir = tempfile::tempdir().unwrap();
     let out = ok(&run_recipe(
         "quickstart.rhai",
-        &["a red teapot", "q.png", "3"],
+        &["a red teapot", "--out", "q.png", "--steps", "3"],
         dir.path(),
     ));
     assert!(out.contains("wrote q.png"), "{out}");
@@ -75,7 +75,15 @@ fn single_concept_trains_saves_and_generates() {
     let folder = repo().join("assets/example-concept");
     let out = ok(&run_recipe(
         "single_concept.rhai",
-        &[folder.to_str().unwrap(), "pot", "teapot", "4", ".", "2"],
+        &[
+            folder.to_str().unwrap(),
+            "pot",
+            "teapot",
+            "--train-steps",
+            "4",
+            "--steps",
+            "2",
+        ],
         dir.path(),
     ));
     assert!(out.contains("trained Concept(<pot> = teapot"), "{out}");
@@ -181,6 +189,35 @@ fn a_planted_error_reports_file_line_and_column() {
     assert!(err.contains(&format!("{}:2:", bad.display())), "{err}");
 }
 
+/// Every recipe parses its command line the same way: a wrong one prints the usage alone
+/// (no script position, no caret) and exits 2; `--help` prints it with the recipe's header and
+/// exits 0.
+#[test]
+fn a_wrong_command_line_prints_the_usage_and_help_prints_the_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run_recipe("single_concept.rhai", &["photos", "pot"], dir.path());
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        err.trim_end(),
+        "error: missing WORD\nusage: single_concept.rhai FOLDER NAME WORD [--train-steps 500] [--out .] [--steps 50]"
+    );
+    let o = run_recipe("quickstart.rhai", &["--steps", "many"], dir.path());
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.starts_with("error: --steps takes a whole number, not `many`\nusage: quickstart.rhai"),
+        "{err}"
+    );
+    let o = run_recipe("multi_concept.rhai", &["--help"], dir.path());
+    let out = ok(&o);
+    assert!(
+        out.starts_with("usage: multi_concept.rhai PROMPT CONCEPT..."),
+        "{out}"
+    );
+    assert!(out.contains("compose two or more saved concepts"), "{out}");
+}
+
 #[test]
 fn recipes_say_what_they_do_and_which_args_they_take() {
     for e in std::fs::read_dir(repo().join("scripts")).unwrap() {
@@ -230,9 +267,13 @@ fn overfitting_writes_curves_and_a_chart() {
             folder.to_str().unwrap(),
             "pot",
             "teapot",
+            "--checkpoints",
             "0,3",
+            "--out",
             "curves",
+            "--steps",
             "2",
+            "--samples",
             "2",
         ],
         dir.path(),

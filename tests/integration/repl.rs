@@ -91,7 +91,7 @@ fn ctrl_c_during_training_returns_to_the_prompt_with_the_deltas_kept() {
     p.exp_string("model ready").unwrap();
     command(
         &mut p,
-        "let c = m.train_concept(\"imgs\", \"pot\", \"teapot\", #{steps: 1000000});",
+        "let c = m.train_concept(\"imgs\", \"pot\", \"teapot\", #{train_steps: 1000000});",
     );
     // The progress bar shows the loss once a step is done: then interrupt.
     p.exp_regex("loss [0-9]").unwrap();
@@ -99,7 +99,7 @@ fn ctrl_c_during_training_returns_to_the_prompt_with_the_deltas_kept() {
     p.exp_string("stopped at step").unwrap();
     command(
         &mut p,
-        "print(`steps ${c.steps} concepts ${concepts().len()}`);",
+        "print(`steps ${c.train_steps} concepts ${concepts().len()}`);",
     );
     let (_, line) = p.exp_regex("steps [0-9]+ concepts 1").unwrap();
     let steps: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();

@@ -45,7 +45,7 @@ fn scores_and_distances_from_scripts() {
             shape: clip.image_embeds(imgs).shape,
             tshape: clip.text_embeds("a cat").shape,
             dshape: dino.embeds(imgs).shape,
-            f0: fisher_divergence(m, m, ["a photo of a dog"], #{samples: 2, gen_steps: 2}).mean,
+            f0: fisher_divergence(m, m, ["a photo of a dog"], #{samples: 2, steps: 2}).mean,
         }
         "#,
     );

@@ -1,9 +1,11 @@
 //! The Rhai scripting layer: one engine factory for the REPL, the recipe runner and the tests.
 //!
-//! Bound functions are registered by concern (`api/model.rs`, `api/concepts.rs`,
-//! `api/images.rs`, `api/tensors.rs`); they share a [`Session`] (the default model settings, the
-//! concepts loaded so far, the job that Ctrl-C cancels). Functions that touch the GPU, the disk or
-//! randomness are registered as volatile, so Rhai never runs them at compile time.
+//! Bound functions are registered by concern (`api/model.rs`, `api/generation.rs`,
+//! `api/concepts.rs`, `api/metrics.rs`, `api/images.rs`, `api/tensors.rs`, `api/recipes.rs`),
+//! each with its declaration ([`docs`]: signatures, options, example), which `:help` renders and
+//! option maps are checked against. They share a [`Session`] (the default model settings, the
+//! concepts loaded so far, the job that Ctrl-C cancels). Every bound function is volatile, so Rhai
+//! never runs one at compile time.
 
 pub mod api;
 pub mod docs;
@@ -11,13 +13,15 @@ mod opts;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use rhai::{Dynamic, Engine, EvalAltResult, OptimizationLevel, Position, Scope};
 
 use crate::infusion::concept::ConceptSet;
 use crate::job::Job;
 
+pub use api::recipes::Usage;
+pub use docs::Docs;
 pub use opts::Opts;
 
 /// What a session runs with: the global flags.
@@ -63,6 +67,8 @@ pub struct Session {
     pub model: Mutex<Option<api::model::Model>>,
     /// Images `show` wrote to files.
     pub shown: AtomicUsize,
+    /// What the engine's functions and types are (set by [`build_engine`]).
+    docs: OnceLock<Arc<Docs>>,
 }
 
 impl Session {
@@ -78,7 +84,13 @@ impl Session {
             concepts: RwLock::new(ConceptSet::new()),
             model: Mutex::new(None),
             shown: AtomicUsize::new(0),
+            docs: OnceLock::new(),
         })
+    }
+
+    /// The declarations of every bound function and type (`:help`).
+    pub fn docs(&self) -> Arc<Docs> {
+        self.docs.get().cloned().unwrap_or_default()
     }
 }
 
@@ -116,7 +128,8 @@ pub fn build_engine(session: &Arc<Session>) -> Engine {
             None
         }
     });
-    api::register(&mut engine, session);
+    let docs = api::register(&mut engine, session);
+    let _ = session.docs.set(Arc::new(docs));
     engine
 }
 
@@ -167,19 +180,54 @@ pub fn format_error(name: &str, source: &str, err: &EvalAltResult) -> String {
     }
 }
 
-/// Runs a recipe file with `args` bound to `ARGS`. On error, returns the formatted message.
-pub fn run_file(session: &Arc<Session>, path: &Path, args: &[String]) -> Result<(), String> {
+/// How a recipe run failed.
+#[derive(Debug)]
+pub enum RunError {
+    /// A script error, formatted as `FILE:LINE:COL: message` with the line and a caret.
+    Failed(String),
+    /// The recipe's usage, shown alone: a wrong command line, or `--help` (with the recipe's
+    /// header comment).
+    Usage { text: String, help: bool },
+}
+
+/// The comment block a recipe starts with, without the `//`.
+fn header(source: &str) -> String {
+    source
+        .lines()
+        .take_while(|l| l.starts_with("//"))
+        .map(|l| {
+            l.trim_start_matches("//")
+                .strip_prefix(' ')
+                .unwrap_or(l.trim_start_matches("//"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs a recipe file with `args` bound to `ARGS`.
+pub fn run_file(session: &Arc<Session>, path: &Path, args: &[String]) -> Result<(), RunError> {
     let name = path.display().to_string();
-    let source = std::fs::read_to_string(path).map_err(|e| format!("{name}: {e}"))?;
+    let source =
+        std::fs::read_to_string(path).map_err(|e| RunError::Failed(format!("{name}: {e}")))?;
     let engine = build_engine(session);
     let mut scope = Scope::new();
     let argv: rhai::Array = args.iter().map(|a| Dynamic::from(a.clone())).collect();
     scope.push("ARGS", argv);
     let ast = engine.compile(&source).map_err(|e| {
         let e: EvalAltResult = e.into();
-        format_error(&name, &source, &e)
+        RunError::Failed(format_error(&name, &source, &e))
     })?;
     engine
         .run_ast_with_scope(&mut scope, &ast)
-        .map_err(|e| format_error(&name, &source, &e))
+        .map_err(|e| match api::recipes::usage_of(&e) {
+            Some(u) if u.problem.is_none() => RunError::Usage {
+                text: format!("{u}\n\n{}", header(&source)),
+                help: true,
+            },
+            Some(u) => RunError::Usage {
+                text: u.to_string(),
+                help: false,
+            },
+            None => RunError::Failed(format_error(&name, &source, &e)),
+        })
 }

@@ -6,9 +6,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use image::RgbImage;
-use rhai::{Array, Engine, INT};
+use rhai::{Array, INT};
 
-use super::volatile;
+use super::Api;
+use crate::app::script::docs::FnSpec;
 use crate::app::script::{err, rt, RhaiResult, Session};
 
 /// An RGB image, with the text chunks its PNG gets (prompt, seed, ...).
@@ -94,19 +95,35 @@ fn load_image(path: &str) -> RhaiResult<Img> {
     Ok(Img::new(img.to_rgb8()))
 }
 
-pub fn register(engine: &mut Engine, session: &Arc<Session>) {
-    engine.register_type_with_name::<Img>("Image");
-    engine.register_fn("to_string", |i: &mut Img| i.to_string());
-    engine.register_fn("to_debug", |i: &mut Img| i.to_string());
-    engine.register_get("width", |i: &mut Img| i.rgb.width() as INT);
-    engine.register_get("height", |i: &mut Img| i.rgb.height() as INT);
-    volatile!(engine, "save", |i: &mut Img,
-                               path: &str|
-     -> RhaiResult<String> {
+pub fn register(api: &mut Api, session: &Arc<Session>) {
+    api.ty::<Img>("Image", "an RGB image, with the text chunks its PNG gets");
+    api.get(
+        ("Image", "width", "int"),
+        "width in pixels",
+        |i: &mut Img| i.rgb.width() as INT,
+    );
+    api.get(
+        ("Image", "height", "int"),
+        "height in pixels",
+        |i: &mut Img| i.rgb.height() as INT,
+    );
+    let spec = api.declare(
+        FnSpec::method("Image", "save")
+            .sig("image.save(path) -> path")
+            .doc("Writes the image as PNG, atomically, with its text chunks (prompt, seed, steps, concepts where it came from a generation).")
+            .example("g.custom.save(\"cat.png\");"),
+    );
+    api.func(&spec, |i: &mut Img, path: &str| -> RhaiResult<String> {
         rt(i.save(Path::new(path)))?;
         Ok(path.to_string())
     });
-    engine.register_fn("resize", |i: &mut Img, w: INT, h: INT| -> RhaiResult<Img> {
+    let spec = api.declare(
+        FnSpec::method("Image", "resize")
+            .sig("image.resize(width, height) -> Image")
+            .doc("A resized copy (Catmull-Rom).")
+            .example("show(g.custom.resize(128, 128));"),
+    );
+    api.func(&spec, |i: &mut Img, w: INT, h: INT| -> RhaiResult<Img> {
         if w <= 0 || h <= 0 {
             return Err(err(format!("resize: {w}x{h} is not a size")));
         }
@@ -118,12 +135,24 @@ pub fn register(engine: &mut Engine, session: &Arc<Session>) {
         );
         Ok(Img::with_text(r, (*i.text).clone()))
     });
-    engine.register_fn("hstack", |arr: Array| -> RhaiResult<Img> {
+    let spec = api.declare(
+        FnSpec::new("hstack")
+            .sig("hstack(images) -> Image")
+            .doc("Images side by side.")
+            .example("show(hstack([g.base, g.custom]));"),
+    );
+    api.func(&spec, |arr: Array| -> RhaiResult<Img> {
         Ok(Img::new(rt(crate::util::image_io::hstack(&images_of(
             arr, "hstack",
         )?))?))
     });
-    engine.register_fn("grid", |arr: Array, cols: INT| -> RhaiResult<Img> {
+    let spec = api.declare(
+        FnSpec::new("grid")
+            .sig("grid(images, cols) -> Image")
+            .doc("Images in rows of cols.")
+            .example("show(grid(images, 4));"),
+    );
+    api.func(&spec, |arr: Array, cols: INT| -> RhaiResult<Img> {
         if cols <= 0 {
             return Err(err(format!("grid: {cols} columns")));
         }
@@ -132,7 +161,19 @@ pub fn register(engine: &mut Engine, session: &Arc<Session>) {
             cols as usize,
         ))?))
     });
-    volatile!(engine, "load_image", |path: &str| load_image(path));
+    let spec = api.declare(
+        FnSpec::new("load_image")
+            .sig("load_image(path) -> Image")
+            .doc("Reads an image file (png, jpg, webp) as RGB.")
+            .example("let ref = load_image(\"photos/mycat/1.jpg\");"),
+    );
+    api.func(&spec, |path: &str| load_image(path));
+    let spec = api.declare(
+        FnSpec::new("show")
+            .sig("show(image)")
+            .doc("Draws an image in the terminal (kitty, iTerm or sixel graphics where available, half blocks otherwise). When output is not a terminal or --no-images is set, saves it under infusion-out/ and prints the path.")
+            .example("show(g.custom);"),
+    );
     let s = session.clone();
-    volatile!(engine, "show", move |img: Img| show(&s, &img));
+    api.func(&spec, move |img: Img| show(&s, &img));
 }

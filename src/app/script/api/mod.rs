@@ -1,34 +1,130 @@
-//! The functions and types scripts see, registered by concern.
+//! The functions and types scripts see, registered by concern. Every registration goes through
+//! [`Api`], which keeps its declaration ([`FnSpec`], [`TypeSpec`]) for `:help` and for checking
+//! option maps.
 
 pub mod concepts;
+pub mod generation;
 pub mod images;
 pub mod metrics;
 pub mod model;
+pub mod recipes;
 pub mod tensors;
 
+use std::fmt::Display;
 use std::sync::Arc;
 
-use rhai::Engine;
+use rhai::{Engine, FuncRegistration, RhaiNativeFunc, Variant};
 
-use super::Session;
+use super::docs::{Docs, FnSpec, GetterSpec, TypeSpec};
+use super::{RhaiResult, Session};
 
-/// Registers a native function as volatile (never run at compile time).
-macro_rules! volatile {
-    ($engine:expr, $name:expr, $f:expr) => {
-        rhai::FuncRegistration::new($name)
-            .with_volatility(true)
-            .register_into_engine($engine, $f)
-    };
+/// Registers functions, types and properties into an engine together with their declarations.
+pub struct Api<'e> {
+    engine: &'e mut Engine,
+    docs: Docs,
 }
-pub(crate) use volatile;
 
-/// Registers every type and function.
-pub fn register(engine: &mut Engine, session: &Arc<Session>) {
-    model::register(engine, session);
-    concepts::register(engine, session);
-    images::register(engine, session);
-    metrics::register(engine, session);
-    tensors::register(engine, session);
+impl<'e> Api<'e> {
+    pub fn new(engine: &'e mut Engine) -> Self {
+        Self {
+            engine,
+            docs: Docs::default(),
+        }
+    }
+
+    /// Declares a function; its overloads are registered with [`Api::func`].
+    pub fn declare(&mut self, spec: FnSpec) -> Arc<FnSpec> {
+        let spec = Arc::new(spec);
+        self.docs.functions.push(spec.clone());
+        spec
+    }
+
+    /// Registers one overload of a declared function, volatile (never run at compile time: it
+    /// may touch the GPU, the disk or randomness).
+    pub fn func<A: 'static, const N: usize, const X: bool, R, const F: bool, FUNC>(
+        &mut self,
+        spec: &FnSpec,
+        f: FUNC,
+    ) where
+        R: Variant + Clone,
+        FUNC: RhaiNativeFunc<A, N, X, R, F> + 'static,
+    {
+        FuncRegistration::new(spec.name)
+            .with_volatility(true)
+            .with_comments([format!("/// {}", spec.doc)])
+            .register_into_engine(self.engine, f);
+    }
+
+    /// Declares a type; it prints through its `Display`.
+    pub fn ty<T: Variant + Clone + Display>(&mut self, name: &'static str, doc: &'static str) {
+        self.engine.register_type_with_name::<T>(name);
+        self.engine
+            .register_fn("to_string", |x: &mut T| x.to_string());
+        self.engine
+            .register_fn("to_debug", |x: &mut T| x.to_string());
+        self.docs.types.push(TypeSpec {
+            name,
+            doc,
+            getters: vec![],
+        });
+    }
+
+    fn add_getter(&mut self, ty: &'static str, getter: GetterSpec) {
+        match self.docs.types.iter_mut().find(|t| t.name == ty) {
+            Some(t) => t.getters.push(getter),
+            // An undeclared type: listed without text (the documentation test names it).
+            None => self.docs.types.push(TypeSpec {
+                name: ty,
+                doc: "",
+                getters: vec![getter],
+            }),
+        }
+    }
+
+    /// A property of the declared type `ty` (a `T`), giving a `gives`.
+    pub fn get<T: Variant + Clone, R: Variant + Clone>(
+        &mut self,
+        key: (&'static str, &'static str, &'static str),
+        doc: &'static str,
+        f: impl Fn(&mut T) -> R + 'static,
+    ) {
+        self.get_or_fail(key, doc, move |x: &mut T| Ok(f(x)));
+    }
+
+    /// A property that can fail.
+    pub fn get_or_fail<T: Variant + Clone, R: Variant + Clone>(
+        &mut self,
+        (ty, name, gives): (&'static str, &'static str, &'static str),
+        doc: &'static str,
+        f: impl Fn(&mut T) -> RhaiResult<R> + 'static,
+    ) {
+        self.engine.register_get(name, move |x: &mut T| f(x));
+        self.add_getter(
+            ty,
+            GetterSpec {
+                name,
+                ty: gives,
+                doc,
+            },
+        );
+    }
+
+    pub fn finish(self) -> Docs {
+        self.docs
+    }
+}
+
+/// Registers every type and function; returns their declarations.
+pub fn register(engine: &mut Engine, session: &Arc<Session>) -> Docs {
+    let mut api = Api::new(engine);
+    images::register(&mut api, session);
+    tensors::register(&mut api);
+    model::register(&mut api, session);
+    generation::register(&mut api);
+    concepts::register(&mut api, session);
+    metrics::register(&mut api, session);
+    recipes::register(&mut api);
+    api.finish()
 }
 
 /// A JSON value as a Rhai value.

@@ -1,22 +1,19 @@
-//! Models and generations in scripts.
+//! Models in scripts: loading, generating, tokens, kernels and device information.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use rhai::{Array, Dynamic, Engine, Map, FLOAT, INT};
+use rhai::{Array, Dynamic, Map, FLOAT, INT};
 
-use super::images::Img;
-use super::tensors::TensorVal;
-use super::volatile;
+use super::generation::{Gen, MapsMode};
+use super::Api;
 use crate::actions;
+use crate::app::script::docs::{FnSpec, Kind};
 use crate::app::script::{err, rt, Opts, RhaiResult, Session};
-use crate::infusion::generate::{generate_infusion, InfusionGeneration, InfusionOptions};
-use crate::infusion::maps::{overlay, token_map, AttentionMaps};
-use crate::infusion::Stream;
+use crate::infusion::generate::{generate_infusion, InfusionOptions};
+use crate::infusion::maps::AttentionMaps;
 use crate::sd::fused::{kernels, set_thread_kernels};
 use crate::sd::pipeline::{load_noise, GenerateOptions, StableDiffusion};
-use crate::util::image_io::tensor_to_rgb;
-use crate::util::text_render::labelled_row;
 
 /// A loaded model (cheap to clone).
 #[derive(Clone)]
@@ -45,39 +42,26 @@ impl std::fmt::Display for Model {
     }
 }
 
-/// A generation: the base (F) and customized (C) images, their latents, attention maps.
-#[derive(Clone)]
-pub struct Gen {
-    pub g: Arc<InfusionGeneration>,
-    pub maps: Option<Arc<AttentionMaps>>,
+fn load_spec(session: &Session) -> FnSpec {
+    FnSpec::new("load_model")
+        .sig("load_model() -> Model")
+        .sig("load_model(path_or_repo_id) -> Model")
+        .sig("load_model(path_or_repo_id, options) -> Model")
+        .doc("Loads a Stable Diffusion 1.x model from a diffusers folder or a repo id in the Hugging Face cache (nothing is downloaded). Without an argument: the --model given on the command line, else the bundled tiny model. Concepts loaded afterwards are checked against this model.")
+        .opt("device", Kind::Str, session.config.device.clone(), "\"cpu\", \"cuda\" or \"cuda:N\" (default: --device)")
+        .opt("dtype", Kind::Choice(&["f32", "f16", "bf16"]), session.config.dtype.clone(), "the working precision (default: --dtype)")
+        .example("let m = load_model(\"stable-diffusion-v1-5/stable-diffusion-v1-5\", #{device: \"cuda\", dtype: \"f16\"});")
 }
 
-impl std::fmt::Display for Gen {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Generation({:?}, seed {}, {} steps, concepts [{}])",
-            self.g.prompt,
-            self.g.options.generate.seed,
-            self.g.options.generate.steps,
-            self.g.concepts.join(", ")
-        )
-    }
-}
-
-fn load(session: &Session, spec: Option<&str>, opts: Option<&Map>) -> RhaiResult<Model> {
-    let mut device = session.config.device.clone();
-    let mut dtype = session.config.dtype.clone();
-    if let Some(m) = opts {
-        let o = Opts::new(m, "load_model", &["device", "dtype"])?;
-        device = o.string("device")?.unwrap_or(device);
-        dtype = o.string("dtype")?.unwrap_or(dtype);
-    }
-    let spec = spec
+fn load(session: &Session, spec: &FnSpec, path: Option<&str>, opts: &Map) -> RhaiResult<Model> {
+    let o = Opts::of(opts, spec)?;
+    let device = o.string("device").unwrap_or_default();
+    let dtype = o.string("dtype").unwrap_or_default();
+    let path = path
         .map(str::to_string)
         .or_else(|| session.config.model.clone());
     let loaded = rt(actions::load_model(
-        spec.as_deref(),
+        path.as_deref(),
         &device,
         &dtype,
         &session.job,
@@ -90,41 +74,54 @@ fn load(session: &Session, spec: Option<&str>, opts: Option<&Map>) -> RhaiResult
     Ok(model)
 }
 
-const GENERATE_OPTIONS: &[&str] = &[
-    "seed",
-    "steps",
-    "guidance",
-    "negative",
-    "width",
-    "height",
-    "noise",
-    "replace_steps",
-    "maps",
-];
+fn generate_spec() -> FnSpec {
+    let d = GenerateOptions::default();
+    let i = InfusionOptions::default();
+    FnSpec::method("Model", "generate")
+        .sig("model.generate(prompt) -> Generation")
+        .sig("model.generate(prompt, options) -> Generation")
+        .doc("Generates the base image (plain SD, F) and the customized image (Infusion, C) from the same noise. <name> in the prompt marks a loaded concept; without concepts both are the plain image. Ctrl-C cancels.")
+        .opt("seed", Kind::SEED, d.seed as INT, "seed of the initial noise")
+        .opt("steps", Kind::POSITIVE, d.steps as INT, "denoising steps (DDIM)")
+        .opt("guidance", Kind::Float, d.guidance as FLOAT, "classifier-free guidance scale")
+        .opt("negative", Kind::Str, d.negative_prompt.clone(), "negative prompt")
+        .opt_unset("width", Kind::POSITIVE, "image width in pixels (default: the model's size)")
+        .opt_unset("height", Kind::POSITIVE, "image height in pixels (default: the model's size)")
+        .opt_unset("noise", Kind::Str, "a safetensors file whose tensor `noise` is the initial latent")
+        .opt("replace_steps", Kind::Float, i.replace_steps as FLOAT, "fraction of the steps in which C uses F's attention maps")
+        .opt("maps", Kind::Other("\"light\", \"all\", \"off\" or true/false"), "light", "attention maps to keep: 16x16 maps averaged (light), every layer and step (all), none")
+        .example("let g = m.generate(\"a <mycat> reading a book\", #{seed: 7, steps: 30}); show(hstack([g.base, g.custom]));")
+}
 
-fn generate(session: &Session, model: &Model, prompt: &str, opts: &Map) -> RhaiResult<Gen> {
-    let o = Opts::new(opts, "generate", GENERATE_OPTIONS)?;
+fn generate(
+    session: &Session,
+    spec: &FnSpec,
+    model: &Model,
+    prompt: &str,
+    opts: &Map,
+) -> RhaiResult<Gen> {
+    let o = Opts::of(opts, spec)?;
     let d = GenerateOptions::default();
     let generate = GenerateOptions {
-        negative_prompt: o.string("negative")?.unwrap_or_default(),
-        seed: o.int("seed")?.map(|s| s as u64).unwrap_or(d.seed),
-        steps: o.usize("steps")?.unwrap_or(d.steps),
-        guidance: o.float("guidance")?.unwrap_or(d.guidance),
-        width: o.usize("width")?,
-        height: o.usize("height")?,
+        negative_prompt: o.string("negative").unwrap_or_default(),
+        seed: o.u64("seed").unwrap_or(d.seed),
+        steps: o.usize("steps").unwrap_or(d.steps),
+        guidance: o.float("guidance").unwrap_or(d.guidance),
+        width: o.usize("width"),
+        height: o.usize("height"),
         noise: o
-            .string("noise")?
+            .string("noise")
             .map(|p| rt(load_noise(Path::new(&p))))
             .transpose()?,
     };
-    let maps = match o.get_maps()? {
+    let maps = match MapsMode::of(o.get("maps"))? {
         MapsMode::Off => None,
         MapsMode::Light => Some(Arc::new(AttentionMaps::light(256))),
         MapsMode::All => Some(Arc::new(AttentionMaps::new(true))),
     };
     let opts = InfusionOptions {
         generate,
-        replace_steps: o.float("replace_steps")?.unwrap_or(1.0),
+        replace_steps: o.float("replace_steps").unwrap_or(1.0),
     };
     let concepts = session
         .concepts
@@ -146,168 +143,112 @@ fn generate(session: &Session, model: &Model, prompt: &str, opts: &Map) -> RhaiR
     })
 }
 
-enum MapsMode {
-    Off,
-    Light,
-    All,
-}
-
-impl Opts<'_> {
-    fn get_maps(&self) -> RhaiResult<MapsMode> {
-        if let Ok(Some(b)) = self.bool("maps") {
-            return Ok(if b { MapsMode::Light } else { MapsMode::Off });
-        }
-        match self.string("maps")?.as_deref() {
-            None | Some("light") => Ok(MapsMode::Light),
-            Some("all") => Ok(MapsMode::All),
-            Some("off") => Ok(MapsMode::Off),
-            Some(o) => Err(err(format!(
-                "generate: option `maps` is \"light\", \"all\", \"off\" or true/false, not {o:?}"
-            ))),
-        }
-    }
-}
-
-fn stream_of(s: &str) -> RhaiResult<Stream> {
-    match s {
-        "F" | "f" | "base" => Ok(Stream::Foundational),
-        "C" | "c" | "custom" => Ok(Stream::Customized),
-        o => Err(err(format!(
-            "stream {o:?}: expected \"F\" (base) or \"C\" (custom)"
-        ))),
-    }
-}
-
-impl Gen {
-    fn maps(&self) -> RhaiResult<&AttentionMaps> {
-        self.maps.as_deref().ok_or_else(|| {
-            err("this generation kept no attention maps (generate with #{maps: true})")
-        })
-    }
-
-    fn image(&self, stream: Stream) -> RhaiResult<Img> {
-        let t = match stream {
-            Stream::Foundational => &self.g.base_image,
-            Stream::Customized => &self.g.custom_image,
-        };
-        Ok(Img::with_text(rt(tensor_to_rgb(t))?, self.g.png_text()))
-    }
-
-    /// `(h, w, keys)` map of one stream: aggregated, or of one layer (and step).
-    fn map(&self, stream: Stream, o: &Opts) -> RhaiResult<candle_core::Tensor> {
-        let maps = self.maps()?;
-        let res = o.usize("resolution")?.map(|r| (r, r));
-        match o.string("layer")? {
-            Some(layer) => rt(maps.layer_map(stream, &layer, o.usize("step")?)),
-            None => {
-                if o.usize("step")?.is_some() {
-                    return Err(err("attention: `step` needs a `layer`"));
-                }
-                rt(maps.aggregate(stream, res))
-            }
-        }
-    }
-
-    /// The overlays of `word` for the streams asked for, labelled.
-    fn attention(&self, word: &str, opts: &Map) -> RhaiResult<Img> {
-        let o = Opts::new(
-            opts,
-            "attention",
-            &["stream", "layer", "step", "resolution"],
-        )?;
-        let streams = match o.string("stream")? {
-            None => vec![Stream::Foundational, Stream::Customized],
-            Some(s) => vec![stream_of(&s)?],
-        };
-        let positions = rt(self.g.word_positions(word))?;
-        let mut tiles = vec![];
-        for s in streams {
-            let m = rt(token_map(&self.map(s, &o)?, &positions))?;
-            let base = self.image(s)?;
-            let tag = if s == Stream::Foundational { "F" } else { "C" };
-            tiles.push((rt(overlay(&base.rgb, &m, 0.6))?, format!("{tag} {word}")));
-        }
-        Ok(Img::new(labelled_row(&tiles)))
-    }
-
-    /// One tile per prompt token (bos and eos left out) with the token under it.
-    fn tiles(&self, stream: Stream) -> RhaiResult<Img> {
-        let agg = self.map(stream, &Opts::new(&Map::new(), "attention_tiles", &[])?)?;
-        let base = self.image(stream)?;
-        let tokens = &self.g.tokens;
-        let mut tiles = vec![];
-        for p in 1..tokens.n_tokens.saturating_sub(1) {
-            let m = rt(token_map(&agg, &[p]))?;
-            let label = tokens.tokens[p].trim_end_matches("</w>").to_string();
-            tiles.push((rt(overlay(&base.rgb, &m, 0.7))?, label));
-        }
-        if tiles.is_empty() {
-            return Err(err("attention_tiles: the prompt has no tokens"));
-        }
-        Ok(Img::new(labelled_row(&tiles)))
-    }
-}
-
+/// How a prompt tokenizes, concept marks replaced by their words.
 fn tokens(
     session: &Session,
     model: &Model,
     prompt: &str,
-) -> RhaiResult<(crate::sd::tokenizer::Tokens, String)> {
+) -> RhaiResult<crate::sd::tokenizer::Tokens> {
     let concepts = session.concepts.read().unwrap_or_else(|e| e.into_inner());
     let base = concepts
         .parse(prompt)
         .map(|p| p.base)
         .unwrap_or_else(|_| prompt.to_string());
-    Ok((rt(model.sd.tokenize(&base))?, base))
+    rt(model.sd.tokenize(&base))
 }
 
-pub fn register(engine: &mut Engine, session: &Arc<Session>) {
-    engine.register_type_with_name::<Model>("Model");
-    engine.register_fn("to_string", |m: &mut Model| m.to_string());
-    engine.register_fn("to_debug", |m: &mut Model| m.to_string());
-    engine.register_get("size", |m: &mut Model| m.sd.default_size() as INT);
-    engine.register_get("source", |m: &mut Model| m.source.clone());
-    engine.register_get("fingerprint", |m: &mut Model| {
-        m.sd.unet_fingerprint().to_string()
-    });
-
-    volatile!(engine, "kernels", || kernels().to_string());
-    volatile!(engine, "set_kernels", |name: &str| -> RhaiResult<()> {
-        set_thread_kernels(name.parse().map_err(err)?);
-        Ok(())
-    });
-
-    let s = session.clone();
-    volatile!(engine, "load_model", move || load(&s, None, None));
-    let s = session.clone();
-    volatile!(engine, "load_model", move |spec: &str| load(
-        &s,
-        Some(spec),
-        None
-    ));
-    let s = session.clone();
-    volatile!(engine, "load_model", move |spec: &str, o: Map| load(
-        &s,
-        Some(spec),
-        Some(&o)
-    ));
-
-    let s = session.clone();
-    volatile!(engine, "generate", move |m: &mut Model, prompt: &str| {
-        generate(&s, m, prompt, &Map::new())
-    });
-    let s = session.clone();
-    volatile!(
-        engine,
-        "generate",
-        move |m: &mut Model, prompt: &str, o: Map| generate(&s, m, prompt, &o)
+fn device_info(session: &Session) -> Map {
+    let mut m = Map::new();
+    m.insert(
+        "default_device".into(),
+        Dynamic::from(session.config.device.clone()),
     );
+    m.insert(
+        "default_dtype".into(),
+        Dynamic::from(session.config.dtype.clone()),
+    );
+    m.insert(
+        "cuda_compiled".into(),
+        Dynamic::from(cfg!(feature = "cuda")),
+    );
+    m.insert(
+        "cuda_available".into(),
+        Dynamic::from(candle_core::utils::cuda_is_available()),
+    );
+    m.insert(
+        "cpu_threads".into(),
+        Dynamic::from(candle_core::utils::get_num_threads() as INT),
+    );
+    if let Some(model) = session
+        .model
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        m.insert("model".into(), Dynamic::from(model.to_string()));
+    }
+    m
+}
 
+/// Resident memory of this process (Linux).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+fn register_loading(api: &mut Api, session: &Arc<Session>) {
+    api.ty::<Model>("Model", "a loaded Stable Diffusion 1.x model (load_model)");
+    api.get(
+        ("Model", "size", "int"),
+        "the native image size in pixels",
+        |m: &mut Model| m.sd.default_size() as INT,
+    );
+    api.get(
+        ("Model", "source", "string"),
+        "the folder or repo id it was loaded from",
+        |m: &mut Model| m.source.clone(),
+    );
+    api.get(
+        ("Model", "fingerprint", "string"),
+        "the fingerprint of its UNet weights (concepts' base_model)",
+        |m: &mut Model| m.sd.unet_fingerprint().to_string(),
+    );
+    let spec = api.declare(load_spec(session));
+    let (s, sp) = (session.clone(), spec.clone());
+    api.func(&spec, move || load(&s, &sp, None, &Map::new()));
+    let (s, sp) = (session.clone(), spec.clone());
+    api.func(&spec, move |path: &str| {
+        load(&s, &sp, Some(path), &Map::new())
+    });
+    let (s, sp) = (session.clone(), spec.clone());
+    api.func(&spec, move |path: &str, o: Map| {
+        load(&s, &sp, Some(path), &o)
+    });
+
+    let spec = api.declare(generate_spec());
+    let (s, sp) = (session.clone(), spec.clone());
+    api.func(&spec, move |m: &mut Model, prompt: &str| {
+        generate(&s, &sp, m, prompt, &Map::new())
+    });
+    let (s, sp) = (session.clone(), spec.clone());
+    api.func(&spec, move |m: &mut Model, prompt: &str, o: Map| {
+        generate(&s, &sp, m, prompt, &o)
+    });
+}
+
+fn register_tokens(api: &mut Api, session: &Arc<Session>) {
+    let spec = api.declare(
+        FnSpec::method("Model", "tokens")
+            .sig("model.tokens(prompt) -> array of #{id, text, position}")
+            .doc("How a prompt tokenizes (concept marks replaced by their words), start and end tokens included.")
+            .example("for t in m.tokens(\"a <mycat> on a mat\") { print(t); }"),
+    );
     let s = session.clone();
-    engine.register_fn(
-        "tokens",
+    api.func(
+        &spec,
         move |m: &mut Model, prompt: &str| -> RhaiResult<Array> {
-            let (t, _) = tokens(&s, m, prompt)?;
+            let t = tokens(&s, m, prompt)?;
             Ok((0..t.n_tokens)
                 .map(|i| {
                     let mut e = Map::new();
@@ -319,93 +260,55 @@ pub fn register(engine: &mut Engine, session: &Arc<Session>) {
                 .collect())
         },
     );
+    let spec = api.declare(
+        FnSpec::method("Model", "token_ids")
+            .sig("model.token_ids(prompt) -> array of int")
+            .doc("The padded token ids the text encoder gets.")
+            .example("print(m.token_ids(\"a photo of a cat\").len());"),
+    );
     let s = session.clone();
-    engine.register_fn(
-        "token_ids",
+    api.func(
+        &spec,
         move |m: &mut Model, prompt: &str| -> RhaiResult<Array> {
-            let (t, _) = tokens(&s, m, prompt)?;
+            let t = tokens(&s, m, prompt)?;
             Ok(t.ids.iter().map(|&i| Dynamic::from(i as INT)).collect())
         },
     );
+}
 
-    engine.register_type_with_name::<Gen>("Generation");
-    engine.register_fn("to_string", |g: &mut Gen| g.to_string());
-    engine.register_fn("to_debug", |g: &mut Gen| g.to_string());
-    engine.register_get("base", |g: &mut Gen| g.image(Stream::Foundational));
-    engine.register_get("custom", |g: &mut Gen| g.image(Stream::Customized));
-    engine.register_get("base_latents", |g: &mut Gen| {
-        TensorVal::new(g.g.base_latents.clone())
+fn register_machine(api: &mut Api, session: &Arc<Session>) {
+    let spec = api.declare(
+        FnSpec::new("kernels")
+            .sig("kernels() -> string")
+            .doc("The kernels in use: \"naive\" or \"fused\" (see set_kernels).")
+            .example("print(kernels());"),
+    );
+    api.func(&spec, || kernels().to_string());
+    let spec = api.declare(
+        FnSpec::new("set_kernels")
+            .sig("set_kernels(name)")
+            .doc("Chooses the kernels from now on in this session, for every model: \"naive\" (candle's composite ops; the default) or \"fused\" (attention without a score matrix in memory, group norm + SiLU in one pass: CUDA kernels in f16/bf16, plain loops on the CPU). Layers whose maps are captured and layers that training differentiates through stay naive. Same as --kernels on the command line.")
+            .example("set_kernels(\"fused\"); let g = m.generate(\"a cat\", #{maps: false});"),
+    );
+    api.func(&spec, |name: &str| -> RhaiResult<()> {
+        set_thread_kernels(name.parse().map_err(err)?);
+        Ok(())
     });
-    engine.register_get("custom_latents", |g: &mut Gen| {
-        TensorVal::new(g.g.custom_latents.clone())
-    });
-    engine.register_get("prompt", |g: &mut Gen| g.g.prompt.clone());
-    engine.register_get("base_prompt", |g: &mut Gen| g.g.parsed.base.clone());
-    engine.register_get("seed", |g: &mut Gen| g.g.options.generate.seed as INT);
-    engine.register_get("steps", |g: &mut Gen| g.g.options.generate.steps as INT);
-    engine.register_get("guidance", |g: &mut Gen| {
-        g.g.options.generate.guidance as FLOAT
-    });
-    engine.register_get("concepts", |g: &mut Gen| -> Array {
-        g.g.concepts
-            .iter()
-            .map(|c| Dynamic::from(c.clone()))
-            .collect()
-    });
-    engine.register_fn("attention", |g: &mut Gen, word: &str| {
-        g.attention(word, &Map::new())
-    });
-    engine.register_fn("attention", |g: &mut Gen, word: &str, o: Map| {
-        g.attention(word, &o)
-    });
-    engine.register_fn("attention_tiles", |g: &mut Gen| g.tiles(Stream::Customized));
-    engine.register_fn("attention_tiles", |g: &mut Gen, stream: &str| {
-        g.tiles(stream_of(stream)?)
-    });
-    volatile!(engine, "save", |g: &mut Gen,
-                               path: &str|
-     -> RhaiResult<Array> {
-        let paths = rt(g.g.save(Path::new(path)))?;
-        Ok(paths
-            .into_iter()
-            .map(|p| Dynamic::from(p.display().to_string()))
-            .collect())
-    });
-    volatile!(engine, "save_maps", |g: &mut Gen,
-                                    path: &str|
-     -> RhaiResult<()> {
-        rt(g.maps()?.save(Path::new(path)))
-    });
-
+    let spec = api.declare(
+        FnSpec::new("device_info")
+            .sig("device_info() -> map")
+            .doc("The default device and dtype, whether CUDA is compiled in and available, CPU threads, the loaded model.")
+            .example("print(device_info());"),
+    );
     let s = session.clone();
-    volatile!(engine, "device_info", move || -> Map {
-        let mut m = Map::new();
-        m.insert(
-            "default_device".into(),
-            Dynamic::from(s.config.device.clone()),
-        );
-        m.insert(
-            "default_dtype".into(),
-            Dynamic::from(s.config.dtype.clone()),
-        );
-        m.insert(
-            "cuda_compiled".into(),
-            Dynamic::from(cfg!(feature = "cuda")),
-        );
-        m.insert(
-            "cuda_available".into(),
-            Dynamic::from(candle_core::utils::cuda_is_available()),
-        );
-        m.insert(
-            "cpu_threads".into(),
-            Dynamic::from(candle_core::utils::get_num_threads() as INT),
-        );
-        if let Some(model) = s.model.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            m.insert("model".into(), Dynamic::from(model.to_string()));
-        }
-        m
-    });
-    volatile!(engine, "memory_info", || -> Map {
+    api.func(&spec, move || device_info(&s));
+    let spec = api.declare(
+        FnSpec::new("memory_info")
+            .sig("memory_info() -> map")
+            .doc("Memory in use: the process's resident bytes.")
+            .example("print(memory_info());"),
+    );
+    api.func(&spec, || -> Map {
         let mut m = Map::new();
         if let Some(rss) = resident_bytes() {
             m.insert("process_resident_bytes".into(), Dynamic::from(rss as INT));
@@ -414,9 +317,8 @@ pub fn register(engine: &mut Engine, session: &Arc<Session>) {
     });
 }
 
-/// Resident memory of this process (Linux).
-fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+pub fn register(api: &mut Api, session: &Arc<Session>) {
+    register_loading(api, session);
+    register_tokens(api, session);
+    register_machine(api, session);
 }

@@ -5,10 +5,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use rhai::{Array, Dynamic, Engine, Map, FLOAT, INT};
+use rhai::{Array, Dynamic, Map, FLOAT, INT};
 
-use super::volatile;
-use crate::app::script::{err, rt, RhaiResult, Session};
+use super::Api;
+use crate::app::script::docs::FnSpec;
+use crate::app::script::{err, rt, RhaiResult};
 
 /// A tensor value (cheap to clone).
 #[derive(Debug, Clone)]
@@ -71,23 +72,66 @@ fn save_tensors(map: Map, path: &str) -> RhaiResult<()> {
     }))
 }
 
-pub fn register(engine: &mut Engine, _session: &Arc<Session>) {
-    engine.register_type_with_name::<TensorVal>("Tensor");
-    engine.register_fn("to_string", |t: &mut TensorVal| t.to_string());
-    engine.register_fn("to_debug", |t: &mut TensorVal| t.to_string());
-    engine.register_get("shape", |t: &mut TensorVal| -> Array {
-        t.0.dims()
-            .iter()
-            .map(|&d| Dynamic::from(d as INT))
-            .collect()
-    });
-    engine.register_get("dtype", |t: &mut TensorVal| {
-        format!("{:?}", t.0.dtype()).to_lowercase()
-    });
-    engine.register_fn("mean", |t: &mut TensorVal| t.reduce(|x| x.mean(0)));
-    engine.register_fn("min", |t: &mut TensorVal| t.reduce(|x| x.min(0)));
-    engine.register_fn("max", |t: &mut TensorVal| t.reduce(|x| x.max(0)));
-    engine.register_fn("to_array", |t: &mut TensorVal| -> RhaiResult<Array> {
+fn method(
+    name: &'static str,
+    sig: &'static str,
+    doc: &'static str,
+    example: &'static str,
+) -> FnSpec {
+    FnSpec::method("Tensor", name)
+        .sig(sig)
+        .doc(doc)
+        .example(example)
+}
+
+pub fn register(api: &mut Api) {
+    api.ty::<TensorVal>(
+        "Tensor",
+        "a tensor: latents, maps, anything read from safetensors",
+    );
+    api.get(
+        ("Tensor", "shape", "array"),
+        "its dimensions",
+        |t: &mut TensorVal| -> Array {
+            t.0.dims()
+                .iter()
+                .map(|&d| Dynamic::from(d as INT))
+                .collect()
+        },
+    );
+    api.get(
+        ("Tensor", "dtype", "string"),
+        "its element type (f32, f16, ...)",
+        |t: &mut TensorVal| format!("{:?}", t.0.dtype()).to_lowercase(),
+    );
+    let spec = api.declare(method(
+        "mean",
+        "tensor.mean() -> float",
+        "The mean of every value of a tensor.",
+        "print(g.custom_latents.mean());",
+    ));
+    api.func(&spec, |t: &mut TensorVal| t.reduce(|x| x.mean(0)));
+    let spec = api.declare(method(
+        "min",
+        "tensor.min() -> float",
+        "The smallest value of a tensor.",
+        "print(g.custom_latents.min());",
+    ));
+    api.func(&spec, |t: &mut TensorVal| t.reduce(|x| x.min(0)));
+    let spec = api.declare(method(
+        "max",
+        "tensor.max() -> float",
+        "The largest value of a tensor.",
+        "print(g.custom_latents.max());",
+    ));
+    api.func(&spec, |t: &mut TensorVal| t.reduce(|x| x.max(0)));
+    let spec = api.declare(method(
+        "to_array",
+        "tensor.to_array() -> array of float",
+        "Every value of a tensor, flattened, as floats (small tensors: a concept's layer, a map's corner).",
+        "let v = load_tensors(\"mycat.safetensors\")[\"mid_block.attentions.0.transformer_blocks.0.attn2\"].to_array();",
+    ));
+    api.func(&spec, |t: &mut TensorVal| -> RhaiResult<Array> {
         let v: Vec<f32> = rt(t
             .f32()?
             .flatten_all()
@@ -95,8 +139,18 @@ pub fn register(engine: &mut Engine, _session: &Arc<Session>) {
             .map_err(Into::into))?;
         Ok(v.into_iter().map(|x| Dynamic::from(x as FLOAT)).collect())
     });
-    volatile!(engine, "load_tensors", |path: &str| load_tensors(path));
-    volatile!(engine, "save_tensors", |map: Map, path: &str| save_tensors(
-        map, path
-    ));
+    let spec = api.declare(
+        FnSpec::new("load_tensors")
+            .sig("load_tensors(path) -> map of Tensor")
+            .doc("Reads every tensor of a safetensors file.")
+            .example("let t = load_tensors(\"maps.safetensors\"); print(t.keys());"),
+    );
+    api.func(&spec, |path: &str| load_tensors(path));
+    let spec = api.declare(
+        FnSpec::new("save_tensors")
+            .sig("save_tensors(map, path)")
+            .doc("Writes a map of tensors as safetensors (e.g. latents for another tool).")
+            .example("save_tensors(#{noise: g.base_latents}, \"latents.safetensors\");"),
+    );
+    api.func(&spec, |map: Map, path: &str| save_tensors(map, path));
 }
