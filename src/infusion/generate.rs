@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use super::concept::ConceptSet;
 use super::hook::{FMaps, InfusionHook, SampleEdit, ValueOffsets};
 use super::maps::AttentionMaps;
-use super::prompt::{place_concepts, ParsedPrompt};
+use super::prompt::{place_concepts, ParsedPrompt, Placement};
 use super::Stream;
 use crate::error::{Error, Result};
 use crate::job::Job;
@@ -154,6 +154,55 @@ impl InfusionGeneration {
     }
 }
 
+/// The prompt parsed, tokenized and its concepts placed (and checked against `sd`).
+fn place(
+    sd: &StableDiffusion,
+    concepts: &ConceptSet,
+    prompt: &str,
+    job: &Job,
+) -> Result<(ParsedPrompt, Tokens, Vec<Placement>)> {
+    let parsed = concepts.parse(prompt)?;
+    let tokens = sd.tokenize(&parsed.base)?;
+    if tokens.truncated() {
+        job.warn(format!(
+            "the prompt {:?} has {} tokens, the text encoder takes {}: the end is cut off",
+            parsed.base,
+            tokens.untruncated_n_tokens,
+            sd.tokenizer.max_len()
+        ));
+    }
+    let placements = place_concepts(concepts, &parsed, &tokens)?;
+    for p in &placements {
+        concepts.check(&p.concept.name, sd, job)?;
+    }
+    Ok((parsed, tokens, placements))
+}
+
+/// Infusion's hook for one prompt: its concepts' offsets, F's maps shared in the batch.
+fn hook<'a>(
+    sd: &StableDiffusion,
+    placements: &[Placement],
+    keys: usize,
+    opts: &InfusionOptions,
+    capture: Option<&'a AttentionMaps>,
+) -> Result<InfusionHook<'a>> {
+    let edit: SampleEdit<'_> = placements
+        .iter()
+        .map(|p| (p.positions.as_slice(), &p.concept.deltas))
+        .collect();
+    let offsets = ValueOffsets::new(
+        &[edit],
+        &sd.unet.attention_layers(),
+        keys,
+        sd.device(),
+        sd.dtype(),
+    )?;
+    let replace_until = (opts.replace_steps * opts.generate.steps as f64).round() as usize;
+    Ok(InfusionHook::new(offsets, FMaps::InBatch)
+        .replace_until(replace_until)
+        .capture(capture))
+}
+
 /// Generates F and C side by side. A prompt without concepts runs F alone, and C is F.
 pub fn generate_infusion(
     sd: &StableDiffusion,
@@ -170,23 +219,9 @@ pub fn generate_infusion(
         ));
     }
     let g = &opts.generate;
-    let parsed = concepts.parse(prompt)?;
-    let tokens = sd.tokenize(&parsed.base)?;
-    if tokens.truncated() {
-        job.warn(format!(
-            "the prompt {:?} has {} tokens, the text encoder takes {}: the end is cut off",
-            parsed.base,
-            tokens.untruncated_n_tokens,
-            sd.tokenizer.max_len()
-        ));
-    }
-    let placements = place_concepts(concepts, &parsed, &tokens)?;
-    for p in &placements {
-        concepts.check(&p.concept.name, sd, job)?;
-    }
+    let (parsed, tokens, placements) = place(sd, concepts, prompt, job)?;
     let negative = sd.tokenize(&g.negative_prompt)?;
     let states = sd.text_states(&[&negative, &tokens])?;
-    let init = sd.initial_latents(g)?;
     let traj = |stream: Stream| -> Result<Trajectory> {
         Ok(Trajectory {
             branch: stream.branch(),
@@ -195,46 +230,28 @@ pub fn generate_infusion(
             cond: states.get(1)?.unsqueeze(0)?,
         })
     };
-    let edit: SampleEdit<'_> = placements
-        .iter()
-        .map(|p| (p.positions.as_slice(), &p.concept.deltas))
-        .collect();
-    let offsets = ValueOffsets::new(
-        &[edit],
-        &sd.unet.attention_layers(),
-        tokens.ids.len(),
-        sd.device(),
-        sd.dtype(),
-    )?;
-    let replace_until = (opts.replace_steps * g.steps as f64).round() as usize;
-    let hook = InfusionHook::new(offsets, FMaps::InBatch)
-        .replace_until(replace_until)
-        .capture(capture);
-    // Without concepts C is F: F runs alone (and a hook only to capture maps).
-    let trajectories = if placements.is_empty() {
-        vec![traj(Stream::Foundational)?]
-    } else {
+    // Without concepts C is F: F runs alone (with the hook only to capture maps).
+    let customized = !placements.is_empty();
+    let trajectories = if customized {
         vec![traj(Stream::Foundational)?, traj(Stream::Customized)?]
+    } else {
+        vec![traj(Stream::Foundational)?]
     };
-    let hook = (!placements.is_empty() || capture.is_some()).then_some(&hook as &dyn AttentionHook);
+    let hook = hook(sd, &placements, tokens.ids.len(), opts, capture)?;
     let out = sd.denoise(
-        &init,
+        &sd.initial_latents(g)?,
         &trajectories,
         g.steps,
         g.guidance,
-        hook,
+        (customized || capture.is_some()).then_some(&hook as &dyn AttentionHook),
         job,
         &mut |_| Ok(()),
     )?;
     let base_latents = out[0].clone();
     let custom_latents = out.last().cloned().unwrap_or_else(|| base_latents.clone());
-    let (base_image, custom_image) = if placements.is_empty() {
-        let image = sd.decode_to_unit(&base_latents)?;
-        (image.clone(), image)
-    } else {
-        let images = sd.decode_to_unit(&Tensor::cat(&[&base_latents, &custom_latents], 0)?)?;
-        (images.get(0)?.unsqueeze(0)?, images.get(1)?.unsqueeze(0)?)
-    };
+    let images = sd.decode_to_unit(&Tensor::cat(&out, 0)?)?;
+    let base_image = images.get(0)?.unsqueeze(0)?;
+    let custom_image = images.get(out.len() - 1)?.unsqueeze(0)?;
     Ok(InfusionGeneration {
         prompt: prompt.to_string(),
         concepts: placements.iter().map(|p| p.concept.name.clone()).collect(),

@@ -95,7 +95,7 @@ fn load_image(path: &str) -> RhaiResult<Img> {
     Ok(Img::new(img.to_rgb8()))
 }
 
-pub fn register(api: &mut Api, session: &Arc<Session>) {
+fn register_type(api: &mut Api) {
     api.ty::<Img>("Image", "an RGB image, with the text chunks its PNG gets");
     api.get(
         ("Image", "width", "int"),
@@ -135,6 +135,9 @@ pub fn register(api: &mut Api, session: &Arc<Session>) {
         );
         Ok(Img::with_text(r, (*i.text).clone()))
     });
+}
+
+fn register_composition(api: &mut Api, session: &Arc<Session>) {
     let spec = api.declare(
         FnSpec::new("hstack")
             .sig("hstack(images) -> Image")
@@ -176,4 +179,9 @@ pub fn register(api: &mut Api, session: &Arc<Session>) {
     );
     let s = session.clone();
     api.func(&spec, move |img: Img| show(&s, &img));
+}
+
+pub fn register(api: &mut Api, session: &Arc<Session>) {
+    register_type(api);
+    register_composition(api, session);
 }

@@ -152,8 +152,9 @@ fn value_as(default: &Option<Dynamic>, flag: &str, text: &str) -> Result<Dynamic
     }
 }
 
-/// Parses `args` against the usage line's items. `Err(None)`: help was asked for.
-fn parse(items: &[Item], args: &[String]) -> Result<Map, Option<String>> {
+/// The flags' values (defaults where not given) and the positional arguments, in order.
+/// `Err(None)`: help was asked for.
+fn parse_flags(items: &[Item], args: &[String]) -> Result<(Map, Vec<String>), Option<String>> {
     let mut map = Map::new();
     for item in items {
         match item {
@@ -170,6 +171,9 @@ fn parse(items: &[Item], args: &[String]) -> Result<Map, Option<String>> {
     let mut it = args.iter();
     let mut flags_done = false;
     while let Some(a) = it.next() {
+        if a == "-h" && !flags_done {
+            return Err(None);
+        }
         if flags_done || !a.starts_with("--") || a == "--" {
             if a == "--" && !flags_done {
                 flags_done = true;
@@ -185,11 +189,10 @@ fn parse(items: &[Item], args: &[String]) -> Result<Map, Option<String>> {
         if flag == "help" {
             return Err(None);
         }
-        let unknown = || Some(format!("unknown option `--{flag}`"));
-        match items
+        let item = items
             .iter()
-            .find(|i| matches!(i, Item::Flag { name, .. } | Item::Switch { name } if name == flag))
-        {
+            .find(|i| matches!(i, Item::Flag { name, .. } | Item::Switch { name } if name == flag));
+        match item {
             Some(Item::Switch { name }) => {
                 map.insert(key(name).into(), Dynamic::from(true));
             }
@@ -206,12 +209,15 @@ fn parse(items: &[Item], args: &[String]) -> Result<Map, Option<String>> {
                     value_as(default, name, &text).map_err(Some)?,
                 );
             }
-            _ => return Err(unknown()),
+            _ => return Err(Some(format!("unknown option `--{flag}`"))),
         }
     }
-    if args.iter().any(|a| a == "-h") {
-        return Err(None);
-    }
+    Ok((map, positional))
+}
+
+/// Parses `args` against the usage line's items. `Err(None)`: help was asked for.
+fn parse(items: &[Item], args: &[String]) -> Result<Map, Option<String>> {
+    let (mut map, positional) = parse_flags(items, args)?;
     let mut rest = positional.into_iter();
     for item in items {
         let Item::Positional {
