@@ -114,7 +114,7 @@ pub struct Trained {
 /// with a progress bar, and saves the concept reached, whether the run finished, was cancelled
 /// or failed. An error here means nothing was trained (bad images, options, checkpoint).
 pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Result<Trained> {
-    let images = load_folder_images(&req.folder)?;
+    let images = load_folder_images(&req.folder, job)?;
     if let Some(w) = image_count_warning(images.len(), &req.folder) {
         job.warn(w);
     }

@@ -60,6 +60,11 @@ pub enum Error {
     #[error("{}: not a valid safetensors file: {msg}", path.display())]
     Safetensors { path: PathBuf, msg: String },
 
+    /// A valid safetensors file whose content is not what it should be (a concept's metadata,
+    /// a tensor's type).
+    #[error("{}: {msg}", path.display())]
+    Format { path: PathBuf, msg: String },
+
     #[error(
         "{component} weights ({}) do not fit the model:\n  {}",
         files_list(files),
@@ -88,6 +93,10 @@ pub enum Error {
 
     #[error("cancelled")]
     Cancelled,
+
+    /// A stage of the model produced NaN or infinite values; the message names the stage.
+    #[error("{0}")]
+    NotFinite(String),
 
     /// A tensor operation failed; shown without candle's backtrace.
     #[error("{}", root_cause(.0))]

@@ -4,7 +4,7 @@
 //! cancel it (a Ctrl-C handler): long loops call [`Job::check`] between steps, and stop with
 //! [`Error::Cancelled`](crate::Error::Cancelled), keeping what they reached where that makes sense.
 //! Library code reports warnings and notes through it ([`Job::warn`], [`Job::note`]), so every
-//! front end shows them the same way; a warning is shown once per job.
+//! front end shows them the same way; a warning is shown once per job (until [`Job::reset`]).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -102,9 +102,14 @@ impl Job {
         self.cancelled.store(true, Ordering::SeqCst);
     }
 
-    /// Clears a cancellation, so the job object can run the next job.
+    /// Clears a cancellation and the warnings shown, so the job object can run the next job.
     pub fn reset(&self) {
         self.cancelled.store(false, Ordering::SeqCst);
+        self.messages
+            .warned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     pub fn is_cancelled(&self) -> bool {

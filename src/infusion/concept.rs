@@ -60,6 +60,17 @@ pub fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks a class word: not empty (F needs a word in the concept's place).
+pub fn check_word(word: &str) -> Result<()> {
+    if word.trim().is_empty() {
+        return Err(Error::arg(
+            "word",
+            "the class word is empty: give the kind of thing the concept is (cat, teapot)",
+        ));
+    }
+    Ok(())
+}
+
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
@@ -73,9 +84,7 @@ impl Concept {
         base_model: Option<String>,
     ) -> Result<Self> {
         check_name(name)?;
-        if word.trim().is_empty() {
-            return Err(Error::arg("word", "the class word is empty"));
-        }
+        check_word(word)?;
         let deltas = layers
             .into_iter()
             .filter(|l| l.kind == AttnKind::CrossAttention)
@@ -139,20 +148,25 @@ impl Concept {
     /// Reads a concept file, checking its format and that every tensor is a finite 1-D vector
     /// named like a cross-attention layer. Whether it fits a model is [`Concept::check_model`].
     pub fn load(path: &Path) -> Result<Self> {
-        let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let data = crate::util::fs::read_regular(path)?;
         Self::from_bytes(&data, path)
     }
 
     /// Parses a concept file's bytes; `path` is for messages.
     pub fn from_bytes(data: &[u8], path: &Path) -> Result<Self> {
-        let bad = |msg: String| Error::Safetensors {
+        let unreadable = |msg: String| Error::Safetensors {
             path: path.to_path_buf(),
             msg,
         };
-        safetensors::SafeTensors::deserialize(data)
-            .map_err(|e| bad(format!("not a concept file: {e}")))?;
+        // What is wrong inside a readable file is said as it is.
+        let bad = |msg: String| Error::Format {
+            path: path.to_path_buf(),
+            msg: format!("not a usable concept: {msg}"),
+        };
+        let st = safetensors::SafeTensors::deserialize(data)
+            .map_err(|e| unreadable(format!("not a concept file: {e}")))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(data)
-            .map_err(|e| bad(format!("not a concept file: {e}")))?;
+            .map_err(|e| unreadable(format!("not a concept file: {e}")))?;
         let meta = header.metadata().clone().unwrap_or_default();
         match meta.get("format").map(String::as_str) {
             Some(FORMAT) => {}
@@ -171,13 +185,25 @@ impl Concept {
         let name = field("name")?;
         check_name(&name).map_err(|e| bad(e.to_string()))?;
         let word = field("word")?;
+        check_word(&word).map_err(|_| bad("its class word (metadata `word`) is empty".into()))?;
+        for (k, view) in st.tensors() {
+            if !matches!(
+                view.dtype(),
+                safetensors::Dtype::F16 | safetensors::Dtype::F32
+            ) {
+                return Err(bad(format!(
+                    "tensor `{k}` is {:?}; concept residuals are f16 or f32",
+                    view.dtype()
+                )));
+            }
+        }
         let train = match meta.get("train") {
             Some(s) => serde_json::from_str(s)
                 .map_err(|e| bad(format!("metadata `train` is not JSON: {e}")))?,
             None => serde_json::Value::Null,
         };
         let tensors = candle_core::safetensors::load_buffer(data, &Device::Cpu)
-            .map_err(|e| bad(root_cause(&e)))?;
+            .map_err(|e| unreadable(root_cause(&e)))?;
         if tensors.is_empty() {
             return Err(bad("the file holds no Δ tensors".into()));
         }
@@ -296,6 +322,17 @@ impl ConceptSet {
             .map(|e| e.concept)
     }
 
+    /// Adds a concept of the session; one of the same name is replaced, and `job` says so.
+    pub fn add(&mut self, concept: Arc<Concept>, forced: bool, job: &Job) {
+        let (name, word) = (concept.name.clone(), concept.word.clone());
+        if let Some(old) = self.insert_arc(concept, forced) {
+            job.warn(format!(
+                "<{name}> ({word}) replaces the concept of that name loaded before ({})",
+                old.word
+            ));
+        }
+    }
+
     pub fn get(&self, name: &str) -> Option<&Arc<Concept>> {
         self.concepts.get(name).map(|e| &e.concept)
     }
@@ -335,7 +372,7 @@ impl ConceptSet {
                 e => e,
             })?;
         }
-        self.insert_arc(concept.clone(), force);
+        self.add(concept.clone(), force, job);
         Ok(concept)
     }
 

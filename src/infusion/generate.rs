@@ -220,6 +220,8 @@ pub fn generate_infusion(
     }
     let g = &opts.generate;
     let (parsed, tokens, placements) = place(sd, concepts, prompt, job)?;
+    // Everything checked before the first tensor: F and C are 4 UNet rows, F alone 2.
+    sd.check_generate(g, if placements.is_empty() { 2 } else { 4 })?;
     let negative = sd.tokenize(&g.negative_prompt)?;
     let states = sd.text_states(&[&negative, &tokens])?;
     let traj = |stream: Stream| -> Result<Trajectory> {

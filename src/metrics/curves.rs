@@ -19,6 +19,7 @@ use crate::infusion::concept::ConceptSet;
 use crate::infusion::generate::{generate_infusion, InfusionGeneration, InfusionOptions};
 use crate::infusion::train::{TrainOptions, Trainer};
 use crate::job::Job;
+use crate::sd::device::ensure_fits;
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
 use crate::util::fs::write_atomic;
 use crate::util::image_io::{grid_on, save_png, tensor_to_rgb};
@@ -227,6 +228,24 @@ pub fn overtraining_curves(
             "W2 needs at least 2 images per side",
         ));
     }
+    // The W2 latents and the scored images are kept until each checkpoint is measured.
+    ensure_fits(
+        "w2_samples",
+        &format!("{} W2 images per side", opts.w2_samples),
+        opts.w2_samples as u128 * 2 * sd.latent_bytes(),
+        sd.device(),
+    )?;
+    let size = sd.default_size() as u128;
+    ensure_fits(
+        "samples",
+        &format!(
+            "{} images per prompt for {} prompts",
+            opts.images_per_prompt,
+            opts.eval_prompts.len()
+        ),
+        (opts.images_per_prompt * opts.eval_prompts.len()) as u128 * size * size * 3 * 2,
+        &candle_core::Device::Cpu,
+    )?;
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
     let mut trainer = Trainer::new(sd, name, word, images, opts.train.clone())?;
     let measure = Measure {

@@ -262,7 +262,7 @@ pub fn evaluate(
         let subject = Subject {
             set,
             name,
-            scorer: Scorer::new(clip, dino, &load_folder_images(&ec.images)?)?,
+            scorer: Scorer::new(clip, dino, &load_folder_images(&ec.images, job)?)?,
         };
         for at in todo {
             job.check()?;

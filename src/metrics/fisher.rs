@@ -21,6 +21,7 @@ use crate::infusion::concept::ConceptSet;
 use crate::infusion::hook::{eps_pair, SampleEdit};
 use crate::infusion::prompt::place_concepts;
 use crate::job::Job;
+use crate::sd::device::ensure_fits;
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
 use crate::sd::unet::UNet;
 use crate::sd::weights::WeightFiles;
@@ -96,6 +97,25 @@ pub fn fisher_inputs(
     if opts.samples == 0 {
         return Err(Error::arg("samples", "must be at least 1"));
     }
+    if opts.batch == 0 {
+        return Err(Error::arg("batch", "must be at least 1"));
+    }
+    let dev = sd.device();
+    // Every sample's noisy latent is kept; each batch is two UNet calls.
+    let latent = sd.latent_bytes();
+    ensure_fits(
+        "samples",
+        &format!("{} Fisher samples", opts.samples),
+        opts.samples as u128 * latent * 2,
+        dev,
+    )?;
+    let size = sd.default_size();
+    ensure_fits(
+        "batch",
+        &format!("a Fisher batch of {}", opts.batch),
+        sd.unet_call_bytes(opts.batch, sd.latent_size(size, size)?) * 2,
+        dev,
+    )?;
     let empty = ConceptSet::new();
     let concepts = concepts.unwrap_or(&empty);
     let clean: Vec<Tensor> = if opts.images.is_empty() {

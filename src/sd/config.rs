@@ -41,8 +41,8 @@ impl<T: Copy> PerBlock<T> {
 
 /// Reads and parses a JSON config, naming the file on any error.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::config(path, e))
+    let bytes = crate::util::fs::read_regular(path)?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::config(path, e))
 }
 
 fn default_true() -> bool {
@@ -231,6 +231,9 @@ impl UNetConfig {
         }
         if self.norm_num_groups == 0 {
             return Err("norm_num_groups is 0".into());
+        }
+        if self.sample_size == Some(0) {
+            return Err("sample_size is 0: the native latent size must be at least 1".into());
         }
         for (i, &c) in self.block_out_channels.iter().enumerate() {
             if c % self.norm_num_groups != 0 {

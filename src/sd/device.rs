@@ -49,6 +49,63 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
+/// Bytes a new allocation may take on `device` now: the CPU's available memory
+/// (`MemAvailable` of /proc/meminfo), a GPU's free memory. `None` where it cannot tell.
+pub fn available_bytes(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Ok(dev) = device.as_cuda_device() {
+        return cuda::free(dev).ok();
+    }
+    if !device.is_cpu() {
+        return None;
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A byte count for people: `1.5 GiB`.
+pub fn human_bytes(bytes: u128) -> String {
+    const UNITS: [&str; 7] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Refuses work that would need more memory than `device` has available, before anything is
+/// allocated (an allocation that fails aborts the process, and with it a REPL session). The
+/// error names the argument `arg` to change; `what` says what needs `need` bytes.
+pub fn ensure_fits(arg: &str, what: &str, need: u128, device: &Device) -> Result<()> {
+    let Some(have) = available_bytes(device) else {
+        return Ok(());
+    };
+    if need <= have as u128 {
+        return Ok(());
+    }
+    Err(Error::arg(
+        arg,
+        format!(
+            "{what} needs about {}, more than the {} available on {}",
+            human_bytes(need),
+            human_bytes(have as u128),
+            if device.is_cpu() {
+                "the CPU"
+            } else {
+                "the GPU"
+            }
+        ),
+    ))
+}
+
 /// Resets the peak counter of `device` (no-op where there is none).
 pub fn reset_peak(device: &Device) {
     #[cfg(feature = "cuda")]
@@ -80,6 +137,17 @@ mod cuda {
         ctx.bind_to_thread().map_err(|e| e.to_string())?;
         // SAFETY: the device handle comes from a live context.
         unsafe { device::get_default_mem_pool(ctx.cu_device()) }.map_err(|e| e.to_string())
+    }
+
+    /// Free device memory in bytes.
+    pub fn free(dev: &CudaDevice) -> Result<u64, String> {
+        dev.cuda_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| e.to_string())?;
+        let (free, _) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+            .map_err(|e| e.to_string())?;
+        Ok(free as u64)
     }
 
     pub fn high(dev: &CudaDevice) -> Result<u64, String> {

@@ -133,6 +133,7 @@ impl ModelFiles {
                 root.display()
             )));
         }
+        check_pipeline(root)?;
         let sub = |name: &str| -> Result<PathBuf> {
             let d = root.join(name);
             if d.is_dir() {
@@ -170,6 +171,34 @@ impl ModelFiles {
             scheduler: scheduler.is_file().then_some(scheduler),
         })
     }
+}
+
+/// The pipeline classes whose folders hold an SD1.x text-to-image model.
+const SD1_PIPELINES: &[&str] = &["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"];
+
+/// Reads `model_index.json`: the folder must be a diffusers pipeline of an SD1.x class.
+fn check_pipeline(root: &Path) -> Result<()> {
+    let path = root.join("model_index.json");
+    if !path.is_file() {
+        return Err(Error::ModelNotFound(format!(
+            "{} has no model_index.json: not a diffusers pipeline folder (save one with \
+             `pipe.save_pretrained(DIR)`)",
+            root.display()
+        )));
+    }
+    let index: serde_json::Value = crate::sd::config::read_json(&path)?;
+    let class = index
+        .get("_class_name")
+        .and_then(|c| c.as_str())
+        .ok_or_else(|| Error::config(&path, "no `_class_name`: not a diffusers pipeline index"))?;
+    if !SD1_PIPELINES.contains(&class) {
+        return Err(Error::Unsupported(format!(
+            "{} is a {class} folder; only Stable Diffusion 1.x pipelines ({}) are supported",
+            root.display(),
+            SD1_PIPELINES.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 /// The safetensors files of a component: `STEM[.fp16].safetensors`, or the shards listed in

@@ -282,13 +282,103 @@ impl StableDiffusion {
     pub fn text_states(&self, tokens: &[&Tokens]) -> Result<Tensor> {
         let ids: Vec<u32> = tokens.iter().flat_map(|t| t.ids.iter().copied()).collect();
         let ids = Tensor::from_vec(ids, (tokens.len(), self.tokenizer.max_len()), &self.device)?;
-        Ok(self.text_encoder.forward(&ids)?)
+        let states = self.text_encoder.forward(&ids)?;
+        finite(&states, || {
+            "the text encoder gave NaN or infinite values (are its weights finite?)".into()
+        })?;
+        Ok(states)
+    }
+
+    /// Bytes of one latent at the native size, in f32 (what kept latents cost each).
+    pub fn latent_bytes(&self) -> u128 {
+        let s = self.unet.config().sample_size.unwrap_or(64) as u128;
+        self.unet.config().in_channels as u128 * s * s * 4
+    }
+
+    /// About the peak bytes one UNet call over `rows` rows of an `(h, w)` latent grid allocates:
+    /// the largest self-attention's scores and probabilities (`rows x heads x n²` in f32, n the
+    /// level's pixels), and the activations the skip connections keep. A lower estimate: it
+    /// refuses sizes that cannot fit, never one that might.
+    pub fn unet_call_bytes(&self, rows: usize, (h, w): (usize, usize)) -> u128 {
+        let cfg = self.unet.config();
+        let rows = rows as u128;
+        let mut n = (h * w) as u128;
+        let mut attention = 0u128;
+        for i in 0..cfg.n_blocks() {
+            let has_attention =
+                cfg.down_block_types[i] == "CrossAttnDownBlock2D" || i + 1 == cfg.n_blocks();
+            if has_attention {
+                let heads = cfg.heads().get(i) as u128;
+                attention = attention.max(rows * heads * n * n * 4 * 2);
+            }
+            n /= 4;
+        }
+        let c0 = cfg.block_out_channels[0] as u128;
+        let activations = rows * c0 * (h * w) as u128 * 4 * 16;
+        attention + activations
+    }
+
+    /// About the peak bytes decoding `rows` latents of `(h, w)` allocates: the VAE decoder's
+    /// mid-block attention over the latent pixels and its widest activations on the way up.
+    pub fn decode_bytes(&self, rows: usize, (h, w): (usize, usize)) -> u128 {
+        let cfg = self.vae.config();
+        let rows = rows as u128;
+        let n = (h * w) as u128;
+        let mut peak = rows * n * n * 4 * 2;
+        let mut pixels = n;
+        for &ch in cfg.block_out_channels.iter().rev() {
+            peak = peak.max(rows * ch as u128 * pixels * 4 * 4);
+            pixels *= 4;
+        }
+        peak
+    }
+
+    /// Checks a generation's settings before any work: a finite guidance, steps within the
+    /// scheduler's timesteps, a size the VAE can take and the machine can hold for `rows` UNet
+    /// rows, initial noise that fits and is finite. Returns the latent grid `(h, w)`.
+    pub fn check_generate(&self, opts: &GenerateOptions, rows: usize) -> Result<(usize, usize)> {
+        if !opts.guidance.is_finite() {
+            return Err(Error::arg(
+                "guidance",
+                format!("{} is not a finite number", opts.guidance),
+            ));
+        }
+        let t = self.scheduler.num_train_timesteps();
+        if opts.steps == 0 || opts.steps > t {
+            return Err(Error::arg(
+                "steps",
+                format!(
+                    "{}: the scheduler has {t} timesteps, so 1 to {t} denoising steps",
+                    opts.steps
+                ),
+            ));
+        }
+        let size = self.default_size();
+        let (width, height) = (opts.width.unwrap_or(size), opts.height.unwrap_or(size));
+        let hw = self.latent_size(width, height)?;
+        let need = self
+            .unet_call_bytes(rows, hw)
+            .max(self.decode_bytes(rows / 2, hw));
+        crate::sd::device::ensure_fits(
+            if width >= height { "width" } else { "height" },
+            &format!("a {width}x{height} image"),
+            need,
+            &self.device,
+        )?;
+        if let Some(noise) = &opts.noise {
+            if !crate::util::tensors::all_finite(noise)? {
+                return Err(Error::arg(
+                    "noise",
+                    "the initial noise holds NaN or infinite values",
+                ));
+            }
+        }
+        Ok(hw)
     }
 
     /// Initial latents for `opts`: the given noise (checked) or seeded noise.
     pub fn initial_latents(&self, opts: &GenerateOptions) -> Result<Tensor> {
-        let size = self.default_size();
-        let (h, w) = self.latent_size(opts.width.unwrap_or(size), opts.height.unwrap_or(size))?;
+        let (h, w) = self.check_generate(opts, 2)?;
         let c = self.unet.config().in_channels;
         let noise = match &opts.noise {
             Some(n) => {
@@ -374,6 +464,14 @@ impl StableDiffusion {
                 let c = out.get(2 * i + 1)?.unsqueeze(0)?;
                 let eps = (&u + ((c - &u)? * guidance)?)?;
                 *z = self.scheduler.step(&eps, t, z, steps)?;
+                finite(z, || {
+                    format!(
+                        "the latents became NaN or infinite at denoising step {} of {steps} \
+                         (timestep {t}): the UNet's prediction was not finite (its weights, or a \
+                         dtype too narrow?)",
+                        index + 1
+                    )
+                })?;
                 guided.push(eps);
             }
             on_step(&StepReport {
@@ -393,6 +491,7 @@ impl StableDiffusion {
 
     /// Text-to-image with plain SD.
     pub fn generate(&self, prompt: &str, opts: &GenerateOptions, job: &Job) -> Result<Generation> {
+        self.check_generate(opts, 2)?;
         let tokens = self.tokenize(prompt)?;
         let negative = self.tokenize(&opts.negative_prompt)?;
         let states = self.text_states(&[&negative, &tokens])?;
@@ -428,7 +527,11 @@ impl StableDiffusion {
     /// UNet-scale latents -> the VAE's raw output `(b, 3, H, W)` (about [-1, 1]), f32.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let z = self.vae.unscale(&latents.to_dtype(self.vae_dtype)?)?;
-        Ok(self.vae.decode(&z)?.to_dtype(DType::F32)?)
+        let image = self.vae.decode(&z)?.to_dtype(DType::F32)?;
+        finite(&image, || {
+            "the VAE decoder gave NaN or infinite values (its weights, or f16 without force_upcast?)".into()
+        })?;
+        Ok(image)
     }
 
     /// UNet-scale latents -> image `(b, 3, H, W)` in [0, 1], f32.
@@ -441,6 +544,15 @@ impl StableDiffusion {
     pub fn encode_mean(&self, image: &Tensor) -> Result<Tensor> {
         let dist = self.vae.encode(&image.to_dtype(self.vae_dtype)?)?;
         Ok(self.vae.scale(&dist.mean)?.to_dtype(self.dtype)?)
+    }
+}
+
+/// `Err(NotFinite(what()))` unless every value of `t` is finite.
+fn finite(t: &Tensor, what: impl FnOnce() -> String) -> Result<()> {
+    if crate::util::tensors::all_finite(t)? {
+        Ok(())
+    } else {
+        Err(Error::NotFinite(what()))
     }
 }
 

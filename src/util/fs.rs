@@ -5,6 +5,33 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
+/// Reads a whole file, refusing anything that is not a regular file (after following links): a
+/// FIFO or a device would block or never end.
+pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
+    check_regular(path)?;
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+/// `Ok` when `path` is a regular file (after following links).
+pub fn check_regular(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                if meta.is_dir() {
+                    "a folder, not a file"
+                } else {
+                    "not a regular file"
+                },
+            ),
+        ))
+    }
+}
+
 /// Writes `path` through a temporary file in the same folder and a rename, so a crash or an error
 /// never leaves a half-written file behind. The file gets the permissions a plain create would
 /// give: a new file `0666` less the umask, a replaced file its old mode.

@@ -7,6 +7,7 @@ use image::RgbImage;
 
 use super::fs::write_atomic;
 use crate::error::{Error, Result};
+use crate::job::Job;
 
 /// An image tensor `(3, H, W)` or `(1, 3, H, W)` with values in [0, 1] -> 8-bit RGB, rounding
 /// like diffusers' `numpy_to_pil` (`(x * 255).round()`).
@@ -96,9 +97,19 @@ pub fn hstack(images: &[RgbImage]) -> Result<RgbImage> {
     grid(images, images.len().max(1))
 }
 
+/// The images of a folder, and the files that looked like images but were skipped.
+#[derive(Debug, Default)]
+pub struct ImageFolder {
+    pub images: Vec<(PathBuf, RgbImage)>,
+    /// `path: why` of each file skipped (not a regular file, unreadable).
+    pub skipped: Vec<String>,
+}
+
 /// Loads the images of a folder (jpg, png, webp; grayscale, RGBA and 16-bit converted to 8-bit
-/// RGB, transparency over white), sorted by file name.
-pub fn load_folder(folder: &Path) -> Result<Vec<(PathBuf, RgbImage)>> {
+/// RGB, transparency over white), sorted by file name. Only regular files are opened (after
+/// following links; a FIFO would block); a file that cannot be read is skipped, as long as one
+/// image loads.
+pub fn load_folder(folder: &Path) -> Result<ImageFolder> {
     let entries = std::fs::read_dir(folder).map_err(|e| Error::io(folder, e))?;
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -115,27 +126,44 @@ pub fn load_folder(folder: &Path) -> Result<Vec<(PathBuf, RgbImage)>> {
         })
         .collect();
     paths.sort();
-    if paths.is_empty() {
-        return Err(Error::Image {
-            path: folder.to_path_buf(),
-            msg: "no jpg, png or webp images in this folder".into(),
-        });
-    }
-    paths
-        .into_iter()
-        .map(|p| {
-            let img = image::open(&p).map_err(|e| Error::Image {
+    let mut out = ImageFolder::default();
+    for p in paths {
+        let loaded = crate::util::fs::check_regular(&p).and_then(|()| {
+            image::open(&p).map_err(|e| Error::Image {
                 path: p.clone(),
                 msg: e.to_string(),
-            })?;
-            Ok((p, to_rgb_over_white(&img)))
-        })
-        .collect()
+            })
+        });
+        match loaded {
+            Ok(img) => out.images.push((p, to_rgb_over_white(&img))),
+            Err(e) => out.skipped.push(e.to_string()),
+        }
+    }
+    if out.images.is_empty() {
+        let why = if out.skipped.is_empty() {
+            "no jpg, png or webp images in this folder".to_string()
+        } else {
+            format!(
+                "no readable image in this folder ({})",
+                out.skipped.join("; ")
+            )
+        };
+        return Err(Error::Image {
+            path: folder.to_path_buf(),
+            msg: why,
+        });
+    }
+    Ok(out)
 }
 
-/// The images of a folder, as [`load_folder`] reads them, without their paths.
-pub fn load_folder_images(folder: &Path) -> Result<Vec<RgbImage>> {
-    Ok(load_folder(folder)?.into_iter().map(|(_, i)| i).collect())
+/// The images of a folder, as [`load_folder`] reads them, without their paths; each file
+/// skipped is a warning on `job`.
+pub fn load_folder_images(folder: &Path, job: &Job) -> Result<Vec<RgbImage>> {
+    let f = load_folder(folder)?;
+    for s in &f.skipped {
+        job.warn(format!("skipped {s}"));
+    }
+    Ok(f.images.into_iter().map(|(_, i)| i).collect())
 }
 
 fn to_rgb_over_white(img: &image::DynamicImage) -> RgbImage {

@@ -4,4 +4,5 @@
 pub mod fs;
 pub mod image_io;
 pub mod noise;
+pub mod tensors;
 pub mod text_render;

@@ -13,6 +13,7 @@ fn curves_measure_every_checkpoint_and_draw_a_chart() {
     let (clip, dino) = crate::common::tiny_scorers();
     let images: Vec<_> = load_folder(&repo().join("assets/example-concept"))
         .unwrap()
+        .images
         .into_iter()
         .map(|(_, i)| i)
         .collect();

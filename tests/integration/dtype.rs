@@ -75,6 +75,7 @@ fn f16_training_scales_the_loss_and_follows_f32() {
     use infusion_repl::infusion::train::{TrainOptions, Trainer};
     let images: Vec<image::RgbImage> = infusion_repl::util::image_io::load_folder_images(
         &crate::common::repo().join("assets/example-concept"),
+        &Job::quiet(),
     )
     .unwrap();
     let opts = TrainOptions {

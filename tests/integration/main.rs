@@ -16,6 +16,7 @@ mod metrics;
 mod other_configs;
 mod recipes;
 mod repl;
+mod robustness;
 
 mod scheduler;
 mod script_api;

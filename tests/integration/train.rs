@@ -110,7 +110,7 @@ fn image_folder() -> tempfile::TempDir {
 #[test]
 fn training_images_of_every_kind_load_as_rgb() {
     let dir = image_folder();
-    let imgs = load_folder(dir.path()).unwrap();
+    let imgs = load_folder(dir.path()).unwrap().images;
     let names: Vec<_> = imgs
         .iter()
         .map(|(p, _)| p.file_name().unwrap().to_str().unwrap().to_string())
@@ -129,10 +129,48 @@ fn training_images_of_every_kind_load_as_rgb() {
     assert!(e.to_string().contains("no jpg, png or webp"), "{e}");
 }
 
+/// A FIFO named like an image would block forever when opened, and one unreadable file must
+/// not refuse the rest: both are skipped, each with its reason; a folder with nothing readable
+/// is an error that lists them.
+#[cfg(unix)]
+#[test]
+fn fifos_and_unreadable_images_are_skipped_with_a_reason() {
+    let dir = image_folder();
+    let fifo = dir.path().join("e.png");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::write(dir.path().join("f.jpg"), b"not a jpeg").unwrap();
+    let f = load_folder(dir.path()).unwrap();
+    assert_eq!(f.images.len(), 4);
+    assert_eq!(f.skipped.len(), 2, "{:?}", f.skipped);
+    assert!(f.skipped[0].contains("e.png") && f.skipped[0].contains("not a regular file"));
+    assert!(f.skipped[1].contains("f.jpg"), "{:?}", f.skipped);
+    let job = Job::collecting();
+    let imgs = infusion_repl::util::image_io::load_folder_images(dir.path(), &job).unwrap();
+    assert_eq!(
+        (imgs.len(), job.messages().len()),
+        (4, 2),
+        "{:?}",
+        job.messages()
+    );
+
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::write(bad.path().join("x.png"), b"nope").unwrap();
+    let e = load_folder(bad.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("no readable image") && e.contains("x.png"),
+        "{e}"
+    );
+}
+
 fn images() -> Vec<image::RgbImage> {
     let dir = image_folder();
     load_folder(dir.path())
         .unwrap()
+        .images
         .into_iter()
         .map(|(_, i)| i)
         .collect()

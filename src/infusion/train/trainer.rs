@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use super::data::{Batch, TrainingSet, DEFAULT_TEMPLATES};
 use super::optim::{AdamState, AdamW};
 use crate::error::{root_cause, Error, Result};
-use crate::infusion::concept::{check, check_name, Concept};
+use crate::infusion::concept::{check, check_name, check_word, Concept};
 use crate::infusion::hook::{eps_pair, SampleEdit};
 use crate::job::Job;
 use crate::sd::attention::{AttnKind, LayerInfo};
@@ -55,8 +55,23 @@ impl Default for TrainOptions {
 
 impl TrainOptions {
     fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            return Err(Error::arg(
+                "train_steps",
+                "must be at least 1 (0 steps would save an untrained, all-zero concept)",
+            ));
+        }
         if self.batch == 0 {
             return Err(Error::arg("batch", "must be at least 1"));
+        }
+        if !self.weight_decay.is_finite() || self.weight_decay < 0.0 {
+            return Err(Error::arg(
+                "weight_decay",
+                format!(
+                    "{} is not a weight decay (a finite number >= 0)",
+                    self.weight_decay
+                ),
+            ));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(Error::arg(
@@ -219,7 +234,17 @@ impl<'a> Trainer<'a> {
     ) -> Result<Self> {
         check_name(name)?;
         opts.validate()?;
+        let size = sd.default_size();
+        let hw = sd.latent_size(size, size)?;
+        // F's pass, C's pass and what C's keeps for the backward pass.
+        crate::sd::device::ensure_fits(
+            "batch",
+            &format!("a training batch of {}", opts.batch),
+            sd.unet_call_bytes(opts.batch, hw) * 3,
+            sd.device(),
+        )?;
         let word = word.trim().to_string();
+        check_word(&word)?;
         let data = TrainingSet::new(sd, &word, images, &opts.templates, opts.flip)?;
         let layers: Vec<LayerInfo> = sd
             .unet
@@ -510,6 +535,17 @@ impl<'a> Trainer<'a> {
             opts.steps = s;
         }
         let step: usize = get("step")?.parse().map_err(|_| bad("bad `step`".into()))?;
+        if step >= opts.steps {
+            return Err(Error::arg(
+                "train_steps",
+                format!(
+                    "the checkpoint {} is at step {step}: nothing to train up to {} steps \
+                     (ask for more than {step})",
+                    checkpoint.display(),
+                    opts.steps
+                ),
+            ));
+        }
         let adam_step: usize = get("adam_step")?
             .parse()
             .map_err(|_| bad("bad `adam_step`".into()))?;
@@ -549,12 +585,7 @@ impl<'a> Trainer<'a> {
 
 fn all_finite(grads: &BTreeMap<String, Tensor>) -> Result<bool> {
     for g in grads.values() {
-        let s = g
-            .abs()?
-            .sum_all()?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
-        if !s.is_finite() {
+        if !crate::util::tensors::all_finite(g)? {
             return Ok(false);
         }
     }

@@ -38,7 +38,7 @@ fn add(session: &Session, concept: Concept) -> ConceptVal {
         .concepts
         .write()
         .unwrap_or_else(|e| e.into_inner())
-        .insert((*concept).clone(), false);
+        .add(concept.clone(), false, &session.job);
     ConceptVal(concept)
 }
 

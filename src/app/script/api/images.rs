@@ -124,9 +124,16 @@ fn register_type(api: &mut Api) {
             .example("show(g.custom.resize(128, 128));"),
     );
     api.func(&spec, |i: &mut Img, w: INT, h: INT| -> RhaiResult<Img> {
-        if w <= 0 || h <= 0 {
+        if w <= 0 || h <= 0 || w > u32::MAX as INT || h > u32::MAX as INT {
             return Err(err(format!("resize: {w}x{h} is not a size")));
         }
+        // The resized image and the filter's intermediate rows, in f32.
+        rt(crate::sd::device::ensure_fits(
+            "width",
+            &format!("a {w}x{h} image"),
+            w as u128 * h as u128 * 3 * 5,
+            &candle_core::Device::Cpu,
+        ))?;
         let r = image::imageops::resize(
             &*i.rgb,
             w as u32,

@@ -54,7 +54,11 @@ fn device(session: &Session) -> RhaiResult<candle_core::Device> {
 fn images_arg(v: Dynamic, what: &str) -> RhaiResult<Vec<RgbImage>> {
     if v.is_string() {
         let folder = v.to_string();
-        return rt(load_folder_images(Path::new(&folder)));
+        // Skipped files are reported as any job reports them (on stderr).
+        return rt(load_folder_images(
+            Path::new(&folder),
+            &crate::job::Job::default(),
+        ));
     }
     let arr = v.into_array().map_err(|t| {
         err(format!(
@@ -143,7 +147,7 @@ fn fisher(
         seed: o.u64("seed").unwrap_or(d.seed),
         batch: o.usize("batch").unwrap_or(d.batch),
         images: match o.string("images") {
-            Some(folder) => rt(load_folder_images(Path::new(&folder)))?,
+            Some(folder) => rt(load_folder_images(Path::new(&folder), &session.job))?,
             None => vec![],
         },
         gen_steps: o.usize("steps").unwrap_or(d.gen_steps),
@@ -453,7 +457,7 @@ fn run_curves(
         out_dir: o.string("out").map(PathBuf::from).unwrap_or(d.out_dir),
     };
     let (clip, dino) = scorers(session, &o)?;
-    let images: Vec<_> = rt(load_folder_images(Path::new(folder)))?;
+    let images: Vec<_> = rt(load_folder_images(Path::new(folder), &session.job))?;
     session.job.reset();
     let c = rt(overtraining_curves(
         &model.sd,

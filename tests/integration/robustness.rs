@@ -1,0 +1,389 @@
+//! Bad inputs and faults from the robustness sweep (issue 10), each reproduced on the bundled tiny
+//! model: absurd numbers are refused before anything is allocated, non-finite numbers and NaN
+//! weights are named, malformed concept files and model folders say what is wrong, and special
+//! files never hang a run.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor};
+use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
+use infusion_repl::{Concept, ConceptSet, Job, LoadOptions, StableDiffusion};
+
+use crate::common::{tiny, tiny_model_dir};
+
+fn run(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("INFUSION_MODEL")
+        .output()
+        .expect("infusion-repl runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The error of a script, or a panic if it ran.
+fn script_err(script: &str) -> String {
+    let session = Session::new(ScriptConfig {
+        progress: false,
+        ..ScriptConfig::default()
+    });
+    match build_engine(&session).eval::<rhai::Dynamic>(script) {
+        Ok(v) => panic!("{script} gave {v}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
+
+fn images(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..3u8 {
+        image::RgbImage::from_fn(40, 40, |x, y| {
+            image::Rgb([x as u8 * 5, y as u8 * 5, i * 80])
+        })
+        .save(dir.join(format!("{i}.png")))
+        .unwrap();
+    }
+}
+
+/// Sizes, batches and counts that cannot fit are refused with the limit, before any
+/// allocation: the process exits 1 (not 134), and a script gets an error it can survive.
+#[test]
+fn absurd_sizes_are_refused_before_any_allocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(
+        &["generate", "x", "--width", "100000", "--steps", "1"],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("`--width`") && e.contains("needs about") && e.contains("available"),
+        "{e}"
+    );
+    images(&dir.path().join("imgs"));
+    let o = run(
+        &[
+            "train",
+            "imgs",
+            "--name",
+            "p",
+            "--word",
+            "pot",
+            "--batch",
+            "1000000000",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("`--batch`"), "{}", stderr(&o));
+    assert!(!dir.path().join("p.safetensors").exists());
+
+    let e = script_err("let m = load_model(); m.generate(\"x\", #{width: 100000, height: 100000})");
+    assert!(e.contains("needs about"), "{e}");
+    let e = script_err(
+        "let m = load_model(); let g = m.generate(\"x\", #{steps: 1}); g.base.resize(100000, 100000)",
+    );
+    assert!(e.contains("needs about"), "{e}");
+    let e = script_err(
+        "let m = load_model(); fisher_divergence(m, m, [\"a\"], #{samples: 1000000000000})",
+    );
+    assert!(e.contains("`samples`") && e.contains("needs about"), "{e}");
+}
+
+/// NaN and infinity are refused where they come in, and NaN produced inside the model is named
+/// by its stage instead of a black image with exit 0.
+#[test]
+fn non_finite_numbers_are_refused_and_nan_weights_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(
+        &["generate", "x", "--guidance", "nan", "--steps", "1"],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("`--guidance`: NaN is not a finite number"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dir.path().join("image.png").exists());
+    let e = script_err("let m = load_model(); m.generate(\"x\", #{guidance: 0.0 / 0.0})");
+    assert!(e.contains("option `guidance` must be number"), "{e}");
+
+    let noise = dir.path().join("noise.safetensors");
+    let n = (Tensor::ones((1, 4, 4, 4), DType::F32, &Device::Cpu).unwrap() * f64::NAN).unwrap();
+    candle_core::safetensors::save(&std::collections::HashMap::from([("noise", n)]), &noise)
+        .unwrap();
+    let o = run(
+        &[
+            "generate",
+            "x",
+            "--noise",
+            "noise.safetensors",
+            "--steps",
+            "1",
+        ],
+        dir.path(),
+    );
+    assert!(
+        stderr(&o).contains("`--noise`") && stderr(&o).contains("NaN"),
+        "{}",
+        stderr(&o)
+    );
+
+    let model = dir.path().join("model");
+    copy_dir(&tiny_model_dir(), &model);
+    let file = model.join("unet/diffusion_pytorch_model.safetensors");
+    let mut t = infusion_repl::sd::weights::load_safetensors(&file, &Device::Cpu).unwrap();
+    let bias = t["conv_out.bias"].clone();
+    t.insert("conv_out.bias".into(), (bias * f64::NAN).unwrap());
+    candle_core::safetensors::save(&t, &file).unwrap();
+    let o = run(
+        &["--model", "model", "generate", "x", "--steps", "2"],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("NaN or infinite at denoising step 1 of 2"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// Step counts the scheduler or the trainer cannot honour are refused, not silently changed.
+#[test]
+fn step_counts_out_of_range_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(&["generate", "x", "--steps", "1000000000"], dir.path());
+    assert!(
+        stderr(&o).contains("`--steps`: 1000000000: the scheduler has 1000 timesteps"),
+        "{}",
+        stderr(&o)
+    );
+    images(&dir.path().join("imgs"));
+    let train = |extra: &[&str]| {
+        let mut a = vec!["train", "imgs", "--name", "p", "--word", "pot"];
+        a.extend_from_slice(extra);
+        run(&a, dir.path())
+    };
+    let o = train(&["--train-steps", "0"]);
+    assert!(
+        stderr(&o).contains("`--train-steps`: must be at least 1"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dir.path().join("p.safetensors").exists());
+    let o = train(&["--train-steps", "2", "--checkpoint-every", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = train(&[
+        "--train-steps",
+        "2",
+        "--resume",
+        "p-checkpoints/p-step000002.safetensors",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("is at step 2: nothing to train up to 2"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+fn concept_bytes(edit: impl FnOnce(&mut Concept)) -> Concept {
+    let sd = tiny();
+    let mut c = Concept::zeros("pot", "teapot", sd.unet.attention_layers(), None).unwrap();
+    edit(&mut c);
+    c
+}
+
+/// A concept file says what is wrong with it: tensors of another type, an empty class word,
+/// metadata (not "not a valid safetensors file", which is for unreadable files); loading a
+/// second concept of the same name warns.
+#[test]
+fn concept_files_say_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |name: &str| {
+        let mut set = ConceptSet::new();
+        set.load_file(&dir.path().join(name), Some(tiny()), false, &Job::quiet())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    // Tensors as i64 and f64, written with the concept's own metadata.
+    let c = concept_bytes(|_| {});
+    for (dtype, file) in [
+        (DType::I64, "i64.safetensors"),
+        (DType::F64, "f64.safetensors"),
+    ] {
+        let bytes = c.to_bytes(DType::F32).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = header.metadata().clone();
+        let tensors: Vec<(String, Tensor)> = c
+            .deltas
+            .iter()
+            .map(|(k, t)| (k.clone(), t.to_dtype(dtype).unwrap()))
+            .collect();
+        std::fs::write(
+            dir.path().join(file),
+            safetensors::serialize(tensors, meta).unwrap(),
+        )
+        .unwrap();
+        let e = load(file);
+        assert!(
+            e.contains("concept residuals are f16 or f32")
+                && !e.contains("not a valid safetensors"),
+            "{e}"
+        );
+    }
+    let mut empty = concept_bytes(|_| {});
+    empty.word = " ".into();
+    let bytes = empty.to_bytes(DType::F16).unwrap();
+    std::fs::write(dir.path().join("empty.safetensors"), bytes).unwrap();
+    let e = load("empty.safetensors");
+    assert!(e.contains("class word (metadata `word`) is empty"), "{e}");
+
+    concept_bytes(|_| {})
+        .save(&dir.path().join("a.safetensors"), DType::F16)
+        .unwrap();
+    let mut other = concept_bytes(|_| {});
+    other.word = "kettle".into();
+    other
+        .save(&dir.path().join("b.safetensors"), DType::F16)
+        .unwrap();
+    let job = Job::collecting();
+    let mut set = ConceptSet::new();
+    set.load_file(&dir.path().join("a.safetensors"), Some(tiny()), false, &job)
+        .unwrap();
+    set.load_file(&dir.path().join("b.safetensors"), Some(tiny()), false, &job)
+        .unwrap();
+    assert!(
+        job.messages()
+            .iter()
+            .any(|m| m.contains("<pot> (kettle) replaces") && m.contains("(teapot)")),
+        "{:?}",
+        job.messages()
+    );
+}
+
+/// `model_index.json` is read: a folder without it, with bad JSON, or of another pipeline
+/// class is refused with one line.
+#[test]
+fn model_index_is_read_and_other_pipelines_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&tiny_model_dir(), dir.path());
+    let index = dir.path().join("model_index.json");
+    let load = || {
+        StableDiffusion::load_dir(dir.path(), &LoadOptions::default())
+            .err()
+            .expect("refused")
+            .to_string()
+    };
+    let text = std::fs::read_to_string(&index).unwrap();
+    std::fs::write(
+        &index,
+        text.replace("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
+    )
+    .unwrap();
+    let e = load();
+    assert!(
+        e.contains("is a StableDiffusionXLPipeline folder") && !e.contains('\n'),
+        "{e}"
+    );
+    std::fs::write(&index, "{ not json").unwrap();
+    assert!(load().contains("model_index.json"), "{}", load());
+    std::fs::remove_file(&index).unwrap();
+    assert!(load().contains("has no model_index.json"), "{}", load());
+}
+
+/// A FIFO given as a concept file is refused at once: opening it would wait for a writer.
+#[cfg(unix)]
+#[test]
+fn a_fifo_concept_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("c.safetensors");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .args([
+            "generate",
+            "a <c>",
+            "--steps",
+            "1",
+            "--concept",
+            "c.safetensors",
+        ])
+        .current_dir(dir.path())
+        .env_remove("INFUSION_MODEL")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("infusion-repl waited on the FIFO");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not a regular file"), "{}", stderr(&o));
+}
+
+/// Each message names the real culprit.
+#[test]
+fn messages_blame_the_real_culprit() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&tiny_model_dir(), dir.path());
+    let cfg = dir.path().join("unet/config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["sample_size"] = serde_json::json!(0);
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let e = StableDiffusion::load_dir(dir.path(), &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("unet/config.json") && e.contains("sample_size is 0"),
+        "{e}"
+    );
+
+    let imgs = tempfile::tempdir().unwrap();
+    images(imgs.path());
+    let o = run(
+        &[
+            "train",
+            imgs.path().to_str().unwrap(),
+            "--name",
+            "p",
+            "--word",
+            "",
+        ],
+        dir.path(),
+    );
+    assert!(
+        stderr(&o).contains("`--word`: the class word is empty"),
+        "{}",
+        stderr(&o)
+    );
+}
