@@ -16,6 +16,7 @@ use crate::infusion::train::{image_count_warning, TrainOptions, TrainReport, Tra
 use crate::job::Job;
 use crate::sd::device::{parse_device, parse_dtype};
 use crate::sd::pipeline::{LoadOptions, StableDiffusion};
+use crate::util::fs::check_writable;
 use crate::util::image_io::load_folder_images;
 
 /// A loaded model and what it was loaded from.
@@ -54,6 +55,45 @@ pub fn load_model(
                 source: "bundled tiny model".to_string(),
             })
         }
+    }
+}
+
+/// Saves `concept` at `out`; when that fails after all (the disk filled up, the folder went
+/// away), saves it in `rescue_dir` (the working folder) under a new name instead and says so.
+/// Returns where it is.
+fn save_or_rescue(
+    concept: &Concept,
+    out: &Path,
+    f32: bool,
+    rescue_dir: &Path,
+    job: &Job,
+) -> Result<PathBuf> {
+    let dtype = if f32 { DType::F32 } else { DType::F16 };
+    let Err(e) = concept.save(out, dtype) else {
+        return Ok(out.to_path_buf());
+    };
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let rescue = (0..100)
+        .map(|i| rescue_dir.join(format!("{}-rescued-{secs}-{i}.safetensors", concept.name)))
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| rescue_dir.join(format!("{}-rescued.safetensors", concept.name)));
+    match concept.save(&rescue, dtype) {
+        Ok(()) => {
+            job.warn(format!(
+                "could not write the concept: {e}; it is saved as {} instead",
+                rescue.display()
+            ));
+            Ok(rescue)
+        }
+        Err(e2) => Err(Error::io(
+            out,
+            std::io::Error::other(format!(
+                "the concept could not be saved ({e}), nor as {} ({e2})",
+                rescue.display()
+            )),
+        )),
     }
 }
 
@@ -114,6 +154,10 @@ pub struct Trained {
 /// with a progress bar, and saves the concept reached, whether the run finished, was cancelled
 /// or failed. An error here means nothing was trained (bad images, options, checkpoint).
 pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Result<Trained> {
+    // Where the concept goes is checked before the first step, not found wrong after the last.
+    if let Some(out) = &req.out {
+        check_writable(out)?;
+    }
     let images = load_folder_images(&req.folder, job)?;
     if let Some(w) = image_count_warning(images.len(), &req.folder) {
         job.warn(w);
@@ -135,11 +179,13 @@ pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Res
     };
     let concept = trainer.concept()?;
     let saved = match &req.out {
-        Some(out) => {
-            let dtype = if req.save_f32 { DType::F32 } else { DType::F16 };
-            concept.save(out, dtype)?;
-            Some(out.clone())
-        }
+        Some(out) => Some(save_or_rescue(
+            &concept,
+            out,
+            req.save_f32,
+            Path::new("."),
+            job,
+        )?),
         None => None,
     };
     let TrainReport {
@@ -197,5 +243,39 @@ mod tests {
         );
         assert_eq!(at(None, None), Path::new("pot-checkpoints"));
         assert_eq!(at(Some("out/pot.safetensors"), Some("ck")), Path::new("ck"));
+    }
+
+    /// When the output cannot be written after all, the concept is saved in the rescue folder
+    /// under a new name, and the job says where; nothing trained is lost.
+    #[test]
+    fn a_failed_save_is_rescued_under_a_new_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = crate::sd::attention::LayerInfo {
+            path: "mid_block.attentions.0.transformer_blocks.0.attn2".into(),
+            kind: crate::sd::attention::AttnKind::CrossAttention,
+            heads: 2,
+            head_dim: 4,
+        };
+        let concept = Concept::zeros("pot", "teapot", [&layer], None).unwrap();
+        let gone = dir.path().join("gone/pot.safetensors");
+        let job = Job::collecting();
+        let saved = save_or_rescue(&concept, &gone, false, dir.path(), &job).unwrap();
+        assert!(
+            saved.starts_with(dir.path()) && saved.is_file(),
+            "{}",
+            saved.display()
+        );
+        assert!(saved
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("pot-rescued-"));
+        let m = job.messages();
+        assert!(
+            m.len() == 1 && m[0].contains("gone") && m[0].contains("saved as"),
+            "{m:?}"
+        );
+        assert_eq!(Concept::load(&saved).unwrap().name, "pot");
     }
 }

@@ -9,6 +9,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use crate::actions::{self, TrainEnd, TrainRequest};
 use crate::app::bench::BenchOptions;
 use crate::app::script::{RunError, ScriptConfig, Session};
+use crate::app::signals::Signals;
 use crate::error::{Error, Result};
 use crate::infusion::concept::ConceptSet;
 use crate::infusion::generate::{generate_infusion, InfusionOptions};
@@ -201,6 +202,10 @@ fn load_model(global: &GlobalArgs, job: &Job) -> Result<StableDiffusion> {
 }
 
 fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
+    // Where the images go is checked before the work, not found wrong after it.
+    for path in std::iter::once(&args.out).chain(&args.maps) {
+        crate::util::fs::check_writable(path)?;
+    }
     let sd = load_model(global, job)?;
     let mut concepts = ConceptSet::new();
     for path in &args.concepts {
@@ -231,7 +236,7 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
     Ok(())
 }
 
-fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job) -> Result<()> {
+fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) -> Result<ExitCode> {
     let sd = load_model(global, job)?;
     let defaults = TrainOptions::default();
     let out = args
@@ -261,25 +266,30 @@ fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job) -> Result<()> {
         save_f32: args.f32,
     };
     let t = actions::train_concept(&sd, &req, job)?;
+    let saved = t.saved.clone().unwrap_or(out);
     match t.end {
-        TrainEnd::Finished | TrainEnd::Cancelled => {
-            if matches!(t.end, TrainEnd::Cancelled) {
-                eprintln!(
-                    "stopped at step {}: the deltas reached are saved",
-                    t.steps_done
-                );
-            }
+        TrainEnd::Finished => {
             if let Some(l) = t.losses.last() {
                 eprintln!("step {}: loss {l:.5}", t.steps_done);
             }
-            println!("{}", out.display());
-            Ok(())
+            println!("{}", saved.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        // Stopped by Ctrl-C or SIGTERM: saved, and the exit status says it did not finish.
+        TrainEnd::Cancelled => {
+            eprintln!(
+                "stopped at step {} of {}: the deltas reached are saved in {}",
+                t.steps_done,
+                args.train_steps,
+                saved.display()
+            );
+            Ok(signals.stop_status())
         }
         TrainEnd::Failed(e) => {
             eprintln!(
                 "the deltas of step {} are saved in {}",
                 t.steps_done,
-                out.display()
+                saved.display()
             );
             Err(e)
         }
@@ -365,13 +375,13 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         ..ScriptConfig::default()
     });
     let job = session.job.clone();
-    let flag = job.cancel_flag();
-    // Ctrl-C stops the running job at its next step (in the REPL: and returns to the prompt).
-    let _ = ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
+    let signals = Signals::install(&job);
     let result = match (command, script) {
-        (Some(Command::Generate(args)), _) => generate(&global, &args, &job),
-        (Some(Command::Train(args)), _) => train(&global, &args, &job),
-        (Some(Command::Bench(args)), _) => bench(&global, &args, &job),
+        (Some(Command::Generate(args)), _) => {
+            generate(&global, &args, &job).map(|()| ExitCode::SUCCESS)
+        }
+        (Some(Command::Train(args)), _) => train(&global, &args, &job, &signals),
+        (Some(Command::Bench(args)), _) => bench(&global, &args, &job).map(|()| ExitCode::SUCCESS),
         (None, Some((script, args))) => {
             return match crate::app::script::run_file(&session, &script, &args) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -389,13 +399,13 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
                 }
             }
         }
-        (None, None) => return crate::app::repl::run(session),
+        (None, None) => return crate::app::repl::run(session, &signals),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(Error::Cancelled) => {
             eprintln!("cancelled");
-            ExitCode::from(130)
+            signals.stop_status()
         }
         Err(e) => {
             eprintln!("error: {}", as_flags(e));

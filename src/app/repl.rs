@@ -26,6 +26,7 @@ use crate::app::script::api::images::{show, Img};
 use crate::app::script::api::model::Model;
 use crate::app::script::api::tensors::TensorVal;
 use crate::app::script::{build_engine, caret, describe, Docs, Session};
+use crate::app::signals::Signals;
 
 const KEYWORDS: &[&str] = &[
     "let", "const", "fn", "if", "else", "for", "in", "while", "loop", "break", "continue",
@@ -358,7 +359,7 @@ impl Repl {
 }
 
 /// Runs the REPL until `:quit` or Ctrl-D.
-pub fn run(session: Arc<Session>) -> std::process::ExitCode {
+pub fn run(session: Arc<Session>, signals: &Signals) -> std::process::ExitCode {
     let engine = build_engine(&session);
     let mut repl = Repl {
         session,
@@ -397,7 +398,15 @@ pub fn run(session: Arc<Session>) -> std::process::ExitCode {
         );
     }
     loop {
-        match rl.readline("infusion> ") {
+        // SIGTERM during a command: it stopped (training kept what it learned); leave now.
+        if signals.terminated() {
+            break;
+        }
+        // Waiting at the prompt there is no job to stop: SIGTERM ends the session at once.
+        signals.set_idle(true);
+        let line = rl.readline("infusion> ");
+        signals.set_idle(false);
+        match line {
             Ok(line) => {
                 let input = line.trim();
                 if input.is_empty() {
@@ -434,7 +443,11 @@ pub fn run(session: Arc<Session>) -> std::process::ExitCode {
         }
         let _ = rl.save_history(h);
     }
-    std::process::ExitCode::SUCCESS
+    if signals.terminated() {
+        signals.stop_status()
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
 }
 
 #[cfg(test)]

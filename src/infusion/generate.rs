@@ -137,20 +137,27 @@ impl InfusionGeneration {
     /// (base | customized side by side), `OUT.base.png` and `OUT.custom.png` (OUT's extension
     /// replaced); without, the one image as `OUT`. Returns the paths written.
     pub fn save(&self, out: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
-        use crate::util::image_io::{hstack, save_png, tensor_to_rgb};
+        use crate::util::image_io::{encode_png, hstack, tensor_to_rgb};
         let base = tensor_to_rgb(&self.base_image)?;
         let text = self.png_text();
-        if !self.is_customized() {
-            save_png(&base, out, &text)?;
-            return Ok(vec![out.to_path_buf()]);
+        let mut files = vec![];
+        if self.is_customized() {
+            let custom = tensor_to_rgb(&self.custom_image)?;
+            let pair = hstack(&[base.clone(), custom.clone()])?;
+            for (path, img) in [
+                (out.to_path_buf(), &pair),
+                (out.with_extension("base.png"), &base),
+                (out.with_extension("custom.png"), &custom),
+            ] {
+                let bytes = encode_png(img, &path, &text)?;
+                files.push((path, bytes));
+            }
+        } else {
+            files.push((out.to_path_buf(), encode_png(&base, out, &text)?));
         }
-        let custom = tensor_to_rgb(&self.custom_image)?;
-        let base_path = out.with_extension("base.png");
-        let custom_path = out.with_extension("custom.png");
-        save_png(&hstack(&[base.clone(), custom.clone()])?, out, &text)?;
-        save_png(&base, &base_path, &text)?;
-        save_png(&custom, &custom_path, &text)?;
-        Ok(vec![out.to_path_buf(), base_path, custom_path])
+        // All of them or none: the set is written to temporary files first.
+        crate::util::fs::write_all_atomic(&files)?;
+        Ok(files.into_iter().map(|(p, _)| p).collect())
     }
 }
 

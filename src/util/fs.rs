@@ -1,7 +1,15 @@
-//! Files written whole or not at all.
+//! Files written whole or not at all, as a plain write would leave them otherwise.
+//!
+//! Every write goes through a temporary file beside the target and a rename, so a crash never
+//! leaves half a file. The temporary file is named `.TARGET.infusion-tmp.PID.XXXXXX`: a run that
+//! was killed mid-write leaves one behind, and the next write to the same target removes it once
+//! its process is gone (never a file of another name, never one of a live process). The target
+//! gets the permissions a plain create would give (a new file 0666 less the umask, a replaced
+//! file its old mode); a file the user could not write is refused, not replaced; a symbolic link
+//! is written through to its target.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
@@ -12,54 +20,212 @@ pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::io(path, e))
 }
 
+fn io_error(path: &Path, kind: std::io::ErrorKind, msg: &str) -> Error {
+    Error::io(path, std::io::Error::new(kind, msg.to_string()))
+}
+
 /// `Ok` when `path` is a regular file (after following links).
 pub fn check_regular(path: &Path) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_file() {
         Ok(())
-    } else {
-        Err(Error::io(
+    } else if meta.is_dir() {
+        Err(io_error(
             path,
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                if meta.is_dir() {
-                    "a folder, not a file"
-                } else {
-                    "not a regular file"
-                },
-            ),
+            std::io::ErrorKind::InvalidInput,
+            "a folder, not a file",
+        ))
+    } else {
+        Err(io_error(
+            path,
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
         ))
     }
 }
 
-/// Writes `path` through a temporary file in the same folder and a rename, so a crash or an error
-/// never leaves a half-written file behind. The file gets the permissions a plain create would
-/// give: a new file `0666` less the umask, a replaced file its old mode.
-pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
-    let dir = match path.parent() {
+/// Where a write to `path` lands: the target of a symbolic link (followed to the end), else
+/// `path` itself.
+fn resolve(path: &Path) -> PathBuf {
+    let mut p = path.to_path_buf();
+    for _ in 0..32 {
+        match std::fs::read_link(&p) {
+            Ok(target) => {
+                p = match p.parent() {
+                    Some(dir) if target.is_relative() => dir.join(target),
+                    _ => target,
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    p
+}
+
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
+    }
+}
+
+/// Checks, before any work, that `path` can be written: its folder exists and takes new files,
+/// and it is not a folder nor a file the user could not write.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let target = resolve(path);
+    let dir = folder_of(&target);
+    if !dir.is_dir() {
+        return Err(io_error(
+            path,
+            std::io::ErrorKind::NotFound,
+            &format!("the folder {} does not exist", dir.display()),
+        ));
+    }
+    check_replaceable(path, &target)?;
+    // The folder takes a new file: the temporary file a write would create.
+    temp_file(&target).map(drop).map_err(|e| match e {
+        Error::Io { source, .. } => Error::io(path, source),
+        e => e,
+    })
+}
+
+/// A target that exists must be a file the user may write, and not one marked read-only (no
+/// write permission for anyone: kept even from root, who could write it).
+fn check_replaceable(path: &Path, target: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::metadata(target) else {
+        return Ok(());
     };
+    if meta.is_dir() {
+        return Err(io_error(
+            path,
+            std::io::ErrorKind::InvalidInput,
+            "a folder, not a file",
+        ));
+    }
+    let writable = std::fs::OpenOptions::new().write(true).open(target).is_ok();
+    if meta.is_file() && (meta.permissions().readonly() || !writable) {
+        return Err(io_error(
+            path,
+            std::io::ErrorKind::PermissionDenied,
+            "read-only: not replaced (make it writable, or write elsewhere)",
+        ));
+    }
+    Ok(())
+}
+
+/// The prefix of `target`'s temporary files, and that of this process's.
+fn temp_prefix(target: &Path) -> String {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(".{name}.infusion-tmp.")
+}
+
+/// Removes temporary files of `target` left by processes that are gone.
+fn remove_stale(target: &Path) {
+    let prefix = temp_prefix(target);
+    let Ok(entries) = std::fs::read_dir(folder_of(target)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let pid = rest.split('.').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !process_alive(p)) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+#[cfg(unix)]
+fn process_alive(pid: u32) -> bool {
+    // Signal 0 checks that the process exists (EPERM: it does, owned by another user).
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[cfg(not(unix))]
+fn process_alive(_: u32) -> bool {
+    true
+}
+
+fn temp_file(target: &Path) -> Result<tempfile::NamedTempFile> {
+    let prefix = format!("{}{}.", temp_prefix(target), std::process::id());
     let mut builder = tempfile::Builder::new();
-    builder.prefix(".infusion-");
+    builder.prefix(&prefix);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         // Created with this mode less the umask, as `File::create` would.
         builder.permissions(std::fs::Permissions::from_mode(0o666));
     }
-    let mut tmp = builder.tempfile_in(dir).map_err(|e| Error::io(path, e))?;
+    builder
+        .tempfile_in(folder_of(target))
+        .map_err(|e| Error::io(target, e))
+}
+
+/// A file being written: its temporary file, renamed onto the target by [`Staged::commit`].
+struct Staged {
+    path: PathBuf,
+    target: PathBuf,
+    tmp: tempfile::NamedTempFile,
+}
+
+fn stage(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<Staged> {
+    let target = resolve(path);
+    check_replaceable(path, &target)?;
+    remove_stale(&target);
+    let mut tmp = temp_file(&target).map_err(|e| match e {
+        Error::Io { source, .. } => Error::io(path, source),
+        e => e,
+    })?;
     {
         let mut w = std::io::BufWriter::new(tmp.as_file_mut());
         write(&mut w)?;
         w.flush().map_err(|e| Error::io(path, e))?;
     }
-    if let Ok(old) = std::fs::metadata(path) {
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    if let Ok(old) = std::fs::metadata(&target) {
         tmp.as_file()
             .set_permissions(old.permissions())
             .map_err(|e| Error::io(path, e))?;
     }
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(Staged {
+        path: path.to_path_buf(),
+        target,
+        tmp,
+    })
+}
+
+impl Staged {
+    fn commit(self) -> Result<()> {
+        let path = self.path;
+        self.tmp
+            .persist(&self.target)
+            .map_err(|e| Error::io(&path, e.error))?;
+        Ok(())
+    }
+}
+
+/// Writes `path` whole or not at all (see the module documentation).
+pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
+    stage(path, write)?.commit()
+}
+
+/// Writes several files as one: every one is written to its temporary file first, and only when
+/// all are complete are they renamed into place. A failure before that leaves none of them; the
+/// renames themselves do not fail for want of space.
+pub fn write_all_atomic(files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
+    let staged = files
+        .iter()
+        .map(|(path, bytes)| stage(path, |w| w.write_all(bytes).map_err(|e| Error::io(path, e))))
+        .collect::<Result<Vec<_>>>()?;
+    for s in staged {
+        s.commit()?;
+    }
     Ok(())
 }
 
@@ -73,6 +239,10 @@ mod tests {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o777
     }
 
+    fn write(p: &Path, bytes: &'static [u8]) -> Result<()> {
+        write_atomic(p, |w| w.write_all(bytes).map_err(|e| Error::io("x", e)))
+    }
+
     /// A new file gets what `File::create` gives under the process's umask (not tempfile's
     /// 0600); a replaced file keeps its mode. (tests/integration/cli.rs checks 0644 under umask
     /// 022 end to end.)
@@ -82,12 +252,89 @@ mod tests {
         let plain = dir.path().join("plain");
         std::fs::File::create(&plain).unwrap();
         let new = dir.path().join("new.png");
-        write_atomic(&new, |w| w.write_all(b"x").map_err(|e| Error::io("new", e))).unwrap();
+        write(&new, b"x").unwrap();
         assert_eq!(mode(&new), mode(&plain));
 
         std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o640)).unwrap();
-        write_atomic(&new, |w| w.write_all(b"y").map_err(|e| Error::io("new", e))).unwrap();
+        write(&new, b"y").unwrap();
         assert_eq!(mode(&new), 0o640);
         assert_eq!(std::fs::read(&new).unwrap(), b"y");
+    }
+
+    /// A read-only file is refused (even as root), a link is written through to its target, a
+    /// folder is not a file.
+    #[test]
+    fn read_only_targets_are_refused_and_links_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ro = dir.path().join("ro.png");
+        std::fs::write(&ro, b"mine").unwrap();
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let e = write(&ro, b"new").unwrap_err().to_string();
+        assert!(e.contains("read-only: not replaced"), "{e}");
+        assert_eq!(std::fs::read(&ro).unwrap(), b"mine");
+        assert!(check_writable(&ro).is_err());
+        let target = dir.path().join("real.png");
+        std::fs::write(&target, b"old").unwrap();
+        let link = dir.path().join("link.png");
+        std::os::unix::fs::symlink("real.png", &link).unwrap();
+        write(&link, b"through").unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&target).unwrap(), b"through");
+        let e = write(dir.path(), b"x").unwrap_err().to_string();
+        assert!(e.contains("a folder"), "{e}");
+        assert!(check_writable(&dir.path().join("nope/x.png")).is_err());
+        assert!(check_writable(&dir.path().join("fine.png")).is_ok());
+        assert!(
+            !dir.path().join("fine.png").exists(),
+            "the check leaves nothing"
+        );
+    }
+
+    /// Temporary files of a dead process are recognised by name and removed by the next write
+    /// to the same target; a user's file and a live process's temporary file are kept.
+    #[test]
+    fn stale_temporary_files_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("c.safetensors");
+        // A pid that cannot be alive (above the kernel's pid_max of 2^22).
+        let stale = dir
+            .path()
+            .join(".c.safetensors.infusion-tmp.99999999.AbC123");
+        let live = dir.path().join(format!(
+            ".c.safetensors.infusion-tmp.{}.XyZ",
+            std::process::id()
+        ));
+        let users = dir.path().join(".c.safetensors.notes");
+        for f in [&stale, &live, &users] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        write(&target, b"data").unwrap();
+        assert!(!stale.exists());
+        assert!(live.exists() && users.exists());
+    }
+
+    /// A set of files is written whole: when one cannot be written, none of them appears.
+    #[test]
+    fn a_set_of_files_appears_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.png");
+        let b = dir.path().join("missing/b.png");
+        let e = write_all_atomic(&[(a.clone(), b"a".to_vec()), (b, b"b".to_vec())]);
+        assert!(e.is_err());
+        assert!(!a.exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "no temporary file left"
+        );
+        let c = dir.path().join("c.png");
+        write_all_atomic(&[(a.clone(), b"a".to_vec()), (c.clone(), b"c".to_vec())]).unwrap();
+        assert_eq!(
+            (std::fs::read(&a).unwrap(), std::fs::read(&c).unwrap()),
+            (b"a".to_vec(), b"c".to_vec())
+        );
     }
 }

@@ -42,26 +42,33 @@ pub fn tensor_to_rgb(image: &Tensor) -> Result<RgbImage> {
         .ok_or_else(|| Error::arg("image", "pixel buffer does not match its size"))
 }
 
+/// `img` as PNG bytes, with `text` as tEXt chunks (keyword, value); `path` is for messages.
+pub fn encode_png(img: &RgbImage, path: &Path, text: &[(&str, String)]) -> Result<Vec<u8>> {
+    let png_err = |msg: String| Error::Image {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut bytes = vec![];
+    let mut enc = png::Encoder::new(&mut bytes, img.width(), img.height());
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    for (k, v) in text {
+        enc.add_text_chunk(k.to_string(), v.clone())
+            .map_err(|e| png_err(e.to_string()))?;
+    }
+    let mut writer = enc.write_header().map_err(|e| png_err(e.to_string()))?;
+    writer
+        .write_image_data(img.as_raw())
+        .map_err(|e| png_err(e.to_string()))?;
+    writer.finish().map_err(|e| png_err(e.to_string()))?;
+    Ok(bytes)
+}
+
 /// Saves `img` as PNG at `path` (atomically), with `text` as tEXt chunks (keyword, value).
 pub fn save_png(img: &RgbImage, path: &Path, text: &[(&str, String)]) -> Result<()> {
+    let bytes = encode_png(img, path, text)?;
     write_atomic(path, |w| {
-        let mut enc = png::Encoder::new(w, img.width(), img.height());
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        for (k, v) in text {
-            enc.add_text_chunk(k.to_string(), v.clone())
-                .map_err(|e| Error::Image {
-                    path: path.to_path_buf(),
-                    msg: e.to_string(),
-                })?;
-        }
-        let png_err = |e: png::EncodingError| Error::Image {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        };
-        let mut writer = enc.write_header().map_err(png_err)?;
-        writer.write_image_data(img.as_raw()).map_err(png_err)?;
-        writer.finish().map_err(png_err)
+        w.write_all(&bytes).map_err(|e| Error::io(path, e))
     })
 }
 

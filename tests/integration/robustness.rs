@@ -387,3 +387,110 @@ fn messages_blame_the_real_culprit() {
         stderr(&o)
     );
 }
+
+/// Where the result goes is checked before any work: a missing folder, a folder, a read-only
+/// file are errors at once (with the user's path, no temporary file's name), and nothing is
+/// written.
+#[test]
+fn output_locations_are_checked_before_the_work() {
+    let dir = tempfile::tempdir().unwrap();
+    images(&dir.path().join("imgs"));
+    let train = |out: &str| {
+        run(
+            &[
+                "train",
+                "imgs",
+                "--name",
+                "p",
+                "--word",
+                "pot",
+                "--train-steps",
+                "100000",
+                "-o",
+                out,
+            ],
+            dir.path(),
+        )
+    };
+    let start = std::time::Instant::now();
+    let o = train("nope/c.safetensors");
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("nope/c.safetensors") && e.contains("does not exist"),
+        "{e}"
+    );
+    assert!(!e.contains("infusion-tmp"), "{e}");
+    std::fs::create_dir(dir.path().join("adir")).unwrap();
+    assert!(stderr(&train("adir")).contains("a folder, not a file"));
+    let ro = dir.path().join("ro.safetensors");
+    std::fs::write(&ro, b"keep").unwrap();
+    let mut perms = std::fs::metadata(&ro).unwrap().permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(&ro, perms).unwrap();
+    assert!(stderr(&train("ro.safetensors")).contains("read-only: not replaced"));
+    assert_eq!(std::fs::read(&ro).unwrap(), b"keep");
+    // 100000 training steps would take hours: every refusal came before the first.
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        start.elapsed()
+    );
+
+    let o = run(
+        &["generate", "x", "--steps", "1000", "-o", "nodir/x.png"],
+        dir.path(),
+    );
+    assert!(
+        stderr(&o).contains("nodir/x.png") && stderr(&o).contains("does not exist"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// SIGTERM stops training as Ctrl-C does: the deltas reached are saved, and the exit status
+/// (143) says the run did not finish.
+#[cfg(unix)]
+#[test]
+fn sigterm_during_training_saves_what_was_learned() {
+    let dir = tempfile::tempdir().unwrap();
+    images(&dir.path().join("imgs"));
+    let child = Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .args([
+            "train",
+            "imgs",
+            "--name",
+            "p",
+            "--word",
+            "pot",
+            "--train-steps",
+            "100000",
+            "--checkpoint-every",
+            "1",
+        ])
+        .current_dir(dir.path())
+        .env_remove("INFUSION_MODEL")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = dir.path().join("p-checkpoints/p-step000001.safetensors");
+    let start = std::time::Instant::now();
+    while !first.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no step was done"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(143), "{}", stderr(&o));
+    assert!(stderr(&o).contains("stopped at step"), "{}", stderr(&o));
+    let c = Concept::load(&dir.path().join("p.safetensors")).unwrap();
+    let steps = c.train["steps"].as_u64().unwrap();
+    assert!((1..100000).contains(&steps), "{steps}");
+}
