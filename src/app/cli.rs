@@ -141,7 +141,8 @@ struct TrainArgs {
     lr: f64,
     #[arg(long, default_value_t = 4)]
     batch: usize,
-    #[arg(long, default_value_t = 0)]
+    /// Seed of every random draw (a whole number from 0).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = parse_seed)]
     seed: u64,
     /// Prompt template with `{}` for the class word (repeat for several; default: 10 templates).
     #[arg(long = "template")]
@@ -170,7 +171,8 @@ struct GenerateArgs {
     out: PathBuf,
     #[arg(long, default_value = "")]
     negative: String,
-    #[arg(long, default_value_t = 0)]
+    /// Seed of every random draw (a whole number from 0).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = parse_seed)]
     seed: u64,
     #[arg(long, default_value_t = 50)]
     steps: usize,
@@ -338,6 +340,16 @@ fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// A seed: a whole number from 0 (a negative one is named as such, not taken for a flag).
+fn parse_seed(s: &str) -> std::result::Result<u64, String> {
+    s.parse().map_err(|_| {
+        format!(
+            "`{s}` is not a seed: seeds are whole numbers from 0 to {}",
+            u64::MAX
+        )
+    })
 }
 
 /// Runs the command line; returns the process exit code.

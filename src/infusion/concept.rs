@@ -163,8 +163,10 @@ impl Concept {
             path: path.to_path_buf(),
             msg: format!("not a usable concept: {msg}"),
         };
-        let st = safetensors::SafeTensors::deserialize(data)
-            .map_err(|e| unreadable(format!("not a concept file: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(data).map_err(|e| {
+            let why = crate::sd::safetensors_check::diagnose_bytes(data).unwrap_or(e.to_string());
+            unreadable(format!("not a concept file: {why}"))
+        })?;
         let (_, header) = safetensors::SafeTensors::read_metadata(data)
             .map_err(|e| unreadable(format!("not a concept file: {e}")))?;
         let meta = header.metadata().clone().unwrap_or_default();

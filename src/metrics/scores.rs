@@ -40,13 +40,29 @@ pub fn clip_t(clip: &Clip, images: &[RgbImage], prompts: &[&str]) -> Result<f64>
     Ok(diag.iter().sum::<f64>() / diag.len() as f64)
 }
 
+/// Both sets of an image score must hold images; an empty one is named.
+fn check_sets(images: &[RgbImage], references: &[RgbImage]) -> Result<()> {
+    if images.is_empty() {
+        return Err(Error::arg("images", "no generated images to score"));
+    }
+    if references.is_empty() {
+        return Err(Error::arg(
+            "references",
+            "no reference images to score against",
+        ));
+    }
+    Ok(())
+}
+
 /// CLIP-I: the mean cosine between the generated images and the reference (training) images.
 pub fn clip_i(clip: &Clip, images: &[RgbImage], references: &[RgbImage]) -> Result<f64> {
+    check_sets(images, references)?;
     mean_cosine(&clip.image_embeds(images)?, &clip.image_embeds(references)?)
 }
 
 /// DINO-I: the mean cosine between DINO embeddings of generated and reference images.
 pub fn dino_i(dino: &Dino, images: &[RgbImage], references: &[RgbImage]) -> Result<f64> {
+    check_sets(images, references)?;
     mean_cosine(&dino.embeds(images)?, &dino.embeds(references)?)
 }
 

@@ -13,6 +13,7 @@ pub mod hook;
 pub mod hub;
 pub(crate) mod nn;
 pub mod pipeline;
+pub mod safetensors_check;
 pub mod scheduler;
 pub mod text_encoder;
 pub mod tokenizer;

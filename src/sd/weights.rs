@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
+use super::safetensors_check::{diagnose_bytes, diagnose_file};
 use crate::error::{root_cause, Error, Result, WeightProblem};
 
 /// The safetensors files of one model component (`unet`, `vae`, ...), opened and indexed.
@@ -43,7 +44,7 @@ impl WeightFiles {
             // tensors built from it copy their data out of the mapping.
             let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::Safetensors {
                 path: path.clone(),
-                msg: root_cause(&e),
+                msg: diagnose_file(path).unwrap_or_else(|| root_cause(&e)),
             })?;
             for (name, view) in st.tensors() {
                 index.insert(name, (view.shape().to_vec(), i));
@@ -302,10 +303,10 @@ impl SimpleBackend for Real<'_> {
 
 /// Reads a whole safetensors file into named tensors (small files: references, noise, concepts).
 pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let data = crate::util::fs::read_regular(path)?;
     candle_core::safetensors::load_buffer(&data, device).map_err(|e| Error::Safetensors {
         path: path.to_path_buf(),
-        msg: root_cause(&e),
+        msg: diagnose_bytes(&data).unwrap_or_else(|| root_cause(&e)),
     })
 }
 

@@ -386,6 +386,36 @@ fn messages_blame_the_real_culprit() {
         "{}",
         stderr(&o)
     );
+
+    let o = run(&["generate", "x", "--seed", "-1"], dir.path());
+    assert!(stderr(&o).contains("`-1` is not a seed"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("-- -1"), "{}", stderr(&o));
+
+    let e = script_err(
+        "let m = load_model(); let g = m.generate(\"x\", #{steps: 1}); dino_i(load_dino(), [g.base], [])",
+    );
+    assert!(e.contains("`references`"), "{e}");
+
+    // A tensor whose size disagrees with its offsets is named, not the one after it.
+    let c = concept_bytes(|_| {});
+    let bytes = c.to_bytes(DType::F32).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let first = c.deltas.keys().next().unwrap().clone();
+    let shape = header[&first]["shape"][0].as_u64().unwrap();
+    header[&first]["shape"] = serde_json::json!([shape + 1]);
+    let mut h = serde_json::to_vec(&header).unwrap();
+    h.resize(h.len().div_ceil(8) * 8, b' ');
+    let mut broken = (h.len() as u64).to_le_bytes().to_vec();
+    broken.extend_from_slice(&h);
+    broken.extend_from_slice(&bytes[8 + n..]);
+    let path = dir.path().join("broken.safetensors");
+    std::fs::write(&path, broken).unwrap();
+    let e = Concept::load(&path).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("tensor `{first}`")) && e.contains("takes"),
+        "{e}"
+    );
 }
 
 /// Where the result goes is checked before any work: a missing folder, a folder, a read-only
