@@ -20,6 +20,7 @@ mod robustness;
 
 mod scheduler;
 mod script_api;
+mod sweep;
 mod text_encoder;
 mod tokenizer;
 mod train;
