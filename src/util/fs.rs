@@ -69,8 +69,8 @@ fn folder_of(path: &Path) -> &Path {
     }
 }
 
-/// Checks, before any work, that `path` can be written: its folder exists and takes new files,
-/// and it is not a folder nor a file the user could not write.
+/// Checks, before any work, that `path` can be written: its folder exists and takes new files
+/// (with room for some data), and it is not a folder nor a file the user could not write.
 pub fn check_writable(path: &Path) -> Result<()> {
     let target = resolve(path);
     let dir = folder_of(&target);
@@ -82,11 +82,16 @@ pub fn check_writable(path: &Path) -> Result<()> {
         ));
     }
     check_replaceable(path, &target)?;
-    // The folder takes a new file: the temporary file a write would create.
-    temp_file(&target).map(drop).map_err(|e| match e {
+    // The folder takes a new file, and room for data (a full disk fails here, not after the
+    // work): the temporary file a write would create, with a probe written and flushed.
+    let mut probe = temp_file(&target).map_err(|e| match e {
         Error::Io { source, .. } => Error::io(path, source),
         e => e,
-    })
+    })?;
+    probe
+        .write_all(&[0u8; 64 * 1024])
+        .and_then(|()| probe.as_file().sync_all())
+        .map_err(|e| Error::io(path, e))
 }
 
 /// A target that exists must be a file the user may write, and not one marked read-only (no
