@@ -1,7 +1,7 @@
 //! The `infusion-repl` command line.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
@@ -78,20 +78,41 @@ fn first_positional(args: &[OsString]) -> Option<usize> {
 #[derive(Debug, Args)]
 struct GlobalArgs {
     /// Model folder (diffusers layout) or Hugging Face repo id; default: the bundled tiny model.
-    #[arg(long, global = true, env = "INFUSION_MODEL")]
+    #[arg(
+        long,
+        global = true,
+        env = "INFUSION_MODEL",
+        help_heading = "Model options"
+    )]
     model: Option<String>,
     /// cpu, cuda or cuda:N.
-    #[arg(long, global = true, default_value = "cpu")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "cpu",
+        help_heading = "Model options"
+    )]
     device: String,
-    /// f32, f16 or bf16.
-    #[arg(long, global = true, default_value = "f32")]
+    /// f32, f16 (fp16) or bf16.
+    #[arg(
+        long,
+        global = true,
+        default_value = "f32",
+        help_heading = "Model options"
+    )]
     dtype: String,
-    /// Never draw images in the terminal: print the saved file's path.
-    #[arg(long, global = true)]
+    /// REPL and recipes: never draw images in the terminal, print the saved file's path.
+    #[arg(long)]
     no_images: bool,
     /// naive (candle's composite ops) or fused (single-kernel attention and group norm + SiLU,
     /// used where nothing trains through them and no attention maps are asked for).
-    #[arg(long, global = true, env = "INFUSION_KERNELS", default_value = "naive")]
+    #[arg(
+        long,
+        global = true,
+        env = "INFUSION_KERNELS",
+        default_value = "naive",
+        help_heading = "Model options"
+    )]
     kernels: Kernels,
 }
 
@@ -137,8 +158,10 @@ struct TrainArgs {
     /// Training steps (in total, when resuming).
     #[arg(long, default_value_t = 500)]
     train_steps: usize,
+    /// AdamW's learning rate.
     #[arg(long, default_value_t = 0.01)]
     lr: f64,
+    /// Images per training step.
     #[arg(long, default_value_t = 4)]
     batch: usize,
     /// Seed of every random draw (a whole number from 0).
@@ -163,23 +186,33 @@ struct TrainArgs {
 
 #[derive(Debug, Args)]
 struct GenerateArgs {
-    /// The prompt.
+    /// The prompt; `<name>` places a concept given with --concept.
     #[arg(default_value = "a photo of a cat sitting by a teapot")]
     prompt: String,
-    /// Where to write the PNG.
-    #[arg(short, long, default_value = "image.png")]
-    out: PathBuf,
+    /// Where to write the PNG (replaced if it exists). Default: image.png, numbered
+    /// image-1.png, image-2.png, ... when that exists.
+    #[arg(short, long)]
+    out: Option<PathBuf>,
+    /// Number of images (seeds SEED, SEED+1, ...), written as OUT-0.png, OUT-1.png, ...
+    #[arg(short = 'n', long = "images", default_value_t = 1)]
+    n: usize,
+    /// What the image should not show.
     #[arg(long, default_value = "")]
     negative: String,
-    /// Seed of every random draw (a whole number from 0).
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = parse_seed)]
-    seed: u64,
+    /// Seed of the initial noise: a whole number from 0, or -1 (the default) for a random one,
+    /// printed and stored in the PNG.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true, value_parser = parse_gen_seed)]
+    seed: i64,
+    /// Denoising steps (DDIM).
     #[arg(long, default_value_t = 50)]
     steps: usize,
+    /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 8.0)]
     guidance: f64,
+    /// Image width in pixels (a multiple of 8; default: the model's size).
     #[arg(long)]
     width: Option<usize>,
+    /// Image height in pixels (a multiple of 8; default: the model's size).
     #[arg(long)]
     height: Option<usize>,
     /// A safetensors file whose tensor `noise` is the initial latent.
@@ -203,9 +236,55 @@ fn load_model(global: &GlobalArgs, job: &Job) -> Result<StableDiffusion> {
     Ok(actions::load_model(global.model.as_deref(), &global.device, &global.dtype, job)?.sd)
 }
 
+/// The files `n` images go to: OUT itself for one, OUT-0.png, OUT-1.png, ... for several.
+fn numbered(out: &Path, n: usize) -> Vec<PathBuf> {
+    if n == 1 {
+        return vec![out.to_path_buf()];
+    }
+    let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+    (0..n)
+        .map(|i| out.with_file_name(format!("{stem}-{i}.png")))
+        .collect()
+}
+
+/// Where a generation's `n` images go: `-o` as given (replaced if there), else the first of
+/// image.png, image-1.png, ... whose files are all new, with a note when that is not image.png.
+fn outputs(out: Option<&Path>, n: usize, job: &Job) -> Vec<PathBuf> {
+    if let Some(out) = out {
+        return numbered(out, n);
+    }
+    let base = |k: usize| {
+        PathBuf::from(if k == 0 {
+            "image.png".to_string()
+        } else {
+            format!("image-{k}.png")
+        })
+    };
+    let k = (0..10_000)
+        .find(|&k| numbered(&base(k), n).iter().all(|p| !p.exists()))
+        .unwrap_or(0);
+    if k > 0 {
+        job.note(format!(
+            "image.png exists: writing {} (give -o to choose the file)",
+            base(k).display()
+        ));
+    }
+    numbered(&base(k), n)
+}
+
 fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
+    if args.n == 0 {
+        return Err(Error::arg("n", "must be at least 1"));
+    }
+    if args.n > 1 && args.maps.is_some() {
+        return Err(Error::arg(
+            "maps",
+            "writes the maps of one image: use it without --images",
+        ));
+    }
+    let outs = outputs(args.out.as_deref(), args.n, job);
     // Where the images go is checked before the work, not found wrong after it.
-    for path in std::iter::once(&args.out).chain(&args.maps) {
+    for path in outs.iter().chain(&args.maps) {
         crate::util::fs::check_writable(path)?;
     }
     let sd = load_model(global, job)?;
@@ -214,10 +293,28 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
         let c = concepts.load_file(path, Some(&sd), args.force, job)?;
         eprintln!("loaded <{}> ({}) from {}", c.name, c.word, path.display());
     }
-    let opts = InfusionOptions {
+    let used = concepts.parse(&args.prompt)?.marks;
+    for c in concepts
+        .iter()
+        .filter(|c| !used.iter().any(|m| m.name == c.name))
+    {
+        job.warn(format!(
+            "<{}> is loaded but the prompt does not use it (write <{}> where it goes)",
+            c.name, c.name
+        ));
+    }
+    let seed = match u64::try_from(args.seed) {
+        Ok(s) => s,
+        Err(_) => {
+            let s = u64::from(rand::random::<u32>());
+            eprintln!("seed {s}");
+            s
+        }
+    };
+    let mut opts = InfusionOptions {
         generate: GenerateOptions {
             negative_prompt: args.negative.clone(),
-            seed: args.seed,
+            seed,
             steps: args.steps,
             guidance: args.guidance,
             width: args.width,
@@ -227,9 +324,12 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
         replace_steps: args.replace_steps,
     };
     let maps = args.maps.as_ref().map(|_| AttentionMaps::new(true));
-    let g = generate_infusion(&sd, &concepts, &args.prompt, &opts, maps.as_ref(), job)?;
-    for p in g.save(&args.out)? {
-        println!("{}", p.display());
+    for (i, out) in outs.iter().enumerate() {
+        opts.generate.seed = seed.wrapping_add(i as u64);
+        let g = generate_infusion(&sd, &concepts, &args.prompt, &opts, maps.as_ref(), job)?;
+        for p in g.save(out)? {
+            println!("{}", p.display());
+        }
     }
     if let (Some(m), Some(path)) = (&maps, &args.maps) {
         m.save(path)?;
@@ -342,6 +442,44 @@ fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
     Ok(())
 }
 
+/// The command a mistyped word most likely meant: a prefix of one, or one edit or two away.
+fn nearest_command(word: &str) -> Option<&'static str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, &cb) in b.iter().enumerate() {
+                let cur = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+                prev = cur;
+            }
+        }
+        row[b.len()]
+    }
+    if word.contains('.') || word.contains('/') || word.len() < 2 {
+        return None;
+    }
+    SUBCOMMANDS
+        .iter()
+        .filter(|c| **c != "help")
+        .map(|c| (c.starts_with(word), distance(word, c), *c))
+        .filter(|&(prefix, d, _)| prefix || d <= 2)
+        .min_by_key(|&(prefix, d, _)| (!prefix, d))
+        .map(|(_, _, c)| c)
+}
+
+/// A generation's seed: a whole number from 0, or -1 for a random one.
+fn parse_gen_seed(s: &str) -> std::result::Result<i64, String> {
+    match s.parse::<i64>() {
+        Ok(n) if n >= -1 => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a seed: seeds are whole numbers from 0, or -1 for a random one"
+        )),
+    }
+}
+
 /// A seed: a whole number from 0 (a negative one is named as such, not taken for a flag).
 fn parse_seed(s: &str) -> std::result::Result<u64, String> {
     s.parse().map_err(|_| {
@@ -395,6 +533,15 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         (Some(Command::Train(args)), _) => train(&global, &args, &job, &signals),
         (Some(Command::Bench(args)), _) => bench(&global, &args, &job).map(|()| ExitCode::SUCCESS),
         (None, Some((script, args))) => {
+            if !script.exists() {
+                if let Some(cmd) = nearest_command(&script.to_string_lossy()) {
+                    eprintln!(
+                        "error: `{}` is neither a file nor a command: did you mean `{cmd}`?",
+                        script.display()
+                    );
+                    return ExitCode::from(2);
+                }
+            }
             return match crate::app::script::run_file(&session, &script, &args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(RunError::Usage { text, help: true }) => {
@@ -409,7 +556,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
                     eprintln!("{msg}");
                     ExitCode::FAILURE
                 }
-            }
+            };
         }
         (None, None) => return crate::app::repl::run(session, &signals),
     };

@@ -36,15 +36,16 @@ fn cuda(ordinal: usize) -> Result<Device> {
     })
 }
 
-/// Parses `f32`, `f16`, `bf16` (errors name the argument `dtype`).
+/// Parses `f32`, `f16`, `bf16`, and the names other tools use for them (`fp16`, `float16`,
+/// `half`, `fp32`, `float32`, `bfloat16`); errors name the argument `dtype`.
 pub fn parse_dtype(s: &str) -> Result<DType> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "fp32" | "float32" | "float" => Ok(DType::F32),
+        "f16" | "fp16" | "float16" | "half" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
         _ => Err(Error::arg(
             "dtype",
-            format!("`{s}`: expected f32, f16 or bf16"),
+            format!("`{s}`: expected f32, f16 or bf16 (or fp32, fp16, bfloat16)"),
         )),
     }
 }

@@ -8,6 +8,7 @@ mod concept;
 mod curves;
 mod dtype;
 mod evaluation;
+mod first_hour;
 mod fisher;
 mod fused;
 mod infusion;

@@ -387,9 +387,16 @@ fn messages_blame_the_real_culprit() {
         stderr(&o)
     );
 
-    let o = run(&["generate", "x", "--seed", "-1"], dir.path());
+    let o = run(&["generate", "x", "--seed", "-2"], dir.path());
+    assert!(stderr(&o).contains("`-2` is not a seed"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("-- -2"), "{}", stderr(&o));
+    let o = run(
+        &[
+            "train", "imgs", "--name", "p", "--word", "pot", "--seed", "-1",
+        ],
+        dir.path(),
+    );
     assert!(stderr(&o).contains("`-1` is not a seed"), "{}", stderr(&o));
-    assert!(!stderr(&o).contains("-- -1"), "{}", stderr(&o));
 
     let e = script_err(
         "let m = load_model(); let g = m.generate(\"x\", #{steps: 1}); dino_i(load_dino(), [g.base], [])",

@@ -49,7 +49,7 @@ fn load_spec(session: &Session) -> FnSpec {
         .sig("load_model(path_or_repo_id, options) -> Model")
         .doc("Loads a Stable Diffusion 1.x model from a diffusers folder or a repo id in the Hugging Face cache (nothing is downloaded). Without an argument: the --model given on the command line, else the bundled tiny model. Concepts loaded afterwards are checked against this model.")
         .opt("device", Kind::Str, session.config.device.clone(), "\"cpu\", \"cuda\" or \"cuda:N\" (default: --device)")
-        .opt("dtype", Kind::Choice(&["f32", "f16", "bf16"]), session.config.dtype.clone(), "the working precision (default: --dtype)")
+        .opt("dtype", Kind::Str, session.config.dtype.clone(), "the working precision: \"f32\", \"f16\" or \"bf16\" (fp16, bfloat16 too; default: --dtype)")
         .example("let m = load_model(\"stable-diffusion-v1-5/stable-diffusion-v1-5\", #{device: \"cuda\", dtype: \"f16\"});")
 }
 

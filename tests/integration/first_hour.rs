@@ -1,0 +1,185 @@
+//! What a new user trips over in the first hour (issue 11): the command line's defaults, help
+//! and habits from other tools, the same rules everywhere.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn run(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("INFUSION_MODEL")
+        .output()
+        .expect("infusion-repl runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The PNG text chunk `key` of `path`.
+pub(crate) fn png_text(path: &Path, key: &str) -> Option<String> {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).ok()?));
+    let reader = decoder.read_info().ok()?;
+    reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == key)
+        .map(|t| t.text.clone())
+}
+
+/// Without -o an existing image.png is not overwritten: the next free number is taken and the
+/// note says so. Without --seed (or with -1) the seed is random, printed and stored.
+#[test]
+fn default_output_is_numbered_and_default_seed_is_random_and_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(&["generate", "x", "--steps", "1"], dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "image.png");
+    let seed = stderr(&o)
+        .lines()
+        .find_map(|l| l.strip_prefix("seed "))
+        .expect("the random seed is printed")
+        .to_string();
+    assert_eq!(png_text(&dir.path().join("image.png"), "seed"), Some(seed));
+    let o = run(
+        &["generate", "x", "--steps", "1", "--seed", "-1"],
+        dir.path(),
+    );
+    assert_eq!(stdout(&o).trim(), "image-1.png");
+    assert!(
+        stderr(&o).contains("image.png exists: writing image-1.png"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(
+        &[
+            "generate",
+            "x",
+            "--steps",
+            "1",
+            "--seed",
+            "5",
+            "-o",
+            "image.png",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success());
+    assert_eq!(
+        png_text(&dir.path().join("image.png"), "seed").as_deref(),
+        Some("5")
+    );
+}
+
+/// `-n N` makes N images with consecutive seeds; fp16 is taken for f16.
+#[test]
+fn several_images_in_one_call_and_the_dtype_names_of_other_tools() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(
+        &[
+            "--dtype", "fp16", "generate", "x", "--steps", "1", "-n", "2", "--seed", "7", "-o",
+            "cat.png",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (i, seed) in [(0, "7"), (1, "8")] {
+        let p = dir.path().join(format!("cat-{i}.png"));
+        assert_eq!(png_text(&p, "seed").as_deref(), Some(seed));
+    }
+}
+
+/// A concept given but not used by the prompt is a warning; a mark of no loaded concept is an
+/// error, with or without --concept (it used to pass through literally without one).
+#[test]
+fn one_rule_for_concept_marks() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(
+        &["generate", "a <pot> on a table", "--steps", "1"],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no concept named <pot> is loaded"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dir.path().join("image.png").exists());
+
+    let sd = crate::common::tiny();
+    let c = infusion_repl::Concept::zeros(
+        "pot",
+        "teapot",
+        sd.unet.attention_layers(),
+        Some(sd.unet_fingerprint().into()),
+    )
+    .unwrap();
+    c.save(&dir.path().join("pot.safetensors"), candle_core::DType::F16)
+        .unwrap();
+    let o = run(
+        &[
+            "generate",
+            "a teapot",
+            "--steps",
+            "1",
+            "--concept",
+            "pot.safetensors",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("<pot> is loaded but the prompt does not use it"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// A mistyped command is suggested, not read as a missing file; the subcommands' help puts
+/// the model options apart, and the REPL-only flag is not among them.
+#[test]
+fn help_and_mistyped_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(&["gen", "a cat"], dir.path());
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("did you mean `generate`?"),
+        "{}",
+        stderr(&o)
+    );
+    let help = stdout(&run(&["train", "--help"], dir.path()));
+    assert!(help.contains("Model options:"), "{help}");
+    assert!(!help.contains("--no-images"), "{help}");
+    let help = stdout(&run(&["generate", "--help"], dir.path()));
+    for flag in [
+        "--seed",
+        "--steps",
+        "--guidance",
+        "--negative",
+        "--width",
+        "--height",
+    ] {
+        let mut lines = help
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with(flag));
+        let line = lines.next().unwrap_or_default();
+        // The text follows the flag and its value name, on its line or the next.
+        let after = line
+            .trim_start()
+            .split_once('>')
+            .map_or("", |(_, t)| t)
+            .trim();
+        let next = lines.next().unwrap_or_default().trim();
+        let text = if after.is_empty() { next } else { after };
+        assert!(
+            !text.is_empty() && !text.starts_with("--"),
+            "{flag} has no text:\n{help}"
+        );
+    }
+}
