@@ -10,6 +10,8 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::io::IsTerminal;
+
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::error::{Error, Result};
@@ -130,6 +132,20 @@ impl Job {
         }
     }
 
+    /// Progress of `len` steps starting at `start`: a bar on a terminal, and where stderr is
+    /// not one (a log, a pipe) a line every tenth of the way, so a long run is not silent.
+    pub fn progress(&self, len: usize, start: usize, name: &str) -> Progress {
+        let bar = self.bar(len, name);
+        bar.set_position(start as u64);
+        Progress {
+            bar,
+            lines: self.show_progress && !std::io::stderr().is_terminal(),
+            name: name.to_string(),
+            len,
+            every: len.div_ceil(10).max(1),
+        }
+    }
+
     /// A progress bar of `len` steps, hidden for quiet jobs.
     pub fn bar(&self, len: usize, message: &str) -> ProgressBar {
         if !self.show_progress {
@@ -143,5 +159,29 @@ impl Job {
         bar.set_style(style);
         bar.set_message(message.to_string());
         bar
+    }
+}
+
+/// The progress of a job's steps (see [`Job::progress`]).
+pub struct Progress {
+    bar: ProgressBar,
+    lines: bool,
+    name: String,
+    len: usize,
+    every: usize,
+}
+
+impl Progress {
+    /// `step` steps are done; `status` says how it goes (`loss 0.1234`).
+    pub fn set(&self, step: usize, status: &str) {
+        self.bar.set_position(step as u64);
+        self.bar.set_message(status.to_string());
+        if self.lines && (step.is_multiple_of(self.every) || step == self.len) {
+            eprintln!("{}: step {step}/{}, {status}", self.name, self.len);
+        }
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
     }
 }

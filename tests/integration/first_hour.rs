@@ -183,3 +183,40 @@ fn help_and_mistyped_commands() {
         );
     }
 }
+
+/// Training into a log (stderr not a terminal) prints a line every tenth of the run, counting
+/// steps as the end message does; without those the log was silent until the end.
+#[test]
+fn training_into_a_log_is_not_silent() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = dir.path().join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    for i in 0..3u8 {
+        image::RgbImage::from_pixel(32, 32, image::Rgb([i * 80, 9, 9]))
+            .save(imgs.join(format!("{i}.png")))
+            .unwrap();
+    }
+    let o = run(
+        &[
+            "train",
+            "imgs",
+            "--name",
+            "p",
+            "--word",
+            "pot",
+            "--train-steps",
+            "10",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("train: step "))
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    let expected: Vec<String> = (1..=10).map(|k| format!("train: step {k}/10")).collect();
+    assert_eq!(lines, expected, "{}", stderr(&o));
+    assert!(stderr(&o).contains("step 10: loss"), "{}", stderr(&o));
+}

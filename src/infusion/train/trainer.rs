@@ -440,7 +440,8 @@ impl<'a> Trainer<'a> {
             ));
         }
         let total = self.opts.steps;
-        let bar = job.bar(total.saturating_sub(self.step), "train");
+        // Steps counted from the first, resumed or not, as the messages count them.
+        let progress = job.progress(total, self.step, "train");
         let mut report = TrainReport {
             steps_done: self.step,
             losses: vec![],
@@ -455,8 +456,7 @@ impl<'a> Trainer<'a> {
             let loss = self.step()?;
             report.losses.push(loss);
             report.steps_done = self.step;
-            bar.set_message(format!("loss {loss:.4}"));
-            bar.inc(1);
+            progress.set(self.step, &format!("loss {loss:.4}"));
             if let (Some(every), Some(dir)) =
                 (self.opts.checkpoint_every, &self.opts.checkpoint_dir)
             {
@@ -465,7 +465,7 @@ impl<'a> Trainer<'a> {
                 }
             }
         }
-        bar.finish_and_clear();
+        progress.finish();
         Ok(report)
     }
 

@@ -92,7 +92,12 @@ fn train(
     // The deltas reached (or the last good ones) join the session whatever happened.
     let concept = add(session, t.concept);
     match t.end {
-        TrainEnd::Finished => Ok(concept),
+        TrainEnd::Finished => {
+            if let Some(l) = t.losses.last() {
+                eprintln!("<{name}>: {} steps, loss {l:.5}", t.steps_done);
+            }
+            Ok(concept)
+        }
         TrainEnd::Cancelled => {
             eprintln!(
                 "stopped at step {}: <{name}> keeps the deltas reached",
