@@ -6,12 +6,13 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use rhai::{Dynamic, Engine, EvalAltResult, Scope, AST};
+use rhai::{Dynamic, Engine, EvalAltResult, Expr, Scope, Stmt, AST};
 use rustyline::completion::{Completer, FilenameCompleter, Pair};
 use rustyline::error::ReadlineError;
 use rustyline::highlight::Highlighter;
@@ -24,8 +25,9 @@ use crate::app::script::api::concepts::ConceptVal;
 use crate::app::script::api::generation::Gen;
 use crate::app::script::api::images::{show, Img};
 use crate::app::script::api::model::Model;
+use crate::app::script::api::recipes::usage_of;
 use crate::app::script::api::tensors::TensorVal;
-use crate::app::script::{build_engine, caret, describe, Docs, Session};
+use crate::app::script::{build_engine, caret, describe, format_error, Docs, Session};
 use crate::app::signals::Signals;
 
 const KEYWORDS: &[&str] = &[
@@ -97,6 +99,42 @@ pub fn is_incomplete(input: &str) -> bool {
 struct Names {
     functions: Vec<String>,
     variables: Vec<String>,
+    /// Each variable's type name (`Generation`).
+    types: HashMap<String, String>,
+    /// Each type's properties and methods, from the declarations.
+    members: HashMap<String, Vec<String>>,
+}
+
+impl Names {
+    /// After `var.`: the members of `var`'s type, or when it is not a declared type (an array,
+    /// a string, unknown) every member and function, as any function can be called so.
+    fn members_of(&self, var: &str) -> Vec<&str> {
+        match self.types.get(var).and_then(|t| self.members.get(t)) {
+            Some(m) => m.iter().map(String::as_str).collect(),
+            None => self
+                .members
+                .values()
+                .flatten()
+                .chain(&self.functions)
+                .map(String::as_str)
+                .collect(),
+        }
+    }
+}
+
+/// Each declared type's properties and methods.
+fn members(docs: &Docs) -> HashMap<String, Vec<String>> {
+    let mut m: HashMap<String, Vec<String>> = HashMap::new();
+    for t in &docs.types {
+        let entry = m.entry(t.name.to_string()).or_default();
+        entry.extend(t.getters.iter().map(|g| g.name.to_string()));
+    }
+    for f in &docs.functions {
+        if let Some(r) = f.receiver {
+            m.entry(r.to_string()).or_default().push(f.name.to_string());
+        }
+    }
+    m
 }
 
 struct ReplHelper {
@@ -148,7 +186,25 @@ impl Completer for ReplHelper {
             .unwrap_or(0);
         let word = &line[start..pos];
         let names = self.names.borrow();
-        let mut out: Vec<Pair> = if word.starts_with(':') {
+        let receiver = line[..start].strip_suffix('.').map(|before| {
+            let from = before
+                .char_indices()
+                .rev()
+                .find(|(_, c)| !(c.is_alphanumeric() || *c == '_'))
+                .map_or(0, |(i, c)| i + c.len_utf8());
+            &before[from..]
+        });
+        let mut out: Vec<Pair> = if let Some(var) = receiver {
+            names
+                .members_of(var)
+                .into_iter()
+                .filter(|n| n.starts_with(word))
+                .map(|n| Pair {
+                    display: n.to_string(),
+                    replacement: n.to_string(),
+                })
+                .collect()
+        } else if word.starts_with(':') {
             COMMANDS
                 .iter()
                 .filter(|c| c.starts_with(word))
@@ -185,8 +241,10 @@ impl Hinter for ReplHelper {
 }
 
 impl Highlighter for ReplHelper {
+    /// The history hint in grey (colour 90, which terminals without "dim" show too), so it is
+    /// never taken for typed text: Right-arrow takes it, Tab completes.
     fn highlight_hint<'h>(&self, hint: &'h str) -> Cow<'h, str> {
-        Cow::Owned(format!("\x1b[2m{hint}\x1b[0m"))
+        Cow::Owned(format!("\x1b[90m{hint}\x1b[0m"))
     }
 }
 
@@ -205,6 +263,35 @@ impl Helper for ReplHelper {}
 
 fn history_path() -> Option<PathBuf> {
     dirs::data_dir().map(|d| d.join("infusion-repl").join("history.txt"))
+}
+
+/// The words of a command's arguments; a double-quoted word may hold spaces.
+fn split_words(s: &str) -> Vec<String> {
+    let mut words = vec![];
+    let mut word = String::new();
+    let (mut quoted, mut started) = (false, false);
+    for c in s.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                started = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if started {
+                    words.push(std::mem::take(&mut word));
+                    started = false;
+                }
+            }
+            c => {
+                word.push(c);
+                started = true;
+            }
+        }
+    }
+    if started {
+        words.push(word);
+    }
+    words
 }
 
 /// The error under the input line that caused it: the line, a caret, the message.
@@ -292,16 +379,46 @@ struct Repl {
 }
 
 impl Repl {
-    /// Compiles and runs one input; functions it defines stay, statements do not.
-    fn eval(&mut self, input: &str) {
+    /// Keeps the modules `ast` imports at its top level for the inputs that follow, as
+    /// variables are kept: each becomes a static module under its alias.
+    fn keep_imports(&mut self, ast: &AST) {
+        for stmt in ast.statements() {
+            let Stmt::Import(x, pos) = stmt else {
+                continue;
+            };
+            let (Expr::StringConstant(path, _), alias) = (&x.0, &x.1) else {
+                continue;
+            };
+            if alias.name.is_empty() {
+                continue;
+            }
+            if let Ok(module) =
+                self.engine
+                    .module_resolver()
+                    .resolve(&self.engine, None, path, *pos)
+            {
+                self.engine
+                    .register_static_module(alias.name.as_str(), module);
+            }
+        }
+    }
+
+    /// Compiles and runs one input; functions it defines stay, statements do not. Errors are
+    /// shown under the input, or as `FILE:LINE:COL` for a file (`origin`).
+    fn eval(&mut self, input: &str, origin: Option<&str>) {
         self.session.job.reset();
+        let show = |e: &EvalAltResult| match origin {
+            Some(name) => eprintln!("{}", format_error(name, input, e)),
+            None => print_error(input, e),
+        };
         let new = match self.engine.compile_with_scope(&self.scope, input) {
             Ok(ast) => ast,
             Err(e) => {
-                print_error(input, &e.into());
+                show(&e.into());
                 return;
             }
         };
+        let imports = new.clone_statements_only();
         self.ast += new;
         // A bug that panics in a bound function must not end the session.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -309,9 +426,13 @@ impl Repl {
                 .eval_ast_with_scope::<Dynamic>(&mut self.scope, &self.ast)
         }));
         self.ast.clear_statements();
+        self.keep_imports(&imports);
         match result {
             Ok(Ok(v)) => print_value(&self.session, &v),
-            Ok(Err(e)) => print_error(input, &e),
+            Ok(Err(e)) => match usage_of(&e) {
+                Some(u) => eprintln!("{u}"),
+                None => show(&e),
+            },
             Err(_) => {
                 eprintln!("error: internal error (a bug: please report it); the session goes on")
             }
@@ -319,9 +440,14 @@ impl Repl {
         self.session.job.reset();
     }
 
-    fn load(&mut self, path: &Path) {
+    /// Runs a file in the session with `args` as its `ARGS`, as the recipe runner does.
+    fn load(&mut self, path: &Path, args: &[String]) {
         match std::fs::read_to_string(path) {
-            Ok(src) => self.eval(&src),
+            Ok(src) => {
+                let argv: rhai::Array = args.iter().map(|a| Dynamic::from(a.clone())).collect();
+                self.scope.set_value("ARGS", argv);
+                self.eval(&src, Some(&path.display().to_string()));
+            }
             Err(e) => eprintln!("error: {}: {e}", path.display()),
         }
     }
@@ -370,6 +496,8 @@ pub fn run(session: Arc<Session>, signals: &Signals) -> std::process::ExitCode {
     let names = Rc::new(RefCell::new(Names {
         functions: repl.function_names(),
         variables: vec![],
+        types: HashMap::new(),
+        members: members(&repl.session.docs()),
     }));
     let config = rustyline::Config::builder()
         .completion_type(CompletionType::List)
@@ -418,14 +546,30 @@ pub fn run(session: Arc<Session>, signals: &Signals) -> std::process::ExitCode {
                         "quit" | "q" | "exit" => break,
                         "help" | "h" => print_help(&repl.session.docs(), arg.trim()),
                         "scope" => repl.print_scope(),
-                        "load" => repl.load(Path::new(arg.trim().trim_matches('"'))),
+                        "load" => {
+                            let mut words = split_words(arg);
+                            if words.is_empty() {
+                                eprintln!("usage: :load FILE [ARGS...]");
+                            } else {
+                                let file = words.remove(0);
+                                repl.load(Path::new(&file), &words);
+                            }
+                        }
                         other => eprintln!("unknown command :{other} ({})", COMMANDS.join(", ")),
                     }
                 } else {
-                    repl.eval(&line);
+                    repl.eval(&line, None);
                 }
                 let mut n = names.borrow_mut();
                 n.variables = repl.scope.iter().map(|(k, _, _)| k.to_string()).collect();
+                n.types = repl
+                    .scope
+                    .iter()
+                    .map(|(k, _, v)| {
+                        let ty = repl.engine.map_type_name(v.type_name()).to_string();
+                        (k.to_string(), ty)
+                    })
+                    .collect();
                 n.functions = repl.function_names();
             }
             // Ctrl-C at the prompt clears the line.
@@ -483,7 +627,15 @@ mod tests {
         let helper = ReplHelper {
             names: Rc::new(RefCell::new(Names {
                 functions: vec!["generate".into(), "grid".into(), "load_model".into()],
-                variables: vec!["gallery".into()],
+                variables: vec!["gallery".into(), "g".into()],
+                types: HashMap::from([("g".into(), "Generation".into())]),
+                members: HashMap::from([
+                    (
+                        "Generation".into(),
+                        vec!["base".into(), "base_latents".into(), "custom".into()],
+                    ),
+                    ("Concept".into(), vec!["word".into(), "base_model".into()]),
+                ]),
             })),
             files: FilenameCompleter::new(),
             hinter: HistoryHinter::new(),
@@ -499,15 +651,41 @@ mod tests {
         };
         assert_eq!(
             words("let x = g"),
-            (8, vec!["gallery".into(), "generate".into(), "grid".into()])
+            (
+                8,
+                vec![
+                    "g".into(),
+                    "gallery".into(),
+                    "generate".into(),
+                    "grid".into()
+                ]
+            )
         );
         assert_eq!(words("m.gen").1, vec!["generate".to_string()]);
         assert_eq!(words(":he").1, vec![":help".to_string()]);
+        // After a dot: the members of the variable's type only.
+        assert_eq!(
+            words("show(g.ba"),
+            (7, vec!["base".into(), "base_latents".into()])
+        );
+        assert_eq!(words("g.c").1, vec!["custom".to_string()]);
+        // A value of unknown type: every type's members.
+        assert_eq!(words("x.base_m").1, vec!["base_model".to_string()]);
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("mycat.safetensors"), "").unwrap();
         let line = format!("load_concept(\"{}/myc", dir.path().display());
         let (_, c) = words(&line);
         assert!(c.iter().any(|p| p.ends_with("mycat.safetensors")), "{c:?}");
+    }
+
+    #[test]
+    fn command_words_may_be_quoted() {
+        assert_eq!(
+            split_words(r#"scripts/q.rhai "a red cat" --steps 3"#),
+            ["scripts/q.rhai", "a red cat", "--steps", "3"]
+        );
+        assert_eq!(split_words("  "), Vec::<String>::new());
+        assert_eq!(split_words(r#"f """#), ["f", ""]);
     }
 
     #[test]

@@ -114,3 +114,37 @@ fn ctrl_c_during_training_returns_to_the_prompt_with_the_deltas_kept() {
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();
 }
+
+/// An import lasts for the session like a variable; `:load FILE ARGS...` gives the file its
+/// `ARGS` and reports its errors as `FILE:LINE:COL`, and a recipe's usage error alone.
+#[test]
+fn imports_persist_and_load_takes_args() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("args.rhai"),
+        "print(`got ${ARGS.len()}: ${ARGS[0]}`);\nlet x = 1;\nnosuchfn(x);\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("usage.rhai"),
+        "let a = parse_args(ARGS, \"usage.rhai FOLDER\");\n",
+    )
+    .unwrap();
+    let mut p = spawn(dir.path());
+    command(&mut p, "import \"prompts\" as prompts;");
+    command(
+        &mut p,
+        "print(`n=${prompts::OBJECT_PROMPTS.len() + 1000}`);",
+    );
+    p.exp_string("n=1025").unwrap();
+    command(&mut p, ":load args.rhai \"a red cat\" two");
+    p.exp_string("got 2: a red cat").unwrap();
+    p.exp_string("args.rhai:3:1: Function not found: nosuchfn")
+        .unwrap();
+    command(&mut p, ":load usage.rhai");
+    p.exp_string("error: missing FOLDER").unwrap();
+    p.exp_string("usage: usage.rhai FOLDER").unwrap();
+    p.exp_string("infusion> ").unwrap();
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+}
