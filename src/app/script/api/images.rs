@@ -69,17 +69,30 @@ pub fn show(session: &Session, img: &Img) -> RhaiResult<()> {
         println!("{}", path.display());
         return Ok(());
     }
-    let (cols, _) = terminal_columns();
-    // About 4 pixels per cell, at least 24 cells wide (tiny images), at most the terminal.
-    let width = (img.rgb.width() / 4).clamp(24, cols.saturating_sub(2).max(24));
+    let (cols, rows) = terminal_columns();
+    let (width, height) = fit_cells(img.rgb.width(), img.rgb.height(), cols, rows);
     let conf = viuer::Config {
         absolute_offset: false,
         width: Some(width),
+        height: Some(height),
         ..Default::default()
     };
     viuer::print(&image::DynamicImage::ImageRgb8((*img.rgb).clone()), &conf)
         .map_err(|e| err(format!("show: {e}")))?;
     Ok(())
+}
+
+/// The size in terminal cells to draw a `w` x `h` image at in a `cols` x `rows` pane: as large
+/// as the pane allows (two rows left for the prompt), keeping the aspect ratio (a half-block
+/// cell is one pixel wide and two tall), but never more cells than pixels.
+fn fit_cells(w: u32, h: u32, cols: u32, rows: u32) -> (u32, u32) {
+    let (w, h) = (w.max(1) as f64, h.max(1) as f64);
+    let max_w = f64::from(cols.saturating_sub(1).max(1));
+    let max_h = f64::from(rows.saturating_sub(2).max(1)) * 2.0;
+    let scale = (max_w / w).min(max_h / h).min(1.0);
+    let width = (w * scale).floor().max(1.0) as u32;
+    let height = ((h * scale) / 2.0).ceil().max(1.0) as u32;
+    (width, height)
 }
 
 fn terminal_columns() -> (u32, u32) {
@@ -191,4 +204,20 @@ fn register_composition(api: &mut Api, session: &Arc<Session>) {
 pub fn register(api: &mut Api, session: &Arc<Session>) {
     register_type(api);
     register_composition(api, session);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit_cells;
+
+    /// The two cases the first-hour tour hit: a small image in a wide pane is drawn a cell per
+    /// pixel (not 24 columns for 64 pixels), a large one fits the pane's height.
+    #[test]
+    fn images_fit_the_pane_at_most_one_cell_per_pixel() {
+        assert_eq!(fit_cells(64, 32, 180, 50), (64, 16));
+        assert_eq!(fit_cells(512, 512, 180, 50), (96, 48));
+        assert_eq!(fit_cells(512, 512, 80, 100), (79, 40));
+        assert_eq!(fit_cells(1024, 32, 80, 24), (79, 2));
+        assert_eq!(fit_cells(1, 1, 0, 0), (1, 1));
+    }
 }
