@@ -78,6 +78,8 @@ pub struct CurvePoint {
     pub clip_t: f64,
     pub clip_i: f64,
     pub dino_i: f64,
+    /// The CLIP and DINO the scores come from.
+    pub scorers: String,
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +117,8 @@ struct Measure<'a> {
     images: &'a [RgbImage],
     opts: &'a CurveOptions,
     job: &'a Job,
+    /// The scorers' labels, recorded at every point.
+    scorers: String,
 }
 
 impl Measure<'_> {
@@ -187,6 +191,7 @@ impl Measure<'_> {
             clip_t: clip_t(self.clip, &generated, &prompt_refs)?,
             clip_i: clip_i(self.clip, &generated, self.images)?,
             dino_i: dino_i(self.dino, &generated, self.images)?,
+            scorers: self.scorers.clone(),
         })
     }
 }
@@ -255,6 +260,7 @@ pub fn overtraining_curves(
         images,
         opts,
         job,
+        scorers: super::scorers_label(clip, dino, job),
     };
     let mut points = vec![];
     for &step in &checkpoints {

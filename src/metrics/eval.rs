@@ -68,6 +68,9 @@ pub struct EvalRow {
     pub clip_t: f64,
     pub clip_i: f64,
     pub dino_i: f64,
+    /// The CLIP and DINO the scores come from (older CSVs have none).
+    #[serde(default)]
+    pub scorers: String,
 }
 
 /// Per-concept means.
@@ -136,8 +139,8 @@ pub fn summarize(rows: &[EvalRow], storage: &BTreeMap<String, u64>) -> Vec<EvalS
         .collect()
 }
 
-/// The markdown table of a summary.
-pub fn markdown(summary: &[EvalSummary]) -> String {
+/// The markdown table of a summary, and the scorers it was made with.
+pub fn markdown(summary: &[EvalSummary], scorers: &str) -> String {
     let mut s = String::from("| concept | images | CLIP-T | CLIP-I | DINO-I | storage |\n|---|---:|---:|---:|---:|---:|\n");
     for e in summary {
         s.push_str(&format!(
@@ -150,6 +153,7 @@ pub fn markdown(summary: &[EvalSummary]) -> String {
             e.storage_bytes as f64 / 1024.0
         ));
     }
+    s.push_str(&format!("\nScored with {scorers}.\n"));
     s
 }
 
@@ -174,6 +178,8 @@ struct Subject<'a> {
     set: ConceptSet,
     name: String,
     scorer: Scorer<'a>,
+    /// The scorers' labels, recorded in every row.
+    scorers: &'a str,
 }
 
 impl Subject<'_> {
@@ -212,6 +218,7 @@ impl Subject<'_> {
             clip_t: scores.clip_t,
             clip_i: scores.clip_i,
             dino_i: scores.dino_i,
+            scorers: self.scorers.to_string(),
         })
     }
 }
@@ -228,6 +235,7 @@ pub fn evaluate(
     on_row: &mut dyn FnMut(&EvalRow) -> Result<()>,
 ) -> Result<EvalReport> {
     check_options(opts)?;
+    let scorers = super::scorers_label(clip, dino, job);
     let dir = &opts.out_dir;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let csv_path = dir.join("scores.csv");
@@ -263,6 +271,7 @@ pub fn evaluate(
             set,
             name,
             scorer: Scorer::new(clip, dino, &load_folder_images(&ec.images, job)?)?,
+            scorers: &scorers,
         };
         for at in todo {
             job.check()?;
@@ -278,7 +287,7 @@ pub fn evaluate(
     }
     bar.finish_and_clear();
     let summary = summarize(&rows, &storage);
-    let md = markdown(&summary);
+    let md = markdown(&summary, &scorers);
     let table = dir.join("table.md");
     write_atomic(&table, |w| {
         w.write_all(md.as_bytes()).map_err(|e| Error::io(&table, e))

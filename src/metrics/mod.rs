@@ -10,3 +10,46 @@ pub mod fisher;
 pub mod preprocess;
 pub mod scores;
 pub mod w2;
+
+use std::path::Path;
+
+use crate::job::Job;
+
+/// Whether the model in `dir` has random weights: a `RANDOM_WEIGHTS` file beside its config, as
+/// the bundled tiny models have.
+pub fn is_random(dir: &Path) -> bool {
+    dir.join("RANDOM_WEIGHTS").is_file()
+}
+
+/// How records name a scorer: its folder, marked when its weights are random.
+pub fn scorer_label(kind: &str, dir: &Path) -> String {
+    let name = dir.file_name().map_or_else(
+        || dir.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    if is_random(dir) {
+        format!("{kind} {name} (RANDOM weights)")
+    } else {
+        format!("{kind} {name}")
+    }
+}
+
+/// The scorers' labels for records, and a loud warning when one has random weights: its
+/// scores mean nothing.
+pub fn scorers_label(clip: &clip::Clip, dino: &dino::Dino, job: &Job) -> String {
+    for (kind, dir) in [("CLIP", clip.path()), ("DINO", dino.path())] {
+        if is_random(dir) {
+            job.warn(format!(
+                "scoring with a {kind} of RANDOM weights ({}): its scores mean nothing; give a \
+                 real one (load_clip(DIR) / load_dino(DIR) in scripts, --clip DIR / --dino DIR \
+                 in recipes)",
+                dir.display()
+            ));
+        }
+    }
+    format!(
+        "{}, {}",
+        scorer_label("CLIP", clip.path()),
+        scorer_label("DINO", dino.path())
+    )
+}

@@ -71,6 +71,15 @@ fn an_interrupted_run_resumes_to_the_same_table() {
         "{}",
         full.markdown
     );
+    // The scorers are recorded: the bundled ones, marked random.
+    assert!(
+        full.markdown.contains(
+            "Scored with CLIP tiny-clip (RANDOM weights), DINO tiny-dino (RANDOM weights)."
+        ),
+        "{}",
+        full.markdown
+    );
+    assert!(full.rows.iter().all(|r| r.scorers.contains("RANDOM")));
 
     // Stop after three images, then run again.
     let mut seen = 0;

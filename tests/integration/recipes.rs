@@ -83,16 +83,20 @@ fn single_concept_trains_saves_and_generates() {
             "4",
             "--steps",
             "2",
+            "--out",
+            "results/sc",
         ],
         dir.path(),
     ));
     assert!(out.contains("trained Concept(<pot> = teapot"), "{out}");
-    let c = Concept::load(&dir.path().join("pot.safetensors")).unwrap();
+    // The output folder did not exist: the recipe made it before training.
+    let results = dir.path().join("results/sc");
+    let c = Concept::load(&results.join("pot.safetensors")).unwrap();
     assert_eq!((c.name.as_str(), c.word.as_str()), ("pot", "teapot"));
     assert_eq!(c.train["steps"], 4);
     assert_eq!(c.base_model.as_deref(), Some(tiny().unet_fingerprint()));
-    assert_eq!(size(&dir.path().join("pot-0.png")), (64, 32));
-    assert_eq!(size(&dir.path().join("pot-sheet.png")), (64, 64));
+    assert_eq!(size(&results.join("pot-0.png")), (64, 32));
+    assert_eq!(size(&results.join("pot-sheet.png")), (64, 64));
 }
 
 #[test]
@@ -261,7 +265,7 @@ fn everything_after_the_recipe_reaches_it_as_args() {
 fn overfitting_writes_curves_and_a_chart() {
     let dir = tempfile::tempdir().unwrap();
     let folder = repo().join("assets/example-concept");
-    let out = ok(&run_recipe(
+    let o = run_recipe(
         "overfitting.rhai",
         &[
             folder.to_str().unwrap(),
@@ -275,12 +279,28 @@ fn overfitting_writes_curves_and_a_chart() {
             "2",
             "--samples",
             "2",
+            "--clip",
+            repo().join("models/tiny-clip").to_str().unwrap(),
         ],
         dir.path(),
-    ));
+    );
+    let out = ok(&o);
     assert!(out.contains("step | Fisher | W2"), "{out}");
     let csv = std::fs::read_to_string(dir.path().join("curves/pot-curves.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3, "{csv}");
+    // Random scorers are said loudly and recorded with the numbers.
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("RANDOM weights") && err.contains("--clip DIR"),
+        "{err}"
+    );
+    assert!(
+        csv.lines()
+            .nth(1)
+            .unwrap()
+            .contains("CLIP tiny-clip (RANDOM weights)"),
+        "{csv}"
+    );
     assert_eq!(size(&dir.path().join("curves/pot-curves.png")), (900, 360));
 }
 

@@ -192,6 +192,16 @@ fn register_composition(api: &mut Api, session: &Arc<Session>) {
     );
     api.func(&spec, |path: &str| load_image(path));
     let spec = api.declare(
+        FnSpec::new("make_dir")
+            .sig("make_dir(path) -> path")
+            .doc("Makes a folder (and the folders above it) if it does not exist, so that a recipe finds out before its work, not after, whether it can write there.")
+            .example("let out = make_dir(\"results/pot\");"),
+    );
+    api.func(&spec, |path: &str| -> RhaiResult<String> {
+        rt(std::fs::create_dir_all(path).map_err(|e| crate::Error::io(path, e)))?;
+        Ok(path.to_string())
+    });
+    let spec = api.declare(
         FnSpec::new("show")
             .sig("show(image)")
             .doc("Draws an image in the terminal (kitty, iTerm or sixel graphics where available, half blocks otherwise). When output is not a terminal or --no-images is set, saves it under infusion-out/ and prints the path.")
