@@ -49,6 +49,9 @@ pub struct InfusionGeneration {
     pub timesteps: Vec<usize>,
     /// Names of the concepts used, in prompt order.
     pub concepts: Vec<String>,
+    /// The model it was made with: its name and the fingerprint of its UNet.
+    pub model: String,
+    pub model_hash: String,
     pub base_latents: Tensor,
     pub custom_latents: Tensor,
     /// `(1, 3, H, W)` in [0, 1], f32.
@@ -65,7 +68,10 @@ impl InfusionGeneration {
     /// The text chunks of the PNGs: prompt and settings, and the concepts when there are.
     pub fn png_text(&self) -> Vec<(&'static str, String)> {
         let g = &self.options.generate;
-        let mut text = vec![("prompt", self.prompt.clone())];
+        let mut text = vec![
+            ("parameters", self.parameters()),
+            ("prompt", self.prompt.clone()),
+        ];
         if self.is_customized() {
             text.push(("base_prompt", self.parsed.base.clone()));
             text.push(("concepts", self.concepts.join(",")));
@@ -84,6 +90,39 @@ impl InfusionGeneration {
             format!("infusion-repl {}", env!("CARGO_PKG_VERSION")),
         ));
         text
+    }
+
+    /// The settings as AUTOMATIC1111's web UI writes them in its `parameters` PNG chunk (which
+    /// image viewers and other tools read): the prompt, the negative prompt, then one line of
+    /// `key: value`s.
+    pub fn parameters(&self) -> String {
+        let g = &self.options.generate;
+        let (_, _, h, w) = self.base_image.dims4().unwrap_or((1, 3, 0, 0));
+        let hash: String = self
+            .model_hash
+            .trim_start_matches("sha256:")
+            .chars()
+            .take(10)
+            .collect();
+        let mut line = format!(
+            "Steps: {}, Sampler: DDIM, CFG scale: {}, Seed: {}, Size: {w}x{h}, Model hash: {hash}, \
+             Model: {}",
+            g.steps, g.guidance, g.seed, self.model
+        );
+        if self.is_customized() {
+            line.push_str(&format!(
+                ", Concepts: {}, Infusion replace steps: {}",
+                self.concepts.join(" "),
+                self.options.replace_steps
+            ));
+        }
+        let mut s = self.prompt.clone();
+        if !g.negative_prompt.is_empty() {
+            s.push_str(&format!("\nNegative prompt: {}", g.negative_prompt));
+        }
+        s.push('\n');
+        s.push_str(&line);
+        s
     }
 
     /// Token positions of `word` in the prompt: `<name>` for a concept's word, or a word of the
@@ -264,6 +303,8 @@ pub fn generate_infusion(
     Ok(InfusionGeneration {
         prompt: prompt.to_string(),
         concepts: placements.iter().map(|p| p.concept.name.clone()).collect(),
+        model: sd.name(),
+        model_hash: sd.unet_fingerprint().to_string(),
         parsed,
         tokens,
         options: opts.clone(),

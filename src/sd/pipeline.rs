@@ -235,6 +235,17 @@ impl StableDiffusion {
         self.files.as_ref()
     }
 
+    /// The model's name for records: its folder's name (`random` for benchmark weights).
+    pub fn name(&self) -> String {
+        self.files
+            .as_ref()
+            .and_then(|f| f.root.file_name())
+            .map_or_else(
+                || "random".to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }

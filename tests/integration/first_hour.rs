@@ -220,3 +220,53 @@ fn training_into_a_log_is_not_silent() {
     assert_eq!(lines, expected, "{}", stderr(&o));
     assert!(stderr(&o).contains("step 10: loss"), "{}", stderr(&o));
 }
+
+/// Every image the tool writes carries AUTOMATIC1111's `parameters` chunk (prompt, negative
+/// prompt, then steps, sampler, CFG scale, seed, size, model hash and name, concepts), the
+/// pairs and grids of scripts too.
+#[test]
+fn images_carry_the_web_uis_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(
+        &[
+            "generate",
+            "a red teapot",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--negative",
+            "blurry",
+            "-o",
+            "t.png",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let p = png_text(&dir.path().join("t.png"), "parameters").unwrap();
+    let lines: Vec<&str> = p.lines().collect();
+    assert_eq!(lines[0], "a red teapot");
+    assert_eq!(lines[1], "Negative prompt: blurry");
+    assert!(
+        lines[2].starts_with(
+            "Steps: 2, Sampler: DDIM, CFG scale: 8, Seed: 5, Size: 32x32, Model hash: "
+        ) && lines[2].ends_with("Model: tiny-sd"),
+        "{p}"
+    );
+    let script = dir.path().join("pair.rhai");
+    std::fs::write(
+        &script,
+        "let m = load_model(); let g = m.generate(\"a cat\", #{steps: 1, seed: 3}); \
+         hstack([g.base, g.custom]).save(\"pair.png\"); g.attention(\"cat\").save(\"maps.png\");",
+    )
+    .unwrap();
+    let o = run(&[script.to_str().unwrap()], dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["pair.png", "maps.png"] {
+        let p = png_text(&dir.path().join(f), "parameters").unwrap_or_default();
+        assert!(
+            p.starts_with("a cat\nSteps: 1,") && p.contains("Seed: 3"),
+            "{f}: {p}"
+        );
+    }
+}

@@ -133,7 +133,7 @@ impl Gen {
                 format!("{} {word}", s.tag()),
             ));
         }
-        Ok(Img::new(labelled_row(&tiles)))
+        Ok(Img::with_text(labelled_row(&tiles), self.g.png_text()))
     }
 
     /// One tile per prompt token (bos and eos left out) with the token under it.
@@ -150,7 +150,7 @@ impl Gen {
         if tiles.is_empty() {
             return Err(err("attention_tiles: the prompt has no tokens"));
         }
-        Ok(Img::new(labelled_row(&tiles)))
+        Ok(Img::with_text(labelled_row(&tiles), self.g.png_text()))
     }
 }
 

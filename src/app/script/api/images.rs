@@ -45,15 +45,29 @@ impl std::fmt::Display for Img {
     }
 }
 
-fn images_of(arr: Array, func: &str) -> RhaiResult<Vec<RgbImage>> {
+fn images_of(arr: Array, func: &str) -> RhaiResult<Vec<Img>> {
     arr.into_iter()
         .enumerate()
         .map(|(i, v)| {
             v.try_cast::<Img>()
-                .map(|img| (*img.rgb).clone())
                 .ok_or_else(|| err(format!("{func}: element {i} is not an image")))
         })
         .collect()
+}
+
+/// A composite of `images`: it carries the text chunks of the first that has any (the
+/// generation it shows), as the web UI's grids carry their first image's parameters.
+fn composite(
+    images: &[Img],
+    make: impl FnOnce(&[RgbImage]) -> crate::Result<RgbImage>,
+) -> RhaiResult<Img> {
+    let rgb: Vec<RgbImage> = images.iter().map(|i| (*i.rgb).clone()).collect();
+    let text = images
+        .iter()
+        .map(|i| (*i.text).clone())
+        .find(|t| !t.is_empty())
+        .unwrap_or_default();
+    Ok(Img::with_text(rt(make(&rgb))?, text))
 }
 
 /// Shows `img` in the terminal (kitty, iTerm or sixel graphics where the terminal has them,
@@ -165,9 +179,7 @@ fn register_composition(api: &mut Api, session: &Arc<Session>) {
             .example("show(hstack([g.base, g.custom]));"),
     );
     api.func(&spec, |arr: Array| -> RhaiResult<Img> {
-        Ok(Img::new(rt(crate::util::image_io::hstack(&images_of(
-            arr, "hstack",
-        )?))?))
+        composite(&images_of(arr, "hstack")?, crate::util::image_io::hstack)
     });
     let spec = api.declare(
         FnSpec::new("grid")
@@ -179,10 +191,9 @@ fn register_composition(api: &mut Api, session: &Arc<Session>) {
         if cols <= 0 {
             return Err(err(format!("grid: {cols} columns")));
         }
-        Ok(Img::new(rt(crate::util::image_io::grid(
-            &images_of(arr, "grid")?,
-            cols as usize,
-        ))?))
+        composite(&images_of(arr, "grid")?, |rgb| {
+            crate::util::image_io::grid(rgb, cols as usize)
+        })
     });
     let spec = api.declare(
         FnSpec::new("load_image")
