@@ -66,8 +66,9 @@ pub struct BenchReport {
 
 impl BenchReport {
     /// A plain-text table.
-    pub fn table(&self) -> String {
-        let mut s = format!(
+    /// What was measured on what, and the column titles.
+    pub fn header(&self) -> String {
+        format!(
             "{} on {} ({}, {} kernels, {} convolutions), {}x{} images, {} steps\n{:<40} {:>12} {:>8} {:>10}  {}\n",
             self.model,
             self.device,
@@ -81,24 +82,36 @@ impl BenchReport {
             "seconds",
             "repeats",
             "peak MiB",
-            "ratio"
-        );
+            "time ratio"
+        )
+    }
+
+    /// A plain-text table.
+    pub fn table(&self) -> String {
+        let mut s = self.header();
         for r in &self.rows {
-            let ratio = r
-                .ratio
-                .as_ref()
-                .map(|(b, x)| format!("{x:.2}x {b}"))
-                .unwrap_or_default();
-            let peak = r
-                .peak_memory_bytes
-                .map(|b| format!("{:.0}", b as f64 / (1024.0 * 1024.0)))
-                .unwrap_or_else(|| "-".into());
-            s.push_str(&format!(
-                "{:<40} {:>12.4} {:>8} {:>10}  {}\n",
-                r.name, r.seconds, r.repeats, peak, ratio
-            ));
+            s.push_str(&r.line());
         }
         s
+    }
+}
+
+impl BenchRow {
+    /// One line of the table. The ratio is of times: "2.51x the time of naive" is slower.
+    pub fn line(&self) -> String {
+        let ratio = self
+            .ratio
+            .as_ref()
+            .map(|(b, x)| format!("{x:.2}x the time of {b}"))
+            .unwrap_or_default();
+        let peak = self
+            .peak_memory_bytes
+            .map(|b| format!("{:.0}", b as f64 / (1024.0 * 1024.0)))
+            .unwrap_or_else(|| "-".into());
+        format!(
+            "{:<40} {:>12.4} {:>8} {:>10}  {}\n",
+            self.name, self.seconds, self.repeats, peak, ratio
+        )
     }
 }
 
@@ -153,7 +166,8 @@ struct Bench<'a> {
     dev: Device,
     /// The latent grid of the model's native size.
     hw: (usize, usize),
-    rows: Vec<BenchRow>,
+    report: BenchReport,
+    on_row: &'a mut dyn FnMut(&BenchReport) -> Result<()>,
 }
 
 impl Bench<'_> {
@@ -165,6 +179,7 @@ impl Bench<'_> {
     }
 
     /// Times `f` and adds the row; returns its seconds (a baseline for later rows).
+    /// Times `f`, adds the row and shows it at once (a run cut short keeps what it measured).
     fn measure<T>(
         &mut self,
         name: &str,
@@ -172,7 +187,10 @@ impl Bench<'_> {
         f: impl FnMut() -> Result<T>,
     ) -> Result<f64> {
         let t = time(&self.dev, self.opts.repeats, f)?;
-        self.rows.push(row(name, t, self.opts.repeats, baseline));
+        self.report
+            .rows
+            .push(row(name, t, self.opts.repeats, baseline));
+        (self.on_row)(&self.report)?;
         Ok(t.0)
     }
 
@@ -302,30 +320,18 @@ impl Bench<'_> {
     }
 }
 
-/// Runs every measurement on `sd`.
+/// Runs every measurement on `sd`; `on_row` sees the report after each row is measured.
 pub fn run(
     sd: &StableDiffusion,
     model: &str,
     opts: &BenchOptions,
     job: &Job,
+    on_row: &mut dyn FnMut(&BenchReport) -> Result<()>,
 ) -> Result<BenchReport> {
     let size = sd.default_size();
-    let mut bench = Bench {
-        sd,
-        opts,
-        job,
-        dev: sd.device().clone(),
-        hw: sd.latent_size(size, size)?,
-        rows: vec![],
-    };
-    let unet4 = bench.unet()?;
-    bench.generation()?;
-    bench.training(unet4)?;
-    bench.attention()?;
-    bench.group_norm()?;
-    Ok(BenchReport {
+    let report = BenchReport {
         model: model.to_string(),
-        device: format!("{:?}", bench.dev),
+        device: format!("{:?}", sd.device()),
         dtype: format!("{:?}", sd.dtype()).to_lowercase(),
         kernels: fused::kernels().to_string(),
         convolutions: if cfg!(feature = "cudnn") {
@@ -336,6 +342,21 @@ pub fn run(
         .into(),
         image_size: size,
         steps: opts.steps,
-        rows: bench.rows,
-    })
+        rows: vec![],
+    };
+    let mut bench = Bench {
+        sd,
+        opts,
+        job,
+        dev: sd.device().clone(),
+        hw: sd.latent_size(size, size)?,
+        report,
+        on_row,
+    };
+    let unet4 = bench.unet()?;
+    bench.generation()?;
+    bench.training(unet4)?;
+    bench.attention()?;
+    bench.group_norm()?;
+    Ok(bench.report)
 }

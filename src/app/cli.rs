@@ -431,14 +431,24 @@ fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
         steps: args.steps,
         repeats: args.repeats,
     };
-    let report = crate::app::bench::run(&sd, &name, &opts, job)?;
-    print!("{}", report.table());
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report).map_err(|e| Error::arg("--json", e))?;
-        crate::util::fs::write_atomic(path, |w| {
-            w.write_all(json.as_bytes()).map_err(|e| Error::io(path, e))
-        })?;
-    }
+    // Each row is printed, and the JSON rewritten, as soon as it is measured.
+    crate::app::bench::run(&sd, &name, &opts, job, &mut |report| {
+        if report.rows.len() == 1 {
+            print!("{}", report.header());
+        }
+        if let Some(row) = report.rows.last() {
+            print!("{}", row.line());
+        }
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        if let Some(path) = &args.json {
+            let json = serde_json::to_string_pretty(report).map_err(|e| Error::arg("json", e))?;
+            crate::util::fs::write_atomic(path, |w| {
+                w.write_all(json.as_bytes()).map_err(|e| Error::io(path, e))
+            })?;
+        }
+        Ok(())
+    })?;
     Ok(())
 }
 

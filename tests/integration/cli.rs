@@ -272,6 +272,8 @@ fn bench_smoke_run_reports_every_measurement() {
     assert!(o.status.success(), "{}", stderr(&o));
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(table.contains("infusion pair"), "{table}");
+    // Ratios are of times, and say so.
+    assert!(table.contains("x the time of unet batch 2"), "{table}");
     assert!(
         table.contains("fused kernels, im2col convolutions"),
         "{table}"
@@ -336,4 +338,27 @@ fn written_files_follow_the_umask() {
             .mode();
         assert_eq!(mode & 0o777, 0o644, "{f}: {:o}", mode & 0o777);
     }
+}
+
+/// The benchmark hands over every row as soon as it is measured (the command line prints it and
+/// rewrites the JSON then), so a run cut short keeps what it measured.
+#[test]
+fn bench_reports_each_row_as_it_is_measured() {
+    let mut seen = vec![];
+    let opts = infusion_repl::app::bench::BenchOptions {
+        steps: 1,
+        repeats: 1,
+    };
+    let report = infusion_repl::app::bench::run(
+        crate::common::tiny(),
+        "tiny",
+        &opts,
+        &infusion_repl::Job::quiet(),
+        &mut |r| {
+            seen.push(r.rows.len());
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(seen, (1..=report.rows.len()).collect::<Vec<_>>());
 }
