@@ -44,19 +44,24 @@ pub fn is_incomplete(input: &str) -> bool {
         match c {
             '(' | '[' | '{' => depth += 1,
             ')' | ']' | '}' => depth -= 1,
+            // A backtick string may span lines; a "string" only with a `\` ending the line
+            // (Rhai's continuation): unclosed without one it is an error, shown at once.
             '"' | '`' => {
                 let quote = c;
                 let mut closed = false;
+                let mut continued = false;
                 while let Some(d) = chars.next() {
                     if d == '\\' && quote == '"' {
-                        chars.next();
+                        continued = matches!(chars.next(), None | Some('\n'));
                     } else if d == quote {
                         closed = true;
                         break;
+                    } else {
+                        continued = false;
                     }
                 }
                 if !closed {
-                    return true;
+                    return quote == '`' || continued;
                 }
             }
             '\'' => {
@@ -603,7 +608,7 @@ mod tests {
         for s in [
             "fn f(x) {",
             "let a = [1,",
-            "print(\"abc",
+            "print(\"abc \\",
             "let s = `multi",
             "/* note",
             "f(g(1)",
@@ -612,6 +617,7 @@ mod tests {
         }
         for s in [
             "fn f(x) { x }",
+            "print(\"abc",
             "let a = \"{\";",
             "let c = '(';",
             "// (",
