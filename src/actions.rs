@@ -26,36 +26,55 @@ pub struct LoadedModel {
     pub source: String,
 }
 
-/// Loads `model` (a diffusers folder or a repo id in the Hugging Face cache) on `device`
-/// (`cpu`, `cuda`, `cuda:N`) in `dtype` (`f32`, `f16`, `bf16`); without a model, the bundled
-/// tiny one with random weights, and a note that says so.
-pub fn load_model(
-    model: Option<&str>,
-    device: &str,
-    dtype: &str,
-    job: &Job,
-) -> Result<LoadedModel> {
+/// What to load, as the user wrote it.
+#[derive(Debug, Clone, Default)]
+pub struct ModelRequest {
+    /// A diffusers folder, a repo id in the Hugging Face cache, or a single checkpoint file;
+    /// `None`: the bundled tiny model.
+    pub model: Option<String>,
+    /// `cpu`, `cuda`, `cuda:N`.
+    pub device: String,
+    /// `f32`, `f16`, `bf16` (and their aliases).
+    pub dtype: String,
+    /// A diffusers folder whose configs describe a single-file checkpoint.
+    pub config: Option<String>,
+    /// Another VAE (a diffusers folder or a safetensors file).
+    pub vae: Option<String>,
+    /// Single-file checkpoints: the EMA copy of the UNet weights.
+    pub ema: bool,
+}
+
+/// Loads the model `req` names; without a model, the bundled tiny one with random weights, and
+/// a note that says so. Says what loading chose on the user's behalf (EMA weights, another VAE).
+pub fn load_model(req: &ModelRequest, job: &Job) -> Result<LoadedModel> {
     let opts = LoadOptions {
-        device: parse_device(device)?,
-        dtype: parse_dtype(dtype)?,
+        device: parse_device(&req.device)?,
+        dtype: parse_dtype(&req.dtype)?,
+        config: req.config.as_ref().map(PathBuf::from),
+        vae: req.vae.as_ref().map(PathBuf::from),
+        ema: req.ema,
     };
-    match model {
-        Some(spec) => Ok(LoadedModel {
+    let loaded = match &req.model {
+        Some(spec) => LoadedModel {
             sd: StableDiffusion::load(spec, &opts)?,
             source: spec.to_string(),
-        }),
+        },
         None => {
             let dir = crate::assets::tiny_sd();
             job.note(format!(
                 "no model given: using the bundled tiny model with random weights ({})",
                 dir.display()
             ));
-            Ok(LoadedModel {
+            LoadedModel {
                 sd: StableDiffusion::load_dir(&dir, &opts)?,
                 source: "bundled tiny model".to_string(),
-            })
+            }
         }
+    };
+    for note in loaded.sd.notes() {
+        job.note(note.clone());
     }
+    Ok(loaded)
 }
 
 /// Saves `concept` at `out`; when that fails after all (the disk filled up, the folder went

@@ -68,12 +68,14 @@ pub enum Error {
     #[error(
         "{component} weights ({}) do not fit the model:\n  {}",
         files_list(files),
-        problems_list(problems)
+        problems_list(problems, hint)
     )]
     Weights {
         component: String,
         files: Vec<PathBuf>,
         problems: Vec<WeightProblem>,
+        /// What most likely went wrong, when the problems show a pattern.
+        hint: Option<String>,
     },
 
     #[error("model not found: {0}")]
@@ -111,12 +113,28 @@ fn files_list(files: &[PathBuf]) -> String {
         .join(", ")
 }
 
-fn problems_list(problems: &[WeightProblem]) -> String {
-    problems
+/// Every problem, one a line; when there are many, the first few, the count and the hint.
+fn problems_list(problems: &[WeightProblem], hint: &Option<String>) -> String {
+    const SHOWN: usize = 8;
+    let mut lines: Vec<String> = problems
         .iter()
+        .take(SHOWN)
         .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("\n  ")
+        .collect();
+    if problems.len() > SHOWN {
+        let missing = problems
+            .iter()
+            .filter(|p| matches!(p, WeightProblem::Missing { .. }))
+            .count();
+        lines.push(format!(
+            "... {} problems in all ({missing} tensors missing)",
+            problems.len()
+        ));
+    }
+    if let Some(h) = hint {
+        lines.push(h.clone());
+    }
+    lines.join("\n  ")
 }
 
 impl Error {

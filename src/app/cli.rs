@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::actions::{self, TrainEnd, TrainRequest};
+use crate::actions::{self, ModelRequest, TrainEnd, TrainRequest};
 use crate::app::bench::BenchOptions;
 use crate::app::script::{RunError, ScriptConfig, Session};
 use crate::app::signals::Signals;
@@ -77,7 +77,8 @@ fn first_positional(args: &[OsString]) -> Option<usize> {
 
 #[derive(Debug, Args)]
 struct GlobalArgs {
-    /// Model folder (diffusers layout) or Hugging Face repo id; default: the bundled tiny model.
+    /// Model: a diffusers folder, a Hugging Face repo id (from the local cache) or a single
+    /// .safetensors checkpoint of the original layout; default: the bundled tiny model.
     #[arg(
         long,
         global = true,
@@ -101,6 +102,25 @@ struct GlobalArgs {
         help_heading = "Model options"
     )]
     dtype: String,
+    /// Single-file checkpoints: a diffusers folder whose configs describe it (default: SD1.5's).
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        help_heading = "Model options"
+    )]
+    config: Option<String>,
+    /// Another VAE: a diffusers VAE folder or a .safetensors file (diffusers or original layout).
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR|FILE",
+        help_heading = "Model options"
+    )]
+    vae: Option<String>,
+    /// Single-file checkpoints: use the EMA copy of the UNet weights the file holds.
+    #[arg(long, global = true, help_heading = "Model options")]
+    ema: bool,
     /// REPL and recipes: never draw images in the terminal, print the saved file's path.
     #[arg(long)]
     no_images: bool,
@@ -114,6 +134,19 @@ struct GlobalArgs {
         help_heading = "Model options"
     )]
     kernels: Kernels,
+}
+
+impl GlobalArgs {
+    fn model_request(&self) -> ModelRequest {
+        ModelRequest {
+            model: self.model.clone(),
+            device: self.device.clone(),
+            dtype: self.dtype.clone(),
+            config: self.config.clone(),
+            vae: self.vae.clone(),
+            ema: self.ema,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -233,7 +266,7 @@ struct GenerateArgs {
 }
 
 fn load_model(global: &GlobalArgs, job: &Job) -> Result<StableDiffusion> {
-    Ok(actions::load_model(global.model.as_deref(), &global.device, &global.dtype, job)?.sd)
+    Ok(actions::load_model(&global.model_request(), job)?.sd)
 }
 
 /// The files `n` images go to: OUT itself for one, OUT-0.png, OUT-1.png, ... for several.
@@ -411,6 +444,7 @@ fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
             let opts = LoadOptions {
                 device: parse_device(&global.device)?,
                 dtype: parse_dtype(&global.dtype)?,
+                ..LoadOptions::default()
             };
             let sd = StableDiffusion::random(
                 &ModelConfigs::sd15(),
@@ -528,9 +562,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     };
     set_kernels(global.kernels);
     let session = Session::new(ScriptConfig {
-        model: global.model.clone(),
-        device: global.device.clone(),
-        dtype: global.dtype.clone(),
+        model: global.model_request(),
         no_images: global.no_images,
         ..ScriptConfig::default()
     });

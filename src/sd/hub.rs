@@ -43,7 +43,8 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     }
     if path.is_file() {
         return Err(Error::Unsupported(format!(
-            "{spec} is a single file: give the diffusers folder (with model_index.json, unet/, vae/, ...)"
+            "{spec} is a file but not a checkpoint (.safetensors, or a pickled .ckpt to convert): \
+             give a checkpoint or a diffusers folder (with model_index.json, unet/, vae/, ...)"
         )));
     }
     if !looks_like_repo_id(spec) {
@@ -203,7 +204,7 @@ fn check_pipeline(root: &Path) -> Result<()> {
 
 /// The safetensors files of a component: `STEM[.fp16].safetensors`, or the shards listed in
 /// `STEM.safetensors.index[.fp16].json`.
-fn find_weights(dir: &Path, stem: &str, prefer_fp16: bool) -> Result<Vec<PathBuf>> {
+pub fn find_weights(dir: &Path, stem: &str, prefer_fp16: bool) -> Result<Vec<PathBuf>> {
     let plain = [
         format!("{stem}.safetensors"),
         format!("{stem}.safetensors.index.json"),

@@ -15,6 +15,7 @@ pub(crate) mod nn;
 pub mod pipeline;
 pub mod safetensors_check;
 pub mod scheduler;
+pub mod single_file;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;

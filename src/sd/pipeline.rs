@@ -5,7 +5,7 @@
 //! one batched UNet call per step (`[uncond, cond]` per trajectory), with an optional attention
 //! hook: plain generation runs one trajectory, Infusion runs F and C side by side.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -15,6 +15,7 @@ use crate::sd::config::{SchedulerConfig, TextEncoderConfig, UNetConfig, VaeConfi
 use crate::sd::hook::{AttentionHook, BatchLayout, Branch, Guidance, HookCtx, Row, Step};
 use crate::sd::hub::{resolve_model, ModelFiles};
 use crate::sd::scheduler::Ddim;
+use crate::sd::single_file::{self, UnetWeights};
 use crate::sd::text_encoder::TextEncoder;
 use crate::sd::tokenizer::{ClipTokenizer, Tokens};
 use crate::sd::unet::UNet;
@@ -42,13 +43,19 @@ impl ModelConfigs {
     }
 }
 
-/// Where and in which precision to run.
+/// Where and in which precision to run, and what to take from elsewhere.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub device: Device,
     /// Working dtype of the text encoder and UNet. The VAE runs in f32 when its config says
     /// `force_upcast` (SD1.5's does: its decoder overflows in f16).
     pub dtype: DType,
+    /// A diffusers folder whose configs describe a single-file checkpoint (default: SD1.5's).
+    pub config: Option<PathBuf>,
+    /// Another VAE: a diffusers VAE folder, or a safetensors file (diffusers or original layout).
+    pub vae: Option<PathBuf>,
+    /// Single-file checkpoints: take the EMA copy of the UNet weights.
+    pub ema: bool,
 }
 
 impl Default for LoadOptions {
@@ -56,8 +63,62 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             dtype: DType::F32,
+            config: None,
+            vae: None,
+            ema: false,
         }
     }
+}
+
+impl ModelConfigs {
+    /// The configs of a diffusers folder (`unet/config.json`, ...; SD1.5's scheduler where it
+    /// has none).
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let scheduler = dir.join("scheduler").join("scheduler_config.json");
+        Ok(Self {
+            text: TextEncoderConfig::from_file(&dir.join("text_encoder").join("config.json"))?,
+            unet: UNetConfig::from_file(&dir.join("unet").join("config.json"))?,
+            vae: VaeConfig::from_file(&dir.join("vae").join("config.json"))?,
+            scheduler: if scheduler.is_file() {
+                SchedulerConfig::from_file(&scheduler)?
+            } else {
+                SchedulerConfig::sd15()
+            },
+        })
+    }
+}
+
+/// What a model is built from: its configs, tokenizer and the weight files of each component,
+/// whatever layout they came in.
+struct Parts {
+    name: String,
+    configs: ModelConfigs,
+    tokenizer: ClipTokenizer,
+    text: WeightFiles,
+    unet: WeightFiles,
+    vae: WeightFiles,
+    files: Option<ModelFiles>,
+}
+
+/// A replacement VAE: a diffusers folder (config + weights), a diffusers file, or a file of the
+/// original layout (`encoder.down.0...`, bare or under `first_stage_model.` or `vae.`). A file
+/// takes the model's VAE config.
+fn vae_parts(path: &Path, cfg: &VaeConfig, prefer_fp16: bool) -> Result<(VaeConfig, WeightFiles)> {
+    if path.is_dir() {
+        let cfg = VaeConfig::from_file(&path.join("config.json"))?;
+        let weights = crate::sd::hub::find_weights(path, "diffusion_pytorch_model", prefer_fp16)?;
+        return Ok((cfg, WeightFiles::open("VAE", &weights)?));
+    }
+    let path = single_file::check_safetensors(path)?;
+    let files = WeightFiles::open("VAE", std::slice::from_ref(&path))?;
+    let ldm_prefix = [single_file::VAE, "vae.", ""]
+        .into_iter()
+        .find(|p| files.has_prefix(&format!("{p}encoder.down.")));
+    let files = match ldm_prefix {
+        Some(prefix) => single_file::vae_files(&path, cfg, prefix)?,
+        None => files,
+    };
+    Ok((cfg.clone(), files))
 }
 
 /// Settings of one text-to-image generation. Defaults follow the paper: DDIM, 50 steps,
@@ -131,6 +192,10 @@ pub struct StableDiffusion {
     pub vae: Vae,
     pub scheduler: Ddim,
     files: Option<ModelFiles>,
+    /// What it is called in records: its folder's or file's name.
+    name: String,
+    /// What loading chose on the user's behalf (EMA weights, another VAE), to say.
+    notes: Vec<String>,
     unet_fingerprint: String,
     device: Device,
     dtype: DType,
@@ -138,52 +203,166 @@ pub struct StableDiffusion {
 }
 
 impl StableDiffusion {
-    /// Loads a model from a folder or a Hugging Face cache repo id.
+    /// Loads a model from a folder, a Hugging Face cache repo id, or a single checkpoint file.
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
+        let path = Path::new(spec);
+        if single_file::is_single_file(path) {
+            return Self::load_single_file(path, opts);
+        }
         let root = resolve_model(spec)?;
         Self::load_dir(&root, opts)
     }
 
+    /// Loads an SD1.x checkpoint of the original layout from one safetensors file, with the
+    /// configs of `opts.config` (SD1.5's by default) and the bundled CLIP vocabulary.
+    pub fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let path = single_file::check_safetensors(path)?;
+        single_file::check_kind(
+            &path,
+            &WeightFiles::open("checkpoint", std::slice::from_ref(&path))?,
+        )?;
+        let configs = match &opts.config {
+            Some(dir) => ModelConfigs::from_dir(dir)?,
+            None => ModelConfigs::sd15(),
+        };
+        let tokenizer = ClipTokenizer::from_dir(
+            &crate::assets::clip_tokenizer(),
+            configs.text.max_position_embeddings,
+        )?;
+        let (unet, which) = single_file::unet_files(&path, &configs.unet, opts.ema)?;
+        let parts = Parts {
+            name: path
+                .file_stem()
+                .map_or_else(String::new, |s| s.to_string_lossy().into_owned()),
+            tokenizer,
+            text: single_file::text_files(&path)?,
+            unet,
+            vae: single_file::vae_files(&path, &configs.vae, single_file::VAE)?,
+            configs,
+            files: None,
+        };
+        let mut sd = Self::from_parts(parts, opts).map_err(|e| match e {
+            Error::Weights {
+                component,
+                files,
+                problems,
+                hint: _,
+            } if opts.config.is_none() => Error::Weights {
+                component,
+                files,
+                problems,
+                hint: Some(
+                    "read with SD1.5's configs, which this checkpoint does not fit: give the \
+                     diffusers folder of its configs with --config DIR (`config` in scripts)"
+                        .into(),
+                ),
+            },
+            e => e,
+        })?;
+        match which {
+            UnetWeights::Ema => sd.notes.push(format!(
+                "the UNet uses the EMA weights of {}",
+                path.display()
+            )),
+            UnetWeights::PlainBesideEma => sd.notes.push(format!(
+                "{} also holds EMA weights, unused (ask for them with --ema / `ema: true`; \
+                 they usually generate better, the plain ones train on better)",
+                path.display()
+            )),
+            UnetWeights::Plain => {}
+        }
+        Ok(sd)
+    }
+
     /// Loads a model from a folder in diffusers layout.
     pub fn load_dir(root: &Path, opts: &LoadOptions) -> Result<Self> {
+        if opts.ema {
+            return Err(Error::arg(
+                "ema",
+                format!(
+                    "{} is a diffusers folder: EMA weights are a choice of single-file checkpoints",
+                    root.display()
+                ),
+            ));
+        }
+        if let Some(config) = &opts.config {
+            return Err(Error::arg(
+                "config",
+                format!(
+                    "{} gives configs for a single-file checkpoint; {} is a diffusers folder \
+                     with its own",
+                    config.display(),
+                    root.display()
+                ),
+            ));
+        }
+        let files = ModelFiles::locate(root, opts.dtype == DType::F16)?;
+        let configs = ModelConfigs {
+            text: TextEncoderConfig::from_file(&files.text_encoder.config)?,
+            unet: UNetConfig::from_file(&files.unet.config)?,
+            vae: VaeConfig::from_file(&files.vae.config)?,
+            scheduler: match &files.scheduler {
+                Some(p) => SchedulerConfig::from_file(p)?,
+                None => SchedulerConfig::sd15(),
+            },
+        };
+        check_compatible(&files, &configs.text, &configs.unet, &configs.vae)?;
+        let parts = Parts {
+            name: files
+                .root
+                .file_name()
+                .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned()),
+            tokenizer: ClipTokenizer::from_dir(
+                &files.tokenizer,
+                configs.text.max_position_embeddings,
+            )?,
+            text: text_encoder_files(&files.text_encoder.weights)?,
+            unet: WeightFiles::open("UNet", &files.unet.weights)?,
+            vae: WeightFiles::open("VAE", &files.vae.weights)?,
+            configs,
+            files: Some(files),
+        };
+        Self::from_parts(parts, opts)
+    }
+
+    /// Builds the model of `parts` (with `opts.vae` instead of its VAE when given).
+    fn from_parts(mut parts: Parts, opts: &LoadOptions) -> Result<Self> {
         if opts.device.is_cpu() && opts.dtype == DType::BF16 {
             return Err(Error::Unsupported(
                 "bf16 on the CPU (candle's CPU matmul has no bf16): use f32 or f16 there".into(),
             ));
         }
-        let files = ModelFiles::locate(root, opts.dtype == DType::F16)?;
-        let te_cfg = TextEncoderConfig::from_file(&files.text_encoder.config)?;
-        let unet_cfg = UNetConfig::from_file(&files.unet.config)?;
-        let vae_cfg = VaeConfig::from_file(&files.vae.config)?;
-        let sched_cfg = match &files.scheduler {
-            Some(p) => SchedulerConfig::from_file(p)?,
-            None => SchedulerConfig::sd15(),
-        };
-        check_compatible(&files, &te_cfg, &unet_cfg, &vae_cfg)?;
-        let tokenizer = ClipTokenizer::from_dir(&files.tokenizer, te_cfg.max_position_embeddings)?;
+        let mut notes = vec![];
+        if let Some(vae) = &opts.vae {
+            let (cfg, files) = vae_parts(vae, &parts.configs.vae, opts.dtype == DType::F16)?;
+            parts.configs.vae = cfg;
+            parts.vae = files;
+            notes.push(format!("the VAE comes from {}", vae.display()));
+        }
+        let c = &parts.configs;
         let dev = &opts.device;
-        let vae_dtype = if vae_cfg.force_upcast {
+        let vae_dtype = if c.vae.force_upcast {
             DType::F32
         } else {
             opts.dtype
         };
-        let text_encoder = WeightFiles::open("text encoder", &files.text_encoder.weights)?.build(
-            opts.dtype,
-            dev,
-            |vb| TextEncoder::new(vb, &te_cfg),
-        )?;
-        let unet_files = WeightFiles::open("UNet", &files.unet.weights)?;
-        let unet_fingerprint = unet_files.fingerprint()?;
-        let unet = unet_files.build(opts.dtype, dev, |vb| UNet::new(vb, &unet_cfg))?;
-        let vae = WeightFiles::open("VAE", &files.vae.weights)?
-            .build(vae_dtype, dev, |vb| Vae::new(vb, &vae_cfg))?;
+        let text_encoder = parts
+            .text
+            .build(opts.dtype, dev, |vb| TextEncoder::new(vb, &c.text))?;
+        let unet = parts
+            .unet
+            .build(opts.dtype, dev, |vb| UNet::new(vb, &c.unet))?;
+        let unet_fingerprint = parts.unet.fingerprint()?;
+        let vae = parts.vae.build(vae_dtype, dev, |vb| Vae::new(vb, &c.vae))?;
         Ok(Self {
-            tokenizer,
+            tokenizer: parts.tokenizer,
             text_encoder,
             unet,
             vae,
-            scheduler: Ddim::new(&sched_cfg),
-            files: Some(files),
+            scheduler: Ddim::new(&c.scheduler),
+            files: parts.files,
+            name: parts.name,
+            notes,
             unet_fingerprint,
             device: dev.clone(),
             dtype: opts.dtype,
@@ -219,6 +398,8 @@ impl StableDiffusion {
             vae,
             scheduler: Ddim::new(&configs.scheduler),
             files: None,
+            name: "random".into(),
+            notes: vec![],
             unet_fingerprint: format!("random:{seed}"),
             device: dev.clone(),
             dtype: opts.dtype,
@@ -235,15 +416,15 @@ impl StableDiffusion {
         self.files.as_ref()
     }
 
-    /// The model's name for records: its folder's name (`random` for benchmark weights).
+    /// The model's name for records: its folder's or file's name (`random` for benchmark
+    /// weights).
     pub fn name(&self) -> String {
-        self.files
-            .as_ref()
-            .and_then(|f| f.root.file_name())
-            .map_or_else(
-                || "random".to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            )
+        self.name.clone()
+    }
+
+    /// What loading chose on the user's behalf (EMA weights, another VAE), to say.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     pub fn device(&self) -> &Device {
@@ -556,6 +737,19 @@ impl StableDiffusion {
         let dist = self.vae.encode(&image.to_dtype(self.vae_dtype)?)?;
         Ok(self.vae.scale(&dist.mean)?.to_dtype(self.dtype)?)
     }
+}
+
+/// A text encoder's weight files. transformers 5 saves `CLIPTextModel` without the
+/// `text_model.` prefix older files have: such files are read through a name map.
+fn text_encoder_files(paths: &[std::path::PathBuf]) -> Result<WeightFiles> {
+    let files = WeightFiles::open("text encoder", paths)?;
+    Ok(
+        if !files.has_prefix("text_model.") && files.has_prefix("embeddings.") {
+            files.with_names(|name| name.strip_prefix("text_model.").unwrap_or(name).to_string())
+        } else {
+            files
+        },
+    )
 }
 
 /// `Err(NotFinite(what()))` unless every value of `t` is finite.

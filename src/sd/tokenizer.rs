@@ -122,9 +122,11 @@ impl std::fmt::Debug for ClipTokenizer {
 }
 
 impl ClipTokenizer {
-    /// Builds the tokenizer from `dir/vocab.json` and `dir/merges.txt`; ids are padded or
-    /// truncated to `max_len` (the text encoder's `max_position_embeddings`). The pad token is read
-    /// from `tokenizer_config.json` when there is one (SD1.x pads with `<|endoftext|>`).
+    /// Builds the tokenizer from `dir/vocab.json` and `dir/merges.txt`, or from the BPE model of
+    /// `dir/tokenizer.json` (what transformers 5 saves alone; the same ids either way, as the
+    /// rest of the pipeline is CLIP's here); ids are padded or truncated to `max_len` (the text
+    /// encoder's `max_position_embeddings`). The pad token is read from `tokenizer_config.json`
+    /// when there is one (SD1.x pads with `<|endoftext|>`).
     pub fn from_dir(dir: &Path, max_len: usize) -> Result<Self> {
         let err = |msg: String| Error::Tokenizer {
             path: dir.to_path_buf(),
@@ -135,21 +137,11 @@ impl ClipTokenizer {
                 "max length {max_len} leaves no room for a token"
             )));
         }
-        let vocab = dir.join("vocab.json");
-        let merges = dir.join("merges.txt");
-        for f in [&vocab, &merges] {
-            if !f.is_file() {
-                return Err(Error::io(
-                    f,
-                    std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer file not found"),
-                ));
-            }
-        }
-        let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+        let bpe = bpe_files(dir)?
             .end_of_word_suffix("</w>".into())
             .unk_token(EOS.into())
             .build()
-            .map_err(|e| err(format!("reading vocab.json / merges.txt: {e}")))?;
+            .map_err(|e| err(format!("building the BPE model: {e}")))?;
         let normalizer = NormSeq::new(vec![
             NFC.into(),
             Replace::new(
@@ -252,6 +244,64 @@ impl ClipTokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+}
+
+/// The BPE vocabulary and merges of a tokenizer folder: `vocab.json` + `merges.txt`, else the
+/// `model` of `tokenizer.json`.
+fn bpe_files(dir: &Path) -> Result<tokenizers::models::bpe::BpeBuilder> {
+    let vocab = dir.join("vocab.json");
+    let merges = dir.join("merges.txt");
+    if vocab.is_file() && merges.is_file() {
+        return Ok(BPE::from_file(
+            &vocab.to_string_lossy(),
+            &merges.to_string_lossy(),
+        ));
+    }
+    let json = dir.join("tokenizer.json");
+    if !json.is_file() {
+        return Err(Error::Tokenizer {
+            path: dir.to_path_buf(),
+            msg: "no vocab.json + merges.txt and no tokenizer.json".into(),
+        });
+    }
+    let bad = |msg: String| Error::Tokenizer {
+        path: json.clone(),
+        msg,
+    };
+    let v: serde_json::Value = crate::sd::config::read_json(&json)?;
+    let model = &v["model"];
+    if model["type"].as_str() != Some("BPE") {
+        return Err(bad(format!("its model is {}, not BPE", model["type"])));
+    }
+    let vocab: tokenizers::models::bpe::Vocab = model["vocab"]
+        .as_object()
+        .ok_or_else(|| bad("no model.vocab".into()))?
+        .iter()
+        .map(|(k, id)| {
+            Ok((
+                k.clone(),
+                id.as_u64().ok_or_else(|| bad(format!("id of {k:?}")))? as u32,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    // Merges are "a b" strings (older files) or [a, b] pairs (tokenizers >= 0.20).
+    let merges = model["merges"]
+        .as_array()
+        .ok_or_else(|| bad("no model.merges".into()))?
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => s
+                .split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string())),
+            serde_json::Value::Array(p) => match (p.first(), p.get(1)) {
+                (Some(a), Some(b)) => Some((a.as_str()?.to_string(), b.as_str()?.to_string())),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| bad("a merge is neither \"a b\" nor [a, b]".into()))?;
+    Ok(BPE::builder().vocab_and_merges(vocab, merges))
 }
 
 fn read_pad_token(dir: &Path) -> Result<Option<String>> {

@@ -5,6 +5,11 @@
 //! request matches the files, against the real memory-mapped tensors. So a bad file is reported
 //! as a whole (every missing tensor, every wrong shape, each with its file), before anything is
 //! loaded onto the device.
+//!
+//! The model asks for tensors by their diffusers names; a name map turns those into the file's
+//! keys where a file names them otherwise (a single-file checkpoint, a text encoder saved
+//! without its `text_model.` prefix). A 1x1 convolution kernel is taken where the model has a
+//! linear layer (the original VAE's attention).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,13 +23,26 @@ use candle_nn::{Init, VarBuilder};
 use super::safetensors_check::{diagnose_bytes, diagnose_file};
 use crate::error::{root_cause, Error, Result, WeightProblem};
 
+/// How the model's tensor names become a file's keys.
+pub type NameMap = Box<dyn Fn(&str) -> String + Send + Sync>;
+
 /// The safetensors files of one model component (`unet`, `vae`, ...), opened and indexed.
 pub struct WeightFiles {
     component: String,
     files: Vec<PathBuf>,
     mmaps: Vec<MmapedSafetensors>,
-    /// tensor name -> (shape, index into `files`)
+    /// file key -> (shape, index into `files`)
     index: HashMap<String, (Vec<usize>, usize)>,
+    /// The model's names -> the files' keys (`None`: the same).
+    names: Option<NameMap>,
+    /// The names the last build asked for.
+    requested: Mutex<Vec<String>>,
+}
+
+/// Whether a tensor of shape `found` serves where `expected` is asked: the same shape, or a 1x1
+/// convolution kernel `[a, b, 1, 1]` for a matrix `[a, b]`.
+fn fits(found: &[usize], expected: &[usize]) -> bool {
+    found == expected || (found.len() == 4 && found[2..] == [1, 1] && found[..2] == *expected)
 }
 
 impl WeightFiles {
@@ -56,7 +74,33 @@ impl WeightFiles {
             files: files.to_vec(),
             mmaps,
             index,
+            names: None,
+            requested: Mutex::new(vec![]),
         })
+    }
+
+    /// The files' keys of the model's names are `names(name)`.
+    pub fn with_names(mut self, names: impl Fn(&str) -> String + Send + Sync + 'static) -> Self {
+        self.names = Some(Box::new(names));
+        self
+    }
+
+    /// The file key of a model name.
+    fn key<'n>(&self, name: &'n str) -> std::borrow::Cow<'n, str> {
+        match &self.names {
+            Some(f) => std::borrow::Cow::Owned(f(name)),
+            None => std::borrow::Cow::Borrowed(name),
+        }
+    }
+
+    /// The shape of the tensor the files store under `key`.
+    pub fn shape_of(&self, key: &str) -> Option<Vec<usize>> {
+        self.index.get(key).map(|(s, _)| s.clone())
+    }
+
+    /// Whether any key starts with `prefix`.
+    pub fn has_prefix(&self, prefix: &str) -> bool {
+        self.index.keys().any(|k| k.starts_with(prefix))
     }
 
     pub fn files(&self) -> &[PathBuf] {
@@ -93,10 +137,12 @@ impl WeightFiles {
         if !problems.is_empty() {
             problems.sort_by(|a, b| problem_key(a).cmp(problem_key(b)));
             problems.dedup();
+            let hint = self.hint(&problems);
             return Err(Error::Weights {
                 component: self.component.clone(),
                 files: self.files.clone(),
                 problems,
+                hint,
             });
         }
         // The dry run can only fail for reasons other than the weights (e.g. a config the
@@ -113,9 +159,68 @@ impl WeightFiles {
         }
     }
 
+    /// When most tensors are missing, the likely reason: the file names them with a prefix the
+    /// model does not use, or without one it does (a single-file checkpoint, a text encoder
+    /// saved without `text_model.`).
+    fn hint(&self, problems: &[WeightProblem]) -> Option<String> {
+        if self.names.is_some() {
+            // The names were mapped on purpose: the layout is known, the tensors are not there.
+            return None;
+        }
+        let missing: Vec<&str> = problems
+            .iter()
+            .filter_map(|p| match p {
+                WeightProblem::Missing { tensor, .. } => Some(tensor.as_str()),
+                _ => None,
+            })
+            .collect();
+        if missing.len() < 4 || missing.len() * 2 < problems.len() {
+            return None;
+        }
+        let found = |key: &str| self.index.contains_key(key);
+        // A prefix the file has: `PREFIX.name` holds the tensor for most names.
+        let file_prefixes: std::collections::BTreeSet<&str> = self
+            .index
+            .keys()
+            .filter_map(|k| k.split_once('.').map(|(p, _)| p))
+            .collect();
+        for p in file_prefixes {
+            let hits = missing
+                .iter()
+                .filter(|m| found(&format!("{p}.{m}")))
+                .count();
+            if hits * 2 > missing.len() {
+                return Some(format!(
+                    "the file names its tensors `{p}.*`, one level deeper than the model expects"
+                ));
+            }
+        }
+        // A prefix the model expects that the file lacks.
+        let stripped = missing
+            .iter()
+            .filter(|m| m.split_once('.').is_some_and(|(_, rest)| found(rest)))
+            .count();
+        if stripped * 2 > missing.len() {
+            let p = missing[0].split_once('.').map_or("", |(p, _)| p);
+            return Some(format!(
+                "the file names its tensors without the prefix `{p}.`"
+            ));
+        }
+        let keys: Vec<&String> = self.index.keys().take(3).collect();
+        Some(format!(
+            "the file's tensors are named otherwise (e.g. {}): is it another kind of model, or \
+             a single-file checkpoint (give the file itself as the model)?",
+            keys.iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
+
     fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
-        match self.index.get(name) {
-            Some((_, i)) => self.mmaps[*i].load(name, device),
+        let key = self.key(name);
+        match self.index.get(key.as_ref()) {
+            Some((_, i)) => self.mmaps[*i].load(&key, device),
             None => candle_core::bail!("cannot find tensor {name}"),
         }
     }
@@ -155,30 +260,36 @@ impl SimpleBackend for &Probe<'_> {
         dtype: DType,
         _: &Device,
     ) -> candle_core::Result<Tensor> {
-        match self.files.index.get(name) {
+        self.files
+            .requested
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.to_string());
+        // Problems name the file's key: what the user finds in the file.
+        let key = self.files.key(name);
+        match self.files.index.get(key.as_ref()) {
             None => self.report(WeightProblem::Missing {
-                tensor: name.to_string(),
+                tensor: key.into_owned(),
                 expected: s.dims().to_vec(),
             }),
-            Some((found, i)) if found.as_slice() != s.dims() => {
-                self.report(WeightProblem::WrongShape {
-                    tensor: name.to_string(),
-                    file: self.files.files[*i].clone(),
-                    expected: s.dims().to_vec(),
-                    found: found.clone(),
-                })
-            }
+            Some((found, i)) if !fits(found, s.dims()) => self.report(WeightProblem::WrongShape {
+                tensor: key.into_owned(),
+                file: self.files.files[*i].clone(),
+                expected: s.dims().to_vec(),
+                found: found.clone(),
+            }),
             Some(_) => {}
         }
         placeholder(&s, dtype)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, _: &Device) -> candle_core::Result<Tensor> {
-        match self.files.index.get(name) {
+        let key = self.files.key(name);
+        match self.files.index.get(key.as_ref()) {
             Some((shape, _)) => placeholder(&Shape::from(shape.clone()), dtype),
             None => {
                 self.report(WeightProblem::Missing {
-                    tensor: name.to_string(),
+                    tensor: key.into_owned(),
                     expected: vec![],
                 });
                 candle_core::bail!("cannot find tensor {name}")
@@ -187,7 +298,7 @@ impl SimpleBackend for &Probe<'_> {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.files.index.contains_key(name)
+        self.files.index.contains_key(self.files.key(name).as_ref())
     }
 }
 
@@ -281,7 +392,10 @@ impl SimpleBackend for Real<'_> {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.0.load(name, dev)?.to_dtype(dtype)?;
+        let mut t = self.0.load(name, dev)?.to_dtype(dtype)?;
+        if t.rank() == 4 && s.rank() == 2 && fits(t.dims(), s.dims()) {
+            t = t.reshape(s.dims())?;
+        }
         if t.shape() != &s {
             return Err(candle_core::Error::UnexpectedShape {
                 msg: format!("shape mismatch for {name}"),
@@ -297,7 +411,7 @@ impl SimpleBackend for Real<'_> {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.0.index.contains_key(name)
+        self.0.index.contains_key(self.0.key(name).as_ref())
     }
 }
 
@@ -315,14 +429,28 @@ impl WeightFiles {
     /// name), its name, shape and 64 evenly spaced values rounded to f16, hashed with SHA-256.
     /// The f32 and the fp16 files of one model give the same fingerprint; different weights
     /// almost surely do not. Reads a few bytes per tensor, not the whole file.
+    ///
+    /// With a name map the model's names are hashed (those the last build asked for), so a
+    /// single-file checkpoint of a model has the fingerprint of its diffusers folder.
     pub fn fingerprint(&self) -> Result<String> {
         use sha2::{Digest, Sha256};
-        let mut names: Vec<&String> = self.index.keys().collect();
+        let mut names: Vec<String> = match &self.names {
+            None => self.index.keys().cloned().collect(),
+            Some(_) => self
+                .requested
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        };
         names.sort();
+        names.dedup();
         let mut h = Sha256::new();
-        for name in names {
-            let (shape, i) = &self.index[name];
-            let view = self.mmaps[*i].get(name).map_err(|e| Error::Safetensors {
+        for name in &names {
+            let key = self.key(name);
+            let Some((shape, i)) = self.index.get(key.as_ref()) else {
+                continue;
+            };
+            let view = self.mmaps[*i].get(&key).map_err(|e| Error::Safetensors {
                 path: self.files[*i].clone(),
                 msg: root_cause(&e),
             })?;

@@ -17,6 +17,20 @@ pub fn repo() -> PathBuf {
     infusion_repl::assets::home()
 }
 
+/// Copies folder `src` to `dst`, recursively.
+pub fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
+
 pub fn tiny_model_dir() -> PathBuf {
     repo().join("models").join("tiny-sd")
 }

@@ -14,6 +14,7 @@ pub(crate) fn load(dtype: DType) -> infusion_repl::Result<StableDiffusion> {
         &LoadOptions {
             device: device(),
             dtype,
+            ..LoadOptions::default()
         },
     )
 }

@@ -5,20 +5,7 @@ use std::path::Path;
 
 use infusion_repl::{LoadOptions, StableDiffusion};
 
-use crate::common::tiny_model_dir;
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), &to).unwrap();
-        }
-    }
-}
+use crate::common::{copy_dir, tiny_model_dir};
 
 fn load_err(dir: &Path) -> String {
     match StableDiffusion::load_dir(dir, &LoadOptions::default()) {

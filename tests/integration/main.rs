@@ -14,6 +14,7 @@ mod fused;
 mod infusion;
 mod loading;
 mod metrics;
+mod model_files;
 mod other_configs;
 mod recipes;
 mod repl;

@@ -3,6 +3,7 @@
 //! weights are named, malformed concept files and model folders say what is wrong, and special
 //! files never hang a run.
 
+use crate::common::copy_dir;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -35,19 +36,6 @@ fn script_err(script: &str) -> String {
     match build_engine(&session).eval::<rhai::Dynamic>(script) {
         Ok(v) => panic!("{script} gave {v}"),
         Err(e) => e.to_string(),
-    }
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), to).unwrap();
-        }
     }
 }
 

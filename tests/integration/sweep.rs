@@ -3,6 +3,7 @@
 //! output faults, signals and absurd numbers. The properties: no panic, no abort, no hang within
 //! a timeout, and nothing lost (a file that was there is there unchanged after a refusal).
 
+use crate::common::copy_dir;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::process::Command;
@@ -197,19 +198,6 @@ fn odd_images_never_panic() {
             )?;
             t.step()
         });
-    }
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), to).unwrap();
-        }
     }
 }
 

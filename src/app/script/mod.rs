@@ -11,6 +11,7 @@ pub mod api;
 pub mod docs;
 mod opts;
 
+use crate::actions::ModelRequest;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -27,10 +28,8 @@ pub use opts::Opts;
 /// What a session runs with: the global flags.
 #[derive(Debug, Clone)]
 pub struct ScriptConfig {
-    /// `--model` / `INFUSION_MODEL`; `None`: the bundled tiny model.
-    pub model: Option<String>,
-    pub device: String,
-    pub dtype: String,
+    /// `--model`, `--device`, `--dtype`, `--config`, `--vae`: what `load_model()` loads.
+    pub model: ModelRequest,
     /// Never draw images in the terminal; print their file path.
     pub no_images: bool,
     /// Where `import "name"` finds the stdlib modules.
@@ -44,9 +43,11 @@ pub struct ScriptConfig {
 impl Default for ScriptConfig {
     fn default() -> Self {
         Self {
-            model: None,
-            device: "cpu".into(),
-            dtype: "f32".into(),
+            model: ModelRequest {
+                device: "cpu".into(),
+                dtype: "f32".into(),
+                ..ModelRequest::default()
+            },
             no_images: false,
             stdlib: crate::assets::stdlib(),
             out_dir: PathBuf::from("infusion-out"),

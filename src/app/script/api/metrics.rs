@@ -47,7 +47,9 @@ impl std::fmt::Display for DinoVal {
 }
 
 fn device(session: &Session) -> RhaiResult<candle_core::Device> {
-    rt(crate::sd::device::parse_device(&session.config.device))
+    rt(crate::sd::device::parse_device(
+        &session.config.model.device,
+    ))
 }
 
 /// Images from an array of images, or a folder path.

@@ -7,7 +7,7 @@ use rhai::{Array, Dynamic, Map, FLOAT, INT};
 
 use super::generation::{Gen, MapsMode};
 use super::Api;
-use crate::actions;
+use crate::actions::{self, ModelRequest};
 use crate::app::script::docs::{FnSpec, Kind};
 use crate::app::script::{err, rt, Opts, RhaiResult, Session};
 use crate::infusion::generate::{generate_infusion, InfusionOptions};
@@ -47,25 +47,27 @@ fn load_spec(session: &Session) -> FnSpec {
         .sig("load_model() -> Model")
         .sig("load_model(path_or_repo_id) -> Model")
         .sig("load_model(path_or_repo_id, options) -> Model")
-        .doc("Loads a Stable Diffusion 1.x model from a diffusers folder or a repo id in the Hugging Face cache (nothing is downloaded). Without an argument: the --model given on the command line, else the bundled tiny model. Concepts loaded afterwards are checked against this model.")
-        .opt("device", Kind::Str, session.config.device.clone(), "\"cpu\", \"cuda\" or \"cuda:N\" (default: --device)")
-        .opt("dtype", Kind::Str, session.config.dtype.clone(), "the working precision: \"f32\", \"f16\" or \"bf16\" (fp16, bfloat16 too; default: --dtype)")
+        .doc("Loads a Stable Diffusion 1.x model from a diffusers folder, a repo id in the Hugging Face cache (nothing is downloaded) or a single .safetensors checkpoint of the original layout. Without an argument: the --model given on the command line, else the bundled tiny model. Concepts loaded afterwards are checked against this model.")
+        .opt("device", Kind::Str, session.config.model.device.clone(), "\"cpu\", \"cuda\" or \"cuda:N\" (default: --device)")
+        .opt("dtype", Kind::Str, session.config.model.dtype.clone(), "the working precision: \"f32\", \"f16\" or \"bf16\" (fp16, bfloat16 too; default: --dtype)")
+        .opt_unset("config", Kind::Str, "a diffusers folder whose configs describe a single-file checkpoint (default: --config, else SD1.5's)")
+        .opt_unset("vae", Kind::Str, "another VAE: a diffusers folder or a .safetensors file (default: --vae)")
+        .opt("ema", Kind::Bool, session.config.model.ema, "single files: use the EMA copy of the UNet weights (default: --ema)")
         .example("let m = load_model(\"stable-diffusion-v1-5/stable-diffusion-v1-5\", #{device: \"cuda\", dtype: \"f16\"});")
 }
 
 fn load(session: &Session, spec: &FnSpec, path: Option<&str>, opts: &Map) -> RhaiResult<Model> {
     let o = Opts::of(opts, spec)?;
-    let device = o.string("device").unwrap_or_default();
-    let dtype = o.string("dtype").unwrap_or_default();
-    let path = path
-        .map(str::to_string)
-        .or_else(|| session.config.model.clone());
-    let loaded = rt(actions::load_model(
-        path.as_deref(),
-        &device,
-        &dtype,
-        &session.job,
-    ))?;
+    let d = &session.config.model;
+    let req = ModelRequest {
+        model: path.map(str::to_string).or_else(|| d.model.clone()),
+        device: o.string("device").unwrap_or_else(|| d.device.clone()),
+        dtype: o.string("dtype").unwrap_or_else(|| d.dtype.clone()),
+        config: o.string("config").or_else(|| d.config.clone()),
+        vae: o.string("vae").or_else(|| d.vae.clone()),
+        ema: o.bool("ema").unwrap_or(d.ema),
+    };
+    let loaded = rt(actions::load_model(&req, &session.job))?;
     let model = Model {
         sd: Arc::new(loaded.sd),
         source: loaded.source,
@@ -161,11 +163,11 @@ fn device_info(session: &Session) -> Map {
     let mut m = Map::new();
     m.insert(
         "default_device".into(),
-        Dynamic::from(session.config.device.clone()),
+        Dynamic::from(session.config.model.device.clone()),
     );
     m.insert(
         "default_dtype".into(),
-        Dynamic::from(session.config.dtype.clone()),
+        Dynamic::from(session.config.model.dtype.clone()),
     );
     m.insert(
         "cuda_compiled".into(),
