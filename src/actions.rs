@@ -40,8 +40,9 @@ pub struct ModelRequest {
     pub config: Option<String>,
     /// Another VAE (a diffusers folder or a safetensors file).
     pub vae: Option<String>,
-    /// Single-file checkpoints: the EMA copy of the UNet weights.
-    pub ema: bool,
+    /// Single-file checkpoints: the EMA copy of the UNet (`Some(true)`), the plain weights
+    /// (`Some(false)`), or the EMA copy when there is one (`None`).
+    pub ema: Option<bool>,
 }
 
 /// Loads the model `req` names; without a model, the bundled tiny one with random weights, and

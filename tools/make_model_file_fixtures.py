@@ -13,10 +13,22 @@ Writes tests/fixtures/model_files/:
   must map the LDM dict back onto every original tensor, bit for bit, with nothing left over, and
   `StableDiffusionPipeline.from_single_file(file, config=tiny_dir)` must reproduce the folder
   pipeline's latents exactly. The Rust tests build the single file from the folder with this map.
+- `sd15_ldm_keys.json`: the same at SD1.5's real shapes (no weights: models built on torch's meta
+  device), for the UNet and VAE as diffusers' own conversion script
+  `scripts/convert_diffusers_to_original_stable_diffusion.py` names them (it is not in the pip
+  package: give its path with --convert-script; it was taken from the diffusers repository at
+  commit edc154da0906ddc7ade2dfea739917266908451a). It expects the VAE attention under the names
+  the SD1.5 repository's VAE file uses (query/key/value/proj_attn); they are given so and mapped
+  back. Certified again by `single_file_utils`' converters. With each name, its diffusers shape;
+  the text encoder's names and shapes come from transformers' CLIPTextModel at SD1.5's config
+  (with the `text_model.` prefix the SD1.5 files have).
 
 Run from the project root with the reference environment (torch, diffusers, transformers):
-    python tools/make_model_file_fixtures.py
+    python tools/make_model_file_fixtures.py --convert-script PATH/convert_diffusers_to_original_stable_diffusion.py
 """
+
+import argparse
+import importlib.util
 
 import json
 import os
@@ -124,6 +136,66 @@ def vae_ldm_names(cfg):
     return name
 
 
+SD15_UNET = dict(cross_attention_dim=768, sample_size=64)  # the rest: UNet2DConditionModel's defaults
+SD15_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
+                layers_per_block=2, latent_channels=4, sample_size=512)
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+# The VAE attention names diffusers' conversion script reads (the SD1.5 repository's VAE file).
+LEGACY_VAE_ATTENTION = [(".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."),
+                        (".to_out.0.", ".proj_attn.")]
+
+
+def legacy_vae_name(k):
+    if ".attentions." in k:
+        for new, old in LEGACY_VAE_ATTENTION:
+            k = k.replace(new, old)
+    return k
+
+
+def renamed_by(names, convert, rename=lambda k: k):
+    """name -> the key `convert` (a state-dict converter) moves its tensor to: each tensor is a
+    [1, 1] marker holding its index (the VAE converter reshapes some to [1, 1, 1, 1])."""
+    out = convert({rename(k): torch.full((1, 1), float(i)) for i, k in enumerate(names)})
+    assert len(out) == len(names), "the converter dropped or merged tensors"
+    return {names[int(t.flatten()[0])]: key for key, t in out.items()}
+
+
+def sd15_keys(script):
+    spec = importlib.util.spec_from_file_location("convert_script", script)
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**SD15_UNET)
+        vae = diffusers.AutoencoderKL(**SD15_VAE)
+        text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_TEXT))
+    u, v = unet.state_dict(), vae.state_dict()
+    # transformers 5 names CLIPTextModel's tensors without `text_model.` in memory (and some
+    # tools save them so); the SD1.5 files and single-file checkpoints have it.
+    t = {k if k.startswith("text_model.") else "text_model." + k: x for k, x in text.state_dict().items()}
+    um = renamed_by(list(u), conv.convert_unet_state_dict)
+    vm = renamed_by(list(v), conv.convert_vae_state_dict, legacy_vae_name)
+    tm = {k: "cond_stage_model.transformer." + k for k in t}  # the script keeps SD1 text names
+
+    # single_file_utils must read the same file back onto the same names.
+    def marker(i, key):
+        conv_1x1 = ".attn_1." in key and key.endswith("weight") and ".norm." not in key
+        return torch.full((1, 1, 1, 1) if conv_1x1 else (1, 1), float(i))
+    for names, mapping, prefix, convert, cfg in [
+        (list(u), um, "model.diffusion_model.", sfu.convert_ldm_unet_checkpoint, unet.config),
+        (list(v), vm, "first_stage_model.", sfu.convert_ldm_vae_checkpoint, vae.config),
+    ]:
+        back = convert({prefix + mapping[k]: marker(i, mapping[k]) for i, k in enumerate(names)}, dict(cfg))
+        assert sorted(back) == sorted(names), set(back) ^ set(names)
+        assert all(names[int(x.flatten()[0])] == k for k, x in back.items())
+    return {
+        "unet": {k: ["model.diffusion_model." + um[k], list(u[k].shape)] for k in sorted(u)},
+        "vae": {k: ["first_stage_model." + vm[k], list(v[k].shape)] for k in sorted(v)},
+        "text_encoder": {k: [tm[k], list(t[k].shape)] for k in sorted(t)},
+    }
+
+
 def load(component, file):
     return safetensors.torch.load_file(os.path.join(TINY, component, file))
 
@@ -134,6 +206,10 @@ def config(component):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--convert-script", required=True,
+                        help="diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py")
+    args = parser.parse_args()
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
     os.makedirs(os.path.join(OUT, "tokenizer-json"), exist_ok=True)
@@ -202,6 +278,15 @@ def main():
         json.dump({"info": info, "keys": keys, "conv_1x1": {"vae": conv_1x1}}, f, indent=1, sort_keys=True)
         f.write("\n")
     print("wrote", OUT, {c: len(k) for c, k in keys.items()}, "1x1:", conv_1x1)
+
+    sd15 = sd15_keys(args.convert_script)
+    info = dict(info, certified_by="diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py "
+                "(edc154da) + diffusers.loaders.single_file_utils converters",
+                entries="diffusers name -> [single-file key, diffusers shape]")
+    with open(os.path.join(OUT, "sd15_ldm_keys.json"), "w") as f:
+        json.dump({"info": info, "keys": sd15}, f, indent=0, sort_keys=True)
+        f.write("\n")
+    print("wrote sd15_ldm_keys.json", {c: len(k) for c, k in sd15.items()})
 
 
 if __name__ == "__main__":

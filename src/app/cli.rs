@@ -118,9 +118,18 @@ struct GlobalArgs {
         help_heading = "Model options"
     )]
     vae: Option<String>,
-    /// Single-file checkpoints: use the EMA copy of the UNet weights the file holds.
-    #[arg(long, global = true, help_heading = "Model options")]
+    /// Single-file checkpoints: insist on the EMA copy of the UNet weights (the default when
+    /// the file has one).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Model options",
+        overrides_with = "no_ema"
+    )]
     ema: bool,
+    /// Single-file checkpoints: use the plain UNet weights, not the EMA copy.
+    #[arg(long, global = true, help_heading = "Model options")]
+    no_ema: bool,
     /// REPL and recipes: never draw images in the terminal, print the saved file's path.
     #[arg(long)]
     no_images: bool,
@@ -144,7 +153,11 @@ impl GlobalArgs {
             dtype: self.dtype.clone(),
             config: self.config.clone(),
             vae: self.vae.clone(),
-            ema: self.ema,
+            ema: match (self.ema, self.no_ema) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
         }
     }
 }

@@ -228,18 +228,34 @@ pub fn find_weights(dir: &Path, stem: &str, prefer_fp16: bool) -> Result<Vec<Pat
         }
         return Ok(vec![p]);
     }
-    let bin = dir.join(format!("{stem}.bin"));
-    if bin.is_file() {
+    if let Some(pickle) = pickled_weights(dir) {
         return Err(Error::Unsupported(format!(
-            "{} holds only PyTorch weights ({}): safetensors files are needed",
+            "{} holds only pickled PyTorch weights ({}), which are never unpickled here (they \
+             can run code): convert the model to safetensors once, e.g. with diffusers' \
+             `StableDiffusionPipeline.from_pretrained(DIR).save_pretrained(NEW_DIR)`",
             dir.display(),
-            bin.display()
+            pickle.display()
         )));
     }
     Err(Error::ModelNotFound(format!(
         "no weights in {} (looked for {stem}.safetensors and {stem}.fp16.safetensors)",
         dir.display()
     )))
+}
+
+/// A pickled weights file in `dir` (`pytorch_model.bin`, `diffusion_pytorch_model.bin`, ...).
+fn pickled_weights(dir: &Path) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e, "bin" | "ckpt" | "pt" | "pth"))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().next()
 }
 
 fn shards_of(index: &Path) -> Result<Vec<PathBuf>> {

@@ -15,7 +15,7 @@ use crate::sd::config::{SchedulerConfig, TextEncoderConfig, UNetConfig, VaeConfi
 use crate::sd::hook::{AttentionHook, BatchLayout, Branch, Guidance, HookCtx, Row, Step};
 use crate::sd::hub::{resolve_model, ModelFiles};
 use crate::sd::scheduler::Ddim;
-use crate::sd::single_file::{self, UnetWeights};
+use crate::sd::single_file;
 use crate::sd::text_encoder::TextEncoder;
 use crate::sd::tokenizer::{ClipTokenizer, Tokens};
 use crate::sd::unet::UNet;
@@ -54,8 +54,9 @@ pub struct LoadOptions {
     pub config: Option<PathBuf>,
     /// Another VAE: a diffusers VAE folder, or a safetensors file (diffusers or original layout).
     pub vae: Option<PathBuf>,
-    /// Single-file checkpoints: take the EMA copy of the UNet weights.
-    pub ema: bool,
+    /// Single-file checkpoints holding an EMA copy of the UNet: `Some(true)` takes it,
+    /// `Some(false)` the plain weights, `None` (the default) the EMA copy when there is one.
+    pub ema: Option<bool>,
 }
 
 impl Default for LoadOptions {
@@ -65,7 +66,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             config: None,
             vae: None,
-            ema: false,
+            ema: None,
         }
     }
 }
@@ -259,24 +260,31 @@ impl StableDiffusion {
             },
             e => e,
         })?;
-        match which {
-            UnetWeights::Ema => sd.notes.push(format!(
+        if which.both {
+            sd.notes.push(if which.ema {
+                format!(
+                    "{} holds EMA and plain UNet weights: using the EMA ones (--no-ema or \
+                     `ema: false` for the plain ones)",
+                    path.display()
+                )
+            } else {
+                format!(
+                    "{} holds EMA and plain UNet weights: using the plain ones",
+                    path.display()
+                )
+            });
+        } else if which.ema {
+            sd.notes.push(format!(
                 "the UNet uses the EMA weights of {}",
                 path.display()
-            )),
-            UnetWeights::PlainBesideEma => sd.notes.push(format!(
-                "{} also holds EMA weights, unused (ask for them with --ema / `ema: true`; \
-                 they usually generate better, the plain ones train on better)",
-                path.display()
-            )),
-            UnetWeights::Plain => {}
+            ));
         }
         Ok(sd)
     }
 
     /// Loads a model from a folder in diffusers layout.
     pub fn load_dir(root: &Path, opts: &LoadOptions) -> Result<Self> {
-        if opts.ema {
+        if opts.ema.is_some() {
             return Err(Error::arg(
                 "ema",
                 format!(

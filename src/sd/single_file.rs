@@ -6,9 +6,10 @@
 //! [`ldm_vae_key`] give the file's key of each, from the component's config, as diffusers'
 //! `single_file_utils` conversion does (and its `convert_diffusers_to_original_stable_diffusion`
 //! script writes). The VAE's attention weights are 1x1 convolutions there; the loader takes them
-//! for the linear layers they are. A file that also holds EMA weights (`model_ema.*`) gives its
-//! plain UNet weights unless the EMA ones are asked for, as diffusers' `from_single_file` and the
-//! original configs (`use_ema: False`) do.
+//! for the linear layers they are. When the file also holds an EMA copy of the UNet
+//! (`model_ema.*`), that copy is taken unless the plain weights are asked for: it generates
+//! better, and Infusion never trains the UNet (diffusers' `extract_ema=True`; the official
+//! diffusers SD1.5 folder holds the EMA weights too, so both give concepts the same fingerprint).
 
 use std::path::{Path, PathBuf};
 
@@ -231,40 +232,47 @@ pub fn check_kind(path: &Path, files: &WeightFiles) -> Result<()> {
     Ok(())
 }
 
-/// Which UNet weights of a single file were taken.
+/// Which UNet weights of a single file were taken, and what else it holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnetWeights {
-    /// The plain weights; the file has no EMA copy.
-    Plain,
-    /// The plain weights; the file also has an EMA copy, unused.
-    PlainBesideEma,
-    /// The EMA copy (asked for, or the only weights in the file).
-    Ema,
+pub struct UnetWeights {
+    /// The EMA copy was taken.
+    pub ema: bool,
+    /// The file holds the other kind too.
+    pub both: bool,
 }
 
-/// The UNet of a single file, read through the LDM names: its EMA copy when `ema` asks for it
-/// or the file has nothing else.
-pub fn unet_files(path: &Path, cfg: &UNetConfig, ema: bool) -> Result<(WeightFiles, UnetWeights)> {
+/// The UNet of a single file, read through the LDM names. `ema`: `Some(true)` takes the EMA
+/// copy, `Some(false)` the plain weights, `None` the EMA copy when there is one.
+pub fn unet_files(
+    path: &Path,
+    cfg: &UNetConfig,
+    ema: Option<bool>,
+) -> Result<(WeightFiles, UnetWeights)> {
     let files = WeightFiles::open("UNet", &[path.to_path_buf()])?;
-    let has_ema = files.has_prefix(UNET_EMA);
-    if ema && !has_ema {
-        return Err(Error::arg(
+    let (has_ema, has_plain) = (files.has_prefix(UNET_EMA), files.has_prefix(UNET));
+    let lacks = |what: &str| {
+        Err(Error::arg(
             "ema",
-            format!("{} holds no EMA weights (`{UNET_EMA}*`)", path.display()),
-        ));
+            format!("{} holds no {what} UNet weights", path.display()),
+        ))
+    };
+    match ema {
+        Some(true) if !has_ema => return lacks("EMA (`model_ema.*`)"),
+        Some(false) if !has_plain => return lacks("plain (`model.diffusion_model.*`)"),
+        _ => {}
     }
-    let which = match (has_ema, ema || !files.has_prefix(UNET)) {
-        (true, true) => UnetWeights::Ema,
-        (true, false) => UnetWeights::PlainBesideEma,
-        (false, _) => UnetWeights::Plain,
+    let which = UnetWeights {
+        ema: ema.unwrap_or(has_ema),
+        both: has_ema && has_plain,
     };
     let cfg = cfg.clone();
     Ok((
         files.with_names(move |name| {
             let key = ldm_unet_key(name, &cfg);
-            match which {
-                UnetWeights::Ema => ema_key(&key),
-                _ => format!("{UNET}{key}"),
+            if which.ema {
+                ema_key(&key)
+            } else {
+                format!("{UNET}{key}")
             }
         }),
         which,

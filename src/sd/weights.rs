@@ -302,19 +302,30 @@ impl SimpleBackend for &Probe<'_> {
     }
 }
 
+/// A tensor's name and shape.
+pub type TensorShape = (String, Vec<usize>);
+
 /// A backend that answers every request with a zero-cost placeholder: building a model with it
-/// costs no memory, which is enough to list its layers from a config alone.
-struct Meta;
+/// costs no memory, which is enough to list its layers and tensors from a config alone.
+#[derive(Default)]
+struct Meta {
+    /// The tensors asked for: name and shape, in order.
+    asked: std::sync::Arc<Mutex<Vec<TensorShape>>>,
+}
 
 impl SimpleBackend for Meta {
     fn get(
         &self,
         s: Shape,
-        _: &str,
+        name: &str,
         _: Init,
         dtype: DType,
         _: &Device,
     ) -> candle_core::Result<Tensor> {
+        self.asked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name.to_string(), s.dims().to_vec()));
         placeholder(&s, dtype)
     }
 
@@ -333,10 +344,26 @@ pub fn build_meta<M>(
     build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
 ) -> candle_core::Result<M> {
     build(VarBuilder::from_backend(
-        Box::new(Meta),
+        Box::new(Meta::default()),
         DType::F32,
         Device::Cpu,
     ))
+}
+
+/// The tensors a model built by `build` asks for: name and shape, in order (a model's weight
+/// layout, from its config alone).
+pub fn tensors_asked(
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<()>,
+) -> candle_core::Result<Vec<TensorShape>> {
+    let meta = Meta::default();
+    let asked = meta.asked.clone();
+    build(VarBuilder::from_backend(
+        Box::new(meta),
+        DType::F32,
+        Device::Cpu,
+    ))?;
+    let list = asked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(list)
 }
 
 /// Random weights for benchmarks: N(0, 1/fan_in) for matrices and kernels, 1 + N(0, 0.02) for

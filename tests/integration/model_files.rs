@@ -177,7 +177,7 @@ fn a_single_file_checkpoint_is_its_folder() {
 }
 
 #[test]
-fn ema_weights_are_taken_when_asked_for_or_alone() {
+fn the_ema_copy_is_preferred_and_said_and_the_plain_weights_can_be_asked_for() {
     let dir = tempfile::tempdir().unwrap();
     // The EMA copy is another model (the UNet scaled by 1.05), named as the original training
     // code and diffusers name it: `model_ema.diffusion_model` + the key without its dots.
@@ -201,52 +201,43 @@ fn ema_weights_are_taken_when_asked_for_or_alone() {
     let only = single_file(dir.path(), "ema-only.safetensors", DType::F32, |t| {
         ema_of(t, false)
     });
-    let other = single_file(dir.path(), "scaled.safetensors", DType::F32, |t| {
+    // The reference for the EMA copy: the same scaled UNet as the plain weights of a file.
+    let scaled_file = single_file(dir.path(), "scaled.safetensors", DType::F32, |t| {
         scaled(t, "model.diffusion_model.", 1.05)
     });
-    let load = |path: &Path, ema: bool| {
-        let opts = LoadOptions {
-            ema,
-            ..tiny_config()
-        };
-        StableDiffusion::load(path.to_str().unwrap(), &opts).unwrap()
+    let opts = |ema| LoadOptions {
+        ema,
+        ..tiny_config()
     };
-    let plain = load(&both, false);
-    assert_eq!(
-        diff(&generate(&plain).latents, &generate(tiny()).latents),
-        0.0
-    );
-    assert!(
-        plain
-            .notes()
-            .iter()
-            .any(|n| n.contains("EMA weights, unused")),
-        "{:?}",
-        plain.notes()
-    );
-    let want = generate(&load(&other, false)).latents;
-    assert!(
-        diff(&want, &generate(tiny()).latents) > 1e-3,
-        "the EMA copy differs"
-    );
-    for sd in [load(&both, true), load(&only, false)] {
-        assert_eq!(diff(&generate(&sd).latents, &want), 0.0);
-        assert!(sd
-            .notes()
-            .iter()
-            .any(|n| n.contains("uses the EMA weights")));
+    let load =
+        |path: &Path, ema| StableDiffusion::load(path.to_str().unwrap(), &opts(ema)).unwrap();
+    let base = generate(tiny()).latents;
+    let ema = generate(&load(&scaled_file, None)).latents;
+    assert!(diff(&ema, &base) > 1e-3, "the EMA copy is another model");
+
+    for (sd, note) in [
+        (load(&both, None), "using the EMA ones"),
+        (load(&both, Some(true)), "using the EMA ones"),
+        (load(&only, None), "uses the EMA weights"),
+    ] {
+        assert_eq!(diff(&generate(&sd).latents, &ema), 0.0);
+        assert!(
+            sd.notes().iter().any(|n| n.contains(note)),
+            "{:?}",
+            sd.notes()
+        );
     }
-    let e = load_err(
-        &other,
-        &LoadOptions {
-            ema: true,
-            ..tiny_config()
-        },
-    );
-    assert!(
-        e.contains("ema") && e.contains("holds no EMA weights"),
-        "{e}"
-    );
+    let plain = load(&both, Some(false));
+    assert_eq!(diff(&generate(&plain).latents, &base), 0.0);
+    assert!(plain
+        .notes()
+        .iter()
+        .any(|n| n.contains("using the plain ones")));
+
+    let e = load_err(&scaled_file, &opts(Some(true)));
+    assert!(e.contains("ema") && e.contains("holds no EMA"), "{e}");
+    let e = load_err(&only, &opts(Some(false)));
+    assert!(e.contains("ema") && e.contains("holds no plain"), "{e}");
 }
 
 #[test]
@@ -406,7 +397,7 @@ fn the_command_line_and_scripts_load_single_files() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.is_file());
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
-        .args(["generate", "a cat", "--steps", "1", "--ema"])
+        .args(["generate", "a cat", "--steps", "1", "--no-ema"])
         .current_dir(dir.path())
         .output()
         .unwrap();
@@ -424,7 +415,7 @@ fn the_command_line_and_scripts_load_single_files() {
         dtype: "f32".into(),
         config: Some(tiny_model_dir().display().to_string()),
         vae: Some(tiny_model_dir().join("vae").display().to_string()),
-        ema: false,
+        ema: None,
     };
     let loaded = load_model(&req, &job).unwrap();
     assert_eq!(loaded.sd.unet_fingerprint(), tiny().unet_fingerprint());
@@ -432,4 +423,116 @@ fn the_command_line_and_scripts_load_single_files() {
         .messages()
         .iter()
         .any(|m| m.starts_with("note: the VAE comes from")));
+}
+
+#[test]
+fn sd15_names_and_shapes_are_those_of_diffusers_and_its_conversion_script() {
+    use infusion_repl::sd::pipeline::ModelConfigs;
+    use infusion_repl::sd::single_file::{ldm_unet_key, ldm_vae_key, TEXT, UNET, VAE};
+    use infusion_repl::sd::weights::tensors_asked;
+    use infusion_repl::sd::{text_encoder::TextEncoder, unet::UNet, vae::Vae};
+
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("sd15_ldm_keys.json")).unwrap(),
+    )
+    .unwrap();
+    let c = ModelConfigs::sd15();
+    let asked = |build: &dyn Fn(candle_nn::VarBuilder) -> candle_core::Result<()>| {
+        tensors_asked(build).unwrap()
+    };
+    let components = [
+        (
+            "unet",
+            asked(&|vb| {
+                UNet::new(vb, &c.unet)
+                    .map(drop)
+                    .map_err(candle_core::Error::wrap)
+            }),
+        ),
+        (
+            "vae",
+            asked(&|vb| {
+                Vae::new(vb, &c.vae)
+                    .map(drop)
+                    .map_err(candle_core::Error::wrap)
+            }),
+        ),
+        (
+            "text_encoder",
+            asked(&|vb| TextEncoder::new(vb, &c.text).map(drop)),
+        ),
+    ];
+    for (component, ours) in components {
+        let want = json["keys"][component].as_object().unwrap();
+        let mut names: Vec<&str> = ours.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort();
+        names.dedup();
+        let mut theirs: Vec<&str> = want.keys().map(String::as_str).collect();
+        theirs.sort();
+        assert_eq!(names, theirs, "{component}: the tensors of SD1.5");
+        for (name, shape) in &ours {
+            let (key, their_shape) = (&want[name][0], &want[name][1]);
+            assert_eq!(serde_json::json!(shape), *their_shape, "{component} {name}");
+            let key_ours = match component {
+                "unet" => format!("{UNET}{}", ldm_unet_key(name, &c.unet)),
+                "vae" => format!("{VAE}{}", ldm_vae_key(name, &c.vae)),
+                _ => format!("{TEXT}{name}"),
+            };
+            assert_eq!(key_ours, key.as_str().unwrap(), "{component} {name}");
+        }
+    }
+}
+
+#[test]
+fn a_pickled_component_is_refused_in_one_line_with_how_to_convert() {
+    let model = tempfile::tempdir().unwrap();
+    copy_dir(&tiny_model_dir(), model.path());
+    // What transformers 4 saved without safetensors.
+    std::fs::remove_file(model.path().join("text_encoder/model.safetensors")).unwrap();
+    std::fs::write(
+        model.path().join("text_encoder/pytorch_model.bin"),
+        b"not read",
+    )
+    .unwrap();
+    let e = match StableDiffusion::load_dir(model.path(), &LoadOptions::default()) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.contains("pytorch_model.bin")
+            && e.contains("never unpickled")
+            && e.contains("save_pretrained"),
+        "{e}"
+    );
+}
+
+#[test]
+fn sharded_weights_load_from_their_index() {
+    let model = tempfile::tempdir().unwrap();
+    copy_dir(&tiny_model_dir(), model.path());
+    // The UNet in two shards, as `save_pretrained(max_shard_size=...)` writes them.
+    let unet = model.path().join("unet");
+    let file = unet.join("diffusion_pytorch_model.safetensors");
+    let mut names: Vec<(String, Tensor)> = read(&file).into_iter().collect();
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    let half = names.len() / 2;
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in [&names[..half], &names[half..]].into_iter().enumerate() {
+        let shard = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
+        let tensors: Tensors = part.iter().cloned().collect();
+        candle_core::safetensors::save(&tensors, unet.join(&shard)).unwrap();
+        for (k, _) in part {
+            weight_map.insert(k.clone(), shard.clone().into());
+        }
+    }
+    std::fs::remove_file(&file).unwrap();
+    std::fs::write(
+        unet.join("diffusion_pytorch_model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    let sd = StableDiffusion::load_dir(model.path(), &LoadOptions::default()).unwrap();
+    assert_eq!(diff(&generate(&sd).latents, &generate(tiny()).latents), 0.0);
+    assert_eq!(sd.unet_fingerprint(), tiny().unet_fingerprint());
 }

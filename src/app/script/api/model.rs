@@ -52,7 +52,7 @@ fn load_spec(session: &Session) -> FnSpec {
         .opt("dtype", Kind::Str, session.config.model.dtype.clone(), "the working precision: \"f32\", \"f16\" or \"bf16\" (fp16, bfloat16 too; default: --dtype)")
         .opt_unset("config", Kind::Str, "a diffusers folder whose configs describe a single-file checkpoint (default: --config, else SD1.5's)")
         .opt_unset("vae", Kind::Str, "another VAE: a diffusers folder or a .safetensors file (default: --vae)")
-        .opt("ema", Kind::Bool, session.config.model.ema, "single files: use the EMA copy of the UNet weights (default: --ema)")
+        .opt_unset("ema", Kind::Bool, "single files: true takes the EMA copy of the UNet, false the plain weights (default: --ema/--no-ema, else the EMA copy when the file has one)")
         .example("let m = load_model(\"stable-diffusion-v1-5/stable-diffusion-v1-5\", #{device: \"cuda\", dtype: \"f16\"});")
 }
 
@@ -65,7 +65,7 @@ fn load(session: &Session, spec: &FnSpec, path: Option<&str>, opts: &Map) -> Rha
         dtype: o.string("dtype").unwrap_or_else(|| d.dtype.clone()),
         config: o.string("config").or_else(|| d.config.clone()),
         vae: o.string("vae").or_else(|| d.vae.clone()),
-        ema: o.bool("ema").unwrap_or(d.ema),
+        ema: o.bool("ema").or(d.ema),
     };
     let loaded = rt(actions::load_model(&req, &session.job))?;
     let model = Model {
