@@ -46,7 +46,8 @@ pub struct InfusionGeneration {
     pub parsed: ParsedPrompt,
     pub tokens: Tokens,
     pub options: InfusionOptions,
-    pub timesteps: Vec<usize>,
+    /// The UNet's timestep at each call of the sampler.
+    pub timesteps: Vec<f64>,
     /// Names of the concepts used, in prompt order.
     pub concepts: Vec<String>,
     /// The model it was made with: its name and the fingerprint of its UNet.
@@ -80,6 +81,7 @@ impl InfusionGeneration {
             ("negative_prompt", g.negative_prompt.clone()),
             ("seed", g.seed.to_string()),
             ("steps", g.steps.to_string()),
+            ("scheduler", g.sampler.describe()),
             ("guidance", g.guidance.to_string()),
         ]);
         if self.is_customized() {
@@ -105,9 +107,13 @@ impl InfusionGeneration {
             .take(10)
             .collect();
         let mut line = format!(
-            "Steps: {}, Sampler: DDIM, CFG scale: {}, Seed: {}, Size: {w}x{h}, Model hash: {hash}, \
+            "Steps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {w}x{h}, Model hash: {hash}, \
              Model: {}",
-            g.steps, g.guidance, g.seed, self.model
+            g.steps,
+            g.sampler.a1111_name(),
+            g.guidance,
+            g.seed,
+            self.model
         );
         if self.is_customized() {
             line.push_str(&format!(
@@ -243,7 +249,8 @@ fn hook<'a>(
         sd.device(),
         sd.dtype(),
     )?;
-    let replace_until = (opts.replace_steps * opts.generate.steps as f64).round() as usize;
+    let calls = sd.plan(&opts.generate)?.len();
+    let replace_until = (opts.replace_steps * calls as f64).round() as usize;
     Ok(InfusionHook::new(offsets, FMaps::InBatch)
         .replace_until(replace_until)
         .capture(capture))
@@ -289,8 +296,7 @@ pub fn generate_infusion(
     let out = sd.denoise(
         &sd.initial_latents(g)?,
         &trajectories,
-        g.steps,
-        g.guidance,
+        g,
         (customized || capture.is_some()).then_some(&hook as &dyn AttentionHook),
         job,
         &mut |_| Ok(()),
@@ -308,7 +314,7 @@ pub fn generate_infusion(
         parsed,
         tokens,
         options: opts.clone(),
-        timesteps: sd.scheduler.timesteps(g.steps),
+        timesteps: sd.plan(g)?.timesteps().to_vec(),
         base_latents,
         custom_latents,
         base_image,

@@ -465,9 +465,9 @@ impl TextEncoderConfig {
     }
 }
 
-/// `scheduler/scheduler_config.json`. Only the noise schedule is read from it: generation always
-/// uses DDIM (as the paper does), so a PNDM config such as SD1.5's is read with DDIM's defaults
-/// for the keys it lacks, as diffusers' `DDIMScheduler.from_config` would.
+/// `scheduler/scheduler_config.json`: the noise schedule and the keys every sampler reads, with
+/// DDIM's defaults for the keys a file lacks (SD1.5's file is a PNDM config), as diffusers'
+/// `Scheduler.from_config` of the pipeline's DDIM config would give them.
 #[derive(Debug, Clone, Deserialize)]
 pub struct SchedulerConfig {
     #[serde(default = "SchedulerConfig::default_t")]
@@ -496,6 +496,9 @@ pub struct SchedulerConfig {
     pub thresholding: bool,
     #[serde(default)]
     pub rescale_betas_zero_snr: bool,
+    /// PNDM: go straight to linear multistep, without the Runge-Kutta warm-up.
+    #[serde(default)]
+    pub skip_prk_steps: bool,
 }
 
 impl SchedulerConfig {
@@ -525,7 +528,8 @@ impl SchedulerConfig {
     pub fn sd15() -> Self {
         let json = r#"{
             "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-            "num_train_timesteps": 1000, "set_alpha_to_one": false, "steps_offset": 1, "clip_sample": false
+            "num_train_timesteps": 1000, "set_alpha_to_one": false, "steps_offset": 1, "clip_sample": false,
+            "skip_prk_steps": true
         }"#;
         serde_json::from_str(json).expect("the built-in SD1.5 scheduler config parses")
     }

@@ -103,12 +103,12 @@ impl BatchLayout {
 }
 
 /// The denoising step a UNet call belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Step {
-    /// 0-based index of the step in the schedule.
+    /// 0-based index of the UNet call in the sampler's plan.
     pub index: usize,
-    /// The diffusion timestep (0..num_train_timesteps).
-    pub timestep: usize,
+    /// The diffusion timestep (0..num_train_timesteps; fractional for Euler with Karras sigmas).
+    pub timestep: f64,
 }
 
 /// Where an attention call happens: the layer, the step, the rows, the query grid.

@@ -14,6 +14,7 @@ pub mod hub;
 pub(crate) mod nn;
 pub mod pipeline;
 pub mod safetensors_check;
+pub mod sampler;
 pub mod scheduler;
 pub mod single_file;
 pub mod text_encoder;

@@ -14,7 +14,8 @@ use crate::job::Job;
 use crate::sd::config::{SchedulerConfig, TextEncoderConfig, UNetConfig, VaeConfig};
 use crate::sd::hook::{AttentionHook, BatchLayout, Branch, Guidance, HookCtx, Row, Step};
 use crate::sd::hub::{resolve_model, ModelFiles};
-use crate::sd::scheduler::Ddim;
+use crate::sd::sampler::{Plan, SamplerOptions, SamplerState};
+use crate::sd::scheduler::NoiseSchedule;
 use crate::sd::single_file;
 use crate::sd::text_encoder::TextEncoder;
 use crate::sd::tokenizer::{ClipTokenizer, Tokens};
@@ -130,11 +131,14 @@ pub struct GenerateOptions {
     pub seed: u64,
     pub steps: usize,
     pub guidance: f64,
+    pub sampler: SamplerOptions,
     /// Image size in pixels; `None`: the model's native size.
     pub width: Option<usize>,
     pub height: Option<usize>,
     /// Initial latents `(1, C, h, w)` instead of seeded noise (to reproduce another tool's run).
     pub noise: Option<Tensor>,
+    /// Ancestral samplers: each UNet call's noise `(calls, C, h, w)` instead of seeded noise.
+    pub step_noise: Option<Tensor>,
 }
 
 impl Default for GenerateOptions {
@@ -144,9 +148,11 @@ impl Default for GenerateOptions {
             seed: 0,
             steps: 50,
             guidance: 8.0,
+            sampler: SamplerOptions::default(),
             width: None,
             height: None,
             noise: None,
+            step_noise: None,
         }
     }
 }
@@ -178,7 +184,8 @@ pub struct Generation {
     pub prompt: String,
     pub options: GenerateOptions,
     pub tokens: Tokens,
-    pub timesteps: Vec<usize>,
+    /// The UNet's timestep at each call of the sampler.
+    pub timesteps: Vec<f64>,
     /// Final latents `(1, C, h, w)`, as the UNet sees them (scaled), f32.
     pub latents: Tensor,
     /// Decoded image `(1, 3, H, W)`, values in [0, 1], f32.
@@ -191,7 +198,7 @@ pub struct StableDiffusion {
     pub text_encoder: TextEncoder,
     pub unet: UNet,
     pub vae: Vae,
-    pub scheduler: Ddim,
+    pub scheduler: NoiseSchedule,
     files: Option<ModelFiles>,
     /// What it is called in records: its folder's or file's name.
     name: String,
@@ -367,7 +374,7 @@ impl StableDiffusion {
             text_encoder,
             unet,
             vae,
-            scheduler: Ddim::new(&c.scheduler),
+            scheduler: NoiseSchedule::new(&c.scheduler),
             files: parts.files,
             name: parts.name,
             notes,
@@ -404,7 +411,7 @@ impl StableDiffusion {
             text_encoder,
             unet,
             vae,
-            scheduler: Ddim::new(&configs.scheduler),
+            scheduler: NoiseSchedule::new(&configs.scheduler),
             files: None,
             name: "random".into(),
             notes: vec![],
@@ -533,9 +540,14 @@ impl StableDiffusion {
         peak
     }
 
-    /// Checks a generation's settings before any work: a finite guidance, steps within the
-    /// scheduler's timesteps, a size the VAE can take and the machine can hold for `rows` UNet
-    /// rows, initial noise that fits and is finite. Returns the latent grid `(h, w)`.
+    /// The sampler's plan for a generation's steps.
+    pub fn plan(&self, opts: &GenerateOptions) -> Result<Plan<'_>> {
+        Plan::new(&self.scheduler, opts.sampler, opts.steps)
+    }
+
+    /// Checks a generation's settings before any work: a finite guidance, a sampler plan for
+    /// the steps, a size the VAE can take and the machine can hold for `rows` UNet rows, noise
+    /// that fits and is finite. Returns the latent grid `(h, w)`.
     pub fn check_generate(&self, opts: &GenerateOptions, rows: usize) -> Result<(usize, usize)> {
         if !opts.guidance.is_finite() {
             return Err(Error::arg(
@@ -543,16 +555,7 @@ impl StableDiffusion {
                 format!("{} is not a finite number", opts.guidance),
             ));
         }
-        let t = self.scheduler.num_train_timesteps();
-        if opts.steps == 0 || opts.steps > t {
-            return Err(Error::arg(
-                "steps",
-                format!(
-                    "{}: the scheduler has {t} timesteps, so 1 to {t} denoising steps",
-                    opts.steps
-                ),
-            ));
-        }
+        let calls = self.plan(opts)?.len();
         let size = self.default_size();
         let (width, height) = (opts.width.unwrap_or(size), opts.height.unwrap_or(size));
         let hw = self.latent_size(width, height)?;
@@ -570,6 +573,29 @@ impl StableDiffusion {
                 return Err(Error::arg(
                     "noise",
                     "the initial noise holds NaN or infinite values",
+                ));
+            }
+        }
+        if let Some(noise) = &opts.step_noise {
+            let c = self.unet.config().in_channels;
+            let fits =
+                noise.rank() == 4 && noise.dim(0)? >= calls && noise.dims()[1..] == [c, hw.0, hw.1];
+            if !fits {
+                return Err(Error::arg(
+                    "step_noise",
+                    format!(
+                        "shape {:?} does not fit: expected [{calls} or more, {c}, {}, {}] (one \
+                         noise per sampler call)",
+                        noise.dims(),
+                        hw.0,
+                        hw.1
+                    ),
+                ));
+            }
+            if !crate::util::tensors::all_finite(noise)? {
+                return Err(Error::arg(
+                    "step_noise",
+                    "the step noise holds NaN or infinite values",
                 ));
             }
         }
@@ -603,23 +629,22 @@ impl StableDiffusion {
         Ok(noise.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 
-    /// Runs DDIM with classifier-free guidance for every trajectory from the same `init`
-    /// latents, batched as `[uncond, cond]` per trajectory in one UNet call per step. Returns the
-    /// final latents of each trajectory (f32). `on_step` sees every step.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs the sampler of `opts` (steps, guidance, scheduler) with classifier-free guidance for
+    /// every trajectory from the same `init` noise (standard normal: the sampler scales it),
+    /// batched as `[uncond, cond]` per trajectory in one UNet call per step. Trajectories share
+    /// the plan and, for ancestral samplers, each step's noise per sample index, so F and C stay
+    /// aligned; each keeps its own multistep history. Returns the final latents of each
+    /// trajectory (f32). `on_step` sees every step.
     pub fn denoise(
         &self,
         init: &Tensor,
         trajectories: &[Trajectory],
-        steps: usize,
-        guidance: f64,
+        opts: &GenerateOptions,
         hook: Option<&dyn AttentionHook>,
         job: &Job,
         on_step: &mut dyn FnMut(&StepReport<'_>) -> Result<()>,
     ) -> Result<Vec<Tensor>> {
-        if steps == 0 {
-            return Err(Error::arg("steps", "must be at least 1"));
-        }
+        let plan = self.plan(opts)?;
         if trajectories.is_empty() {
             return Err(Error::arg("trajectories", "nothing to denoise"));
         }
@@ -642,13 +667,19 @@ impl StableDiffusion {
             0,
         )?
         .to_dtype(self.dtype)?;
-        let timesteps = self.scheduler.timesteps(steps);
-        let mut latents: Vec<Tensor> = vec![init.to_dtype(self.dtype)?; trajectories.len()];
-        let bar = job.bar(timesteps.len(), "denoise");
-        for (index, &t) in timesteps.iter().enumerate() {
+        let init = (init.to_device(&self.device)?.to_dtype(DType::F32)? * plan.init_noise_sigma())?;
+        let mut latents: Vec<Tensor> = vec![init; trajectories.len()];
+        let mut states: Vec<SamplerState> = trajectories.iter().map(|_| plan.state()).collect();
+        let mut noise = StepNoise::new(opts, plan.options().kind.is_ancestral());
+        let bar = job.bar(plan.len(), "denoise");
+        for (index, &t) in plan.timesteps().iter().enumerate() {
             job.check()?;
             let step = Step { index, timestep: t };
-            let input = Tensor::cat(&latents.iter().flat_map(|z| [z, z]).collect::<Vec<_>>(), 0)?;
+            let input = latents
+                .iter()
+                .map(|z| Ok(plan.scale_input(index, z)?.to_dtype(self.dtype)?))
+                .collect::<Result<Vec<_>>>()?;
+            let input = Tensor::cat(&input.iter().flat_map(|z| [z, z]).collect::<Vec<_>>(), 0)?;
             let t_tensor = Tensor::new(t as f32, &self.device)?;
             let ctx = hook.map(|hook| HookCtx {
                 hook,
@@ -659,11 +690,13 @@ impl StableDiffusion {
                 .unet
                 .forward(&input, &t_tensor, &context, ctx.as_ref())?;
             let mut guided = Vec::with_capacity(latents.len());
-            for (i, z) in latents.iter_mut().enumerate() {
+            let steps = plan.len();
+            for (i, (z, state)) in latents.iter_mut().zip(&mut states).enumerate() {
                 let u = out.get(2 * i)?.unsqueeze(0)?;
                 let c = out.get(2 * i + 1)?.unsqueeze(0)?;
-                let eps = (&u + ((c - &u)? * guidance)?)?;
-                *z = self.scheduler.step(&eps, t, z, steps)?;
+                let eps = (&u + ((c - &u)? * opts.guidance)?)?;
+                let n = noise.get(index, trajectories[i].sample, z)?;
+                *z = plan.step(state, index, &eps, z, n.as_ref())?;
                 finite(z, || {
                     format!(
                         "the latents became NaN or infinite at denoising step {} of {steps} \
@@ -683,10 +716,7 @@ impl StableDiffusion {
             bar.inc(1);
         }
         bar.finish_and_clear();
-        latents
-            .into_iter()
-            .map(|z| Ok(z.to_dtype(DType::F32)?))
-            .collect()
+        Ok(latents)
     }
 
     /// Text-to-image with plain SD.
@@ -703,22 +733,14 @@ impl StableDiffusion {
             cond: states.get(1)?.unsqueeze(0)?,
         };
         let latents = self
-            .denoise(
-                &init,
-                &[traj],
-                opts.steps,
-                opts.guidance,
-                None,
-                job,
-                &mut |_| Ok(()),
-            )?
+            .denoise(&init, &[traj], opts, None, job, &mut |_| Ok(()))?
             .remove(0);
         let image = self.decode_to_unit(&latents)?;
         Ok(Generation {
             prompt: prompt.to_string(),
             options: opts.clone(),
             tokens,
-            timesteps: self.scheduler.timesteps(opts.steps),
+            timesteps: self.plan(opts)?.timesteps().to_vec(),
             latents,
             image,
         })
@@ -744,6 +766,69 @@ impl StableDiffusion {
     pub fn encode_mean(&self, image: &Tensor) -> Result<Tensor> {
         let dist = self.vae.encode(&image.to_dtype(self.vae_dtype)?)?;
         Ok(self.vae.scale(&dist.mean)?.to_dtype(self.dtype)?)
+    }
+}
+
+/// Each sampler call's noise for ancestral samplers: the given `step_noise`, or standard-normal
+/// draws from the generation's seed, one per sample index and call. Sample `s` draws from its
+/// own stream (`1 + s`; the initial noise is stream 0), so trajectories of the same sample (F
+/// and C) get the same noise, whatever else is in the batch.
+struct StepNoise<'a> {
+    given: Option<&'a Tensor>,
+    seed: u64,
+    rngs: Vec<(usize, rand_chacha::ChaCha8Rng)>,
+    drawn: Vec<(usize, usize, Tensor)>,
+    wanted: bool,
+}
+
+impl<'a> StepNoise<'a> {
+    fn new(opts: &'a GenerateOptions, wanted: bool) -> Self {
+        Self {
+            given: opts.step_noise.as_ref(),
+            seed: opts.seed,
+            rngs: vec![],
+            drawn: vec![],
+            wanted,
+        }
+    }
+
+    /// The noise of call `index` for `sample`, shaped and placed like `like`.
+    fn get(&mut self, index: usize, sample: usize, like: &Tensor) -> Result<Option<Tensor>> {
+        if !self.wanted {
+            return Ok(None);
+        }
+        if let Some(given) = self.given {
+            return Ok(Some(
+                given
+                    .get(index)?
+                    .unsqueeze(0)?
+                    .to_device(like.device())?
+                    .to_dtype(like.dtype())?,
+            ));
+        }
+        if let Some((_, _, n)) = self
+            .drawn
+            .iter()
+            .find(|(i, s, _)| *i == index && *s == sample)
+        {
+            return Ok(Some(n.clone()));
+        }
+        self.drawn.retain(|(i, _, _)| *i == index);
+        let rng = match self.rngs.iter().position(|(s, _)| *s == sample) {
+            Some(i) => &mut self.rngs[i].1,
+            None => {
+                use rand::SeedableRng;
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+                rng.set_stream(1 + sample as u64);
+                self.rngs.push((sample, rng));
+                &mut self.rngs.last_mut().expect("just pushed").1
+            }
+        };
+        let n = crate::util::noise::normal(rng, like.dims(), &Device::Cpu)?
+            .to_device(like.device())?
+            .to_dtype(like.dtype())?;
+        self.drawn.push((index, sample, n.clone()));
+        Ok(Some(n))
     }
 }
 

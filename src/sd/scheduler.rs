@@ -1,4 +1,6 @@
-//! DDIM (eta = 0), as diffusers' `DDIMScheduler` does it.
+//! The noise schedule (betas, cumulative alphas, sigmas) that training and every sampler share,
+//! and DDIM (eta = 0) as diffusers' `DDIMScheduler` does it; the other samplers are in
+//! [`crate::sd::sampler`].
 //!
 //! The noise schedule is computed in f32 like diffusers (betas from a float32 linspace, cumulative
 //! product in float32), so `alphas_cumprod` agrees with the reference to f32 rounding.
@@ -9,8 +11,10 @@ use crate::sd::config::SchedulerConfig;
 
 /// The noise schedule and the DDIM update.
 #[derive(Debug, Clone)]
-pub struct Ddim {
+pub struct NoiseSchedule {
     alphas_cumprod: Vec<f32>,
+    /// `sqrt((1 - abar) / abar)` per timestep, in f32 as diffusers computes it.
+    sigmas: Vec<f32>,
     final_alpha_cumprod: f32,
     config: SchedulerConfig,
 }
@@ -35,7 +39,7 @@ fn linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
         .collect()
 }
 
-impl Ddim {
+impl NoiseSchedule {
     pub fn new(config: &SchedulerConfig) -> Self {
         let n = config.num_train_timesteps;
         let betas: Vec<f32> = match (&config.trained_betas, config.beta_schedule.as_str()) {
@@ -74,8 +78,13 @@ impl Ddim {
         } else {
             alphas_cumprod[0]
         };
+        let sigmas = alphas_cumprod
+            .iter()
+            .map(|&a| ((1.0 - a) / a).sqrt())
+            .collect();
         Self {
             alphas_cumprod,
+            sigmas,
             final_alpha_cumprod,
             config: config.clone(),
         }
@@ -89,6 +98,11 @@ impl Ddim {
         &self.alphas_cumprod
     }
 
+    /// `sqrt((1 - abar_t) / abar_t)` for every training timestep t.
+    pub fn sigmas(&self) -> &[f32] {
+        &self.sigmas
+    }
+
     pub fn final_alpha_cumprod(&self) -> f32 {
         self.final_alpha_cumprod
     }
@@ -97,8 +111,8 @@ impl Ddim {
         self.alphas_cumprod.len()
     }
 
-    /// The timesteps of an `n`-step schedule, from the noisiest, as `timestep_spacing` says.
-    pub fn timesteps(&self, n: usize) -> Vec<usize> {
+    /// DDIM's timesteps of an `n`-step schedule, from the noisiest, as `timestep_spacing` says.
+    pub fn ddim_timesteps(&self, n: usize) -> Vec<usize> {
         let t = self.num_train_timesteps();
         let n = n.clamp(1, t);
         let offset = self.config.steps_offset;
@@ -134,7 +148,7 @@ impl Ddim {
 
     /// One DDIM step (eta 0) from `sample` at `timestep` with the model output `model_output`,
     /// for an `n_steps` schedule.
-    pub fn step(
+    pub fn ddim_step(
         &self,
         model_output: &Tensor,
         timestep: usize,

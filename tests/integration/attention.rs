@@ -77,8 +77,11 @@ fn first_step_cross_attention_probabilities_match_reference() {
     let _ = tiny().denoise(
         &init,
         &text_trajectories(&[F]),
-        5,
-        7.5,
+        &infusion_repl::GenerateOptions {
+            steps: 5,
+            guidance: 7.5,
+            ..Default::default()
+        },
         Some(&hook5),
         &Job::quiet(),
         &mut |rep| {
@@ -225,8 +228,11 @@ fn run_infusion(
         .denoise(
             get(r, "init_noise"),
             &text_trajectories(&[F, C]),
-            5,
-            7.5,
+            &infusion_repl::GenerateOptions {
+                steps: 5,
+                guidance: 7.5,
+                ..Default::default()
+            },
             Some(&hook),
             &Job::quiet(),
             &mut |rep| {

@@ -362,3 +362,50 @@ fn bench_reports_each_row_as_it_is_measured() {
     .unwrap();
     assert_eq!(seen, (1..=report.rows.len()).collect::<Vec<_>>());
 }
+
+/// `--scheduler` picks the sampler (said in the PNG's parameters as other tools name it) and
+/// a sampler without Karras sigmas refuses `--karras` in one line.
+#[test]
+fn scheduler_flag_picks_the_sampler() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(
+        &[
+            "generate",
+            "a red teapot",
+            "--steps",
+            "4",
+            "--seed",
+            "1",
+            "--scheduler",
+            "dpmpp_2m",
+            "--karras",
+            "-o",
+            "d.png",
+        ],
+        dir.path(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let params = crate::first_hour::png_text(&dir.path().join("d.png"), "parameters").unwrap();
+    assert!(params.contains("Sampler: DPM++ 2M Karras"), "{params}");
+    let sched = crate::first_hour::png_text(&dir.path().join("d.png"), "scheduler").unwrap();
+    assert_eq!(sched, "dpmpp_2m karras");
+    let o = run(
+        &[
+            "generate",
+            "a red teapot",
+            "--scheduler",
+            "euler_a",
+            "--karras",
+        ],
+        dir.path(),
+        &[],
+    );
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    assert!(e.contains("karras") && e.contains("euler_a"), "{e}");
+    let o = run(&["generate", "x", "--scheduler", "lms"], dir.path(), &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("dpmpp_2m"), "{}", stderr(&o));
+}

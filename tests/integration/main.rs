@@ -20,6 +20,7 @@ mod recipes;
 mod repl;
 mod robustness;
 
+mod samplers;
 mod scheduler;
 mod script_api;
 mod sweep;

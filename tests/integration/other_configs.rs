@@ -291,8 +291,10 @@ fn check_case(case: &Case) {
         .denoise(
             &init,
             &[traj(F), traj(C)],
-            3,
-            8.0,
+            &GenerateOptions {
+                steps: 3,
+                ..Default::default()
+            },
             Some(&ShareOnly),
             &Job::quiet(),
             &mut |_| Ok(()),

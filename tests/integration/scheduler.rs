@@ -32,6 +32,6 @@ fn alphas_cumprod_match() {
 fn leading_timesteps_match() {
     let r = reference();
     let s = &tiny().scheduler;
-    assert_eq!(s.timesteps(50), r.timesteps_50);
-    assert_eq!(s.timesteps(5), r.timesteps_5);
+    assert_eq!(s.ddim_timesteps(50), r.timesteps_50);
+    assert_eq!(s.ddim_timesteps(5), r.timesteps_5);
 }

@@ -149,3 +149,30 @@ fn kernels_are_chosen_from_scripts() {
     .unwrap();
     assert_eq!(other.join().unwrap(), default);
 }
+
+/// `generate`'s `scheduler` and `karras` options: another sampler gives another image from the
+/// same seed, an unknown name lists the known ones.
+#[test]
+fn generate_takes_a_scheduler() {
+    let d = eval(
+        r#"let m = load_model(); let a = m.generate("a teapot", #{steps: 4, seed: 2});
+           let b = m.generate("a teapot", #{steps: 4, seed: 2, scheduler: "euler", karras: true});
+           let c = m.generate("a teapot", #{steps: 4, seed: 2, scheduler: "euler", karras: true});
+           let ma = a.base_latents.mean();
+           let mb = b.base_latents.mean();
+           [a.scheduler, b.scheduler, ma == mb, mb == c.base_latents.mean()]"#,
+    );
+    let v: Vec<String> = d
+        .into_array()
+        .unwrap()
+        .into_iter()
+        .map(|x| x.to_string())
+        .collect();
+    assert_eq!(v, ["ddim", "euler karras", "false", "true"]);
+    let session = Session::new(ScriptConfig::default());
+    let e = build_engine(&session)
+        .eval::<Dynamic>(r#"load_model().generate("x", #{scheduler: "lms"})"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("scheduler") && e.contains("dpmpp_2m"), "{e}");
+}

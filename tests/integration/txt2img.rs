@@ -57,7 +57,7 @@ fn trajectory_and_image_match_reference() {
     let mut lat_steps = vec![];
     let mut timesteps = vec![];
     let fin = sd
-        .denoise(&init, &[traj], 5, 7.5, None, &Job::quiet(), &mut |rep| {
+        .denoise(&init, &[traj], &opts, None, &Job::quiet(), &mut |rep| {
             timesteps.push(rep.step.timestep as i64);
             eps_steps.push(rep.guided_eps[0].clone());
             lat_steps.push(rep.latents[0].clone());
@@ -92,7 +92,7 @@ fn generate_api_reproduces_reference_image() {
         .unwrap();
     assert_close(&g.latents, get(&r, "final_latents"), 1e-3, "final latents");
     assert_close(&g.image, get(&r, "image_01"), 1e-3, "image in [0, 1]");
-    assert_eq!(g.timesteps, vec![801, 601, 401, 201, 1]);
+    assert_eq!(g.timesteps, vec![801.0, 601.0, 401.0, 201.0, 1.0]);
 }
 
 #[test]

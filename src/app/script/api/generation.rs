@@ -199,6 +199,11 @@ fn register_properties(api: &mut Api) {
         g.g.options.generate.steps as INT
     });
     api.get(
+        (G, "scheduler", "string"),
+        "the sampler, with \" karras\" when Karras sigmas were used",
+        |g: &mut Gen| g.g.options.generate.sampler.describe(),
+    );
+    api.get(
         (G, "guidance", "float"),
         "the guidance scale",
         |g: &mut Gen| g.g.options.generate.guidance as FLOAT,

@@ -14,6 +14,7 @@ use crate::infusion::generate::{generate_infusion, InfusionOptions};
 use crate::infusion::maps::AttentionMaps;
 use crate::sd::fused::{kernels, set_thread_kernels};
 use crate::sd::pipeline::{load_noise, GenerateOptions, StableDiffusion};
+use crate::sd::sampler::{SamplerKind, SamplerOptions};
 
 /// A loaded model (cheap to clone).
 #[derive(Clone)]
@@ -84,7 +85,9 @@ fn generate_spec() -> FnSpec {
         .sig("model.generate(prompt, options) -> Generation")
         .doc("Generates the base image (plain SD, F) and the customized image (Infusion, C) from the same noise. <name> in the prompt marks a loaded concept; without concepts both are the plain image. Ctrl-C cancels.")
         .opt("seed", Kind::SEED, d.seed as INT, "seed of the initial noise")
-        .opt("steps", Kind::POSITIVE, d.steps as INT, "denoising steps (DDIM)")
+        .opt("steps", Kind::POSITIVE, d.steps as INT, "denoising steps")
+        .opt("scheduler", Kind::Choice(&SamplerKind::NAMES), d.sampler.kind.name(), "the sampler, as diffusers' scheduler of that name: ddim (the paper's), dpmpp_2m (DPM-Solver++ 2M, as good in 20-25 steps), euler, euler_a (ancestral), pndm")
+        .opt("karras", Kind::Bool, d.sampler.karras, "Karras sigmas (dpmpp_2m and euler)")
         .opt("guidance", Kind::Float, d.guidance as FLOAT, "classifier-free guidance scale")
         .opt("negative", Kind::Str, d.negative_prompt.clone(), "negative prompt")
         .opt_unset("width", Kind::POSITIVE, "image width in pixels (default: the model's size)")
@@ -109,12 +112,18 @@ fn generate(
         seed: o.u64("seed").unwrap_or(d.seed),
         steps: o.usize("steps").unwrap_or(d.steps),
         guidance: o.float("guidance").unwrap_or(d.guidance),
+        sampler: rt(SamplerOptions::parse(
+            &o.string("scheduler")
+                .unwrap_or_else(|| d.sampler.kind.name().into()),
+            o.bool("karras").unwrap_or(d.sampler.karras),
+        ))?,
         width: o.usize("width"),
         height: o.usize("height"),
         noise: o
             .string("noise")
             .map(|p| rt(load_noise(Path::new(&p))))
             .transpose()?,
+        step_noise: None,
     };
     let maps = match MapsMode::of(o.get("maps"))? {
         MapsMode::Off => None,
