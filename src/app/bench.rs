@@ -1,6 +1,6 @@
-//! Benchmarks: seconds per UNet call, per text-to-image, per Infusion pair and per training step,
-//! each the median of a few repeats after a warm-up, with ratios against a baseline measured in
-//! the same run. Not a test: numbers are printed, never asserted.
+//! Benchmarks: seconds per model load, per UNet call, per text-to-image, per Infusion pair and
+//! per training step, each the median of a few repeats after a warm-up, with ratios against a
+//! baseline measured in the same run. Not a test: numbers are printed, never asserted.
 
 use std::time::Instant;
 
@@ -18,6 +18,17 @@ use crate::sd::fused::{self, group_norm::GroupNorm, Kernels};
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
 use crate::util::noise::seeded_noise;
 
+/// The groups of rows `--only` chooses from, in the order they run.
+pub const GROUPS: [&str; 7] = [
+    "load",
+    "unet",
+    "txt2img",
+    "pair",
+    "train",
+    "attention",
+    "groupnorm",
+];
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -25,6 +36,8 @@ pub struct BenchOptions {
     pub steps: usize,
     /// Timed repeats of each measurement (after one warm-up run).
     pub repeats: usize,
+    /// The groups of rows to run (of [`GROUPS`]); empty: all.
+    pub only: Vec<String>,
 }
 
 impl Default for BenchOptions {
@@ -32,9 +45,30 @@ impl Default for BenchOptions {
         Self {
             steps: 50,
             repeats: 3,
+            only: vec![],
         }
     }
 }
+
+impl BenchOptions {
+    fn runs(&self, group: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|g| g == group)
+    }
+
+    /// Checks `only` against [`GROUPS`].
+    pub fn check(&self) -> Result<()> {
+        match self.only.iter().find(|g| !GROUPS.contains(&g.as_str())) {
+            Some(g) => Err(crate::error::Error::arg(
+                "only",
+                format!("unknown group `{g}` (groups: {})", GROUPS.join(", ")),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// How to load the benchmarked model again (its `load` row).
+pub type Reload<'a> = &'a dyn Fn() -> Result<StableDiffusion>;
 
 /// One measurement.
 #[derive(Debug, Clone, Serialize)]
@@ -194,6 +228,23 @@ impl Bench<'_> {
         Ok(t.0)
     }
 
+    /// Loading the model against reading its weight files once into memory (what loading that
+    /// copies the weights must at least do).
+    fn load(&mut self, reload: Reload<'_>) -> Result<()> {
+        let files = self.sd.weight_files().to_vec();
+        if files.is_empty() {
+            return Ok(());
+        }
+        let read = self.measure("read the weight files once", None, || {
+            files
+                .iter()
+                .map(|f| std::fs::read(f).map_err(|e| crate::error::Error::io(f, e)))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        self.measure("load the model", Some(("reading its files", read)), reload)?;
+        Ok(())
+    }
+
     /// One UNet call at batch 2 (classifier-free guidance) and 4; returns batch 4's seconds.
     fn unet(&mut self) -> Result<f64> {
         let sd = self.sd;
@@ -218,9 +269,16 @@ impl Bench<'_> {
             steps: self.opts.steps,
             ..Default::default()
         };
-        let txt2img = self.measure("text-to-image, per image", None, || {
-            sd.generate(PROMPT, &gen_opts, job)
-        })?;
+        let txt2img = if self.opts.runs("txt2img") {
+            Some(self.measure("text-to-image, per image", None, || {
+                sd.generate(PROMPT, &gen_opts, job)
+            })?)
+        } else {
+            None
+        };
+        if !self.opts.runs("pair") {
+            return Ok(());
+        }
         let mut concept = Concept::zeros("thing", "cat", sd.unet.attention_layers(), None)?;
         for (i, d) in concept.deltas.values_mut().enumerate() {
             *d = (seeded_noise(i as u64, d.dims())? * 0.1)?;
@@ -234,14 +292,14 @@ impl Bench<'_> {
         let prompt = "a photo of a <thing> sitting by a teapot";
         self.measure(
             "infusion pair (base+custom)",
-            Some(("text-to-image", txt2img)),
+            txt2img.map(|t| ("text-to-image", t)),
             || generate_infusion(sd, &concepts, prompt, &iopts, None, job),
         )?;
         Ok(())
     }
 
     /// One training step at batch 4, against a UNet call at batch 4.
-    fn training(&mut self, unet4: f64) -> Result<()> {
+    fn training(&mut self, unet4: Option<f64>) -> Result<()> {
         let size = self.sd.default_size() as u32;
         let images: Vec<image::RgbImage> = (0..3u8)
             .map(|i| {
@@ -255,7 +313,7 @@ impl Bench<'_> {
         let mut trainer = Trainer::new(self.sd, "thing", "cat", &images, opts)?;
         self.measure(
             "training step, batch 4",
-            Some(("unet batch 4", unet4)),
+            unet4.map(|t| ("unet batch 4", t)),
             || trainer.step(),
         )?;
         Ok(())
@@ -320,11 +378,13 @@ impl Bench<'_> {
     }
 }
 
-/// Runs every measurement on `sd`; `on_row` sees the report after each row is measured.
+/// Runs the measurements `opts` asks for on `sd` (`reload` loads it again, for the load row);
+/// `on_row` sees the report after each row is measured.
 pub fn run(
     sd: &StableDiffusion,
     model: &str,
     opts: &BenchOptions,
+    reload: Option<Reload<'_>>,
     job: &Job,
     on_row: &mut dyn FnMut(&BenchReport) -> Result<()>,
 ) -> Result<BenchReport> {
@@ -353,10 +413,26 @@ pub fn run(
         report,
         on_row,
     };
-    let unet4 = bench.unet()?;
-    bench.generation()?;
-    bench.training(unet4)?;
-    bench.attention()?;
-    bench.group_norm()?;
+    opts.check()?;
+    if let Some(reload) = reload.filter(|_| opts.runs("load")) {
+        bench.load(reload)?;
+    }
+    let unet4 = if opts.runs("unet") {
+        Some(bench.unet()?)
+    } else {
+        None
+    };
+    if opts.runs("txt2img") || opts.runs("pair") {
+        bench.generation()?;
+    }
+    if opts.runs("train") {
+        bench.training(unet4)?;
+    }
+    if opts.runs("attention") {
+        bench.attention()?;
+    }
+    if opts.runs("groupnorm") {
+        bench.group_norm()?;
+    }
     Ok(bench.report)
 }

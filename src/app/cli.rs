@@ -187,6 +187,10 @@ struct BenchArgs {
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Only these groups of rows, comma-separated: load, unet, txt2img, pair, train, attention,
+    /// groupnorm (load: a model from files, not `--shapes sd15`).
+    #[arg(long, value_delimiter = ',', value_parser = crate::app::bench::GROUPS)]
+    only: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -488,9 +492,13 @@ fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
     let opts = BenchOptions {
         steps: args.steps,
         repeats: args.repeats,
+        only: args.only.clone(),
     };
+    let quiet = Job::quiet();
+    let reload = || load_model(global, &quiet);
+    let reload: Option<crate::app::bench::Reload<'_>> = (args.shapes == "model").then_some(&reload);
     // Each row is printed, and the JSON rewritten, as soon as it is measured.
-    crate::app::bench::run(&sd, &name, &opts, job, &mut |report| {
+    crate::app::bench::run(&sd, &name, &opts, reload, job, &mut |report| {
         if report.rows.len() == 1 {
             print!("{}", report.header());
         }

@@ -200,6 +200,8 @@ pub struct StableDiffusion {
     pub vae: Vae,
     pub scheduler: NoiseSchedule,
     files: Option<ModelFiles>,
+    /// Every weight file it was built from.
+    weight_files: Vec<PathBuf>,
     /// What it is called in records: its folder's or file's name.
     name: String,
     /// What loading chose on the user's behalf (EMA weights, another VAE), to say.
@@ -369,6 +371,12 @@ impl StableDiffusion {
             .build(opts.dtype, dev, |vb| UNet::new(vb, &c.unet))?;
         let unet_fingerprint = parts.unet.fingerprint()?;
         let vae = parts.vae.build(vae_dtype, dev, |vb| Vae::new(vb, &c.vae))?;
+        let mut weight_files: Vec<PathBuf> = [&parts.text, &parts.unet, &parts.vae]
+            .iter()
+            .flat_map(|w| w.files().to_vec())
+            .collect();
+        weight_files.sort();
+        weight_files.dedup();
         Ok(Self {
             tokenizer: parts.tokenizer,
             text_encoder,
@@ -376,6 +384,7 @@ impl StableDiffusion {
             vae,
             scheduler: NoiseSchedule::new(&c.scheduler),
             files: parts.files,
+            weight_files,
             name: parts.name,
             notes,
             unet_fingerprint,
@@ -413,6 +422,7 @@ impl StableDiffusion {
             vae,
             scheduler: NoiseSchedule::new(&configs.scheduler),
             files: None,
+            weight_files: vec![],
             name: "random".into(),
             notes: vec![],
             unet_fingerprint: format!("random:{seed}"),
@@ -429,6 +439,11 @@ impl StableDiffusion {
 
     pub fn files(&self) -> Option<&ModelFiles> {
         self.files.as_ref()
+    }
+
+    /// Every weight file the model was built from (none for random weights).
+    pub fn weight_files(&self) -> &[PathBuf] {
+        &self.weight_files
     }
 
     /// The model's name for records: its folder's or file's name (`random` for benchmark

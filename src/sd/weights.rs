@@ -4,7 +4,9 @@
 //! placeholder and writes down which tensor with which shape was asked for, then, only if every
 //! request matches the files, against the real memory-mapped tensors. So a bad file is reported
 //! as a whole (every missing tensor, every wrong shape, each with its file), before anything is
-//! loaded onto the device.
+//! loaded onto the device. Only the headers are read to check: on the CPU, a tensor stored in
+//! the dtype asked for is used in place in the mapped file ([`crate::util::mapped`]), so
+//! loading reads no weight at all; the others are converted as they are built.
 //!
 //! The model asks for tensors by their diffusers names; a name map turns those into the file's
 //! keys where a file names them otherwise (a single-file checkpoint, a text encoder saved
@@ -15,24 +17,33 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
 use super::safetensors_check::{diagnose_bytes, diagnose_file};
 use crate::error::{root_cause, Error, Result, WeightProblem};
+use crate::util::mapped::Mapping;
 
 /// How the model's tensor names become a file's keys.
 pub type NameMap = Box<dyn Fn(&str) -> String + Send + Sync>;
 
-/// The safetensors files of one model component (`unet`, `vae`, ...), opened and indexed.
+/// Where a tensor's bytes are.
+struct Entry {
+    shape: Vec<usize>,
+    dtype: safetensors::Dtype,
+    /// Index into `files`.
+    file: usize,
+    /// Byte range in that file.
+    bytes: std::ops::Range<usize>,
+}
+
+/// The safetensors files of one model component (`unet`, `vae`, ...), mapped and indexed.
 pub struct WeightFiles {
     component: String,
     files: Vec<PathBuf>,
-    mmaps: Vec<MmapedSafetensors>,
-    /// file key -> (shape, index into `files`)
-    index: HashMap<String, (Vec<usize>, usize)>,
+    maps: Vec<Mapping>,
+    index: HashMap<String, Entry>,
     /// The model's names -> the files' keys (`None`: the same).
     names: Option<NameMap>,
     /// The names the last build asked for.
@@ -46,10 +57,10 @@ fn fits(found: &[usize], expected: &[usize]) -> bool {
 }
 
 impl WeightFiles {
-    /// Opens and validates the headers of `files`. A truncated or corrupt file is an error that
+    /// Maps `files` and validates their headers. A truncated or corrupt file is an error that
     /// names it.
     pub fn open(component: &str, files: &[PathBuf]) -> Result<Self> {
-        let mut mmaps = Vec::with_capacity(files.len());
+        let mut maps = Vec::with_capacity(files.len());
         let mut index = HashMap::new();
         for (i, path) in files.iter().enumerate() {
             if !path.is_file() {
@@ -58,21 +69,38 @@ impl WeightFiles {
                     std::io::Error::new(std::io::ErrorKind::NotFound, "weight file not found"),
                 ));
             }
-            // SAFETY: the file is only read; the mapping lives as long as `WeightFiles`, and the
-            // tensors built from it copy their data out of the mapping.
-            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::Safetensors {
-                path: path.clone(),
-                msg: diagnose_file(path).unwrap_or_else(|| root_cause(&e)),
+            let map = Mapping::open(path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => Error::Safetensors {
+                    path: path.clone(),
+                    msg: diagnose_file(path).unwrap_or_else(|| e.to_string()),
+                },
+                _ => Error::io(path, e),
             })?;
-            for (name, view) in st.tensors() {
-                index.insert(name, (view.shape().to_vec(), i));
+            let (n, meta) = safetensors::SafeTensors::read_metadata(map.bytes()).map_err(|e| {
+                Error::Safetensors {
+                    path: path.clone(),
+                    msg: diagnose_bytes(map.bytes()).unwrap_or_else(|| e.to_string()),
+                }
+            })?;
+            let data_start = 8 + n;
+            for (name, info) in meta.tensors() {
+                let (a, b) = info.data_offsets;
+                index.insert(
+                    name,
+                    Entry {
+                        shape: info.shape.clone(),
+                        dtype: info.dtype,
+                        file: i,
+                        bytes: data_start + a..data_start + b,
+                    },
+                );
             }
-            mmaps.push(st);
+            maps.push(map);
         }
         Ok(Self {
             component: component.to_string(),
             files: files.to_vec(),
-            mmaps,
+            maps,
             index,
             names: None,
             requested: Mutex::new(vec![]),
@@ -95,7 +123,7 @@ impl WeightFiles {
 
     /// The shape of the tensor the files store under `key`.
     pub fn shape_of(&self, key: &str) -> Option<Vec<usize>> {
-        self.index.get(key).map(|(s, _)| s.clone())
+        self.index.get(key).map(|e| e.shape.clone())
     }
 
     /// Whether any key starts with `prefix`.
@@ -111,7 +139,7 @@ impl WeightFiles {
     pub fn shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
         self.index
             .iter()
-            .map(|(k, (s, _))| (k.as_str(), s.as_slice()))
+            .map(|(k, e)| (k.as_str(), e.shape.as_slice()))
     }
 
     /// Builds a model with `build`, after checking that every tensor it asks for is present with
@@ -217,12 +245,39 @@ impl WeightFiles {
         ))
     }
 
-    fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+    /// The tensor `name` as `dtype` on `device`: in place in the mapped file where it can be
+    /// (on the CPU, stored as `dtype`), else converted from the file's bytes.
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         let key = self.key(name);
-        match self.index.get(key.as_ref()) {
-            Some((_, i)) => self.mmaps[*i].load(&key, device),
-            None => candle_core::bail!("cannot find tensor {name}"),
+        let Some(e) = self.index.get(key.as_ref()) else {
+            candle_core::bail!("cannot find tensor {name}")
+        };
+        let map = &self.maps[e.file];
+        if device.is_cpu() && DType::try_from(e.dtype).ok() == Some(dtype) {
+            let shape = e.shape.as_slice();
+            let range = e.bytes.clone();
+            let in_place = match dtype {
+                DType::F32 => map
+                    .vec::<f32>(range)
+                    .map(|v| Tensor::from_vec(v, shape, device)),
+                DType::F16 => map
+                    .vec::<half::f16>(range)
+                    .map(|v| Tensor::from_vec(v, shape, device)),
+                DType::BF16 => map
+                    .vec::<half::bf16>(range)
+                    .map(|v| Tensor::from_vec(v, shape, device)),
+                _ => None,
+            };
+            if let Some(t) = in_place {
+                return t;
+            }
         }
+        use candle_core::safetensors::Load;
+        let bytes = &map.bytes()[e.bytes.clone()];
+        safetensors::tensor::TensorView::new(e.dtype, e.shape.clone(), bytes)
+            .map_err(candle_core::Error::wrap)?
+            .load(device)?
+            .to_dtype(dtype)
     }
 }
 
@@ -272,11 +327,11 @@ impl SimpleBackend for &Probe<'_> {
                 tensor: key.into_owned(),
                 expected: s.dims().to_vec(),
             }),
-            Some((found, i)) if !fits(found, s.dims()) => self.report(WeightProblem::WrongShape {
+            Some(e) if !fits(&e.shape, s.dims()) => self.report(WeightProblem::WrongShape {
                 tensor: key.into_owned(),
-                file: self.files.files[*i].clone(),
+                file: self.files.files[e.file].clone(),
                 expected: s.dims().to_vec(),
-                found: found.clone(),
+                found: e.shape.clone(),
             }),
             Some(_) => {}
         }
@@ -286,7 +341,7 @@ impl SimpleBackend for &Probe<'_> {
     fn get_unchecked(&self, name: &str, dtype: DType, _: &Device) -> candle_core::Result<Tensor> {
         let key = self.files.key(name);
         match self.files.index.get(key.as_ref()) {
-            Some((shape, _)) => placeholder(&Shape::from(shape.clone()), dtype),
+            Some(e) => placeholder(&Shape::from(e.shape.clone()), dtype),
             None => {
                 self.report(WeightProblem::Missing {
                     tensor: key.into_owned(),
@@ -419,7 +474,7 @@ impl SimpleBackend for Real<'_> {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let mut t = self.0.load(name, dev)?.to_dtype(dtype)?;
+        let mut t = self.0.load(name, dtype, dev)?;
         if t.rank() == 4 && s.rank() == 2 && fits(t.dims(), s.dims()) {
             t = t.reshape(s.dims())?;
         }
@@ -434,7 +489,7 @@ impl SimpleBackend for Real<'_> {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.0.load(name, dev)?.to_dtype(dtype)
+        self.0.load(name, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
@@ -474,19 +529,15 @@ impl WeightFiles {
         let mut h = Sha256::new();
         for name in &names {
             let key = self.key(name);
-            let Some((shape, i)) = self.index.get(key.as_ref()) else {
+            let Some(e) = self.index.get(key.as_ref()) else {
                 continue;
             };
-            let view = self.mmaps[*i].get(&key).map_err(|e| Error::Safetensors {
-                path: self.files[*i].clone(),
-                msg: root_cause(&e),
-            })?;
             h.update(name.as_bytes());
-            for d in shape {
+            for d in &e.shape {
                 h.update((*d as u64).to_le_bytes());
             }
-            let n: usize = shape.iter().product();
-            let data = view.data();
+            let n: usize = e.shape.iter().product();
+            let data = &self.maps[e.file].bytes()[e.bytes.clone()];
             let samples = n.min(64);
             for s in 0..samples {
                 let idx = if samples <= 1 {
@@ -494,7 +545,7 @@ impl WeightFiles {
                 } else {
                     s * (n - 1) / (samples - 1)
                 };
-                let v = sample_as_f16(data, view.dtype(), idx).unwrap_or(half::f16::NAN);
+                let v = sample_as_f16(data, e.dtype, idx).unwrap_or(half::f16::NAN);
                 h.update(v.to_bits().to_le_bytes());
             }
         }

@@ -282,10 +282,12 @@ fn bench_smoke_run_reports_every_measurement() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("b.json")).unwrap()).unwrap();
     assert_eq!(json["kernels"], "fused");
     let rows = json["rows"].as_array().unwrap();
-    // Five pipeline rows, then the first self-attention and the first group norm + SiLU alone:
-    // naive, and fused against it.
-    assert_eq!(rows.len(), 9);
-    for i in [5, 7] {
+    // Loading against reading the files, five pipeline rows, then the first self-attention and
+    // the first group norm + SiLU alone: naive, and fused against it.
+    assert_eq!(rows.len(), 11);
+    assert_eq!(rows[0]["name"], "read the weight files once");
+    assert_eq!(rows[1]["ratio"][0], "reading its files");
+    for i in [7, 9] {
         assert!(
             rows[i]["name"].as_str().unwrap().ends_with("naive"),
             "{}",
@@ -296,8 +298,48 @@ fn bench_smoke_run_reports_every_measurement() {
     for r in rows {
         assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
     }
-    assert_eq!(rows[3]["ratio"][0], "text-to-image");
-    assert!(rows[3]["ratio"][1].as_f64().unwrap() > 0.0);
+    assert_eq!(rows[5]["ratio"][0], "text-to-image");
+    assert!(rows[5]["ratio"][1].as_f64().unwrap() > 0.0);
+}
+
+/// `--only` runs the groups named, and names the groups when one is unknown.
+#[test]
+fn bench_only_runs_the_groups_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(
+        &[
+            "bench",
+            "--only",
+            "load,unet",
+            "--repeats",
+            "1",
+            "--json",
+            "b.json",
+        ],
+        dir.path(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("b.json")).unwrap()).unwrap();
+    let names: Vec<&str> = json["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "read the weight files once",
+            "load the model",
+            "unet forward, batch 2",
+            "unet forward, batch 4"
+        ]
+    );
+    let o = run(&["bench", "--only", "vea"], dir.path(), &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("groupnorm"), "{}", stderr(&o));
 }
 
 /// Under umask 022 every file the tool writes is readable by group and others (0644), as a
@@ -348,11 +390,13 @@ fn bench_reports_each_row_as_it_is_measured() {
     let opts = infusion_repl::app::bench::BenchOptions {
         steps: 1,
         repeats: 1,
+        only: vec![],
     };
     let report = infusion_repl::app::bench::run(
         crate::common::tiny(),
         "tiny",
         &opts,
+        None,
         &infusion_repl::Job::quiet(),
         &mut |r| {
             seen.push(r.rows.len());

@@ -197,3 +197,41 @@ fn unknown_model_is_a_clear_error() {
         .to_string();
     assert!(e.contains("/no/such/dir"), "{e}");
 }
+
+/// Whether this process maps `path` (from /proc/self/maps).
+fn mapped(path: &Path) -> bool {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let path = path.canonicalize().unwrap();
+    maps.lines().any(|l| l.ends_with(path.to_str().unwrap()))
+}
+
+/// On the CPU, weights stored in the dtype asked for are used in place in their mapped files
+/// (nothing copied at load): the files stay mapped while the model lives, the mapping goes with
+/// the model, and the model computes what a loaded copy computes. Weights that must be converted
+/// (f32 files for an f16 model) leave no mapping behind.
+#[cfg(target_os = "linux")]
+#[test]
+fn weights_are_used_in_place_and_released_with_the_model() {
+    assert!(infusion_repl::util::mapped::in_place_available());
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&tiny_model_dir(), dir.path());
+    let unet = dir.path().join("unet/diffusion_pytorch_model.safetensors");
+    let sd = StableDiffusion::load_dir(dir.path(), &LoadOptions::default()).unwrap();
+    assert!(mapped(&unet), "the UNet file is not mapped while the model lives");
+    let x = infusion_repl::util::noise::seeded_noise(3, &[2, 4, 16, 16]).unwrap();
+    let ctx = infusion_repl::util::noise::seeded_noise(4, &[2, 77, 32]).unwrap();
+    let t = candle_core::Tensor::new(500f32, &candle_core::Device::Cpu).unwrap();
+    let ours = sd.unet.forward(&x, &t, &ctx, None).unwrap();
+    let reference = crate::common::tiny().unet.forward(&x, &t, &ctx, None).unwrap();
+    assert_eq!(crate::common::max_abs(&(ours - reference).unwrap()), 0.0);
+    drop(sd);
+    assert!(!mapped(&unet), "the UNet file is still mapped after the model was dropped");
+
+    let f16 = LoadOptions {
+        dtype: candle_core::DType::F16,
+        ..Default::default()
+    };
+    let sd = StableDiffusion::load_dir(dir.path(), &f16).unwrap();
+    assert!(!mapped(&unet), "converted weights keep their file mapped");
+    drop(sd);
+}

@@ -1,5 +1,9 @@
 //! One integration-test binary, one module per feature.
 
+/// As the binary: weights stay in their mapped files, so every test runs over them.
+#[global_allocator]
+static ALLOC: infusion_repl::util::mapped::MappedAlloc = infusion_repl::util::mapped::MappedAlloc;
+
 mod common;
 
 mod attention;
