@@ -13,6 +13,7 @@ pub mod assets;
 mod error;
 pub mod infusion;
 pub mod job;
+pub mod methods;
 pub mod metrics;
 pub mod sd;
 pub mod util;

@@ -160,19 +160,33 @@ impl TextEncoder {
 
     /// `ids`: (batch, n) integer token ids, n <= max_len. Returns (batch, n, hidden).
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        let (_, n) = ids.dims2()?;
+        self.forward_embeds(&self.embed_tokens(ids)?)
+    }
+
+    /// The token embeddings of `ids` (batch, n), before positions are added: (batch, n, hidden).
+    /// A caller may change rows (a learned word vector) and pass them to
+    /// [`TextEncoder::forward_embeds`].
+    pub fn embed_tokens(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.token_embedding.forward(ids)
+    }
+
+    /// The width of a token embedding.
+    pub fn hidden_size(&self) -> usize {
+        self.token_embedding.hidden_size()
+    }
+
+    /// The text states of token embeddings `embeds` (batch, n, hidden), n <= max_len.
+    pub fn forward_embeds(&self, embeds: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, n, _) = embeds.dims3()?;
         if n > self.max_len {
             candle_core::bail!(
                 "{n} token ids, the text encoder takes at most {}",
                 self.max_len
             );
         }
-        let positions = Tensor::arange(0u32, n as u32, ids.device())?;
-        let xs = self
-            .token_embedding
-            .forward(ids)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
-        let mask = causal_mask(n, xs.dtype(), ids.device())?;
+        let positions = Tensor::arange(0u32, n as u32, embeds.device())?;
+        let xs = embeds.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = causal_mask(n, xs.dtype(), embeds.device())?;
         let mut xs = xs;
         for layer in &self.layers {
             xs = layer.forward(&xs, Some(&mask))?;

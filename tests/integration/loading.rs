@@ -217,15 +217,24 @@ fn weights_are_used_in_place_and_released_with_the_model() {
     copy_dir(&tiny_model_dir(), dir.path());
     let unet = dir.path().join("unet/diffusion_pytorch_model.safetensors");
     let sd = StableDiffusion::load_dir(dir.path(), &LoadOptions::default()).unwrap();
-    assert!(mapped(&unet), "the UNet file is not mapped while the model lives");
+    assert!(
+        mapped(&unet),
+        "the UNet file is not mapped while the model lives"
+    );
     let x = infusion_repl::util::noise::seeded_noise(3, &[2, 4, 16, 16]).unwrap();
     let ctx = infusion_repl::util::noise::seeded_noise(4, &[2, 77, 32]).unwrap();
     let t = candle_core::Tensor::new(500f32, &candle_core::Device::Cpu).unwrap();
     let ours = sd.unet.forward(&x, &t, &ctx, None).unwrap();
-    let reference = crate::common::tiny().unet.forward(&x, &t, &ctx, None).unwrap();
+    let reference = crate::common::tiny()
+        .unet
+        .forward(&x, &t, &ctx, None)
+        .unwrap();
     assert_eq!(crate::common::max_abs(&(ours - reference).unwrap()), 0.0);
     drop(sd);
-    assert!(!mapped(&unet), "the UNet file is still mapped after the model was dropped");
+    assert!(
+        !mapped(&unet),
+        "the UNet file is still mapped after the model was dropped"
+    );
 
     let f16 = LoadOptions {
         dtype: candle_core::DType::F16,

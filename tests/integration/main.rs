@@ -7,6 +7,7 @@ static ALLOC: infusion_repl::util::mapped::MappedAlloc = infusion_repl::util::ma
 mod common;
 
 mod attention;
+mod baselines;
 mod cli;
 mod concept;
 mod curves;

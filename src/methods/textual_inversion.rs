@@ -1,0 +1,113 @@
+//! A learned word in a prompt (Textual Inversion, Gal et al.): the prompt is tokenized with the
+//! class word where the concept goes, the word's tokens are replaced by as many slots as the
+//! embedding has vectors, and those slots' token embeddings are the learned vectors. For a
+//! one-token class word and a one-vector embedding this is exactly what diffusers computes after
+//! `load_textual_inversion` for a prompt holding the new token where the word was.
+
+use std::ops::Range;
+
+use candle_core::Tensor;
+
+use super::files::Embedding;
+use crate::error::{Error, Result};
+use crate::sd::pipeline::StableDiffusion;
+use crate::sd::tokenizer::Tokens;
+
+/// `ids` with the tokens at `span` replaced by `n` slots (holding the span's first id until their
+/// embeddings are set), kept at the same length: padding gives way or is added (the last id is
+/// the padding), and a prompt that no longer fits is cut and still ends with `eos`. Returns the
+/// ids and the slots' range.
+pub fn with_slots(ids: &[u32], span: Range<usize>, n: usize, eos: u32) -> (Vec<u32>, Range<usize>) {
+    let len = ids.len();
+    let fill = ids.get(span.start).copied().unwrap_or(eos);
+    let mut out: Vec<u32> = ids[..span.start].to_vec();
+    out.extend(std::iter::repeat_n(fill, n));
+    out.extend(&ids[span.end.min(len)..]);
+    let pad = ids.last().copied().unwrap_or(eos);
+    if out.len() < len {
+        out.resize(len, pad);
+    } else if out.len() > len {
+        // Drop padding after the end of text first; if the text itself no longer fits, cut it
+        // and end it with eos.
+        let eos_at = out[span.start + n..]
+            .iter()
+            .position(|&t| t == eos)
+            .map(|i| i + span.start + n);
+        out.truncate(len);
+        if eos_at.is_none_or(|i| i >= len) {
+            out[len - 1] = eos;
+        }
+    }
+    let end = (span.start + n).min(len - 1);
+    (out, span.start.min(end)..end)
+}
+
+/// The text states `(1, tokens, width)` of `tokens` (a prompt tokenized with the class word)
+/// with the word's tokens at `span` replaced by the embedding's vectors.
+pub fn text_states(
+    sd: &StableDiffusion,
+    tokens: &Tokens,
+    span: Range<usize>,
+    embedding: &Embedding,
+) -> Result<Tensor> {
+    let te = &sd.text_encoder;
+    let (n, width) = embedding.vectors.dims2()?;
+    if width != te.hidden_size() {
+        return Err(Error::arg(
+            "embedding",
+            format!(
+                "`{}` has vectors of width {width}, this model's text encoder takes {}",
+                embedding.token,
+                te.hidden_size()
+            ),
+        ));
+    }
+    let (ids, slots) = with_slots(&tokens.ids, span, n, sd.tokenizer.eos_id());
+    let ids = Tensor::from_vec(ids, (1, tokens.ids.len()), sd.device())?;
+    let embeds = te.embed_tokens(&ids)?;
+    let vectors = embedding
+        .vectors
+        .narrow(0, 0, slots.len())?
+        .to_device(sd.device())?
+        .to_dtype(embeds.dtype())?
+        .unsqueeze(0)?;
+    let len = embeds.dim(1)?;
+    let embeds = Tensor::cat(
+        &[
+            embeds.narrow(1, 0, slots.start)?,
+            vectors,
+            embeds.narrow(1, slots.end, len - slots.end)?,
+        ],
+        1,
+    )?;
+    Ok(te.forward_embeds(&embeds)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EOS: u32 = 9;
+
+    #[test]
+    fn slots_replace_the_word_and_padding_gives_way() {
+        // bos a cat sat eos pad pad
+        let ids = [0, 1, 2, 3, EOS, EOS, EOS];
+        assert_eq!(with_slots(&ids, 2..3, 1, EOS), (ids.to_vec(), 2..3));
+        assert_eq!(
+            with_slots(&ids, 2..3, 3, EOS),
+            (vec![0, 1, 2, 2, 2, 3, EOS], 2..5)
+        );
+        // A two-token word, one vector: the sequence closes up and is padded.
+        assert_eq!(
+            with_slots(&ids, 1..3, 1, EOS),
+            (vec![0, 1, 3, EOS, EOS, EOS, EOS], 1..2)
+        );
+        // No room: the text is cut and still ends with eos.
+        let full = [0, 1, 2, 3, 4, EOS];
+        assert_eq!(
+            with_slots(&full, 2..3, 2, EOS),
+            (vec![0, 1, 2, 2, 3, EOS], 2..4)
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! The baseline methods' files and pieces against diffusers (tests/fixtures/baselines, made by
+//! tools/make_baseline_fixtures.py with diffusers 0.42.1 / peft 0.21.2):
+//! - the TI and LoRA files users have are told apart and read: diffusers' and A1111's
+//!   embeddings give the same vector (exact), diffusers' and kohya's LoRA the same factors
+//!   (exact), with kohya's alpha; bad files are refused with the file and the tensor named;
+//! - a learned word placed in a prompt generates what diffusers generates after
+//!   `load_textual_inversion` (3 DDIM steps, the txt2img tolerance 1e-3 relative).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use infusion_repl::methods::files::{read, ConceptFile, LoraLayout};
+use infusion_repl::methods::textual_inversion::text_states;
+use infusion_repl::sd::pipeline::Trajectory;
+use infusion_repl::{Branch, GenerateOptions, Job};
+
+use crate::common::{assert_close, get, max_abs, repo, tiny};
+
+fn fixture(name: &str) -> PathBuf {
+    repo().join("tests/fixtures/baselines").join(name)
+}
+
+fn generation() -> std::collections::HashMap<String, Tensor> {
+    infusion_repl::sd::weights::load_safetensors(&fixture("generation.safetensors"), &Device::Cpu)
+        .unwrap()
+}
+
+fn embedding(path: &Path) -> infusion_repl::methods::files::Embedding {
+    match read(path).unwrap() {
+        ConceptFile::TextualInversion(e) => e,
+        other => panic!("{}: read as {other:?}", path.display()),
+    }
+}
+
+fn lora(path: &Path) -> infusion_repl::methods::files::Lora {
+    match read(path).unwrap() {
+        ConceptFile::Lora(l) => l,
+        other => panic!("{}: read as {other:?}", path.display()),
+    }
+}
+
+#[test]
+fn embeddings_of_diffusers_and_a1111_are_read_alike() {
+    let g = generation();
+    let d = embedding(&fixture("learned_embeds.safetensors"));
+    assert_eq!(d.token, "<thing>");
+    assert_eq!(max_abs(&(&d.vectors - get(&g, "ti.vector")).unwrap()), 0.0);
+    let a = embedding(&fixture("a1111_embedding.safetensors"));
+    assert_eq!(a.token, "a1111_embedding");
+    assert_eq!(max_abs(&(&a.vectors - &d.vectors).unwrap()), 0.0);
+}
+
+#[test]
+fn loras_of_diffusers_and_kohya_are_read_alike() {
+    let d = lora(&fixture("pytorch_lora_weights.safetensors"));
+    assert_eq!(d.layout, LoraLayout::Diffusers);
+    // to_q, to_k, to_v, to_out.0 of attn1 and attn2 in 6 transformer blocks.
+    assert_eq!(d.unet_layers().count(), 48);
+    assert_eq!(d.text_encoder_layers().count(), 0);
+    let k = lora(&fixture("kohya_lora.safetensors"));
+    assert_eq!(k.layout, LoraLayout::Kohya);
+    assert_eq!(k.layers.len(), 48);
+    for l in &d.layers {
+        assert_eq!(l.rank(), 4, "{}", l.module);
+        assert_eq!(l.alpha_scale(), 1.0);
+        let kohya_name = l.module.replace('.', "_");
+        let m = k
+            .layers
+            .iter()
+            .find(|x| x.module == kohya_name)
+            .unwrap_or_else(|| panic!("kohya file lacks {kohya_name}"));
+        assert_eq!(m.alpha, Some(4.0));
+        assert_eq!(max_abs(&(&m.down - &l.down).unwrap()), 0.0);
+        assert_eq!(max_abs(&(&m.up - &l.up).unwrap()), 0.0);
+    }
+    // The factors are the state the reference step started from (names as written).
+    let steps =
+        infusion_repl::sd::weights::load_safetensors(&fixture("steps.safetensors"), &Device::Cpu)
+            .unwrap();
+    let l = &d.layers[0];
+    let state = get(
+        &steps,
+        &format!("lora.state.unet.{}.lora.down.weight", l.module),
+    );
+    assert_eq!(max_abs(&(state - &l.down).unwrap()), 0.0);
+}
+
+/// Writes `tensors` as a safetensors file in `dir` and returns the reader's error.
+fn refused(dir: &Path, name: &str, tensors: &[(&str, Tensor)]) -> String {
+    let path = dir.join(name);
+    let map: std::collections::HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| (k.to_string(), t.clone()))
+        .collect();
+    candle_core::safetensors::save(&map, &path).unwrap();
+    let e = read(&path).unwrap_err().to_string();
+    assert!(e.contains(name), "the error does not name the file: {e}");
+    e
+}
+
+#[test]
+fn files_that_fit_no_layout_are_refused_with_what_they_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let z = |d: &[usize]| Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
+    let e = refused(
+        dir.path(),
+        "sdxl.safetensors",
+        &[("clip_g", z(&[1, 1280])), ("clip_l", z(&[1, 768]))],
+    );
+    assert!(e.contains("SDXL"), "{e}");
+    let e = refused(
+        dir.path(),
+        "xl_lora.safetensors",
+        &[(
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+            z(&[4, 1280]),
+        )],
+    );
+    assert!(e.contains("SDXL") && e.contains("lora_te2_"), "{e}");
+    let e = refused(
+        dir.path(),
+        "other.safetensors",
+        &[("a", z(&[2])), ("b", z(&[2])), ("c", z(&[2]))],
+    );
+    assert!(
+        e.contains("no known concept layout") && e.contains("`a`"),
+        "{e}"
+    );
+    let e = refused(dir.path(), "cube.safetensors", &[("<x>", z(&[1, 2, 3]))]);
+    assert!(e.contains("`<x>`") && e.contains("[1, 2, 3]"), "{e}");
+    let e = refused(
+        dir.path(),
+        "half.safetensors",
+        &[(
+            "unet.down_blocks.0.attn1.to_q.lora.down.weight",
+            z(&[4, 32]),
+        )],
+    );
+    assert!(e.contains("lora.up.weight"), "{e}");
+    let e = refused(
+        dir.path(),
+        "ranks.safetensors",
+        &[
+            ("unet.m.lora.down.weight", z(&[4, 32])),
+            ("unet.m.lora.up.weight", z(&[32, 2])),
+        ],
+    );
+    assert!(e.contains("rank 4"), "{e}");
+    // A truncated file.
+    let good = std::fs::read(fixture("learned_embeds.safetensors")).unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(&cut, &good[..good.len() - 10]).unwrap();
+    let e = read(&cut).unwrap_err().to_string();
+    assert!(e.contains("cut.safetensors"), "{e}");
+    // Our own concepts are sent to their loader.
+    let ours = dir.path().join("mine.safetensors");
+    infusion_repl::Concept::zeros("mine", "cat", tiny().unet.attention_layers(), None)
+        .unwrap()
+        .save(&ours, DType::F32)
+        .unwrap();
+    assert!(matches!(read(&ours).unwrap(), ConceptFile::Infusion));
+}
+
+#[test]
+fn a_learned_word_generates_what_diffusers_generates() {
+    let g = generation();
+    let sd = tiny();
+    let prompt = "a photo of a cat sitting by a teapot";
+    let tokens = sd.tokenize(prompt).unwrap();
+    let neg = sd.tokenize("").unwrap();
+    let plain = sd.text_states(&[&neg, &tokens]).unwrap();
+    let span = tokens.positions_of_word(prompt, "cat")[0].clone();
+    let span = span[0]..span[span.len() - 1] + 1;
+    let e = embedding(&fixture("learned_embeds.safetensors"));
+    let learned = text_states(sd, &tokens, span, &e).unwrap();
+    let opts = GenerateOptions {
+        steps: 3,
+        guidance: 7.5,
+        noise: Some(get(&g, "init_noise").clone()),
+        ..Default::default()
+    };
+    let init = sd.initial_latents(&opts).unwrap();
+    let traj = |branch, cond: Tensor| Trajectory {
+        branch,
+        sample: 0,
+        uncond: plain.get(0).unwrap().unsqueeze(0).unwrap(),
+        cond,
+    };
+    let out = sd
+        .denoise(
+            &init,
+            &[
+                traj(Branch(0), plain.get(1).unwrap().unsqueeze(0).unwrap()),
+                traj(Branch(1), learned),
+            ],
+            &opts,
+            None,
+            &Job::quiet(),
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+    assert_close(&out[0], get(&g, "plain.latents"), 1e-3, "plain word");
+    assert_close(&out[1], get(&g, "ti.latents"), 1e-3, "learned word");
+
+    // A vector of another width is refused with both widths.
+    let wide = infusion_repl::methods::files::Embedding {
+        token: "<wide>".into(),
+        vectors: Tensor::zeros((1, 768), DType::F32, &Device::Cpu).unwrap(),
+    };
+    let err = text_states(sd, &tokens, 5..6, &wide)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("768") && err.contains("32") && err.contains("<wide>"),
+        "{err}"
+    );
+}
