@@ -25,5 +25,7 @@ pub use infusion::generate::{generate_infusion, InfusionGeneration, InfusionOpti
 pub use infusion::Stream;
 pub use job::Job;
 pub use sd::attention::{AttentionCall, AttnKind, LayerInfo};
-pub use sd::hook::{AttentionHook, AttnSite, BatchLayout, Branch, Guidance, HookCtx, Row, Step};
+pub use sd::hook::{
+    AttentionHook, AttnSite, BatchLayout, Branch, Guidance, HookCtx, Projection, Row, Step,
+};
 pub use sd::pipeline::{GenerateOptions, Generation, LoadOptions, StableDiffusion};

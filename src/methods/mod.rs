@@ -8,4 +8,5 @@
 //! and DreamBooth generation).
 
 pub mod files;
+pub mod lora;
 pub mod textual_inversion;

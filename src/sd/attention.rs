@@ -17,7 +17,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{linear, linear_no_bias, Linear, VarBuilder};
 
-use super::hook::HookCtx;
+use super::hook::{HookCtx, Projection};
 use crate::sd::fused::{self, attention as fused_attention};
 
 /// Self-attention (`attn1`: keys from the image) or cross-attention (`attn2`: keys from the text).
@@ -303,28 +303,36 @@ impl Attention {
         hook: Option<&HookCtx<'_>>,
     ) -> Result<Tensor> {
         let kv_in = context.unwrap_or(xs);
-        let q = self.to_q.forward(xs)?;
-        let k = self.to_k.forward(kv_in)?;
-        let v = self.to_v.forward(kv_in)?;
-        let mut call = AttentionCall::new(q, k, v, self.info.heads)?;
-        if let Some(h) = hook.filter(|h| h.hook.wants(&self.info)) {
-            if h.rows.len() != call.batch() {
-                candle_core::bail!(
-                    "{}: the batch layout has {} rows, the batch {}",
-                    self.info.path,
-                    h.rows.len(),
-                    call.batch()
-                );
-            }
-            let site = super::hook::AttnSite {
-                layer: &self.info,
-                step: h.step,
-                rows: h.rows,
-                spatial,
-            };
-            h.hook.attend(&site, &mut call)?;
+        let Some(h) = hook.filter(|h| h.hook.wants(&self.info)) else {
+            let q = self.to_q.forward(xs)?;
+            let k = self.to_k.forward(kv_in)?;
+            let v = self.to_v.forward(kv_in)?;
+            let call = AttentionCall::new(q, k, v, self.info.heads)?;
+            return self.to_out.forward(&call.finish()?);
+        };
+        if h.rows.len() != xs.dim(0)? {
+            candle_core::bail!(
+                "{}: the batch layout has {} rows, the batch {}",
+                self.info.path,
+                h.rows.len(),
+                xs.dim(0)?
+            );
         }
-        self.to_out.forward(&call.finish()?)
+        let site = super::hook::AttnSite {
+            layer: &self.info,
+            step: h.step,
+            rows: h.rows,
+            spatial,
+        };
+        let project = |p: Projection, layer: &Linear, input: &Tensor| {
+            h.hook.project(&site, p, input, layer.forward(input)?)
+        };
+        let q = project(Projection::Query, &self.to_q, xs)?;
+        let k = project(Projection::Key, &self.to_k, kv_in)?;
+        let v = project(Projection::Value, &self.to_v, kv_in)?;
+        let mut call = AttentionCall::new(q, k, v, self.info.heads)?;
+        h.hook.attend(&site, &mut call)?;
+        project(Projection::Out, &self.to_out, &call.finish()?)
     }
 }
 

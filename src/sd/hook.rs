@@ -6,9 +6,37 @@
 //! `attention.rs`) to read or replace probabilities and change values. Layers are addressed by
 //! their weight path, never by counting calls, and rows by their layout, never by slicing halves.
 
-use candle_core::Result;
+use candle_core::{Result, Tensor};
 
 use super::attention::{AttentionCall, LayerInfo};
+
+/// The four linear projections of an attention layer, named as their weights are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Projection {
+    Query,
+    Key,
+    Value,
+    Out,
+}
+
+impl Projection {
+    pub const ALL: [Projection; 4] = [
+        Projection::Query,
+        Projection::Key,
+        Projection::Value,
+        Projection::Out,
+    ];
+
+    /// The module's name under the layer: `to_q`, `to_k`, `to_v`, `to_out.0`.
+    pub fn module(self) -> &'static str {
+        match self {
+            Projection::Query => "to_q",
+            Projection::Key => "to_k",
+            Projection::Value => "to_v",
+            Projection::Out => "to_out.0",
+        }
+    }
+}
 
 /// Which half of classifier-free guidance a batch row belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -129,6 +157,19 @@ pub trait AttentionHook: Send + Sync {
 
     /// Called once per wanted layer and UNet call, before the values are mixed.
     fn attend(&self, site: &AttnSite<'_>, call: &mut AttentionCall) -> Result<()>;
+
+    /// Called for each projection of a wanted layer with its input and its output
+    /// `(batch, tokens, features)`; returns the output the layer goes on with (a low-rank
+    /// update, say). The default keeps it.
+    fn project(
+        &self,
+        _site: &AttnSite<'_>,
+        _projection: Projection,
+        _input: &Tensor,
+        output: Tensor,
+    ) -> Result<Tensor> {
+        Ok(output)
+    }
 }
 
 /// A hook with the rows and step of one UNet call.

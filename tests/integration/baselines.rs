@@ -215,3 +215,265 @@ fn a_learned_word_generates_what_diffusers_generates() {
         "{err}"
     );
 }
+
+/// F (plain) and C (with `hook` on branch 1) for `prompt`, 3 steps from the reference noise.
+fn pair_with(hook: &dyn infusion_repl::AttentionHook, prompt: &str) -> Vec<Tensor> {
+    let g = generation();
+    let sd = tiny();
+    let states = sd
+        .text_states(&[&sd.tokenize("").unwrap(), &sd.tokenize(prompt).unwrap()])
+        .unwrap();
+    let opts = GenerateOptions {
+        steps: 3,
+        guidance: 7.5,
+        noise: Some(get(&g, "init_noise").clone()),
+        ..Default::default()
+    };
+    let traj = |b| Trajectory {
+        branch: Branch(b),
+        sample: 0,
+        uncond: states.get(0).unwrap().unsqueeze(0).unwrap(),
+        cond: states.get(1).unwrap().unsqueeze(0).unwrap(),
+    };
+    sd.denoise(
+        &sd.initial_latents(&opts).unwrap(),
+        &[traj(0), traj(1)],
+        &opts,
+        Some(hook),
+        &Job::quiet(),
+        &mut |_| Ok(()),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_lora_on_c_generates_what_diffusers_generates_and_f_stays_plain() {
+    use infusion_repl::methods::lora::LoraHook;
+    let g = generation();
+    let sd = tiny();
+    let prompt = "a photo of sks cat by a teapot";
+    let plain = sd
+        .generate(
+            prompt,
+            &GenerateOptions {
+                steps: 3,
+                guidance: 7.5,
+                noise: Some(get(&g, "init_noise").clone()),
+                ..Default::default()
+            },
+            &Job::quiet(),
+        )
+        .unwrap()
+        .latents;
+    for (file, scale, reference) in [
+        ("pytorch_lora_weights.safetensors", 1.0, "lora.latents"),
+        ("kohya_lora.safetensors", 1.0, "lora.latents"),
+        ("pytorch_lora_weights.safetensors", 0.5, "lora_half.latents"),
+    ] {
+        let hook = LoraHook::new(&lora(&fixture(file)), sd, scale, Some(Branch(1))).unwrap();
+        let out = pair_with(&hook, prompt);
+        assert_close(
+            &out[1],
+            get(&g, reference),
+            1e-3,
+            &format!("{file} at {scale}"),
+        );
+        // F is the plain image (to 1e-4: a batch of 4 rows rounds the UNet's sums otherwise
+        // than a batch of 2).
+        assert_close(&out[0], &plain, 1e-4, "F beside the LoRA");
+    }
+}
+
+#[test]
+fn a_lora_of_other_shapes_or_modules_is_refused_with_the_layer() {
+    use infusion_repl::methods::files::{Lora, LoraLayer, LoraLayout, LoraTarget};
+    use infusion_repl::methods::lora::LoraHook;
+    let z = |d: &[usize]| Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
+    let layer = |module: &str, down: &[usize], up: &[usize], target| LoraLayer {
+        target,
+        module: module.into(),
+        down: z(down),
+        up: z(up),
+        alpha: None,
+    };
+    let q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+    let one = |l: LoraLayer| Lora {
+        layout: LoraLayout::Diffusers,
+        layers: vec![l],
+    };
+    let err = |l: Lora| {
+        LoraHook::new(&l, tiny(), 1.0, None)
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let e = err(one(layer(q, &[4, 320], &[320, 4], LoraTarget::Unet)));
+    assert!(
+        e.contains(q) && e.contains("[4, 320]") && e.contains("[32, 32]"),
+        "{e}"
+    );
+    let e = err(one(layer(
+        "down_blocks.0.attentions.0.proj_in",
+        &[4, 32],
+        &[32, 4],
+        LoraTarget::Unet,
+    )));
+    assert!(
+        e.contains("proj_in") && e.contains("not an attention projection"),
+        "{e}"
+    );
+    let e = err(one(layer(
+        "text_model.encoder.layers.0.self_attn.q_proj",
+        &[4, 32],
+        &[32, 4],
+        LoraTarget::TextEncoder,
+    )));
+    assert!(e.contains("text encoder") && e.contains("q_proj"), "{e}");
+}
+
+/// The DDPM loss of the reference batch (steps.safetensors `batch.*`) for `prompt`'s text states
+/// `states` (1, tokens, width), with `hook` on every row.
+fn ddpm_loss(
+    steps: &std::collections::HashMap<String, Tensor>,
+    states: &Tensor,
+    hook: Option<&dyn infusion_repl::AttentionHook>,
+) -> Tensor {
+    let sd = tiny();
+    let (latents, noise) = (get(steps, "batch.latents"), get(steps, "batch.noise"));
+    let ts: Vec<usize> = get(steps, "batch.timesteps")
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&t| t as usize)
+        .collect();
+    let z = sd.scheduler.add_noise(latents, noise, &ts).unwrap();
+    let t = Tensor::new(
+        ts.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ctx = Tensor::cat(&[states, states], 0).unwrap();
+    let rows =
+        infusion_repl::BatchLayout::uniform(2, Branch(1), infusion_repl::Guidance::Conditional);
+    let hook = hook.map(|hook| infusion_repl::HookCtx {
+        hook,
+        rows: &rows,
+        step: None,
+    });
+    let pred = sd.unet.forward(&z, &t, &ctx, hook.as_ref()).unwrap();
+    (pred - noise).unwrap().sqr().unwrap().mean_all().unwrap()
+}
+
+fn steps_fixture() -> std::collections::HashMap<String, Tensor> {
+    infusion_repl::sd::weights::load_safetensors(&fixture("steps.safetensors"), &Device::Cpu)
+        .unwrap()
+}
+
+fn scalar(t: &Tensor) -> f32 {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]
+}
+
+/// One training step of DreamBooth-LoRA: the loss and every factor's gradient equal peft's
+/// (1e-4 relative: one UNet forward and backward in f32).
+#[test]
+fn a_lora_training_step_matches_peft() {
+    use candle_core::Var;
+    use infusion_repl::methods::files::{Lora, LoraLayer, LoraLayout, LoraTarget};
+    use infusion_repl::methods::lora::LoraHook;
+    let s = steps_fixture();
+    let sd = tiny();
+    let mut vars = vec![];
+    let mut layers = vec![];
+    let file = lora(&fixture("pytorch_lora_weights.safetensors"));
+    for l in file.unet_layers() {
+        let key = |f: &str| format!("lora.state.unet.{}.lora.{f}.weight", l.module);
+        let down = Var::from_tensor(get(&s, &key("down"))).unwrap();
+        let up = Var::from_tensor(get(&s, &key("up"))).unwrap();
+        layers.push(LoraLayer {
+            target: LoraTarget::Unet,
+            module: l.module.clone(),
+            down: down.as_tensor().clone(),
+            up: up.as_tensor().clone(),
+            alpha: None,
+        });
+        vars.push((l.module.clone(), down, up));
+    }
+    let hook = LoraHook::new(
+        &Lora {
+            layout: LoraLayout::Diffusers,
+            layers,
+        },
+        sd,
+        1.0,
+        None,
+    )
+    .unwrap();
+    let tokens = sd.tokenize("a photo of sks cat").unwrap();
+    let states = sd.text_states(&[&tokens]).unwrap();
+    let loss = ddpm_loss(&s, &states, Some(&hook));
+    let want = scalar(get(&s, "lora.loss"));
+    assert!(
+        (scalar(&loss) - want).abs() <= 1e-4 * want,
+        "loss {} vs {want}",
+        scalar(&loss)
+    );
+    let grads = loss.backward().unwrap();
+    for (module, down, up) in &vars {
+        for (f, var) in [("down", down), ("up", up)] {
+            let g = grads.get(var.as_tensor()).unwrap();
+            let want = get(&s, &format!("lora.grad.unet.{module}.lora.{f}.weight"));
+            assert_close(g, want, 1e-4, &format!("{module} {f}"));
+        }
+    }
+}
+
+/// One training step of Textual Inversion: the loss, the new row's gradient, and the row after
+/// one AdamW step (lr 5e-4, weight decay 1e-2) equal the diffusers script's (1e-4 relative).
+#[test]
+fn a_textual_inversion_training_step_matches_diffusers() {
+    use candle_core::Var;
+    use infusion_repl::methods::files::Embedding;
+    let s = steps_fixture();
+    let sd = tiny();
+    let prompt = "a photo of a cat";
+    let tokens = sd.tokenize(prompt).unwrap();
+    let init = get(&s, "ti.init").clone();
+    // The row starts as cat's own embedding, as the script initialises it.
+    let cat = sd.tokenize("cat").unwrap().ids[1];
+    let cat_row = sd
+        .text_encoder
+        .embed_tokens(&Tensor::new(&[[cat]], &Device::Cpu).unwrap())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    assert_eq!(max_abs(&(&cat_row - &init).unwrap()), 0.0);
+    let var = Var::from_tensor(&init).unwrap();
+    let e = Embedding {
+        token: "<thing>".into(),
+        vectors: var.as_tensor().clone(),
+    };
+    let states = text_states(sd, &tokens, 5..6, &e).unwrap();
+    let loss = ddpm_loss(&s, &states, None);
+    let want = scalar(get(&s, "ti.loss"));
+    assert!(
+        (scalar(&loss) - want).abs() <= 1e-4 * want,
+        "loss {} vs {want}",
+        scalar(&loss)
+    );
+    let grads = loss.backward().unwrap();
+    let g = grads.get(var.as_tensor()).unwrap().clone();
+    assert_close(&g, get(&s, "ti.grad"), 1e-4, "the new row's gradient");
+    let vars = std::collections::BTreeMap::from([("<thing>".to_string(), var.clone())]);
+    let mut opt = infusion_repl::infusion::train::optim::AdamW::new(5e-4, 1e-2, &vars).unwrap();
+    opt.update(
+        &vars,
+        &std::collections::BTreeMap::from([("<thing>".to_string(), g)]),
+    )
+    .unwrap();
+    assert_close(
+        var.as_tensor(),
+        get(&s, "ti.after"),
+        1e-4,
+        "the row after one AdamW step",
+    );
+}
