@@ -1,10 +1,9 @@
 //! One library call per user action, shared by the command line and the scripts, so that both
 //! behave the same: loading a model (or the bundled one), training a concept from a folder (with
-//! one rule for where checkpoints go). Generating is [`generate_infusion`] itself, and loading a
-//! concept file [`ConceptSet::load_file`].
+//! one rule for where checkpoints go), taking in a concept file of any method ([`load_concept`]).
+//! Generating is [`generate_infusion`] itself.
 //!
 //! [`generate_infusion`]: crate::infusion::generate::generate_infusion
-//! [`ConceptSet::load_file`]: crate::infusion::concept::ConceptSet::load_file
 
 use std::path::{Path, PathBuf};
 
@@ -298,4 +297,132 @@ mod tests {
         );
         assert_eq!(Concept::load(&saved).unwrap().name, "pot");
     }
+}
+
+/// How to take a concept file in: what the file cannot say itself.
+#[derive(Debug, Clone, Default)]
+pub struct ConceptRequest {
+    pub path: PathBuf,
+    /// What prompts call it (TI: the token without `<>`; LoRA: the file's stem).
+    pub name: Option<String>,
+    /// The class word F sees (needed for TI and LoRA files; Infusion files carry theirs).
+    pub word: Option<String>,
+    /// A LoRA's strength (1.0).
+    pub scale: Option<f64>,
+    /// A LoRA's identifier word in C's prompt (DreamBooth's "sks").
+    pub trigger: Option<String>,
+    /// Use an Infusion concept trained on another model.
+    pub force: bool,
+}
+
+/// A concept file taken into a session's set: ours, or a Textual Inversion embedding or a LoRA
+/// in the layouts users have (told apart by [`crate::methods::files::read`]), checked against
+/// `sd` when one is loaded.
+pub fn load_concept(
+    req: &ConceptRequest,
+    sd: Option<&StableDiffusion>,
+    set: &mut crate::infusion::concept::ConceptSet,
+    job: &Job,
+) -> Result<LoadedConcept> {
+    use crate::infusion::concept::{check_name, check_word};
+    use crate::methods::adapted::{Adapted, Change};
+    use crate::methods::files::{read, ConceptFile};
+    let path = &req.path;
+    let file = read(path)?;
+    if matches!(file, ConceptFile::Infusion) {
+        if let Some(k) = [
+            ("name", req.name.is_some()),
+            ("word", req.word.is_some()),
+            ("scale", req.scale.is_some()),
+            ("trigger", req.trigger.is_some()),
+        ]
+        .iter()
+        .find(|(_, given)| *given)
+        {
+            return Err(Error::arg(
+                k.0,
+                format!(
+                    "{} is an Infusion concept, which carries its own name and word and has no \
+                     scale or trigger",
+                    path.display()
+                ),
+            ));
+        }
+        return Ok(LoadedConcept::Infusion(
+            set.load_file(path, sd, req.force, job)?,
+        ));
+    }
+    let stem = path
+        .file_stem()
+        .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    let (default_name, change) = match file {
+        ConceptFile::TextualInversion(e) => (
+            e.token
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_string(),
+            Change::TextualInversion(e),
+        ),
+        ConceptFile::Lora(lora) => (
+            stem,
+            Change::Lora {
+                lora,
+                scale: req.scale.unwrap_or(1.0),
+                trigger: req.trigger.clone(),
+            },
+        ),
+        ConceptFile::Infusion => unreachable!("handled above"),
+    };
+    let name = req.name.clone().unwrap_or(default_name);
+    check_name(&name)?;
+    let word = req.word.clone().ok_or_else(|| {
+        Error::arg(
+            "word",
+            format!(
+                "{} holds no class word: say which word F sees in place of <{name}> \
+                 (load_concept(path, #{{word: \"cat\"}}))",
+                path.display()
+            ),
+        )
+    })?;
+    check_word(&word)?;
+    if let (Change::TextualInversion(_), Some(_)) = (&change, &req.trigger) {
+        return Err(Error::arg(
+            "trigger",
+            "a Textual Inversion embedding has no trigger word",
+        ));
+    }
+    if let (Change::TextualInversion(_), Some(_)) = (&change, &req.scale) {
+        return Err(Error::arg(
+            "scale",
+            "a Textual Inversion embedding has no strength",
+        ));
+    }
+    let adapted = Adapted { name, word, change };
+    if let Some(sd) = sd {
+        // The same checks a generation makes, now: widths, modules, shapes.
+        crate::methods::adapted::custom_side(
+            sd,
+            &adapted.word,
+            &[(0..adapted.word.len(), &adapted)],
+            crate::sd::hook::Branch(1),
+        )
+        .map_err(|e| match e {
+            Error::InvalidArgument { msg, .. } | Error::Unsupported(msg) => Error::Config {
+                path: path.clone(),
+                msg,
+            },
+            e => e,
+        })?;
+    }
+    let adapted = std::sync::Arc::new(adapted);
+    set.add_adapted(adapted.clone(), job);
+    Ok(LoadedConcept::Adapted(adapted))
+}
+
+/// A concept taken in by [`load_concept`].
+#[derive(Debug, Clone)]
+pub enum LoadedConcept {
+    Infusion(std::sync::Arc<Concept>),
+    Adapted(std::sync::Arc<crate::methods::adapted::Adapted>),
 }

@@ -349,8 +349,16 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
     let sd = load_model(global, job)?;
     let mut concepts = ConceptSet::new();
     for path in &args.concepts {
-        let c = concepts.load_file(path, Some(&sd), args.force, job)?;
-        eprintln!("loaded <{}> ({}) from {}", c.name, c.word, path.display());
+        let req = actions::ConceptRequest {
+            path: path.clone(),
+            force: args.force,
+            ..Default::default()
+        };
+        let (name, word) = match actions::load_concept(&req, Some(&sd), &mut concepts, job)? {
+            actions::LoadedConcept::Infusion(c) => (c.name.clone(), c.word.clone()),
+            actions::LoadedConcept::Adapted(a) => (a.name.clone(), a.word.clone()),
+        };
+        eprintln!("loaded <{name}> ({word}) from {}", path.display());
     }
     let used = concepts.parse(&args.prompt)?.marks;
     for c in concepts

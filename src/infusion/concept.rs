@@ -21,6 +21,7 @@ use super::prompt::{parse_prompt, ParsedPrompt};
 use crate::error::root_cause;
 use crate::error::{Error, Result};
 use crate::job::Job;
+use crate::methods::adapted::Adapted;
 use crate::sd::attention::{AttnKind, LayerInfo};
 use crate::sd::pipeline::StableDiffusion;
 use crate::util::fs::write_atomic;
@@ -294,10 +295,12 @@ impl Concept {
     }
 }
 
-/// The concepts of a session, found by name.
+/// The concepts of a session, found by name: Infusion's, and those of the other methods
+/// ([`Adapted`]: a learned word, a LoRA). A name belongs to one of them.
 #[derive(Debug, Clone, Default)]
 pub struct ConceptSet {
     concepts: BTreeMap<String, Entry>,
+    adapted: BTreeMap<String, Arc<Adapted>>,
 }
 
 #[derive(Debug, Clone)]
@@ -319,6 +322,7 @@ impl ConceptSet {
     }
 
     fn insert_arc(&mut self, concept: Arc<Concept>, forced: bool) -> Option<Arc<Concept>> {
+        self.adapted.remove(&concept.name);
         self.concepts
             .insert(concept.name.clone(), Entry { concept, forced })
             .map(|e| e.concept)
@@ -339,8 +343,41 @@ impl ConceptSet {
         self.concepts.get(name).map(|e| &e.concept)
     }
 
+    /// Adds (or replaces) a concept of another method; one of the same name is replaced, and
+    /// `job` says so.
+    pub fn add_adapted(&mut self, concept: Arc<Adapted>, job: &Job) {
+        let name = concept.name.clone();
+        let old = self
+            .concepts
+            .remove(&name)
+            .map(|e| e.concept.word.clone())
+            .or_else(|| self.adapted.get(&name).map(|a| a.word.clone()));
+        if let Some(old) = old {
+            job.warn(format!(
+                "<{name}> ({}) replaces the concept of that name loaded before ({old})",
+                concept.word
+            ));
+        }
+        self.adapted.insert(name, concept);
+    }
+
+    /// The concept of another method called `name`.
+    pub fn get_adapted(&self, name: &str) -> Option<&Arc<Adapted>> {
+        self.adapted.get(name)
+    }
+
+    /// The concepts of the other methods.
+    pub fn adapted(&self) -> impl Iterator<Item = &Arc<Adapted>> {
+        self.adapted.values()
+    }
+
     pub fn remove(&mut self, name: &str) -> Option<Arc<Concept>> {
         self.concepts.remove(name).map(|e| e.concept)
+    }
+
+    /// Removes the concept `name` of whichever method; true if there was one.
+    pub fn forget(&mut self, name: &str) -> bool {
+        self.concepts.remove(name).is_some() | self.adapted.remove(name).is_some()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Concept>> {
@@ -348,11 +385,11 @@ impl ConceptSet {
     }
 
     pub fn len(&self) -> usize {
-        self.concepts.len()
+        self.concepts.len() + self.adapted.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.concepts.is_empty()
+        self.concepts.is_empty() && self.adapted.is_empty()
     }
 
     /// Reads a concept file and adds it. With a model, checks it against the model first (see
@@ -392,7 +429,11 @@ impl ConceptSet {
 
     /// Parses `<name>` marks of a prompt against these concepts.
     pub fn parse(&self, prompt: &str) -> Result<ParsedPrompt> {
-        parse_prompt(prompt, |n| self.get(n).map(|c| c.word.clone()))
+        parse_prompt(prompt, |n| {
+            self.get(n)
+                .map(|c| c.word.clone())
+                .or_else(|| self.get_adapted(n).map(|a| a.word.clone()))
+        })
     }
 }
 

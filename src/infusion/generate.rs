@@ -15,7 +15,8 @@ use super::prompt::{place_concepts, ParsedPrompt, Placement};
 use super::Stream;
 use crate::error::{Error, Result};
 use crate::job::Job;
-use crate::sd::hook::AttentionHook;
+use crate::methods::adapted::custom_side;
+use crate::sd::hook::{AttentionHook, Chain};
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion, Trajectory};
 use crate::sd::tokenizer::Tokens;
 
@@ -249,8 +250,13 @@ fn hook<'a>(
         sd.device(),
         sd.dtype(),
     )?;
+    // Without Infusion concepts (the hook then only captures maps) C keeps its own attention.
     let calls = sd.plan(&opts.generate)?.len();
-    let replace_until = (opts.replace_steps * calls as f64).round() as usize;
+    let replace_until = if placements.is_empty() {
+        0
+    } else {
+        (opts.replace_steps * calls as f64).round() as usize
+    };
     Ok(InfusionHook::new(offsets, FMaps::InBatch)
         .replace_until(replace_until)
         .capture(capture))
@@ -277,27 +283,58 @@ pub fn generate_infusion(
     sd.check_generate(g, if placements.is_empty() { 2 } else { 4 })?;
     let negative = sd.tokenize(&g.negative_prompt)?;
     let states = sd.text_states(&[&negative, &tokens])?;
+    // The other methods' concepts: C's text and hooks.
+    let marks: Vec<_> = parsed
+        .marks
+        .iter()
+        .filter_map(|m| {
+            concepts
+                .get_adapted(&m.name)
+                .map(|a| (m.span.clone(), a.as_ref()))
+        })
+        .collect();
+    let other = custom_side(sd, &parsed.base, &marks, Stream::Customized.branch())?;
+    if other.states.is_some() && !placements.is_empty() {
+        return Err(Error::arg(
+            "prompt",
+            format!(
+                "Infusion concepts use F's text and attention in C, which a learned word or a \
+                 trigger word changes (C's prompt is {:?}): use them in separate prompts",
+                other.prompt
+            ),
+        ));
+    }
     let traj = |stream: Stream| -> Result<Trajectory> {
+        let cond = match (&other.states, stream) {
+            (Some(s), Stream::Customized) => s.clone(),
+            _ => states.get(1)?.unsqueeze(0)?,
+        };
         Ok(Trajectory {
             branch: stream.branch(),
             sample: 0,
             uncond: states.get(0)?.unsqueeze(0)?,
-            cond: states.get(1)?.unsqueeze(0)?,
+            cond,
         })
     };
     // Without concepts C is F: F runs alone (with the hook only to capture maps).
-    let customized = !placements.is_empty();
+    let customized = !parsed.marks.is_empty();
     let trajectories = if customized {
         vec![traj(Stream::Foundational)?, traj(Stream::Customized)?]
     } else {
         vec![traj(Stream::Foundational)?]
     };
     let hook = hook(sd, &placements, tokens.ids.len(), opts, capture)?;
+    let hooks: Vec<&dyn AttentionHook> = (!placements.is_empty() || capture.is_some())
+        .then_some(&hook as &dyn AttentionHook)
+        .into_iter()
+        .chain(other.hooks.iter().map(|h| h.as_ref()))
+        .collect();
+    let chain = Chain(hooks);
     let out = sd.denoise(
         &sd.initial_latents(g)?,
         &trajectories,
         g,
-        (customized || capture.is_some()).then_some(&hook as &dyn AttentionHook),
+        (!chain.0.is_empty()).then_some(&chain as &dyn AttentionHook),
         job,
         &mut |_| Ok(()),
     )?;
@@ -308,7 +345,7 @@ pub fn generate_infusion(
     let custom_image = images.get(out.len() - 1)?.unsqueeze(0)?;
     Ok(InfusionGeneration {
         prompt: prompt.to_string(),
-        concepts: placements.iter().map(|p| p.concept.name.clone()).collect(),
+        concepts: parsed.marks.iter().map(|m| m.name.clone()).collect(),
         model: sd.name(),
         model_hash: sd.unet_fingerprint().to_string(),
         parsed,

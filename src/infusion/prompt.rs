@@ -114,7 +114,8 @@ pub struct Placement {
     pub positions: Vec<usize>,
 }
 
-/// Resolves the marks of `parsed` to token positions in `tokens` (the tokenized base prompt).
+/// Resolves the marks of `parsed` that name Infusion concepts to token positions in `tokens`
+/// (the tokenized base prompt); marks of the other methods' concepts are left to them.
 pub fn place_concepts(
     concepts: &ConceptSet,
     parsed: &ParsedPrompt,
@@ -123,6 +124,7 @@ pub fn place_concepts(
     parsed
         .marks
         .iter()
+        .filter(|m| concepts.get_adapted(&m.name).is_none())
         .map(|m| {
             let concept = concepts
                 .get(&m.name)

@@ -7,6 +7,7 @@
 //! prompt ([`textual_inversion`]). PLAN.md keeps what remains (the method seam, training, LoRA
 //! and DreamBooth generation).
 
+pub mod adapted;
 pub mod files;
 pub mod lora;
 pub mod textual_inversion;

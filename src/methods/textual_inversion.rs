@@ -50,36 +50,64 @@ pub fn text_states(
     span: Range<usize>,
     embedding: &Embedding,
 ) -> Result<Tensor> {
+    text_states_with(sd, tokens, &[(span, embedding)])
+}
+
+/// As [`text_states`] with several learned words, each at its token span (spans apart).
+pub fn text_states_with(
+    sd: &StableDiffusion,
+    tokens: &Tokens,
+    words: &[(Range<usize>, &Embedding)],
+) -> Result<Tensor> {
     let te = &sd.text_encoder;
-    let (n, width) = embedding.vectors.dims2()?;
-    if width != te.hidden_size() {
-        return Err(Error::arg(
-            "embedding",
-            format!(
-                "`{}` has vectors of width {width}, this model's text encoder takes {}",
-                embedding.token,
-                te.hidden_size()
-            ),
-        ));
+    for (_, e) in words {
+        let width = e.vectors.dims2()?.1;
+        if width != te.hidden_size() {
+            return Err(Error::arg(
+                "embedding",
+                format!(
+                    "`{}` has vectors of width {width}, this model's text encoder takes {}",
+                    e.token,
+                    te.hidden_size()
+                ),
+            ));
+        }
     }
-    let (ids, slots) = with_slots(&tokens.ids, span, n, sd.tokenizer.eos_id());
-    let ids = Tensor::from_vec(ids, (1, tokens.ids.len()), sd.device())?;
-    let embeds = te.embed_tokens(&ids)?;
-    let vectors = embedding
-        .vectors
-        .narrow(0, 0, slots.len())?
-        .to_device(sd.device())?
-        .to_dtype(embeds.dtype())?
-        .unsqueeze(0)?;
-    let len = embeds.dim(1)?;
-    let embeds = Tensor::cat(
-        &[
-            embeds.narrow(1, 0, slots.start)?,
-            vectors,
-            embeds.narrow(1, slots.end, len - slots.end)?,
-        ],
-        1,
-    )?;
+    // From the last word back, so that the spans before stay where they are.
+    let mut words: Vec<&(Range<usize>, &Embedding)> = words.iter().collect();
+    words.sort_by_key(|(span, _)| std::cmp::Reverse(span.start));
+    let mut ids = tokens.ids.clone();
+    let mut placed = vec![];
+    for (span, e) in words {
+        let n = e.vectors.dim(0)?;
+        let (next, slots) = with_slots(&ids, span.clone(), n, sd.tokenizer.eos_id());
+        let shift = slots.len() as isize - span.len() as isize;
+        for (s, _) in &mut placed {
+            let s: &mut Range<usize> = s;
+            let at = |i: usize| (i as isize + shift).clamp(0, ids.len() as isize - 1) as usize;
+            *s = at(s.start)..at(s.end);
+        }
+        placed.push((slots, *e));
+        ids = next;
+    }
+    let len = ids.len();
+    let mut embeds = te.embed_tokens(&Tensor::from_vec(ids, (1, len), sd.device())?)?;
+    for (slots, e) in placed.into_iter().filter(|(s, _)| !s.is_empty()) {
+        let vectors = e
+            .vectors
+            .narrow(0, 0, slots.len())?
+            .to_device(sd.device())?
+            .to_dtype(embeds.dtype())?
+            .unsqueeze(0)?;
+        embeds = Tensor::cat(
+            &[
+                embeds.narrow(1, 0, slots.start)?,
+                vectors,
+                embeds.narrow(1, slots.end, len - slots.end)?,
+            ],
+            1,
+        )?;
+    }
     Ok(te.forward_embeds(&embeds)?)
 }
 

@@ -172,6 +172,36 @@ pub trait AttentionHook: Send + Sync {
     }
 }
 
+/// Several hooks as one: a layer is wanted when any of them wants it; each wanting hook attends
+/// and projects in turn, in order.
+pub struct Chain<'a>(pub Vec<&'a dyn AttentionHook>);
+
+impl AttentionHook for Chain<'_> {
+    fn wants(&self, layer: &LayerInfo) -> bool {
+        self.0.iter().any(|h| h.wants(layer))
+    }
+
+    fn attend(&self, site: &AttnSite<'_>, call: &mut AttentionCall) -> Result<()> {
+        for h in self.0.iter().filter(|h| h.wants(site.layer)) {
+            h.attend(site, call)?;
+        }
+        Ok(())
+    }
+
+    fn project(
+        &self,
+        site: &AttnSite<'_>,
+        projection: Projection,
+        input: &Tensor,
+        output: Tensor,
+    ) -> Result<Tensor> {
+        self.0
+            .iter()
+            .filter(|h| h.wants(site.layer))
+            .try_fold(output, |out, h| h.project(site, projection, input, out))
+    }
+}
+
 /// A hook with the rows and step of one UNet call.
 #[derive(Clone, Copy)]
 pub struct HookCtx<'a> {

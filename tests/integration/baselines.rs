@@ -477,3 +477,151 @@ fn a_textual_inversion_training_step_matches_diffusers() {
         "the row after one AdamW step",
     );
 }
+
+/// Concepts of the other methods in a session's prompts: F sees the class word, C the learned
+/// word or the LoRA (with its trigger word); C equals diffusers' image of the same concept, F the
+/// plain one, and a prompt without marks stays plain SD.
+#[test]
+fn adapted_concepts_generate_through_the_session_pair() {
+    use infusion_repl::methods::adapted::{Adapted, Change};
+    use infusion_repl::{generate_infusion, ConceptSet, InfusionOptions};
+    let g = generation();
+    let sd = tiny();
+    let mut set = ConceptSet::new();
+    let job = Job::collecting();
+    set.add_adapted(
+        std::sync::Arc::new(Adapted {
+            name: "thing".into(),
+            word: "cat".into(),
+            change: Change::TextualInversion(embedding(&fixture("learned_embeds.safetensors"))),
+        }),
+        &job,
+    );
+    set.add_adapted(
+        std::sync::Arc::new(Adapted {
+            name: "sks".into(),
+            word: "cat".into(),
+            change: Change::Lora {
+                lora: lora(&fixture("kohya_lora.safetensors")),
+                scale: 1.0,
+                trigger: Some("sks".into()),
+            },
+        }),
+        &job,
+    );
+    let opts = InfusionOptions {
+        generate: GenerateOptions {
+            steps: 3,
+            guidance: 7.5,
+            noise: Some(get(&g, "init_noise").clone()),
+            ..Default::default()
+        },
+        replace_steps: 1.0,
+    };
+    let ti = generate_infusion(
+        sd,
+        &set,
+        "a photo of a <thing> sitting by a teapot",
+        &opts,
+        None,
+        &job,
+    )
+    .unwrap();
+    assert_close(
+        &ti.base_latents,
+        get(&g, "plain.latents"),
+        1e-3,
+        "F with a learned word",
+    );
+    assert_close(
+        &ti.custom_latents,
+        get(&g, "ti.latents"),
+        1e-3,
+        "C with a learned word",
+    );
+    assert_eq!(ti.concepts, ["thing"]);
+    let lo =
+        generate_infusion(sd, &set, "a photo of <sks> by a teapot", &opts, None, &job).unwrap();
+    assert_close(
+        &lo.custom_latents,
+        get(&g, "lora.latents"),
+        1e-3,
+        "C with the LoRA",
+    );
+    assert_eq!(lo.parsed.base, "a photo of cat by a teapot");
+    // Without marks: plain SD, C is F.
+    let plain = generate_infusion(
+        sd,
+        &set,
+        "a photo of a cat sitting by a teapot",
+        &opts,
+        None,
+        &job,
+    )
+    .unwrap();
+    assert!(!plain.is_customized());
+    assert_close(
+        &plain.base_latents,
+        get(&g, "plain.latents"),
+        1e-3,
+        "no marks",
+    );
+    assert!(set.forget("sks") && !set.forget("sks"));
+}
+
+/// `load_concept` takes the TI and LoRA files users have in scripts: the method and size are
+/// said, prompts use them, Infusion-only properties and missing class words are clear errors.
+#[test]
+fn scripts_load_and_use_ti_and_lora_files() {
+    use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
+    let session = Session::new(ScriptConfig {
+        no_images: true,
+        progress: false,
+        ..ScriptConfig::default()
+    });
+    let engine = build_engine(&session);
+    let mut scope = rhai::Scope::new();
+    scope.push("DIR", fixture("").display().to_string());
+    let v: rhai::Array = engine
+        .eval_with_scope(
+            &mut scope,
+            r#"let m = load_model();
+               let t = load_concept(DIR + "/learned_embeds.safetensors", #{word: "cat"});
+               let l = load_concept(DIR + "/kohya_lora.safetensors", #{name: "pot", word: "teapot", trigger: "sks", scale: 0.5});
+               let g = m.generate("a <thing> next to a <pot>", #{steps: 2});
+               [t.name, t.method, t.size_bytes, l.method, concepts().len(), g.concepts, `${l}`]"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s: Vec<String> = v.iter().map(|x| x.to_string()).collect();
+    assert_eq!(&s[..5], ["thing", "textual_inversion", "128", "lora", "2"]);
+    assert!(s[5].contains("thing") && s[5].contains("pot"), "{}", s[5]);
+    assert!(
+        s[6].contains("sks teapot") && s[6].contains("scale 0.5"),
+        "{}",
+        s[6]
+    );
+    for (script, want) in [
+        (
+            r#"load_concept(DIR + "/learned_embeds.safetensors")"#,
+            "word",
+        ),
+        (
+            r#"load_concept(DIR + "/learned_embeds.safetensors", #{word: "cat"}).n_values"#,
+            "Infusion concepts",
+        ),
+        (
+            r#"load_concept(DIR + "/learned_embeds.safetensors", #{word: "cat", trigger: "sks"})"#,
+            "trigger",
+        ),
+        (
+            r#"load_concept(DIR + "/steps.safetensors", #{word: "cat"})"#,
+            "steps.safetensors",
+        ),
+    ] {
+        let e = engine
+            .eval_with_scope::<rhai::Dynamic>(&mut scope, script)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{script}: {e}");
+    }
+}

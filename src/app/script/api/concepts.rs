@@ -14,21 +14,95 @@ use crate::app::script::docs::{FnSpec, Kind};
 use crate::app::script::{err, rt, Opts, RhaiResult, Session};
 use crate::infusion::concept::Concept;
 use crate::infusion::train::{TrainOptions, DEFAULT_TEMPLATES};
+use crate::methods::adapted::{Adapted, Change};
 
-/// A concept value (cheap to clone).
+/// A concept value (cheap to clone): Infusion's, or another method's.
 #[derive(Debug, Clone)]
-pub struct ConceptVal(pub Arc<Concept>);
+pub enum ConceptVal {
+    Infusion(Arc<Concept>),
+    Adapted(Arc<Adapted>),
+}
+
+impl ConceptVal {
+    fn name(&self) -> &str {
+        match self {
+            ConceptVal::Infusion(c) => &c.name,
+            ConceptVal::Adapted(a) => &a.name,
+        }
+    }
+
+    fn word(&self) -> &str {
+        match self {
+            ConceptVal::Infusion(c) => &c.word,
+            ConceptVal::Adapted(a) => &a.word,
+        }
+    }
+
+    fn method(&self) -> &'static str {
+        match self {
+            ConceptVal::Infusion(_) => "infusion",
+            ConceptVal::Adapted(a) => a.method(),
+        }
+    }
+
+    /// Bytes of its learned tensors (f32).
+    fn size_bytes(&self) -> usize {
+        match self {
+            ConceptVal::Infusion(c) => c.n_values() * 4,
+            ConceptVal::Adapted(a) => a.size_bytes(),
+        }
+    }
+
+    /// The Infusion concept, or an error that says what `what` needs.
+    pub fn infusion(&self, what: &str) -> Result<&Arc<Concept>, String> {
+        match self {
+            ConceptVal::Infusion(c) => Ok(c),
+            ConceptVal::Adapted(a) => Err(format!(
+                "{what} takes Infusion concepts; <{}> is a {} concept",
+                a.name,
+                a.method()
+            )),
+        }
+    }
+}
 
 impl std::fmt::Display for ConceptVal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Concept(<{}> = {}, {} layers, {} values)",
-            self.0.name,
-            self.0.word,
-            self.0.deltas.len(),
-            self.0.n_values()
-        )
+        match self {
+            ConceptVal::Infusion(c) => write!(
+                f,
+                "Concept(<{}> = {}, infusion, {} layers, {} values)",
+                c.name,
+                c.word,
+                c.deltas.len(),
+                c.n_values()
+            ),
+            ConceptVal::Adapted(a) => match &a.change {
+                Change::TextualInversion(e) => write!(
+                    f,
+                    "Concept(<{}> = {}, textual_inversion, {} vector(s) of width {})",
+                    a.name,
+                    a.word,
+                    e.vectors.dims()[0],
+                    e.vectors.dims().get(1).copied().unwrap_or(0)
+                ),
+                Change::Lora {
+                    lora,
+                    scale,
+                    trigger,
+                } => write!(
+                    f,
+                    "Concept(<{}> = {}{}, lora, {} layers, scale {scale})",
+                    a.name,
+                    trigger
+                        .as_deref()
+                        .map(|t| format!("{t} "))
+                        .unwrap_or_default(),
+                    a.word,
+                    lora.layers.len()
+                ),
+            },
+        }
     }
 }
 
@@ -39,7 +113,7 @@ fn add(session: &Session, concept: Concept) -> ConceptVal {
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .add(concept.clone(), false, &session.job);
-    ConceptVal(concept)
+    ConceptVal::Infusion(concept)
 }
 
 fn train_spec() -> FnSpec {
@@ -114,30 +188,40 @@ fn load_spec() -> FnSpec {
     FnSpec::new("load_concept")
         .sig("load_concept(path) -> Concept")
         .sig("load_concept(path, options) -> Concept")
-        .doc("Loads a concept file (infusion-concept/1) into the session, checked against the loaded model. A concept trained on another model is refused unless forced.")
-        .opt("force", Kind::Bool, false, "use it even if it was trained on another model")
-        .example("load_concept(\"mycat.safetensors\"); load_concept(\"teapot.safetensors\");")
+        .doc("Loads a concept file into the session, checked against the loaded model: ours (infusion-concept/1; one trained on another model is refused unless forced), a Textual Inversion embedding (diffusers' learned_embeds.safetensors or AUTOMATIC1111's) or a LoRA (diffusers', PEFT's or kohya's layout). The format is told from the tensors' names; TI and LoRA files need the class word F sees.")
+        .opt("force", Kind::Bool, false, "use an Infusion concept even if it was trained on another model")
+        .opt_unset("name", Kind::Str, "TI and LoRA: what prompts call it (default: the embedding's token, the LoRA file's name)")
+        .opt_unset("word", Kind::Str, "TI and LoRA: the class word F sees in its place (required)")
+        .opt_unset("scale", Kind::Float, "LoRA: its strength (default 1.0)")
+        .opt_unset("trigger", Kind::Str, "LoRA: the identifier C's prompt puts before the word, e.g. \"sks\"")
+        .example("load_concept(\"mycat.safetensors\"); load_concept(\"pot_lora.safetensors\", #{word: \"teapot\", trigger: \"sks\", scale: 0.8});")
 }
 
 fn load(session: &Session, spec: &FnSpec, path: &str, opts: &Map) -> RhaiResult<ConceptVal> {
     let o = Opts::of(opts, spec)?;
-    let force = o.bool("force").unwrap_or(false);
+    let req = actions::ConceptRequest {
+        path: PathBuf::from(path),
+        name: o.string("name"),
+        word: o.string("word"),
+        scale: o.float("scale"),
+        trigger: o.string("trigger"),
+        force: o.bool("force").unwrap_or(false),
+    };
     let model = session
         .model
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    let concept = rt(session
-        .concepts
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .load_file(
-            Path::new(path),
-            model.as_ref().map(|m| &*m.sd),
-            force,
-            &session.job,
-        ))?;
-    Ok(ConceptVal(concept))
+    let loaded = rt(actions::load_concept(
+        &req,
+        model.as_ref().map(|m| &*m.sd),
+        &mut session.concepts.write().unwrap_or_else(|e| e.into_inner()),
+        &session.job,
+    ))?;
+    Ok(match loaded {
+        actions::LoadedConcept::Infusion(c) => ConceptVal::Infusion(c),
+        actions::LoadedConcept::Adapted(a) => ConceptVal::Adapted(a),
+    })
 }
 
 fn save_spec() -> FnSpec {
@@ -155,45 +239,68 @@ fn save(spec: &FnSpec, c: &ConceptVal, path: &str, opts: &Map) -> RhaiResult<Str
         Some("f32") => DType::F32,
         _ => DType::F16,
     };
-    rt(c.0.save(Path::new(path), dtype))?;
+    let c = c.infusion("save").map_err(err)?;
+    rt(c.save(Path::new(path), dtype))?;
     Ok(path.to_string())
 }
 
 fn register_type(api: &mut Api) {
     api.ty::<ConceptVal>(
         "Concept",
-        "a learned concept: a name, a class word, one residual per cross-attention layer",
+        "a learned concept: a name, a class word, and what its method learned (Infusion's residual per cross-attention layer, a Textual Inversion embedding, a LoRA)",
     );
     const C: &str = "Concept";
     api.get(
         (C, "name", "string"),
         "what prompts call it: <name>",
-        |c: &mut ConceptVal| c.0.name.clone(),
+        |c: &mut ConceptVal| c.name().to_string(),
     );
     api.get(
         (C, "word", "string"),
         "its class word, which F sees in its place",
-        |c: &mut ConceptVal| c.0.word.clone(),
+        |c: &mut ConceptVal| c.word().to_string(),
     );
     api.get(
+        (C, "method", "string"),
+        "how it was learned: infusion, textual_inversion or lora",
+        |c: &mut ConceptVal| c.method().to_string(),
+    );
+    api.get(
+        (C, "size_bytes", "int"),
+        "bytes of what it learned (f32)",
+        |c: &mut ConceptVal| c.size_bytes() as INT,
+    );
+    let infusion = |c: &mut ConceptVal, what: &str| -> RhaiResult<Arc<Concept>> {
+        c.infusion(what).cloned().map_err(err)
+    };
+    api.get_or_fail(
         (C, "n_values", "int"),
-        "the number of residual values over all layers",
-        |c: &mut ConceptVal| c.0.n_values() as INT,
+        "Infusion: the number of residual values over all layers",
+        move |c: &mut ConceptVal| Ok(infusion(c, "n_values")?.n_values() as INT),
     );
-    api.get(
+    api.get_or_fail(
         (C, "base_model", "string"),
-        "the fingerprint of the UNet it was trained on (\"\" if unknown)",
-        |c: &mut ConceptVal| c.0.base_model.clone().unwrap_or_default(),
+        "Infusion: the fingerprint of the UNet it was trained on (\"\" if unknown)",
+        move |c: &mut ConceptVal| {
+            Ok(infusion(c, "base_model")?
+                .base_model
+                .clone()
+                .unwrap_or_default())
+        },
     );
-    api.get(
+    api.get_or_fail(
         (C, "train", "map"),
-        "the training settings it was made with",
-        |c: &mut ConceptVal| json_to_dynamic(&c.0.train),
+        "Infusion: the training settings it was made with",
+        move |c: &mut ConceptVal| Ok(json_to_dynamic(&infusion(c, "train")?.train)),
     );
-    api.get(
+    api.get_or_fail(
         (C, "train_steps", "int"),
-        "the training steps it was trained for",
-        |c: &mut ConceptVal| c.0.train["steps"].as_i64().unwrap_or(0) as INT,
+        "Infusion: the training steps it was trained for",
+        move |c: &mut ConceptVal| {
+            Ok(infusion(c, "train_steps")?.train["steps"]
+                .as_i64()
+                .unwrap_or(0) as INT)
+        },
     );
     let spec = api.declare(save_spec());
     let sp = spec.clone();
@@ -235,11 +342,13 @@ fn register_session(api: &mut Api, session: &Arc<Session>) {
     );
     let s = session.clone();
     api.func(&spec, move || -> Array {
-        s.concepts
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|c| Dynamic::from(ConceptVal(c.clone())))
+        let set = s.concepts.read().unwrap_or_else(|e| e.into_inner());
+        set.iter()
+            .map(|c| Dynamic::from(ConceptVal::Infusion(c.clone())))
+            .chain(
+                set.adapted()
+                    .map(|a| Dynamic::from(ConceptVal::Adapted(a.clone()))),
+            )
             .collect()
     });
     let spec = api.declare(
@@ -253,8 +362,7 @@ fn register_session(api: &mut Api, session: &Arc<Session>) {
         s.concepts
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(name)
-            .is_some()
+            .forget(name)
     });
     let spec = api.declare(
         FnSpec::new("default_templates")

@@ -184,7 +184,10 @@ fn fisher(
             let c = c
                 .try_cast::<ConceptVal>()
                 .ok_or_else(|| err("fisher_divergence: every element must be a concept"))?;
-            set.insert((*c.0).clone(), false);
+            set.insert(
+                (**c.infusion("fisher_divergence").map_err(err)?).clone(),
+                false,
+            );
         }
         run(&Variant::Concepts(&set))?
     };

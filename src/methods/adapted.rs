@@ -1,0 +1,131 @@
+//! Concepts of the other methods in a prompt: a learned word (Textual Inversion) changes C's
+//! text, a LoRA changes C's attention projections. F always sees the plain model with the class
+//! word; C sees [`custom_side`]'s text states and goes through its hooks, in the same batched
+//! run.
+
+use std::ops::Range;
+
+use candle_core::Tensor;
+
+use super::files::{Embedding, Lora};
+use super::lora::LoraHook;
+use super::textual_inversion::text_states_with;
+use crate::error::Result;
+use crate::sd::hook::{AttentionHook, Branch};
+use crate::sd::pipeline::StableDiffusion;
+
+/// What a concept of another method changes.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A learned word in place of the class word.
+    TextualInversion(Embedding),
+    /// A LoRA of strength `scale`; C's prompt says `trigger word` (DreamBooth's identifier,
+    /// e.g. "sks cat") where F's says the word.
+    Lora {
+        lora: Lora,
+        scale: f64,
+        trigger: Option<String>,
+    },
+}
+
+/// A concept of another method, as a session holds it.
+#[derive(Debug, Clone)]
+pub struct Adapted {
+    /// What prompts call it: `<name>`.
+    pub name: String,
+    /// The class word F sees.
+    pub word: String,
+    pub change: Change,
+}
+
+impl Adapted {
+    /// `textual_inversion` or `lora`.
+    pub fn method(&self) -> &'static str {
+        match self.change {
+            Change::TextualInversion(_) => "textual_inversion",
+            Change::Lora { .. } => "lora",
+        }
+    }
+
+    /// The words C's prompt holds in place of the class word.
+    fn c_words(&self) -> String {
+        match &self.change {
+            Change::Lora {
+                trigger: Some(t), ..
+            } => format!("{t} {}", self.word),
+            _ => self.word.clone(),
+        }
+    }
+
+    /// Bytes of its tensors.
+    pub fn size_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        match &self.change {
+            Change::TextualInversion(e) => bytes(&e.vectors),
+            Change::Lora { lora, .. } => lora
+                .layers
+                .iter()
+                .map(|l| bytes(&l.down) + bytes(&l.up))
+                .sum(),
+        }
+    }
+}
+
+/// C's side of a prompt: its text (when it differs from F's) and its hooks.
+pub struct CustomSide {
+    /// C's prompt (F's base prompt with each concept's words).
+    pub prompt: String,
+    /// C's conditional text states `(1, tokens, width)`, when they differ from F's.
+    pub states: Option<Tensor>,
+    pub hooks: Vec<Box<dyn AttentionHook>>,
+}
+
+/// C's side for the base prompt `base` (the class words in place) with `marks`: each concept
+/// at its word's byte span of `base`, in order. Hooks change the rows of `branch`.
+pub fn custom_side(
+    sd: &StableDiffusion,
+    base: &str,
+    marks: &[(Range<usize>, &Adapted)],
+    branch: Branch,
+) -> Result<CustomSide> {
+    let mut prompt = String::with_capacity(base.len());
+    let mut at = 0;
+    let mut learned = vec![];
+    let mut hooks: Vec<Box<dyn AttentionHook>> = vec![];
+    for (span, a) in marks {
+        prompt.push_str(&base[at..span.start]);
+        let start = prompt.len();
+        prompt.push_str(&a.c_words());
+        match &a.change {
+            Change::TextualInversion(e) => learned.push((start..prompt.len(), e)),
+            Change::Lora { lora, scale, .. } => {
+                hooks.push(Box::new(LoraHook::new(lora, sd, *scale, Some(branch))?))
+            }
+        }
+        at = span.end;
+    }
+    prompt.push_str(&base[at..]);
+    let states = if learned.is_empty() && prompt == base {
+        None
+    } else {
+        let tokens = sd.tokenize(&prompt)?;
+        let words: Vec<(Range<usize>, &Embedding)> = learned
+            .iter()
+            .map(|(span, e)| {
+                let p = tokens.positions_of_span(span.clone());
+                let r = match (p.first(), p.last()) {
+                    (Some(&a), Some(&b)) => a..b + 1,
+                    _ => 0..0,
+                };
+                (r, *e)
+            })
+            .filter(|(r, _)| !r.is_empty())
+            .collect();
+        Some(text_states_with(sd, &tokens, &words)?)
+    };
+    Ok(CustomSide {
+        prompt,
+        states,
+        hooks,
+    })
+}
