@@ -10,9 +10,8 @@
 //! All randomness of step `k` comes from (`seed`, `k`), so a run is deterministic on the CPU and
 //! resuming from a checkpoint continues the very same curve.
 
-pub mod data;
-pub mod optim;
 pub mod trainer;
 
-pub use data::{image_count_warning, TrainingSet, DEFAULT_TEMPLATES};
+pub use crate::train::{data, optim};
+pub use crate::train::{image_count_warning, TrainingSet, DEFAULT_TEMPLATES};
 pub use trainer::{infusion_loss, TrainOptions, TrainReport, Trainer};

@@ -9,14 +9,15 @@ use image::RgbImage;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::data::{Batch, TrainingSet, DEFAULT_TEMPLATES};
-use super::optim::{AdamState, AdamW};
 use crate::error::{root_cause, Error, Result};
 use crate::infusion::concept::{check, check_name, check_word, Concept};
 use crate::infusion::hook::{eps_pair, SampleEdit};
 use crate::job::Job;
 use crate::sd::attention::{AttnKind, LayerInfo};
 use crate::sd::pipeline::StableDiffusion;
+use crate::train::data::{Batch, TrainingSet, DEFAULT_TEMPLATES};
+use crate::train::optim::{AdamState, AdamW};
+use crate::train::Learner;
 use crate::util::fs::write_atomic;
 
 /// Settings of a training run. Defaults follow the paper: AdamW, lr 0.01, batch 4.
@@ -198,15 +199,75 @@ struct Snapshot {
     adam: AdamState,
 }
 
-/// A concept being trained on one model.
+/// Infusion's learner: one Δ per cross-attention layer, from zero, with the Infusion loss.
+pub struct Deltas {
+    vars: BTreeMap<String, Var>,
+    zeros: BTreeMap<String, Tensor>,
+}
+
+impl Deltas {
+    pub fn new(sd: &StableDiffusion) -> Result<Self> {
+        let vars = cross_layers(sd)
+            .iter()
+            .map(|l| {
+                let v = Var::zeros(l.inner_dim(), DType::F32, sd.device())?;
+                Ok((l.path.clone(), v))
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let zeros = vars
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().zeros_like()?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { vars, zeros })
+    }
+}
+
+impl Learner for Deltas {
+    fn method(&self) -> &'static str {
+        "infusion"
+    }
+
+    fn vars(&self) -> &BTreeMap<String, Var> {
+        &self.vars
+    }
+
+    fn initial(&self) -> &BTreeMap<String, Tensor> {
+        &self.zeros
+    }
+
+    fn loss(
+        &self,
+        sd: &StableDiffusion,
+        data: &TrainingSet,
+        batch: &Batch,
+        deltas: &BTreeMap<String, Tensor>,
+    ) -> Result<Tensor> {
+        let z0 = data.latents(sd, batch)?;
+        let (ctx, positions) = data.prompts(sd, batch)?;
+        let ts: Vec<usize> = batch.draws.iter().map(|d| d.timestep).collect();
+        infusion_loss(sd, &z0, &ts, &batch.noise, &ctx, &positions, deltas)
+    }
+}
+
+/// The UNet's cross-attention layers (where Infusion's Δs go).
+fn cross_layers(sd: &StableDiffusion) -> Vec<LayerInfo> {
+    sd.unet
+        .attention_layers()
+        .into_iter()
+        .filter(|l| l.kind == AttnKind::CrossAttention)
+        .cloned()
+        .collect()
+}
+
+/// A concept being trained on one model: the loop (progress, Ctrl-C, the NaN guard, loss
+/// scaling, checkpoints) around a [`Learner`].
 pub struct Trainer<'a> {
     sd: &'a StableDiffusion,
     name: String,
     word: String,
     opts: TrainOptions,
     data: TrainingSet,
-    layers: Vec<LayerInfo>,
-    vars: BTreeMap<String, Var>,
+    learner: Box<dyn Learner + 'a>,
     adam: AdamW,
     step: usize,
     /// The state before the last update (to roll back to when the loss turns non-finite).
@@ -223,14 +284,27 @@ fn step_rng(seed: u64, step: usize, eval: bool) -> ChaCha8Rng {
 }
 
 impl<'a> Trainer<'a> {
-    /// Prepares training: crops and encodes the images once (and their mirror images), encodes
-    /// the templates, sets every Δ to zero.
+    /// Prepares Infusion training: crops and encodes the images once (and their mirror images),
+    /// encodes the templates, sets every Δ to zero.
     pub fn new(
         sd: &'a StableDiffusion,
         name: &str,
         word: &str,
         images: &[RgbImage],
         opts: TrainOptions,
+    ) -> Result<Self> {
+        Self::with_learner(sd, name, word, images, opts, Box::new(Deltas::new(sd)?))
+    }
+
+    /// Prepares training of `learner`'s parameters on the images; the templates' `{}` becomes
+    /// `learner.words(word)`.
+    pub fn with_learner(
+        sd: &'a StableDiffusion,
+        name: &str,
+        word: &str,
+        images: &[RgbImage],
+        opts: TrainOptions,
+        learner: Box<dyn Learner + 'a>,
     ) -> Result<Self> {
         check_name(name)?;
         opts.validate()?;
@@ -245,30 +319,30 @@ impl<'a> Trainer<'a> {
         )?;
         let word = word.trim().to_string();
         check_word(&word)?;
-        let data = TrainingSet::new(sd, &word, images, &opts.templates, opts.flip)?;
-        let layers: Vec<LayerInfo> = sd
-            .unet
-            .attention_layers()
-            .into_iter()
-            .filter(|l| l.kind == AttnKind::CrossAttention)
-            .cloned()
-            .collect();
-        let vars = layers
-            .iter()
-            .map(|l| {
-                let v = Var::zeros(l.inner_dim(), DType::F32, sd.device())?;
-                Ok((l.path.clone(), v))
-            })
-            .collect::<Result<BTreeMap<_, _>>>()?;
-        let adam = AdamW::new(opts.lr, opts.weight_decay, &vars)?;
+        if learner.method() != "infusion" && opts.checkpoint_every.is_some() {
+            return Err(Error::arg(
+                "checkpoint_every",
+                format!(
+                    "checkpoints are Infusion's for now, not {}'s",
+                    learner.method()
+                ),
+            ));
+        }
+        let data = TrainingSet::new(
+            sd,
+            &learner.words(&word),
+            images,
+            &opts.templates,
+            opts.flip,
+        )?;
+        let adam = AdamW::new(opts.lr, opts.weight_decay, learner.vars())?;
         Ok(Self {
             sd,
             name: name.to_string(),
             word,
             opts,
             data,
-            layers,
-            vars,
+            learner,
             adam,
             step: 0,
             previous: None,
@@ -294,15 +368,26 @@ impl<'a> Trainer<'a> {
         self.data.n_images()
     }
 
-    /// The concept with the Δs reached so far.
+    /// The learner's parameters as reached so far.
+    pub fn vars(&self) -> &BTreeMap<String, Var> {
+        self.learner.vars()
+    }
+
+    /// The Infusion concept with the Δs reached so far.
     pub fn concept(&self) -> Result<Concept> {
+        if self.learner.method() != "infusion" {
+            return Err(Error::Unsupported(format!(
+                "a {} run makes no Infusion concept",
+                self.learner.method()
+            )));
+        }
         let mut c = Concept::zeros(
             &self.name,
             &self.word,
-            &self.layers,
+            &cross_layers(self.sd),
             Some(self.sd.unet_fingerprint().to_string()),
         )?;
-        for (k, v) in &self.vars {
+        for (k, v) in self.learner.vars() {
             c.deltas
                 .insert(k.clone(), v.as_tensor().to_device(&Device::Cpu)?);
         }
@@ -319,16 +404,14 @@ impl<'a> Trainer<'a> {
         Ok(c)
     }
 
-    /// Loss of C with the given Δ tensors on `batch` (with gradient when the Δs are `Var`s).
-    fn loss(&self, batch: &Batch, deltas: &BTreeMap<String, Tensor>) -> Result<Tensor> {
-        let z0 = self.data.latents(self.sd, batch)?;
-        let (ctx, positions) = self.data.prompts(self.sd, batch)?;
-        let ts: Vec<usize> = batch.draws.iter().map(|d| d.timestep).collect();
-        infusion_loss(self.sd, &z0, &ts, &batch.noise, &ctx, &positions, deltas)
+    /// The learner's loss on `batch` with `params` (with gradient when they are the vars).
+    fn loss(&self, batch: &Batch, params: &BTreeMap<String, Tensor>) -> Result<Tensor> {
+        self.learner.loss(self.sd, &self.data, batch, params)
     }
 
     fn var_tensors(&self) -> BTreeMap<String, Tensor> {
-        self.vars
+        self.learner
+            .vars()
             .iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect()
@@ -342,7 +425,8 @@ impl<'a> Trainer<'a> {
     fn snapshot(&self) -> Result<Snapshot> {
         Ok(Snapshot {
             deltas: self
-                .vars
+                .learner
+                .vars()
                 .iter()
                 .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
                 .collect::<Result<_>>()?,
@@ -362,7 +446,7 @@ impl<'a> Trainer<'a> {
         if !value.is_finite() {
             let failed = self.step + 1;
             if let Some(prev) = self.previous.take() {
-                for (k, v) in &self.vars {
+                for (k, v) in self.learner.vars() {
                     v.set(&prev.deltas[k])?;
                 }
                 self.adam.set_state(prev.adam);
@@ -384,7 +468,8 @@ impl<'a> Trainer<'a> {
             (loss * scale)?.backward()?
         };
         let g = self
-            .vars
+            .learner
+            .vars()
             .iter()
             .map(|(k, v)| {
                 let g = match grads.get(v.as_tensor()) {
@@ -401,24 +486,25 @@ impl<'a> Trainer<'a> {
             None => true,
         };
         if apply {
-            self.adam.update(&self.vars, &g)?;
+            self.adam.update(self.learner.vars(), &g)?;
         }
         self.step += 1;
         Ok(value)
     }
 
     /// Mean loss over a fixed evaluation set of `n` draws from `seed` (image, t, noise), with the
-    /// current Δs, or with Δ = 0 when `zero`.
+    /// current parameters, or with those before training (Δ = 0 for Infusion) when `zero`.
     pub fn eval_loss(&self, seed: u64, n: usize, zero: bool) -> Result<f32> {
         let probe = self.data.draw(self.sd, &mut step_rng(seed, 0, true), n)?;
-        let deltas = self
-            .vars
-            .iter()
-            .map(|(k, v)| {
-                let t = v.as_tensor();
-                Ok((k.clone(), if zero { t.zeros_like()? } else { t.detach() }))
-            })
-            .collect::<Result<BTreeMap<_, _>>>()?;
+        let deltas = if zero {
+            self.learner.initial().clone()
+        } else {
+            self.learner
+                .vars()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+                .collect()
+        };
         let mut total = 0.0;
         for chunk in 0..n.div_ceil(self.opts.batch) {
             let a = chunk * self.opts.batch;
@@ -557,7 +643,7 @@ impl<'a> Trainer<'a> {
             m: BTreeMap::new(),
             v: BTreeMap::new(),
         };
-        for (k, var) in &t.vars {
+        for (k, var) in t.learner.vars() {
             var.set(&concept.deltas[k].to_device(sd.device())?)?;
             for (prefix, moments) in [("m", &mut state.m), ("v", &mut state.v)] {
                 let name = format!("{prefix}/{k}");
