@@ -116,6 +116,61 @@ fn save_or_rescue(
     }
 }
 
+/// Which method trains a concept.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Method {
+    /// The paper's: one residual per cross-attention layer.
+    #[default]
+    Infusion,
+    /// A new word's vectors (diffusers' textual_inversion.py).
+    TextualInversion,
+    /// Rank-`rank` LoRA on the UNet's attention projections, prompts saying `trigger word`
+    /// (diffusers' train_dreambooth_lora.py).
+    Lora { rank: usize, trigger: String },
+}
+
+impl Method {
+    /// The names `method` options take.
+    pub const NAMES: [&'static str; 3] = ["infusion", "textual_inversion", "lora"];
+
+    /// The method called `name`, with LoRA's `rank` and `trigger`.
+    pub fn parse(name: &str, rank: usize, trigger: &str) -> Result<Self> {
+        match name {
+            "infusion" => Ok(Method::Infusion),
+            "textual_inversion" => Ok(Method::TextualInversion),
+            "lora" => Ok(Method::Lora {
+                rank,
+                trigger: trigger.to_string(),
+            }),
+            other => Err(Error::arg(
+                "method",
+                format!(
+                    "unknown method `{other}` (methods: {})",
+                    Self::NAMES.join(", ")
+                ),
+            )),
+        }
+    }
+
+    /// Its default learning rate for `batch` images a step: Infusion's 0.01 (the paper's),
+    /// Textual Inversion's 5e-4 scaled by the batch (the script's `--scale_lr`), LoRA's 1e-4.
+    pub fn default_lr(&self, batch: usize) -> f64 {
+        match self {
+            Method::Infusion => 0.01,
+            Method::TextualInversion => 5e-4 * batch as f64,
+            Method::Lora { .. } => 1e-4,
+        }
+    }
+
+    /// Its default number of steps: 500 (Infusion, LoRA), 3000 (diffusers' TI example).
+    pub fn default_steps(&self) -> usize {
+        match self {
+            Method::TextualInversion => 3000,
+            _ => 500,
+        }
+    }
+}
+
 /// What to train: a concept from a folder of images.
 #[derive(Debug, Clone)]
 pub struct TrainRequest {
@@ -123,6 +178,7 @@ pub struct TrainRequest {
     pub name: String,
     /// The class word.
     pub word: String,
+    pub method: Method,
     /// `checkpoint_dir` `None` with `checkpoint_every` set: see [`TrainRequest::checkpoint_dir`].
     pub options: TrainOptions,
     /// Continue from this checkpoint (its settings; `options.steps` is the new total).
@@ -161,7 +217,7 @@ pub enum TrainEnd {
 /// What a training run gives: the concept reached whatever happened, and where it was saved.
 #[derive(Debug)]
 pub struct Trained {
-    pub concept: Concept,
+    pub concept: LoadedConcept,
     pub end: TrainEnd,
     pub steps_done: usize,
     pub losses: Vec<f32>,
@@ -180,6 +236,9 @@ pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Res
     let images = load_folder_images(&req.folder, job)?;
     if let Some(w) = image_count_warning(images.len(), &req.folder) {
         job.warn(w);
+    }
+    if req.method != Method::Infusion {
+        return train_other(sd, req, &images, job);
     }
     let mut trainer = match &req.resume {
         Some(ckpt) => Trainer::resume(sd, ckpt, &images, Some(req.options.steps), job)?,
@@ -218,11 +277,66 @@ pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Res
         checkpoints: vec![],
     });
     Ok(Trained {
-        concept,
+        concept: LoadedConcept::Infusion(std::sync::Arc::new(concept)),
         end,
         steps_done: trainer.steps_done(),
         losses,
         checkpoints,
+        saved,
+    })
+}
+
+/// [`train_concept`] for the methods other than Infusion: the same trainer around their
+/// learner, the result saved in the layout diffusers reads.
+fn train_other(
+    sd: &StableDiffusion,
+    req: &TrainRequest,
+    images: &[image::RgbImage],
+    job: &Job,
+) -> Result<Trained> {
+    use crate::methods::learners::{LearnedWord, LoraLearner};
+    if req.resume.is_some() {
+        return Err(Error::arg("resume", "resuming is Infusion's for now"));
+    }
+    let learner: Box<dyn crate::train::Learner> = match &req.method {
+        Method::TextualInversion => Box::new(LearnedWord::new(sd, &req.word)?),
+        Method::Lora { rank, trigger } => {
+            Box::new(LoraLearner::new(sd, *rank, trigger, req.options.seed)?)
+        }
+        Method::Infusion => unreachable!("trained by train_concept"),
+    };
+    let mut trainer = Trainer::with_learner(
+        sd,
+        &req.name,
+        &req.word,
+        images,
+        req.options.clone(),
+        learner,
+    )?;
+    let (end, losses) = match trainer.run(job) {
+        Ok(r) if r.cancelled => (TrainEnd::Cancelled, r.losses),
+        Ok(r) => (TrainEnd::Finished, r.losses),
+        Err(e) => (TrainEnd::Failed(e), vec![]),
+    };
+    let adapted = match &req.method {
+        Method::Lora { trigger, .. } => {
+            LoraLearner::export(trainer.vars(), &req.name, req.word.trim(), trigger)?
+        }
+        _ => LearnedWord::export(trainer.vars(), &req.name, req.word.trim())?,
+    };
+    let saved = match &req.out {
+        Some(out) => {
+            adapted.save(out)?;
+            Some(out.clone())
+        }
+        None => None,
+    };
+    Ok(Trained {
+        concept: LoadedConcept::Adapted(std::sync::Arc::new(adapted)),
+        end,
+        steps_done: trainer.steps_done(),
+        losses,
+        checkpoints: vec![],
         saved,
     })
 }
@@ -236,6 +350,7 @@ mod tests {
             folder: PathBuf::from("photos"),
             name: "pot".into(),
             word: "teapot".into(),
+            method: Method::Infusion,
             options: TrainOptions {
                 checkpoint_every: Some(10),
                 checkpoint_dir: dir.map(PathBuf::from),

@@ -206,12 +206,22 @@ struct TrainArgs {
     /// Where to write the concept (default: NAME.safetensors).
     #[arg(short, long)]
     out: Option<PathBuf>,
-    /// Training steps (in total, when resuming).
-    #[arg(long, default_value_t = 500)]
-    train_steps: usize,
-    /// AdamW's learning rate.
-    #[arg(long, default_value_t = 0.01)]
-    lr: f64,
+    /// The method: infusion (the paper's), textual_inversion, lora (DreamBooth-LoRA).
+    #[arg(long, default_value = "infusion", value_parser = actions::Method::NAMES)]
+    method: String,
+    /// LoRA: the rank of its factors.
+    #[arg(long, default_value_t = 4)]
+    rank: usize,
+    /// LoRA: the identifier prompts put before the class word (DreamBooth's).
+    #[arg(long, default_value = "sks")]
+    trigger: String,
+    /// Training steps (in total, when resuming; default: 500, textual_inversion 3000).
+    #[arg(long)]
+    train_steps: Option<usize>,
+    /// AdamW's learning rate (default: infusion 0.01, textual_inversion 5e-4 x batch, lora
+    /// 1e-4).
+    #[arg(long)]
+    lr: Option<f64>,
     /// Images per training step.
     #[arg(long, default_value_t = 4)]
     batch: usize,
@@ -414,13 +424,14 @@ fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) ->
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{}.safetensors", args.name)));
+    let method = actions::Method::parse(&args.method, args.rank, &args.trigger)?;
     let req = TrainRequest {
         folder: args.folder.clone(),
         name: args.name.clone(),
         word: args.word.clone(),
         options: TrainOptions {
-            steps: args.train_steps,
-            lr: args.lr,
+            steps: args.train_steps.unwrap_or(method.default_steps()),
+            lr: args.lr.unwrap_or(method.default_lr(args.batch)),
             batch: args.batch,
             seed: args.seed,
             templates: if args.templates.is_empty() {
@@ -432,6 +443,7 @@ fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) ->
             checkpoint_every: args.checkpoint_every,
             ..defaults
         },
+        method,
         resume: args.resume.clone(),
         out: Some(out.clone()),
         save_f32: args.f32,
@@ -449,9 +461,9 @@ fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) ->
         // Stopped by Ctrl-C or SIGTERM: saved, and the exit status says it did not finish.
         TrainEnd::Cancelled => {
             eprintln!(
-                "stopped at step {} of {}: the deltas reached are saved in {}",
+                "stopped at step {} of {}: what was learned is saved in {}",
                 t.steps_done,
-                args.train_steps,
+                req.options.steps,
                 saved.display()
             );
             Ok(signals.stop_status())

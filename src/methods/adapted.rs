@@ -57,6 +57,60 @@ impl Adapted {
         }
     }
 
+    /// Writes it in the layout diffusers reads: a learned word as `learned_embeds.safetensors`
+    /// (`{"<name>": [n, width]}`, what `load_textual_inversion` takes), a LoRA as
+    /// `save_lora_weights` writes it (`unet.MODULE.lora.down.weight` / `.lora.up.weight`, for
+    /// `load_lora_weights`). Atomically.
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        let cpu = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.to_dtype(candle_core::DType::F32)?
+                .to_device(&candle_core::Device::Cpu)?
+                .contiguous()?)
+        };
+        let (tensors, meta): (Vec<(String, Tensor)>, _) = match &self.change {
+            Change::TextualInversion(e) => (
+                vec![(format!("<{}>", self.name), cpu(&e.vectors)?)],
+                std::collections::HashMap::from([("format".to_string(), "pt".to_string())]),
+            ),
+            Change::Lora { lora, .. } => {
+                if lora.layout == super::files::LoraLayout::Kohya {
+                    return Err(crate::error::Error::Unsupported(format!(
+                        "<{}> was read from a kohya file: copy that file instead",
+                        self.name
+                    )));
+                }
+                let mut t = vec![];
+                for l in &lora.layers {
+                    t.push((format!("unet.{}.lora.down.weight", l.module), cpu(&l.down)?));
+                    t.push((format!("unet.{}.lora.up.weight", l.module), cpu(&l.up)?));
+                }
+                (t, std::collections::HashMap::new())
+            }
+        };
+        let views: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+            .iter()
+            .map(|(k, t)| {
+                let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                Ok((k.clone(), bytes, t.dims().to_vec()))
+            })
+            .collect::<Result<_>>()?;
+        let st: Vec<(String, safetensors::tensor::TensorView<'_>)> = views
+            .iter()
+            .map(|(k, b, s)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| crate::error::Error::arg("concept", e.to_string()))
+            })
+            .collect::<Result<_>>()?;
+        let bytes = safetensors::serialize(st, Some(meta))
+            .map_err(|e| crate::error::Error::arg("concept", e.to_string()))?;
+        crate::util::fs::write_atomic(path, |w| {
+            w.write_all(&bytes)
+                .map_err(|e| crate::error::Error::io(path, e))
+        })
+    }
+
     /// Bytes of its tensors.
     pub fn size_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();

@@ -9,5 +9,6 @@
 
 pub mod adapted;
 pub mod files;
+pub mod learners;
 pub mod lora;
 pub mod textual_inversion;

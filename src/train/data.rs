@@ -10,7 +10,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
 use crate::sd::pipeline::StableDiffusion;
-use crate::sd::tokenizer::word_spans;
+use crate::sd::tokenizer::{word_spans, Tokens};
 use crate::util::image_io::{image_to_tensor, square_crop};
 use crate::util::noise::normal;
 
@@ -78,8 +78,10 @@ pub struct TrainingSet {
     /// `(n, C, h, w)` mean and std of the images' latent distributions (unscaled), f32.
     lat_mean: Tensor,
     lat_std: Tensor,
-    /// `(templates, tokens, width)` text states, and the word's positions per template.
+    /// `(templates, tokens, width)` text states, the templates' tokens, and the word's positions
+    /// per template.
     states: Tensor,
+    tokens: Vec<Tokens>,
     positions: Vec<Vec<usize>>,
 }
 
@@ -137,6 +139,7 @@ impl TrainingSet {
             lat_mean: Tensor::cat(&means, 0)?,
             lat_std: Tensor::cat(&stds, 0)?,
             states,
+            tokens,
             positions,
         })
     }
@@ -174,6 +177,21 @@ impl TrainingSet {
         let mean = self.lat_mean.index_select(&idx, 0)?;
         let std = self.lat_std.index_select(&idx, 0)?;
         Ok(sd.vae.scale(&(mean + (std * &batch.vae_noise)?)?)?)
+    }
+
+    /// The batch's prompts as tokens, with the word's token positions, per row (for methods
+    /// whose text is learned).
+    pub fn prompt_tokens(&self, batch: &Batch) -> Vec<(&Tokens, &[usize])> {
+        batch
+            .draws
+            .iter()
+            .map(|d| {
+                (
+                    &self.tokens[d.template],
+                    self.positions[d.template].as_slice(),
+                )
+            })
+            .collect()
     }
 
     /// The batch's text states `(b, tokens, width)` and the word's positions per row.

@@ -625,3 +625,127 @@ fn scripts_load_and_use_ti_and_lora_files() {
         assert!(e.contains(want), "{script}: {e}");
     }
 }
+
+fn example_images() -> Vec<image::RgbImage> {
+    let dir = repo().join("assets/example-concept");
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png" || e == "jpg"))
+        .collect();
+    paths.sort();
+    paths
+        .iter()
+        .map(|p| image::open(p).unwrap().to_rgb8())
+        .collect()
+}
+
+/// Every method starts from the plain model: at their initial parameters (Δ = 0, the class
+/// word's own vectors, LoRA's up factors 0) the three learners give the plain model's loss on
+/// the same batch (1e-5 relative), and a few steps lower it on a fixed evaluation set.
+#[test]
+fn every_learner_starts_from_the_plain_model_and_learns() {
+    use infusion_repl::infusion::train::{TrainOptions, Trainer};
+    use infusion_repl::methods::learners::{LearnedWord, LoraLearner};
+    let sd = tiny();
+    let images = example_images();
+    let opts = |lr: f64| TrainOptions {
+        steps: 8,
+        lr,
+        batch: 2,
+        templates: vec!["a photo of a {}".into()],
+        ..Default::default()
+    };
+    let mut infusion = Trainer::new(sd, "pot", "teapot", &images, opts(0.05)).unwrap();
+    let mut ti = Trainer::with_learner(
+        sd,
+        "pot",
+        "teapot",
+        &images,
+        opts(0.05),
+        Box::new(LearnedWord::new(sd, "teapot").unwrap()),
+    )
+    .unwrap();
+    let mut lora = Trainer::with_learner(
+        sd,
+        "pot",
+        "teapot",
+        &images,
+        opts(0.01),
+        Box::new(LoraLearner::new(sd, 4, "sks", 0).unwrap()),
+    )
+    .unwrap();
+    let plain = infusion.eval_loss(7, 8, true).unwrap();
+    assert!((ti.eval_loss(7, 8, true).unwrap() - plain).abs() <= 1e-5 * plain);
+    assert!((ti.eval_loss(7, 8, false).unwrap() - plain).abs() <= 1e-5 * plain);
+    // LoRA's prompts say "sks teapot": the plain model's loss on those prompts, not on "teapot".
+    let lora_plain = lora.eval_loss(7, 8, true).unwrap();
+    assert!((lora.eval_loss(7, 8, false).unwrap() - lora_plain).abs() <= 1e-5 * lora_plain);
+    for (name, t, before) in [
+        ("infusion", &mut infusion, plain),
+        ("textual_inversion", &mut ti, plain),
+        ("lora", &mut lora, lora_plain),
+    ] {
+        t.run(&Job::quiet()).unwrap();
+        let after = t.eval_loss(7, 8, false).unwrap();
+        assert!(after < before, "{name}: eval loss {before} -> {after}");
+    }
+}
+
+/// Trained from a script, a LoRA and a learned word join the session, generate, and are saved
+/// in the layouts diffusers reads: the LoRA under exactly the names diffusers' own
+/// `save_lora_weights` wrote for this model, the word as `{"<name>": [1, 32]}`.
+#[test]
+fn scripts_train_save_and_use_lora_and_ti_concepts() {
+    use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
+    let dir = tempfile::tempdir().unwrap();
+    let session = Session::new(ScriptConfig {
+        no_images: true,
+        progress: false,
+        ..ScriptConfig::default()
+    });
+    let engine = build_engine(&session);
+    let mut scope = rhai::Scope::new();
+    scope.push(
+        "IMAGES",
+        repo().join("assets/example-concept").display().to_string(),
+    );
+    scope.push("OUT", dir.path().display().to_string());
+    let v: rhai::Array = engine
+        .eval_with_scope(
+            &mut scope,
+            r#"let m = load_model();
+               let l = m.train_concept(IMAGES, "pot", "teapot", #{method: "lora", train_steps: 2, batch: 1});
+               let t = m.train_concept(IMAGES, "word", "teapot", #{method: "textual_inversion", train_steps: 2, batch: 1});
+               l.save(OUT + "/pot_lora.safetensors");
+               t.save(OUT + "/word.safetensors");
+               let g = m.generate("a <pot> and a <word>", #{steps: 2});
+               [l.method, t.method, g.concepts.len()]"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s: Vec<String> = v.iter().map(|x| x.to_string()).collect();
+    assert_eq!(s, ["lora", "textual_inversion", "2"]);
+    let ours = infusion_repl::sd::weights::load_safetensors(
+        &dir.path().join("pot_lora.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let theirs = infusion_repl::sd::weights::load_safetensors(
+        &fixture("pytorch_lora_weights.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut a: Vec<_> = ours.keys().collect();
+    let mut b: Vec<_> = theirs.keys().collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    for (k, t) in &ours {
+        assert_eq!(t.dims(), theirs[k].dims(), "{k}");
+    }
+    let e = embedding(&dir.path().join("word.safetensors"));
+    assert_eq!(
+        (e.token.as_str(), e.vectors.dims()),
+        ("<word>", &[1usize, 32][..])
+    );
+}

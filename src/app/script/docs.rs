@@ -434,7 +434,13 @@ mod tests {
         );
         let train = docs.help("train_concept").unwrap();
         assert!(
-            train.contains("train_steps      integer >= 1 = 500"),
+            train.contains("train_steps      integer >= 1: training steps (default: 500"),
+            "{train}"
+        );
+        assert!(
+            train.contains(
+                r#"method           "infusion" | "textual_inversion" | "lora" = "infusion""#
+            ),
             "{train}"
         );
         let g = docs.help("Generation").unwrap();

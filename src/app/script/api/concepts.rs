@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::DType;
-use rhai::{Array, Dynamic, Map, FLOAT, INT};
+use rhai::{Array, Dynamic, Map, INT};
 
 use super::model::Model;
 use super::{json_to_dynamic, Api};
@@ -106,8 +106,7 @@ impl std::fmt::Display for ConceptVal {
     }
 }
 
-fn add(session: &Session, concept: Concept) -> ConceptVal {
-    let concept = Arc::new(concept);
+fn add(session: &Session, concept: Arc<Concept>) -> ConceptVal {
     session
         .concepts
         .write()
@@ -121,9 +120,12 @@ fn train_spec() -> FnSpec {
     FnSpec::method("Model", "train_concept")
         .sig("model.train_concept(folder, name, word) -> Concept")
         .sig("model.train_concept(folder, name, word, options) -> Concept")
-        .doc("Trains a concept from a folder of 3-20 images: its name (prompts say <name>) and its class word. AdamW on the residuals only, the paper's settings by default. Ctrl-C stops and keeps the residuals reached; the concept joins the session either way.")
-        .opt("train_steps", Kind::POSITIVE, d.steps as INT, "training steps")
-        .opt("lr", Kind::Float, d.lr as FLOAT, "AdamW's learning rate")
+        .doc("Trains a concept from a folder of 3-20 images: its name (prompts say <name>) and its class word, by Infusion (the paper's settings by default: AdamW on the residuals only), Textual Inversion (a new word's vectors, from the class word's) or DreamBooth-LoRA (rank-4 factors on the attention projections, prompts saying `trigger word`), as diffusers' training scripts do. Ctrl-C stops and keeps what was learned; the concept joins the session either way.")
+        .opt("method", Kind::Choice(&actions::Method::NAMES), "infusion", "infusion, textual_inversion or lora")
+        .opt_unset("train_steps", Kind::POSITIVE, "training steps (default: 500; textual_inversion 3000, diffusers' example)")
+        .opt_unset("lr", Kind::Float, "AdamW's learning rate (default: infusion 0.01, textual_inversion 5e-4 x batch, lora 1e-4)")
+        .opt("rank", Kind::POSITIVE, 4 as INT, "lora: the rank of its factors")
+        .opt("trigger", Kind::Str, "sks", "lora: the identifier prompts put before the class word")
         .opt("batch", Kind::POSITIVE, d.batch as INT, "images per step")
         .opt("seed", Kind::SEED, d.seed as INT, "seed of every random draw (images, timesteps, noise)")
         .opt("templates", Kind::Strings, d.templates.clone(), "prompt templates, {} for the class word")
@@ -142,14 +144,20 @@ fn train(
 ) -> RhaiResult<ConceptVal> {
     let o = Opts::of(opts, spec)?;
     let d = TrainOptions::default();
+    let method = rt(actions::Method::parse(
+        &o.string("method").unwrap_or_else(|| "infusion".into()),
+        o.usize("rank").unwrap_or(4),
+        &o.string("trigger").unwrap_or_else(|| "sks".into()),
+    ))?;
+    let batch = o.usize("batch").unwrap_or(d.batch);
     let req = TrainRequest {
         folder: PathBuf::from(folder),
         name: name.to_string(),
         word: word.to_string(),
         options: TrainOptions {
-            steps: o.usize("train_steps").unwrap_or(d.steps),
-            lr: o.float("lr").unwrap_or(d.lr),
-            batch: o.usize("batch").unwrap_or(d.batch),
+            steps: o.usize("train_steps").unwrap_or(method.default_steps()),
+            lr: o.float("lr").unwrap_or(method.default_lr(batch)),
+            batch,
             seed: o.u64("seed").unwrap_or(d.seed),
             templates: o.strings("templates").unwrap_or(d.templates),
             flip: o.bool("flip").unwrap_or(d.flip),
@@ -157,14 +165,25 @@ fn train(
             checkpoint_dir: o.string("checkpoint_dir").map(PathBuf::from),
             weight_decay: d.weight_decay,
         },
+        method,
         resume: None,
         out: None,
         save_f32: false,
     };
     session.job.reset();
     let t = rt(actions::train_concept(&model.sd, &req, &session.job))?;
-    // The deltas reached (or the last good ones) join the session whatever happened.
-    let concept = add(session, t.concept);
+    // What was learned (or the last good state) joins the session whatever happened.
+    let concept = match t.concept {
+        actions::LoadedConcept::Infusion(c) => add(session, c),
+        actions::LoadedConcept::Adapted(a) => {
+            session
+                .concepts
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .add_adapted(a.clone(), &session.job);
+            ConceptVal::Adapted(a)
+        }
+    };
     match t.end {
         TrainEnd::Finished => {
             if let Some(l) = t.losses.last() {
@@ -228,8 +247,8 @@ fn save_spec() -> FnSpec {
     FnSpec::method("Concept", "save")
         .sig("concept.save(path) -> path")
         .sig("concept.save(path, options) -> path")
-        .doc("Writes the concept as a safetensors file (infusion-concept/1), atomically.")
-        .opt("dtype", Kind::Choice(&["f16", "f32"]), "f16", "the residuals' precision")
+        .doc("Writes the concept as a safetensors file, atomically: Infusion's as infusion-concept/1, a learned word as diffusers' learned_embeds.safetensors, a LoRA as diffusers' save_lora_weights writes it (both load in diffusers).")
+        .opt("dtype", Kind::Choice(&["f16", "f32"]), "f16", "Infusion: the residuals' precision")
         .example("cat.save(\"mycat.safetensors\"); cat.save(\"mycat-f32.safetensors\", #{dtype: \"f32\"});")
 }
 
@@ -239,8 +258,10 @@ fn save(spec: &FnSpec, c: &ConceptVal, path: &str, opts: &Map) -> RhaiResult<Str
         Some("f32") => DType::F32,
         _ => DType::F16,
     };
-    let c = c.infusion("save").map_err(err)?;
-    rt(c.save(Path::new(path), dtype))?;
+    match c {
+        ConceptVal::Infusion(c) => rt(c.save(Path::new(path), dtype))?,
+        ConceptVal::Adapted(a) => rt(a.save(Path::new(path)))?,
+    }
     Ok(path.to_string())
 }
 

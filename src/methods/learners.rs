@@ -1,0 +1,277 @@
+//! Training Textual Inversion and DreamBooth-LoRA through the shared trainer ([`Learner`]), as
+//! diffusers' scripts train them (examples/textual_inversion/textual_inversion.py,
+//! examples/dreambooth/train_dreambooth_lora.py): the DDPM loss of the plain model with the
+//! learned word, or with the LoRA on every attention projection; nothing else is trained.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor, Var};
+use rand::SeedableRng;
+
+use super::adapted::{Adapted, Change};
+use super::files::{Embedding, Lora, LoraLayer, LoraLayout, LoraTarget};
+use super::lora::LoraHook;
+use super::textual_inversion::text_states;
+use crate::error::{Error, Result};
+use crate::sd::hook::{BatchLayout, Branch, Guidance, HookCtx, Projection};
+use crate::sd::pipeline::StableDiffusion;
+use crate::train::{Batch, Learner, TrainingSet};
+
+/// The DDPM loss of `batch` with text states `states` `(b, tokens, width)` and an optional hook
+/// on every row.
+fn ddpm_loss(
+    sd: &StableDiffusion,
+    data: &TrainingSet,
+    batch: &Batch,
+    states: &Tensor,
+    hook: Option<&dyn crate::sd::hook::AttentionHook>,
+) -> Result<Tensor> {
+    let z0 = data.latents(sd, batch)?;
+    let ts: Vec<usize> = batch.draws.iter().map(|d| d.timestep).collect();
+    let z_t = sd.scheduler.add_noise(&z0, &batch.noise, &ts)?;
+    let t = Tensor::new(
+        ts.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+        sd.device(),
+    )?;
+    let rows = BatchLayout::uniform(batch.len(), Branch(1), Guidance::Conditional);
+    let ctx = hook.map(|hook| HookCtx {
+        hook,
+        rows: &rows,
+        step: None,
+    });
+    let pred = sd.unet.forward(
+        &z_t.to_dtype(sd.dtype())?,
+        &t,
+        &states.to_dtype(sd.dtype())?,
+        ctx.as_ref(),
+    )?;
+    Ok(
+        (pred.to_dtype(DType::F32)? - batch.noise.to_dtype(DType::F32)?)?
+            .sqr()?
+            .mean_all()?,
+    )
+}
+
+/// Textual Inversion: the vectors of a new word, initialised from the class word's token
+/// embeddings (one vector per token of the word, as the script's initializer token).
+pub struct LearnedWord {
+    vars: BTreeMap<String, Var>,
+    initial: BTreeMap<String, Tensor>,
+}
+
+const VECTORS: &str = "vectors";
+
+impl LearnedWord {
+    pub fn new(sd: &StableDiffusion, word: &str) -> Result<Self> {
+        let tokens = sd.tokenize(word)?;
+        let ids: Vec<u32> = tokens.ids[1..tokens.n_tokens - 1].to_vec();
+        if ids.is_empty() {
+            return Err(Error::arg("word", format!("{word:?} has no tokens")));
+        }
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, (1, n), sd.device())?;
+        let init = sd
+            .text_encoder
+            .embed_tokens(&ids)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .detach();
+        let var = Var::from_tensor(&init)?;
+        Ok(Self {
+            vars: BTreeMap::from([(VECTORS.to_string(), var)]),
+            initial: BTreeMap::from([(VECTORS.to_string(), init)]),
+        })
+    }
+
+    /// The word learned in `vars` (a trainer's, of this learner), as a concept of the session.
+    pub fn export(vars: &BTreeMap<String, Var>, name: &str, word: &str) -> Result<Adapted> {
+        let v = vars
+            .get(VECTORS)
+            .ok_or_else(|| Error::arg("method", "not a Textual Inversion run"))?;
+        Ok(Adapted {
+            name: name.to_string(),
+            word: word.to_string(),
+            change: Change::TextualInversion(Embedding {
+                token: format!("<{name}>"),
+                vectors: v
+                    .as_tensor()
+                    .detach()
+                    .to_device(&candle_core::Device::Cpu)?,
+            }),
+        })
+    }
+}
+
+impl Learner for LearnedWord {
+    fn method(&self) -> &'static str {
+        "textual_inversion"
+    }
+
+    fn vars(&self) -> &BTreeMap<String, Var> {
+        &self.vars
+    }
+
+    fn initial(&self) -> &BTreeMap<String, Tensor> {
+        &self.initial
+    }
+
+    fn loss(
+        &self,
+        sd: &StableDiffusion,
+        data: &TrainingSet,
+        batch: &Batch,
+        params: &BTreeMap<String, Tensor>,
+    ) -> Result<Tensor> {
+        let e = Embedding {
+            token: "learned".into(),
+            vectors: params[VECTORS].clone(),
+        };
+        let states = data
+            .prompt_tokens(batch)
+            .into_iter()
+            .map(|(tokens, pos)| {
+                let span = pos[0]..pos[pos.len() - 1] + 1;
+                text_states(sd, tokens, span, &e)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        ddpm_loss(sd, data, batch, &Tensor::cat(&states, 0)?, None)
+    }
+}
+
+/// DreamBooth-LoRA: rank-`rank` factors on every attention projection, `down` drawn as peft's
+/// gaussian init (normal with standard deviation 1/rank), `up` zero, so training starts from the
+/// plain model; prompts say `trigger word`.
+pub struct LoraLearner {
+    trigger: String,
+    vars: BTreeMap<String, Var>,
+    initial: BTreeMap<String, Tensor>,
+}
+
+impl LoraLearner {
+    pub fn new(sd: &StableDiffusion, rank: usize, trigger: &str, seed: u64) -> Result<Self> {
+        if rank == 0 {
+            return Err(Error::arg("rank", "must be at least 1"));
+        }
+        if trigger.trim().is_empty() || trigger.contains(char::is_whitespace) {
+            return Err(Error::arg(
+                "trigger",
+                format!("{trigger:?}: the identifier is one word (DreamBooth's \"sks\")"),
+            ));
+        }
+        let weights: BTreeMap<String, Vec<usize>> = crate::sd::weights::tensors_asked(|vb| {
+            crate::sd::unet::UNet::new(vb, sd.unet.config()).map(|_| ())
+        })?
+        .into_iter()
+        .collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut vars = BTreeMap::new();
+        for layer in sd.unet.attention_layers() {
+            for p in Projection::ALL {
+                let module = format!("{}.{}", layer.path, p.module());
+                let Some([out, inp]) = weights
+                    .get(&format!("{module}.weight"))
+                    .map(|s| [s[0], s[1]])
+                else {
+                    continue;
+                };
+                let down = (crate::util::noise::normal(&mut rng, &[rank, inp], sd.device())?
+                    * (1.0 / rank as f64))?;
+                let up = Tensor::zeros((out, rank), DType::F32, sd.device())?;
+                vars.insert(
+                    format!("{module}.lora.down.weight"),
+                    Var::from_tensor(&down)?,
+                );
+                vars.insert(format!("{module}.lora.up.weight"), Var::from_tensor(&up)?);
+            }
+        }
+        let initial = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        Ok(Self {
+            trigger: trigger.to_string(),
+            vars,
+            initial,
+        })
+    }
+
+    fn lora(params: &BTreeMap<String, Tensor>) -> Lora {
+        let layers = params
+            .iter()
+            .filter_map(|(k, down)| {
+                let module = k.strip_suffix(".lora.down.weight")?;
+                Some(LoraLayer {
+                    target: LoraTarget::Unet,
+                    module: module.to_string(),
+                    down: down.clone(),
+                    up: params[&format!("{module}.lora.up.weight")].clone(),
+                    alpha: None,
+                })
+            })
+            .collect();
+        Lora {
+            layout: LoraLayout::Diffusers,
+            layers,
+        }
+    }
+
+    /// The LoRA learned in `vars` (a trainer's, of this learner), as a concept of the session
+    /// (strength 1, `trigger` before its word).
+    pub fn export(
+        vars: &BTreeMap<String, Var>,
+        name: &str,
+        word: &str,
+        trigger: &str,
+    ) -> Result<Adapted> {
+        let params: BTreeMap<String, Tensor> = vars
+            .iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.clone(),
+                    v.as_tensor()
+                        .detach()
+                        .to_device(&candle_core::Device::Cpu)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Adapted {
+            name: name.to_string(),
+            word: word.to_string(),
+            change: Change::Lora {
+                lora: Self::lora(&params),
+                scale: 1.0,
+                trigger: Some(trigger.to_string()),
+            },
+        })
+    }
+}
+
+impl Learner for LoraLearner {
+    fn method(&self) -> &'static str {
+        "lora"
+    }
+
+    fn words(&self, word: &str) -> String {
+        format!("{} {word}", self.trigger)
+    }
+
+    fn vars(&self) -> &BTreeMap<String, Var> {
+        &self.vars
+    }
+
+    fn initial(&self) -> &BTreeMap<String, Tensor> {
+        &self.initial
+    }
+
+    fn loss(
+        &self,
+        sd: &StableDiffusion,
+        data: &TrainingSet,
+        batch: &Batch,
+        params: &BTreeMap<String, Tensor>,
+    ) -> Result<Tensor> {
+        let hook = LoraHook::new(&Self::lora(params), sd, 1.0, None)?;
+        let (states, _) = data.prompts(sd, batch)?;
+        ddpm_loss(sd, data, batch, &states, Some(&hook))
+    }
+}
