@@ -13,6 +13,7 @@ use crate::infusion::concept::ConceptSet;
 use crate::infusion::generate::{generate_infusion, InfusionOptions};
 use crate::infusion::train::{TrainOptions, Trainer};
 use crate::job::Job;
+use crate::methods::learners::{LearnedWord, LoraLearner};
 use crate::sd::attention::naive_attention;
 use crate::sd::fused::{self, group_norm::GroupNorm, Kernels};
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
@@ -310,12 +311,28 @@ impl Bench<'_> {
             steps: usize::MAX,
             ..Default::default()
         };
-        let mut trainer = Trainer::new(self.sd, "thing", "cat", &images, opts)?;
+        let mut trainer = Trainer::new(self.sd, "thing", "cat", &images, opts.clone())?;
         self.measure(
             "training step, batch 4",
             unet4.map(|t| ("unet batch 4", t)),
             || trainer.step(),
         )?;
+        // The other methods' steps, against a UNet call at batch 4 too.
+        let sd = self.sd;
+        let learners: [(&str, Box<dyn crate::train::Learner>); 2] = [
+            (
+                "training step, batch 4, textual_inversion",
+                Box::new(LearnedWord::new(sd, "cat")?),
+            ),
+            (
+                "training step, batch 4, lora rank 4",
+                Box::new(LoraLearner::new(sd, 4, "sks", 0)?),
+            ),
+        ];
+        for (name, learner) in learners {
+            let mut t = Trainer::with_learner(sd, "thing", "cat", &images, opts.clone(), learner)?;
+            self.measure(name, unet4.map(|t| ("unet batch 4", t)), || t.step())?;
+        }
         Ok(())
     }
 
