@@ -4,8 +4,9 @@
 //! `D = 1/2 E ||eps_a - eps_b||²`.
 //!
 //! A variant is the base model, the base model with concepts applied to its prompts (Infusion:
-//! F's maps, Δ on the concept words' values), or the base model with other UNet weights (to
-//! compare with methods that fine-tune the UNet). Prompts without concept marks run the plain
+//! F's maps, Δ on the concept words' values; a learned word in C's text; a LoRA on C's
+//! attention), or the base model with other UNet weights (to compare with methods that
+//! fine-tune the UNet). Prompts without concept marks run the plain
 //! base model in the concept variant, so base vs base+concepts is exactly 0 on them.
 
 use std::path::Path;
@@ -21,7 +22,9 @@ use crate::infusion::concept::ConceptSet;
 use crate::infusion::hook::{eps_pair, SampleEdit};
 use crate::infusion::prompt::place_concepts;
 use crate::job::Job;
+use crate::methods::adapted::custom_side;
 use crate::sd::device::ensure_fits;
+use crate::sd::hook::{BatchLayout, Branch, Chain, Guidance, HookCtx};
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
 use crate::sd::unet::UNet;
 use crate::sd::weights::WeightFiles;
@@ -193,7 +196,7 @@ fn eps(
                 .zip(&tokens)
                 .map(|(p, tok)| place_concepts(set, p, tok))
                 .collect::<Result<Vec<_>>>()?;
-            if placements.iter().all(|p| p.is_empty()) {
+            let infusion = if placements.iter().all(|p| p.is_empty()) {
                 sd.unet.forward(&z, &t, &ctx, None)?
             } else {
                 let edits: Vec<SampleEdit<'_>> = placements
@@ -219,7 +222,53 @@ fn eps(
                     })
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::stack(&rows, 0)?
+            };
+            // Rows with the other methods' concepts: C's own text and hooks, a row at a time.
+            let mut rows = (0..batch.len())
+                .map(|r| Ok(infusion.get(r)?))
+                .collect::<Result<Vec<_>>>()?;
+            for (r, p) in parsed.iter().enumerate() {
+                let marks: Vec<_> = p
+                    .marks
+                    .iter()
+                    .filter_map(|m| {
+                        set.get_adapted(&m.name)
+                            .map(|a| (m.span.clone(), a.as_ref()))
+                    })
+                    .collect();
+                if marks.is_empty() {
+                    continue;
+                }
+                if !placements[r].is_empty() {
+                    return Err(Error::arg(
+                        "prompts",
+                        format!(
+                            "{:?} mixes Infusion concepts with other methods' in one prompt",
+                            batch[r].prompt
+                        ),
+                    ));
+                }
+                let side = custom_side(sd, &p.base, &marks, Branch(1))?;
+                let cond = match &side.states {
+                    Some(s) => s.to_dtype(sd.dtype())?,
+                    None => ctx.get(r)?.unsqueeze(0)?,
+                };
+                let hooks = Chain(side.hooks.iter().map(|h| h.as_ref()).collect());
+                let layout = BatchLayout::uniform(1, Branch(1), Guidance::Conditional);
+                let hook = HookCtx {
+                    hook: &hooks,
+                    rows: &layout,
+                    step: None,
+                };
+                let one = sd.unet.forward(
+                    &z.get(r)?.unsqueeze(0)?,
+                    &t.get(r)?.unsqueeze(0)?,
+                    &cond,
+                    (!hooks.0.is_empty()).then_some(&hook),
+                )?;
+                rows[r] = one.squeeze(0)?;
             }
+            Tensor::stack(&rows, 0)?
         }
     })
 }

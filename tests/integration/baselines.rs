@@ -749,3 +749,65 @@ fn scripts_train_save_and_use_lora_and_ti_concepts() {
         ("<word>", &[1usize, 32][..])
     );
 }
+
+/// The Fisher divergence takes the other methods' concepts: positive where a prompt names them
+/// (a learned word changes C's text, a LoRA its attention), zero on prompts that do not, and
+/// (to rounding) zero for a "learned" word that is the class word's own embedding.
+#[test]
+fn fisher_divergence_measures_learned_words_and_loras() {
+    use infusion_repl::methods::adapted::{Adapted, Change};
+    use infusion_repl::metrics::fisher::{fisher_divergence, FisherOptions, Variant};
+    use infusion_repl::ConceptSet;
+    let sd = tiny();
+    let job = Job::quiet();
+    let opts = FisherOptions {
+        samples: 4,
+        gen_steps: 2,
+        ..Default::default()
+    };
+    let set = |change: Change| {
+        let mut s = ConceptSet::new();
+        s.add_adapted(
+            std::sync::Arc::new(Adapted {
+                name: "x".into(),
+                word: "cat".into(),
+                change,
+            }),
+            &job,
+        );
+        s
+    };
+    let prompts = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let marked = prompts(&["a photo of a <x>", "a <x> on a mat"]);
+    let fisher = |s: &ConceptSet, p: &[String]| {
+        fisher_divergence(sd, &Variant::Base, &Variant::Concepts(s), p, &opts, &job)
+            .unwrap()
+            .mean
+    };
+    let ti = set(Change::TextualInversion(embedding(&fixture(
+        "learned_embeds.safetensors",
+    ))));
+    let lo = set(Change::Lora {
+        lora: lora(&fixture("pytorch_lora_weights.safetensors")),
+        scale: 1.0,
+        trigger: None,
+    });
+    assert!(fisher(&ti, &marked) > 1e-4);
+    assert!(fisher(&lo, &marked) > 1e-4);
+    let plain = prompts(&["a lighthouse at dusk", "a photo of a dog"]);
+    assert_eq!(fisher(&ti, &plain), 0.0);
+    assert_eq!(fisher(&lo, &plain), 0.0);
+    let cat = sd
+        .text_encoder
+        .embed_tokens(&Tensor::new(&[[sd.tokenize("cat").unwrap().ids[1]]], &Device::Cpu).unwrap())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let same = set(Change::TextualInversion(
+        infusion_repl::methods::files::Embedding {
+            token: "<x>".into(),
+            vectors: cat,
+        },
+    ));
+    assert!(fisher(&same, &marked) < 1e-9, "{}", fisher(&same, &marked));
+}

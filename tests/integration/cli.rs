@@ -288,7 +288,10 @@ fn bench_smoke_run_reports_every_measurement() {
     assert_eq!(rows.len(), 13);
     assert_eq!(rows[0]["name"], "read the weight files once");
     assert_eq!(rows[1]["ratio"][0], "reading its files");
-    assert!(rows[7]["name"].as_str().unwrap().ends_with("textual_inversion"));
+    assert!(rows[7]["name"]
+        .as_str()
+        .unwrap()
+        .ends_with("textual_inversion"));
     assert_eq!(rows[8]["ratio"][0], "unet batch 4");
     for i in [9, 11] {
         assert!(

@@ -184,10 +184,12 @@ fn fisher(
             let c = c
                 .try_cast::<ConceptVal>()
                 .ok_or_else(|| err("fisher_divergence: every element must be a concept"))?;
-            set.insert(
-                (**c.infusion("fisher_divergence").map_err(err)?).clone(),
-                false,
-            );
+            match c {
+                ConceptVal::Infusion(c) => {
+                    set.insert((*c).clone(), false);
+                }
+                ConceptVal::Adapted(a) => set.add_adapted(a, &crate::job::Job::quiet()),
+            }
         }
         run(&Variant::Concepts(&set))?
     };
