@@ -127,11 +127,13 @@ pub enum Method {
     /// Rank-`rank` LoRA on the UNet's attention projections, prompts saying `trigger word`
     /// (diffusers' train_dreambooth_lora.py).
     Lora { rank: usize, trigger: String },
+    /// The whole UNet, prompts saying `trigger word` (diffusers' train_dreambooth.py).
+    DreamBooth { trigger: String },
 }
 
 impl Method {
     /// The names `method` options take.
-    pub const NAMES: [&'static str; 3] = ["infusion", "textual_inversion", "lora"];
+    pub const NAMES: [&'static str; 4] = ["infusion", "textual_inversion", "lora", "dreambooth"];
 
     /// The method called `name`, with LoRA's `rank` and `trigger`.
     pub fn parse(name: &str, rank: usize, trigger: &str) -> Result<Self> {
@@ -140,6 +142,9 @@ impl Method {
             "textual_inversion" => Ok(Method::TextualInversion),
             "lora" => Ok(Method::Lora {
                 rank,
+                trigger: trigger.to_string(),
+            }),
+            "dreambooth" => Ok(Method::DreamBooth {
                 trigger: trigger.to_string(),
             }),
             other => Err(Error::arg(
@@ -153,12 +158,14 @@ impl Method {
     }
 
     /// Its default learning rate for `batch` images a step: Infusion's 0.01 (the paper's),
-    /// Textual Inversion's 5e-4 scaled by the batch (the script's `--scale_lr`), LoRA's 1e-4.
+    /// Textual Inversion's 5e-4 scaled by the batch (the script's `--scale_lr`), LoRA's 1e-4,
+    /// DreamBooth's 5e-6.
     pub fn default_lr(&self, batch: usize) -> f64 {
         match self {
             Method::Infusion => 0.01,
             Method::TextualInversion => 5e-4 * batch as f64,
             Method::Lora { .. } => 1e-4,
+            Method::DreamBooth { .. } => 5e-6,
         }
     }
 
@@ -294,15 +301,36 @@ fn train_other(
     images: &[image::RgbImage],
     job: &Job,
 ) -> Result<Trained> {
-    use crate::methods::learners::{LearnedWord, LoraLearner};
+    use crate::methods::learners::{FullUnet, LearnedWord, LoraLearner};
     if req.resume.is_some() {
         return Err(Error::arg("resume", "resuming is Infusion's for now"));
+    }
+    if let (Method::DreamBooth { .. }, Some(out)) = (&req.method, &req.out) {
+        // The unet/ folder is made at the end; where it goes is checked now.
+        if out.is_file() {
+            return Err(Error::arg(
+                "out",
+                format!(
+                    "{} is a file; DreamBooth writes a unet/ folder",
+                    out.display()
+                ),
+            ));
+        }
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if !parent.is_dir() {
+                return Err(Error::arg(
+                    "out",
+                    format!("{}: no folder {}", out.display(), parent.display()),
+                ));
+            }
+        }
     }
     let learner: Box<dyn crate::train::Learner> = match &req.method {
         Method::TextualInversion => Box::new(LearnedWord::new(sd, &req.word)?),
         Method::Lora { rank, trigger } => {
             Box::new(LoraLearner::new(sd, *rank, trigger, req.options.seed)?)
         }
+        Method::DreamBooth { trigger } => Box::new(FullUnet::new(sd, trigger)?),
         Method::Infusion => unreachable!("trained by train_concept"),
     };
     let mut trainer = Trainer::with_learner(
@@ -318,18 +346,33 @@ fn train_other(
         Ok(r) => (TrainEnd::Finished, r.losses),
         Err(e) => (TrainEnd::Failed(e), vec![]),
     };
-    let adapted = match &req.method {
-        Method::Lora { trigger, .. } => {
-            LoraLearner::export(trainer.vars(), &req.name, req.word.trim(), trigger)?
+    let (adapted, saved) = match &req.method {
+        Method::DreamBooth { trigger } => {
+            if let Some(out) = &req.out {
+                FullUnet::save(sd, trainer.vars(), out)?;
+            }
+            let adapted = crate::methods::adapted::Adapted {
+                name: req.name.clone(),
+                word: req.word.trim().to_string(),
+                change: crate::methods::adapted::Change::DreamBooth {
+                    unet: tuned_unet(sd, trainer.vars(), req.out.clone())?,
+                    trigger: trigger.clone(),
+                },
+            };
+            (adapted, req.out.clone())
         }
-        _ => LearnedWord::export(trainer.vars(), &req.name, req.word.trim())?,
-    };
-    let saved = match &req.out {
-        Some(out) => {
-            adapted.save(out)?;
-            Some(out.clone())
+        method => {
+            let adapted = match method {
+                Method::Lora { trigger, .. } => {
+                    LoraLearner::export(trainer.vars(), &req.name, req.word.trim(), trigger)?
+                }
+                _ => LearnedWord::export(trainer.vars(), &req.name, req.word.trim())?,
+            };
+            if let Some(out) = &req.out {
+                adapted.save(out)?;
+            }
+            (adapted, req.out.clone())
         }
-        None => None,
     };
     Ok(Trained {
         concept: LoadedConcept::Adapted(std::sync::Arc::new(adapted)),
@@ -443,6 +486,9 @@ pub fn load_concept(
     use crate::methods::adapted::{Adapted, Change};
     use crate::methods::files::{read, ConceptFile};
     let path = &req.path;
+    if path.is_dir() {
+        return load_tuned_unet(req, sd, set, job);
+    }
     let file = read(path)?;
     if matches!(file, ConceptFile::Infusion) {
         if let Some(k) = [
@@ -540,4 +586,83 @@ pub fn load_concept(
 pub enum LoadedConcept {
     Infusion(std::sync::Arc<Concept>),
     Adapted(std::sync::Arc<crate::methods::adapted::Adapted>),
+}
+
+/// A fine-tuned UNet from trained variables (their tensors, shared, not copied).
+fn tuned_unet(
+    sd: &StableDiffusion,
+    vars: &std::collections::BTreeMap<String, candle_core::Var>,
+    dir: Option<PathBuf>,
+) -> Result<crate::methods::adapted::TunedUnet> {
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let n_params = tensors.values().map(|t| t.elem_count()).sum();
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, sd.dtype(), sd.device());
+    let unet = crate::sd::unet::UNet::new(vb, sd.unet.config())?;
+    Ok(crate::methods::adapted::TunedUnet {
+        unet: std::sync::Arc::new(unet),
+        n_params,
+        dir,
+    })
+}
+
+/// [`load_concept`] of a DreamBooth result: a diffusers `unet/` folder of the model's config,
+/// C's UNet where the concept is named (its prompt saying `trigger word`).
+fn load_tuned_unet(
+    req: &ConceptRequest,
+    sd: Option<&StableDiffusion>,
+    set: &mut crate::infusion::concept::ConceptSet,
+    job: &Job,
+) -> Result<LoadedConcept> {
+    use crate::methods::adapted::{Adapted, Change, TunedUnet};
+    let path = &req.path;
+    let sd = sd.ok_or_else(|| {
+        Error::arg(
+            "model",
+            format!(
+                "{}: a UNet folder loads onto a model: load the model first",
+                path.display()
+            ),
+        )
+    })?;
+    let weights =
+        crate::sd::hub::find_weights(path, "diffusion_pytorch_model", sd.dtype() == DType::F16)?;
+    let unet = crate::metrics::fisher::load_unet_weights(sd, &weights)?;
+    let name = req.name.clone().unwrap_or_else(|| {
+        path.file_name()
+            .map_or_else(String::new, |s| s.to_string_lossy().into_owned())
+    });
+    crate::infusion::concept::check_name(&name)?;
+    let word = req.word.clone().ok_or_else(|| {
+        Error::arg(
+            "word",
+            format!(
+                "{} holds no class word: say which word F sees in place of <{name}>",
+                path.display()
+            ),
+        )
+    })?;
+    crate::infusion::concept::check_word(&word)?;
+    let n_params = crate::sd::weights::tensors_asked(|vb| {
+        crate::sd::unet::UNet::new(vb, sd.unet.config()).map(|_| ())
+    })?
+    .iter()
+    .map(|(_, s)| s.iter().product::<usize>())
+    .sum();
+    let adapted = std::sync::Arc::new(Adapted {
+        name,
+        word,
+        change: Change::DreamBooth {
+            unet: TunedUnet {
+                unet: std::sync::Arc::new(unet),
+                n_params,
+                dir: Some(path.clone()),
+            },
+            trigger: req.trigger.clone().unwrap_or_else(|| "sks".into()),
+        },
+    });
+    set.add_adapted(adapted.clone(), job);
+    Ok(LoadedConcept::Adapted(adapted))
 }

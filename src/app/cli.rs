@@ -206,20 +206,21 @@ struct TrainArgs {
     /// Where to write the concept (default: NAME.safetensors).
     #[arg(short, long)]
     out: Option<PathBuf>,
-    /// The method: infusion (the paper's), textual_inversion, lora (DreamBooth-LoRA).
+    /// The method: infusion (the paper's), textual_inversion, lora (DreamBooth-LoRA),
+    /// dreambooth (the whole UNet, written as a diffusers unet/ folder: NAME-unet by default).
     #[arg(long, default_value = "infusion", value_parser = actions::Method::NAMES)]
     method: String,
     /// LoRA: the rank of its factors.
     #[arg(long, default_value_t = 4)]
     rank: usize,
-    /// LoRA: the identifier prompts put before the class word (DreamBooth's).
+    /// LoRA and DreamBooth: the identifier prompts put before the class word.
     #[arg(long, default_value = "sks")]
     trigger: String,
     /// Training steps (in total, when resuming; default: 500, textual_inversion 3000).
     #[arg(long)]
     train_steps: Option<usize>,
     /// AdamW's learning rate (default: infusion 0.01, textual_inversion 5e-4 x batch, lora
-    /// 1e-4).
+    /// 1e-4, dreambooth 5e-6).
     #[arg(long)]
     lr: Option<f64>,
     /// Images per training step.
@@ -420,11 +421,11 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
 fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) -> Result<ExitCode> {
     let sd = load_model(global, job)?;
     let defaults = TrainOptions::default();
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("{}.safetensors", args.name)));
     let method = actions::Method::parse(&args.method, args.rank, &args.trigger)?;
+    let out = args.out.clone().unwrap_or_else(|| match method {
+        actions::Method::DreamBooth { .. } => PathBuf::from(format!("{}-unet", args.name)),
+        _ => PathBuf::from(format!("{}.safetensors", args.name)),
+    });
     let req = TrainRequest {
         folder: args.folder.clone(),
         name: args.name.clone(),

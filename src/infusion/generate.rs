@@ -294,7 +294,7 @@ pub fn generate_infusion(
         })
         .collect();
     let other = custom_side(sd, &parsed.base, &marks, Stream::Customized.branch())?;
-    if other.states.is_some() && !placements.is_empty() {
+    if (other.states.is_some() || other.unet.is_some()) && !placements.is_empty() {
         return Err(Error::arg(
             "prompt",
             format!(
@@ -330,11 +330,18 @@ pub fn generate_infusion(
         .chain(other.hooks.iter().map(|h| h.as_ref()))
         .collect();
     let chain = Chain(hooks);
-    let out = sd.denoise(
+    let unets: Vec<(crate::sd::hook::Branch, &crate::sd::unet::UNet)> = other
+        .unet
+        .as_deref()
+        .map(|u| (Stream::Customized.branch(), u))
+        .into_iter()
+        .collect();
+    let out = sd.denoise_with(
         &sd.initial_latents(g)?,
         &trajectories,
         g,
         (!chain.0.is_empty()).then_some(&chain as &dyn AttentionHook),
+        &unets,
         job,
         &mut |_| Ok(()),
     )?;

@@ -14,6 +14,22 @@ use crate::error::Result;
 use crate::sd::hook::{AttentionHook, Branch};
 use crate::sd::pipeline::StableDiffusion;
 
+/// A fine-tuned copy of the model's UNet (DreamBooth's result), shared.
+#[derive(Clone)]
+pub struct TunedUnet {
+    pub unet: std::sync::Arc<crate::sd::unet::UNet>,
+    /// Its parameters.
+    pub n_params: usize,
+    /// The `unet/` folder it was saved in or read from.
+    pub dir: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for TunedUnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TunedUnet({} parameters, {:?})", self.n_params, self.dir)
+    }
+}
+
 /// What a concept of another method changes.
 #[derive(Debug, Clone)]
 pub enum Change {
@@ -26,6 +42,8 @@ pub enum Change {
         scale: f64,
         trigger: Option<String>,
     },
+    /// DreamBooth: C runs a fine-tuned UNet; its prompt says `trigger word`.
+    DreamBooth { unet: TunedUnet, trigger: String },
 }
 
 /// A concept of another method, as a session holds it.
@@ -44,6 +62,7 @@ impl Adapted {
         match self.change {
             Change::TextualInversion(_) => "textual_inversion",
             Change::Lora { .. } => "lora",
+            Change::DreamBooth { .. } => "dreambooth",
         }
     }
 
@@ -52,7 +71,8 @@ impl Adapted {
         match &self.change {
             Change::Lora {
                 trigger: Some(t), ..
-            } => format!("{t} {}", self.word),
+            }
+            | Change::DreamBooth { trigger: t, .. } => format!("{t} {}", self.word),
             _ => self.word.clone(),
         }
     }
@@ -72,6 +92,15 @@ impl Adapted {
                 vec![(format!("<{}>", self.name), cpu(&e.vectors)?)],
                 std::collections::HashMap::from([("format".to_string(), "pt".to_string())]),
             ),
+            Change::DreamBooth { unet, .. } => {
+                return Err(crate::error::Error::Unsupported(format!(
+                    "<{}> is a whole UNet, saved as a unet/ folder when it was trained ({})",
+                    self.name,
+                    unet.dir
+                        .as_ref()
+                        .map_or("not saved".into(), |d| d.display().to_string())
+                )))
+            }
             Change::Lora { lora, .. } => {
                 if lora.layout == super::files::LoraLayout::Kohya {
                     return Err(crate::error::Error::Unsupported(format!(
@@ -87,23 +116,7 @@ impl Adapted {
                 (t, std::collections::HashMap::new())
             }
         };
-        let views: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-            .iter()
-            .map(|(k, t)| {
-                let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
-                let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-                Ok((k.clone(), bytes, t.dims().to_vec()))
-            })
-            .collect::<Result<_>>()?;
-        let st: Vec<(String, safetensors::tensor::TensorView<'_>)> = views
-            .iter()
-            .map(|(k, b, s)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .map(|v| (k.clone(), v))
-                    .map_err(|e| crate::error::Error::arg("concept", e.to_string()))
-            })
-            .collect::<Result<_>>()?;
-        let bytes = safetensors::serialize(st, Some(meta))
+        let bytes = safetensors::serialize(tensors, Some(meta))
             .map_err(|e| crate::error::Error::arg("concept", e.to_string()))?;
         crate::util::fs::write_atomic(path, |w| {
             w.write_all(&bytes)
@@ -121,17 +134,20 @@ impl Adapted {
                 .iter()
                 .map(|l| bytes(&l.down) + bytes(&l.up))
                 .sum(),
+            Change::DreamBooth { unet, .. } => unet.n_params * 4,
         }
     }
 }
 
-/// C's side of a prompt: its text (when it differs from F's) and its hooks.
+/// C's side of a prompt: its text (when it differs from F's), its hooks, and its UNet (when a
+/// DreamBooth concept gives one).
 pub struct CustomSide {
     /// C's prompt (F's base prompt with each concept's words).
     pub prompt: String,
     /// C's conditional text states `(1, tokens, width)`, when they differ from F's.
     pub states: Option<Tensor>,
     pub hooks: Vec<Box<dyn AttentionHook>>,
+    pub unet: Option<std::sync::Arc<crate::sd::unet::UNet>>,
 }
 
 /// C's side for the base prompt `base` (the class words in place) with `marks`: each concept
@@ -146,6 +162,7 @@ pub fn custom_side(
     let mut at = 0;
     let mut learned = vec![];
     let mut hooks: Vec<Box<dyn AttentionHook>> = vec![];
+    let mut unet: Option<std::sync::Arc<crate::sd::unet::UNet>> = None;
     for (span, a) in marks {
         prompt.push_str(&base[at..span.start]);
         let start = prompt.len();
@@ -154,6 +171,15 @@ pub fn custom_side(
             Change::TextualInversion(e) => learned.push((start..prompt.len(), e)),
             Change::Lora { lora, scale, .. } => {
                 hooks.push(Box::new(LoraHook::new(lora, sd, *scale, Some(branch))?))
+            }
+            Change::DreamBooth { unet: tuned, .. } => {
+                if unet.is_some() {
+                    return Err(crate::error::Error::arg(
+                        "prompt",
+                        "two DreamBooth concepts in one prompt: C runs one UNet",
+                    ));
+                }
+                unet = Some(tuned.unet.clone());
             }
         }
         at = span.end;
@@ -181,5 +207,6 @@ pub fn custom_side(
         prompt,
         states,
         hooks,
+        unet,
     })
 }

@@ -4,6 +4,7 @@
 //! learned word, or with the LoRA on every attention projection; nothing else is trained.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
@@ -18,9 +19,21 @@ use crate::sd::pipeline::StableDiffusion;
 use crate::train::{Batch, Learner, TrainingSet};
 
 /// The DDPM loss of `batch` with text states `states` `(b, tokens, width)` and an optional hook
-/// on every row.
+/// on every row, through `sd`'s UNet.
 fn ddpm_loss(
     sd: &StableDiffusion,
+    data: &TrainingSet,
+    batch: &Batch,
+    states: &Tensor,
+    hook: Option<&dyn crate::sd::hook::AttentionHook>,
+) -> Result<Tensor> {
+    ddpm_loss_with(sd, &sd.unet, data, batch, states, hook)
+}
+
+/// [`ddpm_loss`] through `unet`.
+fn ddpm_loss_with(
+    sd: &StableDiffusion,
+    unet: &crate::sd::unet::UNet,
     data: &TrainingSet,
     batch: &Batch,
     states: &Tensor,
@@ -39,7 +52,7 @@ fn ddpm_loss(
         rows: &rows,
         step: None,
     });
-    let pred = sd.unet.forward(
+    let pred = unet.forward(
         &z_t.to_dtype(sd.dtype())?,
         &t,
         &states.to_dtype(sd.dtype())?,
@@ -152,12 +165,7 @@ impl LoraLearner {
         if rank == 0 {
             return Err(Error::arg("rank", "must be at least 1"));
         }
-        if trigger.trim().is_empty() || trigger.contains(char::is_whitespace) {
-            return Err(Error::arg(
-                "trigger",
-                format!("{trigger:?}: the identifier is one word (DreamBooth's \"sks\")"),
-            ));
-        }
+        check_trigger(trigger)?;
         let weights: BTreeMap<String, Vec<usize>> = crate::sd::weights::tensors_asked(|vb| {
             crate::sd::unet::UNet::new(vb, sd.unet.config()).map(|_| ())
         })?
@@ -273,5 +281,113 @@ impl Learner for LoraLearner {
         let hook = LoraHook::new(&Self::lora(params), sd, 1.0, None)?;
         let (states, _) = data.prompts(sd, batch)?;
         ddpm_loss(sd, data, batch, &states, Some(&hook))
+    }
+}
+
+/// DreamBooth: the whole UNet trained (a trainable copy; the model's own stays as it is),
+/// prompts saying `trigger word`.
+pub struct FullUnet {
+    trigger: String,
+    unet: crate::sd::unet::UNet,
+    vars: BTreeMap<String, Var>,
+    /// Empty: "before training" is the model's own UNet.
+    initial: BTreeMap<String, Tensor>,
+}
+
+impl FullUnet {
+    pub fn new(sd: &StableDiffusion, trigger: &str) -> Result<Self> {
+        check_trigger(trigger)?;
+        unet_config(sd)?;
+        let (unet, vars) = sd.trainable_unet()?;
+        Ok(Self {
+            trigger: trigger.to_string(),
+            unet,
+            vars: vars.into_iter().collect(),
+            initial: BTreeMap::new(),
+        })
+    }
+
+    /// Writes the UNet in `vars` (a trainer's, of this learner) as a diffusers `unet/` folder:
+    /// `config.json` (the model's) and `diffusion_pytorch_model.safetensors` (f32), which
+    /// `load_model`'s folders and diffusers' `UNet2DConditionModel.from_pretrained` read.
+    pub fn save(sd: &StableDiffusion, vars: &BTreeMap<String, Var>, dir: &Path) -> Result<()> {
+        let config = unet_config(sd)?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let tensors = vars
+            .iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.clone(),
+                    v.as_tensor()
+                        .to_dtype(DType::F32)?
+                        .to_device(&candle_core::Device::Cpu)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bytes =
+            safetensors::serialize(tensors, None).map_err(|e| Error::arg("unet", e.to_string()))?;
+        let weights = dir.join("diffusion_pytorch_model.safetensors");
+        crate::util::fs::write_atomic(&weights, |w| {
+            w.write_all(&bytes).map_err(|e| Error::io(&weights, e))
+        })?;
+        let text = std::fs::read(&config).map_err(|e| Error::io(&config, e))?;
+        let out = dir.join("config.json");
+        crate::util::fs::write_atomic(&out, |w| w.write_all(&text).map_err(|e| Error::io(&out, e)))
+    }
+}
+
+/// The UNet's `config.json`, which a saved `unet/` folder needs.
+fn unet_config(sd: &StableDiffusion) -> Result<std::path::PathBuf> {
+    sd.files().map(|f| f.unet.config.clone()).ok_or_else(|| {
+        Error::Unsupported(
+            "DreamBooth saves a diffusers unet/ folder with the model's config.json: load \
+                 the model from a diffusers folder"
+                .into(),
+        )
+    })
+}
+
+fn check_trigger(trigger: &str) -> Result<()> {
+    if trigger.trim().is_empty() || trigger.contains(char::is_whitespace) {
+        return Err(Error::arg(
+            "trigger",
+            format!("{trigger:?}: the identifier is one word (DreamBooth's \"sks\")"),
+        ));
+    }
+    Ok(())
+}
+
+impl Learner for FullUnet {
+    fn method(&self) -> &'static str {
+        "dreambooth"
+    }
+
+    fn words(&self, word: &str) -> String {
+        format!("{} {word}", self.trigger)
+    }
+
+    fn vars(&self) -> &BTreeMap<String, Var> {
+        &self.vars
+    }
+
+    fn initial(&self) -> &BTreeMap<String, Tensor> {
+        &self.initial
+    }
+
+    fn loss(
+        &self,
+        sd: &StableDiffusion,
+        data: &TrainingSet,
+        batch: &Batch,
+        params: &BTreeMap<String, Tensor>,
+    ) -> Result<Tensor> {
+        let (states, _) = data.prompts(sd, batch)?;
+        // The parameters live in the trainable UNet; none given means the model's own.
+        let unet = if params.is_empty() {
+            &sd.unet
+        } else {
+            &self.unet
+        };
+        ddpm_loss_with(sd, unet, data, batch, &states, None)
     }
 }

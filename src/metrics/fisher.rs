@@ -260,7 +260,8 @@ fn eps(
                     rows: &layout,
                     step: None,
                 };
-                let one = sd.unet.forward(
+                let unet = side.unet.as_deref().unwrap_or(&sd.unet);
+                let one = unet.forward(
                     &z.get(r)?.unsqueeze(0)?,
                     &t.get(r)?.unsqueeze(0)?,
                     &cond,

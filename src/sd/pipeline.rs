@@ -202,6 +202,9 @@ pub struct StableDiffusion {
     files: Option<ModelFiles>,
     /// Every weight file it was built from.
     weight_files: Vec<PathBuf>,
+    /// The UNet's files as it was built from them (to build trainable copies); none for random
+    /// weights.
+    unet_files: Option<std::sync::Arc<WeightFiles>>,
     /// What it is called in records: its folder's or file's name.
     name: String,
     /// What loading chose on the user's behalf (EMA weights, another VAE), to say.
@@ -377,7 +380,9 @@ impl StableDiffusion {
             .collect();
         weight_files.sort();
         weight_files.dedup();
+        let unet_files = Some(std::sync::Arc::new(parts.unet));
         Ok(Self {
+            unet_files,
             tokenizer: parts.tokenizer,
             text_encoder,
             unet,
@@ -423,6 +428,7 @@ impl StableDiffusion {
             scheduler: NoiseSchedule::new(&configs.scheduler),
             files: None,
             weight_files: vec![],
+            unet_files: None,
             name: "random".into(),
             notes: vec![],
             unet_fingerprint: format!("random:{seed}"),
@@ -439,6 +445,16 @@ impl StableDiffusion {
 
     pub fn files(&self) -> Option<&ModelFiles> {
         self.files.as_ref()
+    }
+
+    /// A trainable copy of the UNet (its weights as `Var`s, by their diffusers names), built
+    /// from the files it was loaded from.
+    pub fn trainable_unet(&self) -> Result<(UNet, Vec<(String, candle_core::Var)>)> {
+        let files = self.unet_files.as_ref().ok_or_else(|| {
+            Error::Unsupported("a model with random weights has no UNet files to train".into())
+        })?;
+        let cfg = self.unet.config().clone();
+        files.build_trainable(self.dtype, &self.device, |vb| UNet::new(vb, &cfg))
     }
 
     /// Every weight file the model was built from (none for random weights).
@@ -659,6 +675,23 @@ impl StableDiffusion {
         job: &Job,
         on_step: &mut dyn FnMut(&StepReport<'_>) -> Result<()>,
     ) -> Result<Vec<Tensor>> {
+        self.denoise_with(init, trajectories, opts, hook, &[], job, on_step)
+    }
+
+    /// [`StableDiffusion::denoise`] where the rows of the branches in `unets` go through those
+    /// UNets (of this model's config; a fine-tuned copy, say) and the others through the
+    /// model's own: one UNet call per UNet and step, the hook seeing each call's rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise_with(
+        &self,
+        init: &Tensor,
+        trajectories: &[Trajectory],
+        opts: &GenerateOptions,
+        hook: Option<&dyn AttentionHook>,
+        unets: &[(Branch, &UNet)],
+        job: &Job,
+        on_step: &mut dyn FnMut(&StepReport<'_>) -> Result<()>,
+    ) -> Result<Vec<Tensor>> {
         let plan = self.plan(opts)?;
         if trajectories.is_empty() {
             return Err(Error::arg("trajectories", "nothing to denoise"));
@@ -696,14 +729,15 @@ impl StableDiffusion {
                 .collect::<Result<Vec<_>>>()?;
             let input = Tensor::cat(&input.iter().flat_map(|z| [z, z]).collect::<Vec<_>>(), 0)?;
             let t_tensor = Tensor::new(t as f32, &self.device)?;
-            let ctx = hook.map(|hook| HookCtx {
+            let out = self.unet_calls(
+                &input,
+                &t_tensor,
+                &context,
+                &layout,
                 hook,
-                rows: &layout,
-                step: Some(step),
-            });
-            let out = self
-                .unet
-                .forward(&input, &t_tensor, &context, ctx.as_ref())?;
+                Some(step),
+                unets,
+            )?;
             let mut guided = Vec::with_capacity(latents.len());
             let steps = plan.len();
             for (i, (z, state)) in latents.iter_mut().zip(&mut states).enumerate() {
@@ -732,6 +766,73 @@ impl StableDiffusion {
         }
         bar.finish_and_clear();
         Ok(latents)
+    }
+
+    /// One step's UNet output for every row of `layout`: each group of rows whose branch has a
+    /// UNet in `unets` through it, the rest through the model's own.
+    #[allow(clippy::too_many_arguments)]
+    fn unet_calls(
+        &self,
+        input: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        layout: &BatchLayout,
+        hook: Option<&dyn AttentionHook>,
+        step: Option<Step>,
+        unets: &[(Branch, &UNet)],
+    ) -> Result<Tensor> {
+        let unet_of = |branch: Branch| -> &UNet {
+            unets
+                .iter()
+                .find(|(b, _)| *b == branch)
+                .map_or(&self.unet, |(_, u)| *u)
+        };
+        let call = |unet: &UNet, x: &Tensor, c: &Tensor, rows: &BatchLayout| -> Result<Tensor> {
+            let ctx = hook.map(|hook| HookCtx { hook, rows, step });
+            Ok(unet.forward(x, t, c, ctx.as_ref())?)
+        };
+        // Rows grouped by the UNet they go through, in order of first use.
+        let mut group_unets: Vec<&UNet> = vec![];
+        let group_of: Vec<usize> = layout
+            .rows()
+            .iter()
+            .map(|r| {
+                let u = unet_of(r.branch);
+                match group_unets.iter().position(|g| std::ptr::eq(*g, u)) {
+                    Some(i) => i,
+                    None => {
+                        group_unets.push(u);
+                        group_unets.len() - 1
+                    }
+                }
+            })
+            .collect();
+        if group_unets.len() == 1 {
+            return call(group_unets[0], input, context, layout);
+        }
+        let mut out: Vec<Option<Tensor>> = vec![None; group_of.len()];
+        for (g, unet) in group_unets.iter().enumerate() {
+            let rows: Vec<usize> = (0..group_of.len()).filter(|&r| group_of[r] == g).collect();
+            let idx = Tensor::new(
+                rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                input.device(),
+            )?;
+            let sub = BatchLayout::new(rows.iter().map(|&r| layout.rows()[r]).collect());
+            let o = call(
+                unet,
+                &input.index_select(&idx, 0)?,
+                &context.index_select(&idx, 0)?,
+                &sub,
+            )?;
+            for (i, &r) in rows.iter().enumerate() {
+                out[r] = Some(o.get(i)?);
+            }
+        }
+        let rows: Vec<Tensor> = out
+            .into_iter()
+            .map(|o| o.expect("every row computed"))
+            .collect();
+        Ok(Tensor::stack(&rows, 0)?)
     }
 
     /// Text-to-image with plain SD.

@@ -462,6 +462,66 @@ pub fn random_varbuilder(seed: u64, dtype: DType, device: &Device) -> VarBuilder
     VarBuilder::from_backend(Box::new(RandomInit), dtype, device.clone())
 }
 
+impl WeightFiles {
+    /// Builds a model with `build` over trainable copies of the tensors it asks for (the
+    /// files' values, as `Var`s in `dtype` on `device`), after the same checks as
+    /// [`WeightFiles::build`]. Returns the model and its variables by the model's names.
+    pub fn build_trainable<M>(
+        &self,
+        dtype: DType,
+        device: &Device,
+        build: impl Fn(VarBuilder) -> candle_core::Result<M>,
+    ) -> Result<(M, Vec<(String, candle_core::Var)>)> {
+        // Checked as a plain build first (names, shapes), then built again over variables.
+        drop(self.build(dtype, device, &build)?);
+        let vars = Mutex::new(vec![]);
+        let vb = VarBuilder::from_backend(
+            Box::new(Trainable {
+                files: self,
+                vars: &vars,
+            }),
+            dtype,
+            device.clone(),
+        );
+        let model = build(vb).map_err(|e| self.candle_error(e))?;
+        Ok((model, vars.into_inner().unwrap_or_else(|e| e.into_inner())))
+    }
+}
+
+/// Trainable copies of the real tensors.
+struct Trainable<'a> {
+    files: &'a WeightFiles,
+    vars: &'a Mutex<Vec<(String, candle_core::Var)>>,
+}
+
+impl SimpleBackend for Trainable<'_> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = Real(self.files).get(s, name, init, dtype, dev)?;
+        let v = candle_core::Var::from_tensor(&t)?;
+        let out = v.as_tensor().clone();
+        self.vars
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name.to_string(), v));
+        Ok(out)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        Real(self.files).get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        Real(self.files).contains_tensor(name)
+    }
+}
+
 /// The real tensors, once the probe found nothing wrong.
 struct Real<'a>(&'a WeightFiles);
 

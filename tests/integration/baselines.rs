@@ -811,3 +811,127 @@ fn fisher_divergence_measures_learned_words_and_loras() {
     ));
     assert!(fisher(&same, &marked) < 1e-9, "{}", fisher(&same, &marked));
 }
+
+/// One training step of DreamBooth (the whole UNet, as a trainable copy): the loss and every
+/// parameter's gradient (its norm, 1e-3 relative, and its first 256 values, 1e-4 of their
+/// scale) equal diffusers' script's.
+#[test]
+fn a_dreambooth_training_step_matches_diffusers() {
+    let s = steps_fixture();
+    let sd = tiny();
+    let (unet, vars) = sd.trainable_unet().unwrap();
+    let tokens = sd.tokenize("a photo of sks cat").unwrap();
+    let states = sd.text_states(&[&tokens]).unwrap();
+    let (latents, noise) = (get(&s, "batch.latents"), get(&s, "batch.noise"));
+    let ts: Vec<usize> = get(&s, "batch.timesteps")
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&t| t as usize)
+        .collect();
+    let z = sd.scheduler.add_noise(latents, noise, &ts).unwrap();
+    let t = Tensor::new(
+        ts.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ctx = Tensor::cat(&[&states, &states], 0).unwrap();
+    let loss = (unet.forward(&z, &t, &ctx, None).unwrap() - noise)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    let want = scalar(get(&s, "dreambooth.loss"));
+    assert!(
+        (scalar(&loss) - want).abs() <= 1e-4 * want,
+        "loss {} vs {want}",
+        scalar(&loss)
+    );
+    let grads = loss.backward().unwrap();
+    assert!(vars.len() > 100, "{} trainable tensors", vars.len());
+    for (name, var) in &vars {
+        let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt() as f64;
+        let want = get(&s, &format!("dreambooth.grad_norm.{name}"))
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[0];
+        assert!(
+            (norm - want).abs() <= 1e-3 * want.max(1e-6),
+            "{name}: |grad| {norm} vs {want}"
+        );
+        let head = get(&s, &format!("dreambooth.grad_head.{name}"));
+        let n = head.dim(0).unwrap();
+        assert_close(&g.narrow(0, 0, n).unwrap(), head, 1e-4, name);
+    }
+}
+
+/// DreamBooth from a script: the trained UNet runs C (F stays the plain model), joins the
+/// session, and the unet/ folder the command line writes loads back as the same concept.
+#[test]
+fn dreambooth_trains_generates_saves_and_loads_back() {
+    use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
+    let dir = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .args(["train"])
+        .arg(repo().join("assets/example-concept"))
+        .args([
+            "--name",
+            "pot",
+            "--word",
+            "teapot",
+            "--method",
+            "dreambooth",
+            "--train-steps",
+            "2",
+            "--batch",
+            "1",
+            "--lr",
+            "1e-3",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let unet_dir = dir.path().join("pot-unet");
+    assert!(
+        unet_dir.join("config.json").is_file()
+            && unet_dir
+                .join("diffusion_pytorch_model.safetensors")
+                .is_file()
+    );
+    let session = Session::new(ScriptConfig {
+        no_images: true,
+        progress: false,
+        ..ScriptConfig::default()
+    });
+    let engine = build_engine(&session);
+    let mut scope = rhai::Scope::new();
+    scope.push("UNET", unet_dir.display().to_string());
+    let v: rhai::Array = engine
+        .eval_with_scope(
+            &mut scope,
+            r#"let m = load_model();
+               let c = load_concept(UNET, #{name: "pot", word: "teapot"});
+               let g = m.generate("a <pot> on a table", #{steps: 2, seed: 1});
+               let plain = m.generate("a sks teapot on a table", #{steps: 2, seed: 1});
+               let base = m.generate("a teapot on a table", #{steps: 2, seed: 1});
+               [c.method, g.custom_latents.mean() == plain.base_latents.mean(),
+                g.base_latents.mean() == base.base_latents.mean(), `${c}`]"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s: Vec<String> = v.iter().map(|x| x.to_string()).collect();
+    assert_eq!(s[0], "dreambooth");
+    assert_eq!(s[1], "false", "C ran the plain UNet");
+    assert_eq!(s[2], "true", "F is not the plain model");
+    assert!(s[3].contains("sks teapot"), "{}", s[3]);
+}

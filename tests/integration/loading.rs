@@ -208,7 +208,7 @@ fn mapped(path: &Path) -> bool {
 /// On the CPU, weights stored in the dtype asked for are used in place in their mapped files
 /// (nothing copied at load): the files stay mapped while the model lives, the mapping goes with
 /// the model, and the model computes what a loaded copy computes. Weights that must be converted
-/// (f32 files for an f16 model) leave no mapping behind.
+/// (f32 files for an f16 model) leave no mapping behind, but the UNet's (kept to train a copy).
 #[cfg(target_os = "linux")]
 #[test]
 fn weights_are_used_in_place_and_released_with_the_model() {
@@ -240,7 +240,17 @@ fn weights_are_used_in_place_and_released_with_the_model() {
         dtype: candle_core::DType::F16,
         ..Default::default()
     };
+    // Converted weights are copies; the UNet's file stays mapped (not read) while the model
+    // lives, to build a trainable copy from (DreamBooth), and goes with it.
     let sd = StableDiffusion::load_dir(dir.path(), &f16).unwrap();
-    assert!(!mapped(&unet), "converted weights keep their file mapped");
+    let text = dir.path().join("text_encoder/model.safetensors");
+    assert!(
+        !mapped(&text),
+        "converted text-encoder weights keep their file mapped"
+    );
     drop(sd);
+    assert!(
+        !mapped(&unet),
+        "the UNet file is still mapped after the model was dropped"
+    );
 }

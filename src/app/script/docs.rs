@@ -439,7 +439,7 @@ mod tests {
         );
         assert!(
             train.contains(
-                r#"method           "infusion" | "textual_inversion" | "lora" = "infusion""#
+                r#"method           "infusion" | "textual_inversion" | "lora" | "dreambooth" = "infusion""#
             ),
             "{train}"
         );

@@ -101,6 +101,11 @@ impl std::fmt::Display for ConceptVal {
                     a.word,
                     lora.layers.len()
                 ),
+                Change::DreamBooth { unet, trigger } => write!(
+                    f,
+                    "Concept(<{}> = {trigger} {}, dreambooth, {} parameters)",
+                    a.name, a.word, unet.n_params
+                ),
             },
         }
     }
@@ -121,11 +126,11 @@ fn train_spec() -> FnSpec {
         .sig("model.train_concept(folder, name, word) -> Concept")
         .sig("model.train_concept(folder, name, word, options) -> Concept")
         .doc("Trains a concept from a folder of 3-20 images: its name (prompts say <name>) and its class word, by Infusion (the paper's settings by default: AdamW on the residuals only), Textual Inversion (a new word's vectors, from the class word's) or DreamBooth-LoRA (rank-4 factors on the attention projections, prompts saying `trigger word`), as diffusers' training scripts do. Ctrl-C stops and keeps what was learned; the concept joins the session either way.")
-        .opt("method", Kind::Choice(&actions::Method::NAMES), "infusion", "infusion, textual_inversion or lora")
+        .opt("method", Kind::Choice(&actions::Method::NAMES), "infusion", "infusion, textual_inversion, lora or dreambooth (the whole UNet)")
         .opt_unset("train_steps", Kind::POSITIVE, "training steps (default: 500; textual_inversion 3000, diffusers' example)")
-        .opt_unset("lr", Kind::Float, "AdamW's learning rate (default: infusion 0.01, textual_inversion 5e-4 x batch, lora 1e-4)")
+        .opt_unset("lr", Kind::Float, "AdamW's learning rate (default: infusion 0.01, textual_inversion 5e-4 x batch, lora 1e-4, dreambooth 5e-6)")
         .opt("rank", Kind::POSITIVE, 4 as INT, "lora: the rank of its factors")
-        .opt("trigger", Kind::Str, "sks", "lora: the identifier prompts put before the class word")
+        .opt("trigger", Kind::Str, "sks", "lora, dreambooth: the identifier prompts put before the class word")
         .opt("batch", Kind::POSITIVE, d.batch as INT, "images per step")
         .opt("seed", Kind::SEED, d.seed as INT, "seed of every random draw (images, timesteps, noise)")
         .opt("templates", Kind::Strings, d.templates.clone(), "prompt templates, {} for the class word")
@@ -207,7 +212,7 @@ fn load_spec() -> FnSpec {
     FnSpec::new("load_concept")
         .sig("load_concept(path) -> Concept")
         .sig("load_concept(path, options) -> Concept")
-        .doc("Loads a concept file into the session, checked against the loaded model: ours (infusion-concept/1; one trained on another model is refused unless forced), a Textual Inversion embedding (diffusers' learned_embeds.safetensors or AUTOMATIC1111's) or a LoRA (diffusers', PEFT's or kohya's layout). The format is told from the tensors' names; TI and LoRA files need the class word F sees.")
+        .doc("Loads a concept file into the session, checked against the loaded model: ours (infusion-concept/1; one trained on another model is refused unless forced), a Textual Inversion embedding (diffusers' learned_embeds.safetensors or AUTOMATIC1111's) or a LoRA (diffusers', PEFT's or kohya's layout). The format is told from the tensors' names; TI and LoRA files need the class word F sees. A diffusers unet/ folder (DreamBooth's result) loads as a concept whose C runs that UNet.")
         .opt("force", Kind::Bool, false, "use an Infusion concept even if it was trained on another model")
         .opt_unset("name", Kind::Str, "TI and LoRA: what prompts call it (default: the embedding's token, the LoRA file's name)")
         .opt_unset("word", Kind::Str, "TI and LoRA: the class word F sees in its place (required)")
