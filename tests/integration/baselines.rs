@@ -935,3 +935,52 @@ fn dreambooth_trains_generates_saves_and_loads_back() {
     assert_eq!(s[2], "true", "F is not the plain model");
     assert!(s[3].contains("sks teapot"), "{}", s[3]);
 }
+
+/// Files we write, read by diffusers (tests/fixtures/baselines/ours: written by our `train
+/// --method lora|textual_inversion`, their diffusers latents by
+/// tools/check_our_files_in_diffusers.py): loaded back by `load_concept`, C generates what
+/// diffusers generates with them (3 DDIM steps, 1e-3 relative).
+#[test]
+fn files_we_write_give_diffusers_our_images() {
+    use infusion_repl::actions::{load_concept, ConceptRequest};
+    use infusion_repl::{generate_infusion, ConceptSet, InfusionOptions};
+    let sd = tiny();
+    let ours = repo().join("tests/fixtures/baselines/ours");
+    let theirs = infusion_repl::sd::weights::load_safetensors(
+        &ours.join("diffusers_latents.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let g = generation();
+    let mut set = ConceptSet::new();
+    let job = Job::quiet();
+    for (file, name, trigger) in [
+        ("pot_lora.safetensors", "pot", Some("sks")),
+        ("potword.safetensors", "potword", None),
+    ] {
+        let req = ConceptRequest {
+            path: ours.join(file),
+            name: Some(name.into()),
+            word: Some("teapot".into()),
+            trigger: trigger.map(str::to_string),
+            ..Default::default()
+        };
+        load_concept(&req, Some(sd), &mut set, &job).unwrap();
+    }
+    let opts = InfusionOptions {
+        generate: GenerateOptions {
+            steps: 3,
+            guidance: 7.5,
+            noise: Some(get(&g, "init_noise").clone()),
+            ..Default::default()
+        },
+        replace_steps: 1.0,
+    };
+    for (prompt, key) in [
+        ("a photo of <pot> on a table", "lora.latents"),
+        ("a photo of <potword> on a table", "ti.latents"),
+    ] {
+        let out = generate_infusion(sd, &set, prompt, &opts, None, &job).unwrap();
+        assert_close(&out.custom_latents, get(&theirs, key), 1e-3, prompt);
+    }
+}

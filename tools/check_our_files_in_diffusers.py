@@ -1,0 +1,75 @@
+"""Do diffusers read the concept files infusion-repl writes, and generate what we generate?
+
+Reads tests/fixtures/baselines/ours/ (written by `infusion-repl train ... --method lora|
+textual_inversion` on the bundled tiny model; the commands are in tests/fixtures/README.md),
+loads each with diffusers' own loaders and writes
+tests/fixtures/baselines/ours/diffusers_latents.safetensors: 3 DDIM steps, guidance 7.5, the
+txt2img reference's `init_noise`:
+- `lora.latents`: "a photo of sks teapot on a table" after `pipe.load_lora_weights(pot_lora)`;
+- `ti.latents`: "a photo of <potword> on a table" after `pipe.load_textual_inversion(potword)`.
+With `--dreambooth DIR` it also checks that `UNet2DConditionModel.from_pretrained(DIR)` reads a
+unet/ folder written by `train --method dreambooth` (asserted, nothing written).
+
+The Rust test (tests/integration/baselines.rs) loads the same files with `load_concept` and
+compares its C with these latents.
+
+Run from the project root with the reference environment:
+    python tools/check_our_files_in_diffusers.py [--dreambooth /tmp/potdb-unet]
+"""
+
+import argparse
+import os
+
+import diffusers
+import safetensors.torch
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "models", "tiny-sd")
+OURS = os.path.join(ROOT, "tests", "fixtures", "baselines", "ours")
+REF = os.path.join(ROOT, "tests", "fixtures", "reference")
+
+
+def pipeline():
+    pipe = StableDiffusionPipeline.from_pretrained(TINY, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt, init):
+    return pipe(prompt, negative_prompt="", num_inference_steps=3, guidance_scale=7.5,
+                latents=init.clone(), output_type="latent").images
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dreambooth")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    init = safetensors.torch.load_file(os.path.join(REF, "txt2img.safetensors"))["init_noise"]
+    out = {}
+    pipe = pipeline()
+    pipe.load_lora_weights(OURS, weight_name="pot_lora.safetensors")
+    out["lora.latents"] = generate(pipe, "a photo of sks teapot on a table", init)
+    plain = generate(pipeline(), "a photo of sks teapot on a table", init)
+    assert (plain - out["lora.latents"]).abs().max() > 1e-4, "our LoRA changes nothing in diffusers"
+    pipe = pipeline()
+    pipe.load_textual_inversion(os.path.join(OURS, "potword.safetensors"))
+    out["ti.latents"] = generate(pipe, "a photo of <potword> on a table", init)
+    if args.dreambooth:
+        unet = UNet2DConditionModel.from_pretrained(args.dreambooth)
+        base = UNet2DConditionModel.from_pretrained(TINY, subfolder="unet")
+        moved = sum(float((a - b).abs().sum()) for a, b in zip(unet.parameters(), base.parameters()))
+        assert moved > 0, "the DreamBooth UNet equals the base one"
+        print("dreambooth unet/ folder read by diffusers: OK")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in out.items()},
+                                os.path.join(OURS, "diffusers_latents.safetensors"),
+                                metadata={"diffusers": diffusers.__version__, "torch": torch.__version__,
+                                          "script": "tools/check_our_files_in_diffusers.py"})
+    os.chmod(os.path.join(OURS, "diffusers_latents.safetensors"), 0o644)
+    print({k: list(v.shape) for k, v in out.items()})
+
+
+if __name__ == "__main__":
+    main()
