@@ -216,6 +216,16 @@ struct TrainArgs {
     /// LoRA and DreamBooth: the identifier prompts put before the class word.
     #[arg(long, default_value = "sks")]
     trigger: String,
+    /// LoRA and DreamBooth: prior preservation, with class images the model makes of "a photo
+    /// of a WORD".
+    #[arg(long)]
+    prior: bool,
+    /// How many class images prior preservation makes (diffusers' default).
+    #[arg(long, default_value_t = 100)]
+    prior_images: usize,
+    /// The weight of the class images' loss.
+    #[arg(long, default_value_t = 1.0)]
+    prior_weight: f64,
     /// Training steps (in total, when resuming; default: 500, textual_inversion 3000).
     #[arg(long)]
     train_steps: Option<usize>,
@@ -445,6 +455,10 @@ fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) ->
             ..defaults
         },
         method,
+        prior: args.prior.then(|| actions::Prior {
+            images: args.prior_images,
+            weight: args.prior_weight,
+        }),
         resume: args.resume.clone(),
         out: Some(out.clone()),
         save_f32: args.f32,

@@ -984,3 +984,59 @@ fn files_we_write_give_diffusers_our_images() {
         assert_close(&out.custom_latents, get(&theirs, key), 1e-3, prompt);
     }
 }
+
+/// Prior preservation adds the class images' loss, times its weight, to each step's: LoRA's
+/// first step (the plain model, up factors 0) costs more with it, exactly the same at weight 0;
+/// Textual Inversion and Infusion refuse it.
+#[test]
+fn prior_preservation_adds_the_class_loss() {
+    use infusion_repl::actions::{train_concept, Method, Prior, TrainRequest};
+    use infusion_repl::infusion::train::TrainOptions;
+    let sd = tiny();
+    let req = |method: Method, prior: Option<Prior>| TrainRequest {
+        folder: repo().join("assets/example-concept"),
+        name: "pot".into(),
+        word: "teapot".into(),
+        method,
+        prior,
+        options: TrainOptions {
+            steps: 1,
+            lr: 1e-4,
+            batch: 1,
+            ..Default::default()
+        },
+        resume: None,
+        out: None,
+        save_f32: false,
+    };
+    let lora = || Method::Lora {
+        rank: 4,
+        trigger: "sks".into(),
+    };
+    let job = Job::quiet();
+    let first = |r: TrainRequest| train_concept(sd, &r, &job).unwrap().losses[0];
+    let plain = first(req(lora(), None));
+    let with = first(req(
+        lora(),
+        Some(Prior {
+            images: 2,
+            weight: 1.0,
+        }),
+    ));
+    let zero = first(req(
+        lora(),
+        Some(Prior {
+            images: 2,
+            weight: 0.0,
+        }),
+    ));
+    assert!(with > plain, "{with} <= {plain}");
+    assert_eq!(zero, plain);
+    for m in [Method::TextualInversion, Method::Infusion] {
+        let e = train_concept(sd, &req(m, Some(Prior::default())), &job)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("prior"), "{e}");
+    }
+}

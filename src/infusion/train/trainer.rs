@@ -274,6 +274,9 @@ pub struct Trainer<'a> {
     previous: Option<Snapshot>,
     /// Loss scaling, for f16 models.
     scaler: Option<LossScale>,
+    /// Prior preservation: the class images (with the class prompt) and the weight of their
+    /// loss, added to each step's.
+    prior: Option<(TrainingSet, f64)>,
 }
 
 /// The random stream of training step `step` (`eval`: the evaluation set's).
@@ -347,7 +350,28 @@ impl<'a> Trainer<'a> {
             step: 0,
             previous: None,
             scaler: (sd.dtype() == DType::F16).then(LossScale::new),
+            prior: None,
         })
+    }
+
+    /// Prior preservation (DreamBooth's): every step also fits `class_images` (made by the plain
+    /// model) with the class prompt `a photo of a WORD`, their loss weighted by `weight`.
+    pub fn set_prior(&mut self, class_images: &[RgbImage], weight: f64) -> Result<()> {
+        if !weight.is_finite() || weight < 0.0 {
+            return Err(Error::arg(
+                "prior_weight",
+                format!("{weight} is not a weight (a finite number >= 0)"),
+            ));
+        }
+        let data = TrainingSet::new(
+            self.sd,
+            &self.word,
+            class_images,
+            &["a photo of a {}".to_string()],
+            false,
+        )?;
+        self.prior = Some((data, weight));
+        Ok(())
     }
 
     pub fn steps_done(&self) -> usize {
@@ -441,7 +465,13 @@ impl<'a> Trainer<'a> {
     pub fn step(&mut self) -> Result<f32> {
         let mut rng = step_rng(self.opts.seed, self.step, false);
         let batch = self.data.draw(self.sd, &mut rng, self.opts.batch)?;
-        let loss = self.loss(&batch, &self.var_tensors())?;
+        let params = self.var_tensors();
+        let mut loss = self.loss(&batch, &params)?;
+        if let Some((data, weight)) = &self.prior {
+            let class = data.draw(self.sd, &mut rng, self.opts.batch)?;
+            let prior = self.learner.loss(self.sd, data, &class, &params)?;
+            loss = (loss + (prior * *weight)?)?;
+        }
         let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         if !value.is_finite() {
             let failed = self.step + 1;

@@ -131,6 +131,9 @@ fn train_spec() -> FnSpec {
         .opt_unset("lr", Kind::Float, "AdamW's learning rate (default: infusion 0.01, textual_inversion 5e-4 x batch, lora 1e-4, dreambooth 5e-6)")
         .opt("rank", Kind::POSITIVE, 4 as INT, "lora: the rank of its factors")
         .opt("trigger", Kind::Str, "sks", "lora, dreambooth: the identifier prompts put before the class word")
+        .opt("prior", Kind::Bool, false, "lora, dreambooth: prior preservation with class images the model makes of \"a photo of a WORD\"")
+        .opt("prior_images", Kind::POSITIVE, 100 as INT, "how many class images prior preservation makes")
+        .opt("prior_weight", Kind::Float, 1.0, "the weight of the class images' loss")
         .opt("batch", Kind::POSITIVE, d.batch as INT, "images per step")
         .opt("seed", Kind::SEED, d.seed as INT, "seed of every random draw (images, timesteps, noise)")
         .opt("templates", Kind::Strings, d.templates.clone(), "prompt templates, {} for the class word")
@@ -171,6 +174,10 @@ fn train(
             weight_decay: d.weight_decay,
         },
         method,
+        prior: o.bool("prior").unwrap_or(false).then(|| actions::Prior {
+            images: o.usize("prior_images").unwrap_or(100),
+            weight: o.float("prior_weight").unwrap_or(1.0),
+        }),
         resume: None,
         out: None,
         save_f32: false,
