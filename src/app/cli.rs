@@ -455,7 +455,7 @@ fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) ->
             ..defaults
         },
         method,
-        prior: args.prior.then(|| actions::Prior {
+        prior: args.prior.then_some(actions::Prior {
             images: args.prior_images,
             weight: args.prior_weight,
         }),
