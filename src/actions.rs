@@ -579,7 +579,7 @@ pub fn load_concept(
             "word",
             format!(
                 "{} holds no class word: say which word F sees in place of <{name}> \
-                 (load_concept(path, #{{word: \"cat\"}}))",
+                 (--concept FILE:WORD, or load_concept(path, #{{word: \"cat\"}}))",
                 path.display()
             ),
         )

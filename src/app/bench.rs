@@ -13,7 +13,7 @@ use crate::infusion::concept::ConceptSet;
 use crate::infusion::generate::{generate_infusion, InfusionOptions};
 use crate::infusion::train::{TrainOptions, Trainer};
 use crate::job::Job;
-use crate::methods::learners::{LearnedWord, LoraLearner};
+use crate::methods::learners::{FullUnet, LearnedWord, LoraLearner};
 use crate::sd::attention::naive_attention;
 use crate::sd::fused::{self, group_norm::GroupNorm, Kernels};
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
@@ -332,6 +332,16 @@ impl Bench<'_> {
         for (name, learner) in learners {
             let mut t = Trainer::with_learner(sd, "thing", "cat", &images, opts.clone(), learner)?;
             self.measure(name, unet4.map(|t| ("unet batch 4", t)), || t.step())?;
+        }
+        // DreamBooth trains a copy of the UNet built from its files: none for random weights.
+        if !sd.weight_files().is_empty() && sd.files().is_some() {
+            let learner = Box::new(FullUnet::new(sd, "sks")?);
+            let mut t = Trainer::with_learner(sd, "thing", "cat", &images, opts, learner)?;
+            self.measure(
+                "training step, batch 4, dreambooth",
+                unet4.map(|t| ("unet batch 4", t)),
+                || t.step(),
+            )?;
         }
         Ok(())
     }

@@ -297,7 +297,9 @@ struct GenerateArgs {
     /// A safetensors file whose tensor `noise` is the initial latent.
     #[arg(long)]
     noise: Option<PathBuf>,
-    /// A concept file to load (repeat for several); prompts use them as `<name>`.
+    /// A concept to load (repeat for several); prompts use them as `<name>`: an Infusion file,
+    /// or `FILE:WORD` for a Textual Inversion or LoRA file or a DreamBooth unet/ folder (WORD:
+    /// the class word the plain model sees in its place).
     #[arg(long = "concept")]
     concepts: Vec<PathBuf>,
     /// Load concepts trained on another model anyway.
@@ -309,6 +311,19 @@ struct GenerateArgs {
     /// Write the cross-attention maps of F and C (every step) to this safetensors file.
     #[arg(long)]
     maps: Option<PathBuf>,
+}
+
+/// `FILE` or `FILE:WORD` (a path that exists as given is taken whole, colons and all).
+fn concept_spec(spec: &Path) -> (PathBuf, Option<String>) {
+    let text = spec.to_string_lossy();
+    if !spec.exists() {
+        if let Some((file, word)) = text.rsplit_once(':') {
+            if Path::new(file).exists() && !word.is_empty() {
+                return (PathBuf::from(file), Some(word.to_string()));
+            }
+        }
+    }
+    (spec.to_path_buf(), None)
 }
 
 fn load_model(global: &GlobalArgs, job: &Job) -> Result<StableDiffusion> {
@@ -369,9 +384,11 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
     }
     let sd = load_model(global, job)?;
     let mut concepts = ConceptSet::new();
-    for path in &args.concepts {
+    for spec in &args.concepts {
+        let (path, word) = concept_spec(spec);
         let req = actions::ConceptRequest {
             path: path.clone(),
+            word,
             force: args.force,
             ..Default::default()
         };

@@ -1040,3 +1040,42 @@ fn prior_preservation_adds_the_class_loss() {
         assert!(e.contains("prior"), "{e}");
     }
 }
+
+/// On the command line, `--concept FILE:WORD` loads a TI or LoRA file with its class word; a
+/// file without one says how to give it.
+#[test]
+fn the_command_line_takes_ti_and_lora_files_with_their_word() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let ti = format!("{}:cat", fixture("learned_embeds.safetensors").display());
+    let o = run(&[
+        "generate",
+        "a <thing> by a teapot",
+        "--steps",
+        "2",
+        "--concept",
+        &ti,
+        "-o",
+        "t.png",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(dir.path().join("t.custom.png").is_file());
+    let bare = fixture("kohya_lora.safetensors").display().to_string();
+    let o = run(&[
+        "generate",
+        "a <kohya_lora>",
+        "--steps",
+        "1",
+        "--concept",
+        &bare,
+    ]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("FILE:WORD") && e.contains("kohya_lora"), "{e}");
+}

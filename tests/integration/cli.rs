@@ -282,10 +282,11 @@ fn bench_smoke_run_reports_every_measurement() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("b.json")).unwrap()).unwrap();
     assert_eq!(json["kernels"], "fused");
     let rows = json["rows"].as_array().unwrap();
-    // Loading against reading the files, five pipeline rows, a training step of the other two
+    // Loading against reading the files, five pipeline rows, a training step of the other three
     // methods, then the first self-attention and the first group norm + SiLU alone: naive,
     // and fused against it.
-    assert_eq!(rows.len(), 13);
+    assert_eq!(rows.len(), 14);
+    assert!(rows[9]["name"].as_str().unwrap().ends_with("dreambooth"));
     assert_eq!(rows[0]["name"], "read the weight files once");
     assert_eq!(rows[1]["ratio"][0], "reading its files");
     assert!(rows[7]["name"]
@@ -293,7 +294,7 @@ fn bench_smoke_run_reports_every_measurement() {
         .unwrap()
         .ends_with("textual_inversion"));
     assert_eq!(rows[8]["ratio"][0], "unet batch 4");
-    for i in [9, 11] {
+    for i in [10, 12] {
         assert!(
             rows[i]["name"].as_str().unwrap().ends_with("naive"),
             "{}",
