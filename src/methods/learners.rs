@@ -14,7 +14,7 @@ use super::files::{Embedding, Lora, LoraLayer, LoraLayout, LoraTarget};
 use super::lora::LoraHook;
 use super::textual_inversion::text_states;
 use crate::error::{Error, Result};
-use crate::sd::hook::{BatchLayout, Branch, Guidance, HookCtx, Projection};
+use crate::sd::hook::{BatchLayout, Branch, Guidance, HookCtx};
 use crate::sd::pipeline::StableDiffusion;
 use crate::train::{Batch, Learner, TrainingSet};
 
@@ -156,6 +156,8 @@ impl Learner for LearnedWord {
 /// plain model; prompts say `trigger word`.
 pub struct LoraLearner {
     trigger: String,
+    /// The projections it adapts, resolved once.
+    targets: Vec<super::lora::Target>,
     vars: BTreeMap<String, Var>,
     initial: BTreeMap<String, Tensor>,
 }
@@ -166,31 +168,19 @@ impl LoraLearner {
             return Err(Error::arg("rank", "must be at least 1"));
         }
         check_trigger(trigger)?;
-        let weights: BTreeMap<String, Vec<usize>> = crate::sd::weights::tensors_asked(|vb| {
-            crate::sd::unet::UNet::new(vb, sd.unet.config()).map(|_| ())
-        })?
-        .into_iter()
-        .collect();
+        let targets = super::lora::targets(sd)?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut vars = BTreeMap::new();
-        for layer in sd.unet.attention_layers() {
-            for p in Projection::ALL {
-                let module = format!("{}.{}", layer.path, p.module());
-                let Some([out, inp]) = weights
-                    .get(&format!("{module}.weight"))
-                    .map(|s| [s[0], s[1]])
-                else {
-                    continue;
-                };
-                let down = (crate::util::noise::normal(&mut rng, &[rank, inp], sd.device())?
-                    * (1.0 / rank as f64))?;
-                let up = Tensor::zeros((out, rank), DType::F32, sd.device())?;
-                vars.insert(
-                    format!("{module}.lora.down.weight"),
-                    Var::from_tensor(&down)?,
-                );
-                vars.insert(format!("{module}.lora.up.weight"), Var::from_tensor(&up)?);
-            }
+        for t in &targets {
+            let (module, [out, inp]) = (t.module(), t.shape);
+            let down = (crate::util::noise::normal(&mut rng, &[rank, inp], sd.device())?
+                * (1.0 / rank as f64))?;
+            let up = Tensor::zeros((out, rank), DType::F32, sd.device())?;
+            vars.insert(
+                format!("{module}.lora.down.weight"),
+                Var::from_tensor(&down)?,
+            );
+            vars.insert(format!("{module}.lora.up.weight"), Var::from_tensor(&up)?);
         }
         let initial = vars
             .iter()
@@ -198,6 +188,7 @@ impl LoraLearner {
             .collect();
         Ok(Self {
             trigger: trigger.to_string(),
+            targets,
             vars,
             initial,
         })
@@ -278,7 +269,7 @@ impl Learner for LoraLearner {
         batch: &Batch,
         params: &BTreeMap<String, Tensor>,
     ) -> Result<Tensor> {
-        let hook = LoraHook::new(&Self::lora(params), sd, 1.0, None)?;
+        let hook = LoraHook::bind(&Self::lora(params), &self.targets, sd, 1.0, None)?;
         let (states, _) = data.prompts(sd, batch)?;
         ddpm_loss(sd, data, batch, &states, Some(&hook))
     }

@@ -28,12 +28,64 @@ pub struct LoraHook {
     branch: Option<Branch>,
 }
 
+/// One attention projection of a UNet: its layer's path, which projection, and its weight's
+/// shape `[out, in]`.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub path: String,
+    pub projection: Projection,
+    pub shape: [usize; 2],
+}
+
+impl Target {
+    /// Its module's path, `LAYER.to_q`.
+    pub fn module(&self) -> String {
+        format!("{}.{}", self.path, self.projection.module())
+    }
+}
+
+/// The attention projections a LoRA can adapt in `sd`'s UNet (read from its config once: a
+/// trainer binds new factors to them every step).
+pub fn targets(sd: &StableDiffusion) -> Result<Vec<Target>> {
+    let weights: HashMap<String, Vec<usize>> = crate::sd::weights::tensors_asked(|vb| {
+        crate::sd::unet::UNet::new(vb, sd.unet.config()).map(|_| ())
+    })?
+    .into_iter()
+    .collect();
+    let mut out = vec![];
+    for layer in sd.unet.attention_layers() {
+        for projection in Projection::ALL {
+            let path = layer.path.clone();
+            let key = format!("{path}.{}.weight", projection.module());
+            if let Some([o, i]) = weights.get(&key).map(|s| [s[0], s[1]]) {
+                out.push(Target {
+                    path,
+                    projection,
+                    shape: [o, i],
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl LoraHook {
     /// Resolves `lora`'s UNet layers against `sd`'s attention projections and checks their
     /// shapes. A layer this tool cannot apply (another module, the text encoder) is refused with
     /// its name; a layer of other shapes with both shapes.
     pub fn new(
         lora: &Lora,
+        sd: &StableDiffusion,
+        scale: f64,
+        branch: Option<Branch>,
+    ) -> Result<Self> {
+        Self::bind(lora, &targets(sd)?, sd, scale, branch)
+    }
+
+    /// [`LoraHook::new`] against `targets` (from [`targets`] of `sd`).
+    pub fn bind(
+        lora: &Lora,
+        targets: &[Target],
         sd: &StableDiffusion,
         scale: f64,
         branch: Option<Branch>,
@@ -46,38 +98,22 @@ impl LoraHook {
                 lora.text_encoder_layers().count() - 1
             )));
         }
-        let weights: HashMap<String, Vec<usize>> = crate::sd::weights::tensors_asked(|vb| {
-            crate::sd::unet::UNet::new(vb, sd.unet.config()).map(|_| ())
-        })?
-        .into_iter()
-        .collect();
-        let name = |layer: &LayerInfo, p: Projection| {
-            let dotted = format!("{}.{}", layer.path, p.module());
-            match lora.layout {
-                LoraLayout::Kohya => dotted.replace('.', "_"),
-                _ => dotted,
-            }
+        let name = |t: &Target| match lora.layout {
+            LoraLayout::Kohya => t.module().replace('.', "_"),
+            _ => t.module(),
         };
-        let mut targets: HashMap<String, (String, Projection)> = HashMap::new();
-        for layer in sd.unet.attention_layers() {
-            for p in Projection::ALL {
-                targets.insert(name(layer, p), (layer.path.clone(), p));
-            }
-        }
+        let by_name: HashMap<String, &Target> = targets.iter().map(|t| (name(t), t)).collect();
         let (device, dtype) = (sd.device(), sd.dtype());
         let mut factors = HashMap::new();
         for l in lora.unet_layers() {
-            let (path, p) = targets.get(&l.module).cloned().ok_or_else(|| {
+            let t = by_name.get(&l.module).ok_or_else(|| {
                 Error::Unsupported(format!(
                     "this LoRA adapts `{}`, which is not an attention projection (to_q, to_k, \
                      to_v, to_out.0) of this UNet: only those are applied",
                     l.module
                 ))
             })?;
-            let weight = weights
-                .get(&format!("{path}.{}.weight", p.module()))
-                .cloned()
-                .unwrap_or_default();
+            let (path, p, weight) = (t.path.clone(), t.projection, t.shape);
             let (rank, inp) = (l.down.dims()[0], l.down.dims()[1]);
             let out = l.up.dims()[0];
             if weight != [out, inp] {
