@@ -520,7 +520,6 @@ pub fn load_concept(
     set: &mut crate::infusion::concept::ConceptSet,
     job: &Job,
 ) -> Result<LoadedConcept> {
-    use crate::infusion::concept::{check_name, check_word};
     use crate::methods::adapted::{Adapted, Change};
     use crate::methods::files::{read, ConceptFile};
     let path = &req.path;
@@ -572,19 +571,7 @@ pub fn load_concept(
         ),
         ConceptFile::Infusion => unreachable!("handled above"),
     };
-    let name = req.name.clone().unwrap_or(default_name);
-    check_name(&name)?;
-    let word = req.word.clone().ok_or_else(|| {
-        Error::arg(
-            "word",
-            format!(
-                "{} holds no class word: say which word F sees in place of <{name}> \
-                 (--concept FILE:WORD, or load_concept(path, #{{word: \"cat\"}}))",
-                path.display()
-            ),
-        )
-    })?;
-    check_word(&word)?;
+    let (name, word) = name_and_word(req, default_name)?;
     if let (Change::TextualInversion(_), Some(_)) = (&change, &req.trigger) {
         return Err(Error::arg(
             "trigger",
@@ -617,6 +604,26 @@ pub fn load_concept(
     let adapted = std::sync::Arc::new(adapted);
     set.add_adapted(adapted.clone(), job);
     Ok(LoadedConcept::Adapted(adapted))
+}
+
+/// The name (the request's, else `default_name`) and the class word (which the request must
+/// give) of a concept file that holds neither, both checked.
+fn name_and_word(req: &ConceptRequest, default_name: String) -> Result<(String, String)> {
+    use crate::infusion::concept::{check_name, check_word};
+    let name = req.name.clone().unwrap_or(default_name);
+    check_name(&name)?;
+    let word = req.word.clone().ok_or_else(|| {
+        Error::arg(
+            "word",
+            format!(
+                "{} holds no class word: say which word F sees in place of <{name}> \
+                 (--concept FILE:WORD, or load_concept(path, #{{word: \"cat\"}}))",
+                req.path.display()
+            ),
+        )
+    })?;
+    check_word(&word)?;
+    Ok((name, word))
 }
 
 /// A concept taken in by [`load_concept`].
@@ -668,21 +675,10 @@ fn load_tuned_unet(
     let weights =
         crate::sd::hub::find_weights(path, "diffusion_pytorch_model", sd.dtype() == DType::F16)?;
     let unet = crate::metrics::fisher::load_unet_weights(sd, &weights)?;
-    let name = req.name.clone().unwrap_or_else(|| {
-        path.file_name()
-            .map_or_else(String::new, |s| s.to_string_lossy().into_owned())
-    });
-    crate::infusion::concept::check_name(&name)?;
-    let word = req.word.clone().ok_or_else(|| {
-        Error::arg(
-            "word",
-            format!(
-                "{} holds no class word: say which word F sees in place of <{name}>",
-                path.display()
-            ),
-        )
-    })?;
-    crate::infusion::concept::check_word(&word)?;
+    let folder = path
+        .file_name()
+        .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    let (name, word) = name_and_word(req, folder)?;
     let n_params = crate::sd::weights::tensors_asked(|vb| {
         crate::sd::unet::UNet::new(vb, sd.unet.config()).map(|_| ())
     })?

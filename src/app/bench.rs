@@ -333,8 +333,9 @@ impl Bench<'_> {
             let mut t = Trainer::with_learner(sd, "thing", "cat", &images, opts.clone(), learner)?;
             self.measure(name, unet4.map(|t| ("unet batch 4", t)), || t.step())?;
         }
-        // DreamBooth trains a copy of the UNet built from its files: none for random weights.
-        if !sd.weight_files().is_empty() && sd.files().is_some() {
+        // DreamBooth trains a copy of the UNet built from its files and saves it with the
+        // folder's config: models loaded from a diffusers folder.
+        if sd.files().is_some() {
             let learner = Box::new(FullUnet::new(sd, "sks")?);
             let mut t = Trainer::with_learner(sd, "thing", "cat", &images, opts, learner)?;
             self.measure(
