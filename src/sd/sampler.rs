@@ -81,18 +81,27 @@ pub struct SamplerOptions {
 impl SamplerOptions {
     /// Options by name: `scheduler` is one of [`SamplerKind::NAMES`].
     pub fn parse(scheduler: &str, karras: bool) -> Result<Self> {
-        let kind = SamplerKind::parse(scheduler)?;
-        if karras && !kind.offers_karras() {
+        let options = Self {
+            kind: SamplerKind::parse(scheduler)?,
+            karras,
+        };
+        options.check()?;
+        Ok(options)
+    }
+
+    /// Karras sigmas only for the kinds that offer them.
+    pub fn check(&self) -> Result<()> {
+        if self.karras && !self.kind.offers_karras() {
             return Err(Error::arg(
                 "karras",
                 format!(
                     "the {} scheduler has no Karras sigmas (diffusers offers them for dpmpp_2m \
                      and euler)",
-                    kind.name()
+                    self.kind.name()
                 ),
             ));
         }
-        Ok(Self { kind, karras })
+        Ok(())
     }
 
     /// The name AUTOMATIC1111's web UI gives this sampler in its PNG `parameters`.
@@ -179,6 +188,14 @@ fn arange_down(start: f64, step: f64) -> Vec<f64> {
     (0..n).map(|i| start - i as f64 * step).collect()
 }
 
+/// "trailing" spacing, from the noisiest: `np.arange(T, 0, -T / n).round() - 1`.
+fn trailing(t_total: f64, n: usize) -> Vec<f64> {
+    arange_down(t_total, t_total / n as f64)
+        .into_iter()
+        .map(|t| t.round_ties_even() - 1.0)
+        .collect()
+}
+
 /// `np.interp(x, 0..len, ys)`.
 fn interp(x: f64, ys: &[f32]) -> f64 {
     let last = ys.len() - 1;
@@ -238,12 +255,7 @@ impl<'a> Plan<'a> {
                 format!("{steps}: the scheduler has {t_total} timesteps, so 1 to {t_total} denoising steps"),
             ));
         }
-        if options.karras && !options.kind.offers_karras() {
-            return Err(Error::arg(
-                "karras",
-                format!("the {} scheduler has no Karras sigmas", options.kind.name()),
-            ));
-        }
+        options.check()?;
         let spacing = cfg.timestep_spacing.as_str();
         let offset = cfg.steps_offset as f64;
         let tf = t_total as f64;
@@ -272,10 +284,7 @@ impl<'a> Plan<'a> {
                         .rev()
                         .map(|t| t as f32 as f64)
                         .collect(),
-                    "trailing" => arange_down(tf, tf / steps as f64)
-                        .into_iter()
-                        .map(|t| t.round_ties_even() - 1.0)
-                        .collect(),
+                    "trailing" => trailing(tf, steps),
                     _ => {
                         let ratio = (t_total / steps) as f64;
                         (0..steps)
@@ -309,10 +318,7 @@ impl<'a> Plan<'a> {
                         v.pop();
                         v
                     }
-                    "trailing" => arange_down(tf, tf / steps as f64)
-                        .into_iter()
-                        .map(|t| t.round_ties_even() - 1.0)
-                        .collect(),
+                    "trailing" => trailing(tf, steps),
                     _ => {
                         let ratio = (t_total / (steps + 1)) as f64;
                         (1..=steps)
@@ -353,10 +359,10 @@ impl<'a> Plan<'a> {
                         .into_iter()
                         .map(|t| t.round_ties_even() as i64)
                         .collect(),
-                    "trailing" => arange_down(tf, tf / steps as f64)
+                    "trailing" => trailing(tf, steps)
                         .into_iter()
                         .rev()
-                        .map(|t| t.round_ties_even() as i64 - 1)
+                        .map(|t| t as i64)
                         .collect(),
                     _ => {
                         let ratio = (t_total / steps) as i64;
