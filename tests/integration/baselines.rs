@@ -25,6 +25,26 @@ fn generation() -> std::collections::HashMap<String, Tensor> {
         .unwrap()
 }
 
+/// The settings of the generation references: 3 DDIM steps, guidance 7.5, their noise.
+fn reference_options(g: &std::collections::HashMap<String, Tensor>) -> GenerateOptions {
+    GenerateOptions {
+        steps: 3,
+        guidance: 7.5,
+        noise: Some(get(g, "init_noise").clone()),
+        ..Default::default()
+    }
+}
+
+/// A script engine of its own session, without images or progress bars.
+fn script_engine() -> rhai::Engine {
+    use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
+    build_engine(&Session::new(ScriptConfig {
+        no_images: true,
+        progress: false,
+        ..ScriptConfig::default()
+    }))
+}
+
 fn embedding(path: &Path) -> infusion_repl::methods::files::Embedding {
     match read(path).unwrap() {
         ConceptFile::TextualInversion(e) => e,
@@ -173,12 +193,7 @@ fn a_learned_word_generates_what_diffusers_generates() {
     let span = span[0]..span[span.len() - 1] + 1;
     let e = embedding(&fixture("learned_embeds.safetensors"));
     let learned = text_states(sd, &tokens, span, &e).unwrap();
-    let opts = GenerateOptions {
-        steps: 3,
-        guidance: 7.5,
-        noise: Some(get(&g, "init_noise").clone()),
-        ..Default::default()
-    };
+    let opts = reference_options(&g);
     let init = sd.initial_latents(&opts).unwrap();
     let traj = |branch, cond: Tensor| Trajectory {
         branch,
@@ -223,12 +238,7 @@ fn pair_with(hook: &dyn infusion_repl::AttentionHook, prompt: &str) -> Vec<Tenso
     let states = sd
         .text_states(&[&sd.tokenize("").unwrap(), &sd.tokenize(prompt).unwrap()])
         .unwrap();
-    let opts = GenerateOptions {
-        steps: 3,
-        guidance: 7.5,
-        noise: Some(get(&g, "init_noise").clone()),
-        ..Default::default()
-    };
+    let opts = reference_options(&g);
     let traj = |b| Trajectory {
         branch: Branch(b),
         sample: 0,
@@ -253,16 +263,7 @@ fn a_lora_on_c_generates_what_diffusers_generates_and_f_stays_plain() {
     let sd = tiny();
     let prompt = "a photo of sks cat by a teapot";
     let plain = sd
-        .generate(
-            prompt,
-            &GenerateOptions {
-                steps: 3,
-                guidance: 7.5,
-                noise: Some(get(&g, "init_noise").clone()),
-                ..Default::default()
-            },
-            &Job::quiet(),
-        )
+        .generate(prompt, &reference_options(&g), &Job::quiet())
         .unwrap()
         .latents;
     for (file, scale, reference) in [
@@ -510,12 +511,7 @@ fn adapted_concepts_generate_through_the_session_pair() {
         &job,
     );
     let opts = InfusionOptions {
-        generate: GenerateOptions {
-            steps: 3,
-            guidance: 7.5,
-            noise: Some(get(&g, "init_noise").clone()),
-            ..Default::default()
-        },
+        generate: reference_options(&g),
         replace_steps: 1.0,
     };
     let ti = generate_infusion(
@@ -573,13 +569,7 @@ fn adapted_concepts_generate_through_the_session_pair() {
 /// said, prompts use them, Infusion-only properties and missing class words are clear errors.
 #[test]
 fn scripts_load_and_use_ti_and_lora_files() {
-    use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
-    let session = Session::new(ScriptConfig {
-        no_images: true,
-        progress: false,
-        ..ScriptConfig::default()
-    });
-    let engine = build_engine(&session);
+    let engine = script_engine();
     let mut scope = rhai::Scope::new();
     scope.push("DIR", fixture("").display().to_string());
     let v: rhai::Array = engine
@@ -697,14 +687,8 @@ fn every_learner_starts_from_the_plain_model_and_learns() {
 /// `save_lora_weights` wrote for this model, the word as `{"<name>": [1, 32]}`.
 #[test]
 fn scripts_train_save_and_use_lora_and_ti_concepts() {
-    use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
     let dir = tempfile::tempdir().unwrap();
-    let session = Session::new(ScriptConfig {
-        no_images: true,
-        progress: false,
-        ..ScriptConfig::default()
-    });
-    let engine = build_engine(&session);
+    let engine = script_engine();
     let mut scope = rhai::Scope::new();
     scope.push(
         "IMAGES",
@@ -879,7 +863,6 @@ fn a_dreambooth_training_step_matches_diffusers() {
 /// session, and the unet/ folder the command line writes loads back as the same concept.
 #[test]
 fn dreambooth_trains_generates_saves_and_loads_back() {
-    use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
     let dir = tempfile::tempdir().unwrap();
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
         .args(["train"])
@@ -909,12 +892,7 @@ fn dreambooth_trains_generates_saves_and_loads_back() {
                 .join("diffusion_pytorch_model.safetensors")
                 .is_file()
     );
-    let session = Session::new(ScriptConfig {
-        no_images: true,
-        progress: false,
-        ..ScriptConfig::default()
-    });
-    let engine = build_engine(&session);
+    let engine = script_engine();
     let mut scope = rhai::Scope::new();
     scope.push("UNET", unet_dir.display().to_string());
     let v: rhai::Array = engine
@@ -968,12 +946,7 @@ fn files_we_write_give_diffusers_our_images() {
         load_concept(&req, Some(sd), &mut set, &job).unwrap();
     }
     let opts = InfusionOptions {
-        generate: GenerateOptions {
-            steps: 3,
-            guidance: 7.5,
-            noise: Some(get(&g, "init_noise").clone()),
-            ..Default::default()
-        },
+        generate: reference_options(&g),
         replace_steps: 1.0,
     };
     for (prompt, key) in [
