@@ -150,6 +150,14 @@ impl WeightFiles {
         device: &Device,
         build: impl Fn(VarBuilder) -> candle_core::Result<M>,
     ) -> Result<M> {
+        self.check(&build)?;
+        let vb = VarBuilder::from_backend(Box::new(Real(self)), dtype, device.clone());
+        build(vb).map_err(|e| self.candle_error(e))
+    }
+
+    /// Builds `build` against placeholders: every tensor it asks for must be in the files with
+    /// its shape (all problems reported at once), and the build must succeed.
+    fn check<M>(&self, build: impl Fn(VarBuilder) -> candle_core::Result<M>) -> Result<()> {
         let probe = Probe {
             files: self,
             problems: Mutex::new(Vec::new()),
@@ -176,8 +184,7 @@ impl WeightFiles {
         // The dry run can only fail for reasons other than the weights (e.g. a config the
         // constructors refuse): report that as it is.
         drop(dry.map_err(|e| self.candle_error(e))?);
-        let vb = VarBuilder::from_backend(Box::new(Real(self)), dtype, device.clone());
-        build(vb).map_err(|e| self.candle_error(e))
+        Ok(())
     }
 
     fn candle_error(&self, e: candle_core::Error) -> Error {
@@ -472,8 +479,7 @@ impl WeightFiles {
         device: &Device,
         build: impl Fn(VarBuilder) -> candle_core::Result<M>,
     ) -> Result<(M, Vec<(String, candle_core::Var)>)> {
-        // Checked as a plain build first (names, shapes), then built again over variables.
-        drop(self.build(dtype, device, &build)?);
+        self.check(&build)?;
         let vars = Mutex::new(vec![]);
         let vb = VarBuilder::from_backend(
             Box::new(Trainable {
