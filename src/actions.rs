@@ -11,10 +11,10 @@ use candle_core::DType;
 
 use crate::error::{Error, Result};
 use crate::infusion::concept::Concept;
-use crate::infusion::train::{image_count_warning, TrainOptions, TrainReport, Trainer};
 use crate::job::Job;
 use crate::sd::device::{parse_device, parse_dtype};
 use crate::sd::pipeline::{LoadOptions, StableDiffusion};
+use crate::train::{image_count_warning, Checkpoint, TrainOptions, TrainReport, Trainer};
 use crate::util::fs::check_writable;
 use crate::util::image_io::load_folder_images;
 
@@ -169,6 +169,54 @@ impl Method {
         }
     }
 
+    /// Its name, as `method` options take it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Infusion => "infusion",
+            Method::TextualInversion => "textual_inversion",
+            Method::Lora { .. } => "lora",
+            Method::DreamBooth { .. } => "dreambooth",
+        }
+    }
+
+    /// Whether it offers prior preservation (LoRA, DreamBooth).
+    pub fn has_prior(&self) -> bool {
+        matches!(self, Method::Lora { .. } | Method::DreamBooth { .. })
+    }
+
+    /// The method of a checkpoint's run, with its settings.
+    pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Self> {
+        let rank = ckpt.settings["rank"].as_u64().unwrap_or(4) as usize;
+        let trigger = ckpt.settings["trigger"].as_str().unwrap_or("sks");
+        Self::parse(&ckpt.method, rank, trigger).map_err(|_| {
+            Error::arg(
+                "checkpoint",
+                format!(
+                    "{}: a checkpoint of method `{}`, which this version does not know",
+                    ckpt.optim.display(),
+                    ckpt.method
+                ),
+            )
+        })
+    }
+
+    /// What trains it, from scratch (the class word initialises Textual Inversion's vectors; the
+    /// seed LoRA's).
+    pub fn learner<'a>(
+        &self,
+        sd: &'a StableDiffusion,
+        word: &str,
+        seed: u64,
+    ) -> Result<Box<dyn crate::train::Learner + 'a>> {
+        use crate::methods::learners::{FullUnet, LearnedWord, LoraLearner};
+        Ok(match self {
+            Method::Infusion => Box::new(crate::infusion::train::Deltas::new(sd)?),
+            Method::TextualInversion => Box::new(LearnedWord::new(sd, word.trim())?),
+            Method::Lora { rank, trigger } => Box::new(LoraLearner::new(sd, *rank, trigger, seed)?),
+            Method::DreamBooth { trigger } => Box::new(FullUnet::new(sd, trigger)?),
+        })
+    }
+
     /// Its default number of steps: 500 (Infusion, LoRA), 3000 (diffusers' TI example).
     pub fn default_steps(&self) -> usize {
         match self {
@@ -258,30 +306,41 @@ pub struct Trained {
 /// or failed. An error here means nothing was trained (bad images, options, checkpoint).
 pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Result<Trained> {
     // Where the concept goes is checked before the first step, not found wrong after the last.
+    let method = match &req.resume {
+        Some(path) => resumed_method(path, &req.method)?.0,
+        None => req.method.clone(),
+    };
     if let Some(out) = &req.out {
-        check_writable(out)?;
+        match method {
+            Method::DreamBooth { .. } => check_unet_folder(out)?,
+            _ => check_writable(out)?,
+        }
     }
     let images = load_folder_images(&req.folder, job)?;
     if let Some(w) = image_count_warning(images.len(), &req.folder) {
         job.warn(w);
     }
-    if req.method != Method::Infusion {
-        return train_other(sd, req, &images, job);
-    }
-    if req.prior.is_some() {
-        return Err(Error::arg(
-            "prior",
-            "prior preservation is DreamBooth's and DreamBooth-LoRA's (method lora or dreambooth)",
-        ));
-    }
-    let mut trainer = match &req.resume {
-        Some(ckpt) => Trainer::resume(sd, ckpt, &images, Some(req.options.steps), job)?,
+    let (method, mut trainer) = match &req.resume {
+        Some(path) => resume(sd, req, path, &images, job)?,
         None => {
+            if req.prior.is_some() && !req.method.has_prior() {
+                return Err(Error::arg(
+                    "prior",
+                    "prior preservation is DreamBooth's and DreamBooth-LoRA's (method lora or \
+                     dreambooth)",
+                ));
+            }
             let mut options = req.options.clone();
             if options.checkpoint_every.is_some() {
                 options.checkpoint_dir = Some(req.checkpoint_dir());
             }
-            Trainer::new(sd, &req.name, &req.word, &images, options)?
+            let learner = req.method.learner(sd, &req.word, options.seed)?;
+            let mut t = Trainer::new(sd, &req.name, &req.word, &images, options, learner)?;
+            if let Some(prior) = &req.prior {
+                let class = class_images(sd, req.word.trim(), prior.images, t.options().seed, job)?;
+                t.set_prior(&class, prior.weight)?;
+            }
+            (req.method.clone(), t)
         }
     };
     let (end, report) = match trainer.run(job) {
@@ -289,17 +348,7 @@ pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Res
         Ok(r) => (TrainEnd::Finished, Some(r)),
         Err(e) => (TrainEnd::Failed(e), None),
     };
-    let concept = trainer.concept()?;
-    let saved = match &req.out {
-        Some(out) => Some(save_or_rescue(
-            &concept,
-            out,
-            req.save_f32,
-            Path::new("."),
-            job,
-        )?),
-        None => None,
-    };
+    let (concept, saved) = keep(sd, &method, &trainer, req, job)?;
     let TrainReport {
         losses,
         checkpoints,
@@ -311,7 +360,7 @@ pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Res
         checkpoints: vec![],
     });
     Ok(Trained {
-        concept: LoadedConcept::Infusion(std::sync::Arc::new(concept)),
+        concept,
         end,
         steps_done: trainer.steps_done(),
         losses,
@@ -320,105 +369,124 @@ pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Res
     })
 }
 
-/// [`train_concept`] for the methods other than Infusion: the same trainer around their
-/// learner, the result saved in the layout diffusers reads.
-fn train_other(
-    sd: &StableDiffusion,
-    req: &TrainRequest,
-    images: &[image::RgbImage],
-    job: &Job,
-) -> Result<Trained> {
-    use crate::methods::learners::{FullUnet, LearnedWord, LoraLearner};
-    if req.resume.is_some() {
-        return Err(Error::arg("resume", "resuming is Infusion's for now"));
+/// DreamBooth's output is a folder made at the end; where it goes is checked first.
+fn check_unet_folder(out: &Path) -> Result<()> {
+    if out.is_file() {
+        return Err(Error::arg(
+            "out",
+            format!(
+                "{} is a file; DreamBooth writes a unet/ folder",
+                out.display()
+            ),
+        ));
     }
-    if let (Method::DreamBooth { .. }, Some(out)) = (&req.method, &req.out) {
-        // The unet/ folder is made at the end; where it goes is checked now.
-        if out.is_file() {
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
             return Err(Error::arg(
                 "out",
-                format!(
-                    "{} is a file; DreamBooth writes a unet/ folder",
-                    out.display()
-                ),
+                format!("{}: no folder {}", out.display(), parent.display()),
             ));
         }
-        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-            if !parent.is_dir() {
-                return Err(Error::arg(
-                    "out",
-                    format!("{}: no folder {}", out.display(), parent.display()),
-                ));
-            }
-        }
     }
-    let learner: Box<dyn crate::train::Learner> = match &req.method {
-        Method::TextualInversion => Box::new(LearnedWord::new(sd, &req.word)?),
-        Method::Lora { rank, trigger } => {
-            Box::new(LoraLearner::new(sd, *rank, trigger, req.options.seed)?)
-        }
-        Method::DreamBooth { trigger } => Box::new(FullUnet::new(sd, trigger)?),
-        Method::Infusion => unreachable!("trained by train_concept"),
-    };
-    let mut trainer = Trainer::with_learner(
-        sd,
-        &req.name,
-        &req.word,
-        images,
-        req.options.clone(),
-        learner,
-    )?;
-    if let Some(prior) = &req.prior {
-        if req.method == Method::TextualInversion {
-            return Err(Error::arg(
-                "prior",
-                "prior preservation is DreamBooth's and DreamBooth-LoRA's (method lora or dreambooth)",
-            ));
-        }
-        let class = class_images(sd, req.word.trim(), prior.images, req.options.seed, job)?;
-        trainer.set_prior(&class, prior.weight)?;
+    Ok(())
+}
+
+/// The method of the run a checkpoint continues, with the checkpoint: the front ends take its
+/// default output and steps from it. `asked` (the request's method) must be the same, or
+/// `infusion`, the default, which means "whichever the checkpoint's".
+pub fn resumed_method(path: &Path, asked: &Method) -> Result<(Method, Checkpoint)> {
+    let ckpt = Checkpoint::read(path)?;
+    let method = Method::from_checkpoint(&ckpt)?;
+    if *asked != Method::Infusion && asked.name() != method.name() {
+        return Err(Error::arg(
+            "method",
+            format!(
+                "{} is a {} run's checkpoint, not {}'s",
+                path.display(),
+                method.name(),
+                asked.name()
+            ),
+        ));
     }
-    let (end, losses) = match trainer.run(job) {
-        Ok(r) if r.cancelled => (TrainEnd::Cancelled, r.losses),
-        Ok(r) => (TrainEnd::Finished, r.losses),
-        Err(e) => (TrainEnd::Failed(e), vec![]),
+    Ok((method, ckpt))
+}
+
+/// Continues the run of a checkpoint: its method, settings, name, word and prior preservation;
+/// `req.options.steps` is the new total.
+fn resume<'a>(
+    sd: &'a StableDiffusion,
+    req: &TrainRequest,
+    path: &Path,
+    images: &[image::RgbImage],
+    job: &Job,
+) -> Result<(Method, Trainer<'a>)> {
+    let (method, ckpt) = resumed_method(path, &req.method)?;
+    let steps = Some(req.options.steps);
+    let mut trainer = match method {
+        Method::Infusion => crate::infusion::train::resume(sd, path, images, steps, job)?,
+        _ => {
+            let learner = method.learner(sd, &ckpt.word, ckpt.options.seed)?;
+            Trainer::resume(sd, &ckpt, images, steps, learner, job)?
+        }
     };
-    let (adapted, saved) = match &req.method {
+    if let Some((n, weight)) = ckpt.prior {
+        let class = class_images(sd, &ckpt.word, n, ckpt.options.seed, job)?;
+        trainer.set_prior(&class, weight)?;
+    }
+    Ok((method, trainer))
+}
+
+/// The concept a run reached, as the session holds it, saved where asked (DreamBooth: a unet/
+/// folder; the others: one file in the layout diffusers reads, or ours for Infusion).
+fn keep(
+    sd: &StableDiffusion,
+    method: &Method,
+    trainer: &Trainer<'_>,
+    req: &TrainRequest,
+    job: &Job,
+) -> Result<(LoadedConcept, Option<PathBuf>)> {
+    use crate::methods::adapted::{Adapted, Change};
+    use crate::methods::learners::{FullUnet, LearnedWord, LoraLearner};
+    let run = trainer.run_info();
+    let (name, word) = (run.name, run.word);
+    let adapted = match method {
+        Method::Infusion => {
+            let concept = crate::infusion::train::concept(trainer)?;
+            let saved = match &req.out {
+                Some(out) => Some(save_or_rescue(
+                    &concept,
+                    out,
+                    req.save_f32,
+                    Path::new("."),
+                    job,
+                )?),
+                None => None,
+            };
+            return Ok((LoadedConcept::Infusion(std::sync::Arc::new(concept)), saved));
+        }
         Method::DreamBooth { trigger } => {
             if let Some(out) = &req.out {
-                FullUnet::save(sd, trainer.vars(), out)?;
+                FullUnet::write(sd, trainer.vars(), out)?;
             }
-            let adapted = crate::methods::adapted::Adapted {
-                name: req.name.clone(),
-                word: req.word.trim().to_string(),
-                change: crate::methods::adapted::Change::DreamBooth {
+            Adapted {
+                name: name.to_string(),
+                word: word.to_string(),
+                change: Change::DreamBooth {
                     unet: tuned_unet(sd, trainer.vars(), req.out.clone())?,
                     trigger: trigger.clone(),
                 },
-            };
-            (adapted, req.out.clone())
-        }
-        method => {
-            let adapted = match method {
-                Method::Lora { trigger, .. } => {
-                    LoraLearner::export(trainer.vars(), &req.name, req.word.trim(), trigger)?
-                }
-                _ => LearnedWord::export(trainer.vars(), &req.name, req.word.trim())?,
-            };
-            if let Some(out) = &req.out {
-                adapted.save(out)?;
             }
-            (adapted, req.out.clone())
         }
+        Method::Lora { trigger, .. } => LoraLearner::export(trainer.vars(), name, word, trigger)?,
+        Method::TextualInversion => LearnedWord::export(trainer.vars(), name, word)?,
     };
-    Ok(Trained {
-        concept: LoadedConcept::Adapted(std::sync::Arc::new(adapted)),
-        end,
-        steps_done: trainer.steps_done(),
-        losses,
-        checkpoints: vec![],
-        saved,
-    })
+    if let (Some(out), false) = (&req.out, matches!(method, Method::DreamBooth { .. })) {
+        adapted.save(out)?;
+    }
+    Ok((
+        LoadedConcept::Adapted(std::sync::Arc::new(adapted)),
+        req.out.clone(),
+    ))
 }
 
 #[cfg(test)]
@@ -609,7 +677,7 @@ pub fn load_concept(
 /// The name (the request's, else `default_name`) and the class word (which the request must
 /// give) of a concept file that holds neither, both checked.
 fn name_and_word(req: &ConceptRequest, default_name: String) -> Result<(String, String)> {
-    use crate::infusion::concept::{check_name, check_word};
+    use crate::util::names::{check_name, check_word};
     let name = req.name.clone().unwrap_or(default_name);
     check_name(&name)?;
     let word = req.word.clone().ok_or_else(|| {

@@ -11,12 +11,12 @@ use crate::error::Result;
 use crate::infusion::concept::Concept;
 use crate::infusion::concept::ConceptSet;
 use crate::infusion::generate::{generate_infusion, InfusionOptions};
-use crate::infusion::train::{TrainOptions, Trainer};
 use crate::job::Job;
 use crate::methods::learners::{FullUnet, LearnedWord, LoraLearner};
 use crate::sd::attention::naive_attention;
 use crate::sd::fused::{self, group_norm::GroupNorm, Kernels};
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
+use crate::train::{TrainOptions, Trainer};
 use crate::util::noise::seeded_noise;
 
 /// The groups of rows `--only` chooses from, in the order they run.
@@ -311,7 +311,8 @@ impl Bench<'_> {
             steps: usize::MAX,
             ..Default::default()
         };
-        let mut trainer = Trainer::new(self.sd, "thing", "cat", &images, opts.clone())?;
+        let mut trainer =
+            crate::infusion::train::trainer(self.sd, "thing", "cat", &images, opts.clone())?;
         self.measure(
             "training step, batch 4",
             unet4.map(|t| ("unet batch 4", t)),
@@ -330,14 +331,13 @@ impl Bench<'_> {
             ),
         ];
         for (name, learner) in learners {
-            let mut t = Trainer::with_learner(sd, "thing", "cat", &images, opts.clone(), learner)?;
+            let mut t = Trainer::new(sd, "thing", "cat", &images, opts.clone(), learner)?;
             self.measure(name, unet4.map(|t| ("unet batch 4", t)), || t.step())?;
         }
-        // DreamBooth trains a copy of the UNet built from its files and saves it with the
-        // folder's config: models loaded from a diffusers folder.
-        if sd.files().is_some() {
+        // DreamBooth trains a copy of the UNet built from its files: not random weights'.
+        if !sd.weight_files().is_empty() {
             let learner = Box::new(FullUnet::new(sd, "sks")?);
-            let mut t = Trainer::with_learner(sd, "thing", "cat", &images, opts, learner)?;
+            let mut t = Trainer::new(sd, "thing", "cat", &images, opts, learner)?;
             self.measure(
                 "training step, batch 4, dreambooth",
                 unet4.map(|t| ("unet batch 4", t)),

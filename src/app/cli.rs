@@ -14,7 +14,6 @@ use crate::error::{Error, Result};
 use crate::infusion::concept::ConceptSet;
 use crate::infusion::generate::{generate_infusion, InfusionOptions};
 use crate::infusion::maps::AttentionMaps;
-use crate::infusion::train::TrainOptions;
 use crate::job::Job;
 use crate::sd::device::{parse_device, parse_dtype};
 use crate::sd::fused::{set_kernels, Kernels};
@@ -22,6 +21,7 @@ use crate::sd::pipeline::{
     load_noise, GenerateOptions, LoadOptions, ModelConfigs, StableDiffusion,
 };
 use crate::sd::sampler::{SamplerKind, SamplerOptions};
+use crate::train::TrainOptions;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -248,7 +248,8 @@ struct TrainArgs {
     /// Write a checkpoint every N steps (into `NAME-checkpoints/` beside the output).
     #[arg(long)]
     checkpoint_every: Option<usize>,
-    /// Continue from a checkpoint (`NAME-stepNNNNNN.safetensors`).
+    /// Continue from a checkpoint (`NAME-stepNNNNNN.safetensors`, a DreamBooth run's
+    /// `NAME-stepNNNNNN` folder): its method and settings; `--train-steps` is the new total.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Store the deltas in f32 instead of f16.
@@ -448,7 +449,12 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
 fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) -> Result<ExitCode> {
     let sd = load_model(global, job)?;
     let defaults = TrainOptions::default();
-    let method = actions::Method::parse(&args.method, args.rank, &args.trigger)?;
+    let mut method = actions::Method::parse(&args.method, args.rank, &args.trigger)?;
+    let mut steps = method.default_steps();
+    if let Some(path) = &args.resume {
+        let (m, ckpt) = actions::resumed_method(path, &method)?;
+        (method, steps) = (m, ckpt.options.steps);
+    }
     let out = args.out.clone().unwrap_or_else(|| match method {
         actions::Method::DreamBooth { .. } => PathBuf::from(format!("{}-unet", args.name)),
         _ => PathBuf::from(format!("{}.safetensors", args.name)),
@@ -458,7 +464,7 @@ fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) ->
         name: args.name.clone(),
         word: args.word.clone(),
         options: TrainOptions {
-            steps: args.train_steps.unwrap_or(method.default_steps()),
+            steps: args.train_steps.unwrap_or(steps),
             lr: args.lr.unwrap_or(method.default_lr(args.batch)),
             batch: args.batch,
             seed: args.seed,

@@ -25,6 +25,7 @@ use crate::methods::adapted::Adapted;
 use crate::sd::attention::{AttnKind, LayerInfo};
 use crate::sd::pipeline::StableDiffusion;
 use crate::util::fs::write_atomic;
+use crate::util::names::{check_name, check_word};
 
 /// The `format` metadata value this version writes and reads.
 pub const FORMAT: &str = "infusion-concept/1";
@@ -44,32 +45,6 @@ pub struct Concept {
     pub created: String,
     /// The training settings (JSON).
     pub train: serde_json::Value,
-}
-
-/// Checks a concept name: letters, digits, `_` and `-`, so that `<name>` parses unambiguously.
-pub fn check_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
-    {
-        return Err(Error::arg(
-            "name",
-            format!("{name:?}: a concept name is letters, digits, `_` and `-`"),
-        ));
-    }
-    Ok(())
-}
-
-/// Checks a class word: not empty (F needs a word in the concept's place).
-pub fn check_word(word: &str) -> Result<()> {
-    if word.trim().is_empty() {
-        return Err(Error::arg(
-            "word",
-            "the class word is empty: give the kind of thing the concept is (cat, teapot)",
-        ));
-    }
-    Ok(())
 }
 
 fn now_rfc3339() -> String {

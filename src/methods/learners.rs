@@ -4,19 +4,20 @@
 //! learned word, or with the LoRA on every attention projection; nothing else is trained.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
 
 use super::adapted::{Adapted, Change};
-use super::files::{Embedding, Lora, LoraLayer, LoraLayout, LoraTarget};
+use super::files::{read, ConceptFile, Embedding, Lora, LoraLayer, LoraLayout, LoraTarget};
 use super::lora::LoraHook;
 use super::textual_inversion::text_states;
 use crate::error::{Error, Result};
+use crate::job::Job;
 use crate::sd::hook::{BatchLayout, Branch, Guidance, HookCtx};
 use crate::sd::pipeline::StableDiffusion;
-use crate::train::{Batch, Learner, TrainingSet};
+use crate::train::{Batch, Learner, Run, TrainingSet};
 
 /// The DDPM loss of `batch` with text states `states` `(b, tokens, width)` and an optional hook
 /// on every row, through `sd`'s UNet.
@@ -149,12 +150,40 @@ impl Learner for LearnedWord {
             .collect::<Result<Vec<_>>>()?;
         ddpm_loss(sd, data, batch, &Tensor::cat(&states, 0)?, None)
     }
+
+    /// diffusers' `learned_embeds.safetensors` layout.
+    fn save(&self, _: &StableDiffusion, run: &Run<'_>, dir: &Path, stem: &str) -> Result<PathBuf> {
+        let path = dir.join(format!("{stem}.safetensors"));
+        Self::export(&self.vars, run.name, run.word)?.save(&path)?;
+        Ok(path)
+    }
+
+    fn read(&self, _: &StableDiffusion, path: &Path, _: &Job) -> Result<BTreeMap<String, Tensor>> {
+        match read(path)? {
+            ConceptFile::TextualInversion(e) => {
+                Ok(BTreeMap::from([(VECTORS.to_string(), e.vectors)]))
+            }
+            _ => Err(not_a(path, "Textual Inversion embedding")),
+        }
+    }
+}
+
+/// The error of a checkpoint file of another method.
+fn not_a(path: &Path, what: &str) -> Error {
+    Error::arg(
+        "checkpoint",
+        format!(
+            "{}: not a {what} (another method's checkpoint?)",
+            path.display()
+        ),
+    )
 }
 
 /// DreamBooth-LoRA: rank-`rank` factors on every attention projection, `down` drawn as peft's
 /// gaussian init (normal with standard deviation 1/rank), `up` zero, so training starts from the
 /// plain model; prompts say `trigger word`.
 pub struct LoraLearner {
+    rank: usize,
     trigger: String,
     /// The projections it adapts, resolved once.
     targets: Vec<super::lora::Target>,
@@ -187,6 +216,7 @@ impl LoraLearner {
             .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
             .collect();
         Ok(Self {
+            rank,
             trigger: trigger.to_string(),
             targets,
             vars,
@@ -273,6 +303,29 @@ impl Learner for LoraLearner {
         let (states, _) = data.prompts(sd, batch)?;
         ddpm_loss(sd, data, batch, &states, Some(&hook))
     }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({ "rank": self.rank, "trigger": self.trigger })
+    }
+
+    /// The layout diffusers' `save_lora_weights` writes.
+    fn save(&self, _: &StableDiffusion, run: &Run<'_>, dir: &Path, stem: &str) -> Result<PathBuf> {
+        let path = dir.join(format!("{stem}.safetensors"));
+        Self::export(&self.vars, run.name, run.word, &self.trigger)?.save(&path)?;
+        Ok(path)
+    }
+
+    fn read(&self, _: &StableDiffusion, path: &Path, _: &Job) -> Result<BTreeMap<String, Tensor>> {
+        let ConceptFile::Lora(lora) = read(path)? else {
+            return Err(not_a(path, "LoRA"));
+        };
+        let mut params = BTreeMap::new();
+        for l in lora.layers {
+            params.insert(format!("{}.lora.down.weight", l.module), l.down);
+            params.insert(format!("{}.lora.up.weight", l.module), l.up);
+        }
+        Ok(params)
+    }
 }
 
 /// DreamBooth: the whole UNet trained (a trainable copy; the model's own stays as it is),
@@ -288,7 +341,6 @@ pub struct FullUnet {
 impl FullUnet {
     pub fn new(sd: &StableDiffusion, trigger: &str) -> Result<Self> {
         check_trigger(trigger)?;
-        unet_config(sd)?;
         let (unet, vars) = sd.trainable_unet()?;
         Ok(Self {
             trigger: trigger.to_string(),
@@ -299,10 +351,10 @@ impl FullUnet {
     }
 
     /// Writes the UNet in `vars` (a trainer's, of this learner) as a diffusers `unet/` folder:
-    /// `config.json` (the model's) and `diffusion_pytorch_model.safetensors` (f32), which
-    /// `load_model`'s folders and diffusers' `UNet2DConditionModel.from_pretrained` read.
-    pub fn save(sd: &StableDiffusion, vars: &BTreeMap<String, Var>, dir: &Path) -> Result<()> {
-        let config = unet_config(sd)?;
+    /// `config.json` (the model's UNet configuration, whatever its files) and
+    /// `diffusion_pytorch_model.safetensors` (f32), which `load_model`'s folders and diffusers'
+    /// `UNet2DConditionModel.from_pretrained` read.
+    pub fn write(sd: &StableDiffusion, vars: &BTreeMap<String, Var>, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let tensors = vars
             .iter()
@@ -321,21 +373,11 @@ impl FullUnet {
         crate::util::fs::write_atomic(&weights, |w| {
             w.write_all(&bytes).map_err(|e| Error::io(&weights, e))
         })?;
-        let text = std::fs::read(&config).map_err(|e| Error::io(&config, e))?;
+        let text = serde_json::to_vec_pretty(&sd.unet.config().to_diffusers_json())
+            .map_err(|e| Error::arg("unet", e))?;
         let out = dir.join("config.json");
         crate::util::fs::write_atomic(&out, |w| w.write_all(&text).map_err(|e| Error::io(&out, e)))
     }
-}
-
-/// The UNet's `config.json`, which a saved `unet/` folder needs.
-fn unet_config(sd: &StableDiffusion) -> Result<std::path::PathBuf> {
-    sd.files().map(|f| f.unet.config.clone()).ok_or_else(|| {
-        Error::Unsupported(
-            "DreamBooth saves a diffusers unet/ folder with the model's config.json: load \
-                 the model from a diffusers folder"
-                .into(),
-        )
-    })
 }
 
 fn check_trigger(trigger: &str) -> Result<()> {
@@ -380,5 +422,34 @@ impl Learner for FullUnet {
             &self.unet
         };
         ddpm_loss_with(sd, unet, data, batch, &states, None)
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({ "trigger": self.trigger })
+    }
+
+    /// A diffusers `unet/` folder ([`FullUnet::write`]).
+    fn save(&self, sd: &StableDiffusion, _: &Run<'_>, dir: &Path, stem: &str) -> Result<PathBuf> {
+        let path = dir.join(stem);
+        Self::write(sd, &self.vars, &path)?;
+        Ok(path)
+    }
+
+    fn read(&self, sd: &StableDiffusion, path: &Path, _: &Job) -> Result<BTreeMap<String, Tensor>> {
+        if !path.is_dir() {
+            return Err(not_a(path, "unet/ folder"));
+        }
+        let weights = crate::sd::hub::find_weights(path, "diffusion_pytorch_model", false)?;
+        let mut params = BTreeMap::new();
+        for file in weights {
+            let tensors = candle_core::safetensors::load(&file, sd.device()).map_err(|e| {
+                Error::Safetensors {
+                    path: file.clone(),
+                    msg: crate::error::root_cause(&e),
+                }
+            })?;
+            params.extend(tensors);
+        }
+        Ok(params)
     }
 }

@@ -17,10 +17,10 @@ use crate::error::{Error, Result};
 use crate::infusion::concept::Concept;
 use crate::infusion::concept::ConceptSet;
 use crate::infusion::generate::{generate_infusion, InfusionGeneration, InfusionOptions};
-use crate::infusion::train::{TrainOptions, Trainer};
 use crate::job::Job;
 use crate::sd::device::ensure_fits;
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
+use crate::train::TrainOptions;
 use crate::util::fs::write_atomic;
 use crate::util::image_io::{grid_on, save_png, tensor_to_rgb};
 
@@ -252,7 +252,7 @@ pub fn overtraining_curves(
         &candle_core::Device::Cpu,
     )?;
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
-    let mut trainer = Trainer::new(sd, name, word, images, opts.train.clone())?;
+    let mut trainer = crate::infusion::train::trainer(sd, name, word, images, opts.train.clone())?;
     let measure = Measure {
         sd,
         clip,
@@ -268,7 +268,7 @@ pub fn overtraining_curves(
         if trainer.run(job)?.cancelled {
             return Err(Error::Cancelled);
         }
-        let concept = trainer.concept()?;
+        let concept = crate::infusion::train::concept(&trainer)?;
         concept.save(
             &opts
                 .out_dir

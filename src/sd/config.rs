@@ -7,12 +7,12 @@
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 /// A value diffusers accepts either once for every block or as one value per block.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum PerBlock<T> {
     One(T),
@@ -50,7 +50,7 @@ fn default_true() -> bool {
 }
 
 /// `unet/config.json` (diffusers `UNet2DConditionModel`), restricted to what SD1.x uses.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct UNetConfig {
     pub in_channels: usize,
     pub out_channels: usize,
@@ -62,7 +62,7 @@ pub struct UNetConfig {
     pub layers_per_block: PerBlock<usize>,
     /// SD1.x quirk: this is the number of heads, not the head size.
     pub attention_head_dim: PerBlock<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_attention_heads: Option<PerBlock<usize>>,
     pub cross_attention_dim: PerBlock<usize>,
     #[serde(default = "UNetConfig::default_tlpb")]
@@ -86,42 +86,42 @@ pub struct UNetConfig {
     pub conv_in_kernel: usize,
     #[serde(default = "UNetConfig::default_conv_kernel")]
     pub conv_out_kernel: usize,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_size: Option<usize>,
     #[serde(default)]
     pub center_input_sample: bool,
     #[serde(default)]
     pub upcast_attention: bool,
     // Options of other UNets: read so that a config using them is refused, not misread.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub only_cross_attention: Option<PerBlock<bool>>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dual_cross_attention: Option<bool>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class_embed_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_class_embeds: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addition_embed_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_cond_proj_dim: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder_hid_dim: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_embedding_dim: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_embedding_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestep_post_act: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resnet_time_scale_shift: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resnet_skip_time_act: Option<bool>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resnet_out_scale_factor: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cross_attention_norm: Option<String>,
 }
 
@@ -160,6 +160,14 @@ impl UNetConfig {
             "flip_sin_to_cos": true, "freq_shift": 0, "downsample_padding": 1, "mid_block_scale_factor": 1
         }"#;
         serde_json::from_str(json).expect("the built-in SD1.5 UNet config parses")
+    }
+
+    /// The `config.json` diffusers' `UNet2DConditionModel.from_pretrained` reads for this UNet
+    /// (what a model made from a single file has no copy of).
+    pub fn to_diffusers_json(&self) -> serde_json::Value {
+        let mut json = serde_json::to_value(self).expect("a UNet config serializes");
+        json["_class_name"] = "UNet2DConditionModel".into();
+        json
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {

@@ -1,23 +1,38 @@
 //! What training shares across methods: the data (images cropped and encoded once, prompt
 //! templates, seeded batches of image, template, timestep and noise), AdamW with its state in
-//! the open, and the [`Learner`] seam through which a method says what it trains and its loss.
-//! The loop around them (progress, Ctrl-C, the NaN guard, loss scaling) is
-//! `infusion::train::Trainer`'s.
+//! the open, the [`Learner`] seam through which a method says what it trains, its loss and its
+//! files, and the [`Trainer`] loop around a learner (progress, Ctrl-C, the NaN guard, loss
+//! scaling, prior preservation, checkpoints).
 
 pub mod data;
 pub mod optim;
+pub mod trainer;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Tensor, Var};
 
 use crate::error::Result;
+use crate::job::Job;
 use crate::sd::pipeline::StableDiffusion;
 pub use data::{image_count_warning, Batch, TrainingSet, DEFAULT_TEMPLATES};
+pub use trainer::{Checkpoint, LossScale, TrainOptions, TrainReport, Trainer};
+
+/// A run as the files a learner writes describe it.
+pub struct Run<'a> {
+    pub name: &'a str,
+    pub word: &'a str,
+    /// Steps done.
+    pub steps: usize,
+    pub options: &'a TrainOptions,
+    /// Training images (with mirror images).
+    pub images: usize,
+}
 
 /// What a training run learns: the method seam of training.
 pub trait Learner {
-    /// `infusion`, `textual_inversion`, `lora`.
+    /// `infusion`, `textual_inversion`, `lora`, `dreambooth`.
     fn method(&self) -> &'static str;
 
     /// What the templates' `{}` becomes (the class word; DreamBooth's "sks cat").
@@ -40,4 +55,22 @@ pub trait Learner {
         batch: &Batch,
         params: &BTreeMap<String, Tensor>,
     ) -> Result<Tensor>;
+
+    /// What, besides the method, rebuilds this learner to resume its run (a LoRA's rank and
+    /// trigger); checkpoints keep it.
+    fn settings(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    /// Writes the parameters reached as the method's own file (or folder) `DIR/STEM.*`, usable
+    /// as it is; returns its path.
+    fn save(&self, sd: &StableDiffusion, run: &Run<'_>, dir: &Path, stem: &str) -> Result<PathBuf>;
+
+    /// The parameters, by name, in what [`Learner::save`] wrote (to resume from it).
+    fn read(
+        &self,
+        sd: &StableDiffusion,
+        path: &Path,
+        job: &Job,
+    ) -> Result<BTreeMap<String, Tensor>>;
 }

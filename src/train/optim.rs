@@ -62,23 +62,50 @@ impl AdamW {
         vars: &BTreeMap<String, Var>,
         grads: &BTreeMap<String, Tensor>,
     ) -> Result<()> {
-        let s = &mut self.state;
-        s.step += 1;
-        let t = s.step as i32;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let bc1 = 1.0 - b1.powi(t);
-        let bc2 = 1.0 - b2.powi(t);
+        let t = self.state.step + 1;
         for (k, var) in vars {
-            let g = &grads[k];
-            let m = ((&s.m[k] * b1)? + (g * (1.0 - b1))?)?;
-            let v = ((&s.v[k] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let decayed = (var.as_tensor() * (1.0 - self.lr * self.weight_decay))?;
-            let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
-            let update = ((&m / bc1)? / denom)?;
-            var.set(&(decayed - (update * self.lr)?)?)?;
-            s.m.insert(k.clone(), m);
-            s.v.insert(k.clone(), v);
+            let (value, m, v) = self.next(t, k, var.as_tensor(), &grads[k])?;
+            var.set(&value)?;
+            self.state.m.insert(k.clone(), m);
+            self.state.v.insert(k.clone(), v);
         }
+        self.state.step = t;
         Ok(())
+    }
+
+    /// Whether the next [`AdamW::update`] keeps every parameter finite: it is computed one
+    /// parameter at a time and nothing is kept (no copy of the parameters needed).
+    pub fn keeps_finite(
+        &self,
+        vars: &BTreeMap<String, Var>,
+        grads: &BTreeMap<String, Tensor>,
+    ) -> Result<bool> {
+        for (k, var) in vars {
+            let (value, _, _) = self.next(self.state.step + 1, k, var.as_tensor(), &grads[k])?;
+            if !crate::util::tensors::all_finite(&value)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Parameter `k`'s value and moments after update number `t`.
+    fn next(
+        &self,
+        t: usize,
+        k: &str,
+        param: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let s = &self.state;
+        let (b1, b2) = (self.beta1, self.beta2);
+        let bc1 = 1.0 - b1.powi(t as i32);
+        let bc2 = 1.0 - b2.powi(t as i32);
+        let m = ((&s.m[k] * b1)? + (g * (1.0 - b1))?)?;
+        let v = ((&s.v[k] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+        let decayed = (param * (1.0 - self.lr * self.weight_decay))?;
+        let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
+        let update = ((&m / bc1)? / denom)?;
+        Ok(((decayed - (update * self.lr)?)?, m, v))
     }
 }

@@ -4,6 +4,7 @@
 pub mod fs;
 pub mod image_io;
 pub mod mapped;
+pub mod names;
 pub mod noise;
 pub mod tensors;
 pub mod text_render;

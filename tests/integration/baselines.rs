@@ -465,7 +465,7 @@ fn a_textual_inversion_training_step_matches_diffusers() {
     let g = grads.get(var.as_tensor()).unwrap().clone();
     assert_close(&g, get(&s, "ti.grad"), 1e-4, "the new row's gradient");
     let vars = std::collections::BTreeMap::from([("<thing>".to_string(), var.clone())]);
-    let mut opt = infusion_repl::infusion::train::optim::AdamW::new(5e-4, 1e-2, &vars).unwrap();
+    let mut opt = infusion_repl::train::optim::AdamW::new(5e-4, 1e-2, &vars).unwrap();
     opt.update(
         &vars,
         &std::collections::BTreeMap::from([("<thing>".to_string(), g)]),
@@ -635,8 +635,9 @@ fn example_images() -> Vec<image::RgbImage> {
 /// the same batch (1e-5 relative), and a few steps lower it on a fixed evaluation set.
 #[test]
 fn every_learner_starts_from_the_plain_model_and_learns() {
-    use infusion_repl::infusion::train::{TrainOptions, Trainer};
+    use infusion_repl::infusion::train::trainer;
     use infusion_repl::methods::learners::{LearnedWord, LoraLearner};
+    use infusion_repl::train::{TrainOptions, Trainer};
     let sd = tiny();
     let images = example_images();
     let opts = |lr: f64| TrainOptions {
@@ -646,8 +647,8 @@ fn every_learner_starts_from_the_plain_model_and_learns() {
         templates: vec!["a photo of a {}".into()],
         ..Default::default()
     };
-    let mut infusion = Trainer::new(sd, "pot", "teapot", &images, opts(0.05)).unwrap();
-    let mut ti = Trainer::with_learner(
+    let mut infusion = trainer(sd, "pot", "teapot", &images, opts(0.05)).unwrap();
+    let mut ti = Trainer::new(
         sd,
         "pot",
         "teapot",
@@ -656,7 +657,7 @@ fn every_learner_starts_from_the_plain_model_and_learns() {
         Box::new(LearnedWord::new(sd, "teapot").unwrap()),
     )
     .unwrap();
-    let mut lora = Trainer::with_learner(
+    let mut lora = Trainer::new(
         sd,
         "pot",
         "teapot",
@@ -700,15 +701,23 @@ fn scripts_train_save_and_use_lora_and_ti_concepts() {
             &mut scope,
             r#"let m = load_model();
                let l = m.train_concept(IMAGES, "pot", "teapot", #{method: "lora", train_steps: 2, batch: 1});
-               let t = m.train_concept(IMAGES, "word", "teapot", #{method: "textual_inversion", train_steps: 2, batch: 1});
+               let t = m.train_concept(IMAGES, "word", "teapot", #{method: "textual_inversion", train_steps: 2, batch: 1,
+                                                                 checkpoint_every: 1, checkpoint_dir: OUT + "/ck"});
                l.save(OUT + "/pot_lora.safetensors");
                t.save(OUT + "/word.safetensors");
                let g = m.generate("a <pot> and a <word>", #{steps: 2});
-               [l.method, t.method, g.concepts.len()]"#,
+               let r = m.train_concept(IMAGES, "word", "teapot", #{resume: OUT + "/ck/word-step000001.safetensors"});
+               r.save(OUT + "/resumed.safetensors");
+               [l.method, t.method, g.concepts.len(), r.method]"#,
         )
         .unwrap_or_else(|e| panic!("{e}"));
     let s: Vec<String> = v.iter().map(|x| x.to_string()).collect();
-    assert_eq!(s, ["lora", "textual_inversion", "2"]);
+    assert_eq!(s, ["lora", "textual_inversion", "2", "textual_inversion"]);
+    // Resumed from step 1 to the run's own 2 steps: the same vectors.
+    same_tensors(
+        &dir.path().join("word.safetensors"),
+        &dir.path().join("resumed.safetensors"),
+    );
     let ours = infusion_repl::sd::weights::load_safetensors(
         &dir.path().join("pot_lora.safetensors"),
         &Device::Cpu,
@@ -860,7 +869,9 @@ fn a_dreambooth_training_step_matches_diffusers() {
 }
 
 /// DreamBooth from a script: the trained UNet runs C (F stays the plain model), joins the
-/// session, and the unet/ folder the command line writes loads back as the same concept.
+/// session, and the unet/ folder the command line writes loads back as the same concept. The
+/// command line resumes it from a checkpoint (its method, the default output of that method)
+/// to the same UNet.
 #[test]
 fn dreambooth_trains_generates_saves_and_loads_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -880,12 +891,29 @@ fn dreambooth_trains_generates_saves_and_loads_back() {
             "1",
             "--lr",
             "1e-3",
+            "--checkpoint-every",
+            "1",
         ])
         .current_dir(dir.path())
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let unet_dir = dir.path().join("pot-unet");
+    let again = dir.path().join("again");
+    std::fs::create_dir(&again).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .args(["train"])
+        .arg(repo().join("assets/example-concept"))
+        .args(["--name", "pot", "--word", "teapot", "--resume"])
+        .arg(dir.path().join("pot-checkpoints/pot-step000001"))
+        .current_dir(&again)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    same_tensors(
+        &unet_dir.join("diffusion_pytorch_model.safetensors"),
+        &again.join("pot-unet/diffusion_pytorch_model.safetensors"),
+    );
     assert!(
         unet_dir.join("config.json").is_file()
             && unet_dir
@@ -964,7 +992,7 @@ fn files_we_write_give_diffusers_our_images() {
 #[test]
 fn prior_preservation_adds_the_class_loss() {
     use infusion_repl::actions::{train_concept, Method, Prior, TrainRequest};
-    use infusion_repl::infusion::train::TrainOptions;
+    use infusion_repl::train::TrainOptions;
     let sd = tiny();
     let req = |method: Method, prior: Option<Prior>| TrainRequest {
         folder: repo().join("assets/example-concept"),
@@ -1051,4 +1079,156 @@ fn the_command_line_takes_ti_and_lora_files_with_their_word() {
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("FILE:WORD") && e.contains("kohya_lora"), "{e}");
+}
+
+/// The tensors of two safetensors files are equal, name for name (tolerance 0).
+fn same_tensors(a: &Path, b: &Path) {
+    let load = |p: &Path| infusion_repl::sd::weights::load_safetensors(p, &Device::Cpu).unwrap();
+    let (a, b) = (load(a), load(b));
+    assert_eq!(
+        a.keys().collect::<std::collections::BTreeSet<_>>(),
+        b.keys().collect::<std::collections::BTreeSet<_>>()
+    );
+    for (k, t) in &a {
+        assert_eq!(max_abs(&(t - &b[k]).unwrap()), 0.0, "{k}");
+    }
+}
+
+/// Every method's checkpoint is its own file (a unet/ folder for DreamBooth) with the optimizer
+/// state beside it, and resuming from it continues the very same run: the losses and the saved
+/// parameters of the uninterrupted run, exactly (CPU, deterministic; the same rule as Infusion's
+/// test in train.rs). The LoRA run has prior preservation, which its checkpoint keeps; a
+/// DreamBooth checkpoint loads as a concept as it is.
+#[test]
+fn every_method_resumes_from_its_checkpoint_to_the_same_result() {
+    use infusion_repl::actions::TrainRequest;
+    use infusion_repl::actions::{load_concept, train_concept, ConceptRequest, Method, Prior};
+    use infusion_repl::train::TrainOptions;
+    let sd = tiny();
+    let job = Job::quiet();
+    let methods = [
+        (Method::TextualInversion, None, "pot.safetensors"),
+        (
+            Method::Lora {
+                rank: 2,
+                trigger: "sks".into(),
+            },
+            Some(Prior {
+                images: 1,
+                weight: 1.0,
+            }),
+            "pot.safetensors",
+        ),
+        (
+            Method::DreamBooth {
+                trigger: "sks".into(),
+            },
+            None,
+            "pot-unet",
+        ),
+    ];
+    for (method, prior, out) in methods {
+        let dir = tempfile::tempdir().unwrap();
+        let req = |resume: Option<PathBuf>, out: PathBuf| TrainRequest {
+            folder: repo().join("assets/example-concept"),
+            name: "pot".into(),
+            word: "teapot".into(),
+            method: if resume.is_some() {
+                Method::Infusion // the checkpoint says which
+            } else {
+                method.clone()
+            },
+            prior: if resume.is_some() {
+                None
+            } else {
+                prior.clone()
+            },
+            options: TrainOptions {
+                steps: 4,
+                lr: method.default_lr(1) * 10.0,
+                batch: 1,
+                checkpoint_every: Some(2),
+                checkpoint_dir: Some(dir.path().join("ck")),
+                ..Default::default()
+            },
+            resume,
+            out: Some(out),
+            save_f32: true,
+        };
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let full = train_concept(sd, &req(None, a.join(out)), &job).unwrap();
+        assert_eq!(full.checkpoints.len(), 2, "{}", method.name());
+        let first = full.checkpoints[0].clone();
+        assert!(
+            PathBuf::from(format!(
+                "{}.optim.safetensors",
+                first.with_extension("").display()
+            ))
+            .is_file(),
+            "{}",
+            first.display()
+        );
+        let resumed = train_concept(sd, &req(Some(first), b.join(out)), &job).unwrap();
+        assert_eq!(resumed.losses, full.losses[2..], "{}", method.name());
+        let weights = |p: PathBuf| match method {
+            Method::DreamBooth { .. } => p.join("diffusion_pytorch_model.safetensors"),
+            _ => p,
+        };
+        same_tensors(&weights(a.join(out)), &weights(b.join(out)));
+        same_tensors(&weights(a.join(out)), &weights(full.checkpoints[1].clone()));
+        let mut set = infusion_repl::ConceptSet::new();
+        let c = load_concept(
+            &ConceptRequest {
+                path: full.checkpoints[1].clone(),
+                word: Some("teapot".into()),
+                ..Default::default()
+            },
+            Some(sd),
+            &mut set,
+            &job,
+        )
+        .unwrap();
+        match c {
+            infusion_repl::actions::LoadedConcept::Adapted(a) => {
+                assert_eq!(a.method(), method.name())
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// A DreamBooth UNet trained from a single-file model (which has no config.json to copy) is
+/// saved with the model's UNet configuration written out: the folder's config reads back as the
+/// tiny model's own (every field), and the folder loads as a concept.
+#[test]
+fn a_dreambooth_unet_from_a_single_file_model_writes_its_config() {
+    use infusion_repl::sd::config::UNetConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let file = crate::model_files::single_file(dir.path(), "tiny.safetensors", DType::F32, |_| {});
+    let loaded = infusion_repl::actions::load_model(
+        &infusion_repl::actions::ModelRequest {
+            model: Some(file.display().to_string()),
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            config: Some(repo().join("models/tiny-sd").display().to_string()),
+            vae: None,
+            ema: None,
+        },
+        &Job::quiet(),
+    )
+    .unwrap();
+    let sd = &loaded.sd;
+    let learner = infusion_repl::methods::learners::FullUnet::new(sd, "sks").unwrap();
+    let out = dir.path().join("unet");
+    use infusion_repl::train::Learner;
+    infusion_repl::methods::learners::FullUnet::write(sd, learner.vars(), &out).unwrap();
+    let written = UNetConfig::from_file(&out.join("config.json")).unwrap();
+    let own = UNetConfig::from_file(&repo().join("models/tiny-sd/unet/config.json")).unwrap();
+    assert_eq!(written.to_diffusers_json(), own.to_diffusers_json());
+    same_tensors(
+        &out.join("diffusion_pytorch_model.safetensors"),
+        &repo().join("models/tiny-sd/unet/diffusion_pytorch_model.safetensors"),
+    );
 }

@@ -1,7 +1,7 @@
 //! Over-training curves on the tiny model: the metrics at each checkpoint, a CSV and a chart.
 
-use infusion_repl::infusion::train::TrainOptions;
 use infusion_repl::metrics::curves::{overtraining_curves, CurveOptions};
+use infusion_repl::train::TrainOptions;
 use infusion_repl::util::image_io::load_folder;
 use infusion_repl::Job;
 

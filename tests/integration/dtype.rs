@@ -73,7 +73,8 @@ fn bf16_is_close_on_cuda_and_refused_on_the_cpu() {
 /// sign on at least 90% of the values. The f16 losses are within 2e-2 relative of f32's.
 #[test]
 fn f16_training_scales_the_loss_and_follows_f32() {
-    use infusion_repl::infusion::train::{TrainOptions, Trainer};
+    use infusion_repl::infusion::train::trainer;
+    use infusion_repl::train::TrainOptions;
     let images: Vec<image::RgbImage> = infusion_repl::util::image_io::load_folder_images(
         &crate::common::repo().join("assets/example-concept"),
         &Job::quiet(),
@@ -84,9 +85,13 @@ fn f16_training_scales_the_loss_and_follows_f32() {
         ..TrainOptions::default()
     };
     let run = |sd: &StableDiffusion, job: &Job| {
-        let mut t = Trainer::new(sd, "pot", "teapot", &images, opts.clone()).unwrap();
+        let mut t = trainer(sd, "pot", "teapot", &images, opts.clone()).unwrap();
         let r = t.run(job).unwrap();
-        (r.losses, t.concept().unwrap(), t.loss_scale())
+        (
+            r.losses,
+            infusion_repl::infusion::train::concept(&t).unwrap(),
+            t.loss_scale(),
+        )
     };
     let (l32, c32, s32) = run(crate::common::tiny(), &Job::quiet());
     let f16 = load(DType::F16).unwrap();

@@ -40,7 +40,12 @@ fn components() -> [(&'static str, &'static str); 3] {
 
 /// The tiny model as one file of the original layout (keys and 1x1 kernels as `ldm_keys.json`
 /// says), tensors stored in `dtype`, with `edit` applied last.
-fn single_file(dir: &Path, name: &str, dtype: DType, edit: impl FnOnce(&mut Tensors)) -> PathBuf {
+pub(crate) fn single_file(
+    dir: &Path,
+    name: &str,
+    dtype: DType,
+    edit: impl FnOnce(&mut Tensors),
+) -> PathBuf {
     let map: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("ldm_keys.json")).unwrap())
             .unwrap();

@@ -185,17 +185,12 @@ fn odd_images_never_panic() {
         no_panic(&format!("images {case}"), || {
             let images =
                 infusion_repl::util::image_io::load_folder_images(dir.path(), &Job::collecting())?;
-            let opts = infusion_repl::infusion::train::TrainOptions {
+            let opts = infusion_repl::train::TrainOptions {
                 steps: 1,
                 ..Default::default()
             };
-            let mut t = infusion_repl::infusion::train::Trainer::new(
-                tiny(),
-                "pot",
-                "teapot",
-                &images,
-                opts,
-            )?;
+            let mut t =
+                infusion_repl::infusion::train::trainer(tiny(), "pot", "teapot", &images, opts)?;
             t.step()
         });
     }

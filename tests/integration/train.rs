@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use infusion_repl::infusion::train::{infusion_loss, TrainOptions, Trainer};
+use infusion_repl::infusion::train::{concept, infusion_loss, resume, trainer};
+use infusion_repl::train::TrainOptions;
 use infusion_repl::util::image_io::load_folder;
 use infusion_repl::Job;
 
@@ -195,7 +196,7 @@ fn deltas_diff(a: &infusion_repl::Concept, b: &infusion_repl::Concept) -> f32 {
 #[test]
 fn training_lowers_the_loss_on_a_fixed_evaluation_set() {
     let imgs = images();
-    let mut t = Trainer::new(tiny(), "thing", "teapot", &imgs, opts(40)).unwrap();
+    let mut t = trainer(tiny(), "thing", "teapot", &imgs, opts(40)).unwrap();
     let before = t.eval_loss(11, 16, true).unwrap();
     assert_eq!(
         t.eval_loss(11, 16, false).unwrap(),
@@ -211,7 +212,7 @@ fn training_lowers_the_loss_on_a_fixed_evaluation_set() {
         after < before * 0.99,
         "trained {after} vs untrained {before}"
     );
-    let c = t.concept().unwrap();
+    let c = concept(&t).unwrap();
     assert_eq!(c.base_model.as_deref(), Some(tiny().unet_fingerprint()));
     assert_eq!(c.train["steps"], 40);
 }
@@ -223,34 +224,34 @@ fn runs_are_deterministic_and_resuming_continues_the_same_curve() {
     let mut o = opts(6);
     o.checkpoint_every = Some(3);
     o.checkpoint_dir = Some(dir.path().to_path_buf());
-    let mut a = Trainer::new(tiny(), "thing", "teapot", &imgs, o.clone()).unwrap();
+    let mut a = trainer(tiny(), "thing", "teapot", &imgs, o.clone()).unwrap();
     let ra = a.run(&Job::quiet()).unwrap();
     assert_eq!(ra.checkpoints.len(), 2);
-    let mut b = Trainer::new(tiny(), "thing", "teapot", &imgs, o).unwrap();
+    let mut b = trainer(tiny(), "thing", "teapot", &imgs, o).unwrap();
     let rb = b.run(&Job::quiet()).unwrap();
     assert_eq!(ra.losses, rb.losses);
     assert_eq!(
-        deltas_diff(&a.concept().unwrap(), &b.concept().unwrap()),
+        deltas_diff(&concept(&a).unwrap(), &concept(&b).unwrap()),
         0.0
     );
 
-    let mut c = Trainer::resume(tiny(), &ra.checkpoints[0], &imgs, None, &Job::quiet()).unwrap();
+    let mut c = resume(tiny(), &ra.checkpoints[0], &imgs, None, &Job::quiet()).unwrap();
     assert_eq!(c.steps_done(), 3);
     let rc = c.run(&Job::quiet()).unwrap();
     assert_eq!(rc.losses, ra.losses[3..]);
     assert_eq!(
-        deltas_diff(&a.concept().unwrap(), &c.concept().unwrap()),
+        deltas_diff(&concept(&a).unwrap(), &concept(&c).unwrap()),
         0.0
     );
     // The checkpoint is an ordinary concept file too.
     let ck = infusion_repl::Concept::load(&ra.checkpoints[1]).unwrap();
-    assert_eq!(deltas_diff(&ck, &a.concept().unwrap()), 0.0);
+    assert_eq!(deltas_diff(&ck, &concept(&a).unwrap()), 0.0);
 }
 
 #[test]
 fn cancelling_keeps_the_deltas_reached() {
     let imgs = images();
-    let mut t = Trainer::new(tiny(), "thing", "teapot", &imgs, opts(50)).unwrap();
+    let mut t = trainer(tiny(), "thing", "teapot", &imgs, opts(50)).unwrap();
     t.step().unwrap();
     t.step().unwrap();
     let job = Job::quiet();
@@ -258,7 +259,7 @@ fn cancelling_keeps_the_deltas_reached() {
     let r = t.run(&job).unwrap();
     assert!(r.cancelled);
     assert_eq!(r.steps_done, 2);
-    let c = t.concept().unwrap();
+    let c = concept(&t).unwrap();
     assert!(c.deltas.values().any(|d| max_abs(d) > 0.0));
 }
 
@@ -267,10 +268,10 @@ fn a_non_finite_loss_stops_with_the_last_good_deltas() {
     let imgs = images();
     let mut o = opts(20);
     o.lr = 1e30;
-    let mut t = Trainer::new(tiny(), "thing", "teapot", &imgs, o).unwrap();
+    let mut t = trainer(tiny(), "thing", "teapot", &imgs, o).unwrap();
     let e = t.run(&Job::quiet()).unwrap_err();
     assert!(e.to_string().contains("loss became"), "{e}");
-    let c = t.concept().unwrap();
+    let c = concept(&t).unwrap();
     for d in c.deltas.values() {
         assert!(max_abs(d).is_finite());
     }
@@ -289,21 +290,40 @@ fn a_non_finite_loss_stops_with_the_last_good_deltas() {
     }
 }
 
+/// Without the copy before each update (parameters over `ROLLBACK_LIMIT_BYTES`, a whole UNet at
+/// SD1.5 size), a run that diverges still stops with an error that says what it kept, and no
+/// parameter is ever made non-finite: an update that would is refused whole.
+#[test]
+fn without_rollback_a_diverging_run_stops_and_says_what_it_kept() {
+    let imgs = images();
+    let mut o = opts(20);
+    o.lr = 1e30;
+    let mut t = trainer(tiny(), "thing", "teapot", &imgs, o).unwrap();
+    t.set_rollback(false);
+    let e = t.run(&Job::quiet()).unwrap_err().to_string();
+    assert!(
+        e.contains("would make parameters non-finite") || e.contains("too large to keep a copy"),
+        "{e}"
+    );
+    let c = concept(&t).unwrap();
+    for d in c.deltas.values() {
+        assert!(max_abs(d).is_finite());
+    }
+}
+
 #[test]
 fn bad_options_are_named() {
     let imgs = images();
     let mut o = opts(1);
     o.templates = vec!["a photo".into()];
-    let e = Trainer::new(tiny(), "thing", "teapot", &imgs, o)
-        .err()
-        .unwrap();
+    let e = trainer(tiny(), "thing", "teapot", &imgs, o).err().unwrap();
     assert!(e.to_string().contains("templates"), "{e}");
-    let e = Trainer::new(tiny(), "bad name!", "teapot", &imgs, opts(1))
+    let e = trainer(tiny(), "bad name!", "teapot", &imgs, opts(1))
         .err()
         .unwrap();
     assert!(e.to_string().contains("name"), "{e}");
     let mut o = opts(1);
     o.batch = 0;
-    assert!(Trainer::new(tiny(), "thing", "teapot", &imgs, o).is_err());
+    assert!(trainer(tiny(), "thing", "teapot", &imgs, o).is_err());
     let _ = (DType::F32, Tensor::zeros(1, DType::F32, &Device::Cpu));
 }

@@ -13,8 +13,8 @@ use crate::actions::{self, TrainEnd, TrainRequest};
 use crate::app::script::docs::{FnSpec, Kind};
 use crate::app::script::{err, rt, Opts, RhaiResult, Session};
 use crate::infusion::concept::Concept;
-use crate::infusion::train::{TrainOptions, DEFAULT_TEMPLATES};
 use crate::methods::adapted::{Adapted, Change};
+use crate::train::{TrainOptions, DEFAULT_TEMPLATES};
 
 /// A concept value (cheap to clone): Infusion's, or another method's.
 #[derive(Debug, Clone)]
@@ -140,6 +140,7 @@ fn train_spec() -> FnSpec {
         .opt("flip", Kind::Bool, d.flip, "also train on the mirror images")
         .opt_unset("checkpoint_every", Kind::POSITIVE, "write a resumable checkpoint every N steps")
         .opt_unset("checkpoint_dir", Kind::Str, "where checkpoints go (default: NAME-checkpoints/ in the working folder)")
+        .opt_unset("resume", Kind::Str, "continue the run of this checkpoint (its method and settings; train_steps is the new total, default the run's)")
         .example("let cat = m.train_concept(\"photos/mycat\", \"mycat\", \"cat\", #{train_steps: 400}); cat.save(\"mycat.safetensors\");")
 }
 
@@ -152,18 +153,24 @@ fn train(
 ) -> RhaiResult<ConceptVal> {
     let o = Opts::of(opts, spec)?;
     let d = TrainOptions::default();
-    let method = rt(actions::Method::parse(
+    let mut method = rt(actions::Method::parse(
         &o.string("method").unwrap_or_else(|| "infusion".into()),
         o.usize("rank").unwrap_or(4),
         &o.string("trigger").unwrap_or_else(|| "sks".into()),
     ))?;
+    let resume = o.string("resume").map(PathBuf::from);
+    let mut steps = method.default_steps();
+    if let Some(path) = &resume {
+        let (m, ckpt) = rt(actions::resumed_method(path, &method))?;
+        (method, steps) = (m, ckpt.options.steps);
+    }
     let batch = o.usize("batch").unwrap_or(d.batch);
     let req = TrainRequest {
         folder: PathBuf::from(folder),
         name: name.to_string(),
         word: word.to_string(),
         options: TrainOptions {
-            steps: o.usize("train_steps").unwrap_or(method.default_steps()),
+            steps: o.usize("train_steps").unwrap_or(steps),
             lr: o.float("lr").unwrap_or(method.default_lr(batch)),
             batch,
             seed: o.u64("seed").unwrap_or(d.seed),
@@ -178,7 +185,7 @@ fn train(
             images: o.usize("prior_images").unwrap_or(100),
             weight: o.float("prior_weight").unwrap_or(1.0),
         }),
-        resume: None,
+        resume,
         out: None,
         save_f32: false,
     };

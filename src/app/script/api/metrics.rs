@@ -16,7 +16,6 @@ use super::Api;
 use crate::app::script::docs::{FnSpec, Kind, OptSpec};
 use crate::app::script::{err, rt, Opts, RhaiResult, Session};
 use crate::infusion::concept::ConceptSet;
-use crate::infusion::train::TrainOptions;
 use crate::metrics::clip::Clip;
 use crate::metrics::curves::{overtraining_curves, CurveOptions};
 use crate::metrics::dino::Dino;
@@ -24,6 +23,7 @@ use crate::metrics::eval::{evaluate, EvalConcept, EvalOptions};
 use crate::metrics::fisher::{fisher_divergence, unet_from_file, FisherOptions, Variant};
 use crate::metrics::scores;
 use crate::metrics::w2::wasserstein;
+use crate::train::TrainOptions;
 use crate::util::image_io::load_folder_images;
 
 /// A loaded CLIP model (cheap to clone).

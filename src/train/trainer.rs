@@ -1,5 +1,9 @@
-//! The trainer: AdamW steps on the Δs of one concept, with the Infusion loss; progress, Ctrl-C,
-//! the NaN guard and resumable checkpoints.
+//! The training loop every method shares: AdamW steps on a [`Learner`]'s parameters, with
+//! progress, Ctrl-C, the NaN guard, f16 loss scaling, prior preservation and resumable
+//! checkpoints.
+//!
+//! All randomness of step `k` comes from (`seed`, `k`), so a run is deterministic on the CPU and
+//! resuming from a checkpoint continues the very same curve.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -10,15 +14,13 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{root_cause, Error, Result};
-use crate::infusion::concept::{check, check_name, check_word, Concept};
-use crate::infusion::hook::{eps_pair, SampleEdit};
 use crate::job::Job;
-use crate::sd::attention::{AttnKind, LayerInfo};
 use crate::sd::pipeline::StableDiffusion;
 use crate::train::data::{Batch, TrainingSet, DEFAULT_TEMPLATES};
 use crate::train::optim::{AdamState, AdamW};
-use crate::train::Learner;
+use crate::train::{Learner, Run};
 use crate::util::fs::write_atomic;
+use crate::util::names::{check_name, check_word};
 
 /// Settings of a training run. Defaults follow the paper: AdamW, lr 0.01, batch 4.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -99,36 +101,6 @@ impl TrainOptions {
     }
 }
 
-/// The Infusion training loss of one batch: the mean squared error of C's prediction (see
-/// [`eps_pair`]) against `noise`, with the concept's Δs at `positions[row]`. `z0`: scaled clean
-/// latents `(b, C, h, w)`.
-pub fn infusion_loss(
-    sd: &StableDiffusion,
-    z0: &Tensor,
-    timesteps: &[usize],
-    noise: &Tensor,
-    context: &Tensor,
-    positions: &[&[usize]],
-    deltas: &BTreeMap<String, Tensor>,
-) -> Result<Tensor> {
-    if positions.len() != z0.dim(0)? {
-        return Err(Error::arg(
-            "positions",
-            format!(
-                "{} position lists for {} latents",
-                positions.len(),
-                z0.dim(0)?
-            ),
-        ));
-    }
-    let z_t = sd.scheduler.add_noise(z0, noise, timesteps)?;
-    let edits: Vec<SampleEdit<'_>> = positions.iter().map(|&p| vec![(p, deltas)]).collect();
-    let (_, eps_c) = eps_pair(sd, &z_t, timesteps, context, &edits)?;
-    Ok((eps_c.to_dtype(DType::F32)? - noise.to_dtype(DType::F32)?)?
-        .sqr()?
-        .mean_all()?)
-}
-
 /// What a run did.
 #[derive(Debug, Clone)]
 pub struct TrainReport {
@@ -193,71 +165,16 @@ impl Default for LossScale {
     }
 }
 
-/// What a step can be undone to: the Δs and the optimizer state before it.
+/// What a step can be undone to: the parameters and the optimizer state before it.
 struct Snapshot {
-    deltas: BTreeMap<String, Tensor>,
+    params: BTreeMap<String, Tensor>,
     adam: AdamState,
 }
 
-/// Infusion's learner: one Δ per cross-attention layer, from zero, with the Infusion loss.
-pub struct Deltas {
-    vars: BTreeMap<String, Var>,
-    zeros: BTreeMap<String, Tensor>,
-}
-
-impl Deltas {
-    pub fn new(sd: &StableDiffusion) -> Result<Self> {
-        let vars = cross_layers(sd)
-            .iter()
-            .map(|l| {
-                let v = Var::zeros(l.inner_dim(), DType::F32, sd.device())?;
-                Ok((l.path.clone(), v))
-            })
-            .collect::<Result<BTreeMap<_, _>>>()?;
-        let zeros = vars
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.as_tensor().zeros_like()?)))
-            .collect::<Result<_>>()?;
-        Ok(Self { vars, zeros })
-    }
-}
-
-impl Learner for Deltas {
-    fn method(&self) -> &'static str {
-        "infusion"
-    }
-
-    fn vars(&self) -> &BTreeMap<String, Var> {
-        &self.vars
-    }
-
-    fn initial(&self) -> &BTreeMap<String, Tensor> {
-        &self.zeros
-    }
-
-    fn loss(
-        &self,
-        sd: &StableDiffusion,
-        data: &TrainingSet,
-        batch: &Batch,
-        deltas: &BTreeMap<String, Tensor>,
-    ) -> Result<Tensor> {
-        let z0 = data.latents(sd, batch)?;
-        let (ctx, positions) = data.prompts(sd, batch)?;
-        let ts: Vec<usize> = batch.draws.iter().map(|d| d.timestep).collect();
-        infusion_loss(sd, &z0, &ts, &batch.noise, &ctx, &positions, deltas)
-    }
-}
-
-/// The UNet's cross-attention layers (where Infusion's Δs go).
-fn cross_layers(sd: &StableDiffusion) -> Vec<LayerInfo> {
-    sd.unet
-        .attention_layers()
-        .into_iter()
-        .filter(|l| l.kind == AttnKind::CrossAttention)
-        .cloned()
-        .collect()
-}
+/// Parameters up to this size are copied before each update, so that a non-finite loss rolls
+/// back to the last good step; larger ones (a whole UNet: 3.4 GB at SD1.5) are not, and an
+/// update that would make a parameter non-finite is refused instead.
+pub const ROLLBACK_LIMIT_BYTES: usize = 256 << 20;
 
 /// A concept being trained on one model: the loop (progress, Ctrl-C, the NaN guard, loss
 /// scaling, checkpoints) around a [`Learner`].
@@ -272,6 +189,8 @@ pub struct Trainer<'a> {
     step: usize,
     /// The state before the last update (to roll back to when the loss turns non-finite).
     previous: Option<Snapshot>,
+    /// Whether the parameters are small enough to snapshot (see [`ROLLBACK_LIMIT_BYTES`]).
+    rollback: bool,
     /// Loss scaling, for f16 models.
     scaler: Option<LossScale>,
     /// Prior preservation: the class images (with the class prompt) and the weight of their
@@ -287,21 +206,9 @@ fn step_rng(seed: u64, step: usize, eval: bool) -> ChaCha8Rng {
 }
 
 impl<'a> Trainer<'a> {
-    /// Prepares Infusion training: crops and encodes the images once (and their mirror images),
-    /// encodes the templates, sets every Δ to zero.
+    /// Prepares training of `learner`'s parameters on the images: crops and encodes them once
+    /// (and their mirror images) and the templates, whose `{}` becomes `learner.words(word)`.
     pub fn new(
-        sd: &'a StableDiffusion,
-        name: &str,
-        word: &str,
-        images: &[RgbImage],
-        opts: TrainOptions,
-    ) -> Result<Self> {
-        Self::with_learner(sd, name, word, images, opts, Box::new(Deltas::new(sd)?))
-    }
-
-    /// Prepares training of `learner`'s parameters on the images; the templates' `{}` becomes
-    /// `learner.words(word)`.
-    pub fn with_learner(
         sd: &'a StableDiffusion,
         name: &str,
         word: &str,
@@ -322,15 +229,6 @@ impl<'a> Trainer<'a> {
         )?;
         let word = word.trim().to_string();
         check_word(&word)?;
-        if learner.method() != "infusion" && opts.checkpoint_every.is_some() {
-            return Err(Error::arg(
-                "checkpoint_every",
-                format!(
-                    "checkpoints are Infusion's for now, not {}'s",
-                    learner.method()
-                ),
-            ));
-        }
         let data = TrainingSet::new(
             sd,
             &learner.words(&word),
@@ -339,6 +237,11 @@ impl<'a> Trainer<'a> {
             opts.flip,
         )?;
         let adam = AdamW::new(opts.lr, opts.weight_decay, learner.vars())?;
+        let bytes: usize = learner
+            .vars()
+            .values()
+            .map(|v| v.elem_count() * v.dtype().size_in_bytes())
+            .sum();
         Ok(Self {
             sd,
             name: name.to_string(),
@@ -349,6 +252,7 @@ impl<'a> Trainer<'a> {
             adam,
             step: 0,
             previous: None,
+            rollback: bytes <= ROLLBACK_LIMIT_BYTES,
             scaler: (sd.dtype() == DType::F16).then(LossScale::new),
             prior: None,
         })
@@ -397,35 +301,34 @@ impl<'a> Trainer<'a> {
         self.learner.vars()
     }
 
-    /// The Infusion concept with the Δs reached so far.
-    pub fn concept(&self) -> Result<Concept> {
-        if self.learner.method() != "infusion" {
-            return Err(Error::Unsupported(format!(
-                "a {} run makes no Infusion concept",
-                self.learner.method()
-            )));
+    /// The learner's method.
+    pub fn method(&self) -> &'static str {
+        self.learner.method()
+    }
+
+    pub fn model(&self) -> &'a StableDiffusion {
+        self.sd
+    }
+
+    /// The run as the files a learner writes describe it.
+    pub fn run_info(&self) -> Run<'_> {
+        Run {
+            name: &self.name,
+            word: &self.word,
+            steps: self.step,
+            options: &self.opts,
+            images: self.data.n_images(),
         }
-        let mut c = Concept::zeros(
-            &self.name,
-            &self.word,
-            &cross_layers(self.sd),
-            Some(self.sd.unet_fingerprint().to_string()),
-        )?;
-        for (k, v) in self.learner.vars() {
-            c.deltas
-                .insert(k.clone(), v.as_tensor().to_device(&Device::Cpu)?);
+    }
+
+    /// Keeps (or not) a copy of the parameters before each update, to roll back to when the
+    /// loss turns non-finite. By default only parameters up to [`ROLLBACK_LIMIT_BYTES`] are
+    /// copied.
+    pub fn set_rollback(&mut self, on: bool) {
+        self.rollback = on;
+        if !on {
+            self.previous = None;
         }
-        c.train = serde_json::json!({
-            "steps": self.step,
-            "lr": self.opts.lr,
-            "batch": self.opts.batch,
-            "seed": self.opts.seed,
-            "templates": self.opts.templates,
-            "flip": self.opts.flip,
-            "weight_decay": self.opts.weight_decay,
-            "images": self.n_images(),
-        });
-        Ok(c)
     }
 
     /// The learner's loss on `batch` with `params` (with gradient when they are the vars).
@@ -448,7 +351,7 @@ impl<'a> Trainer<'a> {
 
     fn snapshot(&self) -> Result<Snapshot> {
         Ok(Snapshot {
-            deltas: self
+            params: self
                 .learner
                 .vars()
                 .iter()
@@ -475,18 +378,26 @@ impl<'a> Trainer<'a> {
         let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         if !value.is_finite() {
             let failed = self.step + 1;
-            if let Some(prev) = self.previous.take() {
-                for (k, v) in self.learner.vars() {
-                    v.set(&prev.deltas[k])?;
+            let kept = match self.previous.take() {
+                Some(prev) => {
+                    for (k, v) in self.learner.vars() {
+                        v.set(&prev.params[k])?;
+                    }
+                    self.adam.set_state(prev.adam);
+                    self.step -= 1;
+                    "the last with a finite loss"
                 }
-                self.adam.set_state(prev.adam);
-                self.step -= 1;
-            }
+                None if self.step > 0 => {
+                    "which gave this loss: the parameters are too large to keep a copy of the \
+                     step before"
+                }
+                None => "the start",
+            };
             return Err(Error::arg(
                 "training",
                 format!(
-                    "the loss became {value} at step {failed}: stopped, keeping the Δs of step {} \
-                     (the last with a finite loss); try a lower learning rate",
+                    "the loss became {value} at step {failed}: stopped, keeping the parameters \
+                     of step {} ({kept}); try a lower learning rate",
                     self.step
                 ),
             ));
@@ -510,11 +421,24 @@ impl<'a> Trainer<'a> {
                 Ok((k.clone(), g))
             })
             .collect::<Result<BTreeMap<_, _>>>()?;
-        self.previous = Some(self.snapshot()?);
         let apply = match &mut self.scaler {
             Some(s) => s.after_step(all_finite(&g)?)?,
             None => true,
         };
+        if apply && !self.rollback && !self.adam.keeps_finite(self.learner.vars(), &g)? {
+            return Err(Error::arg(
+                "training",
+                format!(
+                    "the update of step {} would make parameters non-finite: stopped, keeping \
+                     the parameters of step {}; try a lower learning rate",
+                    self.step + 1,
+                    self.step
+                ),
+            ));
+        }
+        if self.rollback {
+            self.previous = Some(self.snapshot()?);
+        }
         if apply {
             self.adam.update(self.learner.vars(), &g)?;
         }
@@ -585,12 +509,13 @@ impl<'a> Trainer<'a> {
         Ok(report)
     }
 
-    /// Writes `DIR/NAME-stepNNNNNN.safetensors` (a concept file, usable as it is) and beside it
-    /// `.optim.safetensors` with the optimizer state, for [`Trainer::resume`].
+    /// Writes a checkpoint into `dir`: the learner's own file (or folder) `NAME-stepNNNNNN.*`,
+    /// usable as it is, and beside it `NAME-stepNNNNNN.optim.safetensors` with the optimizer
+    /// state and what [`Checkpoint::read`] needs to resume the run. Returns the learner's path.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<PathBuf> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let path = dir.join(format!("{}-step{:06}.safetensors", self.name, self.step));
-        self.concept()?.save(&path, DType::F32)?;
+        let stem = format!("{}-step{:06}", self.name, self.step);
+        let path = self.learner.save(self.sd, &self.run_info(), dir, &stem)?;
         let state = self.adam.state();
         let mut tensors: Vec<(String, Tensor)> = vec![];
         for (k, m) in &state.m {
@@ -599,82 +524,97 @@ impl<'a> Trainer<'a> {
         for (k, v) in &state.v {
             tensors.push((format!("v/{k}"), v.to_device(&Device::Cpu)?));
         }
+        let settings = serde_json::to_string(&self.learner.settings())
+            .map_err(|e| Error::arg("settings", e))?;
+        let options = serde_json::to_string(&self.opts).map_err(|e| Error::arg("options", e))?;
         let mut meta = HashMap::from([
-            ("format".to_string(), "infusion-optimizer/1".to_string()),
+            ("format".to_string(), OPTIMIZER_FORMAT.to_string()),
+            ("method".to_string(), self.learner.method().to_string()),
+            ("name".to_string(), self.name.clone()),
+            ("word".to_string(), self.word.clone()),
+            ("settings".to_string(), settings),
             ("step".to_string(), self.step.to_string()),
             ("adam_step".to_string(), state.step.to_string()),
-            (
-                "options".to_string(),
-                serde_json::to_string(&self.opts).map_err(|e| Error::arg("options", e))?,
-            ),
+            ("options".to_string(), options),
         ]);
         if let Some(s) = self.scaler {
             meta.insert("loss_scale".to_string(), format!("{} {}", s.scale, s.good));
         }
+        if let Some((data, weight)) = &self.prior {
+            meta.insert("prior".to_string(), format!("{} {weight}", data.n_images()));
+        }
         let bytes = safetensors::serialize(tensors, Some(meta))
             .map_err(|e| Error::arg("checkpoint", e.to_string()))?;
-        let opt_path = optimizer_path(&path);
+        let opt_path = dir.join(format!("{stem}.optim.safetensors"));
         write_atomic(&opt_path, |w| {
             w.write_all(&bytes).map_err(|e| Error::io(&opt_path, e))
         })?;
         Ok(path)
     }
 
-    /// Continues training from a checkpoint written by [`Trainer::save_checkpoint`], with the
-    /// same images; `steps` may be raised to train further.
+    /// Continues the run of `checkpoint` (see [`Checkpoint::read`]) with `learner` (made with
+    /// the checkpoint's method and settings) on the same images; `steps` may be raised to train
+    /// further. Prior preservation, if the run had it, is the caller's to set again
+    /// ([`Checkpoint::prior`]).
     pub fn resume(
         sd: &'a StableDiffusion,
-        checkpoint: &Path,
+        checkpoint: &Checkpoint,
         images: &[RgbImage],
         steps: Option<usize>,
+        learner: Box<dyn Learner + 'a>,
         job: &Job,
     ) -> Result<Self> {
-        let concept = Concept::load(checkpoint)?;
-        check(&concept, sd, false, job)?;
-        let opt_path = optimizer_path(checkpoint);
-        let data = std::fs::read(&opt_path).map_err(|e| Error::io(&opt_path, e))?;
         let bad = |msg: String| Error::Safetensors {
-            path: opt_path.clone(),
+            path: checkpoint.optim.clone(),
             msg,
         };
-        let (_, header) =
-            safetensors::SafeTensors::read_metadata(&data).map_err(|e| bad(e.to_string()))?;
-        let meta = header.metadata().clone().unwrap_or_default();
-        let get = |k: &str| {
-            meta.get(k)
-                .cloned()
-                .ok_or_else(|| bad(format!("metadata `{k}` is missing")))
-        };
-        let mut opts: TrainOptions =
-            serde_json::from_str(&get("options")?).map_err(|e| bad(format!("options: {e}")))?;
+        if learner.method() != checkpoint.method {
+            return Err(bad(format!(
+                "it is a {} run's, not {}'s",
+                checkpoint.method,
+                learner.method()
+            )));
+        }
+        let mut opts = checkpoint.options.clone();
         if let Some(s) = steps {
             opts.steps = s;
         }
-        let step: usize = get("step")?.parse().map_err(|_| bad("bad `step`".into()))?;
+        let step = checkpoint.step;
         if step >= opts.steps {
             return Err(Error::arg(
                 "train_steps",
                 format!(
                     "the checkpoint {} is at step {step}: nothing to train up to {} steps \
                      (ask for more than {step})",
-                    checkpoint.display(),
+                    checkpoint.path.display(),
                     opts.steps
                 ),
             ));
         }
-        let adam_step: usize = get("adam_step")?
-            .parse()
-            .map_err(|_| bad("bad `adam_step`".into()))?;
-        let tensors = candle_core::safetensors::load_buffer(&data, sd.device())
+        let params = learner.read(sd, &checkpoint.path, job)?;
+        let tensors = candle_core::safetensors::load(&checkpoint.optim, sd.device())
             .map_err(|e| bad(root_cause(&e)))?;
-        let mut t = Trainer::new(sd, &concept.name, &concept.word, images, opts)?;
+        let mut t = Trainer::new(
+            sd,
+            &checkpoint.name,
+            &checkpoint.word,
+            images,
+            opts,
+            learner,
+        )?;
         let mut state = AdamState {
-            step: adam_step,
+            step: checkpoint.adam_step,
             m: BTreeMap::new(),
             v: BTreeMap::new(),
         };
         for (k, var) in t.learner.vars() {
-            var.set(&concept.deltas[k].to_device(sd.device())?)?;
+            let value = params.get(k).ok_or_else(|| {
+                Error::arg(
+                    "checkpoint",
+                    format!("{}: no parameter `{k}`", checkpoint.path.display()),
+                )
+            })?;
+            var.set(&value.to_dtype(var.dtype())?.to_device(sd.device())?)?;
             for (prefix, moments) in [("m", &mut state.m), ("v", &mut state.v)] {
                 let name = format!("{prefix}/{k}");
                 let x = tensors
@@ -685,17 +625,139 @@ impl<'a> Trainer<'a> {
         }
         t.adam.set_state(state);
         t.step = step;
-        if let (Some(scaler), Some(text)) = (&mut t.scaler, meta.get("loss_scale")) {
-            let mut parts = text.split(' ');
-            let (Some(scale), Some(good)) = (
-                parts.next().and_then(|v| v.parse().ok()),
-                parts.next().and_then(|v| v.parse().ok()),
-            ) else {
-                return Err(bad(format!("bad `loss_scale`: {text:?}")));
-            };
-            *scaler = LossScale { scale, good };
+        if let (Some(scaler), Some(saved)) = (&mut t.scaler, checkpoint.loss_scale) {
+            *scaler = saved;
         }
         Ok(t)
+    }
+}
+
+const OPTIMIZER_FORMAT: &str = "infusion-optimizer/1";
+
+/// A checkpoint's run, as its `.optim.safetensors` describes it.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The learner's file (or folder).
+    pub path: PathBuf,
+    /// The optimizer state beside it.
+    pub optim: PathBuf,
+    /// The method that wrote it (`infusion` in checkpoints written before the others had any).
+    pub method: String,
+    /// The concept's name and class word (empty in Infusion checkpoints written before
+    /// 2026-12-02: their concept file has them).
+    pub name: String,
+    pub word: String,
+    /// The learner's settings ([`Learner::settings`]).
+    pub settings: serde_json::Value,
+    pub options: TrainOptions,
+    pub step: usize,
+    /// Prior preservation: the number of class images and their weight.
+    pub prior: Option<(usize, f64)>,
+    adam_step: usize,
+    loss_scale: Option<LossScale>,
+}
+
+impl Checkpoint {
+    /// Reads what a checkpoint says about its run, from the learner's file (or folder) or from
+    /// the `.optim.safetensors` beside it.
+    pub fn read(path: &Path) -> Result<Self> {
+        let (path, optim) = match path
+            .to_str()
+            .and_then(|p| p.strip_suffix(".optim.safetensors"))
+        {
+            Some(stem) => {
+                let file = PathBuf::from(format!("{stem}.safetensors"));
+                let learner = if file.exists() {
+                    file
+                } else {
+                    PathBuf::from(stem)
+                };
+                (learner, path.to_path_buf())
+            }
+            None => {
+                let trimmed = path.components().as_path();
+                let stem = trimmed.with_extension("");
+                let optim = PathBuf::from(format!("{}.optim.safetensors", stem.display()));
+                (trimmed.to_path_buf(), optim)
+            }
+        };
+        if !path.exists() {
+            return Err(Error::arg(
+                "checkpoint",
+                format!("{}: no such checkpoint", path.display()),
+            ));
+        }
+        let bad = |msg: String| Error::Safetensors {
+            path: optim.clone(),
+            msg,
+        };
+        let map = crate::util::mapped::Mapping::open(&optim).map_err(|e| Error::io(&optim, e))?;
+        let header = safetensors::SafeTensors::read_metadata(map.bytes())
+            .map_err(|e| bad(e.to_string()))?
+            .1
+            .metadata()
+            .clone()
+            .unwrap_or_default();
+        let get = |k: &str| {
+            header
+                .get(k)
+                .cloned()
+                .ok_or_else(|| bad(format!("metadata `{k}` is missing")))
+        };
+        if get("format")? != OPTIMIZER_FORMAT {
+            return Err(bad(format!(
+                "not a checkpoint's optimizer state ({OPTIMIZER_FORMAT})"
+            )));
+        }
+        let number =
+            |k: &str| -> Result<usize> { get(k)?.parse().map_err(|_| bad(format!("bad `{k}`"))) };
+        let loss_scale = match header.get("loss_scale") {
+            None => None,
+            Some(text) => {
+                let mut parts = text.split(' ');
+                match (
+                    parts.next().and_then(|v| v.parse().ok()),
+                    parts.next().and_then(|v| v.parse().ok()),
+                ) {
+                    (Some(scale), Some(good)) => Some(LossScale { scale, good }),
+                    _ => return Err(bad(format!("bad `loss_scale`: {text:?}"))),
+                }
+            }
+        };
+        let prior = match header.get("prior") {
+            None => None,
+            Some(text) => {
+                let mut parts = text.split(' ');
+                match (
+                    parts.next().and_then(|v| v.parse().ok()),
+                    parts.next().and_then(|v| v.parse().ok()),
+                ) {
+                    (Some(images), Some(weight)) => Some((images, weight)),
+                    _ => return Err(bad(format!("bad `prior`: {text:?}"))),
+                }
+            }
+        };
+        let settings = match header.get("settings") {
+            Some(text) => serde_json::from_str(text).map_err(|e| bad(format!("settings: {e}")))?,
+            None => serde_json::Value::Null,
+        };
+        Ok(Self {
+            method: header
+                .get("method")
+                .cloned()
+                .unwrap_or_else(|| "infusion".into()),
+            name: header.get("name").cloned().unwrap_or_default(),
+            word: header.get("word").cloned().unwrap_or_default(),
+            settings,
+            options: serde_json::from_str(&get("options")?)
+                .map_err(|e| bad(format!("options: {e}")))?,
+            step: number("step")?,
+            adam_step: number("adam_step")?,
+            prior,
+            loss_scale,
+            path,
+            optim,
+        })
     }
 }
 
@@ -706,10 +768,6 @@ fn all_finite(grads: &BTreeMap<String, Tensor>) -> Result<bool> {
         }
     }
     Ok(true)
-}
-
-fn optimizer_path(checkpoint: &Path) -> PathBuf {
-    checkpoint.with_extension("optim.safetensors")
 }
 
 #[cfg(test)]
