@@ -8,7 +8,8 @@ txt2img reference's `init_noise`:
 - `lora.latents`: "a photo of sks teapot on a table" after `pipe.load_lora_weights(pot_lora)`;
 - `ti.latents`: "a photo of <potword> on a table" after `pipe.load_textual_inversion(potword)`.
 With `--dreambooth DIR` it also checks that `UNet2DConditionModel.from_pretrained(DIR)` reads a
-unet/ folder written by `train --method dreambooth` (asserted, nothing written).
+unet/ folder written by `train --method dreambooth` with the tiny UNet's configuration, every
+field (asserted, nothing written).
 
 The Rust test (tests/integration/baselines.rs) loads the same files with `load_concept` and
 compares its C with these latents.
@@ -62,6 +63,11 @@ def main():
         base = UNet2DConditionModel.from_pretrained(TINY, subfolder="unet")
         moved = sum(float((a - b).abs().sum()) for a, b in zip(unet.parameters(), base.parameters()))
         assert moved > 0, "the DreamBooth UNet equals the base one"
+        # Our config.json is written from the model's configuration (not copied from a folder):
+        # diffusers must read it as the same UNet, every field.
+        differ = {k: (unet.config[k], v) for k, v in base.config.items()
+                  if not k.startswith("_") and unet.config[k] != v}
+        assert not differ, f"config fields read differently: {differ}"
         print("dreambooth unet/ folder read by diffusers: OK")
     safetensors.torch.save_file({k: v.contiguous() for k, v in out.items()},
                                 os.path.join(OURS, "diffusers_latents.safetensors"),
