@@ -742,6 +742,15 @@ fn load_tuned_unet(
     })?;
     let weights =
         crate::sd::hub::find_weights(path, "diffusion_pytorch_model", sd.dtype() == DType::F16)?;
+    if req.scale.is_some() {
+        return Err(Error::arg(
+            "scale",
+            format!(
+                "{}: a DreamBooth UNet has no strength (it replaces C's UNet whole)",
+                path.display()
+            ),
+        ));
+    }
     let unet = crate::metrics::fisher::load_unet_weights(sd, &weights)?;
     let folder = path
         .file_name()

@@ -299,8 +299,10 @@ struct GenerateArgs {
     #[arg(long)]
     noise: Option<PathBuf>,
     /// A concept to load (repeat for several); prompts use them as `<name>`: an Infusion file,
-    /// or `FILE:WORD` for a Textual Inversion or LoRA file or a DreamBooth unet/ folder (WORD:
-    /// the class word the plain model sees in its place).
+    /// or `FILE:WORD[:TRIGGER[:SCALE]]` for a Textual Inversion or LoRA file or a DreamBooth
+    /// unet/ folder (WORD: the class word the plain model sees in its place; TRIGGER: the
+    /// identifier C's prompt puts before it, for a LoRA or DreamBooth; SCALE: a LoRA's
+    /// strength, 1.0 by default).
     #[arg(long = "concept")]
     concepts: Vec<PathBuf>,
     /// Load concepts trained on another model anyway.
@@ -314,17 +316,44 @@ struct GenerateArgs {
     maps: Option<PathBuf>,
 }
 
-/// `FILE` or `FILE:WORD` (a path that exists as given is taken whole, colons and all).
-fn concept_spec(spec: &Path) -> (PathBuf, Option<String>) {
+/// `FILE` or `FILE:WORD[:TRIGGER[:SCALE]]` (a path that exists as given is taken whole, colons
+/// and all; an empty TRIGGER is none: `pot.safetensors:teapot::0.8`).
+fn concept_spec(spec: &Path, force: bool) -> Result<actions::ConceptRequest> {
+    let mut req = actions::ConceptRequest {
+        path: spec.to_path_buf(),
+        force,
+        ..Default::default()
+    };
     let text = spec.to_string_lossy();
-    if !spec.exists() {
-        if let Some((file, word)) = text.rsplit_once(':') {
-            if Path::new(file).exists() && !word.is_empty() {
-                return (PathBuf::from(file), Some(word.to_string()));
-            }
-        }
+    if spec.exists() {
+        return Ok(req);
     }
-    (spec.to_path_buf(), None)
+    let parts: Vec<&str> = text.split(':').collect();
+    let Some(k) = (1..parts.len()).find(|&k| Path::new(&parts[..k].join(":")).exists()) else {
+        return Ok(req); // not there: load_concept says so
+    };
+    let extra = &parts[k..];
+    if extra.len() > 3 || extra[0].is_empty() {
+        return Err(Error::arg(
+            "concept",
+            format!("{text:?}: give FILE, or FILE:WORD[:TRIGGER[:SCALE]]"),
+        ));
+    }
+    req.path = PathBuf::from(parts[..k].join(":"));
+    req.word = Some(extra[0].to_string());
+    req.trigger = extra
+        .get(1)
+        .filter(|t| !t.is_empty())
+        .map(|t| t.to_string());
+    if let Some(scale) = extra.get(2) {
+        req.scale = Some(scale.parse().map_err(|_| {
+            Error::arg(
+                "concept",
+                format!("{text:?}: the strength {scale:?} is not a number"),
+            )
+        })?);
+    }
+    Ok(req)
 }
 
 fn load_model(global: &GlobalArgs, job: &Job) -> Result<StableDiffusion> {
@@ -386,13 +415,8 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
     let sd = load_model(global, job)?;
     let mut concepts = ConceptSet::new();
     for spec in &args.concepts {
-        let (path, word) = concept_spec(spec);
-        let req = actions::ConceptRequest {
-            path: path.clone(),
-            word,
-            force: args.force,
-            ..Default::default()
-        };
+        let req = concept_spec(spec, args.force)?;
+        let path = req.path.clone();
         let (name, word) = match actions::load_concept(&req, Some(&sd), &mut concepts, job)? {
             actions::LoadedConcept::Infusion(c) => (c.name.clone(), c.word.clone()),
             actions::LoadedConcept::Adapted(a) => (a.name.clone(), a.word.clone()),

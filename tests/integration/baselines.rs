@@ -1043,7 +1043,9 @@ fn prior_preservation_adds_the_class_loss() {
 }
 
 /// On the command line, `--concept FILE:WORD` loads a TI or LoRA file with its class word; a
-/// file without one says how to give it.
+/// file without one says how to give it. `FILE:WORD:TRIGGER:SCALE` gives a LoRA its trigger and
+/// strength: at strength 0 without a trigger C is F exactly (the two PNGs are the same image),
+/// with them it is not; a strength that is no number is refused.
 #[test]
 fn the_command_line_takes_ti_and_lora_files_with_their_word() {
     let dir = tempfile::tempdir().unwrap();
@@ -1079,6 +1081,44 @@ fn the_command_line_takes_ti_and_lora_files_with_their_word() {
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("FILE:WORD") && e.contains("kohya_lora"), "{e}");
+
+    let lora = fixture("pytorch_lora_weights.safetensors")
+        .display()
+        .to_string();
+    let pixels = |p: &str| {
+        image::open(dir.path().join(p))
+            .unwrap()
+            .to_rgb8()
+            .into_raw()
+    };
+    for (spec, same) in [(":teapot::0", true), (":teapot:sks:1.5", false)] {
+        let o = run(&[
+            "generate",
+            "a <pytorch_lora_weights> on a table",
+            "--steps",
+            "2",
+            "--concept",
+            &format!("{lora}{spec}"),
+            "-o",
+            "l.png",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            pixels("l.base.png") == pixels("l.custom.png"),
+            same,
+            "{spec}"
+        );
+    }
+    let o = run(&[
+        "generate",
+        "a <pytorch_lora_weights>",
+        "--steps",
+        "1",
+        "--concept",
+        &format!("{lora}:teapot:sks:strong"),
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("not a number"), "{e}");
 }
 
 /// The tensors of two safetensors files are equal, name for name (tolerance 0).
