@@ -658,6 +658,7 @@ pub fn load_concept(
         crate::methods::adapted::custom_side(
             sd,
             &adapted.word,
+            "",
             &[(0..adapted.word.len(), &adapted)],
             crate::sd::hook::Branch(1),
         )

@@ -293,13 +293,20 @@ pub fn generate_infusion(
                 .map(|a| (m.span.clone(), a.as_ref()))
         })
         .collect();
-    let other = custom_side(sd, &parsed.base, &marks, Stream::Customized.branch())?;
+    let other = custom_side(
+        sd,
+        &parsed.base,
+        &g.negative_prompt,
+        &marks,
+        Stream::Customized.branch(),
+    )?;
     if (other.states.is_some() || other.unet.is_some()) && !placements.is_empty() {
         return Err(Error::arg(
             "prompt",
             format!(
-                "Infusion concepts use F's text and attention in C, which a learned word or a \
-                 trigger word changes (C's prompt is {:?}): use them in separate prompts",
+                "Infusion concepts use F's text and attention in C, which a learned word, a \
+                 trigger word or a LoRA of the text encoder changes (C's prompt is {:?}): use \
+                 them in separate prompts",
                 other.prompt
             ),
         ));
@@ -309,10 +316,14 @@ pub fn generate_infusion(
             (Some(s), Stream::Customized) => s.clone(),
             _ => states.get(1)?.unsqueeze(0)?,
         };
+        let uncond = match (&other.uncond, stream) {
+            (Some(s), Stream::Customized) => s.clone(),
+            _ => states.get(0)?.unsqueeze(0)?,
+        };
         Ok(Trajectory {
             branch: stream.branch(),
             sample: 0,
-            uncond: states.get(0)?.unsqueeze(0)?,
+            uncond,
             cond,
         })
     };

@@ -11,7 +11,7 @@ use super::files::{Embedding, Lora};
 use super::lora::LoraHook;
 use super::textual_inversion::text_states_with;
 use crate::error::Result;
-use crate::sd::hook::{AttentionHook, Branch};
+use crate::sd::hook::{AttentionHook, Branch, Chain};
 use crate::sd::pipeline::StableDiffusion;
 
 /// A fine-tuned copy of the model's UNet (DreamBooth's result), shared.
@@ -110,8 +110,17 @@ impl Adapted {
                 }
                 let mut t = vec![];
                 for l in &lora.layers {
-                    t.push((format!("unet.{}.lora.down.weight", l.module), cpu(&l.down)?));
-                    t.push((format!("unet.{}.lora.up.weight", l.module), cpu(&l.up)?));
+                    let model = match l.target {
+                        super::files::LoraTarget::Unet => "unet",
+                        super::files::LoraTarget::TextEncoder => "text_encoder",
+                    };
+                    // kohya's alpha, folded into the up factor (these names carry none).
+                    let up = (cpu(&l.up)? * l.alpha_scale())?;
+                    t.push((
+                        format!("{model}.{}.lora.down.weight", l.module),
+                        cpu(&l.down)?,
+                    ));
+                    t.push((format!("{model}.{}.lora.up.weight", l.module), up));
                 }
                 (t, std::collections::HashMap::new())
             }
@@ -146,15 +155,20 @@ pub struct CustomSide {
     pub prompt: String,
     /// C's conditional text states `(1, tokens, width)`, when they differ from F's.
     pub states: Option<Tensor>,
+    /// C's unconditional text states (of the negative prompt), when they differ from F's: a
+    /// LoRA of the text encoder changes them too, as diffusers' pipeline encodes both with it.
+    pub uncond: Option<Tensor>,
     pub hooks: Vec<Box<dyn AttentionHook>>,
     pub unet: Option<std::sync::Arc<crate::sd::unet::UNet>>,
 }
 
-/// C's side for the base prompt `base` (the class words in place) with `marks`: each concept
-/// at its word's byte span of `base`, in order. Hooks change the rows of `branch`.
+/// C's side for the base prompt `base` (the class words in place) and the negative prompt
+/// `negative` with `marks`: each concept at its word's byte span of `base`, in order. Hooks
+/// change the rows of `branch`.
 pub fn custom_side(
     sd: &StableDiffusion,
     base: &str,
+    negative: &str,
     marks: &[(Range<usize>, &Adapted)],
     branch: Branch,
 ) -> Result<CustomSide> {
@@ -162,6 +176,7 @@ pub fn custom_side(
     let mut at = 0;
     let mut learned = vec![];
     let mut hooks: Vec<Box<dyn AttentionHook>> = vec![];
+    let mut text_loras: Vec<LoraHook> = vec![];
     let mut unet: Option<std::sync::Arc<crate::sd::unet::UNet>> = None;
     for (span, a) in marks {
         prompt.push_str(&base[at..span.start]);
@@ -170,7 +185,11 @@ pub fn custom_side(
         match &a.change {
             Change::TextualInversion(e) => learned.push((start..prompt.len(), e)),
             Change::Lora { lora, scale, .. } => {
-                hooks.push(Box::new(LoraHook::new(lora, sd, *scale, Some(branch))?))
+                let hook = LoraHook::new(lora, sd, *scale, Some(branch))?;
+                if hook.changes_text() {
+                    text_loras.push(LoraHook::new(lora, sd, *scale, None)?);
+                }
+                hooks.push(Box::new(hook));
             }
             Change::DreamBooth { unet: tuned, .. } => {
                 if unet.is_some() {
@@ -185,7 +204,9 @@ pub fn custom_side(
         at = span.end;
     }
     prompt.push_str(&base[at..]);
-    let states = if learned.is_empty() && prompt == base {
+    let text_hooks = Chain(text_loras.iter().map(|h| h as &dyn AttentionHook).collect());
+    let text = text_hooks.modules();
+    let states = if learned.is_empty() && prompt == base && text.is_none() {
         None
     } else {
         let tokens = sd.tokenize(&prompt)?;
@@ -201,11 +222,21 @@ pub fn custom_side(
             })
             .filter(|(r, _)| !r.is_empty())
             .collect();
-        Some(text_states_with(sd, &tokens, &words)?)
+        Some(text_states_with(sd, &tokens, &words, text)?)
+    };
+    let uncond = match text {
+        Some(text) => Some(text_states_with(
+            sd,
+            &sd.tokenize(negative)?,
+            &[],
+            Some(text),
+        )?),
+        None => None,
     };
     Ok(CustomSide {
         prompt,
         states,
+        uncond,
         hooks,
         unet,
     })

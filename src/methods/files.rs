@@ -187,12 +187,19 @@ fn sort(path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<ConceptFile> {
     )))
 }
 
-/// The factor names of each layout: (down, up).
-const FACTORS: [(LoraLayout, &str, &str); 3] = [
+/// The factor names of each layout: (down, up). One file may mix the first three: diffusers'
+/// training scripts convert the attention projections' names (`.lora.down`, the text encoder's
+/// `.lora_linear_layer.down`) and leave the other modules' as peft's.
+const FACTORS: [(LoraLayout, &str, &str); 4] = [
     (
         LoraLayout::Diffusers,
         ".lora.down.weight",
         ".lora.up.weight",
+    ),
+    (
+        LoraLayout::Diffusers,
+        ".lora_linear_layer.down.weight",
+        ".lora_linear_layer.up.weight",
     ),
     (LoraLayout::Peft, ".lora_A.weight", ".lora_B.weight"),
     (LoraLayout::Kohya, ".lora_down.weight", ".lora_up.weight"),
@@ -204,22 +211,37 @@ fn lora(path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<Lora> {
         path: path.to_path_buf(),
         msg,
     };
-    let (layout, down_suffix, up_suffix) = FACTORS
+    let factors = |key: &str| {
+        FACTORS
+            .iter()
+            .copied()
+            .find(|(_, down, _)| key.ends_with(down))
+    };
+    // The file's layout: kohya's names are its own; diffusers' wins over peft's in a mix.
+    let layout = FACTORS
         .iter()
-        .copied()
-        .find(|(_, down, _)| tensors.keys().any(|k| k.ends_with(down)))
+        .map(|(layout, ..)| *layout)
+        .find(|l| {
+            tensors
+                .keys()
+                .any(|k| factors(k).is_some_and(|f| f.0 == *l))
+        })
         .ok_or_else(|| {
             bad(format!(
                 "it names LoRA tensors (e.g. `{}`) but none ends in .lora.down.weight, \
-                 .lora_A.weight or .lora_down.weight",
+                 .lora_linear_layer.down.weight, .lora_A.weight or .lora_down.weight",
                 tensors.keys().next().map(String::as_str).unwrap_or("")
             ))
         })?;
+    let kohya = layout == LoraLayout::Kohya;
     let mut layers = vec![];
     for (key, down) in &tensors {
-        let Some(stem) = key.strip_suffix(down_suffix) else {
+        let Some((_, down_suffix, up_suffix)) =
+            factors(key).filter(|f| (f.0 == LoraLayout::Kohya) == kohya)
+        else {
             continue;
         };
+        let stem = &key[..key.len() - down_suffix.len()];
         let up = tensors
             .get(&format!("{stem}{up_suffix}"))
             .ok_or_else(|| bad(format!("`{key}` has no `{stem}{up_suffix}`")))?;
@@ -228,6 +250,13 @@ fn lora(path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<Lora> {
                 "`{key}`: a LoRA module of neither the UNet nor the text encoder"
             ))
         })?;
+        // diffusers' scripts write the text encoder's paths without `text_model.`.
+        let module = match target {
+            LoraTarget::TextEncoder if !kohya && !module.starts_with("text_model.") => {
+                format!("text_model.{module}")
+            }
+            _ => module.to_string(),
+        };
         let alpha = match tensors.get(&format!("{stem}.alpha")) {
             Some(a) => Some(
                 a.to_dtype(DType::F64)?
@@ -250,15 +279,16 @@ fn lora(path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<Lora> {
         }
         layers.push(LoraLayer {
             target,
-            module: module.to_string(),
+            module,
             down,
             up,
             alpha,
         });
     }
     if let Some(orphan) = tensors.keys().find(|k| {
-        k.ends_with(up_suffix)
-            && !tensors.contains_key(&format!("{}{down_suffix}", &k[..k.len() - up_suffix.len()]))
+        FACTORS.iter().any(|(_, down, up)| {
+            k.ends_with(up) && !tensors.contains_key(&format!("{}{down}", &k[..k.len() - up.len()]))
+        })
     }) {
         return Err(bad(format!("`{orphan}` has no down factor")));
     }

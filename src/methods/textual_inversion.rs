@@ -10,6 +10,7 @@ use candle_core::Tensor;
 
 use super::files::Embedding;
 use crate::error::{Error, Result};
+use crate::sd::hook::ModuleHook;
 use crate::sd::pipeline::StableDiffusion;
 use crate::sd::tokenizer::Tokens;
 
@@ -50,14 +51,16 @@ pub fn text_states(
     span: Range<usize>,
     embedding: &Embedding,
 ) -> Result<Tensor> {
-    text_states_with(sd, tokens, &[(span, embedding)])
+    text_states_with(sd, tokens, &[(span, embedding)], None)
 }
 
-/// As [`text_states`] with several learned words, each at its token span (spans apart).
+/// As [`text_states`] with several learned words, each at its token span (spans apart), and
+/// `hook` changing the text encoder's modules (a LoRA's).
 pub fn text_states_with(
     sd: &StableDiffusion,
     tokens: &Tokens,
     words: &[(Range<usize>, &Embedding)],
+    hook: Option<&dyn ModuleHook>,
 ) -> Result<Tensor> {
     let te = &sd.text_encoder;
     for (_, e) in words {
@@ -108,7 +111,7 @@ pub fn text_states_with(
             1,
         )?;
     }
-    Ok(te.forward_embeds(&embeds)?)
+    Ok(te.forward_embeds_with(&embeds, hook)?)
 }
 
 #[cfg(test)]

@@ -248,7 +248,7 @@ fn eps(
                         ),
                     ));
                 }
-                let side = custom_side(sd, &p.base, &marks, Branch(1))?;
+                let side = custom_side(sd, &p.base, "", &marks, Branch(1))?;
                 let cond = match &side.states {
                     Some(s) => s.to_dtype(sd.dtype())?,
                     None => ctx.get(r)?.unsqueeze(0)?,

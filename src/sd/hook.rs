@@ -149,6 +149,41 @@ pub struct AttnSite<'a> {
     pub spatial: (usize, usize),
 }
 
+/// Changes named linear modules outside the attention projections given their input: a
+/// low-rank update of a feed-forward layer, of a transformer's 1x1 `proj_in`/`proj_out`, or of a
+/// text encoder layer, say. Modules are named by their weight's path without `.weight`
+/// (`down_blocks.0.attentions.0.proj_in`, `...transformer_blocks.0.ff.net.2`,
+/// `text_model.encoder.layers.0.mlp.fc1`); inputs and outputs come as tokens
+/// `(batch, tokens, features)`, 1x1 convolutions' too.
+pub trait ModuleHook: Send + Sync {
+    /// Whether it changes the module at `path`. Modules not wanted run at no extra cost.
+    fn wants_module(&self, path: &str) -> bool;
+
+    /// The module's output to go on with. `rows`: the UNet batch's rows (`None` in the text
+    /// encoder, whose batch a caller encodes for one purpose).
+    fn module(
+        &self,
+        path: &str,
+        rows: Option<&BatchLayout>,
+        input: &Tensor,
+        output: Tensor,
+    ) -> Result<Tensor>;
+}
+
+/// `output` of the module at `path`, changed by `hook` when it wants the module.
+pub fn through(
+    hook: Option<&dyn ModuleHook>,
+    path: &str,
+    rows: Option<&BatchLayout>,
+    input: &Tensor,
+    output: Tensor,
+) -> Result<Tensor> {
+    match hook {
+        Some(h) if h.wants_module(path) => h.module(path, rows, input, output),
+        _ => Ok(output),
+    }
+}
+
 /// A strategy that observes or changes attention. See the module documentation.
 pub trait AttentionHook: Send + Sync {
     /// Whether calls of this layer go through [`AttentionHook::attend`]. Layers not wanted run
@@ -169,6 +204,11 @@ pub trait AttentionHook: Send + Sync {
         output: Tensor,
     ) -> Result<Tensor> {
         Ok(output)
+    }
+
+    /// Its changes of the UNet's other linear modules, if any (see [`ModuleHook`]).
+    fn modules(&self) -> Option<&dyn ModuleHook> {
+        None
     }
 }
 
@@ -200,6 +240,35 @@ impl AttentionHook for Chain<'_> {
             .filter(|h| h.wants(site.layer))
             .try_fold(output, |out, h| h.project(site, projection, input, out))
     }
+
+    fn modules(&self) -> Option<&dyn ModuleHook> {
+        self.0
+            .iter()
+            .any(|h| h.modules().is_some())
+            .then_some(self as &dyn ModuleHook)
+    }
+}
+
+impl ModuleHook for Chain<'_> {
+    fn wants_module(&self, path: &str) -> bool {
+        self.0
+            .iter()
+            .filter_map(|h| h.modules())
+            .any(|m| m.wants_module(path))
+    }
+
+    fn module(
+        &self,
+        path: &str,
+        rows: Option<&BatchLayout>,
+        input: &Tensor,
+        output: Tensor,
+    ) -> Result<Tensor> {
+        self.0
+            .iter()
+            .filter_map(|h| h.modules())
+            .try_fold(output, |out, m| through(Some(m), path, rows, input, out))
+    }
 }
 
 /// A hook with the rows and step of one UNet call.
@@ -208,4 +277,16 @@ pub struct HookCtx<'a> {
     pub hook: &'a dyn AttentionHook,
     pub rows: &'a BatchLayout,
     pub step: Option<Step>,
+}
+
+impl HookCtx<'_> {
+    /// Whether the hook changes the UNet module at `path` (see [`ModuleHook`]).
+    pub fn wants_module(&self, path: &str) -> bool {
+        self.hook.modules().is_some_and(|m| m.wants_module(path))
+    }
+
+    /// `output` of the UNet module at `path`, as the hook changes it.
+    pub fn module(&self, path: &str, input: &Tensor, output: Tensor) -> Result<Tensor> {
+        through(self.hook.modules(), path, Some(self.rows), input, output)
+    }
 }

@@ -5,6 +5,8 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear, Embedding, LayerNorm, Linear, VarBuilder};
 
+use crate::sd::hook::{through, ModuleHook};
+
 use crate::sd::config::{TextActivation, TextEncoderConfig};
 use crate::sd::nn::layer_norm;
 
@@ -52,17 +54,32 @@ impl ClipAttention {
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+        hook: Option<(&dyn ModuleHook, &str)>,
+    ) -> candle_core::Result<Tensor> {
         let (b, n, d) = xs.dims3()?;
+        let lin = |l: &Linear, name: &str, x: &Tensor| match hook {
+            Some((h, path)) => through(
+                Some(h),
+                &format!("{path}.self_attn.{name}"),
+                None,
+                x,
+                l.forward(x)?,
+            ),
+            None => l.forward(x),
+        };
         let split = |t: Tensor| {
             t.reshape((b, n, self.heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = split((self.q_proj.forward(xs)? * scale)?)?;
-        let k = split(self.k_proj.forward(xs)?)?;
-        let v = split(self.v_proj.forward(xs)?)?;
+        let q = split((lin(&self.q_proj, "q_proj", xs)? * scale)?)?;
+        let k = split(lin(&self.k_proj, "k_proj", xs)?)?;
+        let v = split(lin(&self.v_proj, "v_proj", xs)?)?;
         let scores = q.matmul(&k.t()?)?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
@@ -71,7 +88,7 @@ impl ClipAttention {
         let probs =
             crate::sd::nn::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
-        self.out_proj.forward(&out)
+        lin(&self.out_proj, "out_proj", &out)
     }
 }
 
@@ -98,24 +115,38 @@ impl ClipLayer {
         })
     }
 
+    /// `hook`: a module hook and this layer's path (`text_model.encoder.layers.N`).
     pub(crate) fn forward(
         &self,
         xs: &Tensor,
         mask: Option<&Tensor>,
+        hook: Option<(&dyn ModuleHook, &str)>,
     ) -> candle_core::Result<Tensor> {
+        let lin = |l: &Linear, name: &str, x: &Tensor| match hook {
+            Some((h, path)) => through(
+                Some(h),
+                &format!("{path}.mlp.{name}"),
+                None,
+                x,
+                l.forward(x)?,
+            ),
+            None => l.forward(x),
+        };
         let h = self
             .self_attn
-            .forward(&crate::sd::nn::norm(&self.layer_norm1, xs)?, mask)?;
+            .forward(&crate::sd::nn::norm(&self.layer_norm1, xs)?, mask, hook)?;
         let xs = (xs + h)?;
-        let h = self
-            .fc1
-            .forward(&crate::sd::nn::norm(&self.layer_norm2, &xs)?)?;
+        let h = lin(
+            &self.fc1,
+            "fc1",
+            &crate::sd::nn::norm(&self.layer_norm2, &xs)?,
+        )?;
         let h = match self.act {
             TextActivation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
             TextActivation::Gelu => h.gelu_erf()?,
             TextActivation::GeluNew => h.gelu()?,
         };
-        xs + self.fc2.forward(&h)?
+        xs + lin(&self.fc2, "fc2", &h)?
     }
 }
 
@@ -170,6 +201,31 @@ impl TextEncoder {
         self.token_embedding.forward(ids)
     }
 
+    /// Every linear module of the layers a [`ModuleHook`] can change, by path, with its
+    /// weight's shape `[out, in]`.
+    pub fn linear_modules(&self) -> Vec<(String, [usize; 2])> {
+        let shape = |l: &Linear| {
+            let d = l.weight().dims();
+            [d[0], d[1]]
+        };
+        let mut out = vec![];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let path = format!("text_model.encoder.layers.{i}");
+            let a = &layer.self_attn;
+            for (name, l) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.out_proj", &a.out_proj),
+                ("mlp.fc1", &layer.fc1),
+                ("mlp.fc2", &layer.fc2),
+            ] {
+                out.push((format!("{path}.{name}"), shape(l)));
+            }
+        }
+        out
+    }
+
     /// The width of a token embedding.
     pub fn hidden_size(&self) -> usize {
         self.token_embedding.hidden_size()
@@ -177,6 +233,16 @@ impl TextEncoder {
 
     /// The text states of token embeddings `embeds` (batch, n, hidden), n <= max_len.
     pub fn forward_embeds(&self, embeds: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_embeds_with(embeds, None)
+    }
+
+    /// [`TextEncoder::forward_embeds`] with `hook` changing the layers' linear modules
+    /// (`text_model.encoder.layers.N.self_attn.{q,k,v,out}_proj`, `.mlp.fc1`, `.mlp.fc2`).
+    pub fn forward_embeds_with(
+        &self,
+        embeds: &Tensor,
+        hook: Option<&dyn ModuleHook>,
+    ) -> candle_core::Result<Tensor> {
         let (_, n, _) = embeds.dims3()?;
         if n > self.max_len {
             candle_core::bail!(
@@ -188,8 +254,9 @@ impl TextEncoder {
         let xs = embeds.broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(n, xs.dtype(), embeds.device())?;
         let mut xs = xs;
-        for layer in &self.layers {
-            xs = layer.forward(&xs, Some(&mask))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let path = format!("text_model.encoder.layers.{i}");
+            xs = layer.forward(&xs, Some(&mask), hook.map(|h| (h, path.as_str())))?;
         }
         crate::sd::nn::norm(&self.final_layer_norm, &xs)
     }

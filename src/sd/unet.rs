@@ -22,25 +22,43 @@ const BLOCK_NORM_EPS: f64 = 1e-5;
 struct FeedForward {
     proj_in: Linear,
     proj_out: Linear,
+    /// The two linears' paths (`...ff.net.0.proj`, `...ff.net.2`), for a module hook.
+    paths: [String; 2],
 }
 
 impl FeedForward {
     /// GEGLU feed-forward with an inner width of 4 * dim (`ff.net.0.proj`, `ff.net.2`).
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
+        let (a, b) = (vb.pp("net").pp(0).pp("proj"), vb.pp("net").pp(2));
         Ok(Self {
-            proj_in: linear(dim, inner * 2, vb.pp("net").pp(0).pp("proj"))?,
-            proj_out: linear(inner, dim, vb.pp("net").pp(2))?,
+            paths: [a.prefix(), b.prefix()],
+            proj_in: linear(dim, inner * 2, a)?,
+            proj_out: linear(inner, dim, b)?,
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj_in.forward(xs)?;
+    fn forward(&self, xs: &Tensor, hook: Option<&HookCtx<'_>>) -> Result<Tensor> {
+        let h = module(hook, &self.paths[0], xs, &self.proj_in)?;
         let half = h.dim(D::Minus1)? / 2;
         let hidden = h.narrow(D::Minus1, 0, half)?;
         let gate = h.narrow(D::Minus1, half, half)?;
         // diffusers' GEGLU uses the exact (erf) GELU.
-        self.proj_out.forward(&(hidden * gate.gelu_erf()?)?)
+        module(
+            hook,
+            &self.paths[1],
+            &(hidden * gate.gelu_erf()?)?,
+            &self.proj_out,
+        )
+    }
+}
+
+/// `linear(xs)`, changed by the hook's module seam where it wants `path`.
+fn module(hook: Option<&HookCtx<'_>>, path: &str, xs: &Tensor, linear: &Linear) -> Result<Tensor> {
+    let out = linear.forward(xs)?;
+    match hook {
+        Some(h) if h.wants_module(path) => h.module(path, xs, out),
+        _ => Ok(out),
     }
 }
 
@@ -81,7 +99,7 @@ impl TransformerBlock {
             .attn2
             .forward(&norm(&self.norm2, &xs)?, Some(context), spatial, hook)?
             + xs)?;
-        self.ff.forward(&norm(&self.norm3, &xs)?)? + xs
+        self.ff.forward(&norm(&self.norm3, &xs)?, hook)? + xs
     }
 }
 
@@ -96,6 +114,8 @@ struct SpatialTransformer {
     proj_in: Projection,
     blocks: Vec<TransformerBlock>,
     proj_out: Projection,
+    /// `proj_in`'s and `proj_out`'s paths, for a module hook.
+    paths: [String; 2],
 }
 
 impl SpatialTransformer {
@@ -136,6 +156,7 @@ impl SpatialTransformer {
             proj_in: proj("proj_in")?,
             blocks,
             proj_out: proj("proj_out")?,
+            paths: [vb.pp("proj_in").prefix(), vb.pp("proj_out").prefix()],
         })
     }
 
@@ -144,19 +165,37 @@ impl SpatialTransformer {
         let residual = xs;
         let xs = self.norm.forward(xs, false)?;
         let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
-        let mut xs = match &self.proj_in {
+        let mut xs_in = match &self.proj_in {
             Projection::Conv(conv) => to_tokens(&conv.forward(&xs)?)?,
             Projection::Linear(lin) => lin.forward(&to_tokens(&xs)?)?,
         };
+        if let Some(ctx) = hook.filter(|c| c.wants_module(&self.paths[0])) {
+            xs_in = ctx.module(&self.paths[0], &to_tokens(&xs)?, xs_in)?;
+        }
+        let mut xs = xs_in;
         for block in &self.blocks {
             xs = block.forward(&xs, context, (h, w), hook)?;
         }
         let to_map = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
-        let xs = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_map(&xs)?)?,
-            Projection::Linear(lin) => to_map(&lin.forward(&xs)?)?,
+        let out = match (
+            &self.proj_out,
+            hook.filter(|c| c.wants_module(&self.paths[1])),
+        ) {
+            (Projection::Conv(conv), None) => conv.forward(&to_map(&xs)?)?,
+            (Projection::Conv(conv), Some(ctx)) => {
+                let out = to_tokens(&conv.forward(&to_map(&xs)?)?)?;
+                to_map(&ctx.module(&self.paths[1], &xs, out)?)?
+            }
+            (Projection::Linear(lin), ctx) => {
+                let out = lin.forward(&xs)?;
+                let out = match ctx {
+                    Some(ctx) => ctx.module(&self.paths[1], &xs, out)?,
+                    None => out,
+                };
+                to_map(&out)?
+            }
         };
-        xs + residual
+        out + residual
     }
 }
 
