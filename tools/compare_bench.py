@@ -4,12 +4,16 @@
 targets of the CUDA issue. Prints a markdown table per variant of ours (kernels,
 convolutions).
 
+A `diffusers-methods.json` beside DIFFUSERS.json (tools/diffusers_method_steps.py) adds a row
+per baseline method's training step that ours measured too.
+
 usage: compare_bench.py DIFFUSERS.json OURS.json [OURS.json ...]"""
 import json
+import os
 import sys
 
 
-def table(ours_path, theirs):
+def table(ours_path, theirs, methods):
     report = json.load(open(ours_path))
     ours = {r["name"]: r for r in report["rows"]}
     print(f"\n### ours: {report.get('kernels', 'naive')} kernels, "
@@ -23,6 +27,7 @@ def table(ours_path, theirs):
         ("Infusion pair vs diffusers' plain image", ours["infusion pair (base+custom)"], t2i, 1.3),
         ("training step, batch 4", ours["training step, batch 4"], train, 1.0),
     ]
+    rows += [(name, ours[name], r, None) for name, r in methods.items() if name in ours]
     print("| measurement | ours (s) | diffusers (s) | ratio | target | met | peak ours / diffusers (GiB) |")
     print("|---|---:|---:|---:|---:|---|---|")
     gib = 1024 ** 3
@@ -46,8 +51,10 @@ def table(ours_path, theirs):
 
 def main(theirs_path, ours_paths):
     theirs = json.load(open(theirs_path))
+    beside = os.path.join(os.path.dirname(theirs_path), "diffusers-methods.json")
+    methods = json.load(open(beside)) if os.path.exists(beside) else {}
     for path in ours_paths:
-        table(path, theirs)
+        table(path, theirs, methods)
 
 
 if __name__ == "__main__":

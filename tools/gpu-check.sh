@@ -49,5 +49,10 @@ bench naive infusion-repl naive
 bench fused infusion-repl fused
 [ -x .carry/infusion-repl-cudnn ] && bench fused-cudnn infusion-repl-cudnn fused
 
-echo "== 5. ratios"
+echo "== 5. the baseline methods' training steps in diffusers/peft (beside bench's rows)"
+PYTHONPATH=/tmp/site timeout 90 python3 tools/diffusers_method_steps.py --baseline .carry/diffusers_baseline.py \
+  --device cuda --dtype fp16 --json "$OUT/diffusers-methods.json" 2>&1 | grep -v Warn | tail -4
+python3 tools/compare_bench.py "$OUT/diffusers.json" "$OUT"/ours-*.json > "$OUT/ratios.md"
+
+echo "== 6. ratios"
 cat "$OUT/ratios.md"

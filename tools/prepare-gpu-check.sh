@@ -6,6 +6,7 @@
 #   .carry/infusion-repl-cudnn.xz  the same binary with cuDNN convolutions (feature `cudnn`)
 #   .carry/diffusers_baseline.py   the PyTorch/diffusers baseline (../shared/bench)
 #   .whl/diffusers-*.whl           diffusers 0.42.1, not installed on the GPU machine
+#   .whl/peft-*.whl                peft 0.21.2, for the LoRA training step's baseline
 # Then, with the device tool:  run(command="bash tools/gpu-check.sh", carry=[".carry", ".whl"])
 # Both builds share one target folder (cargo keeps each feature set's artifacts apart), so after
 # the first run only what changed is rebuilt.
@@ -20,4 +21,6 @@ xz -9 -T0 -f .carry/infusion-repl .carry/integration .carry/infusion-repl-cudnn
 cp "$SHARED/bench/diffusers_baseline.py" .carry/
 ls .whl/diffusers-0.42.1-*.whl >/dev/null 2>&1 ||
   python3 -m pip download -q --no-deps diffusers==0.42.1 -d .whl
+ls .whl/peft-0.21.2-*.whl >/dev/null 2>&1 ||   # the LoRA step of tools/diffusers_method_steps.py
+  python3 -m pip download -q --no-deps peft==0.21.2 -d .whl
 du -sh .carry .whl
