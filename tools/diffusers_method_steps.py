@@ -109,7 +109,9 @@ def run(method, base, args, b, dev, dtype, batch_data, record):
     b.reset_mem()
     r = b.time(step)
     r.update(peak_mem_bytes=b.peak(), trainable=sum(p.numel() for p in params))
-    record(f"training step, batch 4, {method}", r)
+    # The names of bench's rows.
+    label = "lora rank 4" if method == "lora" else method
+    record(f"training step, batch 4, {label}", r)
 
 
 if __name__ == "__main__":
