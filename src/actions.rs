@@ -233,14 +233,18 @@ impl Method {
 pub struct Prior {
     pub images: usize,
     pub weight: f64,
+    /// A folder the class images are kept in (`WORD-seedN.png`) and taken from next time, as
+    /// the script's `--class_data_dir`; `None`: made each run.
+    pub dir: Option<PathBuf>,
 }
 
 impl Default for Prior {
-    /// The script's defaults: 100 class images, weight 1.0.
+    /// The script's defaults: 100 class images, weight 1.0; not kept.
     fn default() -> Self {
         Self {
             images: 100,
             weight: 1.0,
+            dir: None,
         }
     }
 }
@@ -337,7 +341,14 @@ pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Res
             let learner = req.method.learner(sd, &req.word, options.seed)?;
             let mut t = Trainer::new(sd, &req.name, &req.word, &images, options, learner)?;
             if let Some(prior) = &req.prior {
-                let class = class_images(sd, req.word.trim(), prior.images, t.options().seed, job)?;
+                let class = class_images(
+                    sd,
+                    req.word.trim(),
+                    prior.images,
+                    t.options().seed,
+                    prior.dir.as_deref(),
+                    job,
+                )?;
                 t.set_prior(&class, prior.weight)?;
             }
             (req.method.clone(), t)
@@ -430,7 +441,9 @@ fn resume<'a>(
         }
     };
     if let Some((n, weight)) = ckpt.prior {
-        let class = class_images(sd, &ckpt.word, n, ckpt.options.seed, job)?;
+        // The class images again (from a cache folder, when the request names one).
+        let dir = req.prior.as_ref().and_then(|p| p.dir.as_deref());
+        let class = class_images(sd, &ckpt.word, n, ckpt.options.seed, dir, job)?;
         trainer.set_prior(&class, weight)?;
     }
     Ok((method, trainer))
@@ -785,27 +798,60 @@ fn class_images(
     word: &str,
     n: usize,
     seed: u64,
+    dir: Option<&Path>,
     job: &Job,
 ) -> Result<Vec<image::RgbImage>> {
     if n == 0 {
         return Err(Error::arg("prior_images", "must be at least 1"));
     }
     let prompt = format!("a photo of a {word}");
+    let file = |i: usize| {
+        dir.map(|d| {
+            d.join(format!(
+                "{}-seed{}.png",
+                word.replace(' ', "_"),
+                seed.wrapping_add(i as u64)
+            ))
+        })
+    };
+    let cached = (0..n)
+        .filter(|&i| file(i).is_some_and(|f| f.is_file()))
+        .count();
     job.note(format!(
-        "prior preservation: {n} class images of {prompt:?}"
+        "prior preservation: {n} class images of {prompt:?}{}",
+        match dir {
+            Some(d) => format!(" ({cached} already in {})", d.display()),
+            None => String::new(),
+        }
     ));
+    if let Some(d) = dir {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
     (0..n)
         .map(|i| {
             job.check()?;
+            if let Some(f) = file(i).filter(|f| f.is_file()) {
+                return Ok(image::open(&f)
+                    .map_err(|e| Error::Image {
+                        path: f.clone(),
+                        msg: e.to_string(),
+                    })?
+                    .to_rgb8());
+            }
+            let seed = seed.wrapping_add(i as u64);
             let g = sd.generate(
                 &prompt,
                 &crate::sd::pipeline::GenerateOptions {
-                    seed: seed.wrapping_add(i as u64),
+                    seed,
                     ..Default::default()
                 },
                 job,
             )?;
-            crate::util::image_io::tensor_to_rgb(&g.image)
+            let img = crate::util::image_io::tensor_to_rgb(&g.image)?;
+            if let Some(f) = file(i) {
+                crate::util::image_io::save_png(&img, &f, &[("prompt", prompt.clone())])?;
+            }
+            Ok(img)
         })
         .collect()
 }

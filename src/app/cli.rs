@@ -226,6 +226,10 @@ struct TrainArgs {
     /// The weight of the class images' loss.
     #[arg(long, default_value_t = 1.0)]
     prior_weight: f64,
+    /// Keep the class images in this folder and take them from it next time (diffusers'
+    /// --class_data_dir); default: made each run.
+    #[arg(long)]
+    prior_dir: Option<PathBuf>,
     /// Training steps (in total, when resuming; default: 500, textual_inversion 3000).
     #[arg(long)]
     train_steps: Option<usize>,
@@ -505,6 +509,7 @@ fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) ->
         prior: args.prior.then_some(actions::Prior {
             images: args.prior_images,
             weight: args.prior_weight,
+            dir: args.prior_dir.clone(),
         }),
         resume: args.resume.clone(),
         out: Some(out.clone()),

@@ -1080,6 +1080,7 @@ fn prior_preservation_adds_the_class_loss() {
         Some(Prior {
             images: 2,
             weight: 1.0,
+            dir: None,
         }),
     ));
     let zero = first(req(
@@ -1087,10 +1088,35 @@ fn prior_preservation_adds_the_class_loss() {
         Some(Prior {
             images: 2,
             weight: 0.0,
+            dir: None,
         }),
     ));
     assert!(with > plain, "{with} <= {plain}");
     assert_eq!(zero, plain);
+    // Kept in a folder, the class images are made once and taken from it next time: the same
+    // images, the same loss (exactly).
+    let kept = tempfile::tempdir().unwrap();
+    let cached = || {
+        first(req(
+            lora(),
+            Some(Prior {
+                images: 2,
+                weight: 1.0,
+                dir: Some(kept.path().to_path_buf()),
+            }),
+        ))
+    };
+    assert_eq!(cached(), with);
+    let files = std::fs::read_dir(kept.path()).unwrap().count();
+    assert_eq!(files, 2);
+    assert_eq!(cached(), with);
+    // What is in the folder is what trains: the class images replaced change the loss.
+    for f in std::fs::read_dir(kept.path()).unwrap() {
+        let f = f.unwrap().path();
+        let size = image::image_dimensions(&f).unwrap();
+        image::RgbImage::new(size.0, size.1).save(&f).unwrap();
+    }
+    assert_ne!(cached(), with);
     for m in [Method::TextualInversion, Method::Infusion] {
         let e = train_concept(sd, &req(m, Some(Prior::default())), &job)
             .err()
@@ -1214,6 +1240,7 @@ fn every_method_resumes_from_its_checkpoint_to_the_same_result() {
             Some(Prior {
                 images: 1,
                 weight: 1.0,
+                dir: None,
             }),
             "pot.safetensors",
         ),

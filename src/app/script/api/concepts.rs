@@ -134,6 +134,7 @@ fn train_spec() -> FnSpec {
         .opt("prior", Kind::Bool, false, "lora, dreambooth: prior preservation with class images the model makes of \"a photo of a WORD\"")
         .opt("prior_images", Kind::POSITIVE, 100 as INT, "how many class images prior preservation makes")
         .opt("prior_weight", Kind::Float, 1.0, "the weight of the class images' loss")
+        .opt_unset("prior_dir", Kind::Str, "a folder to keep the class images in and take them from next time (default: made each run)")
         .opt("batch", Kind::POSITIVE, d.batch as INT, "images per step")
         .opt("seed", Kind::SEED, d.seed as INT, "seed of every random draw (images, timesteps, noise)")
         .opt("templates", Kind::Strings, d.templates.clone(), "prompt templates, {} for the class word")
@@ -184,6 +185,7 @@ fn train(
         prior: o.bool("prior").unwrap_or(false).then(|| actions::Prior {
             images: o.usize("prior_images").unwrap_or(100),
             weight: o.float("prior_weight").unwrap_or(1.0),
+            dir: o.string("prior_dir").map(PathBuf::from),
         }),
         resume,
         out: None,
