@@ -61,16 +61,7 @@ impl ClipAttention {
         hook: Option<(&dyn ModuleHook, &str)>,
     ) -> candle_core::Result<Tensor> {
         let (b, n, d) = xs.dims3()?;
-        let lin = |l: &Linear, name: &str, x: &Tensor| match hook {
-            Some((h, path)) => through(
-                Some(h),
-                &format!("{path}.self_attn.{name}"),
-                None,
-                x,
-                l.forward(x)?,
-            ),
-            None => l.forward(x),
-        };
+        let lin = |l: &Linear, name: &str, x: &Tensor| hooked(l, hook, "self_attn", name, x);
         let split = |t: Tensor| {
             t.reshape((b, n, self.heads, self.head_dim))?
                 .transpose(1, 2)?
@@ -89,6 +80,27 @@ impl ClipAttention {
             crate::sd::nn::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         lin(&self.out_proj, "out_proj", &out)
+    }
+}
+
+/// `l(x)`, changed by the module hook where it wants `LAYER.GROUP.NAME` (`hook`: the hook and
+/// the layer's path).
+fn hooked(
+    l: &Linear,
+    hook: Option<(&dyn ModuleHook, &str)>,
+    group: &str,
+    name: &str,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    match hook {
+        Some((h, layer)) => through(
+            Some(h),
+            &format!("{layer}.{group}.{name}"),
+            None,
+            x,
+            l.forward(x)?,
+        ),
+        None => l.forward(x),
     }
 }
 
@@ -122,16 +134,7 @@ impl ClipLayer {
         mask: Option<&Tensor>,
         hook: Option<(&dyn ModuleHook, &str)>,
     ) -> candle_core::Result<Tensor> {
-        let lin = |l: &Linear, name: &str, x: &Tensor| match hook {
-            Some((h, path)) => through(
-                Some(h),
-                &format!("{path}.mlp.{name}"),
-                None,
-                x,
-                l.forward(x)?,
-            ),
-            None => l.forward(x),
-        };
+        let lin = |l: &Linear, name: &str, x: &Tensor| hooked(l, hook, "mlp", name, x);
         let h = self
             .self_attn
             .forward(&crate::sd::nn::norm(&self.layer_norm1, xs)?, mask, hook)?;

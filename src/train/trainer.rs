@@ -711,32 +711,24 @@ impl Checkpoint {
         }
         let number =
             |k: &str| -> Result<usize> { get(k)?.parse().map_err(|_| bad(format!("bad `{k}`"))) };
-        let loss_scale = match header.get("loss_scale") {
-            None => None,
-            Some(text) => {
-                let mut parts = text.split(' ');
-                match (
-                    parts.next().and_then(|v| v.parse().ok()),
-                    parts.next().and_then(|v| v.parse().ok()),
-                ) {
-                    (Some(scale), Some(good)) => Some(LossScale { scale, good }),
-                    _ => return Err(bad(format!("bad `loss_scale`: {text:?}"))),
-                }
-            }
-        };
-        let prior = match header.get("prior") {
-            None => None,
-            Some(text) => {
-                let mut parts = text.split(' ');
-                match (
-                    parts.next().and_then(|v| v.parse().ok()),
-                    parts.next().and_then(|v| v.parse().ok()),
-                ) {
-                    (Some(images), Some(weight)) => Some((images, weight)),
-                    _ => return Err(bad(format!("bad `prior`: {text:?}"))),
-                }
-            }
-        };
+        // Two numbers, "A B", when the key is there.
+        fn two<A: std::str::FromStr, B: std::str::FromStr>(
+            header: &HashMap<String, String>,
+            k: &str,
+            bad: &dyn Fn(String) -> Error,
+        ) -> Result<Option<(A, B)>> {
+            let Some(text) = header.get(k) else {
+                return Ok(None);
+            };
+            let pair = text
+                .split_once(' ')
+                .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+            pair.map(Some)
+                .ok_or_else(|| bad(format!("bad `{k}`: {text:?}")))
+        }
+        let loss_scale =
+            two(&header, "loss_scale", &bad)?.map(|(scale, good)| LossScale { scale, good });
+        let prior = two(&header, "prior", &bad)?;
         let settings = match header.get("settings") {
             Some(text) => serde_json::from_str(text).map_err(|e| bad(format!("settings: {e}")))?,
             None => serde_json::Value::Null,
