@@ -16,6 +16,7 @@ pub mod job;
 pub mod methods;
 pub mod metrics;
 pub mod sd;
+pub mod toy;
 pub mod train;
 pub mod util;
 

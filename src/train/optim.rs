@@ -47,6 +47,11 @@ impl AdamW {
         })
     }
 
+    /// Changes the learning rate (a schedule's step).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
     pub fn state(&self) -> &AdamState {
         &self.state
     }

@@ -31,6 +31,7 @@ mod script_api;
 mod sweep;
 mod text_encoder;
 mod tokenizer;
+mod toy;
 mod train;
 mod txt2img;
 mod unet;

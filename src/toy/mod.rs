@@ -1,0 +1,26 @@
+//! The toy lab: the paper's two-dimensional experiments (its section 3, figures 5-7), with
+//! Infusion in them too.
+//!
+//! A miniature of the real architecture, so that the methods mean what they mean on SD: a small
+//! time-conditioned denoiser of 2-D points whose conditioning comes through one cross-attention
+//! layer over the embeddings of a short token prompt (a concept token and a diversity token),
+//! trained with the DDPM loss and sampled with DDIM, both on the same noise schedule code as SD
+//! ([`crate::sd::scheduler::NoiseSchedule`]). Customization: full fine-tuning (DreamBooth-like),
+//! Infusion (C uses F's attention probabilities and adds a trained residual to the concept
+//! token's value) and Textual Inversion (a trained token embedding). Measures: the latent
+//! Fisher divergence (Definition 3.1), the Gaussian 2-Wasserstein distance
+//! ([`crate::metrics::w2`]) and the diversities still covered.
+//!
+//! - [`data`]: the layouts (four peaks; a 5x5 grid of diversities) and their true samples.
+//! - [`net`]: the denoiser and how each method changes it.
+//! - [`lab`]: training the foundation, customizing, sampling, measuring.
+
+pub mod data;
+pub mod lab;
+pub mod net;
+
+pub use data::{Layout, Point};
+pub use lab::{
+    count_modes, customize, fisher, CustomRun, Customization, CustomizeOptions, Toy, ToyMethod,
+    ToyTrainOptions,
+};
