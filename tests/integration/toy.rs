@@ -206,3 +206,81 @@ fn toy_files_and_bad_input() {
     .to_string();
     assert!(e.contains("snapshots") || e.contains("step 20"), "{e}");
 }
+
+/// The script API as recipes call it (the names the issue pins): a toy read from a file,
+/// customized with snapshots, sampled, measured; bad input is one error each and the engine
+/// goes on.
+#[test]
+fn scripts_drive_the_toy_lab() {
+    use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("four.safetensors");
+    foundation(Layout::FourPeaks).save(&path).unwrap();
+    let engine = build_engine(&Session::new(ScriptConfig {
+        no_images: true,
+        progress: false,
+        ..ScriptConfig::default()
+    }));
+    let mut scope = rhai::Scope::new();
+    scope.push("TOY", path.display().to_string());
+    let v: rhai::Array = engine
+        .eval_with_scope(
+            &mut scope,
+            r#"let toy = toy_model(#{layout: "four_peaks", path: TOY});
+               let c = toy.customize(#{method: "infusion", train_steps: 40, snapshots: [0, 20]});
+               let others = toy_fisher(toy, c, ["top_right", 2, 3], #{samples: 200});
+               let own = toy_fisher(toy, c, 0, #{samples: 200});
+               let start = toy_fisher(toy, c.at(0), [0], #{samples: 200});
+               let a = toy.sample(0, 300, #{seed: 1});
+               let b = toy.sample(3, 300, #{seed: 1});
+               [others.mean, own.mean > 0.0, start.mean, toy_w2(a, a) < 1e-6, toy_w2(a, b) > 3.0,
+                toy_modes(toy, 0), c.steps, a.len(), a[0].len(), toy.concepts[1], c.method]"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s: Vec<String> = v.iter().map(|x| x.to_string()).collect();
+    assert_eq!(
+        s,
+        [
+            "0.0",
+            "true",
+            "0.0",
+            "true",
+            "true",
+            "1",
+            "[0, 20, 40]",
+            "300",
+            "2",
+            "top_right",
+            "infusion"
+        ]
+    );
+    for (script, says) in [
+        (r#"toy_model(#{layout: "three_peaks"})"#, "four_peaks"),
+        (
+            r#"toy_model(#{layout: "grid25", path: TOY})"#,
+            "four_peaks toy",
+        ),
+        (
+            r#"toy_model(#{layout: "four_peaks", path: TOY}).sample(7, 10)"#,
+            "out of range",
+        ),
+        (
+            r#"toy_model(#{layout: "four_peaks", path: TOY}).sample(0, 0)"#,
+            "at least 1",
+        ),
+        (
+            r#"toy_model(#{layout: "four_peaks", path: TOY}).customize(#{method: "lora"})"#,
+            "lora",
+        ),
+        (
+            r#"toy_model(#{layout: "four_peaks", path: TOY}).customize(#{train_steps: 2}).at(1)"#,
+            "no snapshot at step 1",
+        ),
+    ] {
+        let e = engine
+            .eval_with_scope::<rhai::Dynamic>(&mut scope, script)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{script}: {e}");
+    }
+}

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod model;
 pub mod recipes;
 pub mod tensors;
+pub mod toy;
 
 use std::fmt::Display;
 use std::sync::Arc;
@@ -124,6 +125,7 @@ pub fn register(engine: &mut Engine, session: &Arc<Session>) -> Docs {
     concepts::register(&mut api, session);
     metrics::register(&mut api, session);
     recipes::register(&mut api);
+    toy::register(&mut api, session);
     api.finish()
 }
 
