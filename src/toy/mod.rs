@@ -14,10 +14,12 @@
 //! - [`data`]: the layouts (four peaks; a 5x5 grid of diversities) and their true samples.
 //! - [`net`]: the denoiser and how each method changes it.
 //! - [`lab`]: training the foundation, customizing, sampling, measuring.
+//! - [`plots`]: the score field and the plane the pictures show.
 
 pub mod data;
 pub mod lab;
 pub mod net;
+pub mod plots;
 
 pub use data::{Layout, Point};
 pub use lab::{

@@ -6,5 +6,6 @@ pub mod image_io;
 pub mod mapped;
 pub mod names;
 pub mod noise;
+pub mod plot;
 pub mod tensors;
 pub mod text_render;

@@ -284,3 +284,83 @@ fn scripts_drive_the_toy_lab() {
         assert!(e.contains(says), "{script}: {e}");
     }
 }
+
+/// The pictures: each an image of the asked size, white with the palette's colours present
+/// (blue, then orange for the second set or line), the score field's arrows in blue; a figure
+/// with three panels is three panels wide; bad input is refused by name.
+#[test]
+fn scatter_score_field_and_line_chart_draw_what_they_are_given() {
+    use infusion_repl::app::script::api::images::Img;
+    use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("four.safetensors");
+    foundation(Layout::FourPeaks).save(&path).unwrap();
+    let engine = build_engine(&Session::new(ScriptConfig {
+        no_images: true,
+        progress: false,
+        ..ScriptConfig::default()
+    }));
+    let mut scope = rhai::Scope::new();
+    scope.push("TOY", path.display().to_string());
+    let imgs: rhai::Array = engine
+        .eval_with_scope(
+            &mut scope,
+            r#"let toy = toy_model(#{path: TOY});
+               let c = toy.customize(#{method: "full", train_steps: 20, snapshots: [10]});
+               let panel = |title, m| #{title: title, sets: [
+                   #{label: "top_left", points: m.sample(0, 200)},
+                   #{label: "top_right", points: m.sample(1, 200)}]};
+               [scatter([panel.call("base", toy), panel.call("step 10", c.at(10)), panel.call("step 20", c)],
+                        #{title: "figure 5", size: 200}),
+                line_chart([#{label: "full", x: [0, 10, 20], y: [0.0, 0.01, 0.02], err: [0.0, 0.002, 0.003]},
+                            #{label: "infusion", x: [0, 10, 20], y: [0.0, 0.0, 0.0]}],
+                           #{y_title: "Fisher divergence", width: 500, height: 300}),
+                score_field([toy, c], 1, #{t: 50, grid: 9, size: 160})]"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let imgs: Vec<Img> = imgs.into_iter().map(|i| i.cast::<Img>()).collect();
+    if let Ok(dir) = std::env::var("TOY_PLOTS_TO") {
+        for (i, img) in imgs.iter().enumerate() {
+            img.rgb.save(format!("{dir}/plot{i}.png")).unwrap();
+        }
+    }
+    let sizes: Vec<(u32, u32)> = imgs.iter().map(|i| i.rgb.dimensions()).collect();
+    assert_eq!(sizes, [(600, 230), (500, 300), (320, 160)]);
+    let has = |img: &Img, rgb: [u8; 3]| img.rgb.pixels().filter(|p| p.0 == rgb).count();
+    let (blue, orange) = ([31, 119, 180], [255, 127, 14]);
+    assert!(
+        has(&imgs[0], blue) > 50 && has(&imgs[0], orange) > 50,
+        "scatter colours"
+    );
+    assert!(
+        has(&imgs[1], blue) > 50 && has(&imgs[1], orange) > 50,
+        "line colours"
+    );
+    assert!(has(&imgs[2], blue) > 50, "arrows");
+    for img in &imgs {
+        assert!(
+            has(img, [255, 255, 255]) > img.rgb.len() / 6,
+            "a white background"
+        );
+        // Text (ticks, titles) is black.
+        assert!(has(img, [0, 0, 0]) > 30, "no text drawn");
+    }
+    for (script, says) in [
+        ("line_chart([#{y: [1, 2], x: [1]}])", "as long as"),
+        (
+            r#"scatter(#{sets: [#{points: [[1, 2], [3]]}]})"#,
+            "element 1 is not a point",
+        ),
+        (r#"scatter([], #{range: [1, 0, 0, 1]})"#, "range"),
+        (
+            r#"score_field(toy_model(#{path: TOY}), 0, #{t: 1000})"#,
+            "t",
+        ),
+    ] {
+        let e = engine
+            .eval_with_scope::<rhai::Dynamic>(&mut scope, script)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{script}: {e}");
+    }
+}

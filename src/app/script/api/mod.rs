@@ -2,6 +2,7 @@
 //! [`Api`], which keeps its declaration ([`FnSpec`], [`TypeSpec`]) for `:help` and for checking
 //! option maps.
 
+pub mod charts;
 pub mod concepts;
 pub mod generation;
 pub mod images;
@@ -126,6 +127,7 @@ pub fn register(engine: &mut Engine, session: &Arc<Session>) -> Docs {
     metrics::register(&mut api, session);
     recipes::register(&mut api);
     toy::register(&mut api, session);
+    charts::register(&mut api);
     api.finish()
 }
 

@@ -57,7 +57,7 @@ impl std::fmt::Display for CustomVal {
 }
 
 /// A concept given by index or name.
-fn concept_arg(toy: &Toy, v: &Dynamic) -> RhaiResult<usize> {
+pub fn concept_arg(toy: &Toy, v: &Dynamic) -> RhaiResult<usize> {
     let c = if let Ok(i) = v.as_int() {
         if i < 0 {
             return Err(err(format!("concept {i}: indices start at 0")));

@@ -1,0 +1,413 @@
+//! Charts drawn with plotters into images (scatter plots, arrow fields, line charts with error
+//! bars), every axis with ticks and a title. plotters' bitmap backend draws the shapes; text is
+//! rasterized here with ab_glyph from the bundled DejaVu Sans, so charts need no system fonts.
+
+use std::sync::OnceLock;
+
+use ab_glyph::{Font, FontRef, PxScale, ScaleFont};
+use image::RgbImage;
+use plotters::prelude::*;
+use plotters_backend::text_anchor::{HPos, VPos};
+use plotters_backend::{
+    BackendColor, BackendCoord, BackendStyle, BackendTextStyle, DrawingErrorKind, FontTransform,
+};
+
+use crate::error::{Error, Result};
+
+static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+
+fn font() -> &'static FontRef<'static> {
+    static FONT: OnceLock<FontRef<'static>> = OnceLock::new();
+    FONT.get_or_init(|| FontRef::try_from_slice(FONT_BYTES).expect("the bundled font parses"))
+}
+
+/// plotters' bitmap backend with text drawn by ab_glyph.
+struct Canvas<'a>(BitMapBackend<'a>);
+
+/// Width, height and the distance from the top to the baseline of `text` at `size` pixels.
+fn measure(text: &str, size: f64) -> (f32, f32, f32) {
+    let f = font().as_scaled(PxScale::from(size as f32));
+    let w: f32 = text.chars().map(|c| f.h_advance(f.glyph_id(c))).sum();
+    (w, f.ascent() - f.descent(), f.ascent())
+}
+
+type Res<E> = std::result::Result<(), DrawingErrorKind<E>>;
+
+impl DrawingBackend for Canvas<'_> {
+    type ErrorType = <BitMapBackend<'static> as DrawingBackend>::ErrorType;
+
+    fn get_size(&self) -> (u32, u32) {
+        self.0.get_size()
+    }
+    fn ensure_prepared(&mut self) -> Res<Self::ErrorType> {
+        self.0.ensure_prepared()
+    }
+    fn present(&mut self) -> Res<Self::ErrorType> {
+        self.0.present()
+    }
+    fn draw_pixel(&mut self, p: BackendCoord, c: BackendColor) -> Res<Self::ErrorType> {
+        self.0.draw_pixel(p, c)
+    }
+    fn draw_line<S: BackendStyle>(
+        &mut self,
+        a: BackendCoord,
+        b: BackendCoord,
+        s: &S,
+    ) -> Res<Self::ErrorType> {
+        self.0.draw_line(a, b, s)
+    }
+    fn draw_rect<S: BackendStyle>(
+        &mut self,
+        a: BackendCoord,
+        b: BackendCoord,
+        s: &S,
+        fill: bool,
+    ) -> Res<Self::ErrorType> {
+        self.0.draw_rect(a, b, s, fill)
+    }
+    fn draw_circle<S: BackendStyle>(
+        &mut self,
+        c: BackendCoord,
+        r: u32,
+        s: &S,
+        fill: bool,
+    ) -> Res<Self::ErrorType> {
+        self.0.draw_circle(c, r, s, fill)
+    }
+
+    fn draw_text<T: BackendTextStyle>(
+        &mut self,
+        text: &str,
+        style: &T,
+        pos: BackendCoord,
+    ) -> Res<Self::ErrorType> {
+        let color = style.color();
+        let (w, h, ascent) = measure(text, style.size());
+        let anchor = style.anchor();
+        let dx = match anchor.h_pos {
+            HPos::Left => 0.0,
+            HPos::Center => -w / 2.0,
+            HPos::Right => -w,
+        };
+        let dy = match anchor.v_pos {
+            VPos::Top => 0.0,
+            VPos::Center => -h / 2.0,
+            VPos::Bottom => -h,
+        };
+        let rotate = matches!(style.transform(), FontTransform::Rotate270);
+        let f = font().as_scaled(PxScale::from(style.size() as f32));
+        let mut x = 0.0f32;
+        for ch in text.chars() {
+            let id = f.glyph_id(ch);
+            let glyph = id.with_scale_and_position(f.scale(), ab_glyph::point(x, ascent));
+            x += f.h_advance(id);
+            let Some(outline) = font().outline_glyph(glyph) else {
+                continue;
+            };
+            let bounds = outline.px_bounds();
+            let mut pixels = vec![];
+            outline.draw(|gx, gy, coverage| {
+                if coverage > 0.05 {
+                    // Glyph pixel in text coordinates (origin at the text's top left).
+                    let tx = bounds.min.x + gx as f32 + dx;
+                    let ty = bounds.min.y + gy as f32 + dy;
+                    let (px, py) = if rotate {
+                        (pos.0 + ty as i32, pos.1 - tx as i32)
+                    } else {
+                        (pos.0 + tx as i32, pos.1 + ty as i32)
+                    };
+                    pixels.push((px, py, coverage));
+                }
+            });
+            for (px, py, coverage) in pixels {
+                let c = BackendColor {
+                    alpha: color.alpha * coverage.min(1.0) as f64,
+                    rgb: color.rgb,
+                };
+                self.0.draw_pixel((px, py), c)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn estimate_text_size<T: BackendTextStyle>(
+        &self,
+        text: &str,
+        style: &T,
+    ) -> std::result::Result<(u32, u32), DrawingErrorKind<Self::ErrorType>> {
+        let (w, h, _) = measure(text, style.size());
+        Ok(match style.transform() {
+            FontTransform::Rotate90 | FontTransform::Rotate270 => {
+                (h.ceil() as u32, w.ceil() as u32)
+            }
+            _ => (w.ceil() as u32, h.ceil() as u32),
+        })
+    }
+}
+
+fn plot_err(e: impl std::fmt::Display) -> Error {
+    Error::arg("plot", e.to_string())
+}
+
+/// Draws into a white `width` x `height` image with `draw`.
+fn render(
+    width: u32,
+    height: u32,
+    draw: impl FnOnce(&DrawingArea<Canvas<'_>, plotters::coord::Shift>) -> Result<()>,
+) -> Result<RgbImage> {
+    if width < 64 || height < 64 {
+        return Err(Error::arg(
+            "size",
+            format!("{width}x{height}: a chart is at least 64x64 pixels"),
+        ));
+    }
+    let mut buf = vec![255u8; width as usize * height as usize * 3];
+    {
+        let root =
+            Canvas(BitMapBackend::with_buffer(&mut buf, (width, height))).into_drawing_area();
+        draw(&root)?;
+        root.present().map_err(plot_err)?;
+    }
+    RgbImage::from_raw(width, height, buf).ok_or_else(|| plot_err("the chart's buffer"))
+}
+
+/// A palette of distinct colours (the first ones: blue, orange, green, red, purple, ...).
+pub const PALETTE: [(u8, u8, u8); 8] = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+];
+
+/// One set of points of a scatter panel.
+pub struct Scatter {
+    pub label: String,
+    pub color: (u8, u8, u8),
+    pub points: Vec<[f32; 2]>,
+}
+
+/// A panel of a figure: its title and what it shows.
+pub struct Panel<T> {
+    pub title: String,
+    pub content: T,
+}
+
+/// Axis ranges of 2-D panels.
+#[derive(Debug, Clone, Copy)]
+pub struct Frame {
+    pub x: (f32, f32),
+    pub y: (f32, f32),
+}
+
+/// A row of scatter panels sharing `frame`, each `panel_size` pixels, with a legend of the
+/// first panel's labels and axes titled x and y.
+pub fn scatter_row(
+    panels: &[Panel<Vec<Scatter>>],
+    frame: Frame,
+    panel_size: u32,
+    title: &str,
+) -> Result<RgbImage> {
+    row(panels.len(), panel_size, title, |area, i| {
+        let p = &panels[i];
+        let mut chart = axes(area, &p.title, frame)?;
+        for s in &p.content {
+            let color = RGBColor(s.color.0, s.color.1, s.color.2);
+            chart
+                .draw_series(
+                    s.points
+                        .iter()
+                        .map(|q| Circle::new((q[0], q[1]), 2, color.filled())),
+                )
+                .map_err(plot_err)?
+                .label(s.label.clone())
+                .legend(move |(x, y)| Circle::new((x + 6, y), 4, color.filled()));
+        }
+        if i == 0 && p.content.iter().any(|s| !s.label.is_empty()) {
+            legend(&mut chart)?;
+        }
+        Ok(())
+    })
+}
+
+/// An arrow: from a point, by a vector.
+pub type Arrow = ([f32; 2], [f32; 2]);
+
+/// An arrow field: arrows from each point by its vector (already scaled), per panel.
+pub fn arrows_row(
+    panels: &[Panel<Vec<Arrow>>],
+    frame: Frame,
+    panel_size: u32,
+    title: &str,
+) -> Result<RgbImage> {
+    row(panels.len(), panel_size, title, |area, i| {
+        let mut chart = axes(area, &panels[i].title, frame)?;
+        let color = RGBColor(PALETTE[0].0, PALETTE[0].1, PALETTE[0].2);
+        for (p, v) in &panels[i].content {
+            let tip = (p[0] + v[0], p[1] + v[1]);
+            chart
+                .draw_series(std::iter::once(PathElement::new(
+                    vec![(p[0], p[1]), tip],
+                    Color::stroke_width(&color, 1),
+                )))
+                .map_err(plot_err)?;
+            chart
+                .draw_series(std::iter::once(Circle::new(tip, 2, color.filled())))
+                .map_err(plot_err)?;
+        }
+        Ok(())
+    })
+}
+
+/// One line of a line chart: `(x, y, standard error)` points.
+pub struct Line {
+    pub label: String,
+    pub color: (u8, u8, u8),
+    pub points: Vec<(f64, f64, Option<f64>)>,
+}
+
+/// A line chart: the y range from the data (error bars included) padded by 10%, ticks and
+/// titles on both axes, error bars where a standard error is given, a legend.
+pub fn line_chart(
+    lines: &[Line],
+    (title, x_title, y_title): (&str, &str, &str),
+    (width, height): (u32, u32),
+) -> Result<RgbImage> {
+    let all = lines.iter().flat_map(|l| l.points.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y, e) in all {
+        let e = e.unwrap_or(0.0);
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y - e);
+        y1 = y1.max(y + e);
+    }
+    if x0 > x1 || !(y0.is_finite() && y1.is_finite()) {
+        return Err(Error::arg("lines", "no finite point to draw"));
+    }
+    let pad = ((y1 - y0) * 0.1).max(y1.abs().max(1e-9) * 0.05);
+    let (y0, y1) = (y0 - pad, y1 + pad);
+    let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
+    render(width, height, |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_title)
+            .y_desc(y_title)
+            .label_style(("sans-serif", 12))
+            .draw()
+            .map_err(plot_err)?;
+        for l in lines {
+            let color = RGBColor(l.color.0, l.color.1, l.color.2);
+            chart
+                .draw_series(LineSeries::new(
+                    l.points.iter().map(|p| (p.0, p.1)),
+                    Color::stroke_width(&color, 2),
+                ))
+                .map_err(plot_err)?
+                .label(l.label.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+            chart
+                .draw_series(
+                    l.points
+                        .iter()
+                        .map(|p| Circle::new((p.0, p.1), 3, color.filled())),
+                )
+                .map_err(plot_err)?;
+            for &(x, y, e) in &l.points {
+                if let Some(e) = e {
+                    chart
+                        .draw_series(std::iter::once(PathElement::new(
+                            vec![(x, y - e), (x, y + e)],
+                            Color::stroke_width(&color, 1),
+                        )))
+                        .map_err(plot_err)?;
+                }
+            }
+        }
+        if lines.iter().any(|l| !l.label.is_empty()) {
+            legend(&mut chart)?;
+        }
+        Ok(())
+    })
+}
+
+type Chart2d<'a, 'b> = ChartContext<
+    'a,
+    Canvas<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf32, plotters::coord::types::RangedCoordf32>,
+>;
+
+/// Panels side by side under a title, each drawn by `draw(area, i)`.
+fn row(
+    n: usize,
+    panel_size: u32,
+    title: &str,
+    mut draw: impl FnMut(&DrawingArea<Canvas<'_>, plotters::coord::Shift>, usize) -> Result<()>,
+) -> Result<RgbImage> {
+    if n == 0 {
+        return Err(Error::arg("panels", "no panel to draw"));
+    }
+    let head = if title.is_empty() { 0 } else { 30 };
+    render(panel_size * n as u32, panel_size + head, |root| {
+        let body = if title.is_empty() {
+            root.clone()
+        } else {
+            root.titled(title, ("sans-serif", 20)).map_err(plot_err)?
+        };
+        for (i, area) in body.split_evenly((1, n)).iter().enumerate() {
+            draw(area, i)?;
+        }
+        Ok(())
+    })
+}
+
+/// A panel's axes over `frame`: a caption, ticks and the titles x and y.
+fn axes<'a, 'b>(
+    area: &'a DrawingArea<Canvas<'b>, plotters::coord::Shift>,
+    title: &str,
+    frame: Frame,
+) -> Result<Chart2d<'a, 'b>> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 15))
+        .margin(8)
+        .x_label_area_size(34)
+        .y_label_area_size(40)
+        .build_cartesian_2d(frame.x.0..frame.x.1, frame.y.0..frame.y.1)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("x")
+        .y_desc("y")
+        .x_labels(5)
+        .y_labels(5)
+        .label_style(("sans-serif", 11))
+        .light_line_style(WHITE)
+        .draw()
+        .map_err(plot_err)?;
+    Ok(chart)
+}
+
+fn legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 12))
+        .draw()
+        .map_err(plot_err)
+}
