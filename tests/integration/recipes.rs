@@ -327,3 +327,39 @@ fn a_cut_prompt_warns_in_scripts_too() {
         "{err}"
     );
 }
+
+/// The toy recipe (foundations shortened to 60 steps, 8 customization steps): the six figures
+/// and the measures' chart as PNGs of their panel rows, and a table with a row per method and
+/// snapshot in which Infusion's Fisher divergence on the other concepts is 0 and W2 too.
+#[test]
+fn toy_overfitting_writes_its_figures_and_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(&run_recipe(
+        "toy_overfitting.rhai",
+        &["--out", "toy", "--steps", "8", "--foundation-steps", "60"],
+        dir.path(),
+    ));
+    let toy = dir.path().join("toy");
+    for fig in ["fig5", "fig6", "fig7"] {
+        for method in ["full", "infusion"] {
+            // Four snapshots (0, 2, 4, 8) of 260 pixels, under a 30-pixel title.
+            assert_eq!(size(&toy.join(format!("{fig}_{method}.png"))), (1040, 290));
+        }
+    }
+    assert_eq!(size(&toy.join("measures.png")), (640, 400));
+    let table = std::fs::read_to_string(toy.join("table.md")).unwrap();
+    assert!(out.contains(&table), "the table is printed too");
+    let rows: Vec<&str> = table.lines().skip(2).collect();
+    assert_eq!(rows.len(), 8, "{table}");
+    for r in &rows {
+        let cells: Vec<&str> = r.split('|').map(str::trim).collect();
+        if cells[1] == "infusion" || cells[2] == "0" {
+            assert_eq!((cells[3], cells[4]), ("0.0 ± 0.0", "0.0"), "{r}");
+        }
+    }
+    assert!(
+        rows.iter()
+            .any(|r| r.contains("| full | 8 |") && !r.contains("| 0.0 ± 0.0 |")),
+        "{table}"
+    );
+}

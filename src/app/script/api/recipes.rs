@@ -265,6 +265,20 @@ pub fn register(api: &mut Api) {
     );
     api.func(&spec, parse_args);
     api.ty::<Usage>("Usage", "a recipe's usage, raised by parse_args");
+    let spec = api.declare(
+        FnSpec::new("write_text")
+            .sig("write_text(path, text) -> string")
+            .doc("Writes a text file (a table, a CSV) atomically; returns the path.")
+            .example("write_text(\"out/table.md\", \"| a | b |\\n\");"),
+    );
+    api.func(&spec, |path: &str, text: &str| -> RhaiResult<String> {
+        let p = std::path::Path::new(path);
+        crate::app::script::rt(crate::util::fs::write_atomic(p, |w| {
+            w.write_all(text.as_bytes())
+                .map_err(|e| crate::error::Error::io(p, e))
+        }))?;
+        Ok(path.to_string())
+    });
 }
 
 impl std::fmt::Display for Usage {
