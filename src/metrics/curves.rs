@@ -7,7 +7,6 @@ use candle_core::Tensor;
 use image::RgbImage;
 use serde::Serialize;
 
-use super::chart::line_chart;
 use super::clip::Clip;
 use super::dino::Dino;
 use super::fisher::{fisher_divergence, FisherOptions, Variant};
@@ -23,6 +22,7 @@ use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
 use crate::train::TrainOptions;
 use crate::util::fs::write_atomic;
 use crate::util::image_io::{grid_on, save_png, tensor_to_rgb};
+use crate::util::plot::{line_chart, Line, PALETTE};
 
 #[derive(Debug, Clone)]
 pub struct CurveOptions {
@@ -90,21 +90,40 @@ pub struct Curves {
     pub chart_image: RgbImage,
 }
 
-/// The chart of the five series, one panel each.
+/// The chart of the five series, one panel each (360 x 240), with ticks and titles on both
+/// axes and the Fisher divergence's standard error as error bars.
 pub fn chart(points: &[CurvePoint]) -> Result<RgbImage> {
-    let xs: Vec<f64> = points.iter().map(|p| p.step as f64).collect();
-    type Series = (&'static str, fn(&CurvePoint) -> f64);
+    type Series = (
+        &'static str,
+        &'static str,
+        fn(&CurvePoint) -> (f64, Option<f64>),
+    );
     let series: [Series; 5] = [
-        ("latent Fisher divergence", |p| p.fisher),
-        ("W2 (latents)", |p| p.w2),
-        ("CLIP-T", |p| p.clip_t),
-        ("CLIP-I", |p| p.clip_i),
-        ("DINO-I", |p| p.dino_i),
+        ("latent Fisher divergence", "Fisher", |p| {
+            (p.fisher, Some(p.fisher_std_err))
+        }),
+        ("W2 of the latents", "W2", |p| (p.w2, None)),
+        ("CLIP-T", "CLIP-T", |p| (p.clip_t, None)),
+        ("CLIP-I", "CLIP-I", |p| (p.clip_i, None)),
+        ("DINO-I", "DINO-I", |p| (p.dino_i, None)),
     ];
-    let panels: Vec<RgbImage> = series
+    let panels = series
         .iter()
-        .map(|(t, f)| line_chart(t, &xs, &points.iter().map(f).collect::<Vec<_>>(), 300, 180))
-        .collect();
+        .map(|(title, y, f)| {
+            let line = Line {
+                label: String::new(),
+                color: PALETTE[0],
+                points: points
+                    .iter()
+                    .map(|p| {
+                        let (v, e) = f(p);
+                        (p.step as f64, v, e)
+                    })
+                    .collect(),
+            };
+            line_chart(&[line], (title, "training step", y), (360, 240))
+        })
+        .collect::<Result<Vec<RgbImage>>>()?;
     grid_on(&panels, 3, image::Rgb([255, 255, 255]))
 }
 

@@ -262,6 +262,21 @@ pub fn arrows_row(
     })
 }
 
+/// A tick label: whole numbers as they are, others to 3 significant digits (exponent form
+/// outside [1e-3, 1e5)).
+pub fn number_label(v: f64) -> String {
+    if v == 0.0 {
+        "0".into()
+    } else if v.fract() == 0.0 && v.abs() < 1e9 {
+        format!("{}", v as i64)
+    } else if !(1e-3..1e5).contains(&v.abs()) {
+        format!("{v:.2e}")
+    } else {
+        let digits = (2 - v.abs().log10().floor() as i32).max(0) as usize;
+        format!("{v:.digits$}")
+    }
+}
+
 /// One line of a line chart: `(x, y, standard error)` points.
 pub struct Line {
     pub label: String,
@@ -288,7 +303,14 @@ pub fn line_chart(
     if x0 > x1 || !(y0.is_finite() && y1.is_finite()) {
         return Err(Error::arg("lines", "no finite point to draw"));
     }
-    let pad = ((y1 - y0) * 0.1).max(y1.abs().max(1e-9) * 0.05);
+    // Padded by 10% of the span, and never narrower than 10% of the values' size (so that
+    // 0.915 -> 0.917 does not look steep); all zeros get -1..1.
+    let size = y0.abs().max(y1.abs());
+    let pad = if size < 1e-12 {
+        1.0
+    } else {
+        ((y1 - y0) * 0.1).max(size * 0.05)
+    };
     let (y0, y1) = (y0 - pad, y1 + pad);
     let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
     render(width, height, |root| {
@@ -296,13 +318,18 @@ pub fn line_chart(
             .caption(title, ("sans-serif", 18))
             .margin(10)
             .x_label_area_size(40)
-            .y_label_area_size(60)
+            .y_label_area_size(72)
             .build_cartesian_2d(x0..x1, y0..y1)
             .map_err(plot_err)?;
         chart
             .configure_mesh()
             .x_desc(x_title)
             .y_desc(y_title)
+            .x_labels(6)
+            .y_labels(6)
+            .x_label_formatter(&|x| number_label(*x))
+            .y_label_formatter(&|y| number_label(*y))
+            .light_line_style(WHITE)
             .label_style(("sans-serif", 12))
             .draw()
             .map_err(plot_err)?;
@@ -410,4 +437,18 @@ where
         .label_font(("sans-serif", 12))
         .draw()
         .map_err(plot_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tick_labels_are_short_and_whole_numbers_stay_whole() {
+        assert_eq!(number_label(0.12345), "0.123");
+        assert_eq!(number_label(1234.0), "1234");
+        assert_eq!(number_label(2.5), "2.50");
+        assert_eq!(number_label(2.5e-6), "2.50e-6");
+        assert_eq!(number_label(0.0), "0");
+    }
 }

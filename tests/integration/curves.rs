@@ -58,6 +58,6 @@ fn curves_measure_every_checkpoint_and_draw_a_chart() {
     assert_eq!(csv.lines().count(), 4, "{csv}");
     assert!(csv.starts_with("step,fisher,fisher_std_err,w2,clip_t,clip_i,dino_i"));
     let chart = image::open(&c.chart).unwrap();
-    assert_eq!((chart.width(), chart.height()), (900, 360));
+    assert_eq!((chart.width(), chart.height()), (1080, 480));
     assert!(out.path().join("pot-step000004.safetensors").is_file());
 }

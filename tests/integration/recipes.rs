@@ -301,7 +301,7 @@ fn overfitting_writes_curves_and_a_chart() {
             .contains("CLIP tiny-clip (RANDOM weights)"),
         "{csv}"
     );
-    assert_eq!(size(&dir.path().join("curves/pot-curves.png")), (900, 360));
+    assert_eq!(size(&dir.path().join("curves/pot-curves.png")), (1080, 480));
 }
 
 /// Scripts report a cut prompt as the command line does (the warning comes from the library).
