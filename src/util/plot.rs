@@ -1,10 +1,8 @@
 //! Charts drawn with plotters into images (scatter plots, arrow fields, line charts with error
 //! bars), every axis with ticks and a title. plotters' bitmap backend draws the shapes; text is
-//! rasterized here with ab_glyph from the bundled DejaVu Sans, so charts need no system fonts.
+//! rasterized by `text_render` (ab_glyph, the bundled DejaVu Sans), so charts need no system
+//! fonts.
 
-use std::sync::OnceLock;
-
-use ab_glyph::{Font, FontRef, PxScale, ScaleFont};
 use image::RgbImage;
 use plotters::prelude::*;
 use plotters_backend::text_anchor::{HPos, VPos};
@@ -14,21 +12,11 @@ use plotters_backend::{
 
 use crate::error::{Error, Result};
 
-static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
-
-fn font() -> &'static FontRef<'static> {
-    static FONT: OnceLock<FontRef<'static>> = OnceLock::new();
-    FONT.get_or_init(|| FontRef::try_from_slice(FONT_BYTES).expect("the bundled font parses"))
-}
-
 /// plotters' bitmap backend with text drawn by ab_glyph.
 struct Canvas<'a>(BitMapBackend<'a>);
 
-/// Width, height and the distance from the top to the baseline of `text` at `size` pixels.
 fn measure(text: &str, size: f64) -> (f32, f32, f32) {
-    let f = font().as_scaled(PxScale::from(size as f32));
-    let w: f32 = text.chars().map(|c| f.h_advance(f.glyph_id(c))).sum();
-    (w, f.ascent() - f.descent(), f.ascent())
+    crate::util::text_render::measure(text, size as f32)
 }
 
 type Res<E> = std::result::Result<(), DrawingErrorKind<E>>;
@@ -82,7 +70,7 @@ impl DrawingBackend for Canvas<'_> {
         pos: BackendCoord,
     ) -> Res<Self::ErrorType> {
         let color = style.color();
-        let (w, h, ascent) = measure(text, style.size());
+        let (w, h, _) = measure(text, style.size());
         let anchor = style.anchor();
         let dx = match anchor.h_pos {
             HPos::Left => 0.0,
@@ -95,37 +83,23 @@ impl DrawingBackend for Canvas<'_> {
             VPos::Bottom => -h,
         };
         let rotate = matches!(style.transform(), FontTransform::Rotate270);
-        let f = font().as_scaled(PxScale::from(style.size() as f32));
-        let mut x = 0.0f32;
-        for ch in text.chars() {
-            let id = f.glyph_id(ch);
-            let glyph = id.with_scale_and_position(f.scale(), ab_glyph::point(x, ascent));
-            x += f.h_advance(id);
-            let Some(outline) = font().outline_glyph(glyph) else {
-                continue;
+        let mut pixels = vec![];
+        crate::util::text_render::rasterize(text, style.size() as f32, |gx, gy, coverage| {
+            // Glyph pixel in text coordinates (origin at the text's top left).
+            let (tx, ty) = (gx as f32 + dx, gy as f32 + dy);
+            let (px, py) = if rotate {
+                (pos.0 + ty as i32, pos.1 - tx as i32)
+            } else {
+                (pos.0 + tx as i32, pos.1 + ty as i32)
             };
-            let bounds = outline.px_bounds();
-            let mut pixels = vec![];
-            outline.draw(|gx, gy, coverage| {
-                if coverage > 0.05 {
-                    // Glyph pixel in text coordinates (origin at the text's top left).
-                    let tx = bounds.min.x + gx as f32 + dx;
-                    let ty = bounds.min.y + gy as f32 + dy;
-                    let (px, py) = if rotate {
-                        (pos.0 + ty as i32, pos.1 - tx as i32)
-                    } else {
-                        (pos.0 + tx as i32, pos.1 + ty as i32)
-                    };
-                    pixels.push((px, py, coverage));
-                }
-            });
-            for (px, py, coverage) in pixels {
-                let c = BackendColor {
-                    alpha: color.alpha * coverage.min(1.0) as f64,
-                    rgb: color.rgb,
-                };
-                self.0.draw_pixel((px, py), c)?;
-            }
+            pixels.push((px, py, coverage));
+        });
+        for (px, py, coverage) in pixels {
+            let c = BackendColor {
+                alpha: color.alpha * coverage as f64,
+                rgb: color.rgb,
+            };
+            self.0.draw_pixel((px, py), c)?;
         }
         Ok(())
     }

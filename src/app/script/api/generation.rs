@@ -11,7 +11,7 @@ use super::Api;
 use crate::app::script::docs::{FnSpec, Kind};
 use crate::app::script::{err, rt, Opts, RhaiResult};
 use crate::infusion::generate::InfusionGeneration;
-use crate::infusion::maps::{overlay, token_map, AttentionMaps};
+use crate::infusion::maps::{heat_color, overlay, token_map, AttentionMaps};
 use crate::infusion::Stream;
 use crate::util::image_io::tensor_to_rgb;
 use crate::util::text_render::labelled_row;
@@ -133,7 +133,10 @@ impl Gen {
                 format!("{} {word}", s.tag()),
             ));
         }
-        Ok(Img::with_text(labelled_row(&tiles), self.g.png_text()))
+        Ok(Img::with_text(
+            labelled_row(&tiles, Some(&heat_color)),
+            self.g.png_text(),
+        ))
     }
 
     /// One tile per prompt token (bos and eos left out) with the token under it.
@@ -150,7 +153,10 @@ impl Gen {
         if tiles.is_empty() {
             return Err(err("attention_tiles: the prompt has no tokens"));
         }
-        Ok(Img::with_text(labelled_row(&tiles), self.g.png_text()))
+        Ok(Img::with_text(
+            labelled_row(&tiles, Some(&heat_color)),
+            self.g.png_text(),
+        ))
     }
 }
 
