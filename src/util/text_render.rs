@@ -141,6 +141,56 @@ pub fn labelled_row(
     out
 }
 
+/// Images in rows of `cols` on white, `gap` pixels apart, each with its label (when `labels`
+/// has one for it) centred underneath, whole (shrunk to fit, then wrapped).
+pub fn labelled_grid(
+    images: &[RgbImage],
+    cols: usize,
+    labels: &[String],
+    gap: u32,
+) -> crate::error::Result<RgbImage> {
+    use crate::error::Error;
+    if images.is_empty() {
+        return Err(Error::arg("images", "no images to put in a grid"));
+    }
+    if cols == 0 {
+        return Err(Error::arg("cols", "must be at least 1"));
+    }
+    let cw = images.iter().map(|i| i.width()).max().unwrap_or(0);
+    let ch = images.iter().map(|i| i.height()).max().unwrap_or(0);
+    let mut px = (cw as f32 / 12.0).clamp(10.0, 18.0);
+    while px > 7.0 && labels.iter().any(|l| measure(l, px).0 > cw as f32) {
+        px -= 0.5;
+    }
+    let line_h = measure("Ag", px).1.ceil() as u32 + 2;
+    let wrapped: Vec<Vec<String>> = labels.iter().map(|l| wrap(l, cw as f32, px)).collect();
+    let label_h = if labels.is_empty() {
+        0
+    } else {
+        4 + line_h * wrapped.iter().map(Vec::len).max().unwrap_or(1) as u32
+    };
+    let cols = cols.min(images.len());
+    let rows = images.len().div_ceil(cols) as u32;
+    let (cell_w, cell_h) = (cw + gap, ch + label_h + gap);
+    let mut out = RgbImage::from_pixel(
+        cell_w * cols as u32 - gap,
+        cell_h * rows - gap,
+        Rgb([255, 255, 255]),
+    );
+    for (i, img) in images.iter().enumerate() {
+        let (cx, cy) = ((i % cols) as u32 * cell_w, (i / cols) as u32 * cell_h);
+        let x = cx + (cw - img.width()) / 2;
+        let y = cy + (ch - img.height()) / 2;
+        image::imageops::replace(&mut out, img, x as i64, y as i64);
+        for (k, l) in wrapped.get(i).into_iter().flatten().enumerate() {
+            let lx = cx as i32 + (cw as i32 - measure(l, px).0.round() as i32) / 2;
+            let ly = (cy + ch + 2 + k as u32 * line_h) as i32;
+            draw_text(&mut out, l, lx, ly, px, Rgb([20, 20, 20]));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +229,19 @@ mod tests {
         assert!(row.get_pixel(bx, 0).0[0] > 250 && row.get_pixel(bx, 31).0[0] < 5);
         // Text under the tiles.
         assert!((33..row.height()).any(|y| (0..70).any(|x| row.get_pixel(x, y).0[0] < 100)));
+
+        // A labelled grid: 2 x 2 cells of 20 px, 4 px apart, labels under each.
+        let cells: Vec<RgbImage> = (0..4)
+            .map(|_| RgbImage::from_pixel(20, 20, Rgb([0, 0, 0])))
+            .collect();
+        let labels = ["base", "custom", "base", "custom"].map(String::from);
+        let g = labelled_grid(&cells, 2, &labels, 4).unwrap();
+        assert_eq!(g.width(), 44);
+        assert_eq!(g.get_pixel(22, 5).0, [255, 255, 255], "the gap");
+        assert!(
+            g.height() > 2 * 20 + 4 + 2 * 8,
+            "room for the labels: {}",
+            g.height()
+        );
     }
 }

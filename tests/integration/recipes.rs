@@ -96,7 +96,10 @@ fn single_concept_trains_saves_and_generates() {
     assert_eq!(c.train["steps"], 4);
     assert_eq!(c.base_model.as_deref(), Some(tiny().unet_fingerprint()));
     assert_eq!(size(&results.join("pot-0.png")), (64, 32));
-    assert_eq!(size(&results.join("pot-sheet.png")), (64, 64));
+    // Two rows of base | custom (32 px each), 4 px apart, each image labelled underneath.
+    let (w, h) = size(&results.join("pot-sheet.png"));
+    assert_eq!(w, 2 * 32 + 4);
+    assert!(h > 2 * (32 + 8) + 4 && h < 2 * (32 + 40) + 4, "{h}");
 }
 
 #[test]

@@ -6,11 +6,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use image::RgbImage;
-use rhai::{Array, INT};
+use rhai::{Array, Map, INT};
 
 use super::Api;
-use crate::app::script::docs::FnSpec;
-use crate::app::script::{err, rt, RhaiResult, Session};
+use crate::app::script::docs::{FnSpec, Kind};
+use crate::app::script::{err, rt, Opts, RhaiResult, Session};
 
 /// An RGB image, with the text chunks its PNG gets (prompt, seed, ...).
 #[derive(Debug, Clone)]
@@ -184,7 +184,10 @@ fn register_composition(api: &mut Api, session: &Arc<Session>) {
     let spec = api.declare(
         FnSpec::new("grid")
             .sig("grid(images, cols) -> Image")
-            .doc("Images in rows of cols.")
+            .sig("grid(images, cols, options) -> Image")
+            .doc("Images in rows of cols (with options: on white, `gap` pixels apart, each with its label underneath).")
+            .opt_unset("labels", Kind::Strings, "one label per image, drawn whole under it")
+            .opt("gap", Kind::COUNT, 4 as INT, "pixels between cells")
             .example("show(grid(images, 4));"),
     );
     api.func(&spec, |arr: Array, cols: INT| -> RhaiResult<Img> {
@@ -195,6 +198,21 @@ fn register_composition(api: &mut Api, session: &Arc<Session>) {
             crate::util::image_io::grid(rgb, cols as usize)
         })
     });
+    let sp = spec.clone();
+    api.func(
+        &spec,
+        move |arr: Array, cols: INT, o: Map| -> RhaiResult<Img> {
+            let o = Opts::of(&o, &sp)?;
+            if cols <= 0 {
+                return Err(err(format!("grid: {cols} columns")));
+            }
+            let labels = o.strings("labels").unwrap_or_default();
+            let gap = o.usize("gap").unwrap_or(4) as u32;
+            composite(&images_of(arr, "grid")?, |rgb| {
+                crate::util::text_render::labelled_grid(rgb, cols as usize, &labels, gap)
+            })
+        },
+    );
     let spec = api.declare(
         FnSpec::new("load_image")
             .sig("load_image(path) -> Image")
