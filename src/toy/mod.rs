@@ -23,6 +23,6 @@ pub mod plots;
 
 pub use data::{Layout, Point};
 pub use lab::{
-    count_modes, customize, fisher, CustomRun, Customization, CustomizeOptions, Toy, ToyMethod,
-    ToyTrainOptions,
+    count_modes, customize, exact_w2, fisher, CustomRun, Customization, CustomizeOptions, Toy,
+    ToyMethod, ToyTrainOptions,
 };

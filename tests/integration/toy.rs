@@ -123,6 +123,31 @@ fn full_tuning_on_five_diversities_keeps_about_five() {
     assert!(tuned <= 7, "full fine-tuning still covers {tuned}");
 }
 
+/// The exact W2 on known sets: a shuffled copy is 0 away, a copy moved by (0.3, -0.4) is 0.5
+/// away (a translation's optimal matching is the identity), and it agrees with the Gaussian fit
+/// on two large Gaussian samples to within sampling noise; sets of other sizes are refused.
+#[test]
+fn the_exact_w2_on_known_sets() {
+    use infusion_repl::toy::exact_w2;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let a = sample_peaks(&[[0.0, 0.0]], 1.0, 200, &mut rng);
+    let mut shuffled = a.clone();
+    shuffled.reverse();
+    shuffled.swap(3, 77);
+    assert!(exact_w2(&a, &shuffled).unwrap() < 1e-4);
+    let moved: Vec<Point> = a.iter().map(|p| [p[0] + 0.3, p[1] - 0.4]).collect();
+    let d = exact_w2(&a, &moved).unwrap();
+    assert!((d - 0.5).abs() < 1e-4, "{d}");
+    let b = sample_peaks(&[[1.0, 0.0]], 1.0, 200, &mut rng);
+    let (exact, gauss) = (exact_w2(&a, &b).unwrap(), w2(&a, &b));
+    assert!(
+        exact >= gauss - 0.05 && exact < gauss + 0.5,
+        "exact {exact}, Gaussian {gauss}"
+    );
+    let e = exact_w2(&a, &b[..10]).unwrap_err().to_string();
+    assert!(e.contains("200 and 10"), "{e}");
+}
+
 /// The mode counter on a known set: 17 of the 25 grid peaks with 30 points each (within
 /// 3 sigma), 2 points near an 18th (under 1% of 522: not covered), 10 points far from all.
 #[test]
@@ -233,7 +258,7 @@ fn scripts_drive_the_toy_lab() {
                let start = toy_fisher(toy, c.at(0), [0], #{samples: 200});
                let a = toy.sample(0, 300, #{seed: 1});
                let b = toy.sample(3, 300, #{seed: 1});
-               [others.mean, own.mean > 0.0, start.mean, toy_w2(a, a) < 1e-6, toy_w2(a, b) > 3.0,
+               [others.mean, own.mean > 0.0, start.mean, toy_w2(a, a, #{exact: true}) < 1e-6, toy_w2(a, b) > 3.0,
                 toy_modes(toy, 0), c.steps, a.len(), a[0].len(), toy.concepts[1], c.method]"#,
         )
         .unwrap_or_else(|e| panic!("{e}"));

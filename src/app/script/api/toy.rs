@@ -392,6 +392,24 @@ fn toy_fisher(
     Ok(m)
 }
 
+/// The Gaussian W2 of two point sets (metrics::w2).
+fn gaussian_w2(a: Array, b: Array) -> RhaiResult<FLOAT> {
+    let t = |p: Vec<Point>| -> RhaiResult<candle_core::Tensor> {
+        let n = p.len();
+        rt(candle_core::Tensor::from_vec(
+            p.into_iter().flatten().collect::<Vec<f32>>(),
+            (n, 2),
+            &candle_core::Device::Cpu,
+        )
+        .map_err(Into::into))
+    };
+    let (a, b) = (
+        t(array_to_points(a, "points_a")?)?,
+        t(array_to_points(b, "points_b")?)?,
+    );
+    Ok(rt(crate::metrics::w2::wasserstein(&a, &b, None))?.w2)
+}
+
 fn register_measures(api: &mut Api) {
     let spec = api.declare(
         FnSpec::new("toy_fisher")
@@ -417,25 +435,26 @@ fn register_measures(api: &mut Api) {
     let spec = api.declare(
         FnSpec::new("toy_w2")
             .sig("toy_w2(points_a, points_b) -> float")
-            .doc("The 2-Wasserstein distance between Gaussians fitted to two point sets (as the paper's Definition 3.2 is computed, see wasserstein).")
+            .sig("toy_w2(points_a, points_b, options) -> float")
+            .doc("The 2-Wasserstein distance between Gaussians fitted to two point sets (as the paper's Definition 3.2 is computed, see wasserstein); with exact: true, the exact W2 of two equal-size sets (the optimal one-to-one matching, O(n^3): a few hundred points).")
+            .opt("exact", Kind::Bool, false, "the exact empirical W2 instead of the Gaussian fit")
             .example("let d = toy_w2(toy.sample(0, 500), c.sample(0, 500));"),
     );
-    api.func(&spec, |a: Array, b: Array| -> RhaiResult<FLOAT> {
-        let t = |p: Vec<Point>| -> RhaiResult<candle_core::Tensor> {
-            let n = p.len();
-            rt(candle_core::Tensor::from_vec(
-                p.into_iter().flatten().collect::<Vec<f32>>(),
-                (n, 2),
-                &candle_core::Device::Cpu,
-            )
-            .map_err(Into::into))
-        };
-        let (a, b) = (
-            t(array_to_points(a, "points_a")?)?,
-            t(array_to_points(b, "points_b")?)?,
-        );
-        Ok(rt(crate::metrics::w2::wasserstein(&a, &b, None))?.w2)
-    });
+    let sp = spec.clone();
+    api.func(
+        &spec,
+        move |a: Array, b: Array, o: Map| -> RhaiResult<FLOAT> {
+            let o = Opts::of(&o, &sp)?;
+            if o.bool("exact").unwrap_or(false) {
+                return rt(crate::toy::exact_w2(
+                    &array_to_points(a, "points_a")?,
+                    &array_to_points(b, "points_b")?,
+                ));
+            }
+            gaussian_w2(a, b)
+        },
+    );
+    api.func(&spec, gaussian_w2);
 
     let spec = api.declare(
         FnSpec::new("toy_modes")
