@@ -24,6 +24,23 @@ fn foundation(layout: Layout) -> &'static Toy {
     })
 }
 
+/// A script engine whose scope has `TOY`: the shared four-peak foundation saved in a temporary
+/// folder (kept alive by the returned guard).
+fn toy_engine() -> (rhai::Engine, rhai::Scope<'static>, tempfile::TempDir) {
+    use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("four.safetensors");
+    foundation(Layout::FourPeaks).save(&path).unwrap();
+    let engine = build_engine(&Session::new(ScriptConfig {
+        no_images: true,
+        progress: false,
+        ..ScriptConfig::default()
+    }));
+    let mut scope = rhai::Scope::new();
+    scope.push("TOY", path.display().to_string());
+    (engine, scope, dir)
+}
+
 fn w2(a: &[Point], b: &[Point]) -> f64 {
     let t = |p: &[Point]| {
         candle_core::Tensor::from_vec(
@@ -237,17 +254,7 @@ fn toy_files_and_bad_input() {
 /// goes on.
 #[test]
 fn scripts_drive_the_toy_lab() {
-    use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("four.safetensors");
-    foundation(Layout::FourPeaks).save(&path).unwrap();
-    let engine = build_engine(&Session::new(ScriptConfig {
-        no_images: true,
-        progress: false,
-        ..ScriptConfig::default()
-    }));
-    let mut scope = rhai::Scope::new();
-    scope.push("TOY", path.display().to_string());
+    let (engine, mut scope, _dir) = toy_engine();
     let v: rhai::Array = engine
         .eval_with_scope(
             &mut scope,
@@ -316,17 +323,7 @@ fn scripts_drive_the_toy_lab() {
 #[test]
 fn scatter_score_field_and_line_chart_draw_what_they_are_given() {
     use infusion_repl::app::script::api::images::Img;
-    use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("four.safetensors");
-    foundation(Layout::FourPeaks).save(&path).unwrap();
-    let engine = build_engine(&Session::new(ScriptConfig {
-        no_images: true,
-        progress: false,
-        ..ScriptConfig::default()
-    }));
-    let mut scope = rhai::Scope::new();
-    scope.push("TOY", path.display().to_string());
+    let (engine, mut scope, _dir) = toy_engine();
     let imgs: rhai::Array = engine
         .eval_with_scope(
             &mut scope,
