@@ -185,7 +185,7 @@ pub fn scatter_row(
     panel_size: u32,
     title: &str,
 ) -> Result<RgbImage> {
-    row(panels.len(), panel_size, title, |area, i| {
+    let img = row(panels.len(), panel_size, title, |area, i| {
         let p = &panels[i];
         let mut chart = axes(area, &p.title, frame)?;
         for s in &p.content {
@@ -196,15 +196,48 @@ pub fn scatter_row(
                         .iter()
                         .map(|q| Circle::new((q[0], q[1]), 2, color.filled())),
                 )
-                .map_err(plot_err)?
-                .label(s.label.clone())
-                .legend(move |(x, y)| Circle::new((x + 6, y), 4, color.filled()));
-        }
-        if i == 0 && p.content.iter().any(|s| !s.label.is_empty()) {
-            legend(&mut chart)?;
+                .map_err(plot_err)?;
         }
         Ok(())
-    })
+    })?;
+    let entries: Vec<(String, (u8, u8, u8))> = panels[0]
+        .content
+        .iter()
+        .map(|s| (s.label.clone(), s.color))
+        .collect();
+    Ok(legend_strip(img, &entries))
+}
+
+/// `img` with a strip underneath naming each coloured entry (nothing when none has a label):
+/// the legend outside the plots, where it covers nothing.
+fn legend_strip(img: RgbImage, entries: &[(String, (u8, u8, u8))]) -> RgbImage {
+    use crate::util::text_render::{draw_text, measure};
+    if entries.iter().all(|(l, _)| l.is_empty()) {
+        return img;
+    }
+    let h = 26;
+    let mut out = RgbImage::from_pixel(img.width(), img.height() + h, image::Rgb([255, 255, 255]));
+    image::imageops::replace(&mut out, &img, 0, 0);
+    let px = 13.0;
+    let widths: Vec<u32> = entries
+        .iter()
+        .map(|(l, _)| 14 + 6 + measure(l, px).0.ceil() as u32 + 18)
+        .collect();
+    let mut x = (img.width().saturating_sub(widths.iter().sum::<u32>()) / 2) as i32;
+    let y = img.height() as i32 + 6;
+    for ((label, c), w) in entries.iter().zip(widths) {
+        for dy in 0..12 {
+            for dx in 0..12 {
+                let (px_, py) = ((x + dx) as u32, (y + dy) as u32);
+                if px_ < out.width() && py < out.height() {
+                    out.put_pixel(px_, py, image::Rgb([c.0, c.1, c.2]));
+                }
+            }
+        }
+        draw_text(&mut out, label, x + 18, y - 1, px, image::Rgb([20, 20, 20]));
+        x += w as i32;
+    }
+    out
 }
 
 /// An arrow: from a point, by a vector.
@@ -314,9 +347,7 @@ pub fn line_chart(
                     l.points.iter().map(|p| (p.0, p.1)),
                     Color::stroke_width(&color, 2),
                 ))
-                .map_err(plot_err)?
-                .label(l.label.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+                .map_err(plot_err)?;
             chart
                 .draw_series(
                     l.points
@@ -335,10 +366,12 @@ pub fn line_chart(
                 }
             }
         }
-        if lines.iter().any(|l| !l.label.is_empty()) {
-            legend(&mut chart)?;
-        }
         Ok(())
+    })
+    .map(|img| {
+        let entries: Vec<(String, (u8, u8, u8))> =
+            lines.iter().map(|l| (l.label.clone(), l.color)).collect();
+        legend_strip(img, &entries)
     })
 }
 
@@ -396,21 +429,6 @@ fn axes<'a, 'b>(
         .draw()
         .map_err(plot_err)?;
     Ok(chart)
-}
-
-fn legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
-    chart: &mut ChartContext<'a, DB, CT>,
-) -> Result<()>
-where
-    DB::ErrorType: 'static,
-{
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 12))
-        .draw()
-        .map_err(plot_err)
 }
 
 #[cfg(test)]

@@ -347,7 +347,15 @@ fn scatter_score_field_and_line_chart_draw_what_they_are_given() {
         }
     }
     let sizes: Vec<(u32, u32)> = imgs.iter().map(|i| i.rgb.dimensions()).collect();
-    assert_eq!(sizes, [(600, 230), (500, 300), (320, 160)]);
+    // The scatter and the line chart have a 26-pixel legend strip under them (their sets are
+    // labelled); the score field has none.
+    assert_eq!(sizes, [(600, 256), (500, 326), (320, 160)]);
+    // The legend strip names the sets in their colours, under the plots.
+    let strip = |img: &Img, rgb: [u8; 3]| {
+        let h = img.rgb.height();
+        (h - 26..h).any(|y| (0..img.rgb.width()).any(|x| img.rgb.get_pixel(x, y).0 == rgb))
+    };
+    assert!(strip(&imgs[0], [31, 119, 180]) && strip(&imgs[0], [255, 127, 14]));
     let has = |img: &Img, rgb: [u8; 3]| img.rgb.pixels().filter(|p| p.0 == rgb).count();
     let (blue, orange) = ([31, 119, 180], [255, 127, 14]);
     assert!(
