@@ -146,17 +146,7 @@ fn fit(
             ));
         }
         let grads = loss.backward()?;
-        let g = vars
-            .iter()
-            .map(|(k, v)| {
-                let g = match grads.get(v.as_tensor()) {
-                    Some(g) => g.clone(),
-                    None => v.as_tensor().zeros_like()?,
-                };
-                Ok((k.clone(), g))
-            })
-            .collect::<Result<BTreeMap<_, _>>>()?;
-        adam.update(vars, &g)?;
+        adam.update(vars, &crate::train::optim::gradients(&grads, vars, 1.0)?)?;
         losses.push(value);
         progress.set(step + 1, &format!("loss {value:.4}"));
         after_step(step + 1, vars)?;

@@ -7,6 +7,25 @@ use candle_core::{Tensor, Var};
 
 use crate::error::Result;
 
+/// Each variable's gradient from a backward pass, divided by `scale` (a loss scale; 1 for
+/// none), zero for a variable the loss does not reach: what [`AdamW::update`] takes.
+pub fn gradients(
+    grads: &candle_core::backprop::GradStore,
+    vars: &BTreeMap<String, Var>,
+    scale: f64,
+) -> Result<BTreeMap<String, Tensor>> {
+    vars.iter()
+        .map(|(k, v)| {
+            let g = match grads.get(v.as_tensor()) {
+                Some(g) if scale == 1.0 => g.clone(),
+                Some(g) => (g / scale)?,
+                None => v.as_tensor().zeros_like()?,
+            };
+            Ok((k.clone(), g))
+        })
+        .collect()
+}
+
 /// The optimizer state: the step count and both moments per parameter.
 #[derive(Debug, Clone)]
 pub struct AdamState {

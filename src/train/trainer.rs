@@ -408,19 +408,7 @@ impl<'a> Trainer<'a> {
         } else {
             (loss * scale)?.backward()?
         };
-        let g = self
-            .learner
-            .vars()
-            .iter()
-            .map(|(k, v)| {
-                let g = match grads.get(v.as_tensor()) {
-                    Some(g) if scale == 1.0 => g.clone(),
-                    Some(g) => (g / scale)?,
-                    None => v.as_tensor().zeros_like()?,
-                };
-                Ok((k.clone(), g))
-            })
-            .collect::<Result<BTreeMap<_, _>>>()?;
+        let g = crate::train::optim::gradients(&grads, self.learner.vars(), scale)?;
         let apply = match &mut self.scaler {
             Some(s) => s.after_step(all_finite(&g)?)?,
             None => true,
