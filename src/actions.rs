@@ -309,11 +309,15 @@ pub struct Trained {
 /// with a progress bar, and saves the concept reached, whether the run finished, was cancelled
 /// or failed. An error here means nothing was trained (bad images, options, checkpoint).
 pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Result<Trained> {
-    // Where the concept goes is checked before the first step, not found wrong after the last.
-    let method = match &req.resume {
-        Some(path) => resumed_method(path, &req.method)?.0,
-        None => req.method.clone(),
+    // The checkpoint, read once, says the method of a resumed run.
+    let resumed = match &req.resume {
+        Some(path) => Some(resumed_method(path, &req.method)?),
+        None => None,
     };
+    let method = resumed
+        .as_ref()
+        .map_or_else(|| req.method.clone(), |(m, _)| m.clone());
+    // Where the concept goes is checked before the first step, not found wrong after the last.
     if let Some(out) = &req.out {
         match method {
             Method::DreamBooth { .. } => check_unet_folder(out)?,
@@ -324,8 +328,8 @@ pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Res
     if let Some(w) = image_count_warning(images.len(), &req.folder) {
         job.warn(w);
     }
-    let (method, mut trainer) = match &req.resume {
-        Some(path) => resume(sd, req, path, &images, job)?,
+    let mut trainer = match resumed {
+        Some(ckpt) => resume(sd, req, ckpt, &images, job)?,
         None => {
             if req.prior.is_some() && !req.method.has_prior() {
                 return Err(Error::arg(
@@ -351,7 +355,7 @@ pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Res
                 )?;
                 t.set_prior(&class, prior.weight)?;
             }
-            (req.method.clone(), t)
+            t
         }
     };
     let (end, report) = match trainer.run(job) {
@@ -427,26 +431,27 @@ pub fn resumed_method(path: &Path, asked: &Method) -> Result<(Method, Checkpoint
 fn resume<'a>(
     sd: &'a StableDiffusion,
     req: &TrainRequest,
-    path: &Path,
+    (method, ckpt): (Method, Checkpoint),
     images: &[image::RgbImage],
     job: &Job,
-) -> Result<(Method, Trainer<'a>)> {
-    let (method, ckpt) = resumed_method(path, &req.method)?;
+) -> Result<Trainer<'a>> {
     let steps = Some(req.options.steps);
+    let prior = ckpt.prior;
+    let (word, seed) = (ckpt.word.clone(), ckpt.options.seed);
     let mut trainer = match method {
-        Method::Infusion => crate::infusion::train::resume(sd, path, images, steps, job)?,
+        Method::Infusion => crate::infusion::train::resume_from(sd, ckpt, images, steps, job)?,
         _ => {
-            let learner = method.learner(sd, &ckpt.word, ckpt.options.seed)?;
+            let learner = method.learner(sd, &word, seed)?;
             Trainer::resume(sd, &ckpt, images, steps, learner, job)?
         }
     };
-    if let Some((n, weight)) = ckpt.prior {
+    if let Some((n, weight)) = prior {
         // The class images again (from a cache folder, when the request names one).
         let dir = req.prior.as_ref().and_then(|p| p.dir.as_deref());
-        let class = class_images(sd, &ckpt.word, n, ckpt.options.seed, dir, job)?;
+        let class = class_images(sd, &word, n, seed, dir, job)?;
         trainer.set_prior(&class, weight)?;
     }
-    Ok((method, trainer))
+    Ok(trainer)
 }
 
 /// The concept a run reached, as the session holds it, saved where asked (DreamBooth: a unet/

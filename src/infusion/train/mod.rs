@@ -148,7 +148,17 @@ pub fn resume<'a>(
     steps: Option<usize>,
     job: &Job,
 ) -> Result<Trainer<'a>> {
-    let mut ckpt = Checkpoint::read(checkpoint)?;
+    resume_from(sd, Checkpoint::read(checkpoint)?, images, steps, job)
+}
+
+/// [`resume`] from a checkpoint already read.
+pub fn resume_from<'a>(
+    sd: &'a StableDiffusion,
+    mut ckpt: Checkpoint,
+    images: &[RgbImage],
+    steps: Option<usize>,
+    job: &Job,
+) -> Result<Trainer<'a>> {
     if ckpt.name.is_empty() {
         // Written before checkpoints named their run: the concept file does.
         let concept = Concept::load(&ckpt.path)?;
