@@ -196,33 +196,19 @@ fn run_customize(session: &Session, spec: &FnSpec, toy: &ToyVal, o: &Map) -> Rha
 
 /// `toy.sample` / `c.sample`: `n` points of `concept`'s prompt.
 fn sample(
+    spec: &FnSpec,
     toy: &Toy,
     custom: Option<&Customization>,
     concept: &Dynamic,
     n: INT,
     o: &Map,
 ) -> RhaiResult<Array> {
+    let o = Opts::of(o, spec)?;
     let c = concept_arg(toy, concept)?;
     if n < 1 {
         return Err(err(format!("n = {n}: at least 1 point")));
     }
-    let seed = match o.get("seed") {
-        Some(s) => s
-            .as_int()
-            .ok()
-            .filter(|&s| s >= 0)
-            .ok_or_else(|| err("seed: 0 or more"))? as u64,
-        None => 0,
-    };
-    let diversity = match o.get("diversity") {
-        Some(d) => Some(
-            d.as_int()
-                .ok()
-                .filter(|&d| d >= 0)
-                .ok_or_else(|| err("diversity: an index, 0 or more"))? as usize,
-        ),
-        None => None,
-    };
+    let (seed, diversity) = (o.u64("seed").unwrap_or(0), o.usize("diversity"));
     Ok(points_to_array(&rt(
         toy.sample(custom, c, diversity, n as usize, seed)
     )?))
@@ -342,20 +328,24 @@ fn register_sampling(api: &mut Api) {
                 .opt_unset("diversity", Kind::COUNT, "grid25: the prompt names this diversity (0-24) too")
                 .example("let pts = toy.sample(\"top_left\", 500, #{seed: 1});"),
         );
+        let (s1, s2) = (spec.clone(), spec.clone());
         if receiver == "Toy" {
-            api.func(&spec, |t: &mut ToyVal, c: Dynamic, n: INT| {
-                sample(&t.0, None, &c, n, &Map::new())
+            api.func(&spec, move |t: &mut ToyVal, c: Dynamic, n: INT| {
+                sample(&s1, &t.0, None, &c, n, &Map::new())
             });
-            api.func(&spec, |t: &mut ToyVal, c: Dynamic, n: INT, o: Map| {
-                sample(&t.0, None, &c, n, &o)
+            api.func(&spec, move |t: &mut ToyVal, c: Dynamic, n: INT, o: Map| {
+                sample(&s2, &t.0, None, &c, n, &o)
             });
         } else {
-            api.func(&spec, |x: &mut CustomVal, c: Dynamic, n: INT| {
-                sample(&x.toy, Some(x.custom()?), &c, n, &Map::new())
+            api.func(&spec, move |x: &mut CustomVal, c: Dynamic, n: INT| {
+                sample(&s1, &x.toy, Some(x.custom()?), &c, n, &Map::new())
             });
-            api.func(&spec, |x: &mut CustomVal, c: Dynamic, n: INT, o: Map| {
-                sample(&x.toy, Some(x.custom()?), &c, n, &o)
-            });
+            api.func(
+                &spec,
+                move |x: &mut CustomVal, c: Dynamic, n: INT, o: Map| {
+                    sample(&s2, &x.toy, Some(x.custom()?), &c, n, &o)
+                },
+            );
         }
     }
 }
