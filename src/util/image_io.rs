@@ -80,23 +80,7 @@ pub fn grid(images: &[RgbImage], cols: usize) -> Result<RgbImage> {
 
 /// [`grid`] on a background colour.
 pub fn grid_on(images: &[RgbImage], cols: usize, background: image::Rgb<u8>) -> Result<RgbImage> {
-    if images.is_empty() {
-        return Err(Error::arg("images", "no images to put in a grid"));
-    }
-    if cols == 0 {
-        return Err(Error::arg("cols", "must be at least 1"));
-    }
-    let cw = images.iter().map(|i| i.width()).max().unwrap_or(0);
-    let ch = images.iter().map(|i| i.height()).max().unwrap_or(0);
-    let cols = cols.min(images.len());
-    let rows = images.len().div_ceil(cols);
-    let mut out = RgbImage::from_pixel(cw * cols as u32, ch * rows as u32, background);
-    for (i, img) in images.iter().enumerate() {
-        let x = (i % cols) as u32 * cw + (cw - img.width()) / 2;
-        let y = (i / cols) as u32 * ch + (ch - img.height()) / 2;
-        image::imageops::replace(&mut out, img, x as i64, y as i64);
-    }
-    Ok(out)
+    crate::util::text_render::labelled_grid(images, cols, &[], 0, background)
 }
 
 /// Images in one row.

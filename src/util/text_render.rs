@@ -141,13 +141,15 @@ pub fn labelled_row(
     out
 }
 
-/// Images in rows of `cols` on white, `gap` pixels apart, each with its label (when `labels`
-/// has one for it) centred underneath, whole (shrunk to fit, then wrapped).
+/// Images in rows of `cols` on `background`, `gap` pixels apart, each cell the size of the
+/// largest image (smaller ones centred), each with its label (when `labels` has one for it)
+/// centred underneath, whole (shrunk to fit, then wrapped).
 pub fn labelled_grid(
     images: &[RgbImage],
     cols: usize,
     labels: &[String],
     gap: u32,
+    background: Rgb<u8>,
 ) -> crate::error::Result<RgbImage> {
     use crate::error::Error;
     if images.is_empty() {
@@ -172,11 +174,7 @@ pub fn labelled_grid(
     let cols = cols.min(images.len());
     let rows = images.len().div_ceil(cols) as u32;
     let (cell_w, cell_h) = (cw + gap, ch + label_h + gap);
-    let mut out = RgbImage::from_pixel(
-        cell_w * cols as u32 - gap,
-        cell_h * rows - gap,
-        Rgb([255, 255, 255]),
-    );
+    let mut out = RgbImage::from_pixel(cell_w * cols as u32 - gap, cell_h * rows - gap, background);
     for (i, img) in images.iter().enumerate() {
         let (cx, cy) = ((i % cols) as u32 * cell_w, (i / cols) as u32 * cell_h);
         let x = cx + (cw - img.width()) / 2;
@@ -235,7 +233,7 @@ mod tests {
             .map(|_| RgbImage::from_pixel(20, 20, Rgb([0, 0, 0])))
             .collect();
         let labels = ["base", "custom", "base", "custom"].map(String::from);
-        let g = labelled_grid(&cells, 2, &labels, 4).unwrap();
+        let g = labelled_grid(&cells, 2, &labels, 4, Rgb([255, 255, 255])).unwrap();
         assert_eq!(g.width(), 44);
         assert_eq!(g.get_pixel(22, 5).0, [255, 255, 255], "the gap");
         assert!(

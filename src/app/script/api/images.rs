@@ -209,7 +209,13 @@ fn register_composition(api: &mut Api, session: &Arc<Session>) {
             let labels = o.strings("labels").unwrap_or_default();
             let gap = o.usize("gap").unwrap_or(4) as u32;
             composite(&images_of(arr, "grid")?, |rgb| {
-                crate::util::text_render::labelled_grid(rgb, cols as usize, &labels, gap)
+                crate::util::text_render::labelled_grid(
+                    rgb,
+                    cols as usize,
+                    &labels,
+                    gap,
+                    image::Rgb([255, 255, 255]),
+                )
             })
         },
     );
