@@ -253,6 +253,12 @@ pub fn arrows_row(
     row(panels.len(), panel_size, title, |area, i| {
         let mut chart = axes(area, &panels[i].title, frame)?;
         let color = RGBColor(PALETTE[0].0, PALETTE[0].1, PALETTE[0].2);
+        // Data units per pixel on each axis, so that heads keep their shape whatever the frame.
+        let (px, py) = chart.plotting_area().get_pixel_range();
+        let per_px = (
+            (frame.x.1 - frame.x.0) / (px.end - px.start).max(1) as f32,
+            (frame.y.1 - frame.y.0) / (py.end - py.start).max(1) as f32,
+        );
         for (p, v) in &panels[i].content {
             let tip = (p[0] + v[0], p[1] + v[1]);
             chart
@@ -261,12 +267,34 @@ pub fn arrows_row(
                     Color::stroke_width(&color, 1),
                 )))
                 .map_err(plot_err)?;
-            chart
-                .draw_series(std::iter::once(Circle::new(tip, 2, color.filled())))
-                .map_err(plot_err)?;
+            if let Some(head) = arrow_head(tip, *v, per_px) {
+                chart
+                    .draw_series(std::iter::once(Polygon::new(head, color.filled())))
+                    .map_err(plot_err)?;
+            }
         }
         Ok(())
     })
+}
+
+/// The head of an arrow ending at `tip` along `v`: a triangle 6 pixels long (at most 40% of the
+/// arrow), 25 degrees each side, in data units given `per_px` (units per pixel on x and y).
+/// None for an arrow shorter than a pixel, which gets no head.
+fn arrow_head(tip: (f32, f32), v: [f32; 2], per_px: (f32, f32)) -> Option<Vec<(f32, f32)>> {
+    let (dx, dy) = (v[0] / per_px.0, v[1] / per_px.1);
+    let len = (dx * dx + dy * dy).sqrt();
+    if !(len >= 1.0) {
+        return None;
+    }
+    let size = (0.4 * len).min(6.0);
+    let (ux, uy) = (dx / len, dy / len);
+    let (c, s) = (25f32.to_radians().cos(), 25f32.to_radians().sin());
+    let side = |sign: f32| {
+        // The reversed direction rotated by ±25 degrees, `size` pixels long.
+        let (bx, by) = (-ux * c + sign * uy * s, -uy * c - sign * ux * s);
+        (tip.0 + bx * size * per_px.0, tip.1 + by * size * per_px.1)
+    };
+    Some(vec![tip, side(1.0), side(-1.0)])
 }
 
 /// A tick label: whole numbers as they are, others to 3 significant digits (exponent form
@@ -434,6 +462,21 @@ fn axes<'a, 'b>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arrow_heads_point_back_from_the_tip_and_keep_their_pixel_size() {
+        // 0.01 data units per pixel on x, 0.02 on y; an arrow 20 pixels long pointing right.
+        let head = arrow_head((1.0, 1.0), [0.2, 0.0], (0.01, 0.02)).unwrap();
+        assert_eq!(head[0], (1.0, 1.0));
+        for &(x, y) in &head[1..] {
+            // 6 pixels back along x (cos 25°), 6 sin 25° pixels to either side on y.
+            assert!((x - (1.0 - 6.0 * 25f32.to_radians().cos() * 0.01)).abs() < 1e-5);
+            assert!(((y - 1.0).abs() - 6.0 * 25f32.to_radians().sin() * 0.02).abs() < 1e-5);
+        }
+        assert!(head[1].1 != head[2].1, "the two sides differ");
+        // Shorter than a pixel: no head.
+        assert!(arrow_head((0.0, 0.0), [0.001, 0.0], (0.01, 0.01)).is_none());
+    }
 
     #[test]
     fn tick_labels_are_short_and_whole_numbers_stay_whole() {
