@@ -11,6 +11,18 @@
 //! Fisher divergence (Definition 3.1), the Gaussian 2-Wasserstein distance
 //! ([`crate::metrics::w2`]) and the diversities still covered.
 //!
+//! Where the toy meets the real training code: it uses SD's [`NoiseSchedule`] (DDPM loss
+//! targets and DDIM steps), [`crate::train::optim::AdamW`] and
+//! [`crate::train::optim::gradients`], but not the [`crate::train::Learner`] trait. A learner's
+//! loss runs a `StableDiffusion` on VAE latents of training images with prompt templates, and
+//! its files are what SD tools load (a concept file, a LoRA, a UNet folder); the toy has none
+//! of these (2-D points, a parameter map, one token prompt). Making the trait generic over the
+//! model, the data and the file would put type parameters on every SD method for the toy's
+//! sake alone, so the toy keeps its methods in [`ToyMethod`] (the same three edits the SD
+//! methods make, in [`net::Edit`]) and its loop in [`lab::customize`].
+//!
+//! [`NoiseSchedule`]: crate::sd::scheduler::NoiseSchedule
+//!
 //! - [`data`]: the layouts (four peaks; a 5x5 grid of diversities) and their true samples.
 //! - [`net`]: the denoiser and how each method changes it.
 //! - [`lab`]: training the foundation, customizing, sampling, measuring.
