@@ -20,9 +20,10 @@ use crate::train::{TrainOptions, Trainer};
 use crate::util::noise::seeded_noise;
 
 /// The groups of rows `--only` chooses from, in the order they run.
-pub const GROUPS: [&str; 7] = [
+pub const GROUPS: [&str; 8] = [
     "load",
     "unet",
+    "vae",
     "txt2img",
     "pair",
     "train",
@@ -221,6 +222,11 @@ impl Bench<'_> {
         baseline: Option<(&str, f64)>,
         f: impl FnMut() -> Result<T>,
     ) -> Result<f64> {
+        // Progress on stderr (the table stays clean on stdout): SD1.5's rows take minutes.
+        eprintln!(
+            "measuring {name}: 1 warm-up + {} timed run(s)...",
+            self.opts.repeats.max(1)
+        );
         let t = time(&self.dev, self.opts.repeats, f)?;
         self.report
             .rows
@@ -261,6 +267,20 @@ impl Bench<'_> {
         };
         let b2 = at(self, 2, "unet forward, batch 2", None)?;
         at(self, 4, "unet forward, batch 4", Some(("unet batch 2", b2)))
+    }
+
+    /// What a generation does besides the UNet: the text encoder on a prompt and the empty one
+    /// (classifier-free guidance), and the VAE decoding one image.
+    fn text_and_vae(&mut self) -> Result<()> {
+        let sd = self.sd;
+        let (tokens, neg) = (sd.tokenize(PROMPT)?, sd.tokenize("")?);
+        self.measure("text encoder, batch 2", None, || {
+            sd.text_states(&[&neg, &tokens])
+        })?;
+        let (h, w) = self.hw;
+        let z = seeded_noise(2, &[1, sd.unet.config().in_channels, h, w])?.to_device(&self.dev)?;
+        self.measure("vae decode, per image", None, || sd.decode(&z))?;
+        Ok(())
     }
 
     /// Text-to-image, and the Infusion pair (base + custom) against it.
@@ -450,6 +470,9 @@ pub fn run(
     } else {
         None
     };
+    if opts.runs("vae") {
+        bench.text_and_vae()?;
+    }
     if opts.runs("txt2img") || opts.runs("pair") {
         bench.generation()?;
     }

@@ -187,8 +187,9 @@ struct BenchArgs {
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Only these groups of rows, comma-separated: load, unet, txt2img, pair, train, attention,
-    /// groupnorm (load: a model from files, not `--shapes sd15`).
+    /// Only these groups of rows, comma-separated: load, unet, vae (text encoder and VAE
+    /// decode), txt2img, pair, train, attention, groupnorm (load: a model from files, not
+    /// `--shapes sd15`).
     #[arg(long, value_delimiter = ',', value_parser = crate::app::bench::GROUPS)]
     only: Vec<String>,
 }

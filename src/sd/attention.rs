@@ -18,6 +18,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{linear, linear_no_bias, Linear, VarBuilder};
 
 use super::hook::{HookCtx, Projection};
+use crate::sd::cpu::attention as cpu_attention;
 use crate::sd::fused::{self, attention as fused_attention};
 
 /// Self-attention (`attn1`: keys from the image) or cross-attention (`attn2`: keys from the text).
@@ -192,14 +193,17 @@ impl AttentionCall {
     fn finish(mut self) -> Result<Tensor> {
         let all_own = self.sources.iter().all(|s| matches!(s, ProbSource::Own));
         let v = split_heads(&self.v, self.heads)?;
-        // Nobody asked for probabilities: the fused op never materialises them.
-        if all_own
-            && self.own.is_none()
-            && fused::fused()
-            && fused_attention::supports(&self.q, &self.k, &v)
-        {
-            let out = fused_attention::fused_attention(&self.q, &self.k, &v, self.scale)?;
-            return merge_heads(&out);
+        // Nobody asked for probabilities: the fused op and the blocked CPU one never
+        // materialise them.
+        if all_own && self.own.is_none() {
+            if fused::fused() && fused_attention::supports(&self.q, &self.k, &v) {
+                let out = fused_attention::fused_attention(&self.q, &self.k, &v, self.scale)?;
+                return merge_heads(&out);
+            }
+            if cpu_attention::applies(&self.q, &self.k, &v) {
+                let out = cpu_attention::attention_tensors(&self.q, &self.k, &v, self.scale)?;
+                return merge_heads(&out);
+            }
         }
         let probs = if all_own {
             self.compute_own()?;

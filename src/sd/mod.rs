@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod cpu;
 pub mod device;
 pub mod fused;
 pub mod hook;

@@ -6,9 +6,39 @@
 //! keeps the fast kernels; Infusion training backpropagates through the same model code.
 
 use candle_core::{Tensor, D};
-use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{linear, Conv2dConfig, LayerNorm, Linear, Module, VarBuilder};
 
 use crate::sd::fused::group_norm::GroupNorm;
+
+/// A 2-D convolution with candle_nn's weights (`weight`, `bias`) and config, run by
+/// [`crate::sd::cpu::conv`] for f32 on the CPU and by candle elsewhere.
+#[derive(Clone, Debug)]
+pub struct Conv2d(candle_nn::Conv2d);
+
+/// candle_nn's `conv2d` constructor, for [`Conv2d`].
+pub fn conv2d(
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv2d> {
+    candle_nn::conv2d(c_in, c_out, kernel, cfg, vb).map(Conv2d)
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (w, cfg) = (self.0.weight(), self.0.config());
+        if !crate::sd::cpu::conv::applies(xs, w, cfg) {
+            return self.0.forward(xs);
+        }
+        let ys = crate::sd::cpu::conv::conv2d(xs, w, cfg)?;
+        match self.0.bias() {
+            Some(b) => ys.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(ys),
+        }
+    }
+}
 
 /// A layer norm over the last dimension with weight and bias (`weight`/`bias` names).
 pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<LayerNorm> {

@@ -5,7 +5,9 @@
 //! ours ([`ResnetBlock`]) so its group norms can run fused.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{linear, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+
+use crate::sd::nn::{conv2d, Conv2d};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
 use crate::sd::attention::{Attention, LayerInfo};

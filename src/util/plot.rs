@@ -283,7 +283,7 @@ pub fn arrows_row(
 fn arrow_head(tip: (f32, f32), v: [f32; 2], per_px: (f32, f32)) -> Option<Vec<(f32, f32)>> {
     let (dx, dy) = (v[0] / per_px.0, v[1] / per_px.1);
     let len = (dx * dx + dy * dy).sqrt();
-    if !(len >= 1.0) {
+    if len.is_nan() || len < 1.0 {
         return None;
     }
     let size = (0.4 * len).min(6.0);

@@ -1,0 +1,352 @@
+//! 2-D convolution on the CPU in f32: for each image, tiles of output rows whose im2col
+//! matrix (`c_in * kh * kw` rows, one per kernel tap, each a contiguous copy of shifted input
+//! rows) meets the kernel in one GEMM, `(c_out, c_in*kh*kw) x (c_in*kh*kw, tile)`, written
+//! straight into the NCHW output. 1x1 convolutions with stride 1 multiply the image itself.
+//! The backward pass is candle's (its formulas for `Op::Conv2D`).
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_nn::Conv2dConfig;
+use rayon::prelude::*;
+
+use super::{output, sgemm, with_scratch, Mat};
+
+/// Elements of one im2col tile (16 MiB): whole output rows, at least one.
+const TILE_ELEMS: usize = 4 << 20;
+
+/// Whether [`conv2d`] takes these tensors: f32 on the CPU, one group.
+pub fn applies(x: &Tensor, w: &Tensor, cfg: &Conv2dConfig) -> bool {
+    x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && cfg.groups == 1
+        && x.rank() == 4
+        && w.rank() == 4
+}
+
+/// `x (b, c_in, h, w)` convolved with `w (c_out, c_in, kh, kw)`, no bias.
+pub fn conv2d(x: &Tensor, w: &Tensor, cfg: &Conv2dConfig) -> Result<Tensor> {
+    let (_, c_in, _, _) = x.dims4()?;
+    let (_, wc_in, _, _) = w.dims4()?;
+    if c_in != wc_in {
+        candle_core::bail!(
+            "conv2d: input has {c_in} channels, the kernel {wc_in} ({:?} vs {:?})",
+            x.dims(),
+            w.dims()
+        );
+    }
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        Conv {
+            padding: cfg.padding,
+            stride: cfg.stride,
+            dilation: cfg.dilation,
+        },
+    )
+}
+
+#[derive(Clone, Copy)]
+struct Conv {
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+}
+
+/// The shapes of one call.
+#[derive(Clone, Copy)]
+struct Dims {
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Conv {
+    fn out_len(&self, len: usize, k: usize) -> Option<usize> {
+        let span = self.dilation * (k - 1) + 1;
+        (len + 2 * self.padding)
+            .checked_sub(span)
+            .map(|r| r / self.stride + 1)
+    }
+
+    /// Input or kernel tap coordinate -> input index, None in the padding.
+    fn source(&self, o: usize, tap: usize, len: usize) -> Option<usize> {
+        (o * self.stride + tap * self.dilation)
+            .checked_sub(self.padding)
+            .filter(|&i| i < len)
+    }
+
+    /// Fills `col` (`c_in*kh*kw` rows of `rows * ow`) for output rows `oy0..oy0 + rows`.
+    fn im2col(&self, x: &[f32], d: Dims, oy0: usize, rows: usize, col: &mut [f32]) {
+        let t = rows * d.ow;
+        col.par_chunks_mut(t).enumerate().for_each(|(r, dst)| {
+            let (c, tap) = (r / (d.kh * d.kw), r % (d.kh * d.kw));
+            let (ky, kx) = (tap / d.kw, tap % d.kw);
+            let plane = &x[c * d.h * d.w..(c + 1) * d.h * d.w];
+            for (i, out_row) in dst.chunks_mut(d.ow).enumerate() {
+                let Some(iy) = self.source(oy0 + i, ky, d.h) else {
+                    out_row.fill(0.0);
+                    continue;
+                };
+                let src = &plane[iy * d.w..(iy + 1) * d.w];
+                if self.stride == 1 {
+                    // Columns ox whose input column ox + kx*dilation - padding is inside.
+                    let shift = kx * self.dilation;
+                    let lo = self.padding.saturating_sub(shift).min(d.ow);
+                    let hi = (d.w + self.padding).saturating_sub(shift).clamp(lo, d.ow);
+                    out_row[..lo].fill(0.0);
+                    out_row[lo..hi].copy_from_slice(
+                        &src[lo + shift - self.padding..hi + shift - self.padding],
+                    );
+                    out_row[hi..].fill(0.0);
+                } else {
+                    for (ox, o) in out_row.iter_mut().enumerate() {
+                        *o = self.source(ox, kx, d.w).map_or(0.0, |ix| src[ix]);
+                    }
+                }
+            }
+        });
+    }
+
+    fn forward(&self, x: &[f32], b: usize, k: &[f32], d: Dims) -> Vec<f32> {
+        let threads = rayon::current_num_threads();
+        let (plane_in, plane_out) = (d.c_in * d.h * d.w, d.oh * d.ow);
+        let kk = d.c_in * d.kh * d.kw;
+        let mut out = output(b * d.c_out * plane_out);
+        let pointwise = d.kh == 1 && d.kw == 1 && self.stride == 1 && self.padding == 0;
+        for i in 0..b {
+            let (xi, oi) = (&x[i * plane_in..], &mut out[i * d.c_out * plane_out..]);
+            if pointwise {
+                // SAFETY: k is (c_out, c_in), the image (c_in, h*w), the output (c_out, h*w).
+                unsafe {
+                    sgemm(
+                        (d.c_out, plane_out, d.c_in),
+                        Mat::rows(oi.as_mut_ptr(), plane_out),
+                        Mat::rows(k.as_ptr(), d.c_in),
+                        Mat::rows(xi.as_ptr(), plane_out),
+                        false,
+                        threads,
+                    )
+                };
+                continue;
+            }
+            let rows = (TILE_ELEMS / (kk * d.ow)).clamp(1, d.oh);
+            with_scratch(kk * rows * d.ow, |scratch| {
+                for oy0 in (0..d.oh).step_by(rows) {
+                    let r = rows.min(d.oh - oy0);
+                    let col = &mut scratch[..kk * r * d.ow];
+                    self.im2col(xi, d, oy0, r, col);
+                    // SAFETY: k is (c_out, kk); col (kk, r*ow); the destination is the
+                    // columns oy0*ow.. of the (c_out, oh*ow) output, row stride oh*ow.
+                    unsafe {
+                        sgemm(
+                            (d.c_out, r * d.ow, kk),
+                            Mat::rows(oi.as_mut_ptr().add(oy0 * d.ow), plane_out),
+                            Mat::rows(k.as_ptr(), kk),
+                            Mat::rows(col.as_ptr(), r * d.ow),
+                            false,
+                            threads,
+                        )
+                    };
+                }
+            });
+        }
+        out
+    }
+}
+
+impl CustomOp2 for Conv {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(k)) = (s1, s2) else {
+            candle_core::bail!("conv2d-gemm takes f32 input and kernel");
+        };
+        let (b, c_in, h, w) = l1.shape().dims4()?;
+        let (c_out, _, kh, kw) = l2.shape().dims4()?;
+        let (Some(oh), Some(ow)) = (self.out_len(h, kh), self.out_len(w, kw)) else {
+            candle_core::bail!("conv2d: a {kh}x{kw} kernel does not fit a {h}x{w} input");
+        };
+        let (x, k) = match (l1.contiguous_offsets(), l2.contiguous_offsets()) {
+            (Some((a, b)), Some((c, d))) => (&x[a..b], &k[c..d]),
+            _ => candle_core::bail!("conv2d-gemm: input and kernel must be contiguous"),
+        };
+        let d = Dims {
+            c_in,
+            h,
+            w,
+            c_out,
+            kh,
+            kw,
+            oh,
+            ow,
+        };
+        let out = self.forward(x, b, k, d);
+        Ok((CpuStorage::F32(out), Shape::from((b, c_out, oh, ow))))
+    }
+
+    /// candle's backward pass of `Op::Conv2D` (candle-core 0.11.1, backprop.rs).
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        kernel: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Conv {
+            padding,
+            stride,
+            dilation,
+        } = *self;
+        // The transposed convolution's output padding per side (candle takes one for both and
+        // derives it from the height only, which fails on non-square inputs with stride > 1):
+        // the larger, then the result cut to the input's size.
+        let out_padding = [2, 3]
+            .iter()
+            .map(|&i| -> Result<usize> {
+                let span = (grad.dim(i)? - 1) * stride + dilation * (kernel.dim(i)? - 1) + 1;
+                Ok(arg.dim(i)? - (span - 2 * padding))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let grad_arg = grad
+            .conv_transpose2d(
+                kernel,
+                padding,
+                out_padding[0].max(out_padding[1]),
+                stride,
+                dilation,
+            )?
+            .narrow(2, 0, arg.dim(2)?)?
+            .narrow(3, 0, arg.dim(3)?)?;
+        // candle passes (dilation, stride) in this order here: the roles swap for the kernel.
+        let grad_kernel = arg
+            .transpose(0, 1)?
+            .conv2d(&grad.transpose(0, 1)?, padding, dilation, stride, 1)?
+            .transpose(0, 1)?;
+        let (_, _, k0, k1) = kernel.dims4()?;
+        let (_, _, g0, g1) = grad_kernel.dims4()?;
+        let grad_kernel = if (g0, g1) != (k0, k1) {
+            grad_kernel.narrow(2, 0, k0)?.narrow(3, 0, k1)?
+        } else {
+            grad_kernel
+        };
+        Ok((Some(grad_arg), Some(grad_kernel)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Var;
+
+    use super::*;
+
+    fn randn(seed: u64, dims: &[usize]) -> Tensor {
+        crate::util::noise::seeded_noise(seed, dims).unwrap()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        let size = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        (diff.to_scalar::<f32>().unwrap()) / size.to_scalar::<f32>().unwrap().max(1e-6)
+    }
+
+    /// Against candle's own CPU convolution (its im2col path), to f32 rounding (1e-5 of the
+    /// output's largest value): 3x3 with and without padding, stride 2 (a downsampler),
+    /// dilation 2, 1x1, odd sizes, an input that is not contiguous, and a tile boundary.
+    #[test]
+    fn matches_candles_convolution() {
+        // (b, c_in, h, w, c_out, k, padding, stride)
+        type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+        let cases: [Case; 7] = [
+            (2, 5, 9, 7, 6, 3, 1, 1),
+            (1, 3, 8, 8, 4, 3, 0, 1),
+            (2, 4, 9, 10, 3, 3, 1, 2),
+            (1, 6, 5, 5, 7, 1, 0, 1),
+            (1, 2, 7, 6, 2, 1, 0, 2),
+            (1, 3, 4, 4, 2, 3, 2, 1),
+            // im2col rows of 9 * 600 * 40 elements: several tiles of whole output rows.
+            (1, 600, 41, 40, 8, 3, 1, 1),
+        ];
+        for (i, &(b, c_in, h, w, c_out, k, padding, stride)) in cases.iter().enumerate() {
+            let x = randn(i as u64, &[b, c_in, h, w]);
+            let kern = randn(100 + i as u64, &[c_out, c_in, k, k]);
+            for dilation in [1, 2] {
+                if dilation * (k - 1) + 1 > h + 2 * padding {
+                    continue;
+                }
+                let cfg = Conv2dConfig {
+                    padding,
+                    stride,
+                    dilation,
+                    groups: 1,
+                    cudnn_fwd_algo: None,
+                };
+                let ours = conv2d(&x, &kern, &cfg).unwrap();
+                let theirs = x.conv2d(&kern, padding, stride, dilation, 1).unwrap();
+                assert_eq!(ours.dims(), theirs.dims(), "case {i}");
+                let err = max_rel(&ours, &theirs);
+                assert!(err < 1e-5, "case {i}, dilation {dilation}: {err}");
+            }
+        }
+        // Not contiguous: a transposed view.
+        let x = randn(7, &[1, 4, 6, 5]).transpose(2, 3).unwrap();
+        let kern = randn(8, &[3, 4, 3, 3]);
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let ours = conv2d(&x, &kern, &cfg).unwrap();
+        let theirs = x.conv2d(&kern, 1, 1, 1, 1).unwrap();
+        assert!(max_rel(&ours, &theirs) < 1e-5);
+    }
+
+    /// The gradients of input and kernel are candle's (the same formulas) to 1e-5, on a square
+    /// input (candle's own backward refuses a non-square one with stride 2, where ours gives
+    /// gradients of the input's shape).
+    #[test]
+    fn gradients_are_candles() {
+        let odd = Var::from_tensor(&randn(1, &[2, 3, 6, 5])).unwrap();
+        let kern = randn(2, &[4, 3, 3, 3]);
+        let cfg = Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        let y = conv2d(odd.as_tensor(), &kern, &cfg).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(grads.get(&odd).unwrap().dims(), &[2, 3, 6, 5]);
+
+        let x = Var::from_tensor(&randn(1, &[2, 3, 6, 6])).unwrap();
+        let kern = Var::from_tensor(&randn(2, &[4, 3, 3, 3])).unwrap();
+        let up = randn(3, &[2, 4, 3, 3]);
+        let loss = |y: Tensor| (y * &up).unwrap().sum_all().unwrap();
+        let ours = loss(conv2d(x.as_tensor(), kern.as_tensor(), &cfg).unwrap())
+            .backward()
+            .unwrap();
+        let theirs = loss(x.as_tensor().conv2d(kern.as_tensor(), 1, 2, 1, 1).unwrap())
+            .backward()
+            .unwrap();
+        for v in [&x, &kern] {
+            let (a, b) = (ours.get(v).unwrap(), theirs.get(v).unwrap());
+            assert!(max_rel(a, b) < 1e-5);
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! A softmax row's numerator in f32: `exp(scale (x - max))` in place, vectorised (Cephes'
+//! `expf` polynomial, within 2 ulp of `f32::exp` on the softmax's range; libm's scalar `expf`
+//! was 7% of a UNet step). The loops are written in 16 independent lanes so that the compiler
+//! vectorises them; AVX-512 or AVX2 is chosen at run time where the CPU has it.
+
+const LANES: usize = 16;
+
+/// Writes `exp(scale (x - max(row)))` over `row` and returns its sum (at least 1: the
+/// maximum's own term). `scale` > 0.
+pub fn softmax_numerator(row: &mut [f32], scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { avx512(row, scale) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { avx2(row, scale) };
+        }
+    }
+    numerator(row, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512(row: &mut [f32], scale: f32) -> f32 {
+    numerator(row, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2(row: &mut [f32], scale: f32) -> f32 {
+    numerator(row, scale)
+}
+
+#[inline(always)]
+fn numerator(row: &mut [f32], scale: f32) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            // Not f32::max: its NaN handling keeps the loop from vectorising.
+            *l = if x > *l { x } else { *l };
+        }
+    }
+    let max = chunks.remainder().iter().fold(
+        lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
+        |a, &b| a.max(b),
+    );
+    let shift = -max * scale;
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (s, x) in sums.iter_mut().zip(c.iter_mut()) {
+            *x = exp(x.mul_add(scale, shift));
+            *s += *x;
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp(x.mul_add(scale, shift));
+        sum += *x;
+    }
+    sum
+}
+
+/// Cephes' `expf`: 2^n e^r with r in [-ln 2 / 2, ln 2 / 2]; 0 below -87.3 (subnormal range),
+/// saturating at 88.7.
+#[inline(always)]
+pub(super) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding it rounds to an integer, which then sits in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let lo = x < -87.336_55;
+    // Selects, not f32::max / min (whose NaN handling keeps loops from vectorising).
+    let x = if lo { -87.336_55 } else { x };
+    let x = if x > 88.722_83 { 88.722_83 } else { x };
+    let t = x.mul_add(LOG2E, ROUND);
+    let n = t - ROUND;
+    let r = x - n * C1 - n * C2;
+    let z = r * r;
+    let p = 1.987_569_1e-4_f32
+        .mul_add(r, 1.398_2e-3)
+        .mul_add(r, 8.333_452e-3)
+        .mul_add(r, 4.166_579_6e-2)
+        .mul_add(r, 1.666_666_5e-1)
+        .mul_add(r, 0.5);
+    let y = p.mul_add(z, r) + 1.0;
+    let pow2 = f32::from_bits((t.to_bits().wrapping_sub(ROUND.to_bits()) + 127) << 23);
+    if lo {
+        0.0
+    } else {
+        y * pow2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_std_on_the_softmax_range() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            let x = -87.0 + 87.0 * i as f32 / 200_000.0;
+            let (a, b) = (exp(x), x.exp());
+            worst = worst.max((a - b).abs() / (b * f32::EPSILON));
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn numerator_matches_the_plain_softmax() {
+        // 37 elements: two full lanes of 16 and a remainder.
+        let row: Vec<f32> = (0..37)
+            .map(|i| ((i * 7919) % 101) as f32 / 10.0 - 5.0)
+            .collect();
+        let scale = 0.3;
+        let mut ours = row.clone();
+        let sum = softmax_numerator(&mut ours, scale);
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let plain: Vec<f32> = row.iter().map(|x| ((x - max) * scale).exp()).collect();
+        let plain_sum: f32 = plain.iter().sum();
+        for (a, b) in ours.iter().zip(&plain) {
+            assert!(
+                (a - b).abs() <= 4.0 * f32::EPSILON * b.max(1e-30),
+                "{a} vs {b}"
+            );
+        }
+        assert!((sum - plain_sum).abs() <= 1e-5 * plain_sum);
+    }
+}

@@ -1,0 +1,121 @@
+//! f32 CPU kernels built on one GEMM (the `gemm` crate candle's CPU matmul uses, with its
+//! AVX-512 kernels compiled in): what the UNet and the VAE spend their time in on a CPU.
+//!
+//! - [`conv`]: 2-D convolution as tiled im2col + one GEMM per tile, the kernel in its stored
+//!   layout, written straight into NCHW (candle's CPU conv transposes the input to NHWC and
+//!   the output back, and multiplies 512-pixel tiles).
+//! - [`attention`]: `softmax(scale q k^T) v` by blocks of query rows: each block's scores are
+//!   one GEMM, a softmax in cache, one GEMM with V; the `(n, m)` score matrix never exists.
+//!
+//! Both keep candle's results to f32 rounding (tests compare them with candle's ops) and both
+//! are used only for f32 tensors on the CPU; everything else goes through candle.
+
+pub mod attention;
+pub mod conv;
+mod exp;
+
+use std::cell::RefCell;
+
+/// A matrix operand of [`sgemm`]: its first element and the strides (in elements) between
+/// rows and between columns.
+#[derive(Clone, Copy)]
+struct Mat<P> {
+    ptr: P,
+    rs: isize,
+    cs: isize,
+}
+
+impl<P> Mat<P> {
+    /// Row-major, `stride` elements from one row to the next.
+    fn rows(ptr: P, stride: usize) -> Self {
+        Self {
+            ptr,
+            rs: stride as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix whose rows are `stride` apart (column-major).
+    fn cols(ptr: P, stride: usize) -> Self {
+        Self {
+            ptr,
+            rs: 1,
+            cs: stride as isize,
+        }
+    }
+}
+
+/// `dst (m x n) = lhs (m x k) * rhs (k x n)`; `accumulate` adds to what `dst` holds.
+/// `threads` > 1 splits the work over rayon's pool.
+///
+/// # Safety
+/// The operands must address matrices of those shapes and strides; `dst` must not overlap the
+/// others.
+unsafe fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    dst: Mat<*mut f32>,
+    lhs: Mat<*const f32>,
+    rhs: Mat<*const f32>,
+    accumulate: bool,
+    threads: usize,
+) {
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.ptr,
+        dst.cs,
+        dst.rs,
+        accumulate,
+        lhs.ptr,
+        lhs.cs,
+        lhs.rs,
+        rhs.ptr,
+        rhs.cs,
+        rhs.rs,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
+thread_local! {
+    /// Scratch space kept between calls (im2col tiles, score blocks): sizes repeat every step,
+    /// and fresh allocations this large cost page faults each time.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's scratch buffer of at least `len` elements (contents undefined),
+/// or a fresh one where the thread's is in use (a kernel called from inside another's rayon
+/// task on the same worker).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => {
+            if s.len() < len {
+                s.resize(len, 0.0);
+            }
+            f(&mut s[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
+/// A vector of `len` f32 whose every element the caller writes before reading.
+fn output(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: f32 has no invalid bit patterns; callers overwrite every element (GEMMs with
+    // `accumulate = false` write their whole destination).
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(len)
+    };
+    v
+}
