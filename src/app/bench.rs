@@ -93,7 +93,8 @@ pub struct BenchReport {
     pub dtype: String,
     /// The kernels (`naive` or `fused`, see [`crate::sd::fused`]).
     pub kernels: String,
-    /// `cudnn` when the binary was built with the `cudnn` feature, else `im2col` (candle's).
+    /// `cudnn` when the binary was built with the `cudnn` feature (on CUDA), `gemm + winograd
+    /// 3x3` for f32 on the CPU ([`crate::sd::cpu::conv`]), else `im2col` (candle's).
     pub convolutions: String,
     pub image_size: usize,
     pub steps: usize,
@@ -442,8 +443,11 @@ pub fn run(
         device: format!("{:?}", sd.device()),
         dtype: format!("{:?}", sd.dtype()).to_lowercase(),
         kernels: fused::kernels().to_string(),
-        convolutions: if cfg!(feature = "cudnn") {
+        convolutions: if cfg!(feature = "cudnn") && !sd.device().is_cpu() {
             "cudnn"
+        } else if sd.device().is_cpu() && sd.dtype() == candle_core::DType::F32 {
+            // crate::sd::cpu::conv.
+            "gemm + winograd 3x3"
         } else {
             "im2col"
         }

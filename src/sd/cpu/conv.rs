@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
 
-use super::{output, sgemm, with_scratch, Mat};
+use super::{output, sgemm, winograd, with_scratch, Mat};
 
 /// Elements of one im2col tile (16 MiB): whole output rows, at least one.
 const TILE_ELEMS: usize = 4 << 20;
@@ -117,8 +117,15 @@ impl Conv {
         let kk = d.c_in * d.kh * d.kw;
         let mut out = output(b * d.c_out * plane_out);
         let pointwise = d.kh == 1 && d.kw == 1 && self.stride == 1 && self.padding == 0;
+        let same3x3 = (d.kh, d.kw, self.stride, self.padding, self.dilation) == (3, 3, 1, 1, 1);
+        let winograd = (same3x3 && winograd::applies(d.oh, d.ow))
+            .then(|| winograd::transform_kernel(k, d.c_out, d.c_in));
         for i in 0..b {
             let (xi, oi) = (&x[i * plane_in..], &mut out[i * d.c_out * plane_out..]);
+            if let Some(u) = &winograd {
+                winograd::conv3x3(xi, u, oi, (d.c_in, d.h, d.w, d.c_out));
+                continue;
+            }
             if pointwise {
                 // SAFETY: k is (c_out, c_in), the image (c_in, h*w), the output (c_out, h*w).
                 unsafe {
@@ -275,15 +282,18 @@ mod tests {
     fn matches_candles_convolution() {
         // (b, c_in, h, w, c_out, k, padding, stride)
         type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
-        let cases: [Case; 7] = [
+        let cases: [Case; 8] = [
             (2, 5, 9, 7, 6, 3, 1, 1),
             (1, 3, 8, 8, 4, 3, 0, 1),
             (2, 4, 9, 10, 3, 3, 1, 2),
             (1, 6, 5, 5, 7, 1, 0, 1),
             (1, 2, 7, 6, 2, 1, 0, 2),
             (1, 3, 4, 4, 2, 3, 2, 1),
-            // im2col rows of 9 * 600 * 40 elements: several tiles of whole output rows.
-            (1, 600, 41, 40, 8, 3, 1, 1),
+            // Winograd (3x3, stride 1, padding 1, at least 32x32), odd sizes, batch 2.
+            (2, 5, 34, 33, 6, 3, 1, 1),
+            // Winograd with 600 channels: 462 tiles, two batches (436 fit in one); with
+            // dilation 2: im2col rows of 9 * 600 * 41 elements, several tiles of output rows.
+            (1, 600, 43, 42, 8, 3, 1, 1),
         ];
         for (i, &(b, c_in, h, w, c_out, k, padding, stride)) in cases.iter().enumerate() {
             let x = randn(i as u64, &[b, c_in, h, w]);

@@ -13,6 +13,7 @@
 pub mod attention;
 pub mod conv;
 mod exp;
+pub mod winograd;
 
 use std::cell::RefCell;
 
