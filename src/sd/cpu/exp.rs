@@ -90,7 +90,7 @@ pub(super) fn exp(x: f32) -> f32 {
         .mul_add(r, 1.666_666_5e-1)
         .mul_add(r, 0.5);
     let y = p.mul_add(z, r) + 1.0;
-    let pow2 = f32::from_bits((t.to_bits().wrapping_sub(ROUND.to_bits()) + 127) << 23);
+    let pow2 = f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
     if lo {
         0.0
     } else {
