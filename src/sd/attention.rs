@@ -215,7 +215,13 @@ impl AttentionCall {
                 .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&per_row, 0)?
         };
-        let out = probs.to_dtype(v.dtype())?.matmul(&v)?;
+        let probs = probs.to_dtype(v.dtype())?;
+        let out = if cpu_attention::applies(&probs, &v, &v) {
+            // The same blocks as the blocked attention: looking changes nothing.
+            cpu_attention::mix_tensors(&probs, &v)?
+        } else {
+            probs.matmul(&v)?
+        };
         merge_heads(&out)
     }
 }
@@ -246,6 +252,9 @@ pub fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
 /// scores stay in the working dtype: candle's fused softmax accumulates in f32 anyway, and the
 /// 4096 x 4096 score matrices of SD1.5's self-attention are not copied to f32 and back.
 fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
+    if cpu_attention::applies(q, k, k) {
+        return cpu_attention::probs_tensors(q, k, scale);
+    }
     let scores = (q * scale)?.matmul(&k.t()?)?;
     if scores.dtype() == DType::F32 || scores.track_op() {
         crate::sd::nn::softmax_last_dim(&scores.to_dtype(DType::F32)?)

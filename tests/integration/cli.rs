@@ -275,26 +275,28 @@ fn bench_smoke_run_reports_every_measurement() {
     // Ratios are of times, and say so.
     assert!(table.contains("x the time of unet batch 2"), "{table}");
     assert!(
-        table.contains("fused kernels, im2col convolutions"),
+        table.contains("fused kernels, gemm + winograd 3x3 convolutions"),
         "{table}"
     );
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("b.json")).unwrap()).unwrap();
     assert_eq!(json["kernels"], "fused");
     let rows = json["rows"].as_array().unwrap();
-    // Loading against reading the files, five pipeline rows, a training step of the other three
-    // methods, then the first self-attention and the first group norm + SiLU alone: naive,
-    // and fused against it.
-    assert_eq!(rows.len(), 14);
-    assert!(rows[9]["name"].as_str().unwrap().ends_with("dreambooth"));
+    // Loading against reading the files, two UNet rows, the text encoder and the VAE decoder,
+    // text-to-image and the pair, a training step of each method, then the first
+    // self-attention and the first group norm + SiLU alone: naive, and fused against it.
+    assert_eq!(rows.len(), 16);
+    assert_eq!(rows[4]["name"], "text encoder, batch 2");
+    assert_eq!(rows[5]["name"], "vae decode, per image");
+    assert!(rows[11]["name"].as_str().unwrap().ends_with("dreambooth"));
     assert_eq!(rows[0]["name"], "read the weight files once");
     assert_eq!(rows[1]["ratio"][0], "reading its files");
-    assert!(rows[7]["name"]
+    assert!(rows[9]["name"]
         .as_str()
         .unwrap()
         .ends_with("textual_inversion"));
-    assert_eq!(rows[8]["ratio"][0], "unet batch 4");
-    for i in [10, 12] {
+    assert_eq!(rows[10]["ratio"][0], "unet batch 4");
+    for i in [12, 14] {
         assert!(
             rows[i]["name"].as_str().unwrap().ends_with("naive"),
             "{}",
@@ -305,8 +307,8 @@ fn bench_smoke_run_reports_every_measurement() {
     for r in rows {
         assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
     }
-    assert_eq!(rows[5]["ratio"][0], "text-to-image");
-    assert!(rows[5]["ratio"][1].as_f64().unwrap() > 0.0);
+    assert_eq!(rows[7]["ratio"][0], "text-to-image");
+    assert!(rows[7]["ratio"][1].as_f64().unwrap() > 0.0);
 }
 
 /// `--only` runs the groups named, and names the groups when one is unknown.

@@ -1,16 +1,64 @@
 //! `softmax(scale q k^T) v` on the CPU in f32, by blocks of query rows: per block, the scores
 //! against every key are one GEMM (at most `BLOCK_ELEMS` of them, in the thread's scratch
-//! space), the softmax runs over them in cache, and one GEMM with V writes the block's output,
-//! divided by the row sums at the end. `(batch x head)` slices and their blocks run in
-//! parallel; the `(n, m)` score matrix never exists whole.
+//! space), the softmax runs over them in cache, and one GEMM with V writes the block's output.
+//! `(batch x head)` slices and their blocks run in parallel; the `(n, m)` score matrix never
+//! exists whole. Where a hook asks for the probabilities, [`probs`] and [`mix`] do the same
+//! two halves with the same blocks, so a run that looks at them changes no bit of the result.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{output, sgemm, with_scratch, Mat};
 
 /// Scores per block (1 MiB): 64 query rows against SD1.5's 4096 keys.
 const BLOCK_ELEMS: usize = 1 << 18;
+
+/// Query rows per block for `m` keys (one partition for [`attention`], [`probs`] and [`mix`],
+/// so that their GEMMs see the same blocks).
+fn block_rows(n: usize, m: usize) -> usize {
+    (BLOCK_ELEMS / m.max(1)).clamp(1, n.max(1))
+}
+
+/// One block's probabilities: `scores (r, m) = softmax(scale qb ks^T)` row by row.
+fn block_probs(
+    qb: &[f32],
+    ks: &[f32],
+    scores: &mut [f32],
+    (r, m, d): (usize, usize, usize),
+    scale: f32,
+) {
+    // SAFETY: qb (r, d) row-major; ks (m, d) read as ks^T (d, m): element (i, j) at j*d + i;
+    // scores (r, m).
+    unsafe {
+        sgemm(
+            (r, m, d),
+            Mat::rows(scores.as_mut_ptr(), m),
+            Mat::rows(qb.as_ptr(), d),
+            Mat::cols(ks.as_ptr(), d),
+            false,
+            1,
+        )
+    };
+    for row in scores.chunks_exact_mut(m) {
+        let inv = 1.0 / super::exp::softmax_numerator(row, scale);
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// One block's output: `o (r, d) = p (r, m) vs (m, d)`.
+fn block_mix(p: &[f32], vs: &[f32], o: &mut [f32], (r, m, d): (usize, usize, usize)) {
+    // SAFETY: p (r, m), vs (m, d), o (r, d), all row-major.
+    unsafe {
+        sgemm(
+            (r, d, m),
+            Mat::rows(o.as_mut_ptr(), d),
+            Mat::rows(p.as_ptr(), m),
+            Mat::rows(vs.as_ptr(), d),
+            false,
+            1,
+        )
+    };
+}
 
 /// q `(bh, n, d)`, k and v `(bh, m, d)`, all contiguous -> `(bh, n, d)`.
 pub fn attention(
@@ -24,7 +72,7 @@ pub fn attention(
     if n == 0 || d == 0 {
         return out;
     }
-    let rows = (BLOCK_ELEMS / m.max(1)).clamp(1, n);
+    let rows = block_rows(n, m);
     out.par_chunks_mut(n * d).enumerate().for_each(|(s, os)| {
         let (ks, vs) = (
             &k[s * m * d..(s + 1) * m * d],
@@ -34,40 +82,58 @@ pub fn attention(
             .enumerate()
             .for_each(|(blk, o)| {
                 let r = o.len() / d;
-                let qb = &q[(s * n + blk * rows) * d..];
-                with_scratch(r * m + r, |scratch| {
-                    let (scores, sums) = scratch.split_at_mut(r * m);
-                    // SAFETY: q block (r, d) row-major; k (m, d) read as k^T (d, m): element
-                    // (i, j) at j*d + i; scores (r, m).
-                    unsafe {
-                        sgemm(
-                            (r, m, d),
-                            Mat::rows(scores.as_mut_ptr(), m),
-                            Mat::rows(qb.as_ptr(), d),
-                            Mat::cols(ks.as_ptr(), d),
-                            false,
-                            1,
-                        )
-                    };
-                    for (row, sum) in scores.chunks_exact_mut(m).zip(sums.iter_mut()) {
-                        *sum = super::exp::softmax_numerator(row, scale);
-                    }
-                    // SAFETY: scores (r, m), v (m, d), o (r, d), all row-major.
-                    unsafe {
-                        sgemm(
-                            (r, d, m),
-                            Mat::rows(o.as_mut_ptr(), d),
-                            Mat::rows(scores.as_ptr(), m),
-                            Mat::rows(vs.as_ptr(), d),
-                            false,
-                            1,
-                        )
-                    };
-                    for (row, &sum) in o.chunks_exact_mut(d).zip(sums.iter()) {
-                        let inv = 1.0 / sum;
-                        row.iter_mut().for_each(|x| *x *= inv);
-                    }
+                let qb = &q[(s * n + blk * rows) * d..][..r * d];
+                with_scratch(r * m, |scores| {
+                    block_probs(qb, ks, scores, (r, m, d), scale);
+                    block_mix(scores, vs, o, (r, m, d));
                 });
+            });
+    });
+    out
+}
+
+/// The probabilities alone: q `(bh, n, d)`, k `(bh, m, d)` -> `(bh, n, m)`, the same blocks
+/// and arithmetic as [`attention`].
+pub fn probs(
+    q: &[f32],
+    k: &[f32],
+    (bh, n, m, d): (usize, usize, usize, usize),
+    scale: f32,
+) -> Vec<f32> {
+    let mut out = output(bh * n * m);
+    if n == 0 || m == 0 {
+        return out;
+    }
+    let rows = block_rows(n, m);
+    out.par_chunks_mut(n * m).enumerate().for_each(|(s, ps)| {
+        let ks = &k[s * m * d..(s + 1) * m * d];
+        ps.par_chunks_mut(rows * m)
+            .enumerate()
+            .for_each(|(blk, p)| {
+                let r = p.len() / m;
+                let qb = &q[(s * n + blk * rows) * d..][..r * d];
+                block_probs(qb, ks, p, (r, m, d), scale);
+            });
+    });
+    out
+}
+
+/// Probabilities applied to values: p `(bh, n, m)`, v `(bh, m, d)` -> `(bh, n, d)`, the same
+/// blocks as [`attention`] (so that probabilities from [`probs`] give its output bit for bit).
+pub fn mix(p: &[f32], v: &[f32], (bh, n, m, d): (usize, usize, usize, usize)) -> Vec<f32> {
+    let mut out = output(bh * n * d);
+    if n == 0 || d == 0 {
+        return out;
+    }
+    let rows = block_rows(n, m);
+    out.par_chunks_mut(n * d).enumerate().for_each(|(s, os)| {
+        let vs = &v[s * m * d..(s + 1) * m * d];
+        os.par_chunks_mut(rows * d)
+            .enumerate()
+            .for_each(|(blk, o)| {
+                let r = o.len() / d;
+                let pb = &p[(s * n + blk * rows) * m..][..r * m];
+                block_mix(pb, vs, o, (r, m, d));
             });
     });
     out
@@ -107,6 +173,73 @@ struct Blocked {
     scale: f32,
 }
 
+/// [`probs`] on tensors: q `(b, h, n, d)`, k `(b, h, m, d)` -> `(b, h, n, m)`.
+pub fn probs_tensors(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, n, d) = q.dims4()?;
+    let m = k.dim(2)?;
+    let flat = |t: &Tensor, rows: usize| t.reshape((b * h, rows, d))?.contiguous();
+    let p = flat(q, n)?.apply_op2_no_bwd(
+        &flat(k, m)?,
+        &Half {
+            scale: Some(scale as f32),
+        },
+    )?;
+    p.reshape((b, h, n, m))
+}
+
+/// [`mix`] on tensors: p `(b, h, n, m)`, v `(b, h, m, d)` -> `(b, h, n, d)`.
+pub fn mix_tensors(p: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, h, n, m) = p.dims4()?;
+    let d = v.dim(3)?;
+    let out = p.reshape((b * h, n, m))?.contiguous()?.apply_op2_no_bwd(
+        &v.reshape((b * h, m, d))?.contiguous()?,
+        &Half { scale: None },
+    )?;
+    out.reshape((b, h, n, d))
+}
+
+/// One half of the blocked attention: the probabilities (with the scale) or the mix.
+struct Half {
+    scale: Option<f32>,
+}
+
+impl CustomOp2 for Half {
+    fn name(&self) -> &'static str {
+        "blocked-attention-half"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (bh, n, x) = l1.shape().dims3()?;
+        let (_, y, z) = l2.shape().dims3()?;
+        Ok(match self.scale {
+            // q (bh, n, d), k (bh, m, d).
+            Some(scale) => (
+                CpuStorage::F32(probs(a, b, (bh, n, y, x), scale)),
+                Shape::from((bh, n, y)),
+            ),
+            // p (bh, n, m), v (bh, m, d).
+            None => (
+                CpuStorage::F32(mix(a, b, (bh, n, x, z))),
+                Shape::from((bh, n, z)),
+            ),
+        })
+    }
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(x), Some((a, b))) => Ok(&x[a..b]),
+        _ => candle_core::bail!("blocked attention takes contiguous f32 tensors"),
+    }
+}
+
 impl CustomOp3 for Blocked {
     fn name(&self) -> &'static str {
         "blocked-attention"
@@ -121,12 +254,6 @@ impl CustomOp3 for Blocked {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-            match (s, l.contiguous_offsets()) {
-                (CpuStorage::F32(x), Some((a, b))) => Ok(&x[a..b]),
-                _ => candle_core::bail!("blocked attention takes contiguous f32 q, k, v"),
-            }
-        }
         let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let (bh, n, d) = l1.shape().dims3()?;
         let m = l2.shape().dims3()?.1;
