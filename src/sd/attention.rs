@@ -226,6 +226,35 @@ impl AttentionCall {
     }
 }
 
+/// `op` over q `(b, h, n, d)`, k and v `(b, h, m, d)` as `(b*h, rows, d)` contiguous tensors
+/// -> `(b, h, n, d)`: the frame of the attention kernels (fused, blocked CPU); `what` names the
+/// kernel in errors.
+pub(crate) fn per_head_op(
+    what: &str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    op: &impl candle_core::CustomOp3,
+) -> candle_core::Result<Tensor> {
+    let (b, h, n, d) = q.dims4()?;
+    let (kb, kh, m, kd) = k.dims4()?;
+    if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() {
+        candle_core::bail!(
+            "{what}: q {:?}, k {:?}, v {:?} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if m == 0 {
+        candle_core::bail!("{what} over zero keys");
+    }
+    let flat = |t: &Tensor, rows: usize| t.reshape((b * h, rows, d))?.contiguous();
+    flat(q, n)?
+        .apply_op3_no_bwd(&flat(k, m)?, &flat(v, m)?, op)?
+        .reshape((b, h, n, d))
+}
+
 /// (b, n, h*d) -> (b, h, n, d)
 fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, inner) = x.dims3()?;

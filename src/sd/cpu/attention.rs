@@ -60,6 +60,26 @@ fn block_mix(p: &[f32], vs: &[f32], o: &mut [f32], (r, m, d): (usize, usize, usi
     };
 }
 
+/// Runs `f(slice, first_row, rows, out_block)` over the blocks of query rows of every
+/// `(batch x head)` slice of `out` (`n` rows of `width` per slice), in parallel.
+fn by_blocks(
+    out: &mut [f32],
+    (n, width, rows): (usize, usize, usize),
+    f: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
+) {
+    if n == 0 || width == 0 {
+        return;
+    }
+    out.par_chunks_mut(n * width)
+        .enumerate()
+        .for_each(|(s, slice)| {
+            slice
+                .par_chunks_mut(rows * width)
+                .enumerate()
+                .for_each(|(blk, o)| f(s, blk * rows, o.len() / width, o));
+        });
+}
+
 /// q `(bh, n, d)`, k and v `(bh, m, d)`, all contiguous -> `(bh, n, d)`.
 pub fn attention(
     q: &[f32],
@@ -69,25 +89,13 @@ pub fn attention(
     scale: f32,
 ) -> Vec<f32> {
     let mut out = output(bh * n * d);
-    if n == 0 || d == 0 {
-        return out;
-    }
-    let rows = block_rows(n, m);
-    out.par_chunks_mut(n * d).enumerate().for_each(|(s, os)| {
-        let (ks, vs) = (
-            &k[s * m * d..(s + 1) * m * d],
-            &v[s * m * d..(s + 1) * m * d],
-        );
-        os.par_chunks_mut(rows * d)
-            .enumerate()
-            .for_each(|(blk, o)| {
-                let r = o.len() / d;
-                let qb = &q[(s * n + blk * rows) * d..][..r * d];
-                with_scratch(r * m, |scores| {
-                    block_probs(qb, ks, scores, (r, m, d), scale);
-                    block_mix(scores, vs, o, (r, m, d));
-                });
-            });
+    by_blocks(&mut out, (n, d, block_rows(n, m)), |s, row, r, o| {
+        let (ks, vs) = (&k[s * m * d..][..m * d], &v[s * m * d..][..m * d]);
+        let qb = &q[(s * n + row) * d..][..r * d];
+        with_scratch(r * m, |scores| {
+            block_probs(qb, ks, scores, (r, m, d), scale);
+            block_mix(scores, vs, o, (r, m, d));
+        });
     });
     out
 }
@@ -101,19 +109,9 @@ pub fn probs(
     scale: f32,
 ) -> Vec<f32> {
     let mut out = output(bh * n * m);
-    if n == 0 || m == 0 {
-        return out;
-    }
-    let rows = block_rows(n, m);
-    out.par_chunks_mut(n * m).enumerate().for_each(|(s, ps)| {
-        let ks = &k[s * m * d..(s + 1) * m * d];
-        ps.par_chunks_mut(rows * m)
-            .enumerate()
-            .for_each(|(blk, p)| {
-                let r = p.len() / m;
-                let qb = &q[(s * n + blk * rows) * d..][..r * d];
-                block_probs(qb, ks, p, (r, m, d), scale);
-            });
+    by_blocks(&mut out, (n, m, block_rows(n, m)), |s, row, r, p| {
+        let qb = &q[(s * n + row) * d..][..r * d];
+        block_probs(qb, &k[s * m * d..][..m * d], p, (r, m, d), scale);
     });
     out
 }
@@ -122,19 +120,9 @@ pub fn probs(
 /// blocks as [`attention`] (so that probabilities from [`probs`] give its output bit for bit).
 pub fn mix(p: &[f32], v: &[f32], (bh, n, m, d): (usize, usize, usize, usize)) -> Vec<f32> {
     let mut out = output(bh * n * d);
-    if n == 0 || d == 0 {
-        return out;
-    }
-    let rows = block_rows(n, m);
-    out.par_chunks_mut(n * d).enumerate().for_each(|(s, os)| {
-        let vs = &v[s * m * d..(s + 1) * m * d];
-        os.par_chunks_mut(rows * d)
-            .enumerate()
-            .for_each(|(blk, o)| {
-                let r = o.len() / d;
-                let pb = &p[(s * n + blk * rows) * m..][..r * m];
-                block_mix(pb, vs, o, (r, m, d));
-            });
+    by_blocks(&mut out, (n, d, block_rows(n, m)), |s, row, r, o| {
+        let pb = &p[(s * n + row) * m..][..r * m];
+        block_mix(pb, &v[s * m * d..][..m * d], o, (r, m, d));
     });
     out
 }
@@ -148,25 +136,15 @@ pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 
 /// [`attention`] on tensors: q `(b, h, n, d)`, k and v `(b, h, m, d)` -> `(b, h, n, d)`.
 pub fn attention_tensors(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, h, n, d) = q.dims4()?;
-    let (kb, kh, m, kd) = k.dims4()?;
-    if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() {
-        candle_core::bail!(
-            "attention: q {:?}, k {:?}, v {:?} do not fit",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
-    }
-    let flat = |t: &Tensor, rows: usize| t.reshape((b * h, rows, d))?.contiguous();
-    let out = flat(q, n)?.apply_op3_no_bwd(
-        &flat(k, m)?,
-        &flat(v, m)?,
+    crate::sd::attention::per_head_op(
+        "attention",
+        q,
+        k,
+        v,
         &Blocked {
             scale: scale as f32,
         },
-    )?;
-    out.reshape((b, h, n, d))
+    )
 }
 
 struct Blocked {
@@ -215,7 +193,7 @@ impl CustomOp2 for Half {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (a, b) = (super::f32_slice(s1, l1)?, super::f32_slice(s2, l2)?);
         let (bh, n, x) = l1.shape().dims3()?;
         let (_, y, z) = l2.shape().dims3()?;
         Ok(match self.scale {
@@ -233,13 +211,6 @@ impl CustomOp2 for Half {
     }
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(x), Some((a, b))) => Ok(&x[a..b]),
-        _ => candle_core::bail!("blocked attention takes contiguous f32 tensors"),
-    }
-}
-
 impl CustomOp3 for Blocked {
     fn name(&self) -> &'static str {
         "blocked-attention"
@@ -254,7 +225,11 @@ impl CustomOp3 for Blocked {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (q, k, v) = (
+            super::f32_slice(s1, l1)?,
+            super::f32_slice(s2, l2)?,
+            super::f32_slice(s3, l3)?,
+        );
         let (bh, n, d) = l1.shape().dims3()?;
         let m = l2.shape().dims3()?.1;
         let out = attention(q, k, v, (bh, n, m, d), self.scale);

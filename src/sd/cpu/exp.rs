@@ -1,38 +1,89 @@
-//! A softmax row's numerator in f32: `exp(scale (x - max))` in place, vectorised (Cephes'
-//! `expf` polynomial, within 2 ulp of `f32::exp` on the softmax's range; libm's scalar `expf`
-//! was 7% of a UNet step). The loops are written in 16 independent lanes so that the compiler
-//! vectorises them; AVX-512 or AVX2 is chosen at run time where the CPU has it.
+//! Vectorised f32 loops: a softmax row's numerator `exp(scale (x - max))` in place, and the
+//! affine map + SiLU of a normalised channel. `exp` is Cephes' `expf` polynomial (within 2 ulp
+//! of `f32::exp` on the softmax's range; libm's scalar `expf` was 7% of a UNet step). The loops
+//! are written in 16 independent lanes so that the compiler vectorises them; `simd_fn!`
+//! compiles them for AVX-512 or AVX2 + FMA, chosen at run time where the CPU has it.
 
 const LANES: usize = 16;
 
-/// Writes `exp(scale (x - max(row)))` over `row` and returns its sum (at least 1: the
-/// maximum's own term). `scale` > 0.
-pub fn softmax_numerator(row: &mut [f32], scale: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { avx512(row, scale) };
+/// `$vis fn $name(args) -> ret { body }`, compiled three times: with AVX-512, with AVX2 + FMA,
+/// and plain, the first the CPU runs chosen at run time (the body is inlined into each, so its
+/// loops vectorise for those features; a closure handed to such a function is not inlined).
+macro_rules! simd_fn {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn body($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { avx2(row, scale) };
+    };
+}
+
+simd_fn! {
+    /// Writes `exp(scale (x - max(row)))` over `row` and returns its sum (at least 1: the
+    /// maximum's own term). `scale` > 0.
+    pub fn softmax_numerator(row: &mut [f32], scale: f32) -> f32 {
+        numerator(row, scale)
+    }
+}
+
+simd_fn! {
+    /// `ys = xs * scale + shift`, then SiLU (`y / (1 + exp(-y))`) where `silu`.
+    pub fn affine_silu(xs: &[f32], ys: &mut [f32], scale: f32, shift: f32, silu: bool) -> () {
+        for (y, &x) in ys.iter_mut().zip(xs) {
+            let t = x.mul_add(scale, shift);
+            *y = if silu { t / (1.0 + exp(-t)) } else { t };
         }
     }
-    numerator(row, scale)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn avx512(row: &mut [f32], scale: f32) -> f32 {
-    numerator(row, scale)
+simd_fn! {
+    /// The sum of `(x - shift)^2` over `xs` (`shift` 0: of squares), in 16 lanes.
+    pub fn sum_sq(xs: &[f32], shift: f32) -> f32 {
+        lanes_sum(xs, |x| (x - shift) * (x - shift))
+    }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn avx2(row: &mut [f32], scale: f32) -> f32 {
-    numerator(row, scale)
+simd_fn! {
+    /// The sum of `xs`, in 16 lanes.
+    pub fn sum(xs: &[f32]) -> f32 {
+        lanes_sum(xs, |x| x)
+    }
+}
+
+/// The sum of `f(x)` over `xs` in [`LANES`] independent lanes (vectorisable).
+#[inline(always)]
+fn lanes_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += f(x);
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|&x| f(x)).sum::<f32>()
 }
 
 #[inline(always)]

@@ -47,29 +47,17 @@ pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 
 /// `softmax(scale * q k^T) v`: q `(b, h, n, d)`, k and v `(b, h, m, d)` -> `(b, h, n, d)`.
 pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, h, n, d) = q.dims4()?;
-    let (kb, kh, m, kd) = k.dims4()?;
-    if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() {
-        candle_core::bail!(
-            "fused attention: q {:?}, k {:?}, v {:?} do not fit",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
-    }
-    if m == 0 {
-        candle_core::bail!("fused attention over zero keys");
-    }
-    super::count_call(|n| n.attention += 1);
-    let flat = |t: &Tensor, rows: usize| t.reshape((b * h, rows, d))?.contiguous();
-    let out = flat(q, n)?.apply_op3_no_bwd(
-        &flat(k, m)?,
-        &flat(v, m)?,
+    let out = crate::sd::attention::per_head_op(
+        "fused attention",
+        q,
+        k,
+        v,
         &FusedAttention {
             scale: scale as f32,
         },
     )?;
-    out.reshape((b, h, n, d))
+    super::count_call(|n| n.attention += 1);
+    Ok(out)
 }
 
 struct FusedAttention {

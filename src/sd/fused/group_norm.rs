@@ -58,6 +58,10 @@ impl GroupNorm {
         if super::fused() && self.fused_applies(xs) {
             return self.fused(xs, silu);
         }
+        if crate::sd::cpu::group_norm::applies(xs, &self.weight, &self.bias) {
+            let (w, b) = (&self.weight, &self.bias);
+            return crate::sd::cpu::group_norm::group_norm(xs, w, b, self.groups, self.eps, silu);
+        }
         let ys = self.composite(xs)?;
         if silu {
             candle_nn::ops::silu(&ys)
@@ -98,7 +102,7 @@ impl GroupNorm {
     }
 
     /// `candle_nn::GroupNorm::forward`, op for op (f16/bf16 statistics in f32).
-    fn composite(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn composite(&self, x: &Tensor) -> Result<Tensor> {
         let x_shape = x.dims();
         if x_shape.len() <= 2 {
             candle_core::bail!("input rank for GroupNorm should be at least 3");

@@ -24,9 +24,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 /// Which implementations the models use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
-    /// candle's composite ops (attention: matmul, softmax, matmul), except in f32 on the CPU,
-    /// where attention without probabilities and convolutions are [`crate::sd::cpu`]'s GEMM
-    /// kernels (the same arithmetic, blocked).
+    /// candle's composite ops (attention: matmul, softmax, matmul), except in f32 on the CPU
+    /// where nothing trains through them: there attention, convolutions and group norms are
+    /// [`crate::sd::cpu`]'s kernels (the same arithmetic, blocked and vectorised).
     Naive,
     /// The fused ops wherever they apply (no gradients; attention: no probabilities asked for).
     Fused,
