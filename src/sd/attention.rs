@@ -15,11 +15,12 @@
 //! copied: the layer runs its plain path.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{linear, linear_no_bias, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::hook::{HookCtx, Projection};
 use crate::sd::cpu::attention as cpu_attention;
 use crate::sd::fused::{self, attention as fused_attention};
+use crate::sd::nn::{linear, linear_no_bias, Linear};
 
 /// Self-attention (`attn1`: keys from the image) or cross-attention (`attn2`: keys from the text).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

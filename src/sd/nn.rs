@@ -6,14 +6,16 @@
 //! keeps the fast kernels; Infusion training backpropagates through the same model code.
 
 use candle_core::{Tensor, D};
-use candle_nn::{linear, Conv2dConfig, LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm, Module, VarBuilder};
 
+use crate::sd::cpu::conv::KernelCache;
 use crate::sd::fused::group_norm::GroupNorm;
 
 /// A 2-D convolution with candle_nn's weights (`weight`, `bias`) and config, run by
-/// [`crate::sd::cpu::conv`] for f32 on the CPU and by candle elsewhere.
+/// [`crate::sd::cpu::conv`] for f32 on the CPU (keeping Winograd's transform of the kernel)
+/// and by candle elsewhere.
 #[derive(Clone, Debug)]
-pub struct Conv2d(candle_nn::Conv2d);
+pub struct Conv2d(candle_nn::Conv2d, KernelCache);
 
 /// candle_nn's `conv2d` constructor, for [`Conv2d`].
 pub fn conv2d(
@@ -23,7 +25,7 @@ pub fn conv2d(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> candle_core::Result<Conv2d> {
-    candle_nn::conv2d(c_in, c_out, kernel, cfg, vb).map(Conv2d)
+    candle_nn::conv2d(c_in, c_out, kernel, cfg, vb).map(|c| Conv2d(c, KernelCache::default()))
 }
 
 impl Module for Conv2d {
@@ -32,10 +34,39 @@ impl Module for Conv2d {
         if !crate::sd::cpu::conv::applies(xs, w, cfg) {
             return self.0.forward(xs);
         }
-        let ys = crate::sd::cpu::conv::conv2d(xs, w, cfg)?;
-        match self.0.bias() {
-            Some(b) => ys.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-            None => Ok(ys),
+        crate::sd::cpu::conv::conv2d(xs, w, self.0.bias(), cfg, Some(&self.1))
+    }
+}
+
+/// A linear layer with candle_nn's weights (`weight`, `bias`), run by
+/// [`crate::sd::cpu::linear`] (the bias inside the GEMM) for f32 on the CPU and by candle
+/// elsewhere.
+#[derive(Clone, Debug)]
+pub struct Linear(candle_nn::Linear);
+
+impl Linear {
+    pub fn weight(&self) -> &Tensor {
+        self.0.weight()
+    }
+}
+
+/// candle_nn's `linear` constructor (with bias), for [`Linear`].
+pub fn linear(c_in: usize, c_out: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    candle_nn::linear(c_in, c_out, vb).map(Linear)
+}
+
+/// candle_nn's `linear_no_bias` constructor, for [`Linear`].
+pub fn linear_no_bias(c_in: usize, c_out: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    candle_nn::linear_no_bias(c_in, c_out, vb).map(Linear)
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.0.weight();
+        if crate::sd::cpu::linear::applies(xs, w) {
+            crate::sd::cpu::linear::linear(xs, w, self.0.bias())
+        } else {
+            self.0.forward(xs)
         }
     }
 }

@@ -3,12 +3,12 @@
 //! published files; every size comes from [`TextEncoderConfig`].
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, LayerNorm, VarBuilder};
 
 use crate::sd::hook::{through, ModuleHook};
 
 use crate::sd::config::{TextActivation, TextEncoderConfig};
-use crate::sd::nn::layer_norm;
+use crate::sd::nn::{layer_norm, linear, Linear};
 
 pub(crate) struct ClipAttention {
     q_proj: Linear,

@@ -5,9 +5,9 @@
 //! ours ([`ResnetBlock`]) so its group norms can run fused.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{linear, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 
-use crate::sd::nn::{conv2d, Conv2d};
+use crate::sd::nn::{conv2d, linear, Conv2d, Linear};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
 use crate::sd::attention::{Attention, LayerInfo};
@@ -42,16 +42,16 @@ impl FeedForward {
 
     fn forward(&self, xs: &Tensor, hook: Option<&HookCtx<'_>>) -> Result<Tensor> {
         let h = module(hook, &self.paths[0], xs, &self.proj_in)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let hidden = h.narrow(D::Minus1, 0, half)?;
-        let gate = h.narrow(D::Minus1, half, half)?;
         // diffusers' GEGLU uses the exact (erf) GELU.
-        module(
-            hook,
-            &self.paths[1],
-            &(hidden * gate.gelu_erf()?)?,
-            &self.proj_out,
-        )
+        let product = if crate::sd::cpu::geglu::applies(&h) {
+            crate::sd::cpu::geglu::geglu(&h)?
+        } else {
+            let half = h.dim(D::Minus1)? / 2;
+            let hidden = h.narrow(D::Minus1, 0, half)?;
+            let gate = h.narrow(D::Minus1, half, half)?;
+            (hidden * gate.gelu_erf()?)?
+        };
+        module(hook, &self.paths[1], &product, &self.proj_out)
     }
 }
 

@@ -3,9 +3,9 @@
 //! current `to_q/to_k/to_v/to_out.0` and the older `query/key/value/proj_attn`.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{linear, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::sd::nn::{conv2d, Conv2d};
+use crate::sd::nn::{conv2d, linear, Conv2d, Linear};
 
 use crate::sd::config::VaeConfig;
 use crate::sd::fused::group_norm::GroupNorm;

@@ -2,13 +2,16 @@
 //! matrix (`c_in * kh * kw` rows, one per kernel tap, each a contiguous copy of shifted input
 //! rows) meets the kernel in one GEMM, `(c_out, c_in*kh*kw) x (c_in*kh*kw, tile)`, written
 //! straight into the NCHW output. 1x1 convolutions with stride 1 multiply the image itself.
-//! The backward pass is candle's (its formulas for `Op::Conv2D`).
+//! A bias is where each output plane starts (the GEMMs add to it), or added by Winograd's
+//! output transform: no pass of its own. The backward pass is candle's (its formulas for
+//! `Op::Conv2D`), and the bias's gradient the sum of the output's.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
+use std::sync::{Arc, OnceLock};
 
-use super::{output, sgemm, winograd, with_scratch, Mat};
+use super::{f32_slice, output, sgemm, winograd, with_scratch, Mat};
 
 /// Elements of one im2col tile (16 MiB): whole output rows, at least one.
 const TILE_ELEMS: usize = 4 << 20;
@@ -23,32 +26,50 @@ pub fn applies(x: &Tensor, w: &Tensor, cfg: &Conv2dConfig) -> bool {
         && w.rank() == 4
 }
 
-/// `x (b, c_in, h, w)` convolved with `w (c_out, c_in, kh, kw)`, no bias.
-pub fn conv2d(x: &Tensor, w: &Tensor, cfg: &Conv2dConfig) -> Result<Tensor> {
+/// Winograd's transform of one layer's kernel, kept between calls (a layer's frozen weight is
+/// transformed once instead of every call: 1-2% of a UNet call). Clones share it.
+#[derive(Clone, Debug, Default)]
+pub struct KernelCache(Arc<OnceLock<Vec<f32>>>);
+
+/// `x (b, c_in, h, w)` convolved with `w (c_out, c_in, kh, kw)`, plus `bias (c_out)`.
+/// `cache` keeps the kernel's transform for the next call; it is not used for a weight that
+/// is a variable (training changes it in place).
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    cfg: &Conv2dConfig,
+    cache: Option<&KernelCache>,
+) -> Result<Tensor> {
     let (_, c_in, _, _) = x.dims4()?;
-    let (_, wc_in, _, _) = w.dims4()?;
-    if c_in != wc_in {
+    let (c_out, wc_in, _, _) = w.dims4()?;
+    if c_in != wc_in || bias.is_some_and(|b| b.dims() != [c_out]) {
         candle_core::bail!(
-            "conv2d: input has {c_in} channels, the kernel {wc_in} ({:?} vs {:?})",
+            "conv2d: input {:?}, kernel {:?}, bias {:?} do not fit",
             x.dims(),
-            w.dims()
+            w.dims(),
+            bias.map(|b| b.dims())
         );
     }
-    x.contiguous()?.apply_op2(
-        &w.contiguous()?,
-        Conv {
-            padding: cfg.padding,
-            stride: cfg.stride,
-            dilation: cfg.dilation,
-        },
-    )
+    let op = Conv {
+        padding: cfg.padding,
+        stride: cfg.stride,
+        dilation: cfg.dilation,
+        cache: cache.filter(|_| !w.is_variable()).cloned(),
+    };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match bias {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
+        None => x.apply_op2(&w, op),
+    }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Conv {
     padding: usize,
     stride: usize,
     dilation: usize,
+    cache: Option<KernelCache>,
 }
 
 /// The shapes of one call.
@@ -111,20 +132,31 @@ impl Conv {
         });
     }
 
-    fn forward(&self, x: &[f32], b: usize, k: &[f32], d: Dims) -> Vec<f32> {
+    fn forward(&self, x: &[f32], b: usize, k: &[f32], bias: Option<&[f32]>, d: Dims) -> Vec<f32> {
         let threads = rayon::current_num_threads();
         let (plane_in, plane_out) = (d.c_in * d.h * d.w, d.oh * d.ow);
         let kk = d.c_in * d.kh * d.kw;
         let mut out = output(b * d.c_out * plane_out);
         let pointwise = d.kh == 1 && d.kw == 1 && self.stride == 1 && self.padding == 0;
         let same3x3 = (d.kh, d.kw, self.stride, self.padding, self.dilation) == (3, 3, 1, 1, 1);
-        let winograd = (same3x3 && winograd::applies(d.oh, d.ow))
-            .then(|| winograd::transform_kernel(k, d.c_out, d.c_in));
+        let transform = || winograd::transform_kernel(k, d.c_out, d.c_in);
+        let mut fresh = None;
+        let winograd = (same3x3 && winograd::applies(d.oh, d.ow)).then(|| match &self.cache {
+            Some(cache) => cache.0.get_or_init(transform).as_slice(),
+            None => fresh.insert(transform()).as_slice(),
+        });
         for i in 0..b {
             let (xi, oi) = (&x[i * plane_in..], &mut out[i * d.c_out * plane_out..]);
-            if let Some(u) = &winograd {
-                winograd::conv3x3(xi, u, oi, (d.c_in, d.h, d.w, d.c_out));
+            if let Some(u) = winograd {
+                winograd::conv3x3(xi, u, bias, oi, (d.c_in, d.h, d.w, d.c_out));
                 continue;
+            }
+            // The GEMMs below add to the bias (or write over whatever is there).
+            if let Some(bias) = bias {
+                oi[..d.c_out * plane_out]
+                    .par_chunks_mut(plane_out)
+                    .zip(bias)
+                    .for_each(|(plane, &v)| plane.fill(v));
             }
             if pointwise {
                 // SAFETY: k is (c_out, c_in), the image (c_in, h*w), the output (c_out, h*w).
@@ -134,7 +166,7 @@ impl Conv {
                         Mat::rows(oi.as_mut_ptr(), plane_out),
                         Mat::rows(k.as_ptr(), d.c_in),
                         Mat::rows(xi.as_ptr(), plane_out),
-                        false,
+                        bias.is_some(),
                         threads,
                     )
                 };
@@ -154,7 +186,7 @@ impl Conv {
                             Mat::rows(oi.as_mut_ptr().add(oy0 * d.ow), plane_out),
                             Mat::rows(k.as_ptr(), kk),
                             Mat::rows(col.as_ptr(), r * d.ow),
-                            false,
+                            bias.is_some(),
                             threads,
                         )
                     };
@@ -165,30 +197,19 @@ impl Conv {
     }
 }
 
-impl CustomOp2 for Conv {
-    fn name(&self) -> &'static str {
-        "conv2d-gemm"
-    }
-
-    fn cpu_fwd(
+impl Conv {
+    fn fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        bias: Option<&[f32]>,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(k)) = (s1, s2) else {
-            candle_core::bail!("conv2d-gemm takes f32 input and kernel");
-        };
         let (b, c_in, h, w) = l1.shape().dims4()?;
         let (c_out, _, kh, kw) = l2.shape().dims4()?;
         let (Some(oh), Some(ow)) = (self.out_len(h, kh), self.out_len(w, kw)) else {
             candle_core::bail!("conv2d: a {kh}x{kw} kernel does not fit a {h}x{w} input");
         };
-        let (x, k) = match (l1.contiguous_offsets(), l2.contiguous_offsets()) {
-            (Some((a, b)), Some((c, d))) => (&x[a..b], &k[c..d]),
-            _ => candle_core::bail!("conv2d-gemm: input and kernel must be contiguous"),
-        };
+        let (x, k) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
         let d = Dims {
             c_in,
             h,
@@ -199,23 +220,14 @@ impl CustomOp2 for Conv {
             oh,
             ow,
         };
-        let out = self.forward(x, b, k, d);
+        let out = self.forward(x, b, k, bias, d);
         Ok((CpuStorage::F32(out), Shape::from((b, c_out, oh, ow))))
     }
 
-    /// candle's backward pass of `Op::Conv2D` (candle-core 0.11.1, backprop.rs).
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        kernel: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let Conv {
-            padding,
-            stride,
-            dilation,
-        } = *self;
+    /// candle's backward pass of `Op::Conv2D` (candle-core 0.11.1, backprop.rs): the gradients
+    /// of the input and the kernel.
+    fn grads(&self, arg: &Tensor, kernel: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (padding, stride, dilation) = (self.padding, self.stride, self.dilation);
         // The transposed convolution's output padding per side (candle takes one for both and
         // derives it from the height only, which fails on non-square inputs with stride > 1):
         // the larger, then the result cut to the input's size.
@@ -248,7 +260,64 @@ impl CustomOp2 for Conv {
         } else {
             grad_kernel
         };
-        Ok((Some(grad_arg), Some(grad_kernel)))
+        Ok((grad_arg, grad_kernel))
+    }
+}
+
+impl CustomOp2 for Conv {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        kernel: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (ga, gk) = self.grads(arg, kernel, grad)?;
+        Ok((Some(ga), Some(gk)))
+    }
+}
+
+impl CustomOp3 for Conv {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), Some(f32_slice(s3, l3)?))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        kernel: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (ga, gk) = self.grads(arg, kernel, grad)?;
+        Ok((Some(ga), Some(gk), Some(grad.sum((0, 2, 3))?)))
     }
 }
 
@@ -275,9 +344,10 @@ mod tests {
         (diff.to_scalar::<f32>().unwrap()) / size.to_scalar::<f32>().unwrap().max(1e-6)
     }
 
-    /// Against candle's own CPU convolution (its im2col path), to f32 rounding (1e-5 of the
-    /// output's largest value): 3x3 with and without padding, stride 2 (a downsampler),
-    /// dilation 2, 1x1, odd sizes, an input that is not contiguous, and a tile boundary.
+    /// Against candle's own CPU convolution (its im2col path, then the bias added), to f32
+    /// rounding (1e-5 of the output's largest value): 3x3 with and without padding, stride 2
+    /// (a downsampler), dilation 2, 1x1, odd sizes, an input that is not contiguous, and a
+    /// tile boundary, each with and without a bias.
     #[test]
     fn matches_candles_convolution() {
         // (b, c_in, h, w, c_out, k, padding, stride)
@@ -309,11 +379,22 @@ mod tests {
                     groups: 1,
                     cudnn_fwd_algo: None,
                 };
-                let ours = conv2d(&x, &kern, &cfg).unwrap();
                 let theirs = x.conv2d(&kern, padding, stride, dilation, 1).unwrap();
-                assert_eq!(ours.dims(), theirs.dims(), "case {i}");
-                let err = max_rel(&ours, &theirs);
-                assert!(err < 1e-5, "case {i}, dilation {dilation}: {err}");
+                let bias = randn(200 + i as u64, &[c_out]);
+                let biased = theirs
+                    .broadcast_add(&bias.reshape((1, c_out, 1, 1)).unwrap())
+                    .unwrap();
+                // Twice with a cache: the second call takes Winograd's kernel from it.
+                let cache = KernelCache::default();
+                for (b, theirs) in [(None, &theirs), (Some(&bias), &biased), (None, &theirs)] {
+                    let ours = conv2d(&x, &kern, b, &cfg, Some(&cache)).unwrap();
+                    assert_eq!(ours.dims(), theirs.dims(), "case {i}");
+                    let err = max_rel(&ours, theirs);
+                    assert!(
+                        err < 1e-5,
+                        "case {i}, dilation {dilation}, bias {b:?}: {err}"
+                    );
+                }
             }
         }
         // Not contiguous: a transposed view.
@@ -323,14 +404,33 @@ mod tests {
             padding: 1,
             ..Default::default()
         };
-        let ours = conv2d(&x, &kern, &cfg).unwrap();
+        let ours = conv2d(&x, &kern, None, &cfg, None).unwrap();
         let theirs = x.conv2d(&kern, 1, 1, 1, 1).unwrap();
         assert!(max_rel(&ours, &theirs) < 1e-5);
     }
 
-    /// The gradients of input and kernel are candle's (the same formulas) to 1e-5, on a square
-    /// input (candle's own backward refuses a non-square one with stride 2, where ours gives
-    /// gradients of the input's shape).
+    /// A cache does not keep the transform of a variable's kernel: after the variable changes,
+    /// the next call convolves with the new values (Winograd's path, 32x32).
+    #[test]
+    fn a_variable_kernel_is_not_cached() {
+        let x = randn(1, &[1, 3, 32, 32]);
+        let kern = Var::from_tensor(&randn(2, &[4, 3, 3, 3])).unwrap();
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let cache = KernelCache::default();
+        conv2d(&x, kern.as_tensor(), None, &cfg, Some(&cache)).unwrap();
+        kern.set(&randn(3, &[4, 3, 3, 3])).unwrap();
+        let ours = conv2d(&x, kern.as_tensor(), None, &cfg, Some(&cache)).unwrap();
+        let theirs = x.conv2d(kern.as_tensor(), 1, 1, 1, 1).unwrap();
+        assert!(max_rel(&ours, &theirs) < 1e-5);
+    }
+
+    /// The gradients of input, kernel and bias are candle's (the same formulas; candle's
+    /// convolution plus a broadcast bias) to 1e-5, on a square input (candle's own backward
+    /// refuses a non-square one with stride 2, where ours gives gradients of the input's
+    /// shape).
     #[test]
     fn gradients_are_candles() {
         let odd = Var::from_tensor(&randn(1, &[2, 3, 6, 5])).unwrap();
@@ -340,7 +440,7 @@ mod tests {
             stride: 2,
             ..Default::default()
         };
-        let y = conv2d(odd.as_tensor(), &kern, &cfg).unwrap();
+        let y = conv2d(odd.as_tensor(), &kern, None, &cfg, None).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert_eq!(grads.get(&odd).unwrap().dims(), &[2, 3, 6, 5]);
 
@@ -348,13 +448,27 @@ mod tests {
         let kern = Var::from_tensor(&randn(2, &[4, 3, 3, 3])).unwrap();
         let up = randn(3, &[2, 4, 3, 3]);
         let loss = |y: Tensor| (y * &up).unwrap().sum_all().unwrap();
-        let ours = loss(conv2d(x.as_tensor(), kern.as_tensor(), &cfg).unwrap())
-            .backward()
+        let bias = Var::from_tensor(&randn(4, &[4])).unwrap();
+        let ours = loss(
+            conv2d(
+                x.as_tensor(),
+                kern.as_tensor(),
+                Some(bias.as_tensor()),
+                &cfg,
+                None,
+            )
+            .unwrap(),
+        )
+        .backward()
+        .unwrap();
+        let theirs = x
+            .as_tensor()
+            .conv2d(kern.as_tensor(), 1, 2, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias.as_tensor().reshape((1, 4, 1, 1)).unwrap())
             .unwrap();
-        let theirs = loss(x.as_tensor().conv2d(kern.as_tensor(), 1, 2, 1, 1).unwrap())
-            .backward()
-            .unwrap();
-        for v in [&x, &kern] {
+        let theirs = loss(theirs).backward().unwrap();
+        for v in [&x, &kern, &bias] {
             let (a, b) = (ours.get(v).unwrap(), theirs.get(v).unwrap());
             assert!(max_rel(a, b) < 1e-5);
         }

@@ -7,6 +7,8 @@
 //! - [`attention`]: `softmax(scale q k^T) v` by blocks of query rows: each block's scores are
 //!   one GEMM, a softmax in cache, one GEMM with V; the `(n, m)` score matrix never exists.
 //! - [`winograd`]: 3x3 stride-1 convolutions with 2.25 times fewer multiply-adds.
+//! - [`linear`]: `x w^T + b` as one GEMM that starts from the bias.
+//! - [`geglu`]: the feed-forward's `a * gelu(g)` in one pass.
 //! - [`group_norm`]: group norm + SiLU in three vectorised passes instead of about ten.
 //!
 //! Both keep candle's results to f32 rounding (tests compare them with candle's ops) and both
@@ -15,7 +17,9 @@
 pub mod attention;
 pub mod conv;
 mod exp;
+pub mod geglu;
 pub mod group_norm;
+pub mod linear;
 pub mod winograd;
 
 use std::cell::RefCell;

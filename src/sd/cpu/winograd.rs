@@ -58,10 +58,12 @@ pub fn transform_kernel(k: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
     u
 }
 
-/// One image: `x (c_in, h, w)` -> `out (c_out, h, w)`, with the transformed kernel `u`.
+/// One image: `x (c_in, h, w)` -> `out (c_out, h, w)`, with the transformed kernel `u`, plus
+/// `bias (c_out)`.
 pub fn conv3x3(
     x: &[f32],
     u: &[f32],
+    bias: Option<&[f32]>,
     out: &mut [f32],
     (c_in, h, w, c_out): (usize, usize, usize, usize),
 ) {
@@ -91,7 +93,7 @@ pub fn conv3x3(
                     )
                 }
             });
-            output_transform(m, out, (c_out, h, w, tw), ty0, r, batch);
+            output_transform(m, bias, out, (c_out, h, w, tw), ty0, r, batch);
         }
     });
 }
@@ -164,10 +166,11 @@ fn input_transform(
     );
 }
 
-/// `Y = A^T M A` for tile rows `ty0..ty0 + rows` into `out (c_out, h, w)`: A^T over the
-/// 16 streams' rows of tiles at once, then A per tile.
+/// `Y = A^T M A + bias` for tile rows `ty0..ty0 + rows` into `out (c_out, h, w)`: A^T over
+/// the 16 streams' rows of tiles at once, then A per tile.
 fn output_transform(
     m: &[f32],
+    bias: Option<&[f32]>,
     out: &mut [f32],
     (c_out, h, w, tw): (usize, usize, usize, usize),
     ty0: usize,
@@ -180,6 +183,7 @@ fn output_transform(
         .for_each_init(
             || vec![0f32; 8 * tw],
             |buf, (o, plane)| {
+                let b = bias.map_or(0.0, |b| b[o]);
                 for ty in ty0..ty0 + rows {
                     let t0 = (ty - ty0) * tw;
                     let e = |xi: usize| &m[(xi * c_out + o) * batch + t0..][..tw];
@@ -204,9 +208,9 @@ fn output_transform(
                             (&r[..tw], &r[tw..2 * tw], &r[2 * tw..3 * tw], &r[3 * tw..]);
                         let row = &mut plane[y * w..(y + 1) * w];
                         for tx in 0..tw {
-                            row[2 * tx] = q0[tx] + q1[tx] + q2[tx];
+                            row[2 * tx] = q0[tx] + q1[tx] + q2[tx] + b;
                             if 2 * tx + 1 < w {
-                                row[2 * tx + 1] = q1[tx] - q2[tx] - q3[tx];
+                                row[2 * tx + 1] = q1[tx] - q2[tx] - q3[tx] + b;
                             }
                         }
                     }
