@@ -10,15 +10,17 @@ fn main() -> std::process::ExitCode {
 
 /// Every tensor op allocates its output, and the sizes repeat each denoising step; glibc hands
 /// blocks over its dynamic threshold (1-32 MiB) straight to mmap, so each such op paid page
-/// faults and page clearing again (a tenth of the CPU time on SD1.5's shapes). Blocks up to
-/// 32 MiB (a batch-4 activation at 64x64x320) now come from the heap, which keeps up to
-/// 512 MiB of freed memory for reuse: a UNet call at batch 4 took 8% less here
-/// (notes/cpu.md).
+/// faults and page clearing again (a tenth of the CPU time on SD1.5's shapes). Every block now
+/// comes from the heap (no mmap: the feed-forward's 168 MiB outputs at batch 4 are reused
+/// too; glibc still maps memory when the heap cannot grow), which keeps up to 512 MiB of
+/// freed memory for reuse. A UNet call at batch 4 took 8%, then 5% less here, with the same
+/// peak memory (notes/cpu.md).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes glibc's allocation thresholds; called before any thread.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
     }
 }
