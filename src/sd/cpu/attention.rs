@@ -240,6 +240,7 @@ impl CustomOp3 for Blocked {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sd::cpu::test_util::{max_diff, randn};
 
     /// Against candle's composite `softmax(scale q k^T) v` (matmul, softmax, matmul) to f32
     /// rounding (2e-5 of the inputs' size; scores of size 30 carry ~1e-5 relative rounding into the softmax): one row, blocks that do not divide the
@@ -255,11 +256,8 @@ mod tests {
         .iter()
         .enumerate()
         {
-            let r = |s: u64, rows: usize| {
-                (crate::util::noise::seeded_noise(10 * i as u64 + s, &[b, h, rows, d]).unwrap()
-                    * amp)
-                    .unwrap()
-            };
+            let r =
+                |s: u64, rows: usize| (randn(10 * i as u64 + s, &[b, h, rows, d]) * amp).unwrap();
             let (q, k, v) = (r(0, n), r(1, m), r(2, m));
             let scale = 1.0 / (d as f64).sqrt();
             let ours = attention_tensors(&q, &k, &v, scale).unwrap();
@@ -268,16 +266,7 @@ mod tests {
             )
             .unwrap();
             let theirs = p.matmul(&v).unwrap();
-            let err = (ours - theirs)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_diff(&ours, &theirs);
             assert!(err < 2e-5 * amp as f32, "case {i}: {err}");
         }
     }

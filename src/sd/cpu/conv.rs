@@ -326,22 +326,10 @@ mod tests {
     use candle_core::Var;
 
     use super::*;
-
-    fn randn(seed: u64, dims: &[usize]) -> Tensor {
-        crate::util::noise::seeded_noise(seed, dims).unwrap()
-    }
+    use crate::sd::cpu::test_util::{max_abs, max_diff, randn};
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        let size = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        (diff.to_scalar::<f32>().unwrap()) / size.to_scalar::<f32>().unwrap().max(1e-6)
+        max_diff(a, b) / max_abs(b).max(1e-6)
     }
 
     /// Against candle's own CPU convolution (its im2col path, then the bias added), to f32

@@ -111,6 +111,7 @@ impl CustomOp3 for GroupNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sd::cpu::test_util::{max_diff, randn};
     use crate::sd::fused::group_norm::GroupNorm as Layer;
 
     /// Against candle's composite group norm (+ SiLU) to f32 rounding (2e-5 of values of size
@@ -121,9 +122,7 @@ mod tests {
             .iter()
             .enumerate()
         {
-            let noise = |s: u64, d: &[usize]| {
-                crate::util::noise::seeded_noise(10 * i as u64 + s, d).unwrap()
-            };
+            let noise = |s: u64, d: &[usize]| randn(10 * i as u64 + s, d);
             let x = ((noise(0, dims) * 2.0).unwrap() + 0.5).unwrap();
             let (w, b) = (noise(1, &[dims[1]]), noise(2, &[dims[1]]));
             let groups = dims[1] / 2;
@@ -136,16 +135,7 @@ mod tests {
                 } else {
                     theirs
                 };
-                let err = (ours - theirs)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let err = max_diff(&ours, &theirs);
                 assert!(err < 2e-5, "case {i}, silu {silu}: {err}");
             }
         }

@@ -159,23 +159,7 @@ mod tests {
     use candle_core::{Module, Var};
 
     use super::*;
-
-    fn randn(seed: u64, dims: &[usize]) -> Tensor {
-        crate::util::noise::seeded_noise(seed, dims).unwrap()
-    }
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::sd::cpu::test_util::{max_diff, randn};
 
     /// Against candle_nn's `Linear` (matmul, then the bias added), to f32 rounding (2e-5 on
     /// sums of 37 products of unit normals): with and without bias, rank 2, 3 and 4 inputs, a
@@ -199,7 +183,7 @@ mod tests {
                     .forward(&x.contiguous().unwrap())
                     .unwrap();
                 assert_eq!(ours.dims(), theirs.dims(), "input {i}");
-                let err = max_abs(&ours, &theirs);
+                let err = max_diff(&ours, &theirs);
                 assert!(err < 2e-5, "input {i}, bias {}: {err}", bias.is_some());
             }
         }
@@ -224,7 +208,7 @@ mod tests {
         for v in [&x, &w, &b] {
             let (a, t) = (ours.get(v).unwrap(), theirs.get(v).unwrap());
             assert_eq!(a.dims(), t.dims());
-            assert!(max_abs(a, t) < 2e-5);
+            assert!(max_diff(a, t) < 2e-5);
         }
     }
 

@@ -138,3 +138,30 @@ fn output(len: usize) -> Vec<f32> {
     };
     v
 }
+
+/// What the kernels' tests share: seeded inputs and the largest difference from a reference.
+#[cfg(test)]
+mod test_util {
+    use candle_core::Tensor;
+
+    pub fn randn(seed: u64, dims: &[usize]) -> Tensor {
+        crate::util::noise::seeded_noise(seed, dims).unwrap()
+    }
+
+    /// The largest `|x|` over a tensor of any shape.
+    pub fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// The largest `|a - b|`.
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        max_abs(&(a - b).unwrap())
+    }
+}
