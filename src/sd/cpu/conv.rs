@@ -6,12 +6,12 @@
 //! output transform: no pass of its own. The backward pass is candle's (its formulas for
 //! `Op::Conv2D`), and the bias's gradient the sum of the output's.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
 
-use super::{f32_slice, output, sgemm, winograd, with_scratch, Mat};
+use super::{apply_biased, f32_slice, output, sgemm, winograd, with_scratch, BiasedOp, Mat};
 
 /// Elements of one im2col tile (16 MiB): whole output rows, at least one.
 const TILE_ELEMS: usize = 4 << 20;
@@ -57,14 +57,9 @@ pub fn conv2d(
         dilation: cfg.dilation,
         cache: cache.filter(|_| !w.is_variable()).cloned(),
     };
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    match bias {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
-        None => x.apply_op2(&w, op),
-    }
+    apply_biased(&x.contiguous()?, &w.contiguous()?, bias, op)
 }
 
-#[derive(Clone)]
 struct Conv {
     padding: usize,
     stride: usize,
@@ -197,7 +192,11 @@ impl Conv {
     }
 }
 
-impl Conv {
+impl BiasedOp for Conv {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm"
+    }
+
     fn fwd(
         &self,
         (s1, l1): (&CpuStorage, &Layout),
@@ -262,62 +261,9 @@ impl Conv {
         };
         Ok((grad_arg, grad_kernel))
     }
-}
 
-impl CustomOp2 for Conv {
-    fn name(&self) -> &'static str {
-        "conv2d-gemm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.fwd((s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        kernel: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (ga, gk) = self.grads(arg, kernel, grad)?;
-        Ok((Some(ga), Some(gk)))
-    }
-}
-
-impl CustomOp3 for Conv {
-    fn name(&self) -> &'static str {
-        "conv2d-gemm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.fwd((s1, l1), (s2, l2), Some(f32_slice(s3, l3)?))
-    }
-
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        kernel: &Tensor,
-        _bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (ga, gk) = self.grads(arg, kernel, grad)?;
-        Ok((Some(ga), Some(gk), Some(grad.sum((0, 2, 3))?)))
+    fn bias_grad(&self, grad: &Tensor) -> Result<Tensor> {
+        grad.sum((0, 2, 3))
     }
 }
 

@@ -3,10 +3,10 @@
 //! tensor: for the feed-forward's `(4, 4096, 2560)` output at batch 4 that pass cost half as
 //! much as the GEMM. The backward pass is the usual three products.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, output, sgemm, Mat};
+use super::{apply_biased, f32_slice, output, sgemm, BiasedOp, Mat};
 
 /// Whether [`linear`] takes these: f32 on the CPU, a `(out, in)` weight.
 pub fn applies(x: &Tensor, w: &Tensor) -> bool {
@@ -34,11 +34,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     };
     let rows = outer.iter().product::<usize>();
     let x2 = x.reshape((rows, last))?.contiguous()?;
-    let w = w.contiguous()?;
-    let y = match b {
-        Some(b) => x2.apply_op3(&w, &b.contiguous()?, Linear)?,
-        None => x2.apply_op2(&w, Linear)?,
-    };
+    let y = apply_biased(&x2, &w.contiguous()?, b, Linear)?;
     let mut out = outer.to_vec();
     out.push(o);
     y.reshape(out)
@@ -79,8 +75,15 @@ impl Linear {
         }
         out
     }
+}
+
+impl BiasedOp for Linear {
+    fn name(&self) -> &'static str {
+        "cpu-linear"
+    }
 
     fn fwd(
+        &self,
         (s1, l1): (&CpuStorage, &Layout),
         (s2, l2): (&CpuStorage, &Layout),
         b: Option<&[f32]>,
@@ -92,65 +95,12 @@ impl Linear {
     }
 
     /// The gradients of `x (rows, k)` and `w (o, k)` for `grad (rows, o)`.
-    fn grads(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((grad.matmul(w)?, grad.t()?.matmul(x)?))
     }
-}
 
-impl CustomOp2 for Linear {
-    fn name(&self) -> &'static str {
-        "cpu-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Self::fwd((s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gx, gw) = Self::grads(x, w, grad)?;
-        Ok((Some(gx), Some(gw)))
-    }
-}
-
-impl CustomOp3 for Linear {
-    fn name(&self) -> &'static str {
-        "cpu-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Self::fwd((s1, l1), (s2, l2), Some(f32_slice(s3, l3)?))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (gx, gw) = Self::grads(x, w, grad)?;
-        Ok((Some(gx), Some(gw), Some(grad.sum(0)?)))
+    fn bias_grad(&self, grad: &Tensor) -> Result<Tensor> {
+        grad.sum(0)
     }
 }
 

@@ -24,6 +24,8 @@ pub mod winograd;
 
 use std::cell::RefCell;
 
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+
 /// A matrix operand of [`sgemm`]: its first element and the strides (in elements) between
 /// rows and between columns.
 #[derive(Clone, Copy)]
@@ -93,6 +95,100 @@ unsafe fn sgemm(
         false,
         par,
     )
+}
+
+/// An op of an input, a weight and an optional bias, with its backward (a linear layer, a
+/// convolution): [`apply_biased`] runs it as candle's two- or three-argument custom op.
+trait BiasedOp: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+
+    /// The result for contiguous f32 input and weight, plus the bias's values.
+    fn fwd(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        bias: Option<&[f32]>,
+    ) -> candle_core::Result<(CpuStorage, Shape)>;
+
+    /// The gradients of the input and the weight for the result's gradient.
+    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor)
+        -> candle_core::Result<(Tensor, Tensor)>;
+
+    /// The bias's gradient: the result's gradient summed over all but the bias's dimension.
+    fn bias_grad(&self, grad: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// `op(x, w) + bias`, differentiable in all three (`x` and `w` contiguous).
+fn apply_biased(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    op: impl BiasedOp,
+) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b) => x.apply_op3(w, &b.contiguous()?, Biased(op)),
+        None => x.apply_op2(w, Biased(op)),
+    }
+}
+
+/// A [`BiasedOp`] as candle's custom op.
+struct Biased<O>(O);
+
+impl<O: BiasedOp> CustomOp2 for Biased<O> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.0.fwd((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw) = self.0.grads(x, w, grad)?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
+impl<O: BiasedOp> CustomOp3 for Biased<O> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.0.fwd((s1, l1), (s2, l2), Some(f32_slice(s3, l3)?))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw) = self.0.grads(x, w, grad)?;
+        Ok((Some(gx), Some(gw), Some(self.0.bias_grad(grad)?)))
+    }
 }
 
 thread_local! {
