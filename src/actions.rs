@@ -61,6 +61,13 @@ pub fn load_model(req: &ModelRequest, job: &Job) -> Result<LoadedModel> {
         },
         None => {
             let dir = crate::assets::tiny_sd();
+            if !dir.is_dir() {
+                return Err(Error::ModelNotFound(format!(
+                    "the bundled tiny model is not at {}: {}",
+                    dir.display(),
+                    crate::assets::where_home()
+                )));
+            }
             job.note(format!(
                 "no model given: using the bundled tiny model with random weights ({})",
                 dir.display()
@@ -77,43 +84,128 @@ pub fn load_model(req: &ModelRequest, job: &Job) -> Result<LoadedModel> {
     Ok(loaded)
 }
 
-/// Saves `concept` at `out`; when that fails after all (the disk filled up, the folder went
-/// away), saves it in `rescue_dir` (the working folder) under a new name instead and says so.
-/// Returns where it is.
+/// Saves a concept with `save` at `out`; when that fails after all (the disk filled up, the
+/// folder went away), under a new name in the first of `rescue_dirs` that takes it, and says
+/// where. Returns where it is.
 fn save_or_rescue(
-    concept: &Concept,
+    name: &str,
     out: &Path,
-    f32: bool,
-    rescue_dir: &Path,
+    save: &dyn Fn(&Path) -> Result<()>,
+    rescue_dirs: &[PathBuf],
     job: &Job,
 ) -> Result<PathBuf> {
-    let dtype = if f32 { DType::F32 } else { DType::F16 };
-    let Err(e) = concept.save(out, dtype) else {
+    let Err(e) = save(out) else {
         return Ok(out.to_path_buf());
     };
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let rescue = (0..100)
-        .map(|i| rescue_dir.join(format!("{}-rescued-{secs}-{i}.safetensors", concept.name)))
-        .find(|p| !p.exists())
-        .unwrap_or_else(|| rescue_dir.join(format!("{}-rescued.safetensors", concept.name)));
-    match concept.save(&rescue, dtype) {
-        Ok(()) => {
-            job.warn(format!(
-                "could not write the concept: {e}; it is saved as {} instead",
-                rescue.display()
-            ));
-            Ok(rescue)
+    let ext = out
+        .extension()
+        .map_or_else(String::new, |e| format!(".{}", e.to_string_lossy()));
+    let mut failures = vec![format!("{}: {e}", out.display())];
+    for dir in rescue_dirs {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            failures.push(format!("{}: {e}", dir.display()));
+            continue;
         }
-        Err(e2) => Err(Error::io(
-            out,
-            std::io::Error::other(format!(
-                "the concept could not be saved ({e}), nor as {} ({e2})",
-                rescue.display()
-            )),
-        )),
+        let Some(rescue) = (0..100)
+            .map(|i| dir.join(format!("{name}-rescued-{secs}-{i}{ext}")))
+            .find(|p| !p.exists())
+        else {
+            continue;
+        };
+        match save(&rescue) {
+            Ok(()) => {
+                job.warn(format!(
+                    "could not write the concept: {e}; it is saved as {} instead",
+                    rescue.display()
+                ));
+                return Ok(rescue);
+            }
+            Err(e2) => failures.push(format!("{}: {e2}", rescue.display())),
+        }
     }
+    Err(Error::io(
+        out,
+        std::io::Error::other(format!(
+            "the concept could not be saved anywhere ({})",
+            failures.join("; ")
+        )),
+    ))
+}
+
+/// Where a concept goes when its output cannot be written: the state directory
+/// (`$XDG_STATE_HOME/infusion-repl/rescued`, `~/.local/state/...`), then the temporary one.
+pub fn rescue_dirs() -> Vec<PathBuf> {
+    let state = dirs::state_dir()
+        .or_else(|| dirs::home_dir().map(|h| h.join(".local/state")))
+        .map(|d| d.join("infusion-repl").join("rescued"));
+    state.into_iter().chain([std::env::temp_dir()]).collect()
+}
+
+/// Saves the concept of a run that a signal stopped and that nothing was asked to save (a
+/// recipe's `train_concept`): as `NAME-stopped-stepNNNNNN` in the first of [`rescue_dirs`]
+/// that takes it. Returns where it is.
+pub fn save_stopped(concept: &LoadedConcept, steps: usize) -> Result<PathBuf> {
+    let (name, ext, save): (&str, &str, Box<dyn Fn(&Path) -> Result<()>>) = match concept {
+        LoadedConcept::Infusion(c) => (
+            &c.name,
+            ".safetensors",
+            Box::new(|p: &Path| c.save(p, DType::F32)),
+        ),
+        LoadedConcept::Adapted(a) => (
+            &a.name,
+            if a.method() == "dreambooth" {
+                ""
+            } else {
+                ".safetensors"
+            },
+            Box::new(|p: &Path| a.save(p)),
+        ),
+    };
+    let mut failures = vec![];
+    for dir in rescue_dirs() {
+        let file = dir.join(format!("{name}-stopped-step{steps:06}{ext}"));
+        let file = if file.exists() {
+            beside(&file, "again")
+        } else {
+            file
+        };
+        match std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(&dir, e))
+            .and_then(|()| save(&file))
+        {
+            Ok(()) => return Ok(file),
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    Err(Error::io(
+        Path::new(name),
+        std::io::Error::other(format!(
+            "the stopped run's concept could not be saved ({})",
+            failures.join("; ")
+        )),
+    ))
+}
+
+/// `out` with `-TAG` before its extension, numbered until no such file exists.
+fn beside(out: &Path, tag: &str) -> PathBuf {
+    let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+    let ext = out
+        .extension()
+        .map_or_else(String::new, |e| format!(".{}", e.to_string_lossy()));
+    (0..)
+        .map(|i| {
+            let n = if i == 0 {
+                String::new()
+            } else {
+                format!("-{i}")
+            };
+            out.with_file_name(format!("{stem}-{tag}{n}{ext}"))
+        })
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| out.to_path_buf())
 }
 
 /// Which method trains a concept.
@@ -256,6 +348,8 @@ pub struct TrainRequest {
     pub name: String,
     /// The class word.
     pub word: String,
+    /// With `resume`, the checkpoint's method (another is an error naming both;
+    /// [`resumed_method`] finds it).
     pub method: Method,
     /// Prior preservation (LoRA, DreamBooth): class images the model makes, and their weight.
     pub prior: Option<Prior>,
@@ -311,7 +405,7 @@ pub struct Trained {
 pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Result<Trained> {
     // The checkpoint, read once, says the method of a resumed run.
     let resumed = match &req.resume {
-        Some(path) => Some(resumed_method(path, &req.method)?),
+        Some(path) => Some(resumed_method(path, Some(&req.method))?),
         None => None,
     };
     let method = resumed
@@ -319,6 +413,10 @@ pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Res
         .map_or_else(|| req.method.clone(), |(m, _)| m.clone());
     // Where the concept goes is checked before the first step, not found wrong after the last.
     if let Some(out) = &req.out {
+        let inputs: Vec<&Path> = std::iter::once(req.folder.as_path())
+            .chain(req.resume.as_deref())
+            .collect();
+        crate::util::fs::check_not_an_input(&[out], &inputs)?;
         match method {
             Method::DreamBooth { .. } => check_unet_folder(out)?,
             _ => check_writable(out)?,
@@ -363,7 +461,7 @@ pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Res
         Ok(r) => (TrainEnd::Finished, Some(r)),
         Err(e) => (TrainEnd::Failed(e), None),
     };
-    let (concept, saved) = keep(sd, &method, &trainer, req, job)?;
+    let (concept, saved) = keep(sd, &method, &trainer, req, &end, job)?;
     let TrainReport {
         losses,
         checkpoints,
@@ -407,18 +505,19 @@ fn check_unet_folder(out: &Path) -> Result<()> {
 }
 
 /// The method of the run a checkpoint continues, with the checkpoint: the front ends take its
-/// default output and steps from it. `asked` (the request's method) must be the same, or
-/// `infusion`, the default, which means "whichever the checkpoint's".
-pub fn resumed_method(path: &Path, asked: &Method) -> Result<(Method, Checkpoint)> {
+/// default output and steps from it. `asked`, the method the request names (`None`: not named,
+/// so the checkpoint's), must be the checkpoint's.
+pub fn resumed_method(path: &Path, asked: Option<&Method>) -> Result<(Method, Checkpoint)> {
     let ckpt = Checkpoint::read(path)?;
     let method = Method::from_checkpoint(&ckpt)?;
-    if *asked != Method::Infusion && asked.name() != method.name() {
+    if let Some(asked) = asked.filter(|a| a.name() != method.name()) {
         return Err(Error::arg(
             "method",
             format!(
-                "{} is a {} run's checkpoint, not {}'s",
+                "{} is {} run's checkpoint, not {}'s: leave the method out to continue it, or \
+                 start a new run without --resume",
                 path.display(),
-                method.name(),
+                crate::util::names::with_article(method.name()),
                 asked.name()
             ),
         ));
@@ -455,56 +554,78 @@ fn resume<'a>(
 }
 
 /// The concept a run reached, as the session holds it, saved where asked (DreamBooth: a unet/
-/// folder; the others: one file in the layout diffusers reads, or ours for Infusion).
+/// folder; the others: one file in the layout diffusers reads, or ours for Infusion). A run
+/// that failed never replaces an existing file: its concept goes beside it under a new name.
+/// A save that fails is rescued ([`save_or_rescue`]).
 fn keep(
     sd: &StableDiffusion,
     method: &Method,
     trainer: &Trainer<'_>,
     req: &TrainRequest,
+    end: &TrainEnd,
     job: &Job,
 ) -> Result<(LoadedConcept, Option<PathBuf>)> {
     use crate::methods::adapted::{Adapted, Change};
-    use crate::methods::learners::{FullUnet, LearnedWord, LoraLearner};
+    use crate::methods::learners::{LearnedWord, LoraLearner};
     let run = trainer.run_info();
     let (name, word) = (run.name, run.word);
-    let adapted = match method {
-        Method::Infusion => {
-            let concept = crate::infusion::train::concept(trainer)?;
-            let saved = match &req.out {
-                Some(out) => Some(save_or_rescue(
-                    &concept,
-                    out,
-                    req.save_f32,
-                    Path::new("."),
-                    job,
-                )?),
-                None => None,
-            };
-            return Ok((LoadedConcept::Infusion(std::sync::Arc::new(concept)), saved));
+    let out = req.out.as_ref().map(|out| match end {
+        TrainEnd::Failed(_) if out.exists() => {
+            let other = beside(out, &format!("failed-step{:06}", run.steps));
+            job.warn(format!(
+                "the run failed: its concept (step {}) goes to {}, not over {}",
+                run.steps,
+                other.display(),
+                out.display()
+            ));
+            other
         }
-        Method::DreamBooth { trigger } => {
-            if let Some(out) = &req.out {
-                FullUnet::write(sd, trainer.vars(), out)?;
-            }
-            Adapted {
-                name: name.to_string(),
-                word: word.to_string(),
-                change: Change::DreamBooth {
-                    unet: tuned_unet(sd, trainer.vars(), req.out.clone())?,
-                    trigger: trigger.clone(),
-                },
-            }
-        }
-        Method::Lora { trigger, .. } => LoraLearner::export(trainer.vars(), name, word, trigger)?,
-        Method::TextualInversion => LearnedWord::export(trainer.vars(), name, word)?,
-    };
-    if let (Some(out), false) = (&req.out, matches!(method, Method::DreamBooth { .. })) {
-        adapted.save(out)?;
+        _ => out.clone(),
+    });
+    let rescue = rescue_dirs();
+    if let Method::Infusion = method {
+        let concept = crate::infusion::train::concept(trainer)?;
+        let dtype = if req.save_f32 { DType::F32 } else { DType::F16 };
+        let saved = match &out {
+            Some(out) => Some(save_or_rescue(
+                name,
+                out,
+                &|p: &Path| concept.save(p, dtype),
+                &rescue,
+                job,
+            )?),
+            None => None,
+        };
+        return Ok((LoadedConcept::Infusion(std::sync::Arc::new(concept)), saved));
     }
-    Ok((
-        LoadedConcept::Adapted(std::sync::Arc::new(adapted)),
-        req.out.clone(),
-    ))
+    let mut adapted = match method {
+        Method::DreamBooth { trigger } => Adapted {
+            name: name.to_string(),
+            word: word.to_string(),
+            change: Change::DreamBooth {
+                unet: tuned_unet(sd, trainer.vars(), None)?,
+                trigger: trigger.clone(),
+            },
+            origin: crate::methods::learners::origin(sd, &run),
+        },
+        Method::Lora { trigger, .. } => LoraLearner::export(sd, trainer.vars(), &run, trigger)?,
+        Method::TextualInversion => LearnedWord::export(sd, trainer.vars(), &run)?,
+        Method::Infusion => return Err(Error::Internal("Infusion past its branch".into())),
+    };
+    let saved = match &out {
+        Some(out) => Some(save_or_rescue(
+            name,
+            out,
+            &|p: &Path| adapted.save(p),
+            &rescue,
+            job,
+        )?),
+        None => None,
+    };
+    if let (Change::DreamBooth { unet, .. }, Some(dir)) = (&mut adapted.change, &saved) {
+        unet.dir = Some(dir.clone());
+    }
+    Ok((LoadedConcept::Adapted(std::sync::Arc::new(adapted)), saved))
 }
 
 #[cfg(test)]
@@ -560,7 +681,12 @@ mod tests {
         let concept = Concept::zeros("pot", "teapot", [&layer], None).unwrap();
         let gone = dir.path().join("gone/pot.safetensors");
         let job = Job::collecting();
-        let saved = save_or_rescue(&concept, &gone, false, dir.path(), &job).unwrap();
+        let save = |p: &Path| concept.save(p, DType::F16);
+        // The first rescue folder cannot be made (a file is in its way): the second takes it.
+        let blocked = dir.path().join("file");
+        std::fs::write(&blocked, b"x").unwrap();
+        let dirs = [blocked.join("sub"), dir.path().to_path_buf()];
+        let saved = save_or_rescue("pot", &gone, &save, &dirs, &job).unwrap();
         assert!(
             saved.starts_with(dir.path()) && saved.is_file(),
             "{}",
@@ -585,9 +711,11 @@ mod tests {
 #[derive(Debug, Clone, Default)]
 pub struct ConceptRequest {
     pub path: PathBuf,
-    /// What prompts call it (TI: the token without `<>`; LoRA: the file's stem).
+    /// What prompts call it; by default the name the file records, else TI's token without
+    /// `<>`, a LoRA's file stem, a DreamBooth folder's name, an Infusion concept's own.
     pub name: Option<String>,
-    /// The class word F sees (needed for TI and LoRA files; Infusion files carry theirs).
+    /// The class word F sees (needed for TI and LoRA files that do not record theirs;
+    /// Infusion files carry theirs).
     pub word: Option<String>,
     /// A LoRA's strength (1.0).
     pub scale: Option<f64>,
@@ -607,15 +735,14 @@ pub fn load_concept(
     job: &Job,
 ) -> Result<LoadedConcept> {
     use crate::methods::adapted::{Adapted, Change};
-    use crate::methods::files::{read, ConceptFile};
+    use crate::methods::files::{read_with_provenance, ConceptFile};
     let path = &req.path;
     if path.is_dir() {
         return load_tuned_unet(req, sd, set, job);
     }
-    let file = read(path)?;
+    let (file, recorded) = read_with_provenance(path)?;
     if matches!(file, ConceptFile::Infusion) {
         if let Some(k) = [
-            ("name", req.name.is_some()),
             ("word", req.word.is_some()),
             ("scale", req.scale.is_some()),
             ("trigger", req.trigger.is_some()),
@@ -626,19 +753,24 @@ pub fn load_concept(
             return Err(Error::arg(
                 k.0,
                 format!(
-                    "{} is an Infusion concept, which carries its own name and word and has no \
-                     scale or trigger",
+                    "{} is an Infusion concept, which carries its own word and has no scale or \
+                     trigger (a name given calls it by that name instead of its own)",
                     path.display()
                 ),
             ));
         }
-        return Ok(LoadedConcept::Infusion(
-            set.load_file(path, sd, req.force, job)?,
-        ));
+        return Ok(LoadedConcept::Infusion(set.load_file_named(
+            path,
+            req.name.as_deref(),
+            sd,
+            req.force,
+            job,
+        )?));
     }
     let stem = path
         .file_stem()
         .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    // What the file records of its training comes before what its names suggest.
     let (default_name, change) = match file {
         ConceptFile::TextualInversion(e) => (
             e.token
@@ -652,12 +784,18 @@ pub fn load_concept(
             Change::Lora {
                 lora,
                 scale: req.scale.unwrap_or(1.0),
-                trigger: req.trigger.clone(),
+                trigger: req.trigger.clone().or_else(|| recorded.trigger.clone()),
             },
         ),
-        ConceptFile::Infusion => unreachable!("handled above"),
+        ConceptFile::Infusion => {
+            return Err(Error::Internal(format!(
+                "{}: an Infusion file past its own branch",
+                path.display()
+            )))
+        }
     };
-    let (name, word) = name_and_word(req, default_name)?;
+    let default_name = recorded.name.clone().unwrap_or(default_name);
+    let (name, word) = name_and_word(req, default_name, recorded.word.as_deref())?;
     if let (Change::TextualInversion(_), Some(_)) = (&change, &req.trigger) {
         return Err(Error::arg(
             "trigger",
@@ -670,8 +808,17 @@ pub fn load_concept(
             "a Textual Inversion embedding has no strength",
         ));
     }
-    let adapted = Adapted { name, word, change };
+    let adapted = Adapted {
+        name,
+        word,
+        change,
+        origin: crate::methods::adapted::Origin {
+            base_model: recorded.base_model.clone(),
+            train_steps: recorded.train_steps,
+        },
+    };
     if let Some(sd) = sd {
+        warn_other_model(&adapted, path, sd, job);
         // The same checks a generation makes, now: widths, modules, shapes.
         crate::methods::adapted::custom_side(
             sd,
@@ -693,24 +840,56 @@ pub fn load_concept(
     Ok(LoadedConcept::Adapted(adapted))
 }
 
-/// The name (the request's, else `default_name`) and the class word (which the request must
-/// give) of a concept file that holds neither, both checked.
-fn name_and_word(req: &ConceptRequest, default_name: String) -> Result<(String, String)> {
+/// The name (the request's, else `default_name`) and the class word (the request's, else the
+/// one the file records, else none: an error) of a concept file, both checked.
+fn name_and_word(
+    req: &ConceptRequest,
+    default_name: String,
+    recorded_word: Option<&str>,
+) -> Result<(String, String)> {
     use crate::util::names::{check_name, check_word};
     let name = req.name.clone().unwrap_or(default_name);
     check_name(&name)?;
-    let word = req.word.clone().ok_or_else(|| {
-        Error::arg(
-            "word",
-            format!(
-                "{} holds no class word: say which word F sees in place of <{name}> \
-                 (--concept FILE:WORD, or load_concept(path, #{{word: \"cat\"}}))",
-                req.path.display()
-            ),
-        )
-    })?;
+    let word = req
+        .word
+        .clone()
+        .or_else(|| recorded_word.map(str::to_string))
+        .ok_or_else(|| {
+            Error::arg(
+                "word",
+                format!(
+                    "{} holds no class word: say which word F sees in place of <{name}> \
+                     (--concept FILE:WORD, or load_concept(path, #{{word: \"cat\"}}))",
+                    req.path.display()
+                ),
+            )
+        })?;
     check_word(&word)?;
     Ok((name, word))
+}
+
+/// Warns when a concept records a base model other than `sd`'s (a LoRA or an embedding often
+/// works on a relative of its model, so this is no error).
+fn warn_other_model(
+    adapted: &crate::methods::adapted::Adapted,
+    path: &Path,
+    sd: &StableDiffusion,
+    job: &Job,
+) {
+    if let Some(base) = adapted
+        .origin
+        .base_model
+        .as_deref()
+        .filter(|b| *b != sd.unet_fingerprint())
+    {
+        job.warn(format!(
+            "<{}> ({}) was trained on another model ({base}, this one is {}): its results \
+             may differ",
+            adapted.name,
+            path.display(),
+            sd.unet_fingerprint()
+        ));
+    }
 }
 
 /// A concept taken in by [`load_concept`].
@@ -726,17 +905,23 @@ fn tuned_unet(
     vars: &std::collections::BTreeMap<String, candle_core::Var>,
     dir: Option<PathBuf>,
 ) -> Result<crate::methods::adapted::TunedUnet> {
-    let tensors: std::collections::HashMap<String, candle_core::Tensor> = vars
+    // Detached, not copied: the trainer ends with this call, and a whole UNet is large.
+    let weights: std::collections::BTreeMap<String, candle_core::Tensor> = vars
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
         .collect();
-    let n_params = tensors.values().map(|t| t.elem_count()).sum();
+    let n_params = weights.values().map(|t| t.elem_count()).sum();
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> = weights
+        .iter()
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect();
     let vb = candle_nn::VarBuilder::from_tensors(tensors, sd.dtype(), sd.device());
     let unet = crate::sd::unet::UNet::new(vb, sd.unet.config())?;
     Ok(crate::methods::adapted::TunedUnet {
         unet: std::sync::Arc::new(unet),
         n_params,
         dir,
+        weights: Some(std::sync::Arc::new(weights)),
     })
 }
 
@@ -770,11 +955,13 @@ fn load_tuned_unet(
             ),
         ));
     }
+    let recorded = crate::methods::files::Provenance::of_folder(path)?;
     let unet = crate::metrics::fisher::load_unet_weights(sd, &weights)?;
     let folder = path
         .file_name()
         .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
-    let (name, word) = name_and_word(req, folder)?;
+    let default_name = recorded.name.clone().unwrap_or(folder);
+    let (name, word) = name_and_word(req, default_name, recorded.word.as_deref())?;
     let n_params = crate::sd::weights::tensors_asked(|vb| {
         crate::sd::unet::UNet::new(vb, sd.unet.config()).map(|_| ())
     })?
@@ -789,10 +976,20 @@ fn load_tuned_unet(
                 unet: std::sync::Arc::new(unet),
                 n_params,
                 dir: Some(path.clone()),
+                weights: None,
             },
-            trigger: req.trigger.clone().unwrap_or_else(|| "sks".into()),
+            trigger: req
+                .trigger
+                .clone()
+                .or(recorded.trigger)
+                .unwrap_or_else(|| "sks".into()),
+        },
+        origin: crate::methods::adapted::Origin {
+            base_model: recorded.base_model,
+            train_steps: recorded.train_steps,
         },
     });
+    warn_other_model(&adapted, path, sd, job);
     set.add_adapted(adapted.clone(), job);
     Ok(LoadedConcept::Adapted(adapted))
 }

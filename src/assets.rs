@@ -17,6 +17,22 @@ pub fn home() -> PathBuf {
     }
 }
 
+/// Where [`home`] looked, for an error about a bundled file that is not there.
+pub fn where_home() -> String {
+    match std::env::var_os("INFUSION_HOME").filter(|h| !h.is_empty()) {
+        Some(h) => format!(
+            "INFUSION_HOME={} does not hold this tool's models/ and stdlib/ (unset it, or point \
+             it at the folder that does)",
+            PathBuf::from(h).display()
+        ),
+        None => format!(
+            "the tool looks in the folder it was built from ({}), then the current folder: set \
+             INFUSION_HOME to the folder holding models/ and stdlib/",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+    }
+}
+
 /// The tiny SD1.x model with random weights, in diffusers layout.
 pub fn tiny_sd() -> PathBuf {
     home().join("models").join("tiny-sd")

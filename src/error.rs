@@ -100,6 +100,10 @@ pub enum Error {
     #[error("{0}")]
     NotFinite(String),
 
+    /// Something that cannot happen on any input did (a bug: the message says what).
+    #[error("internal error (a bug, please report it): {0}")]
+    Internal(String),
+
     /// A tensor operation failed; shown without candle's backtrace.
     #[error("{}", root_cause(.0))]
     Candle(#[from] candle_core::Error),

@@ -54,10 +54,51 @@ struct ScriptCli {
     args: Vec<String>,
 }
 
-const SUBCOMMANDS: &[&str] = &["generate", "train", "bench", "help"];
+/// The commands, as clap knows them, and its `help`.
+fn subcommands() -> Vec<String> {
+    Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .chain(["help".to_string()])
+        .collect()
+}
 
-/// Index of the first argument that is neither an option nor an option's value.
+/// The options before a command, as clap defines them, each spelling (`--long`, `-s`,
+/// aliases): those that take a value (`--model X`) and all of them.
+fn top_options() -> (Vec<String>, Vec<String>) {
+    let cli = Cli::command();
+    let spell = |a: &clap::Arg| -> Vec<String> {
+        let longs = a
+            .get_long_and_visible_aliases()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|l| format!("--{l}"));
+        let shorts = a
+            .get_short_and_visible_aliases()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| format!("-{c}"));
+        longs.chain(shorts).collect()
+    };
+    let options: Vec<&clap::Arg> = cli.get_arguments().filter(|a| !a.is_positional()).collect();
+    let with_values = options
+        .iter()
+        .filter(|a| a.get_action().takes_values())
+        .flat_map(|a| spell(a))
+        .collect();
+    let all = options
+        .iter()
+        .flat_map(|a| spell(a))
+        .chain(["--help", "-h", "--version", "-V"].map(String::from))
+        .collect();
+    (with_values, all)
+}
+
+/// Index of the first argument that is neither an option nor an option's value; `None` also
+/// when an unknown option comes first (clap then reports it, with the tool's usage, not a
+/// recipe's).
 fn first_positional(args: &[OsString]) -> Option<usize> {
+    let (with_values, known) = top_options();
     let mut i = 1;
     while i < args.len() {
         let a = args[i].to_string_lossy();
@@ -65,7 +106,11 @@ fn first_positional(args: &[OsString]) -> Option<usize> {
             return (i + 1 < args.len()).then_some(i + 1);
         }
         if a.starts_with('-') {
-            if matches!(a.as_ref(), "--model" | "--device" | "--dtype" | "--kernels") {
+            let name = a.split_once('=').map_or(a.as_ref(), |(n, _)| n);
+            if !known.iter().any(|o| o == name) {
+                return None;
+            }
+            if with_values.iter().any(|o| *o == a) {
                 i += 1;
             }
             i += 1;
@@ -147,6 +192,17 @@ struct GlobalArgs {
 }
 
 impl GlobalArgs {
+    /// The files and folders the model is read from, where they are local paths (a repo id is
+    /// none): outputs must not replace them.
+    fn input_paths(&self) -> Vec<PathBuf> {
+        [&self.model, &self.config, &self.vae]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::from)
+            .filter(|p| p.exists())
+            .collect()
+    }
+
     fn model_request(&self) -> ModelRequest {
         ModelRequest {
             model: self.model.clone(),
@@ -207,10 +263,11 @@ struct TrainArgs {
     /// Where to write the concept (default: NAME.safetensors).
     #[arg(short, long)]
     out: Option<PathBuf>,
-    /// The method: infusion (the paper's), textual_inversion, lora (DreamBooth-LoRA),
-    /// dreambooth (the whole UNet, written as a diffusers unet/ folder: NAME-unet by default).
-    #[arg(long, default_value = "infusion", value_parser = actions::Method::NAMES)]
-    method: String,
+    /// The method: infusion (the paper's, the default; with --resume, the checkpoint's),
+    /// textual_inversion, lora (DreamBooth-LoRA), dreambooth (the whole UNet, written as a
+    /// diffusers unet/ folder: NAME-unet by default).
+    #[arg(long, value_parser = actions::Method::NAMES)]
+    method: Option<String>,
     /// LoRA: the rank of its factors.
     #[arg(long, default_value_t = 4)]
     rank: usize,
@@ -303,12 +360,14 @@ struct GenerateArgs {
     /// A safetensors file whose tensor `noise` is the initial latent.
     #[arg(long)]
     noise: Option<PathBuf>,
-    /// A concept to load (repeat for several); prompts use them as `<name>`: an Infusion file,
-    /// or `FILE:WORD[:TRIGGER[:SCALE]]` for a Textual Inversion or LoRA file or a DreamBooth
-    /// unet/ folder (WORD: the class word the plain model sees in its place; TRIGGER: the
-    /// identifier C's prompt puts before it, for a LoRA or DreamBooth; SCALE: a LoRA's
-    /// strength, 1.0 by default).
-    #[arg(long = "concept")]
+    /// A concept to load (repeat for several); prompts use them as `<name>`:
+    /// `[NAME=]FILE[:WORD[:TRIGGER[:SCALE]]]`, an Infusion file, a Textual Inversion or LoRA
+    /// file or a DreamBooth unet/ folder. NAME: what prompts call it (default: the name it
+    /// records, else its token or file name); WORD: the class word the plain model sees in its
+    /// place (default: the one it records; files of other tools record none); TRIGGER: the
+    /// identifier C's prompt puts before it, for a LoRA or DreamBooth (default: the recorded
+    /// one); SCALE: a LoRA's strength, 1.0 by default.
+    #[arg(long = "concept", value_name = "[NAME=]FILE[:WORD[:TRIGGER[:SCALE]]]")]
     concepts: Vec<PathBuf>,
     /// Load concepts trained on another model anyway.
     #[arg(long)]
@@ -321,36 +380,50 @@ struct GenerateArgs {
     maps: Option<PathBuf>,
 }
 
-/// `FILE` or `FILE:WORD[:TRIGGER[:SCALE]]` (a path that exists as given is taken whole, colons
-/// and all; an empty TRIGGER is none: `pot.safetensors:teapot::0.8`).
+/// `[NAME=]FILE[:WORD[:TRIGGER[:SCALE]]]` (a path that exists as given is taken whole, colons,
+/// equals signs and all; an empty WORD or TRIGGER is none: `pot.safetensors::sks`,
+/// `pot.safetensors:teapot::0.8`).
 fn concept_spec(spec: &Path, force: bool) -> Result<actions::ConceptRequest> {
     let mut req = actions::ConceptRequest {
         path: spec.to_path_buf(),
         force,
         ..Default::default()
     };
-    let text = spec.to_string_lossy();
     if spec.exists() {
         return Ok(req);
+    }
+    let mut text = spec.to_string_lossy().into_owned();
+    if let Some((name, rest)) = text.split_once('=') {
+        if crate::util::names::check_name(name).is_ok() {
+            req.name = Some(name.to_string());
+            text = rest.to_string();
+            req.path = PathBuf::from(&text);
+            if req.path.exists() {
+                return Ok(req);
+            }
+        }
     }
     let parts: Vec<&str> = text.split(':').collect();
     let Some(k) = (1..parts.len()).find(|&k| Path::new(&parts[..k].join(":")).exists()) else {
         return Ok(req); // not there: load_concept says so
     };
     let extra = &parts[k..];
-    if extra.len() > 3 || extra[0].is_empty() {
+    if extra.len() > 3 {
         return Err(Error::arg(
             "concept",
-            format!("{text:?}: give FILE, or FILE:WORD[:TRIGGER[:SCALE]]"),
+            format!("{text:?}: give [NAME=]FILE[:WORD[:TRIGGER[:SCALE]]]"),
         ));
     }
+    let given = |i: usize| {
+        extra
+            .get(i)
+            .filter(|t| !t.is_empty())
+            .map(|t| t.to_string())
+    };
     req.path = PathBuf::from(parts[..k].join(":"));
-    req.word = Some(extra[0].to_string());
-    req.trigger = extra
-        .get(1)
-        .filter(|t| !t.is_empty())
-        .map(|t| t.to_string());
-    if let Some(scale) = extra.get(2) {
+    req.word = given(0);
+    req.trigger = given(1);
+    if let Some(scale) = given(2) {
         req.scale = Some(scale.parse().map_err(|_| {
             Error::arg(
                 "concept",
@@ -365,6 +438,9 @@ fn load_model(global: &GlobalArgs, job: &Job) -> Result<StableDiffusion> {
     Ok(actions::load_model(&global.model_request(), job)?.sd)
 }
 
+/// The most images one `generate` makes (a larger set: run it again from another `--seed`).
+const MAX_IMAGES: usize = 100_000;
+
 /// The files `n` images go to: OUT itself for one, OUT-0.png, OUT-1.png, ... for several.
 fn numbered(out: &Path, n: usize) -> Vec<PathBuf> {
     if n == 1 {
@@ -376,11 +452,38 @@ fn numbered(out: &Path, n: usize) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Where a generation's `n` images go: `-o` as given (replaced if there), else the first of
-/// image.png, image-1.png, ... whose files are all new, with a note when that is not image.png.
-fn outputs(out: Option<&Path>, n: usize, job: &Job) -> Vec<PathBuf> {
+/// `paths` as a note names them: one, or the first and the last.
+fn names(paths: &[PathBuf]) -> String {
+    match paths {
+        [one] => one.display().to_string(),
+        [first, .., last] => format!("{} ... {}", first.display(), last.display()),
+        [] => String::new(),
+    }
+}
+
+/// Where a generation's `n` images go, and the note to print once the work is sure to start.
+/// `-o OUT` (a .png name): OUT itself for one image, replaced if it exists; for several,
+/// OUT-0.png, OUT-1.png, ..., none of which may exist (the user named none of them). Without
+/// `-o`: the first of image.png, image-1.png, ... (numbered the same way for several) whose
+/// files are all new.
+fn outputs(out: Option<&Path>, n: usize) -> Result<(Vec<PathBuf>, Option<String>)> {
     if let Some(out) = out {
-        return numbered(out, n);
+        let paths = numbered(out, n);
+        if n > 1 {
+            if let Some(p) = paths.iter().find(|p| p.exists()) {
+                return Err(Error::arg(
+                    "out",
+                    format!(
+                        "{} exists: with several images, -o {} writes {} and replaces none of \
+                         them (remove them or choose another name)",
+                        p.display(),
+                        out.display(),
+                        names(&paths)
+                    ),
+                ));
+            }
+        }
+        return Ok((paths, None));
     }
     let base = |k: usize| {
         PathBuf::from(if k == 0 {
@@ -389,21 +492,61 @@ fn outputs(out: Option<&Path>, n: usize, job: &Job) -> Vec<PathBuf> {
             format!("image-{k}.png")
         })
     };
-    let k = (0..10_000)
+    const TRIES: usize = 10_000;
+    let k = (0..TRIES)
         .find(|&k| numbered(&base(k), n).iter().all(|p| !p.exists()))
-        .unwrap_or(0);
-    if k > 0 {
-        job.note(format!(
-            "image.png exists: writing {} (give -o to choose the file)",
-            base(k).display()
-        ));
+        .ok_or_else(|| {
+            Error::arg(
+                "out",
+                format!(
+                    "image.png and its numbered names up to {} are all taken: give -o",
+                    base(TRIES - 1).display()
+                ),
+            )
+        })?;
+    let paths = numbered(&base(k), n);
+    let taken = numbered(&base(0), n).into_iter().find(|p| p.exists());
+    let note = taken.map(|t| {
+        format!(
+            "{} exists: writing {} (give -o to choose the file)",
+            t.display(),
+            names(&paths)
+        )
+    });
+    Ok((paths, note))
+}
+
+/// Images are PNGs (their prompt and settings go in its text chunks): `-o` must say so.
+fn check_png(out: &Path) -> Result<()> {
+    if out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"))
+    {
+        return Ok(());
     }
-    numbered(&base(k), n)
+    Err(Error::arg(
+        "out",
+        format!(
+            "{}: images are written as PNG (their prompt and settings go in its text chunks): \
+             give a name ending in .png",
+            out.display()
+        ),
+    ))
 }
 
 fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
     if args.n == 0 {
         return Err(Error::arg("n", "must be at least 1"));
+    }
+    if args.n > MAX_IMAGES {
+        return Err(Error::arg(
+            "n",
+            format!(
+                "{} images: one command makes at most {MAX_IMAGES} (run it again from another \
+                 --seed for more)",
+                args.n
+            ),
+        ));
     }
     if args.n > 1 && args.maps.is_some() {
         return Err(Error::arg(
@@ -412,17 +555,50 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
         ));
     }
     let sampler = SamplerOptions::parse(&args.scheduler, args.karras)?;
-    let outs = outputs(args.out.as_deref(), args.n, job);
-    // Where the images go is checked before the work, not found wrong after it.
-    for path in outs.iter().chain(&args.maps) {
-        crate::util::fs::check_writable(path)?;
+    let (outs, note) = outputs(args.out.as_deref(), args.n)?;
+    let specs = args
+        .concepts
+        .iter()
+        .map(|spec| concept_spec(spec, args.force))
+        .collect::<Result<Vec<_>>>()?;
+    // Where the images go is checked before the work, not found wrong after it: every file
+    // written (with concepts, each image's .base.png and .custom.png too).
+    let mut written: Vec<PathBuf> = outs.clone();
+    if !specs.is_empty() {
+        for out in &outs {
+            written.push(out.with_extension("base.png"));
+            written.push(out.with_extension("custom.png"));
+        }
+    }
+    written.extend(args.maps.iter().cloned());
+    let inputs: Vec<PathBuf> = specs
+        .iter()
+        .map(|r| r.path.clone())
+        .chain(args.noise.iter().cloned())
+        .chain(global.input_paths())
+        .collect();
+    let written_refs: Vec<&Path> = written.iter().map(PathBuf::as_path).collect();
+    let input_refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    crate::util::fs::check_not_an_input(&written_refs, &input_refs)?;
+    if let Some(out) = &args.out {
+        check_png(out)?;
+    }
+    let mut probed = std::collections::BTreeSet::new();
+    for path in &written {
+        // One probe write per folder; every file is checked to be replaceable.
+        let folder = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        if probed.insert(folder) {
+            crate::util::fs::check_writable(path)?;
+        } else {
+            crate::util::fs::check_output(path)?;
+        }
+        job.check()?;
     }
     let sd = load_model(global, job)?;
     let mut concepts = ConceptSet::new();
-    for spec in &args.concepts {
-        let req = concept_spec(spec, args.force)?;
+    for req in &specs {
         let path = req.path.clone();
-        let (name, word) = match actions::load_concept(&req, Some(&sd), &mut concepts, job)? {
+        let (name, word) = match actions::load_concept(req, Some(&sd), &mut concepts, job)? {
             actions::LoadedConcept::Infusion(c) => (c.name.clone(), c.word.clone()),
             actions::LoadedConcept::Adapted(a) => (a.name.clone(), a.word.clone()),
         };
@@ -438,13 +614,9 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
             c.name, c.name
         ));
     }
-    let seed = match u64::try_from(args.seed) {
-        Ok(s) => s,
-        Err(_) => {
-            let s = u64::from(rand::random::<u32>());
-            eprintln!("seed {s}");
-            s
-        }
+    let (seed, random) = match u64::try_from(args.seed) {
+        Ok(s) => (s, false),
+        Err(_) => (u64::from(rand::random::<u32>()), true),
     };
     let mut opts = InfusionOptions {
         generate: GenerateOptions {
@@ -460,17 +632,26 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
         },
         replace_steps: args.replace_steps,
     };
+    // The settings' errors come before any note of what is about to be written.
+    let rows = if used.is_empty() { 2 } else { 4 };
+    sd.check_generate(&opts.generate, rows)?;
+    if let Some(note) = note {
+        job.note(note);
+    }
+    if random {
+        eprintln!("seed {seed}");
+    }
     let maps = args.maps.as_ref().map(|_| AttentionMaps::new(true));
     for (i, out) in outs.iter().enumerate() {
         opts.generate.seed = seed.wrapping_add(i as u64);
         let g = generate_infusion(&sd, &concepts, &args.prompt, &opts, maps.as_ref(), job)?;
         for p in g.save(out)? {
-            println!("{}", p.display());
+            crate::app::stdout::line(p.display())?;
         }
     }
     if let (Some(m), Some(path)) = (&maps, &args.maps) {
         m.save(path)?;
-        println!("{}", path.display());
+        crate::app::stdout::line(path.display())?;
     }
     Ok(())
 }
@@ -478,10 +659,15 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
 fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) -> Result<ExitCode> {
     let sd = load_model(global, job)?;
     let defaults = TrainOptions::default();
-    let mut method = actions::Method::parse(&args.method, args.rank, &args.trigger)?;
+    let mut method = actions::Method::parse(
+        args.method.as_deref().unwrap_or("infusion"),
+        args.rank,
+        &args.trigger,
+    )?;
     let mut steps = method.default_steps();
     if let Some(path) = &args.resume {
-        let (m, ckpt) = actions::resumed_method(path, &method)?;
+        let asked = args.method.is_some().then_some(&method);
+        let (m, ckpt) = actions::resumed_method(path, asked)?;
         (method, steps) = (m, ckpt.options.steps);
     }
     let out = args.out.clone().unwrap_or_else(|| match method {
@@ -516,6 +702,9 @@ fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) ->
         out: Some(out.clone()),
         save_f32: args.f32,
     };
+    let model_files = global.input_paths();
+    let model_refs: Vec<&Path> = model_files.iter().map(PathBuf::as_path).collect();
+    crate::util::fs::check_not_an_input(&[&out], &model_refs)?;
     let t = actions::train_concept(&sd, &req, job)?;
     let saved = t.saved.clone().unwrap_or(out);
     match t.end {
@@ -523,7 +712,7 @@ fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) ->
             if let Some(l) = t.losses.last() {
                 eprintln!("step {}: loss {l:.5}", t.steps_done);
             }
-            println!("{}", saved.display());
+            crate::app::stdout::line(saved.display())?;
             Ok(ExitCode::SUCCESS)
         }
         // Stopped by Ctrl-C or SIGTERM: saved, and the exit status says it did not finish.
@@ -538,7 +727,7 @@ fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) ->
         }
         TrainEnd::Failed(e) => {
             eprintln!(
-                "the deltas of step {} are saved in {}",
+                "what step {} reached is saved in {}",
                 t.steps_done,
                 saved.display()
             );
@@ -588,15 +777,14 @@ fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
     // Each row is printed, and the JSON rewritten, as soon as it is measured.
     crate::app::bench::run(&sd, &name, &opts, reload, job, &mut |report| {
         if report.rows.len() == 1 {
-            print!("{}", report.header());
+            crate::app::stdout::print(&report.header())?;
         }
         if let Some(row) = report.rows.last() {
-            print!("{}", row.line());
+            crate::app::stdout::print(&row.line())?;
         }
-        use std::io::Write as _;
-        let _ = std::io::stdout().flush();
         if let Some(path) = &args.json {
-            let json = serde_json::to_string_pretty(report).map_err(|e| Error::arg("json", e))?;
+            let json = serde_json::to_string_pretty(report)
+                .map_err(|e| Error::Internal(format!("the report as JSON: {e}")))?;
             crate::util::fs::write_atomic(path, |w| {
                 w.write_all(json.as_bytes()).map_err(|e| Error::io(path, e))
             })?;
@@ -607,7 +795,7 @@ fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
 }
 
 /// The command a mistyped word most likely meant: a prefix of one, or one edit or two away.
-fn nearest_command(word: &str) -> Option<&'static str> {
+fn nearest_command(word: &str) -> Option<String> {
     fn distance(a: &str, b: &str) -> usize {
         let b: Vec<char> = b.chars().collect();
         let mut row: Vec<usize> = (0..=b.len()).collect();
@@ -625,13 +813,35 @@ fn nearest_command(word: &str) -> Option<&'static str> {
     if word.contains('.') || word.contains('/') || word.len() < 2 {
         return None;
     }
-    SUBCOMMANDS
-        .iter()
-        .filter(|c| **c != "help")
-        .map(|c| (c.starts_with(word), distance(word, c), *c))
+    subcommands()
+        .into_iter()
+        .filter(|c| c != "help")
+        .map(|c| (c.starts_with(word), distance(word, &c), c))
         .filter(|&(prefix, d, _)| prefix || d <= 2)
         .min_by_key(|&(prefix, d, _)| (!prefix, d))
         .map(|(_, _, c)| c)
+}
+
+/// What to say of a first word that is neither a command nor an existing file: the command
+/// it looks like, a prompt given without `generate`, or a recipe file that is not there.
+fn missing_script(word: &Path) -> String {
+    let text = word.to_string_lossy();
+    if let Some(cmd) = nearest_command(&text) {
+        return format!("`{text}` is neither a file nor a command: did you mean `{cmd}`?");
+    }
+    let is_recipe = word.extension().is_some_and(|e| e == "rhai");
+    if is_recipe || text.contains('/') {
+        return format!("{text}: no such recipe file");
+    }
+    format!(
+        "`{text}` is neither a recipe file nor a command (generate, train, bench): to make an \
+         image of it, `infusion-repl generate {}`",
+        if text.contains(char::is_whitespace) {
+            format!("{text:?}")
+        } else {
+            text.to_string()
+        }
+    )
 }
 
 /// A generation's seed: a whole number from 0, or -1 for a random one.
@@ -659,7 +869,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let args: Vec<OsString> = args.into_iter().collect();
     // A recipe gets everything after its file; help asked for before it is the tool's.
     let script_mode = first_positional(&args).is_some_and(|i| {
-        !SUBCOMMANDS.contains(&args[i].to_string_lossy().as_ref())
+        !subcommands().contains(&args[i].to_string_lossy().into_owned())
             && !args[1..i]
                 .iter()
                 .any(|a| matches!(a.to_str(), Some("-h" | "--help" | "-V" | "--version")))
@@ -684,6 +894,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let session = Session::new(ScriptConfig {
         model: global.model_request(),
         no_images: global.no_images,
+        interactive: command.is_none() && script.is_none(),
         ..ScriptConfig::default()
     });
     let job = session.job.clone();
@@ -696,18 +907,13 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         (Some(Command::Bench(args)), _) => bench(&global, &args, &job).map(|()| ExitCode::SUCCESS),
         (None, Some((script, args))) => {
             if !script.exists() {
-                if let Some(cmd) = nearest_command(&script.to_string_lossy()) {
-                    eprintln!(
-                        "error: `{}` is neither a file nor a command: did you mean `{cmd}`?",
-                        script.display()
-                    );
-                    return ExitCode::from(2);
-                }
+                eprintln!("error: {}", missing_script(&script));
+                return ExitCode::from(2);
             }
             return match crate::app::script::run_file(&session, &script, &args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(RunError::Usage { text, help: true }) => {
-                    println!("{text}");
+                    crate::app::stdout::line_or_say(text);
                     ExitCode::SUCCESS
                 }
                 Err(RunError::Usage { text, help: false }) => {
@@ -716,7 +922,12 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
                 }
                 Err(RunError::Failed(msg)) => {
                     eprintln!("{msg}");
-                    ExitCode::FAILURE
+                    if job.is_cancelled() {
+                        // Stopped by a signal: the status says which.
+                        signals.stop_status()
+                    } else {
+                        ExitCode::FAILURE
+                    }
                 }
             };
         }
@@ -729,18 +940,25 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             signals.stop_status()
         }
         Err(e) => {
-            eprintln!("error: {}", as_flags(e));
+            eprintln!("error: {}", as_flags(e, &global));
             ExitCode::FAILURE
         }
     }
 }
 
 /// The library names options as scripts do (`replace_steps`); on the command line the same
-/// option is a flag (`--replace-steps`), and the error says so.
-fn as_flags(e: Error) -> Error {
+/// option is a flag (`--replace-steps`), and the error says so. The library's `ema` (true or
+/// false) is `--ema` or `--no-ema`, whichever `global` gave.
+fn as_flags(e: Error, global: &GlobalArgs) -> Error {
     let Error::InvalidArgument { arg, msg } = e else {
         return e;
     };
+    if arg == "ema" && global.no_ema {
+        return Error::InvalidArgument {
+            arg: "--no-ema".into(),
+            msg,
+        };
+    }
     let cmd = Cli::command();
     let flag = std::iter::once(&cmd)
         .chain(cmd.get_subcommands())
@@ -750,5 +968,115 @@ fn as_flags(e: Error) -> Error {
     Error::InvalidArgument {
         arg: flag.unwrap_or(arg),
         msg,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    /// A value clap accepts for `arg` (its default, else its first possible value, else any
+    /// text).
+    fn sample_value(arg: &clap::Arg) -> String {
+        if let Some(d) = arg.get_default_values().first() {
+            return d.to_string_lossy().into_owned();
+        }
+        arg.get_possible_values()
+            .first()
+            .map_or_else(|| "some-dir".to_string(), |v| v.get_name().to_string())
+    }
+
+    /// Issue 21, item 2: every option with a value, from clap's own definition, before the
+    /// command leaves the command as the first positional word, and means the same there as
+    /// after it.
+    #[test]
+    fn every_global_option_works_before_and_after_the_command() {
+        let cli = Cli::command();
+        let globals: Vec<&clap::Arg> = cli
+            .get_arguments()
+            .filter(|a| !a.is_positional() && a.get_action().takes_values())
+            .collect();
+        assert!(
+            globals.len() >= 6,
+            "model, device, dtype, config, vae, kernels"
+        );
+        // Issue 21, item 9: a misspelt option is the tool's error, not a recipe's usage.
+        let typo = os(&["infusion-repl", "--modle", "x", "generate", "a cat"]);
+        assert_eq!(first_positional(&typo), None);
+        let e = Cli::try_parse_from(&typo).unwrap_err().to_string();
+        assert!(e.contains("--modle") && e.contains("--model"), "{e}");
+        for arg in globals {
+            let flag = format!("--{}", arg.get_long().unwrap());
+            let value = sample_value(arg);
+            let before = os(&["infusion-repl", &flag, &value, "generate", "a cat"]);
+            assert_eq!(first_positional(&before), Some(3), "{flag} before generate");
+            let joined = format!("{flag}={value}");
+            let before_joined = os(&["infusion-repl", &joined, "generate", "a cat"]);
+            assert_eq!(first_positional(&before_joined), Some(2), "{joined}");
+            let after = os(&["infusion-repl", "generate", "a cat", &flag, &value]);
+            let a = Cli::try_parse_from(&before).unwrap_or_else(|e| panic!("{flag}: {e}"));
+            let b = Cli::try_parse_from(&after).unwrap_or_else(|e| panic!("{flag}: {e}"));
+            assert!(matches!(a.command, Some(Command::Generate(_))), "{flag}");
+            assert_eq!(
+                format!("{:?}", a.global),
+                format!("{:?}", b.global),
+                "{flag} means the same before and after the command"
+            );
+            // A recipe too: the option is the tool's, the file is the script.
+            let script = os(&["infusion-repl", &flag, &value, "my.rhai", "--x", "1"]);
+            assert_eq!(first_positional(&script), Some(3), "{flag} before a recipe");
+        }
+    }
+
+    /// Issue 21, item 6: `NAME=` names a concept; the rest is as before.
+    #[test]
+    fn concept_specs_take_a_name_a_word_a_trigger_and_a_scale() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pot.safetensors");
+        std::fs::write(&file, b"x").unwrap();
+        let odd = dir.path().join("a=b:c.safetensors");
+        std::fs::write(&odd, b"x").unwrap();
+        let p = file.display().to_string();
+        let spec = |s: &str| concept_spec(Path::new(s), false);
+        let r = spec(&p).unwrap();
+        assert_eq!((r.path, r.name, r.word), (file.clone(), None, None));
+        let r = spec(&format!("mypot={p}:teapot:sks:0.5")).unwrap();
+        assert_eq!(r.path, file);
+        assert_eq!(r.name.as_deref(), Some("mypot"));
+        assert_eq!(r.word.as_deref(), Some("teapot"));
+        assert_eq!(r.trigger.as_deref(), Some("sks"));
+        assert_eq!(r.scale, Some(0.5));
+        let r = spec(&format!("mypot={p}")).unwrap();
+        assert_eq!((r.path, r.name.as_deref()), (file.clone(), Some("mypot")));
+        let r = spec(&format!("{p}::sks")).unwrap();
+        assert_eq!((r.word, r.trigger.as_deref()), (None, Some("sks")));
+        // A file whose name has `=` and `:` is taken whole.
+        let r = spec(&odd.display().to_string()).unwrap();
+        assert_eq!((r.path, r.name), (odd, None));
+        assert!(spec(&format!("{p}:a:b:1:2")).is_err());
+        let e = spec(&format!("{p}:a:b:strong")).unwrap_err().to_string();
+        assert!(e.contains("not a number"), "{e}");
+    }
+
+    #[test]
+    fn the_commands_come_from_clap() {
+        let names = subcommands();
+        for c in ["generate", "train", "bench", "help"] {
+            assert!(names.contains(&c.to_string()), "{c} in {names:?}");
+        }
+        assert_eq!(nearest_command("genrate").as_deref(), Some("generate"));
+        assert_eq!(nearest_command("my.rhai"), None);
+        // Issue 21, item 9: a prompt given without its command says which.
+        let e = missing_script(Path::new("a cat"));
+        assert!(e.contains("infusion-repl generate \"a cat\""), "{e}");
+        assert_eq!(
+            missing_script(Path::new("my.rhai")),
+            "my.rhai: no such recipe file"
+        );
+        assert!(missing_script(Path::new("tran")).contains("did you mean `train`"));
     }
 }

@@ -6,3 +6,4 @@ pub mod cli;
 pub mod repl;
 pub mod script;
 pub mod signals;
+pub mod stdout;

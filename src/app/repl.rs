@@ -34,6 +34,14 @@ const KEYWORDS: &[&str] = &[
     "let", "const", "fn", "if", "else", "for", "in", "while", "loop", "break", "continue",
     "return", "import", "as", "true", "false", "print",
 ];
+
+/// A line on standard output that cannot fail the session (see `app::stdout`).
+macro_rules! say {
+    ($($t:tt)*) => {
+        crate::app::stdout::line_or_say(format!($($t)*))
+    };
+}
+
 const COMMANDS: &[&str] = &[":help", ":scope", ":load", ":quit"];
 
 /// Whether `input` is unfinished: an open bracket, string or block comment at its end.
@@ -311,17 +319,15 @@ fn print_error(input: &str, err: &EvalAltResult) {
 fn print_help(docs: &Docs, topic: &str) {
     if topic.is_empty() {
         print!("{}", docs.index());
-        println!(
-            "Commands: :help [NAME], :scope (variables), :load FILE (run a script here), :quit"
-        );
-        println!("Ctrl-C cancels a running generation or training; Ctrl-D leaves.");
+        say!("Commands: :help [NAME], :scope (variables), :load FILE (run a script here), :quit");
+        say!("Ctrl-C cancels a running generation or training; Ctrl-D leaves.");
         return;
     }
     match docs.help(topic) {
-        Some(text) => println!("{text}"),
+        Some(text) => say!("{text}"),
         None => {
             let near = docs.near(topic);
-            println!(
+            say!(
                 "nothing named `{topic}`{}",
                 if near.is_empty() {
                     String::new()
@@ -345,7 +351,7 @@ fn print_value(session: &Session, value: &Dynamic) {
         return;
     }
     let text = describe_value(value);
-    println!("{text}");
+    say!("{text}");
 }
 
 fn describe_value(value: &Dynamic) -> String {
@@ -381,12 +387,14 @@ struct Repl {
     engine: Engine,
     scope: Scope<'static>,
     ast: AST,
+    /// Whether an input failed (a piped session exits non-zero then).
+    failed: bool,
 }
 
 impl Repl {
     /// Keeps the modules `ast` imports at its top level for the inputs that follow, as
     /// variables are kept: each becomes a static module under its alias.
-    fn keep_imports(&mut self, ast: &AST) {
+    fn keep_imports(&mut self, ast: &AST, source: Option<&str>) {
         for stmt in ast.statements() {
             let Stmt::Import(x, pos) = stmt else {
                 continue;
@@ -400,7 +408,7 @@ impl Repl {
             if let Ok(module) =
                 self.engine
                     .module_resolver()
-                    .resolve(&self.engine, None, path, *pos)
+                    .resolve(&self.engine, source, path, *pos)
             {
                 self.engine
                     .register_static_module(alias.name.as_str(), module);
@@ -420,18 +428,25 @@ impl Repl {
             Ok(ast) => ast,
             Err(e) => {
                 show(&e.into());
+                self.failed = true;
                 return;
             }
         };
         let imports = new.clone_statements_only();
         self.ast += new;
+        // A file's imports come from its own folder first; the prompt's from the current one.
+        match origin {
+            Some(file) => self.ast.set_source(file),
+            None => self.ast.clear_source(),
+        };
         // A bug that panics in a bound function must not end the session.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.engine
                 .eval_ast_with_scope::<Dynamic>(&mut self.scope, &self.ast)
         }));
         self.ast.clear_statements();
-        self.keep_imports(&imports);
+        self.keep_imports(&imports, origin);
+        self.failed |= !matches!(result, Ok(Ok(_)));
         match result {
             Ok(Ok(v)) => print_value(&self.session, &v),
             Ok(Err(e)) => match usage_of(&e) {
@@ -447,19 +462,31 @@ impl Repl {
 
     /// Runs a file in the session with `args` as its `ARGS`, as the recipe runner does.
     fn load(&mut self, path: &Path, args: &[String]) {
-        match std::fs::read_to_string(path) {
+        // A FIFO or device would block the session: only regular files are read.
+        let text = crate::util::fs::read_regular(path).and_then(|b| {
+            String::from_utf8(b).map_err(|e| {
+                crate::error::Error::io(
+                    path,
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                )
+            })
+        });
+        match text {
             Ok(src) => {
                 let argv: rhai::Array = args.iter().map(|a| Dynamic::from(a.clone())).collect();
                 self.scope.set_value("ARGS", argv);
                 self.eval(&src, Some(&path.display().to_string()));
             }
-            Err(e) => eprintln!("error: {}: {e}", path.display()),
+            Err(e) => {
+                eprintln!("error: {e}");
+                self.failed = true;
+            }
         }
     }
 
     fn print_scope(&self) {
         if self.scope.is_empty() {
-            println!("(no variables)");
+            say!("(no variables)");
         }
         for (name, constant, value) in self.scope.iter() {
             let mut text = describe_value(&value);
@@ -469,7 +496,7 @@ impl Repl {
             }
             let kw = if constant { "const" } else { "let" };
             let ty = self.engine.map_type_name(value.type_name());
-            println!("{kw} {name}: {ty} = {text}");
+            say!("{kw} {name}: {ty} = {text}");
         }
     }
 
@@ -497,6 +524,7 @@ pub fn run(session: Arc<Session>, signals: &Signals) -> std::process::ExitCode {
         engine,
         scope: Scope::new(),
         ast: AST::empty(),
+        failed: false,
     };
     let names = Rc::new(RefCell::new(Names {
         functions: repl.function_names(),
@@ -525,7 +553,7 @@ pub fn run(session: Arc<Session>, signals: &Signals) -> std::process::ExitCode {
         let _ = rl.load_history(h);
     }
     if std::io::stdin().is_terminal() {
-        println!(
+        say!(
             "infusion-repl {}: :help lists the functions, Ctrl-D leaves.",
             env!("CARGO_PKG_VERSION")
         );
@@ -555,12 +583,16 @@ pub fn run(session: Arc<Session>, signals: &Signals) -> std::process::ExitCode {
                             let mut words = split_words(arg);
                             if words.is_empty() {
                                 eprintln!("usage: :load FILE [ARGS...]");
+                                repl.failed = true;
                             } else {
                                 let file = words.remove(0);
                                 repl.load(Path::new(&file), &words);
                             }
                         }
-                        other => eprintln!("unknown command :{other} ({})", COMMANDS.join(", ")),
+                        other => {
+                            eprintln!("unknown command :{other} ({})", COMMANDS.join(", "));
+                            repl.failed = true;
+                        }
                     }
                 } else {
                     repl.eval(&line, None);
@@ -594,6 +626,9 @@ pub fn run(session: Arc<Session>, signals: &Signals) -> std::process::ExitCode {
     }
     if signals.terminated() {
         signals.stop_status()
+    } else if (repl.failed && !std::io::stdin().is_terminal()) || crate::app::stdout::failed() {
+        // Piped input is a script: a line that failed fails it, as a recipe's error would.
+        std::process::ExitCode::FAILURE
     } else {
         std::process::ExitCode::SUCCESS
     }

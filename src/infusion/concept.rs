@@ -376,7 +376,24 @@ impl ConceptSet {
         force: bool,
         job: &Job,
     ) -> Result<Arc<Concept>> {
-        let concept = Arc::new(Concept::load(path)?);
+        self.load_file_named(path, None, sd, force, job)
+    }
+
+    /// [`ConceptSet::load_file`], called `name` in prompts instead of the name it carries.
+    pub fn load_file_named(
+        &mut self,
+        path: &Path,
+        name: Option<&str>,
+        sd: Option<&StableDiffusion>,
+        force: bool,
+        job: &Job,
+    ) -> Result<Arc<Concept>> {
+        let mut concept = Concept::load(path)?;
+        if let Some(name) = name {
+            crate::util::names::check_name(name)?;
+            concept.name = name.to_string();
+        }
+        let concept = Arc::new(concept);
         if let Some(sd) = sd {
             check(&concept, sd, force, job).map_err(|e| match e {
                 Error::InvalidArgument { msg, .. } => Error::Config {

@@ -38,6 +38,69 @@ impl Default for InfusionOptions {
     }
 }
 
+/// A concept a generation used, as its PNGs record it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct UsedConcept {
+    pub name: String,
+    /// `infusion`, `textual_inversion`, `lora`, `dreambooth`.
+    pub method: String,
+    /// The class word F saw.
+    pub word: String,
+    /// The identifier C's prompt put before the word (LoRA, DreamBooth).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+    /// A LoRA's strength.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+}
+
+impl UsedConcept {
+    /// `<cat> lora (cat, trigger sks, scale 0.8)`.
+    fn describe(&self) -> String {
+        let mut parts = vec![self.word.clone()];
+        if let Some(t) = &self.trigger {
+            parts.push(format!("trigger {t}"));
+        }
+        if let Some(s) = self.scale {
+            parts.push(format!("scale {s}"));
+        }
+        format!("<{}> {} ({})", self.name, self.method, parts.join(", "))
+    }
+}
+
+/// What the concepts of `parsed`'s marks are, in prompt order.
+fn used_concepts(concepts: &ConceptSet, parsed: &ParsedPrompt) -> Vec<UsedConcept> {
+    use crate::methods::adapted::Change;
+    parsed
+        .marks
+        .iter()
+        .filter_map(|m| {
+            if let Some(c) = concepts.get(&m.name) {
+                return Some(UsedConcept {
+                    name: c.name.clone(),
+                    method: "infusion".into(),
+                    word: c.word.clone(),
+                    trigger: None,
+                    scale: None,
+                });
+            }
+            let a = concepts.get_adapted(&m.name)?;
+            let (trigger, scale) = match &a.change {
+                Change::TextualInversion(_) => (None, None),
+                Change::Lora { trigger, scale, .. } => (trigger.clone(), Some(*scale)),
+                Change::DreamBooth { trigger, .. } => (Some(trigger.clone()), None),
+            };
+            Some(UsedConcept {
+                name: a.name.clone(),
+                method: a.method().into(),
+                word: a.word.clone(),
+                trigger,
+                scale,
+            })
+        })
+        .collect()
+}
+
 /// The result of an Infusion generation: the base (F) and customized (C) images from the same
 /// noise.
 #[derive(Debug, Clone)]
@@ -51,6 +114,10 @@ pub struct InfusionGeneration {
     pub timesteps: Vec<f64>,
     /// Names of the concepts used, in prompt order.
     pub concepts: Vec<String>,
+    /// What each of them is (method, word, trigger, strength), in prompt order.
+    pub used: Vec<UsedConcept>,
+    /// C's prompt, where it is not F's (a trigger word: `a sks teapot`).
+    pub custom_prompt: Option<String>,
     /// The model it was made with: its name and the fingerprint of its UNet.
     pub model: String,
     pub model_hash: String,
@@ -67,6 +134,11 @@ impl InfusionGeneration {
         !self.concepts.is_empty()
     }
 
+    /// True when an Infusion concept was used (so `replace_steps` meant something).
+    pub fn uses_infusion(&self) -> bool {
+        self.used.iter().any(|u| u.method == "infusion")
+    }
+
     /// The text chunks of the PNGs: prompt and settings, and the concepts when there are.
     pub fn png_text(&self) -> Vec<(&'static str, String)> {
         let g = &self.options.generate;
@@ -76,7 +148,14 @@ impl InfusionGeneration {
         ];
         if self.is_customized() {
             text.push(("base_prompt", self.parsed.base.clone()));
+            if let Some(p) = &self.custom_prompt {
+                text.push(("custom_prompt", p.clone()));
+            }
             text.push(("concepts", self.concepts.join(",")));
+            text.push((
+                "concept_details",
+                serde_json::to_string(&self.used).unwrap_or_default(),
+            ));
         }
         text.extend([
             ("negative_prompt", g.negative_prompt.clone()),
@@ -85,7 +164,7 @@ impl InfusionGeneration {
             ("scheduler", g.sampler.describe()),
             ("guidance", g.guidance.to_string()),
         ]);
-        if self.is_customized() {
+        if self.uses_infusion() {
             text.push(("replace_steps", self.options.replace_steps.to_string()));
         }
         text.push((
@@ -117,9 +196,16 @@ impl InfusionGeneration {
             self.model
         );
         if self.is_customized() {
+            let described: Vec<String> = self.used.iter().map(UsedConcept::describe).collect();
+            // Quoted: A1111 reads a quoted value whole, commas and all.
             line.push_str(&format!(
-                ", Concepts: {}, Infusion replace steps: {}",
-                self.concepts.join(" "),
+                ", Concepts: {}",
+                serde_json::Value::String(described.join("; "))
+            ));
+        }
+        if self.uses_infusion() {
+            line.push_str(&format!(
+                ", Infusion replace steps: {}",
                 self.options.replace_steps
             ));
         }
@@ -364,6 +450,8 @@ pub fn generate_infusion(
     Ok(InfusionGeneration {
         prompt: prompt.to_string(),
         concepts: parsed.marks.iter().map(|m| m.name.clone()).collect(),
+        used: used_concepts(concepts, &parsed),
+        custom_prompt: (other.prompt != parsed.base).then(|| other.prompt.clone()),
         model: sd.name(),
         model_hash: sd.unet_fingerprint().to_string(),
         parsed,

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use candle_core::Tensor;
 
-use super::files::{Embedding, Lora};
+use super::files::{Embedding, Lora, Provenance};
 use super::lora::LoraHook;
 use super::textual_inversion::text_states_with;
 use crate::error::Result;
@@ -22,6 +22,9 @@ pub struct TunedUnet {
     pub n_params: usize,
     /// The `unet/` folder it was saved in or read from.
     pub dir: Option<std::path::PathBuf>,
+    /// Its weights by name, when trained in the session (plain values, shared with `unet`'s),
+    /// so that it can be saved; `None` when read from `dir`.
+    pub weights: Option<std::sync::Arc<std::collections::BTreeMap<String, Tensor>>>,
 }
 
 impl std::fmt::Debug for TunedUnet {
@@ -46,6 +49,14 @@ pub enum Change {
     DreamBooth { unet: TunedUnet, trigger: String },
 }
 
+/// Where a concept came from, when known: the model it was trained on and for how long.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Origin {
+    /// The fingerprint of that model's UNet.
+    pub base_model: Option<String>,
+    pub train_steps: Option<usize>,
+}
+
 /// A concept of another method, as a session holds it.
 #[derive(Debug, Clone)]
 pub struct Adapted {
@@ -54,6 +65,7 @@ pub struct Adapted {
     /// The class word F sees.
     pub word: String,
     pub change: Change,
+    pub origin: Origin,
 }
 
 impl Adapted {
@@ -77,10 +89,31 @@ impl Adapted {
         }
     }
 
-    /// Writes it in the layout diffusers reads: a learned word as `learned_embeds.safetensors`
+    /// What its files record of it (see [`Provenance`]).
+    pub fn provenance(&self) -> Provenance {
+        let (trigger, rank) = match &self.change {
+            Change::TextualInversion(_) => (None, None),
+            Change::Lora { lora, trigger, .. } => {
+                (trigger.clone(), lora.layers.first().map(|l| l.rank()))
+            }
+            Change::DreamBooth { trigger, .. } => (Some(trigger.clone()), None),
+        };
+        Provenance {
+            method: Some(self.method().to_string()),
+            name: Some(self.name.clone()),
+            word: Some(self.word.clone()),
+            trigger,
+            rank,
+            base_model: self.origin.base_model.clone(),
+            train_steps: self.origin.train_steps,
+        }
+    }
+
+    /// Writes it in the layout diffusers reads: a DreamBooth UNet as a `unet/` folder (see
+    /// [`super::files::write_unet_folder`]), a learned word as `learned_embeds.safetensors`
     /// (`{"<name>": [n, width]}`, what `load_textual_inversion` takes), a LoRA as
     /// `save_lora_weights` writes it (`unet.MODULE.lora.down.weight` / `.lora.up.weight`, for
-    /// `load_lora_weights`). Atomically.
+    /// `load_lora_weights`), with its [`Provenance`] in the metadata. Atomically.
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
         let cpu = |t: &Tensor| -> Result<Tensor> {
             Ok(t.to_dtype(candle_core::DType::F32)?
@@ -92,15 +125,7 @@ impl Adapted {
                 vec![(format!("<{}>", self.name), cpu(&e.vectors)?)],
                 std::collections::HashMap::from([("format".to_string(), "pt".to_string())]),
             ),
-            Change::DreamBooth { unet, .. } => {
-                return Err(crate::error::Error::Unsupported(format!(
-                    "<{}> is a whole UNet, saved as a unet/ folder when it was trained ({})",
-                    self.name,
-                    unet.dir
-                        .as_ref()
-                        .map_or("not saved".into(), |d| d.display().to_string())
-                )))
-            }
+            Change::DreamBooth { unet, .. } => return self.save_unet(unet, path),
             Change::Lora { lora, .. } => {
                 if lora.layout == super::files::LoraLayout::Kohya {
                     return Err(crate::error::Error::Unsupported(format!(
@@ -125,12 +150,53 @@ impl Adapted {
                 (t, std::collections::HashMap::new())
             }
         };
+        let mut meta = meta;
+        meta.extend(self.provenance().to_metadata());
         let bytes = safetensors::serialize(tensors, Some(meta))
             .map_err(|e| crate::error::Error::arg("concept", e.to_string()))?;
         crate::util::fs::write_atomic(path, |w| {
             w.write_all(&bytes)
                 .map_err(|e| crate::error::Error::io(path, e))
         })
+    }
+
+    /// A DreamBooth UNet saved as a `unet/` folder at `dir`: written from the session's
+    /// weights, or copied from the folder it was read from.
+    fn save_unet(&self, unet: &TunedUnet, dir: &std::path::Path) -> Result<()> {
+        use super::files::write_unet_folder;
+        let provenance = self.provenance();
+        if let Some(weights) = &unet.weights {
+            return write_unet_folder(dir, weights.iter(), unet.unet.config(), &provenance);
+        }
+        let Some(from) = &unet.dir else {
+            return Err(crate::error::Error::Internal(format!(
+                "<{}>: a DreamBooth UNet with neither weights nor a folder",
+                self.name
+            )));
+        };
+        if from.canonicalize().ok() == dir.canonicalize().ok() {
+            // Saved where it was read from: only the record changes.
+            return provenance.write_to_folder(dir);
+        }
+        std::fs::create_dir_all(dir).map_err(|e| crate::error::Error::io(dir, e))?;
+        // Every file of the folder (config, weights in whatever variant or shards it has).
+        let entries = std::fs::read_dir(from).map_err(|e| crate::error::Error::io(from, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| crate::error::Error::io(from, e))?;
+            let src = entry.path();
+            if !src.is_file() || entry.file_name() == super::files::DREAMBOOTH_PROVENANCE {
+                continue;
+            }
+            let dst = dir.join(entry.file_name());
+            let mut input =
+                std::fs::File::open(&src).map_err(|e| crate::error::Error::io(&src, e))?;
+            crate::util::fs::write_atomic(&dst, |w| {
+                std::io::copy(&mut input, w)
+                    .map(|_| ())
+                    .map_err(|e| crate::error::Error::io(&src, e))
+            })?;
+        }
+        provenance.write_to_folder(dir)
     }
 
     /// Bytes of its tensors.

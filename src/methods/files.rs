@@ -100,8 +100,147 @@ impl Lora {
     }
 }
 
+/// What our own files record of how a concept was trained: the safetensors metadata of
+/// Textual Inversion and LoRA files (keys `infusion_*`, beside diffusers' `format`), the
+/// `infusion_concept.json` of a DreamBooth `unet/` folder. diffusers and AUTOMATIC1111 ignore
+/// both; other tools' files have none of it, so every field is optional. Loading takes what is
+/// recorded as the defaults of what the request leaves out.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Provenance {
+    /// `textual_inversion`, `lora`, `dreambooth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// What prompts call it: `<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The class word F sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub word: Option<String>,
+    /// The identifier C's prompt puts before the word (LoRA, DreamBooth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+    /// A LoRA's rank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
+    /// The fingerprint of the UNet it was trained on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_steps: Option<usize>,
+}
+
+/// The metadata keys of [`Provenance`] in a safetensors file.
+const PROVENANCE_PREFIX: &str = "infusion_";
+
+/// The file beside a DreamBooth UNet's weights that holds its [`Provenance`].
+pub const DREAMBOOTH_PROVENANCE: &str = "infusion_concept.json";
+
+impl Provenance {
+    /// As safetensors metadata: one `infusion_FIELD` key per recorded field.
+    pub fn to_metadata(&self) -> std::collections::HashMap<String, String> {
+        let json = serde_json::to_value(self).unwrap_or_default();
+        json.as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| {
+                let text = match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (format!("{PROVENANCE_PREFIX}{k}"), text)
+            })
+            .collect()
+    }
+
+    /// What a safetensors file's metadata records (nothing for other tools' files; a number
+    /// that does not parse is left out).
+    pub fn from_metadata(meta: &std::collections::HashMap<String, String>) -> Self {
+        let text = |k: &str| {
+            meta.get(&format!("{PROVENANCE_PREFIX}{k}"))
+                .filter(|v| !v.is_empty())
+                .cloned()
+        };
+        let number = |k: &str| text(k).and_then(|v| v.parse().ok());
+        Self {
+            method: text("method"),
+            name: text("name"),
+            word: text("word"),
+            trigger: text("trigger"),
+            rank: number("rank"),
+            base_model: text("base_model"),
+            train_steps: number("train_steps"),
+        }
+    }
+
+    /// What a DreamBooth `unet/` folder records (nothing when it has no such file).
+    pub fn of_folder(dir: &Path) -> Result<Self> {
+        let path = dir.join(DREAMBOOTH_PROVENANCE);
+        if !path.exists() {
+            return Ok(Self::default());
+        }
+        let text = crate::util::fs::read_regular(&path)?;
+        serde_json::from_slice(&text).map_err(|e| Error::Format {
+            path: path.clone(),
+            msg: format!("not the record of a DreamBooth run: {e}"),
+        })
+    }
+
+    /// Writes it as a DreamBooth `unet/` folder's record, atomically.
+    pub fn write_to_folder(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(DREAMBOOTH_PROVENANCE);
+        let text = serde_json::to_vec_pretty(self).map_err(|e| Error::Internal(e.to_string()))?;
+        crate::util::fs::write_atomic(&path, |w| {
+            w.write_all(&text).map_err(|e| Error::io(&path, e))
+        })
+    }
+}
+
+/// The weights file of a diffusers `unet/` folder.
+pub const UNET_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+
+/// Writes a DreamBooth result as a diffusers `unet/` folder: `config.json` (`config`, whatever
+/// the model's own files were), `diffusion_pytorch_model.safetensors` (f32; what `load_model`'s
+/// folders and diffusers' `UNet2DConditionModel.from_pretrained` read) and beside them
+/// `infusion_concept.json` ([`Provenance`]). Each file atomically.
+pub fn write_unet_folder<'a>(
+    dir: &Path,
+    tensors: impl Iterator<Item = (&'a String, &'a Tensor)>,
+    config: &crate::sd::config::UNetConfig,
+    provenance: &Provenance,
+) -> Result<()> {
+    if dir.is_file() {
+        return Err(Error::arg(
+            "out",
+            format!(
+                "{} is a file: a DreamBooth UNet is saved as a folder",
+                dir.display()
+            ),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tensors = tensors
+        .map(|(k, t)| Ok((k.clone(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(tensors, None)
+        .map_err(|e| Error::Internal(format!("serializing a UNet: {e}")))?;
+    let weights = dir.join(UNET_WEIGHTS);
+    crate::util::fs::write_atomic(&weights, |w| {
+        w.write_all(&bytes).map_err(|e| Error::io(&weights, e))
+    })?;
+    let text = serde_json::to_vec_pretty(&config.to_diffusers_json())
+        .map_err(|e| Error::Internal(format!("a UNet config as JSON: {e}")))?;
+    let out = dir.join("config.json");
+    crate::util::fs::write_atomic(&out, |w| w.write_all(&text).map_err(|e| Error::io(&out, e)))?;
+    provenance.write_to_folder(dir)
+}
+
 /// Reads and sorts the concept file at `path`.
 pub fn read(path: &Path) -> Result<ConceptFile> {
+    Ok(read_with_provenance(path)?.0)
+}
+
+/// [`read`], with what the file records of its training.
+pub fn read_with_provenance(path: &Path) -> Result<(ConceptFile, Provenance)> {
     let data = crate::util::fs::read_regular(path)?;
     let bad = |msg: String| Error::Format {
         path: path.to_path_buf(),
@@ -119,12 +258,12 @@ pub fn read(path: &Path) -> Result<ConceptFile> {
         .get("format")
         .is_some_and(|f| f.starts_with("infusion-concept"))
     {
-        return Ok(ConceptFile::Infusion);
+        return Ok((ConceptFile::Infusion, Provenance::default()));
     }
     let tensors = candle_core::safetensors::load_buffer(&data, &Device::Cpu)
         .map_err(|e| bad(format!("its tensors cannot be read: {e}")))?;
     let tensors: BTreeMap<String, Tensor> = tensors.into_iter().collect();
-    sort(path, tensors)
+    Ok((sort(path, tensors)?, Provenance::from_metadata(&meta)))
 }
 
 /// The kind of file `tensors` (named as in the file at `path`) make.
@@ -326,4 +465,35 @@ fn split_target(layout: LoraLayout, stem: &str) -> Option<(LoraTarget, &str)> {
     }
     // PEFT files saved from the UNet alone name its modules bare.
     (layout != LoraLayout::Kohya).then_some((LoraTarget::Unet, stem))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provenance_goes_through_metadata_and_skips_what_is_unknown() {
+        let p = Provenance {
+            method: Some("lora".into()),
+            name: Some("pot".into()),
+            word: Some("teapot".into()),
+            trigger: Some("sks".into()),
+            rank: Some(4),
+            base_model: Some("sha256:abc".into()),
+            train_steps: Some(300),
+        };
+        let meta = p.to_metadata();
+        assert_eq!(meta["infusion_rank"], "4");
+        assert_eq!(meta["infusion_word"], "teapot");
+        assert_eq!(Provenance::from_metadata(&meta), p);
+        let sparse = Provenance {
+            word: Some("cat".into()),
+            ..Default::default()
+        };
+        assert_eq!(sparse.to_metadata().len(), 1);
+        let mut other = std::collections::HashMap::from([("format".into(), "pt".into())]);
+        assert_eq!(Provenance::from_metadata(&other), Provenance::default());
+        other.insert("infusion_rank".into(), "four".into());
+        assert_eq!(Provenance::from_metadata(&other).rank, None);
+    }
 }

@@ -9,8 +9,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
 
-use super::adapted::{Adapted, Change};
-use super::files::{read, ConceptFile, Embedding, Lora, LoraLayer, LoraLayout, LoraTarget};
+use super::adapted::{Adapted, Change, Origin};
+use super::files::{
+    read, write_unet_folder, ConceptFile, Embedding, Lora, LoraLayer, LoraLayout, LoraTarget,
+    Provenance,
+};
 use super::lora::LoraHook;
 use super::textual_inversion::text_states;
 use crate::error::{Error, Result};
@@ -18,6 +21,7 @@ use crate::job::Job;
 use crate::sd::hook::{BatchLayout, Branch, Guidance, HookCtx};
 use crate::sd::pipeline::StableDiffusion;
 use crate::train::{Batch, Learner, Run, TrainingSet};
+use crate::util::tensors::{plain, plain_values};
 
 /// The DDPM loss of `batch` with text states `states` `(b, tokens, width)` and an optional hook
 /// on every row, through `sd`'s UNet.
@@ -97,21 +101,24 @@ impl LearnedWord {
         })
     }
 
-    /// The word learned in `vars` (a trainer's, of this learner), as a concept of the session.
-    pub fn export(vars: &BTreeMap<String, Var>, name: &str, word: &str) -> Result<Adapted> {
+    /// The word learned in `vars` (a trainer's, of this learner, on `sd`), as a concept of
+    /// the session.
+    pub fn export(
+        sd: &StableDiffusion,
+        vars: &BTreeMap<String, Var>,
+        run: &Run<'_>,
+    ) -> Result<Adapted> {
         let v = vars
             .get(VECTORS)
             .ok_or_else(|| Error::arg("method", "not a Textual Inversion run"))?;
         Ok(Adapted {
-            name: name.to_string(),
-            word: word.to_string(),
+            name: run.name.to_string(),
+            word: run.word.to_string(),
             change: Change::TextualInversion(Embedding {
-                token: format!("<{name}>"),
-                vectors: v
-                    .as_tensor()
-                    .detach()
-                    .to_device(&candle_core::Device::Cpu)?,
+                token: format!("<{}>", run.name),
+                vectors: plain(v.as_tensor())?.to_device(&candle_core::Device::Cpu)?,
             }),
+            origin: origin(sd, run),
         })
     }
 }
@@ -152,9 +159,9 @@ impl Learner for LearnedWord {
     }
 
     /// diffusers' `learned_embeds.safetensors` layout.
-    fn save(&self, _: &StableDiffusion, run: &Run<'_>, dir: &Path, stem: &str) -> Result<PathBuf> {
+    fn save(&self, sd: &StableDiffusion, run: &Run<'_>, dir: &Path, stem: &str) -> Result<PathBuf> {
         let path = dir.join(format!("{stem}.safetensors"));
-        Self::export(&self.vars, run.name, run.word)?.save(&path)?;
+        Self::export(sd, &self.vars, run)?.save(&path)?;
         Ok(path)
     }
 
@@ -165,6 +172,14 @@ impl Learner for LearnedWord {
             }
             _ => Err(not_a(path, "Textual Inversion embedding")),
         }
+    }
+}
+
+/// Where a run's concept comes from: `sd`'s UNet, `run.steps` steps.
+pub fn origin(sd: &StableDiffusion, run: &Run<'_>) -> Origin {
+    Origin {
+        base_model: Some(sd.unet_fingerprint().to_string()),
+        train_steps: Some(run.steps),
     }
 }
 
@@ -211,10 +226,8 @@ impl LoraLearner {
             );
             vars.insert(format!("{module}.lora.up.weight"), Var::from_tensor(&up)?);
         }
-        let initial = vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect();
+        // Owned copies: a detached view would follow the training.
+        let initial = plain_values(&vars)?;
         Ok(Self {
             rank,
             trigger: trigger.to_string(),
@@ -244,33 +257,27 @@ impl LoraLearner {
         }
     }
 
-    /// The LoRA learned in `vars` (a trainer's, of this learner), as a concept of the session
-    /// (strength 1, `trigger` before its word).
+    /// The LoRA learned in `vars` (a trainer's, of this learner, on `sd`), as a concept of the
+    /// session (strength 1, `trigger` before its word).
     pub fn export(
+        sd: &StableDiffusion,
         vars: &BTreeMap<String, Var>,
-        name: &str,
-        word: &str,
+        run: &Run<'_>,
         trigger: &str,
     ) -> Result<Adapted> {
-        let params: BTreeMap<String, Tensor> = vars
-            .iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.clone(),
-                    v.as_tensor()
-                        .detach()
-                        .to_device(&candle_core::Device::Cpu)?,
-                ))
-            })
+        let params: BTreeMap<String, Tensor> = plain_values(vars)?
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_device(&candle_core::Device::Cpu)?)))
             .collect::<Result<_>>()?;
         Ok(Adapted {
-            name: name.to_string(),
-            word: word.to_string(),
+            name: run.name.to_string(),
+            word: run.word.to_string(),
             change: Change::Lora {
                 lora: Self::lora(&params),
                 scale: 1.0,
                 trigger: Some(trigger.to_string()),
             },
+            origin: origin(sd, run),
         })
     }
 }
@@ -309,9 +316,9 @@ impl Learner for LoraLearner {
     }
 
     /// The layout diffusers' `save_lora_weights` writes.
-    fn save(&self, _: &StableDiffusion, run: &Run<'_>, dir: &Path, stem: &str) -> Result<PathBuf> {
+    fn save(&self, sd: &StableDiffusion, run: &Run<'_>, dir: &Path, stem: &str) -> Result<PathBuf> {
         let path = dir.join(format!("{stem}.safetensors"));
-        Self::export(&self.vars, run.name, run.word, &self.trigger)?.save(&path)?;
+        Self::export(sd, &self.vars, run, &self.trigger)?.save(&path)?;
         Ok(path)
     }
 
@@ -350,33 +357,35 @@ impl FullUnet {
         })
     }
 
-    /// Writes the UNet in `vars` (a trainer's, of this learner) as a diffusers `unet/` folder:
-    /// `config.json` (the model's UNet configuration, whatever its files) and
-    /// `diffusion_pytorch_model.safetensors` (f32), which `load_model`'s folders and diffusers'
-    /// `UNet2DConditionModel.from_pretrained` read.
-    pub fn write(sd: &StableDiffusion, vars: &BTreeMap<String, Var>, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let tensors = vars
+    /// Writes the UNet in `vars` (a trainer's, of this learner, on `sd`) as a diffusers `unet/`
+    /// folder ([`write_unet_folder`]), recording the run.
+    pub fn write(
+        sd: &StableDiffusion,
+        vars: &BTreeMap<String, Var>,
+        run: &Run<'_>,
+        trigger: &str,
+        dir: &Path,
+    ) -> Result<()> {
+        let origin = origin(sd, run);
+        let provenance = Provenance {
+            method: Some("dreambooth".into()),
+            name: Some(run.name.to_string()),
+            word: Some(run.word.to_string()),
+            trigger: Some(trigger.to_string()),
+            rank: None,
+            base_model: origin.base_model,
+            train_steps: origin.train_steps,
+        };
+        let tensors: Vec<(&String, Tensor)> = vars
             .iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.clone(),
-                    v.as_tensor()
-                        .to_dtype(DType::F32)?
-                        .to_device(&candle_core::Device::Cpu)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let bytes =
-            safetensors::serialize(tensors, None).map_err(|e| Error::arg("unet", e.to_string()))?;
-        let weights = dir.join("diffusion_pytorch_model.safetensors");
-        crate::util::fs::write_atomic(&weights, |w| {
-            w.write_all(&bytes).map_err(|e| Error::io(&weights, e))
-        })?;
-        let text = serde_json::to_vec_pretty(&sd.unet.config().to_diffusers_json())
-            .map_err(|e| Error::arg("unet", e))?;
-        let out = dir.join("config.json");
-        crate::util::fs::write_atomic(&out, |w| w.write_all(&text).map_err(|e| Error::io(&out, e)))
+            .map(|(k, v)| (k, v.as_tensor().detach()))
+            .collect();
+        write_unet_folder(
+            dir,
+            tensors.iter().map(|(k, t)| (*k, t)),
+            sd.unet.config(),
+            &provenance,
+        )
     }
 }
 
@@ -429,9 +438,9 @@ impl Learner for FullUnet {
     }
 
     /// A diffusers `unet/` folder ([`FullUnet::write`]).
-    fn save(&self, sd: &StableDiffusion, _: &Run<'_>, dir: &Path, stem: &str) -> Result<PathBuf> {
+    fn save(&self, sd: &StableDiffusion, run: &Run<'_>, dir: &Path, stem: &str) -> Result<PathBuf> {
         let path = dir.join(stem);
-        Self::write(sd, &self.vars, &path)?;
+        Self::write(sd, &self.vars, run, &self.trigger, &path)?;
         Ok(path)
     }
 

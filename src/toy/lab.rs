@@ -15,6 +15,7 @@ use crate::sd::config::SchedulerConfig;
 use crate::sd::scheduler::NoiseSchedule;
 use crate::train::optim::AdamW;
 use crate::util::noise::normal;
+use crate::util::tensors::plain_values;
 
 /// DDIM steps of every toy sample.
 pub const SAMPLE_STEPS: usize = 50;
@@ -162,12 +163,6 @@ fn as_vars(params: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Var>> {
         .collect()
 }
 
-fn values(vars: &BTreeMap<String, Var>) -> Result<BTreeMap<String, Tensor>> {
-    vars.iter()
-        .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
-        .collect()
-}
-
 impl Toy {
     /// Trains a foundation of `layout` on its true distribution: every concept's prompt (and,
     /// for the grid, each diversity's prompt half the time, the bare concept's the other half).
@@ -215,7 +210,7 @@ impl Toy {
         )?;
         Ok(Self {
             layout,
-            params: values(&vars)?,
+            params: plain_values(&vars)?,
             steps: opts.steps,
             schedule,
         })
@@ -576,7 +571,7 @@ pub fn customize(toy: &Toy, opts: &CustomizeOptions, job: &Job) -> Result<Custom
         Ok(Customization {
             method: opts.method,
             concept: opts.concept,
-            params: values(vars)?,
+            params: plain_values(vars)?,
             step,
         })
     };

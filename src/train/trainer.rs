@@ -21,6 +21,7 @@ use crate::train::optim::{AdamState, AdamW};
 use crate::train::{Learner, Run};
 use crate::util::fs::write_atomic;
 use crate::util::names::{check_name, check_word};
+use crate::util::tensors::plain_values;
 
 /// Settings of a training run. Defaults follow the paper: AdamW, lr 0.01, batch 4.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -351,12 +352,7 @@ impl<'a> Trainer<'a> {
 
     fn snapshot(&self) -> Result<Snapshot> {
         Ok(Snapshot {
-            params: self
-                .learner
-                .vars()
-                .iter()
-                .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
-                .collect::<Result<_>>()?,
+            params: plain_values(self.learner.vars())?,
             adam: self.adam.state().clone(),
         })
     }
@@ -558,8 +554,8 @@ impl<'a> Trainer<'a> {
         };
         if learner.method() != checkpoint.method {
             return Err(bad(format!(
-                "it is a {} run's, not {}'s",
-                checkpoint.method,
+                "it is {} run's, not {}'s",
+                crate::util::names::with_article(&checkpoint.method),
                 learner.method()
             )));
         }

@@ -94,6 +94,12 @@ pub fn check_writable(path: &Path) -> Result<()> {
         .map_err(|e| Error::io(path, e))
 }
 
+/// Checks that `path`, if it exists, may be replaced (see [`check_writable`], which also
+/// checks its folder by writing a probe: once per folder is enough).
+pub fn check_output(path: &Path) -> Result<()> {
+    check_replaceable(path, &resolve(path))
+}
+
 /// A target that exists must be a file the user may write, and not one marked read-only (no
 /// write permission for anyone: kept even from root, who could write it).
 fn check_replaceable(path: &Path, target: &Path) -> Result<()> {
@@ -107,6 +113,17 @@ fn check_replaceable(path: &Path, target: &Path) -> Result<()> {
             "a folder, not a file",
         ));
     }
+    // A FIFO or device would block the open below, and a rename would replace it by a file.
+    if !meta.is_file() {
+        return Err(io_error(
+            path,
+            std::io::ErrorKind::InvalidInput,
+            &format!(
+                "{}, not a regular file: outputs are regular files (write elsewhere)",
+                special_kind(&meta)
+            ),
+        ));
+    }
     let writable = std::fs::OpenOptions::new().write(true).open(target).is_ok();
     if meta.is_file() && (meta.permissions().readonly() || !writable) {
         return Err(io_error(
@@ -114,6 +131,60 @@ fn check_replaceable(path: &Path, target: &Path) -> Result<()> {
             std::io::ErrorKind::PermissionDenied,
             "read-only: not replaced (make it writable, or write elsewhere)",
         ));
+    }
+    Ok(())
+}
+
+/// What a file that is neither a regular file nor a folder is.
+fn special_kind(meta: &std::fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    let _ = meta;
+    "a special file"
+}
+
+/// Refuses, before any work, an output that is one of the inputs or lies inside an input
+/// folder (a model, an image folder) where a file of that name already exists: writing it
+/// would destroy what the work reads. `inputs` may name files or folders that do not exist.
+pub fn check_not_an_input(outputs: &[&Path], inputs: &[&Path]) -> Result<()> {
+    let inputs: Vec<(PathBuf, &Path)> = inputs
+        .iter()
+        .filter_map(|p| Some((p.canonicalize().ok()?, *p)))
+        .collect();
+    for out in outputs {
+        let Ok(target) = resolve(out).canonicalize() else {
+            continue; // not there: it can be no input
+        };
+        if let Some((_, input)) = inputs
+            .iter()
+            .find(|(full, _)| target == *full || (full.is_dir() && target.starts_with(full)))
+        {
+            let what = if target == resolve(input).canonicalize().unwrap_or_default() {
+                format!("it is the input {}", input.display())
+            } else {
+                format!("it is a file of the input folder {}", input.display())
+            };
+            return Err(io_error(
+                out,
+                std::io::ErrorKind::AlreadyExists,
+                &format!("not replaced: {what} (write elsewhere)"),
+            ));
+        }
     }
     Ok(())
 }
@@ -197,12 +268,41 @@ fn stage(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Resul
         tmp.as_file()
             .set_permissions(old.permissions())
             .map_err(|e| Error::io(path, e))?;
+        keep_owner(path, tmp.as_file(), &old)?;
     }
     Ok(Staged {
         path: path.to_path_buf(),
         target,
         tmp,
     })
+}
+
+/// A replaced file keeps its owner and group (a file written by root in another user's folder
+/// stays theirs); where they cannot be kept, it is not replaced.
+#[cfg(unix)]
+fn keep_owner(path: &Path, tmp: &std::fs::File, old: &std::fs::Metadata) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let new = tmp.metadata().map_err(|e| Error::io(path, e))?;
+    if (new.uid(), new.gid()) == (old.uid(), old.gid()) {
+        return Ok(());
+    }
+    std::os::unix::fs::fchown(tmp, Some(old.uid()), Some(old.gid())).map_err(|e| {
+        io_error(
+            path,
+            e.kind(),
+            &format!(
+                "not replaced: it belongs to user {} group {}, which a new file cannot keep \
+                 ({e})",
+                old.uid(),
+                old.gid()
+            ),
+        )
+    })
+}
+
+#[cfg(not(unix))]
+fn keep_owner(_: &Path, _: &std::fs::File, _: &std::fs::Metadata) -> Result<()> {
+    Ok(())
 }
 
 impl Staged {
@@ -296,6 +396,47 @@ mod tests {
             !dir.path().join("fine.png").exists(),
             "the check leaves nothing"
         );
+    }
+
+    /// Issue 21, item 15: a FIFO or a device given as an output is refused (before it can block
+    /// the open or be replaced by a file), and stays what it was.
+    #[test]
+    fn special_files_are_not_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe.png");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        for target in [fifo.as_path(), Path::new("/dev/null")] {
+            let e = check_writable(target).unwrap_err().to_string();
+            assert!(e.contains("not a regular file"), "{e}");
+            let e = write(target, b"x").unwrap_err().to_string();
+            assert!(e.contains("not a regular file"), "{e}");
+        }
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    }
+
+    /// Issue 21, item 18: outputs that are inputs, or existing files inside an input folder,
+    /// are refused; new files beside them are not.
+    #[test]
+    fn an_input_is_not_an_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let concept = dir.path().join("pot.safetensors");
+        std::fs::write(&concept, b"c").unwrap();
+        let images = dir.path().join("imgs");
+        std::fs::create_dir(&images).unwrap();
+        std::fs::write(images.join("a.png"), b"i").unwrap();
+        let link = dir.path().join("alias.safetensors");
+        std::os::unix::fs::symlink("pot.safetensors", &link).unwrap();
+        let inputs = [concept.as_path(), images.as_path()];
+        for out in [&concept, &images.join("a.png"), &link] {
+            let e = check_not_an_input(&[out], &inputs).unwrap_err().to_string();
+            assert!(e.contains("not replaced: it is"), "{e}");
+        }
+        let fine = [dir.path().join("new.png"), images.join("new.png")];
+        for out in &fine {
+            check_not_an_input(&[out.as_path()], &inputs).unwrap();
+        }
     }
 
     /// Temporary files of a dead process are recognised by name and removed by the next write

@@ -119,14 +119,8 @@ pub fn load_folder(folder: &Path) -> Result<ImageFolder> {
     paths.sort();
     let mut out = ImageFolder::default();
     for p in paths {
-        let loaded = crate::util::fs::check_regular(&p).and_then(|()| {
-            image::open(&p).map_err(|e| Error::Image {
-                path: p.clone(),
-                msg: e.to_string(),
-            })
-        });
-        match loaded {
-            Ok(img) => out.images.push((p, to_rgb_over_white(&img))),
+        match load_image(&p) {
+            Ok(img) => out.images.push((p, img)),
             Err(e) => out.skipped.push(e.to_string()),
         }
     }
@@ -139,12 +133,24 @@ pub fn load_folder(folder: &Path) -> Result<ImageFolder> {
                 out.skipped.join("; ")
             )
         };
-        return Err(Error::Image {
+        // A folder: named as such, not as an image.
+        return Err(Error::Format {
             path: folder.to_path_buf(),
             msg: why,
         });
     }
     Ok(out)
+}
+
+/// One image file as RGB (transparency over white); only a regular file is opened (after
+/// following links; a FIFO would block).
+pub fn load_image(path: &Path) -> Result<RgbImage> {
+    crate::util::fs::check_regular(path)?;
+    let img = image::open(path).map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    Ok(to_rgb_over_white(&img))
 }
 
 /// The images of a folder, as [`load_folder`] reads them, without their paths; each file

@@ -4,6 +4,7 @@
 pub mod fs;
 pub mod image_io;
 pub mod mapped;
+pub mod memory;
 pub mod names;
 pub mod noise;
 pub mod plot;

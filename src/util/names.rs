@@ -27,3 +27,24 @@ pub fn check_word(word: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// `word` after its indefinite article: "an infusion", "a lora".
+pub fn with_article(word: &str) -> String {
+    let vowel = word
+        .chars()
+        .next()
+        .is_some_and(|c| "aeiouAEIOU".contains(c));
+    format!("{} {word}", if vowel { "an" } else { "a" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn articles_follow_the_first_sound() {
+        assert_eq!(with_article("infusion"), "an infusion");
+        assert_eq!(with_article("lora"), "a lora");
+        assert_eq!(with_article("textual_inversion"), "a textual_inversion");
+    }
+}

@@ -553,6 +553,7 @@ fn adapted_concepts_generate_through_the_session_pair() {
             name: "thing".into(),
             word: "cat".into(),
             change: Change::TextualInversion(embedding(&fixture("learned_embeds.safetensors"))),
+            origin: Default::default(),
         }),
         &job,
     );
@@ -565,6 +566,7 @@ fn adapted_concepts_generate_through_the_session_pair() {
                 scale: 1.0,
                 trigger: Some("sks".into()),
             },
+            origin: Default::default(),
         }),
         &job,
     );
@@ -823,6 +825,7 @@ fn fisher_divergence_measures_learned_words_and_loras() {
                 name: "x".into(),
                 word: "cat".into(),
                 change,
+                origin: Default::default(),
             }),
             &job,
         );
@@ -972,6 +975,28 @@ fn dreambooth_trains_generates_saves_and_loads_back() {
         &unet_dir.join("diffusion_pytorch_model.safetensors"),
         &again.join("pot-unet/diffusion_pytorch_model.safetensors"),
     );
+    // Issue 21, item 3: a method named on the command line that is not the checkpoint's is
+    // refused, `infusion` (the default when none is named) as much as any other.
+    for asked in ["infusion", "lora"] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+            .args(["train"])
+            .arg(repo().join("assets/example-concept"))
+            .args(["--name", "pot", "--word", "teapot", "--method", asked])
+            .args(["--train-steps", "3", "--resume"])
+            .arg(dir.path().join("pot-checkpoints/pot-step000001"))
+            .current_dir(&again)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success(),
+            "--method {asked} resumed a dreambooth run: {err}"
+        );
+        assert!(
+            err.contains(&format!("is a dreambooth run's checkpoint, not {asked}'s")),
+            "{err}"
+        );
+    }
     assert!(
         unet_dir.join("config.json").is_file()
             && unet_dir
@@ -1258,11 +1283,7 @@ fn every_method_resumes_from_its_checkpoint_to_the_same_result() {
             folder: repo().join("assets/example-concept"),
             name: "pot".into(),
             word: "teapot".into(),
-            method: if resume.is_some() {
-                Method::Infusion // the checkpoint says which
-            } else {
-                method.clone()
-            },
+            method: method.clone(),
             prior: if resume.is_some() {
                 None
             } else {
@@ -1348,7 +1369,16 @@ fn a_dreambooth_unet_from_a_single_file_model_writes_its_config() {
     let learner = infusion_repl::methods::learners::FullUnet::new(sd, "sks").unwrap();
     let out = dir.path().join("unet");
     use infusion_repl::train::Learner;
-    infusion_repl::methods::learners::FullUnet::write(sd, learner.vars(), &out).unwrap();
+    let options = infusion_repl::train::TrainOptions::default();
+    let run = infusion_repl::train::Run {
+        name: "pot",
+        word: "teapot",
+        steps: 0,
+        options: &options,
+        images: 0,
+    };
+    infusion_repl::methods::learners::FullUnet::write(sd, learner.vars(), &run, "sks", &out)
+        .unwrap();
     let written = UNetConfig::from_file(&out.join("config.json")).unwrap();
     let own = UNetConfig::from_file(&repo().join("models/tiny-sd/unet/config.json")).unwrap();
     assert_eq!(written.to_diffusers_json(), own.to_diffusers_json());

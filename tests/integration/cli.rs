@@ -462,3 +462,220 @@ fn scheduler_flag_picks_the_sampler() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("dpmpp_2m"), "{}", stderr(&o));
 }
+
+/// Issue 21, items 2, 8 and 9: global options before the command; `-n` without `-o` says the
+/// files it writes; errors before any note; a prompt without its command; a misspelt global;
+/// `--no-ema` named; INFUSION_HOME named; `-o` not a PNG name refused.
+#[test]
+fn the_command_line_edges_say_what_they_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let vae = tiny_model_dir().join("vae");
+    let vae = vae.to_str().unwrap();
+    // --vae before and after the command: the same image.
+    for args in [
+        vec![
+            "--vae", vae, "generate", "a cat", "--steps", "1", "--seed", "1", "-o", "a.png",
+        ],
+        vec![
+            "generate", "a cat", "--steps", "1", "--seed", "1", "-o", "b.png", "--vae", vae,
+        ],
+    ] {
+        let o = run(&args, d, &[]);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
+    assert_eq!(
+        std::fs::read(d.join("a.png")).unwrap(),
+        std::fs::read(d.join("b.png")).unwrap()
+    );
+    // `-n 2` without `-o`, image-1.png taken: the note names the files written.
+    std::fs::write(d.join("image-1.png"), b"mine").unwrap();
+    let o = run(&["generate", "a cat", "--steps", "1", "-n", "2"], d, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("image-1.png exists: writing image-1-0.png ... image-1-1.png"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(d.join("image-1-0.png").is_file() && d.join("image-1-1.png").is_file());
+    assert_eq!(std::fs::read(d.join("image-1.png")).unwrap(), b"mine");
+    // A bad setting is the only thing said: no seed, no "image.png exists".
+    let o = run(
+        &["generate", "a cat", "--steps", "1", "--width", "31"],
+        d,
+        &[],
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.contains("width"), "{err}");
+    assert!(!err.contains("seed ") && !err.contains("exists"), "{err}");
+    // `-o x.jpg`: refused, nothing written.
+    let o = run(
+        &["generate", "a cat", "--steps", "1", "-o", "x.jpg"],
+        d,
+        &[],
+    );
+    assert!(
+        stderr(&o).contains("give a name ending in .png"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!d.join("x.jpg").exists());
+    // A prompt without `generate`.
+    let o = run(&["a cat"], d, &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("infusion-repl generate \"a cat\""),
+        "{}",
+        stderr(&o)
+    );
+    // A misspelt global: clap's error with the tool's usage and the option meant.
+    let o = run(&["--modle", "x", "generate", "a cat"], d, &[]);
+    let err = stderr(&o);
+    assert!(
+        err.contains("'--modle'") && err.contains("--model"),
+        "{err}"
+    );
+    assert!(!err.contains("FILE.rhai [ARGS]...\n\nFor"), "{err}");
+    // --no-ema on a folder model is named as given.
+    let o = run(&["--no-ema", "generate", "a cat", "--steps", "1"], d, &[]);
+    assert!(stderr(&o).contains("`--no-ema`"), "{}", stderr(&o));
+    // INFUSION_HOME pointing nowhere is named.
+    let nowhere = d.join("nowhere");
+    let o = run(
+        &["generate", "a cat", "--steps", "1"],
+        d,
+        &[("INFUSION_HOME", &nowhere)],
+    );
+    assert!(stderr(&o).contains("INFUSION_HOME="), "{}", stderr(&o));
+}
+
+/// Issue 21, items 15 and 18: outputs that are inputs, or not regular files, are refused
+/// before any work; a closed stdout or a full device ends quietly or as one error.
+#[test]
+fn outputs_never_replace_inputs_or_special_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let concept = d.join("pot.safetensors");
+    let c = infusion_repl::Concept::zeros(
+        "pot",
+        "teapot",
+        crate::common::tiny().unet.attention_layers(),
+        Some(crate::common::tiny().unet_fingerprint().to_string()),
+    )
+    .unwrap();
+    c.save(&concept, candle_core::DType::F32).unwrap();
+    let before = std::fs::read(&concept).unwrap();
+    let o = run(
+        &[
+            "generate",
+            "a <pot>",
+            "--steps",
+            "1",
+            "--concept",
+            "pot.safetensors",
+            "-o",
+            "pot.safetensors",
+        ],
+        d,
+        &[],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("it is the input"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&concept).unwrap(), before);
+    // The model's own files.
+    let model = d.join("model");
+    crate::common::copy_dir(&tiny_model_dir(), &model);
+    let weights = model.join("unet/diffusion_pytorch_model.safetensors");
+    let model_arg = model.display().to_string();
+    let weights_arg = weights.display().to_string();
+    let o = run(
+        &[
+            "--model",
+            &model_arg,
+            "generate",
+            "x",
+            "--steps",
+            "1",
+            "-o",
+            &weights_arg,
+        ],
+        d,
+        &[],
+    );
+    assert!(
+        stderr(&o).contains("a file of the input folder"),
+        "{}",
+        stderr(&o)
+    );
+    // The training images.
+    let images = d.join("imgs");
+    crate::common::copy_dir(
+        &crate::common::repo().join("assets/example-concept"),
+        &images,
+    );
+    let first = std::fs::read_dir(&images)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let shot = std::fs::read(&first).unwrap();
+    let o = run(
+        &[
+            "train",
+            "imgs",
+            "--name",
+            "pot",
+            "--word",
+            "teapot",
+            "--train-steps",
+            "1",
+            "-o",
+            first.to_str().unwrap(),
+        ],
+        d,
+        &[],
+    );
+    assert!(
+        stderr(&o).contains("a file of the input folder"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(&first).unwrap(), shot);
+    // A FIFO as an output: refused at once, and still a FIFO.
+    let fifo = d.join("pipe.png");
+    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o644) }, 0);
+    let o = run(&["generate", "x", "--steps", "1", "-o", "pipe.png"], d, &[]);
+    assert!(stderr(&o).contains("a FIFO"), "{}", stderr(&o));
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    // A closed pipe on stdout ends quietly, the image written; a full device is one error.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .args(["generate", "x", "--steps", "1", "-o", "piped.png"])
+        .current_dir(d)
+        .env_remove("INFUSION_MODEL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert!(d.join("piped.png").is_file());
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .args(["generate", "x", "--steps", "1", "-o", "full.png"])
+        .current_dir(d)
+        .env_remove("INFUSION_MODEL")
+        .stdout(full)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("standard output"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+}

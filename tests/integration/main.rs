@@ -15,6 +15,7 @@ mod dtype;
 mod evaluation;
 mod first_hour;
 mod fisher;
+mod flows;
 mod fused;
 mod infusion;
 mod loading;

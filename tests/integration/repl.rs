@@ -144,6 +144,32 @@ fn imports_persist_and_load_takes_args() {
     command(&mut p, ":load usage.rhai");
     p.exp_string("error: missing FOLDER").unwrap();
     p.exp_string("usage: usage.rhai FOLDER").unwrap();
+    // Issue 21, item 4: the user's own module, from the current folder; a file :load-ed from
+    // elsewhere imports from its own folder; a missing one names the folders searched.
+    std::fs::write(
+        dir.path().join("mymod.rhai"),
+        "fn hello() { \"hello from \" + \"mymod\" }\n",
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("lib")).unwrap();
+    std::fs::write(
+        dir.path().join("lib/helper.rhai"),
+        "fn twice(x) { 2 * x }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("lib/uses.rhai"),
+        "import \"helper\" as h;\nprint(`helper says ${h::twice(21)}`);\n",
+    )
+    .unwrap();
+    command(&mut p, "import \"mymod\" as my; print(my::hello());");
+    p.exp_string("hello from mymod").unwrap();
+    command(&mut p, ":load lib/uses.rhai");
+    p.exp_string("helper says 42").unwrap();
+    command(&mut p, "import \"nosuchmod\" as n;");
+    p.exp_string("module \"nosuchmod\" not found: no nosuchmod.rhai in")
+        .unwrap();
+    p.exp_string("stdlib").unwrap();
     p.exp_string("infusion> ").unwrap();
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();

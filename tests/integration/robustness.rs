@@ -474,48 +474,102 @@ fn output_locations_are_checked_before_the_work() {
 }
 
 /// SIGTERM stops training as Ctrl-C does: the deltas reached are saved, and the exit status
-/// (143) says the run did not finish.
+/// (143) says the run did not finish. SIGHUP (the terminal closed) is treated the same, with
+/// its own status, 129 (issue 21, item 16: it killed the run with nothing saved).
 #[cfg(unix)]
 #[test]
-fn sigterm_during_training_saves_what_was_learned() {
-    let dir = tempfile::tempdir().unwrap();
-    images(&dir.path().join("imgs"));
-    let child = Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
-        .args([
-            "train",
-            "imgs",
-            "--name",
-            "p",
-            "--word",
-            "pot",
-            "--train-steps",
-            "100000",
-            "--checkpoint-every",
-            "1",
-        ])
-        .current_dir(dir.path())
-        .env_remove("INFUSION_MODEL")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let first = dir.path().join("p-checkpoints/p-step000001.safetensors");
+fn sigterm_or_sighup_during_training_saves_what_was_learned() {
+    for (signal, status) in [("TERM", 143), ("HUP", 129)] {
+        let dir = tempfile::tempdir().unwrap();
+        images(&dir.path().join("imgs"));
+        let child = Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+            .args([
+                "train",
+                "imgs",
+                "--name",
+                "p",
+                "--word",
+                "pot",
+                "--train-steps",
+                "100000",
+                "--checkpoint-every",
+                "1",
+            ])
+            .current_dir(dir.path())
+            .env_remove("INFUSION_MODEL")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for(&dir.path().join("p-checkpoints/p-step000001.safetensors"));
+        signal_child(&child, signal);
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(status), "SIG{signal}: {}", stderr(&o));
+        assert!(stderr(&o).contains("stopped at step"), "{}", stderr(&o));
+        let c = Concept::load(&dir.path().join("p.safetensors")).unwrap();
+        let steps = c.train["steps"].as_u64().unwrap();
+        assert!((1..100000).contains(&steps), "{steps}");
+    }
+}
+
+/// Waits (up to two minutes) for `path` to appear.
+fn wait_for(path: &Path) {
     let start = std::time::Instant::now();
-    while !first.exists() {
+    while !path.exists() {
         assert!(
             start.elapsed() < Duration::from_secs(120),
-            "no step was done"
+            "{} never appeared",
+            path.display()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+}
+
+fn signal_child(child: &std::process::Child, signal: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .status()
         .unwrap();
-    assert!(killed.success());
+    assert!(sent.success());
+}
+
+/// Issue 21, item 16: a signal during a recipe's `train_concept` stops the recipe (it went on
+/// to generate and exited 0), after saving what was learned where it says.
+#[cfg(unix)]
+#[test]
+fn a_signal_during_a_recipes_training_stops_the_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    images(&dir.path().join("imgs"));
+    std::fs::write(
+        dir.path().join("r.rhai"),
+        "let m = load_model();\n\
+         let c = m.train_concept(\"imgs\", \"p\", \"pot\", #{train_steps: 100000, checkpoint_every: 1});\n\
+         print(\"went on \" + \"after the signal\");\n",
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let child = Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .args(["--no-images", "r.rhai"])
+        .current_dir(dir.path())
+        .env_remove("INFUSION_MODEL")
+        .env("XDG_STATE_HOME", &state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&dir.path().join("p-checkpoints/p-step000001.safetensors"));
+    signal_child(&child, "TERM");
     let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(143), "{}", stderr(&o));
-    assert!(stderr(&o).contains("stopped at step"), "{}", stderr(&o));
-    let c = Concept::load(&dir.path().join("p.safetensors")).unwrap();
-    let steps = c.train["steps"].as_u64().unwrap();
-    assert!((1..100000).contains(&steps), "{steps}");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(143), "{err}");
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("went on"),
+        "the recipe went on"
+    );
+    let saved = std::fs::read_dir(state.join("infusion-repl/rescued"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("p-stopped-step"))
+        .unwrap_or_else(|| panic!("nothing saved: {err}"));
+    assert!(err.contains(&saved.display().to_string()), "{err}");
+    assert_eq!(Concept::load(&saved).unwrap().name, "p");
 }

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod docs;
+mod imports;
 mod opts;
 
 use crate::actions::ModelRequest;
@@ -32,12 +33,17 @@ pub struct ScriptConfig {
     pub model: ModelRequest,
     /// Never draw images in the terminal; print their file path.
     pub no_images: bool,
-    /// Where `import "name"` finds the stdlib modules.
+    /// Where `import "name"` finds the stdlib modules (after the importing file's folder, or
+    /// the current folder at the REPL's prompt).
     pub stdlib: PathBuf,
     /// Where `show` writes images it cannot draw.
     pub out_dir: PathBuf,
     /// Draw progress bars.
     pub progress: bool,
+    /// A person at the prompt (the REPL): Ctrl-C during training returns the concept reached
+    /// and the session goes on. Otherwise (a recipe) a signal stops the script once what was
+    /// learned is kept.
+    pub interactive: bool,
 }
 
 impl Default for ScriptConfig {
@@ -52,6 +58,7 @@ impl Default for ScriptConfig {
             stdlib: crate::assets::stdlib(),
             out_dir: PathBuf::from("infusion-out"),
             progress: true,
+            interactive: false,
         }
     }
 }
@@ -117,9 +124,9 @@ pub fn build_engine(session: &Arc<Session>) -> Engine {
     // Native functions are volatile anyway; Simple never calls functions at compile time.
     engine.set_optimization_level(OptimizationLevel::Simple);
     engine.set_max_expr_depths(256, 256);
-    let resolver =
-        rhai::module_resolvers::FileModuleResolver::new_with_path(&session.config.stdlib);
-    engine.set_module_resolver(resolver);
+    engine.set_module_resolver(imports::Imports::new(&session.config.stdlib));
+    // `print` as every output of the tool: a closed pipe is quiet, a full device one error.
+    engine.on_print(|text| crate::app::stdout::line_or_say(text));
     // Long scripts stop at the next operation once the job is cancelled (Ctrl-C).
     let job = session.job.clone();
     engine.on_progress(move |_| {
@@ -208,16 +215,21 @@ fn header(source: &str) -> String {
 /// Runs a recipe file with `args` bound to `ARGS`.
 pub fn run_file(session: &Arc<Session>, path: &Path, args: &[String]) -> Result<(), RunError> {
     let name = path.display().to_string();
-    let source =
-        std::fs::read_to_string(path).map_err(|e| RunError::Failed(format!("{name}: {e}")))?;
+    // A FIFO or device would block: only regular files are read.
+    let bytes = crate::util::fs::read_regular(path).map_err(|e| RunError::Failed(e.to_string()))?;
+    let source = String::from_utf8(bytes).map_err(|_| {
+        RunError::Failed(format!("{name}: not UTF-8 text (a recipe is a text file)"))
+    })?;
     let engine = build_engine(session);
     let mut scope = Scope::new();
     let argv: rhai::Array = args.iter().map(|a| Dynamic::from(a.clone())).collect();
     scope.push("ARGS", argv);
-    let ast = engine.compile(&source).map_err(|e| {
+    let mut ast = engine.compile(&source).map_err(|e| {
         let e: EvalAltResult = e.into();
         RunError::Failed(format_error(&name, &source, &e))
     })?;
+    // Its imports come from its own folder first.
+    ast.set_source(name.as_str());
     engine
         .run_ast_with_scope(&mut scope, &ast)
         .map_err(|e| match api::recipes::usage_of(&e) {

@@ -78,6 +78,11 @@ impl<'a> Opts<'a> {
     }
 
     /// The value given for `key`, else its declared default.
+    /// Whether the call gave `key` (not only its default).
+    pub fn given(&self, key: &str) -> bool {
+        self.map.get(key).is_some_and(|v| !v.is_unit())
+    }
+
     pub fn get(&self, key: &str) -> Option<Dynamic> {
         let given = self.map.get(key).filter(|v| !v.is_unit());
         match given {

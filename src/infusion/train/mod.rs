@@ -20,6 +20,7 @@ use crate::job::Job;
 use crate::sd::attention::{AttnKind, LayerInfo};
 use crate::sd::pipeline::StableDiffusion;
 use crate::train::{Batch, Checkpoint, Learner, Run, TrainOptions, Trainer, TrainingSet};
+use crate::util::tensors::plain_values;
 
 /// The Infusion training loss of one batch: the mean squared error of C's prediction (see
 /// [`eps_pair`]) against `noise`, with the concept's Δs at `positions[row]`. `z0`: scaled clean
@@ -190,9 +191,8 @@ fn concept_of(
         &cross_layers(sd),
         Some(sd.unet_fingerprint().to_string()),
     )?;
-    for (k, v) in vars {
-        c.deltas
-            .insert(k.clone(), v.as_tensor().to_device(&Device::Cpu)?);
+    for (k, v) in plain_values(vars)? {
+        c.deltas.insert(k, v.to_device(&Device::Cpu)?);
     }
     let o = run.options;
     c.train = serde_json::json!({

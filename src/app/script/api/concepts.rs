@@ -162,7 +162,8 @@ fn train(
     let resume = o.string("resume").map(PathBuf::from);
     let mut steps = method.default_steps();
     if let Some(path) = &resume {
-        let (m, ckpt) = rt(actions::resumed_method(path, &method))?;
+        let asked = o.given("method").then_some(&method);
+        let (m, ckpt) = rt(actions::resumed_method(path, asked))?;
         (method, steps) = (m, ckpt.options.steps);
     }
     let batch = o.usize("batch").unwrap_or(d.batch);
@@ -214,9 +215,30 @@ fn train(
         }
         TrainEnd::Cancelled => {
             eprintln!(
-                "stopped at step {}: <{name}> keeps the deltas reached",
+                "stopped at step {}: <{name}> keeps what was learned",
                 t.steps_done
             );
+            if !session.config.interactive {
+                // A recipe stops with the signal, what was learned saved first.
+                let saved = match &concept {
+                    ConceptVal::Infusion(c) => actions::save_stopped(
+                        &actions::LoadedConcept::Infusion(c.clone()),
+                        t.steps_done,
+                    ),
+                    ConceptVal::Adapted(a) => actions::save_stopped(
+                        &actions::LoadedConcept::Adapted(a.clone()),
+                        t.steps_done,
+                    ),
+                };
+                match saved {
+                    Ok(path) => eprintln!("<{name}> is saved as {}", path.display()),
+                    Err(e) => eprintln!("error: {e}"),
+                }
+                return Err(Box::new(rhai::EvalAltResult::ErrorTerminated(
+                    Dynamic::from("cancelled"),
+                    rhai::Position::NONE,
+                )));
+            }
             session.job.reset();
             Ok(concept)
         }

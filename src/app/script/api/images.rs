@@ -80,7 +80,7 @@ pub fn show(session: &Session, img: &Img) -> RhaiResult<()> {
         rt(std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e)))?;
         let path: PathBuf = dir.join(format!("show-{:03}-{}.png", n, std::process::id()));
         rt(img.save(&path))?;
-        println!("{}", path.display());
+        crate::app::stdout::line_or_say(path.display());
         return Ok(());
     }
     let (cols, rows) = terminal_columns();
@@ -117,9 +117,8 @@ fn terminal_columns() -> (u32, u32) {
 }
 
 fn load_image(path: &str) -> RhaiResult<Img> {
-    let p = Path::new(path);
-    let img = image::open(p).map_err(|e| err(format!("image {path}: {e}")))?;
-    Ok(Img::new(img.to_rgb8()))
+    let img = crate::util::image_io::load_image(Path::new(path)).map_err(|e| err(e.to_string()))?;
+    Ok(Img::new(img))
 }
 
 fn register_type(api: &mut Api) {

@@ -279,6 +279,21 @@ pub fn register(api: &mut Api) {
         }))?;
         Ok(path.to_string())
     });
+    let spec = api.declare(
+        FnSpec::new("memory")
+            .sig("memory() -> map")
+            .doc("This process's resident memory in bytes: #{rss: now, peak: the most so far} (Linux; an error elsewhere). What decides whether a model fits the machine.")
+            .example("let m = memory(); print(`peak ${m.peak / 1048576} MiB`);"),
+    );
+    api.func(&spec, || -> RhaiResult<Map> {
+        let m = crate::util::memory::process_memory().ok_or_else(|| {
+            crate::app::script::err("memory(): this system does not report the process's memory")
+        })?;
+        let mut map = Map::new();
+        map.insert("rss".into(), Dynamic::from(m.rss as INT));
+        map.insert("peak".into(), Dynamic::from(m.peak as INT));
+        Ok(map)
+    });
 }
 
 impl std::fmt::Display for Usage {

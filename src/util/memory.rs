@@ -1,0 +1,60 @@
+//! The process's memory as the kernel counts it: resident now and at its peak.
+
+/// Resident memory of this process, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessMemory {
+    /// Resident now (`VmRSS`).
+    pub rss: u64,
+    /// The most resident at any time so far (`VmHWM`, the high-water mark).
+    pub peak: u64,
+}
+
+/// This process's resident memory, where the system reports it (`/proc/self/status` on Linux;
+/// `None` elsewhere).
+pub fn process_memory() -> Option<ProcessMemory> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_status(&status)
+}
+
+/// `VmRSS` and `VmHWM` of a `/proc/PID/status` text (in kB there).
+fn parse_status(status: &str) -> Option<ProcessMemory> {
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    };
+    Some(ProcessMemory {
+        rss: field("VmRSS:")?,
+        peak: field("VmHWM:")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_resident_and_peak_lines() {
+        let text = "Name:\tx\nVmPeak:\t  999 kB\nVmHWM:\t    2048 kB\nVmRSS:\t    1024 kB\n";
+        assert_eq!(
+            parse_status(text),
+            Some(ProcessMemory {
+                rss: 1024 * 1024,
+                peak: 2048 * 1024
+            })
+        );
+        assert_eq!(parse_status("Name:\tx\n"), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn this_process_has_a_peak_at_least_its_resident_memory() {
+        let m = process_memory().expect("Linux reports /proc/self/status");
+        assert!(m.rss > 0 && m.peak >= m.rss, "{m:?}");
+    }
+}
