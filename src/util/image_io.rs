@@ -53,8 +53,15 @@ pub fn encode_png(img: &RgbImage, path: &Path, text: &[(&str, String)]) -> Resul
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     for (k, v) in text {
-        enc.add_text_chunk(k.to_string(), v.clone())
-            .map_err(|e| png_err(e.to_string()))?;
+        // tEXt holds Latin-1 only; other text (a CJK prompt, an emoji, a model path in any
+        // script) goes in an iTXt chunk, UTF-8, which A1111 and PIL read under the same key.
+        let latin1 = v.chars().all(|c| (c as u32) < 0x100);
+        if latin1 {
+            enc.add_text_chunk(k.to_string(), v.clone())
+        } else {
+            enc.add_itxt_chunk(k.to_string(), v.clone())
+        }
+        .map_err(|e| png_err(e.to_string()))?;
     }
     let mut writer = enc.write_header().map_err(|e| png_err(e.to_string()))?;
     writer
@@ -64,7 +71,8 @@ pub fn encode_png(img: &RgbImage, path: &Path, text: &[(&str, String)]) -> Resul
     Ok(bytes)
 }
 
-/// Saves `img` as PNG at `path` (atomically), with `text` as tEXt chunks (keyword, value).
+/// Saves `img` as PNG at `path` (atomically), with `text` as text chunks (keyword, value; tEXt
+/// for Latin-1 text, iTXt for any other).
 pub fn save_png(img: &RgbImage, path: &Path, text: &[(&str, String)]) -> Result<()> {
     let bytes = encode_png(img, path, text)?;
     write_atomic(path, |w| {

@@ -1027,8 +1027,9 @@ fn dreambooth_trains_generates_saves_and_loads_back() {
 
 /// Files we write, read by diffusers (tests/fixtures/baselines/ours: written by our `train
 /// --method lora|textual_inversion`, their diffusers latents by
-/// tools/check_our_files_in_diffusers.py): loaded back by `load_concept`, C generates what
-/// diffusers generates with them (3 DDIM steps, 1e-3 relative).
+/// tools/check_our_files_in_diffusers.py): loaded back by `load_concept` with nothing but the
+/// path (the files record name, word and trigger), C generates what diffusers generates with
+/// them (3 DDIM steps, 1e-3 relative).
 #[test]
 fn files_we_write_give_diffusers_our_images() {
     use infusion_repl::actions::{load_concept, ConceptRequest};
@@ -1043,15 +1044,10 @@ fn files_we_write_give_diffusers_our_images() {
     let g = generation();
     let mut set = ConceptSet::new();
     let job = Job::quiet();
-    for (file, name, trigger) in [
-        ("pot_lora.safetensors", "pot", Some("sks")),
-        ("potword.safetensors", "potword", None),
-    ] {
+    // The files record their name, word and trigger (issue 21, item 5): nothing else is given.
+    for file in ["pot_lora.safetensors", "potword.safetensors"] {
         let req = ConceptRequest {
             path: ours.join(file),
-            name: Some(name.into()),
-            word: Some("teapot".into()),
-            trigger: trigger.map(str::to_string),
             ..Default::default()
         };
         load_concept(&req, Some(sd), &mut set, &job).unwrap();
@@ -1386,4 +1382,113 @@ fn a_dreambooth_unet_from_a_single_file_model_writes_its_config() {
         &out.join("diffusion_pytorch_model.safetensors"),
         &repo().join("models/tiny-sd/unet/diffusion_pytorch_model.safetensors"),
     );
+}
+
+/// Issue 21, items 5 and 7: the TI and LoRA files we write record what they were trained with
+/// (method, name, word, trigger, rank, base model, steps) in their metadata, and loading takes
+/// that as the defaults, so `load_concept(path)` alone gives the trained concept back (it failed
+/// with "holds no class word", and a LoRA lost its trigger). A generation records each
+/// concept's method, word, trigger and scale in its PNG text, and Infusion's replace steps
+/// only when an Infusion concept was used.
+#[test]
+fn our_files_record_their_training_and_generations_record_their_concepts() {
+    use infusion_repl::actions::{
+        load_concept, train_concept, ConceptRequest, LoadedConcept, Method, TrainRequest,
+    };
+    use infusion_repl::methods::adapted::Change;
+    use infusion_repl::methods::files::Provenance;
+    use infusion_repl::train::TrainOptions;
+    use infusion_repl::{generate_infusion, ConceptSet, InfusionOptions};
+    let sd = tiny();
+    let job = Job::quiet();
+    let dir = tempfile::tempdir().unwrap();
+    for (method, file) in [
+        (
+            Method::Lora {
+                rank: 2,
+                trigger: "zwx".into(),
+            },
+            "pot_lora.safetensors",
+        ),
+        (Method::TextualInversion, "pot_ti.safetensors"),
+    ] {
+        let out = dir.path().join(file);
+        let req = TrainRequest {
+            folder: repo().join("assets/example-concept"),
+            name: "pot".into(),
+            word: "teapot".into(),
+            method: method.clone(),
+            prior: None,
+            options: TrainOptions {
+                steps: 2,
+                batch: 1,
+                lr: method.default_lr(1),
+                ..Default::default()
+            },
+            resume: None,
+            out: Some(out.clone()),
+            save_f32: true,
+        };
+        train_concept(sd, &req, &job).unwrap();
+        // The metadata, as any safetensors reader sees it; the file still sorts as before.
+        let bytes = std::fs::read(&out).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let recorded = Provenance::from_metadata(&header.metadata().clone().unwrap());
+        assert_eq!(recorded.method.as_deref(), Some(method.name()));
+        assert_eq!(recorded.word.as_deref(), Some("teapot"));
+        assert_eq!(recorded.name.as_deref(), Some("pot"));
+        assert_eq!(recorded.train_steps, Some(2));
+        assert_eq!(recorded.base_model.as_deref(), Some(sd.unet_fingerprint()));
+        let mut set = ConceptSet::new();
+        let req = ConceptRequest {
+            path: out.clone(),
+            ..Default::default()
+        };
+        let LoadedConcept::Adapted(a) = load_concept(&req, Some(sd), &mut set, &job).unwrap()
+        else {
+            panic!("{file}: not an adapted concept");
+        };
+        assert_eq!((a.name.as_str(), a.word.as_str()), ("pot", "teapot"));
+        assert_eq!(a.origin.train_steps, Some(2));
+        let opts = InfusionOptions {
+            generate: GenerateOptions {
+                steps: 1,
+                seed: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let g = generate_infusion(sd, &set, "a <pot> on a table", &opts, None, &job).unwrap();
+        let text: std::collections::HashMap<&str, String> = g.png_text().into_iter().collect();
+        let params = &text["parameters"];
+        assert!(!params.contains("Infusion replace steps"), "{params}");
+        assert!(!text.contains_key("replace_steps"));
+        match &a.change {
+            Change::Lora { trigger, lora, .. } => {
+                assert_eq!(
+                    trigger.as_deref(),
+                    Some("zwx"),
+                    "the trigger the file records"
+                );
+                assert_eq!(recorded.rank, Some(2));
+                assert_eq!(lora.layers[0].rank(), 2);
+                assert!(
+                    params.contains(r#"Concepts: "<pot> lora (teapot, trigger zwx, scale 1)""#),
+                    "{params}"
+                );
+                assert_eq!(text["custom_prompt"], "a zwx teapot on a table");
+                assert!(
+                    text["concept_details"].contains(r#""trigger":"zwx""#),
+                    "{text:?}"
+                );
+            }
+            Change::TextualInversion(_) => {
+                assert!(
+                    params.contains(r#"Concepts: "<pot> textual_inversion (teapot)""#),
+                    "{params}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -21,16 +21,22 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// The PNG text chunk `key` of `path`.
+/// The PNG text chunk `key` of `path` (tEXt, or iTXt for text outside Latin-1).
 pub(crate) fn png_text(path: &Path, key: &str) -> Option<String> {
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).ok()?));
     let reader = decoder.read_info().ok()?;
-    reader
-        .info()
+    let info = reader.info();
+    let latin1 = info
         .uncompressed_latin1_text
         .iter()
         .find(|t| t.keyword == key)
-        .map(|t| t.text.clone())
+        .map(|t| t.text.clone());
+    latin1.or_else(|| {
+        info.utf8_text
+            .iter()
+            .find(|t| t.keyword == key)
+            .and_then(|t| t.get_text().ok())
+    })
 }
 
 /// Without -o an existing image.png is not overwritten: the next free number is taken and the
@@ -269,4 +275,38 @@ fn images_carry_the_web_uis_parameters() {
             "{f}: {p}"
         );
     }
+}
+
+/// Issue 21, item 17: text outside Latin-1 (a CJK prompt, Greek, an emoji, combining accents)
+/// no longer loses the image at the end: it is written as UTF-8 (iTXt) under the same keys,
+/// and the `parameters` chunk reads back as written.
+#[test]
+fn any_text_is_kept_in_the_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = "a photo of a 猫 and an ελάφι 🐈 by a cafe\u{301}";
+    let o = run(
+        &[
+            "generate",
+            prompt,
+            "--steps",
+            "1",
+            "--seed",
+            "2",
+            "--negative",
+            "ぼやけた",
+            "-o",
+            "u.png",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let p = dir.path().join("u.png");
+    assert_eq!(png_text(&p, "prompt").as_deref(), Some(prompt));
+    let params = png_text(&p, "parameters").unwrap();
+    assert!(
+        params.starts_with(&format!("{prompt}\nNegative prompt: ぼやけた\n")),
+        "{params}"
+    );
+    // Latin-1 text stays in tEXt chunks, where every reader finds it.
+    assert_eq!(png_text(&p, "seed").as_deref(), Some("2"));
 }
