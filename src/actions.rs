@@ -544,6 +544,22 @@ fn resume<'a>(
             Trainer::resume(sd, &ckpt, images, steps, learner, job)?
         }
     };
+    // The run continues under its own name and word: a request's others are said, not lost.
+    {
+        let run = trainer.run_info();
+        for (what, asked, kept) in [
+            ("name", req.name.trim(), run.name),
+            ("word", req.word.trim(), run.word),
+        ] {
+            if !asked.is_empty() && asked != kept {
+                job.warn(format!(
+                    "the {what} {asked:?} is not used: the run resumed is <{}> ({}), and \
+                     keeps its {what} {kept:?}",
+                    run.name, run.word
+                ));
+            }
+        }
+    }
     if let Some((n, weight)) = prior {
         // The class images again (from a cache folder, when the request names one).
         let dir = req.prior.as_ref().and_then(|p| p.dir.as_deref());

@@ -3,9 +3,24 @@
 #[global_allocator]
 static ALLOC: infusion_repl::util::mapped::MappedAlloc = infusion_repl::util::mapped::MappedAlloc;
 
+/// The stack of the thread everything runs on: scripts may nest data up to the engine's limits
+/// (`app::script::ScriptLimits`), and printing, comparing or dropping such data recurses as
+/// deep. Only the pages used are committed.
+const STACK_BYTES: usize = 1 << 30;
+
 fn main() -> std::process::ExitCode {
     keep_freed_memory();
-    infusion_repl::app::cli::run(std::env::args_os())
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let run = std::thread::Builder::new()
+        .name("infusion-repl".into())
+        .stack_size(STACK_BYTES)
+        .spawn(move || infusion_repl::app::cli::run(args));
+    match run.map(|h| h.join()) {
+        Ok(Ok(code)) => code,
+        // The panic was reported by the hook; the thread could not start: run here.
+        Ok(Err(_)) => std::process::ExitCode::from(101),
+        Err(_) => infusion_repl::app::cli::run(std::env::args_os()),
+    }
 }
 
 /// Every tensor op allocates its output, and the sizes repeat each denoising step; glibc hands

@@ -59,6 +59,18 @@ impl BenchOptions {
 
     /// Checks `only` against [`GROUPS`].
     pub fn check(&self) -> Result<()> {
+        if self.steps == 0 {
+            return Err(crate::error::Error::arg(
+                "steps",
+                "must be at least 1 (the text-to-image and pair rows run that many steps)",
+            ));
+        }
+        if self.repeats == 0 {
+            return Err(crate::error::Error::arg(
+                "repeats",
+                "must be at least 1 (each row is the median of that many timed runs)",
+            ));
+        }
         match self.only.iter().find(|g| !GROUPS.contains(&g.as_str())) {
             Some(g) => Err(crate::error::Error::arg(
                 "only",
@@ -158,17 +170,20 @@ fn sync(dev: &Device) -> Result<()> {
 }
 
 /// Median seconds of `repeats` calls of `f` after one warm-up call, and the peak device
-/// memory over the timed calls (where the device reports it).
+/// memory over the timed calls (where the device reports it). A cancelled `job` (Ctrl-C,
+/// SIGTERM) stops it between calls.
 fn time<T>(
     dev: &Device,
     repeats: usize,
+    job: &Job,
     mut f: impl FnMut() -> Result<T>,
 ) -> Result<(f64, Option<u64>)> {
     f()?;
     sync(dev)?;
     crate::sd::device::reset_peak(dev);
-    let mut times = Vec::with_capacity(repeats);
+    let mut times = Vec::with_capacity(repeats.min(1 << 16));
     for _ in 0..repeats.max(1) {
+        job.check()?;
         let t0 = Instant::now();
         f()?;
         sync(dev)?;
@@ -228,7 +243,7 @@ impl Bench<'_> {
             "measuring {name}: 1 warm-up + {} timed run(s)...",
             self.opts.repeats.max(1)
         );
-        let t = time(&self.dev, self.opts.repeats, f)?;
+        let t = time(&self.dev, self.opts.repeats, self.job, f)?;
         self.report
             .rows
             .push(row(name, t, self.opts.repeats, baseline));

@@ -179,6 +179,10 @@ struct GlobalArgs {
     /// REPL and recipes: never draw images in the terminal, print the saved file's path.
     #[arg(long)]
     no_images: bool,
+    /// REPL and recipes: multiply the script engine's data limits (4 Mi array or BLOB
+    /// elements, 1 Mi map entries, 128 MiB of text in one value) by N; 0 lifts them.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    script_limits: usize,
     /// naive (candle's composite ops) or fused (single-kernel attention and group norm + SiLU,
     /// used where nothing trains through them and no attention maps are asked for).
     #[arg(
@@ -894,6 +898,9 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let session = Session::new(ScriptConfig {
         model: global.model_request(),
         no_images: global.no_images,
+        limits: crate::app::script::ScriptLimits {
+            scale: global.script_limits,
+        },
         interactive: command.is_none() && script.is_none(),
         ..ScriptConfig::default()
     });

@@ -287,15 +287,25 @@ fn sort(path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<ConceptFile> {
         return Ok(ConceptFile::Lora(lora(path, tensors)?));
     }
     let as_vectors = |k: &str, t: &Tensor| -> Result<Tensor> {
+        check_float(k, t, &bad)?;
         let t = t.to_dtype(DType::F32)?;
-        match t.rank() {
-            1 => Ok(t.unsqueeze(0)?),
-            2 => Ok(t),
-            _ => Err(bad(format!(
-                "tensor `{k}` has shape {:?}: an embedding is [vectors, width]",
+        let t = match t.rank() {
+            1 => t.unsqueeze(0)?,
+            2 => t,
+            _ => {
+                return Err(bad(format!(
+                    "tensor `{k}` has shape {:?}: an embedding is [vectors, width]",
+                    t.dims()
+                )))
+            }
+        };
+        if t.dim(0)? == 0 || t.dim(1)? == 0 {
+            return Err(bad(format!(
+                "tensor `{k}` has shape {:?}: an embedding holds at least one vector",
                 t.dims()
-            ))),
+            )));
         }
+        Ok(t)
     };
     if let Some(t) = tensors.get("emb_params") {
         let token = path
@@ -374,6 +384,9 @@ fn lora(path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<Lora> {
         })?;
     let kohya = layout == LoraLayout::Kohya;
     let mut layers = vec![];
+    // Every tensor must be read as a factor or an alpha: anything else (a LyCORIS part, a
+    // stray key) would change nothing without a word.
+    let mut used = std::collections::BTreeSet::new();
     for (key, down) in &tensors {
         let Some((_, down_suffix, up_suffix)) =
             factors(key).filter(|f| (f.0 == LoraLayout::Kohya) == kohya)
@@ -407,6 +420,11 @@ fn lora(path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<Lora> {
             ),
             None => None,
         };
+        used.extend([
+            key.clone(),
+            format!("{stem}{up_suffix}"),
+            format!("{stem}.alpha"),
+        ]);
         let (down, up) = (factor(down, key, &bad)?, factor(up, key, &bad)?);
         if down.dims()[0] != up.dims()[1] {
             return Err(bad(format!(
@@ -424,6 +442,31 @@ fn lora(path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<Lora> {
             alpha,
         });
     }
+    let unread: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
+    if let Some(first) = unread.first() {
+        let lycoris = ["hada_", "lokr_", "lora_mid", "dora_scale", ".diff", "oft_"];
+        let shown = unread
+            .iter()
+            .take(3)
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if unread.iter().any(|k| lycoris.iter().any(|p| k.contains(p))) {
+            return Err(bad(format!(
+                "{shown} ({} tensors) belong to a LyCORIS adapter (LoHa, LoKr, LoCon, DoRA, \
+                 OFT), which this tool does not apply: it reads plain LoRA factors",
+                unread.len()
+            )));
+        }
+        // An orphan up factor is said as such below.
+        if !FACTORS.iter().any(|(_, _, up)| first.ends_with(up)) {
+            return Err(bad(format!(
+                "{shown} ({} tensors) are not LoRA factors or alphas, so they would be \
+                 ignored: this tool reads plain LoRA files (of SD1.x)",
+                unread.len()
+            )));
+        }
+    }
     if let Some(orphan) = tensors.keys().find(|k| {
         FACTORS.iter().any(|(_, down, up)| {
             k.ends_with(up) && !tensors.contains_key(&format!("{}{down}", &k[..k.len() - up.len()]))
@@ -434,8 +477,21 @@ fn lora(path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<Lora> {
     Ok(Lora { layout, layers })
 }
 
+/// Refuses a tensor of integers where learned values belong (an I32 factor or vector read as
+/// values is silently wrong).
+fn check_float(key: &str, t: &Tensor, bad: &dyn Fn(String) -> Error) -> Result<()> {
+    if t.dtype().is_float() {
+        return Ok(());
+    }
+    Err(bad(format!(
+        "tensor `{key}` holds {:?} integers, not learned values (floats)",
+        t.dtype()
+    )))
+}
+
 /// A factor as a matrix (`[a, b]`, or a 1x1 convolution's `[a, b, 1, 1]`), in f32.
 fn factor(t: &Tensor, key: &str, bad: &dyn Fn(String) -> Error) -> Result<Tensor> {
+    check_float(key, t, &bad)?;
     let t = t.to_dtype(DType::F32)?;
     match t.dims() {
         [_, _] => Ok(t),

@@ -213,6 +213,18 @@ impl LoraLearner {
         }
         check_trigger(trigger)?;
         let targets = super::lora::targets(sd)?;
+        // A rank past a layer's size adds nothing and its factors can exhaust memory.
+        if let Some(small) = targets.iter().map(|t| t.shape[0].min(t.shape[1])).min() {
+            if rank > small {
+                return Err(Error::arg(
+                    "rank",
+                    format!(
+                        "{rank} is more than the smallest adapted layer's size ({small}): a \
+                         LoRA's rank is at most that (diffusers' default is 4)"
+                    ),
+                ));
+            }
+        }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut vars = BTreeMap::new();
         for t in &targets {

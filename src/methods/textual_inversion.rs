@@ -63,7 +63,20 @@ pub fn text_states_with(
     hook: Option<&dyn ModuleHook>,
 ) -> Result<Tensor> {
     let te = &sd.text_encoder;
+    // Room for the learned words between the start and end tokens.
+    let room = tokens.ids.len().saturating_sub(2);
     for (_, e) in words {
+        let n = e.vectors.dims2()?.0;
+        if n == 0 || n > room {
+            return Err(Error::arg(
+                "embedding",
+                format!(
+                    "`{}` holds {n} vectors: a learned word takes 1 to {room} (a prompt's room \
+                     for tokens)",
+                    e.token
+                ),
+            ));
+        }
         let width = e.vectors.dims2()?.1;
         if width != te.hidden_size() {
             return Err(Error::arg(

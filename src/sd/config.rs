@@ -28,6 +28,14 @@ impl<T: Copy> PerBlock<T> {
         }
     }
 
+    /// The largest value over `n` blocks.
+    fn max_value(&self, n: usize) -> T
+    where
+        T: Ord + Default,
+    {
+        (0..n).map(|i| self.get(i)).max().unwrap_or_default()
+    }
+
     fn check_len(&self, n: usize, name: &str) -> std::result::Result<(), String> {
         match self {
             PerBlock::Many(v) if v.len() != n => Err(format!(
@@ -240,6 +248,34 @@ impl UNetConfig {
         if self.norm_num_groups == 0 {
             return Err("norm_num_groups is 0".into());
         }
+        check_sizes(&[
+            ("the number of blocks", n, MAX_BLOCKS),
+            (
+                "layers_per_block",
+                self.layers_per_block.max_value(n),
+                MAX_LAYERS,
+            ),
+            (
+                "transformer_layers_per_block",
+                self.transformer_layers_per_block.max_value(n),
+                MAX_LAYERS,
+            ),
+            (
+                "block_out_channels",
+                self.block_out_channels.iter().copied().max().unwrap_or(0),
+                MAX_WIDTH,
+            ),
+            (
+                "cross_attention_dim",
+                self.cross_attention_dim.max_value(n),
+                MAX_WIDTH,
+            ),
+            (
+                "sample_size",
+                self.sample_size.unwrap_or(1),
+                MAX_SAMPLE_SIZE,
+            ),
+        ])?;
         if self.sample_size == Some(0) {
             return Err("sample_size is 0: the native latent size must be at least 1".into());
         }
@@ -314,6 +350,28 @@ impl UNetConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// Bounds far past any SD1.x model (SD1.5: 4 blocks of 2 layers, 1280 channels, 12 text
+/// layers, 1000 timesteps), so that a config asking for absurd sizes is refused before it
+/// builds (or tries to allocate) anything.
+const MAX_BLOCKS: usize = 8;
+const MAX_LAYERS: usize = 16;
+const MAX_WIDTH: usize = 16384;
+const MAX_SAMPLE_SIZE: usize = 1024;
+const MAX_TEXT_LAYERS: usize = 128;
+const MAX_VOCAB: usize = 1 << 20;
+const MAX_POSITIONS: usize = 4096;
+const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
+/// The first `(name, value, max)` whose value is past its bound, as an error.
+fn check_sizes(sizes: &[(&str, usize, usize)]) -> std::result::Result<(), String> {
+    match sizes.iter().find(|(_, v, max)| v > max) {
+        Some((name, v, max)) => Err(format!(
+            "{name} is {v}: at most {max} is accepted (far past any SD1.x model)"
+        )),
+        None => Ok(()),
     }
 }
 
@@ -402,6 +460,15 @@ impl VaeConfig {
         if self.norm_num_groups == 0 {
             return Err("norm_num_groups is 0".into());
         }
+        check_sizes(&[
+            ("the number of blocks", n, MAX_BLOCKS),
+            ("layers_per_block", self.layers_per_block, MAX_LAYERS),
+            (
+                "block_out_channels",
+                self.block_out_channels.iter().copied().max().unwrap_or(0),
+                MAX_WIDTH,
+            ),
+        ])?;
         if let Some(c) = self
             .block_out_channels
             .iter()
@@ -459,6 +526,25 @@ impl TextEncoderConfig {
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let cfg: Self = read_json(path)?;
+        if cfg.num_hidden_layers == 0 {
+            return Err(Error::config(
+                path,
+                "num_hidden_layers is 0: the text encoder would hand the token embeddings on \
+                 untransformed",
+            ));
+        }
+        check_sizes(&[
+            ("num_hidden_layers", cfg.num_hidden_layers, MAX_TEXT_LAYERS),
+            ("hidden_size", cfg.hidden_size, MAX_WIDTH),
+            ("intermediate_size", cfg.intermediate_size, 8 * MAX_WIDTH),
+            ("vocab_size", cfg.vocab_size, MAX_VOCAB),
+            (
+                "max_position_embeddings",
+                cfg.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
+        ])
+        .map_err(|msg| Error::config(path, msg))?;
         if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
         {
             return Err(Error::config(
@@ -551,6 +637,17 @@ impl SchedulerConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.num_train_timesteps == 0 {
             return Err("num_train_timesteps is 0".into());
+        }
+        check_sizes(&[(
+            "num_train_timesteps",
+            self.num_train_timesteps,
+            MAX_TRAIN_TIMESTEPS,
+        )])?;
+        if self.steps_offset >= self.num_train_timesteps {
+            return Err(format!(
+                "steps_offset {} is past the {} training timesteps (SD1.x uses 1)",
+                self.steps_offset, self.num_train_timesteps
+            ));
         }
         if !matches!(
             self.beta_schedule.as_str(),

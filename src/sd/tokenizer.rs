@@ -251,7 +251,20 @@ impl ClipTokenizer {
 fn bpe_files(dir: &Path) -> Result<tokenizers::models::bpe::BpeBuilder> {
     let vocab = dir.join("vocab.json");
     let merges = dir.join("merges.txt");
+    let no_merges = |path: &Path| Error::Tokenizer {
+        path: path.to_path_buf(),
+        msg: "it holds no merges: every word would split into single characters (a CLIP \
+              tokenizer has 48894)"
+            .into(),
+    };
     if vocab.is_file() && merges.is_file() {
+        let text = crate::util::fs::read_regular(&merges)?;
+        let any = String::from_utf8_lossy(&text)
+            .lines()
+            .any(|l| !l.trim().is_empty() && !l.starts_with("#version"));
+        if !any {
+            return Err(no_merges(&merges));
+        }
         return Ok(BPE::from_file(
             &vocab.to_string_lossy(),
             &merges.to_string_lossy(),
@@ -301,6 +314,9 @@ fn bpe_files(dir: &Path) -> Result<tokenizers::models::bpe::BpeBuilder> {
         })
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| bad("a merge is neither \"a b\" nor [a, b]".into()))?;
+    if merges.is_empty() {
+        return Err(no_merges(&json));
+    }
     Ok(BPE::builder().vocab_and_merges(vocab, merges))
 }
 

@@ -997,6 +997,28 @@ fn dreambooth_trains_generates_saves_and_loads_back() {
             "{err}"
         );
     }
+    // Issue 21, item 20: a name and word other than the run's are said, not silently dropped.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .args(["train"])
+        .arg(repo().join("assets/example-concept"))
+        .args(["--name", "other", "--word", "kettle", "--train-steps", "2"])
+        .arg("--resume")
+        .arg(dir.path().join("pot-checkpoints/pot-step000001"))
+        .arg("-o")
+        .arg(again.join("renamed-unet"))
+        .current_dir(&again)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    for (what, asked) in [("name", "other"), ("word", "kettle")] {
+        assert!(
+            err.contains(&format!(
+                "the {what} \"{asked}\" is not used: the run resumed is <pot> (teapot)"
+            )),
+            "{err}"
+        );
+    }
     assert!(
         unet_dir.join("config.json").is_file()
             && unet_dir

@@ -18,6 +18,7 @@ mod fisher;
 mod flows;
 mod fused;
 mod infusion;
+mod limits;
 mod loading;
 mod metrics;
 mod model_files;

@@ -40,6 +40,8 @@ pub struct ScriptConfig {
     pub out_dir: PathBuf,
     /// Draw progress bars.
     pub progress: bool,
+    /// How much data a script may hold (see [`ScriptLimits`]).
+    pub limits: ScriptLimits,
     /// A person at the prompt (the REPL): Ctrl-C during training returns the concept reached
     /// and the session goes on. Otherwise (a recipe) a signal stops the script once what was
     /// learned is kept.
@@ -58,8 +60,43 @@ impl Default for ScriptConfig {
             stdlib: crate::assets::stdlib(),
             out_dir: PathBuf::from("infusion-out"),
             progress: true,
+            limits: ScriptLimits::default(),
             interactive: false,
         }
+    }
+}
+
+/// The engine's limits, which keep a runaway script (a string doubled in a loop, `blob(1e11)`,
+/// arrays nested without end) an error instead of the end of the process: at most
+/// [`ScriptLimits::ARRAY`] array or BLOB elements in one value (nested ones counted),
+/// [`ScriptLimits::MAP`] map entries, [`ScriptLimits::STRING`] bytes of text, each times
+/// `scale` (`--script-limits N`; 0 lifts them), and 256 levels of calls and of expression
+/// nesting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScriptLimits {
+    pub scale: usize,
+}
+
+impl ScriptLimits {
+    pub const ARRAY: usize = 4 << 20;
+    pub const MAP: usize = 1 << 20;
+    pub const STRING: usize = 128 << 20;
+    pub const CALL_LEVELS: usize = 256;
+    pub const EXPR_DEPTH: usize = 256;
+
+    fn apply(self, engine: &mut Engine) {
+        let scaled = |n: usize| n.saturating_mul(self.scale);
+        engine.set_max_array_size(scaled(Self::ARRAY));
+        engine.set_max_map_size(scaled(Self::MAP));
+        engine.set_max_string_size(scaled(Self::STRING));
+        engine.set_max_call_levels(Self::CALL_LEVELS);
+        engine.set_max_expr_depths(Self::EXPR_DEPTH, Self::EXPR_DEPTH);
+    }
+}
+
+impl Default for ScriptLimits {
+    fn default() -> Self {
+        Self { scale: 1 }
     }
 }
 
@@ -123,7 +160,7 @@ pub fn build_engine(session: &Arc<Session>) -> Engine {
     let mut engine = Engine::new();
     // Native functions are volatile anyway; Simple never calls functions at compile time.
     engine.set_optimization_level(OptimizationLevel::Simple);
-    engine.set_max_expr_depths(256, 256);
+    session.config.limits.apply(&mut engine);
     engine.set_module_resolver(imports::Imports::new(&session.config.stdlib));
     // `print` as every output of the tool: a closed pipe is quiet, a full device one error.
     engine.on_print(|text| crate::app::stdout::line_or_say(text));

@@ -55,6 +55,29 @@ fn images_of(arr: Array, func: &str) -> RhaiResult<Vec<Img>> {
         .collect()
 }
 
+/// Refuses a grid of `images` in rows of `cols`, `gap` pixels apart, whose canvas would be
+/// past [`crate::util::image_io::MAX_SIDE`] (a huge gap wrapped around `u32` and gave an
+/// image) or the machine's memory. Labels are allowed 200 pixels a row.
+fn check_grid(func: &str, images: &[Img], cols: usize, gap: usize, labels: bool) -> RhaiResult<()> {
+    if cols == 0 || images.is_empty() {
+        return Ok(()); // the layout's own error says which
+    }
+    let cols = cols.min(images.len()) as u64;
+    let rows = (images.len() as u64).div_ceil(cols);
+    let cw = images.iter().map(|i| i.rgb.width()).max().unwrap_or(0) as u64;
+    let ch = images.iter().map(|i| i.rgb.height()).max().unwrap_or(0) as u64;
+    let gap = gap as u64;
+    let label = if labels { 200 } else { 0 };
+    let width = cols.saturating_mul(cw.saturating_add(gap));
+    let height = rows.saturating_mul(ch.saturating_add(label).saturating_add(gap));
+    rt(crate::util::image_io::check_canvas(
+        &format!("{func}'s image"),
+        width,
+        height,
+        3,
+    ))
+}
+
 /// A composite of `images`: it carries the text chunks of the first that has any (the
 /// generation it shows), as the web UI's grids carry their first image's parameters.
 fn composite(
@@ -150,15 +173,15 @@ fn register_type(api: &mut Api) {
             .example("show(g.custom.resize(128, 128));"),
     );
     api.func(&spec, |i: &mut Img, w: INT, h: INT| -> RhaiResult<Img> {
-        if w <= 0 || h <= 0 || w > u32::MAX as INT || h > u32::MAX as INT {
+        if w <= 0 || h <= 0 {
             return Err(err(format!("resize: {w}x{h} is not a size")));
         }
         // The resized image and the filter's intermediate rows, in f32.
-        rt(crate::sd::device::ensure_fits(
-            "width",
-            &format!("a {w}x{h} image"),
-            w as u128 * h as u128 * 3 * 5,
-            &candle_core::Device::Cpu,
+        rt(crate::util::image_io::check_canvas(
+            "the resized image",
+            w as u64,
+            h as u64,
+            3 * 5,
         ))?;
         let r = image::imageops::resize(
             &*i.rgb,
@@ -178,7 +201,9 @@ fn register_composition(api: &mut Api, session: &Arc<Session>) {
             .example("show(hstack([g.base, g.custom]));"),
     );
     api.func(&spec, |arr: Array| -> RhaiResult<Img> {
-        composite(&images_of(arr, "hstack")?, crate::util::image_io::hstack)
+        let images = images_of(arr, "hstack")?;
+        check_grid("hstack", &images, images.len().max(1), 0, false)?;
+        composite(&images, crate::util::image_io::hstack)
     });
     let spec = api.declare(
         FnSpec::new("grid")
@@ -193,7 +218,9 @@ fn register_composition(api: &mut Api, session: &Arc<Session>) {
         if cols <= 0 {
             return Err(err(format!("grid: {cols} columns")));
         }
-        composite(&images_of(arr, "grid")?, |rgb| {
+        let images = images_of(arr, "grid")?;
+        check_grid("grid", &images, cols as usize, 0, false)?;
+        composite(&images, |rgb| {
             crate::util::image_io::grid(rgb, cols as usize)
         })
     });
@@ -206,8 +233,11 @@ fn register_composition(api: &mut Api, session: &Arc<Session>) {
                 return Err(err(format!("grid: {cols} columns")));
             }
             let labels = o.strings("labels").unwrap_or_default();
-            let gap = o.usize("gap").unwrap_or(4) as u32;
-            composite(&images_of(arr, "grid")?, |rgb| {
+            let gap = o.usize("gap").unwrap_or(4);
+            let images = images_of(arr, "grid")?;
+            check_grid("grid", &images, cols as usize, gap, !labels.is_empty())?;
+            let gap = gap as u32;
+            composite(&images, |rgb| {
                 crate::util::text_render::labelled_grid(
                     rgb,
                     cols as usize,
