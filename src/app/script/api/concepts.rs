@@ -250,12 +250,12 @@ fn load_spec() -> FnSpec {
     FnSpec::new("load_concept")
         .sig("load_concept(path) -> Concept")
         .sig("load_concept(path, options) -> Concept")
-        .doc("Loads a concept file into the session, checked against the loaded model: ours (infusion-concept/1; one trained on another model is refused unless forced), a Textual Inversion embedding (diffusers' learned_embeds.safetensors or AUTOMATIC1111's) or a LoRA (diffusers', PEFT's or kohya's layout). The format is told from the tensors' names; TI and LoRA files need the class word F sees. A diffusers unet/ folder (DreamBooth's result) loads as a concept whose C runs that UNet.")
+        .doc("Loads a concept file into the session, checked against the loaded model: ours (infusion-concept/1; one trained on another model is refused unless forced), a Textual Inversion embedding (diffusers' learned_embeds.safetensors or AUTOMATIC1111's) or a LoRA (diffusers', PEFT's or kohya's layout). The format is told from the tensors' names. Files this tool wrote record their name, class word and trigger, and those are the defaults; other tools' TI and LoRA files need the class word F sees. A diffusers unet/ folder (DreamBooth's result) loads as a concept whose C runs that UNet.")
         .opt("force", Kind::Bool, false, "use an Infusion concept even if it was trained on another model")
-        .opt_unset("name", Kind::Str, "TI and LoRA: what prompts call it (default: the embedding's token, the LoRA file's name)")
-        .opt_unset("word", Kind::Str, "TI and LoRA: the class word F sees in its place (required)")
+        .opt_unset("name", Kind::Str, "what prompts call it (default: the name the file records, else the embedding's token, the LoRA file's or folder's name, an Infusion concept's own)")
+        .opt_unset("word", Kind::Str, "TI, LoRA, DreamBooth: the class word F sees in its place (default: the one the file records; required for other tools' files)")
         .opt_unset("scale", Kind::Float, "LoRA: its strength (default 1.0)")
-        .opt_unset("trigger", Kind::Str, "LoRA: the identifier C's prompt puts before the word, e.g. \"sks\"")
+        .opt_unset("trigger", Kind::Str, "LoRA, DreamBooth: the identifier C's prompt puts before the word, e.g. \"sks\" (default: the one the file records)")
         .example("load_concept(\"mycat.safetensors\"); load_concept(\"pot_lora.safetensors\", #{word: \"teapot\", trigger: \"sks\", scale: 0.8});")
 }
 
