@@ -64,6 +64,11 @@ fn text_trajectories(branches: &[Branch]) -> Vec<Trajectory> {
         .collect()
 }
 
+/// The first step's cross-attention probabilities of the 5-step schedule (t=801) match
+/// reference/attention.safetensors within 1e-4 relative, and each row sums to one within 1e-5.
+/// The run is stopped by its progress callback after step 0: it must end with
+/// `Error::Cancelled` (the callback's error passed through, not a result or another error), and
+/// the hook must have seen exactly the reference's layers.
 #[test]
 fn first_step_cross_attention_probabilities_match_reference() {
     let r = reference("attention.safetensors");
@@ -74,7 +79,7 @@ fn first_step_cross_attention_probabilities_match_reference() {
         branch: F,
         maps: Mutex::new(HashMap::new()),
     };
-    let _ = tiny().denoise(
+    let run = tiny().denoise(
         &init,
         &text_trajectories(&[F]),
         &infusion_repl::GenerateOptions {
@@ -91,6 +96,11 @@ fn first_step_cross_attention_probabilities_match_reference() {
                 Ok(())
             }
         },
+    );
+    assert!(
+        matches!(run, Err(infusion_repl::Error::Cancelled)),
+        "a run stopped after its first step must end Cancelled, got {:?}",
+        run.map(|l| l.len())
     );
     let maps = hook5.maps.into_inner().unwrap();
     assert_eq!(maps.len(), r.len());

@@ -1,7 +1,7 @@
 //! Latent Fisher divergence: exactly 0 where the variants agree, > 0 and equal to a direct
 //! computation where they do not, a standard error that shrinks with samples.
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use infusion_repl::metrics::fisher::{
     fisher_divergence, fisher_inputs, unet_from_file, FisherOptions, Variant,
 };
@@ -133,6 +133,9 @@ fn other_weights_give_the_directly_computed_value() {
     );
 }
 
+/// Fisher divergence from the base to a concept set: the same sample count gives bit-identical
+/// values; 32 samples give a smaller standard error than 4; with training images (their
+/// latents as the clean samples) the mean is positive and differs from the text-only mean.
 #[test]
 fn deterministic_and_the_standard_error_shrinks_with_samples() {
     let sd = tiny();
@@ -180,5 +183,4 @@ fn deterministic_and_the_standard_error_shrinks_with_samples() {
     )
     .unwrap();
     assert!(f.mean > 0.0 && f.mean != small.mean);
-    let _ = DType::F32;
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use infusion_repl::infusion::maps::AttentionMaps;
 use infusion_repl::{generate_infusion, Concept, ConceptSet, InfusionOptions, Job, Stream};
 
@@ -202,6 +202,11 @@ fn unknown_and_truncated_concepts_are_errors() {
     );
 }
 
+/// The maps captured in a 5-step Infusion generation: F's head-mean map of every layer at step
+/// 0 matches reference/attention.safetensors within 1e-4 relative; C's maps equal F's exactly
+/// (replace_steps 1.0); the 8x8 aggregate's rows sum to one within 1e-5; a token overlay
+/// changes the image; the saved file holds 2 streams x layers x 6 maps, the mid block's F map
+/// of step 0 at (8, 8, 77).
 #[test]
 fn captured_maps_match_reference_and_c_uses_f_maps() {
     let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
@@ -257,7 +262,6 @@ fn captured_maps_match_reference_and_c_uses_f_maps() {
     let key = "F/mid_block.attentions.0.transformer_blocks.0.attn2/step0";
     assert_eq!(back[key].dims(), [8, 8, 77]);
     assert_eq!(back.len(), 2 * r.len() * 6);
-    let _ = DType::F32;
 }
 
 #[test]

@@ -9,21 +9,47 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use infusion_repl::infusion::concept::Concept;
 use infusion_repl::{
-    generate_infusion, ConceptSet, InfusionOptions, Job, LoadOptions, StableDiffusion,
+    generate_infusion, ConceptSet, GenerateOptions, InfusionOptions, Job, LoadOptions,
+    StableDiffusion,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::common::{tiny, tiny_model_dir};
+use crate::common::{max_abs, tiny, tiny_model_dir};
 
-/// Runs `f`, failing the test if it panics; returns whether it succeeded.
-fn no_panic<T>(what: &str, f: impl FnOnce() -> infusion_repl::Result<T>) -> bool {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(r) => r.is_ok(),
-        Err(_) => panic!("panicked: {what}"),
+/// Runs `f`, failing the test if it panics; returns its result.
+fn no_panic<T>(
+    what: &str,
+    f: impl FnOnce() -> infusion_repl::Result<T>,
+) -> infusion_repl::Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| panic!("panicked: {what}"))
+}
+
+/// Asserts that `image` is one `(1, 3, size, size)` image, every value finite and in [0, 1].
+#[track_caller]
+fn assert_sane_image(image: &Tensor, size: usize, what: &str) {
+    assert_eq!(image.dims(), [1, 3, size, size], "{what}: shape");
+    let v: Vec<f32> = image.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(
+        v.iter().all(|x| x.is_finite() && (0.0..=1.0).contains(x)),
+        "{what}: values outside [0, 1] or not finite"
+    );
+}
+
+/// Asserts that `e` is a clear refusal: a message that is not blank and contains each
+/// of `names`.
+#[track_caller]
+fn assert_refusal(e: &infusion_repl::Error, names: &[&str], what: &str) {
+    let msg = e.to_string();
+    assert!(!msg.trim().is_empty(), "{what}: empty error ({e:?})");
+    for n in names {
+        assert!(
+            msg.contains(n),
+            "{what}: the error does not name {n:?}: {msg}"
+        );
     }
 }
 
@@ -34,6 +60,33 @@ fn concept() -> Concept {
         *d = infusion_repl::util::noise::seeded_noise(i as u64, d.dims()).unwrap();
     }
     c
+}
+
+/// A concept file's bytes with the header in one fixed form (keys sorted, padded with spaces).
+/// The library writes the metadata from a `HashMap`, in an order that changes from run to run;
+/// the seeded mutations must hit the same bytes in every run.
+fn canonical(bytes: &[u8]) -> Vec<u8> {
+    use std::collections::BTreeMap;
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let h: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let h: BTreeMap<String, serde_json::Value> = h
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                serde_json::Value::Object(m) => {
+                    serde_json::to_value(m.into_iter().collect::<BTreeMap<_, _>>()).unwrap()
+                }
+                v => v,
+            };
+            (k, v)
+        })
+        .collect();
+    let mut hb = serde_json::to_vec(&h).unwrap();
+    hb.resize(hb.len().div_ceil(8) * 8, b' ');
+    let mut out = (hb.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&hb);
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
 }
 
 /// One random change to a concept file's bytes: flipped bytes, a cut, garbage at the end, or a
@@ -82,35 +135,145 @@ fn mutate(bytes: &[u8], rng: &mut ChaCha8Rng) -> Vec<u8> {
     b
 }
 
-/// Mutated concept files load or are refused, never panic; what loads is usable.
+/// Mutated concept files load or are refused, never panic. A refusal names the file. What
+/// loads holds only finite, non-empty Δs and is usable: either the model refuses it
+/// (`check_model`, forced past a base-model mismatch) with an error naming `<name>`, or a
+/// 1-step Infusion generation of `a <name>` gives a finite F and C image of the model's size in
+/// [0, 1] with the concept used. The one exception: a flipped exponent bit can leave a finite
+/// but huge Δ (the file's are N(0, 1) draws, |Δ| < 10); with any |Δ| > 100 the generation may
+/// instead be refused as `Error::NotFinite`, the error that names the stage that overflowed.
+/// More than half of the 200 mutations must be refused (most break the file), and some must
+/// generate (or the "usable" half tested nothing).
 #[test]
 fn mutated_concepts_never_panic() {
-    let bytes = concept().to_bytes(DType::F32).unwrap();
+    let mut original = concept();
+    assert!(original.deltas.values().all(|d| max_abs(d) < 10.0));
+    original.created = "2026-01-01T00:00:00Z".into();
+    let bytes = canonical(&original.to_bytes(DType::F32).unwrap());
+    Concept::from_bytes(&bytes, Path::new("m.safetensors")).expect("the unmutated file loads");
+    let size = tiny().default_size();
+    let mut o = InfusionOptions::default();
+    o.generate.steps = 1;
     let mut rng = ChaCha8Rng::seed_from_u64(10);
-    let (mut loaded, mut refused) = (0, 0);
+    let (mut generated, mut overflowed, mut misfit, mut refused) = (0, 0, 0, 0);
     for i in 0..200 {
         let m = mutate(&bytes, &mut rng);
         let r = catch_unwind(|| Concept::from_bytes(&m, Path::new("m.safetensors")))
             .unwrap_or_else(|_| panic!("mutation {i} panicked"));
-        match r {
-            Ok(c) => {
-                loaded += 1;
-                let ok = no_panic("check", || {
-                    c.check_model(tiny().unet.attention_layers(), "x", true)
-                });
-                let _ = ok;
-            }
+        let c = match r {
+            Ok(c) => c,
             Err(e) => {
                 refused += 1;
-                assert!(e.to_string().contains("m.safetensors"), "{e}");
+                assert_refusal(&e, &["m.safetensors"], &format!("mutation {i}"));
+                continue;
+            }
+        };
+        let mut largest = 0f32;
+        for (k, d) in &c.deltas {
+            let v: Vec<f32> = d.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(
+                !v.is_empty() && v.iter().all(|x| x.is_finite()),
+                "mutation {i}: loaded with an empty or non-finite Δ `{k}`"
+            );
+            largest = v.iter().fold(largest, |m, x| m.max(x.abs()));
+        }
+        let name = c.name.clone();
+        let what = format!("mutation {i} (<{name}>)");
+        match no_panic(&what, || {
+            c.check_model(tiny().unet.attention_layers(), "x", true)
+        }) {
+            Ok(_) => {
+                let mut set = ConceptSet::new();
+                set.insert(c, true);
+                let r = no_panic(&what, || {
+                    generate_infusion(
+                        tiny(),
+                        &set,
+                        &format!("a <{name}>"),
+                        &o,
+                        None,
+                        &Job::collecting(),
+                    )
+                });
+                let g = match r {
+                    Ok(g) => g,
+                    Err(e @ infusion_repl::Error::NotFinite(_)) if largest > 100.0 => {
+                        overflowed += 1;
+                        assert_refusal(&e, &[], &what);
+                        continue;
+                    }
+                    Err(e) => panic!(
+                        "{what}: loads and fits (max |Δ| {largest}), but does not generate: {e}"
+                    ),
+                };
+                generated += 1;
+                assert_eq!(g.concepts, [name.clone()], "{what}");
+                assert_sane_image(&g.base_image, size, &format!("{what}: F"));
+                assert_sane_image(&g.custom_image, size, &format!("{what}: C"));
+            }
+            Err(e) => {
+                misfit += 1;
+                assert_refusal(&e, &[&format!("<{name}>")], &what);
             }
         }
     }
-    assert!(refused > 100, "{loaded} loaded, {refused} refused");
+    let counts = format!(
+        "{generated} generated, {overflowed} overflowed, {misfit} refused by the model, \
+         {refused} refused"
+    );
+    eprintln!("{counts}");
+    assert!(refused > 100 && generated > 0, "{counts}");
 }
 
-/// Hostile prompts (marks, brackets, unicode, control characters, thousands of tokens) generate
-/// or are refused, never panic.
+/// What a prompt with `<pot>` loaded should give, by the rules of concept marks
+/// (src/infusion/prompt.rs): a mark is `<`, one or more letters, digits, `_` or `-`, then `>`;
+/// any other `<` is text. The first mark (left to right) with a letter, digit, `<` or `>` right
+/// before or after it is refused ("stand apart"); the first naming anything but `pot` is
+/// refused naming it. Otherwise F's prompt is the text with each mark replaced by `teapot`.
+enum Expect {
+    Image { base: String, marks: usize },
+    Refused(String),
+}
+
+fn expect(prompt: &str) -> Expect {
+    let name_char = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
+    let touches = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '<' || c == '>');
+    let (mut base, mut marks, mut i) = (String::new(), 0, 0);
+    while let Some(c) = prompt[i..].chars().next() {
+        if c == '<' {
+            let name: String = prompt[i + 1..]
+                .chars()
+                .take_while(|&c| name_char(c))
+                .collect();
+            let end = i + 1 + name.len();
+            if !name.is_empty() && prompt[end..].starts_with('>') {
+                let end = end + 1;
+                if touches(prompt[..i].chars().next_back()) || touches(prompt[end..].chars().next())
+                {
+                    return Expect::Refused("stand apart".into());
+                }
+                if name != "pot" {
+                    return Expect::Refused(format!("no concept named <{name}>"));
+                }
+                base.push_str("teapot");
+                marks += 1;
+                i = end;
+                continue;
+            }
+        }
+        base.push(c);
+        i += c.len_utf8();
+    }
+    Expect::Image { base, marks }
+}
+
+/// Hostile prompts (marks, brackets, unicode, control characters, thousands of tokens) never
+/// panic, and each gives what [`expect`] says: a refusal whose message contains the reason
+/// (and the unknown name), or a 1-step generation whose F prompt is the expected text, whose
+/// concepts are one `pot` per mark, and whose F and C images are `(1, 3, S, S)` at the model's
+/// size, finite and in [0, 1] (C equal to F where the prompt has no mark). A prompt longer than
+/// the text encoder takes is warned about; if it has marks it may instead be refused because a
+/// `<pot>`'s word was cut off. Each of the three outcomes must occur at least once.
 #[test]
 fn hostile_prompts_never_panic() {
     let mut set = ConceptSet::new();
@@ -144,6 +307,8 @@ fn hostile_prompts_never_panic() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let mut o = InfusionOptions::default();
     o.generate.steps = 1;
+    let size = tiny().default_size();
+    let (mut plain, mut customized, mut refused) = (0, 0, 0);
     for i in 0..60 {
         let n = if i % 10 == 9 {
             400
@@ -153,51 +318,179 @@ fn hostile_prompts_never_panic() {
         let prompt: String = (0..n)
             .map(|_| pieces[rng.random_range(0..pieces.len())])
             .collect();
-        no_panic(&format!("prompt {prompt:?}"), || {
-            generate_infusion(tiny(), &set, &prompt, &o, None, &Job::collecting())
+        let what = format!("prompt {i} {prompt:?}");
+        let job = Job::collecting();
+        let r = no_panic(&what, || {
+            generate_infusion(tiny(), &set, &prompt, &o, None, &job)
         });
+        match (expect(&prompt), r) {
+            (Expect::Refused(why), Err(e)) => {
+                refused += 1;
+                assert_refusal(&e, &[&why], &what);
+            }
+            (Expect::Refused(why), Ok(_)) => panic!("{what}: generated, expected refused ({why})"),
+            (Expect::Image { base, marks }, r) => {
+                let long = tiny().tokenize(&base).unwrap().truncated();
+                let g = match r {
+                    Ok(g) => g,
+                    Err(e) if long && marks > 0 => {
+                        refused += 1;
+                        assert_refusal(&e, &["<pot>", "cut off"], &what);
+                        continue;
+                    }
+                    Err(e) => panic!("{what}: refused ({e}), expected an image"),
+                };
+                assert_eq!(g.parsed.base, base, "{what}: F's prompt");
+                assert_eq!(
+                    g.concepts,
+                    vec!["pot".to_string(); marks],
+                    "{what}: concepts"
+                );
+                assert_sane_image(&g.base_image, size, &format!("{what}: F"));
+                assert_sane_image(&g.custom_image, size, &format!("{what}: C"));
+                if marks == 0 {
+                    plain += 1;
+                    let d = max_abs(&(&g.custom_image - &g.base_image).unwrap());
+                    assert_eq!(d, 0.0, "{what}: no mark, yet C differs from F");
+                } else {
+                    customized += 1;
+                }
+                if long {
+                    assert!(
+                        job.messages().iter().any(|m| m.contains("cut off")),
+                        "{what}: too long, yet no warning: {:?}",
+                        job.messages()
+                    );
+                }
+            }
+        }
     }
+    eprintln!("{plain} plain, {customized} customized, {refused} refused");
+    assert!(
+        plain > 0 && customized > 0 && refused > 0,
+        "{plain} plain, {customized} customized, {refused} refused"
+    );
 }
 
 /// Odd training images (1 pixel wide, very tall, gray, transparent, 16-bit, not images at all)
-/// train one step or are refused, never panic.
+/// never panic. A folder with at least one image loads every image at its size, as 8-bit RGB
+/// (gray v -> (v, v, v), fully transparent -> white, 16-bit (65535, 0, 300) -> (255, 0, 1)),
+/// warns "skipped" naming each file that is not an image, and trains one step:
+/// a finite loss >= 0, one step done, and finite Δs of which some moved from zero. A folder
+/// with no image is refused naming the folder and each unreadable file. Cases 0-7 are drawn
+/// from a fixed seed; case 8 is a folder of one non-image, so the refusal is always exercised.
 #[test]
 fn odd_images_never_panic() {
     let mut rng = ChaCha8Rng::seed_from_u64(12);
-    for case in 0..8 {
+    let (mut trained, mut refused) = (0, 0);
+    for case in 0..9 {
         let dir = tempfile::tempdir().unwrap();
-        for i in 0..rng.random_range(1..4) {
+        // (file, size and first pixel as loaded), or (file, None) for a non-image.
+        let mut files: Vec<(String, Option<((u32, u32), [u8; 3])>)> = vec![];
+        let n = if case == 8 { 1 } else { rng.random_range(1..4) };
+        for i in 0..n {
             let (w, h) = [(1, 1), (1, 90), (90, 1), (3, 500), (33, 17)][rng.random_range(0..5)];
-            let p = dir.path().join(format!("{i}.png"));
-            match rng.random_range(0..4) {
-                0 => image::GrayImage::from_pixel(w, h, image::Luma([rng.random()])).save(&p),
-                1 => image::RgbaImage::from_pixel(w, h, image::Rgba([9, 9, 9, 0])).save(&p),
-                2 => image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(
-                    w,
-                    h,
-                    image::Rgb([65535, 0, 300]),
-                )
-                .save(&p),
-                _ => std::fs::write(&p, [rng.random::<u8>(); 20]).map_err(Into::into),
-            }
-            .unwrap();
-        }
-        no_panic(&format!("images {case}"), || {
-            let images =
-                infusion_repl::util::image_io::load_folder_images(dir.path(), &Job::collecting())?;
-            let opts = infusion_repl::train::TrainOptions {
-                steps: 1,
-                ..Default::default()
+            let name = format!("{i}.png");
+            let p = dir.path().join(&name);
+            let kind = if case == 8 { 3 } else { rng.random_range(0..4) };
+            let (saved, pixel) = match kind {
+                0 => {
+                    let v: u8 = rng.random();
+                    let img = image::GrayImage::from_pixel(w, h, image::Luma([v]));
+                    (img.save(&p), Some([v, v, v]))
+                }
+                1 => (
+                    image::RgbaImage::from_pixel(w, h, image::Rgba([9, 9, 9, 0])).save(&p),
+                    Some([255, 255, 255]),
+                ),
+                2 => (
+                    image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(
+                        w,
+                        h,
+                        image::Rgb([65535, 0, 300]),
+                    )
+                    .save(&p),
+                    Some([255, 0, 1]),
+                ),
+                _ => (
+                    std::fs::write(&p, [rng.random::<u8>(); 20]).map_err(Into::into),
+                    None,
+                ),
             };
-            let mut t =
-                infusion_repl::infusion::train::trainer(tiny(), "pot", "teapot", &images, opts)?;
-            t.step()
+            saved.unwrap();
+            files.push((name, pixel.map(|px| ((w, h), px))));
+        }
+        let what = format!("images {case} {files:?}");
+        let job = Job::collecting();
+        let loaded = no_panic(&what, || {
+            infusion_repl::util::image_io::load_folder_images(dir.path(), &job)
         });
+        let expected: Vec<_> = files.iter().filter_map(|(_, e)| *e).collect();
+        let unreadable: Vec<&str> = files
+            .iter()
+            .filter(|(_, e)| e.is_none())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let images = match loaded {
+            Err(e) if expected.is_empty() => {
+                refused += 1;
+                let folder = dir.path().to_string_lossy();
+                let mut names = vec![&*folder, "no readable image"];
+                names.extend(&unreadable);
+                assert_refusal(&e, &names, &what);
+                continue;
+            }
+            Err(e) => panic!("{what}: refused ({e}), but it holds images"),
+            Ok(_) if expected.is_empty() => panic!("{what}: loaded a folder without images"),
+            Ok(images) => images,
+        };
+        let got: Vec<_> = images
+            .iter()
+            .map(|i| (i.dimensions(), i.get_pixel(0, 0).0))
+            .collect();
+        assert_eq!(got, expected, "{what}: images as loaded");
+        for n in &unreadable {
+            assert!(
+                job.messages()
+                    .iter()
+                    .any(|m| m.contains("skipped") && m.contains(n)),
+                "{what}: no warning that {n} was skipped: {:?}",
+                job.messages()
+            );
+        }
+        let opts = infusion_repl::train::TrainOptions {
+            steps: 1,
+            ..Default::default()
+        };
+        let mut t = no_panic(&what, || {
+            infusion_repl::infusion::train::trainer(tiny(), "pot", "teapot", &images, opts)
+        })
+        .unwrap_or_else(|e| panic!("{what}: no trainer: {e}"));
+        let loss = no_panic(&what, || t.step()).unwrap_or_else(|e| panic!("{what}: step: {e}"));
+        assert!(loss.is_finite() && loss >= 0.0, "{what}: loss {loss}");
+        assert_eq!(t.steps_done(), 1, "{what}");
+        let c = infusion_repl::infusion::train::concept(&t).unwrap();
+        let moved = c.deltas.values().map(max_abs).fold(0.0f32, f32::max);
+        assert!(
+            moved.is_finite() && moved > 0.0,
+            "{what}: Δs after one step: max |Δ| {moved}"
+        );
+        trained += 1;
     }
+    assert!(
+        trained > 0 && refused > 0,
+        "{trained} trained, {refused} refused"
+    );
 }
 
-/// Faults of a model folder (a file gone, cut short, overwritten with garbage or JSON that
-/// says something else) are refused with an error that names a file of the folder, never panic.
+/// Faults of a model folder: every file of the tiny model's folder, each gone, cut short (at a
+/// seeded random length), overwritten with garbage or with JSON that says something else (40
+/// cases). None panics. A refusal is a clear error that names the faulted file or its folder
+/// (`unet/`, `tokenizer/`, the model folder for `model_index.json`). Only the scheduler config
+/// may be at fault and still load (a folder without one gets SD1.5's schedule, a config without
+/// some keys DDIM's defaults: `ModelConfigs::from_dir`, `SchedulerConfig`); without it the model
+/// must load. Whatever loads must be usable: a 2-step generation of "a teapot" gives a
+/// `(1, 3, S, S)` image at the intact model's size, finite and in [0, 1].
 #[test]
 fn model_folder_faults_never_panic() {
     let files = [
@@ -212,30 +505,53 @@ fn model_folder_faults_never_panic() {
         "text_encoder/model.safetensors",
         "scheduler/scheduler_config.json",
     ];
+    let faults = ["gone", "cut", "garbage", "other JSON"];
+    let opts = GenerateOptions {
+        steps: 2,
+        ..Default::default()
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(13);
-    for case in 0..20 {
-        let dir = tempfile::tempdir().unwrap();
-        copy_dir(&tiny_model_dir(), dir.path());
-        let f = dir.path().join(files[rng.random_range(0..files.len())]);
-        match rng.random_range(0..4) {
-            0 => std::fs::remove_file(&f).unwrap(),
-            1 => {
-                let b = std::fs::read(&f).unwrap();
-                std::fs::write(&f, &b[..rng.random_range(0..b.len())]).unwrap();
+    let (mut loaded, mut refused) = (0, 0);
+    for file in files {
+        for fault in faults {
+            let dir = tempfile::tempdir().unwrap();
+            copy_dir(&tiny_model_dir(), dir.path());
+            let f = dir.path().join(file);
+            match fault {
+                "gone" => std::fs::remove_file(&f).unwrap(),
+                "cut" => {
+                    let b = std::fs::read(&f).unwrap();
+                    std::fs::write(&f, &b[..rng.random_range(0..b.len())]).unwrap();
+                }
+                "garbage" => std::fs::write(&f, b"\x00garbage\xff").unwrap(),
+                _ => std::fs::write(&f, b"{\"sample_size\": -3, \"_class_name\": 7}").unwrap(),
             }
-            2 => std::fs::write(&f, b"\x00garbage\xff").unwrap(),
-            _ => std::fs::write(&f, b"{\"sample_size\": -3, \"_class_name\": 7}").unwrap(),
-        }
-        let r = catch_unwind(|| StableDiffusion::load_dir(dir.path(), &LoadOptions::default()))
-            .unwrap_or_else(|_| panic!("case {case}: {} panicked", f.display()));
-        if let Err(e) = r {
-            let e = e.to_string();
-            assert!(
-                e.contains(&*dir.path().to_string_lossy()),
-                "case {case}: {e}"
-            );
+            let what = format!("{file} {fault}");
+            let r = no_panic(&what, || {
+                StableDiffusion::load_dir(dir.path(), &LoadOptions::default())
+            });
+            let may_load = file.starts_with("scheduler/");
+            let sd = match r {
+                Err(e) if may_load && fault == "gone" => {
+                    panic!("{what}: refused ({e}); a folder without a scheduler config loads")
+                }
+                Err(e) => {
+                    refused += 1;
+                    let culprit = f.parent().unwrap().to_string_lossy();
+                    assert_refusal(&e, &[&culprit], &what);
+                    continue;
+                }
+                Ok(_) if !may_load => panic!("{what}: loaded a model with a broken part"),
+                Ok(sd) => sd,
+            };
+            loaded += 1;
+            let g = no_panic(&what, || sd.generate("a teapot", &opts, &Job::quiet()))
+                .unwrap_or_else(|e| panic!("{what}: loads, but does not generate: {e}"));
+            assert_sane_image(&g.image, tiny().default_size(), &what);
+            eprintln!("{what}: loads and generates");
         }
     }
+    eprintln!("{loaded} loaded, {refused} refused");
 }
 
 /// Output faults (a missing folder, a folder, a read-only file, a dangling link) refuse the
@@ -255,7 +571,7 @@ fn output_faults_lose_nothing() {
     for target in ["keep.png", "adir", "nodir/x.png", "dangling.png"] {
         let path = dir.path().join(target);
         assert!(
-            !no_panic(target, || c.save(&path, DType::F16)),
+            no_panic(target, || c.save(&path, DType::F16)).is_err(),
             "{target} was written"
         );
     }
@@ -268,11 +584,17 @@ fn output_faults_lose_nothing() {
     assert!(left.is_empty(), "{left:?}");
 }
 
-/// SIGINT or SIGTERM at a random moment of a training run: the process ends within the timeout
-/// with 0 (it had finished), 130 or 143, and whatever it says it saved loads.
+/// SIGINT or SIGTERM at a random moment (0.1 to 2.5 s in) of a 40-step training run; the cases
+/// alternate the two signals. The process must end within 120 s by exiting (a death by any
+/// signal, SIGSEGV, SIGABRT or SIGBUS as much as the one sent, fails), with exactly the status
+/// the tool promises (src/app/signals.rs): 130 after SIGINT, 143 after SIGTERM, or 0 if the run
+/// had already finished; 1 (a failure) or any other code fails. Nothing is lost: exit 0 prints
+/// the saved file; a stop during training says "saved in FILE"; either file loads as the
+/// concept `p`. A stop before training began says "cancelled" and writes no file.
 #[cfg(unix)]
 #[test]
 fn signals_at_random_moments_lose_nothing() {
+    use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir().unwrap();
     let imgs = dir.path().join("imgs");
     std::fs::create_dir(&imgs).unwrap();
@@ -286,7 +608,11 @@ fn signals_at_random_moments_lose_nothing() {
     let mut rng = ChaCha8Rng::seed_from_u64(14);
     for case in 0..4 {
         let out = format!("c{case}.safetensors");
-        let child = Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        let (stdout, stderr) = (
+            dir.path().join(format!("c{case}.out")),
+            dir.path().join(format!("c{case}.err")),
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
             .args([
                 "train",
                 "imgs",
@@ -301,20 +627,24 @@ fn signals_at_random_moments_lose_nothing() {
             ])
             .current_dir(dir.path())
             .env_remove("INFUSION_MODEL")
-            .stderr(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.random_range(100..2500)));
-        let sig = if rng.random_bool(0.5) {
-            "-INT"
+        let wait = rng.random_range(100..2500);
+        std::thread::sleep(Duration::from_millis(wait));
+        let (sig, promised) = if case % 2 == 0 {
+            ("-INT", 130)
         } else {
-            "-TERM"
+            ("-TERM", 143)
         };
-        let _ = Command::new("kill")
+        // Not yet reaped, so the pid is ours even if the run has finished.
+        let sent = Command::new("kill")
             .args([sig, &child.id().to_string()])
-            .status();
+            .status()
+            .unwrap();
+        assert!(sent.success(), "case {case}: kill {sig} failed");
         let start = Instant::now();
-        let mut child = child;
         let status = loop {
             if let Some(s) = child.try_wait().unwrap() {
                 break s;
@@ -325,20 +655,35 @@ fn signals_at_random_moments_lose_nothing() {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        let code = status.code();
-        assert!(
-            matches!(code, Some(0 | 1 | 130 | 143)) || status.code().is_none(),
-            "case {case}: {sig} gave {status:?}"
-        );
+        let err = std::fs::read_to_string(&stderr).unwrap();
+        let what = format!("case {case}: {sig} after {wait} ms gave {status:?}\n{err}");
+        assert_eq!(status.signal(), None, "{what}: died by a signal");
+        let code = status.code().unwrap();
         let saved = dir.path().join(&out);
-        if matches!(code, Some(0 | 130 | 143)) && saved.exists() {
-            Concept::load(&saved).unwrap_or_else(|e| panic!("case {case}: {e}"));
-        }
-        if matches!(code, Some(130 | 143)) {
-            assert!(
-                saved.exists(),
-                "case {case}: stopped by {sig} without saving"
-            );
+        let claimed = if code == 0 {
+            let printed = std::fs::read_to_string(&stdout).unwrap();
+            Some(printed.lines().last().unwrap_or_default().to_string())
+        } else {
+            assert_eq!(code, promised, "{what}: not the status {sig} promises");
+            err.lines()
+                .find_map(|l| l.split_once("saved in ").map(|(_, p)| p.trim().to_string()))
+        };
+        match claimed {
+            Some(p) => {
+                let c = Concept::load(&dir.path().join(&p)).unwrap_or_else(|e| {
+                    panic!("{what}: it says it saved {p}, which does not load: {e}")
+                });
+                assert_eq!(c.name, "p", "{what}");
+                eprintln!("case {case}: {sig} after {wait} ms: exit {code}, saved {p}");
+            }
+            None => {
+                assert!(
+                    err.contains("cancelled"),
+                    "{what}: stopped without saving or saying why"
+                );
+                assert!(!saved.exists(), "{what}: wrote {out} without saying so");
+                eprintln!("case {case}: {sig} after {wait} ms: exit {code} before training");
+            }
         }
     }
 }
