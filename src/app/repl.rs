@@ -116,6 +116,9 @@ struct Names {
     types: HashMap<String, String>,
     /// Each type's properties and methods, from the declarations.
     members: HashMap<String, Vec<String>>,
+    /// Each imported module's functions and constants, by its alias (`p` of `import "prompts"
+    /// as p`): what `p::` completes to.
+    modules: HashMap<String, Vec<String>>,
 }
 
 impl Names {
@@ -207,7 +210,21 @@ impl Completer for ReplHelper {
                 .map_or(0, |(i, c)| i + c.len_utf8());
             &before[from..]
         });
-        let mut out: Vec<Pair> = if let Some(var) = receiver {
+        let module = word.rsplit_once("::");
+        let mut out: Vec<Pair> = if let Some((alias, prefix)) = module {
+            // `p::fi` -> `p::fill`: the members of the module imported as `p`.
+            names
+                .modules
+                .get(alias)
+                .into_iter()
+                .flatten()
+                .filter(|n| n.starts_with(prefix))
+                .map(|n| Pair {
+                    display: n.to_string(),
+                    replacement: format!("{alias}::{n}"),
+                })
+                .collect()
+        } else if let Some(var) = receiver {
             names
                 .members_of(var)
                 .into_iter()
@@ -316,14 +333,18 @@ fn print_error(input: &str, err: &EvalAltResult) {
     }
 }
 
-fn print_help(docs: &Docs, topic: &str) {
+/// `:help`, `:help NAME`, wrapped for a terminal `width` columns wide.
+fn print_help(docs: &Docs, topic: &str, width: usize) {
     if topic.is_empty() {
         print!("{}", docs.index());
-        say!("Commands: :help [NAME], :scope (variables), :load FILE (run a script here), :quit");
+        say!(
+            "Commands: :help [NAME], :scope (variables, functions, imports), :load FILE [ARGS...] \
+             (run a script here), :quit"
+        );
         say!("Ctrl-C cancels a running generation or training; Ctrl-D leaves.");
         return;
     }
-    match docs.help(topic) {
+    match docs.help(topic, width) {
         Some(text) => say!("{text}"),
         None => {
             let near = docs.near(topic);
@@ -389,6 +410,9 @@ struct Repl {
     ast: AST,
     /// Whether an input failed (a piped session exits non-zero then).
     failed: bool,
+    /// The modules imported for the session, by alias: the path imported and the module's
+    /// functions and constants (for `:scope` and completion).
+    imports: std::collections::BTreeMap<String, (String, Vec<String>)>,
 }
 
 impl Repl {
@@ -410,6 +434,16 @@ impl Repl {
                     .module_resolver()
                     .resolve(&self.engine, source, path, *pos)
             {
+                let mut members: Vec<String> = module
+                    .iter_script_fn_info()
+                    .filter(|(_, access, ..)| *access == rhai::FnAccess::Public)
+                    .map(|(_, _, name, ..)| name.to_string())
+                    .chain(module.iter_var().map(|(name, _)| name.to_string()))
+                    .collect();
+                members.sort();
+                members.dedup();
+                self.imports
+                    .insert(alias.name.to_string(), (path.to_string(), members));
                 self.engine
                     .register_static_module(alias.name.as_str(), module);
             }
@@ -449,9 +483,14 @@ impl Repl {
         self.failed |= !matches!(result, Ok(Ok(_)));
         match result {
             Ok(Ok(v)) => print_value(&self.session, &v),
-            Ok(Err(e)) => match usage_of(&e) {
-                Some(u) => eprintln!("{u}"),
-                None => show(&e),
+            Ok(Err(e)) => match (usage_of(&e), origin) {
+                // `:load FILE --help`: the usage and the file's header, as the recipe runner
+                // prints them.
+                (Some(u), Some(_)) if u.problem.is_none() => {
+                    say!("{u}\n\n{}", crate::app::script::header(input))
+                }
+                (Some(u), _) => eprintln!("{u}"),
+                (None, _) => show(&e),
             },
             Err(_) => {
                 eprintln!("error: internal error (a bug: please report it); the session goes on")
@@ -484,19 +523,44 @@ impl Repl {
         }
     }
 
+    /// `:scope`: the variables with their types and values, the functions defined in the
+    /// session, and the modules imported (with what each holds).
     fn print_scope(&self) {
-        if self.scope.is_empty() {
-            say!("(no variables)");
+        let functions: Vec<String> = self
+            .ast
+            .iter_functions()
+            .map(|f| format!("fn {}({})", f.name, f.params.join(", ")))
+            .collect();
+        if self.scope.is_empty() && functions.is_empty() && self.imports.is_empty() {
+            say!("(no variables, functions or imports)");
         }
-        for (name, constant, value) in self.scope.iter() {
-            let mut text = describe_value(&value);
-            if text.len() > 70 {
-                text.truncate(67);
+        let short = |mut text: String| {
+            if text.chars().count() > 70 {
+                text = text.chars().take(67).collect();
                 text.push_str("...");
             }
+            text
+        };
+        for (name, constant, value) in self.scope.iter() {
+            let text = short(describe_value(&value));
             let kw = if constant { "const" } else { "let" };
             let ty = self.engine.map_type_name(value.type_name());
             say!("{kw} {name}: {ty} = {text}");
+        }
+        for f in functions {
+            say!("{f}");
+        }
+        for (alias, (path, members)) in &self.imports {
+            say!(
+                "import {path:?} as {alias}: {}",
+                short(
+                    members
+                        .iter()
+                        .map(|m| format!("{alias}::{m}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            );
         }
     }
 
@@ -525,12 +589,14 @@ pub fn run(session: Arc<Session>, signals: &Signals) -> std::process::ExitCode {
         scope: Scope::new(),
         ast: AST::empty(),
         failed: false,
+        imports: Default::default(),
     };
     let names = Rc::new(RefCell::new(Names {
         functions: repl.function_names(),
         variables: vec![],
         types: HashMap::new(),
         members: members(&repl.session.docs()),
+        modules: HashMap::new(),
     }));
     let config = rustyline::Config::builder()
         .completion_type(CompletionType::List)
@@ -577,7 +643,10 @@ pub fn run(session: Arc<Session>, signals: &Signals) -> std::process::ExitCode {
                     let (name, arg) = cmd.split_once(char::is_whitespace).unwrap_or((cmd, ""));
                     match name {
                         "quit" | "q" | "exit" => break,
-                        "help" | "h" => print_help(&repl.session.docs(), arg.trim()),
+                        "help" | "h" => {
+                            let width = rl.dimensions().map_or(100, |(cols, _)| cols as usize);
+                            print_help(&repl.session.docs(), arg.trim(), width.clamp(40, 120))
+                        }
                         "scope" => repl.print_scope(),
                         "load" => {
                             let mut words = split_words(arg);
@@ -608,6 +677,11 @@ pub fn run(session: Arc<Session>, signals: &Signals) -> std::process::ExitCode {
                     })
                     .collect();
                 n.functions = repl.function_names();
+                n.modules = repl
+                    .imports
+                    .iter()
+                    .map(|(alias, (_, members))| (alias.clone(), members.clone()))
+                    .collect();
             }
             // Ctrl-C at the prompt clears the line.
             Err(ReadlineError::Interrupted) => continue,
@@ -677,6 +751,14 @@ mod tests {
                     ),
                     ("Concept".into(), vec!["word".into(), "base_model".into()]),
                 ]),
+                modules: HashMap::from([(
+                    "p".into(),
+                    vec![
+                        "OBJECT_PROMPTS".into(),
+                        "LIVE_PROMPTS".into(),
+                        "fill".into(),
+                    ],
+                )]),
             })),
             files: FilenameCompleter::new(),
             hinter: HistoryHinter::new(),
@@ -712,6 +794,16 @@ mod tests {
         assert_eq!(words("g.c").1, vec!["custom".to_string()]);
         // A value of unknown type: every type's members.
         assert_eq!(words("x.base_m").1, vec!["base_model".to_string()]);
+        // After `p::`, the members of the module imported as `p` (issue 21, item 11).
+        assert_eq!(
+            words("print(p::OB"),
+            (6, vec!["p::OBJECT_PROMPTS".to_string()])
+        );
+        assert_eq!(
+            words("p::").1,
+            ["p::LIVE_PROMPTS", "p::OBJECT_PROMPTS", "p::fill"]
+        );
+        assert!(words("q::f").1.is_empty(), "no module q");
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("mycat.safetensors"), "").unwrap();
         let line = format!("load_concept(\"{}/myc", dir.path().display());

@@ -91,7 +91,9 @@ pub struct Curves {
 }
 
 /// The chart of the five series, one panel each (360 x 240), with ticks and titles on both
-/// axes and the Fisher divergence's standard error as error bars.
+/// axes and the Fisher divergence's standard error as error bars; the sixth cell names the CLIP
+/// and DINO the scores come from, and says in red when their weights are random (the scores
+/// then mean nothing: the chart says so, as the CSV does).
 pub fn chart(points: &[CurvePoint]) -> Result<RgbImage> {
     type Series = (
         &'static str,
@@ -107,7 +109,9 @@ pub fn chart(points: &[CurvePoint]) -> Result<RgbImage> {
         ("CLIP-I", "CLIP-I", |p| (p.clip_i, None)),
         ("DINO-I", "DINO-I", |p| (p.dino_i, None)),
     ];
-    let panels = series
+    let scorers = points.first().map_or("", |p| p.scorers.as_str());
+    let random = random_scorers(scorers);
+    let mut panels = series
         .iter()
         .map(|(title, y, f)| {
             let line = Line {
@@ -121,10 +125,66 @@ pub fn chart(points: &[CurvePoint]) -> Result<RgbImage> {
                     })
                     .collect(),
             };
-            line_chart(&[line], (title, "training step", y), (360, 240))
+            let title = match random.iter().find(|k| title.starts_with(**k)) {
+                Some(kind) => format!("{title} (RANDOM {kind})"),
+                None => title.to_string(),
+            };
+            line_chart(&[line], (&title, "training step", y), (360, 240))
         })
         .collect::<Result<Vec<RgbImage>>>()?;
+    panels.push(scorers_note(scorers, &random, (360, 240)));
     grid_on(&panels, 3, image::Rgb([255, 255, 255]))
+}
+
+/// Which of the scorers a points' `scorers` label (`CLIP name (RANDOM weights), DINO name`)
+/// marks as having random weights.
+fn random_scorers(scorers: &str) -> Vec<&'static str> {
+    ["CLIP", "DINO"]
+        .into_iter()
+        .filter(|kind| {
+            scorers
+                .split(", ")
+                .any(|s| s.starts_with(kind) && s.contains("RANDOM"))
+        })
+        .collect()
+}
+
+/// A white `size` panel naming the scorers, and, in red, what random ones mean.
+fn scorers_note(scorers: &str, random: &[&str], (w, h): (u32, u32)) -> RgbImage {
+    use crate::util::text_render::{draw_text, measure, wrap};
+    let mut img = RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    let px = 14.0;
+    let line_h = measure("Ag", px).1.ceil() as i32 + 3;
+    let width = w as f32 - 40.0;
+    let mut y = 30;
+    let say = |img: &mut RgbImage, text: &str, color: image::Rgb<u8>, y: &mut i32| {
+        for l in wrap(text, width, px) {
+            if *y + line_h <= h as i32 {
+                draw_text(img, &l, 20, *y, px, color);
+            }
+            *y += line_h;
+        }
+    };
+    let ink = image::Rgb([20, 20, 20]);
+    if scorers.is_empty() {
+        return img;
+    }
+    say(&mut img, &format!("Scored with {scorers}."), ink, &mut y);
+    if !random.is_empty() {
+        y += line_h / 2;
+        let (who, scores) = match random {
+            [k] if *k == "CLIP" => ("The CLIP has", "CLIP-T and CLIP-I"),
+            [_] => ("The DINO has", "DINO-I"),
+            _ => ("The CLIP and the DINO have", "CLIP-T, CLIP-I and DINO-I"),
+        };
+        say(
+            &mut img,
+            &format!("{who} RANDOM weights: {scores} mean nothing here. Score with real ones."),
+            image::Rgb([200, 0, 0]),
+            &mut y,
+        );
+    }
+    img
 }
 
 /// What a checkpoint is measured with.

@@ -33,18 +33,32 @@ pub fn scorer_label(kind: &str, dir: &Path) -> String {
     }
 }
 
+/// Warns, once per folder for the whole process (loading and then scoring with it said it
+/// twice), that the `kind` scorer in `dir` has random weights.
+pub fn warn_if_random(kind: &str, dir: &Path, job: &Job) {
+    static WARNED: std::sync::Mutex<std::collections::BTreeSet<std::path::PathBuf>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    if !is_random(dir) {
+        return;
+    }
+    let first = WARNED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(dir.to_path_buf());
+    if first {
+        job.warn(format!(
+            "the {kind} in {} has RANDOM weights: its scores mean nothing; give a real one \
+             (load_clip(DIR) / load_dino(DIR) in scripts, --clip DIR / --dino DIR in recipes)",
+            dir.display()
+        ));
+    }
+}
+
 /// The scorers' labels for records, and a loud warning when one has random weights: its
-/// scores mean nothing.
+/// scores are noise, and records say so.
 pub fn scorers_label(clip: &clip::Clip, dino: &dino::Dino, job: &Job) -> String {
     for (kind, dir) in [("CLIP", clip.path()), ("DINO", dino.path())] {
-        if is_random(dir) {
-            job.warn(format!(
-                "scoring with a {kind} of RANDOM weights ({}): its scores mean nothing; give a \
-                 real one (load_clip(DIR) / load_dino(DIR) in scripts, --clip DIR / --dino DIR \
-                 in recipes)",
-                dir.display()
-            ));
-        }
+        warn_if_random(kind, dir, job);
     }
     format!(
         "{}, {}",

@@ -60,6 +60,17 @@ fn samples(t: &Tensor, pool: Option<usize>, name: &str) -> Result<DMatrix<f64>> 
             ),
         ));
     }
+    // A NaN or an infinity (a value past f32 comes in as one) never leaves nalgebra's SVD.
+    if let Some(i) = flat.iter().position(|v| !v.is_finite()) {
+        return Err(Error::arg(
+            name,
+            format!(
+                "sample {} holds {} (W2 takes finite values within f32's range)",
+                i / d,
+                flat[i]
+            ),
+        ));
+    }
     Ok(DMatrix::from_row_iterator(
         n,
         d,

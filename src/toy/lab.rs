@@ -163,6 +163,10 @@ fn as_vars(params: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Var>> {
         .collect()
 }
 
+/// The most points one [`Toy::sample`] draws (a sample of 1e6 points takes ~0.5 GB through the
+/// net's layers; the paper's figures use 1-10 thousand).
+pub const MAX_SAMPLES: usize = 1_000_000;
+
 impl Toy {
     /// Trains a foundation of `layout` on its true distribution: every concept's prompt (and,
     /// for the grid, each diversity's prompt half the time, the bare concept's the other half).
@@ -194,13 +198,14 @@ impl Toy {
         let eps = |p: &BTreeMap<String, Tensor>, x: &Tensor, t: &[usize], prompts: &[[u32; 2]]| {
             Ok(forward(p, x, t, &token_tensor(prompts)?, &Edit::default())?.0)
         };
+        let what = format!("toy {} foundation", layout.name());
         fit(
             &vars,
             &Fit {
                 lr: opts.lr,
                 steps: opts.steps,
                 seed: opts.seed.wrapping_add(1),
-                what: "toy foundation",
+                what: &what,
             },
             &schedule,
             job,
@@ -256,8 +261,11 @@ impl Toy {
         seed: u64,
     ) -> Result<Vec<Point>> {
         self.check_concept(concept)?;
-        if n == 0 {
-            return Err(Error::arg("n", "must be at least 1"));
+        if n == 0 || n > MAX_SAMPLES {
+            return Err(Error::arg(
+                "n",
+                format!("{n} points: draw at least 1 and at most {MAX_SAMPLES} at a time"),
+            ));
         }
         if let Some(k) = diversity.filter(|&k| k >= self.layout.diversities_tokens()) {
             return Err(Error::arg(
@@ -578,7 +586,8 @@ pub fn customize(toy: &Toy, opts: &CustomizeOptions, job: &Job) -> Result<Custom
     if opts.snapshots.contains(&0) {
         snapshots.push(keep(0, &vars)?);
     }
-    let what = format!("toy {}", opts.method.name());
+    // The progress names the layout too: a recipe customizes both layouts with each method.
+    let what = format!("toy {} {}", toy.layout.name(), opts.method.name());
     let losses = fit(
         &vars,
         &Fit {

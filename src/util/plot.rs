@@ -177,6 +177,73 @@ pub struct Frame {
     pub y: (f32, f32),
 }
 
+impl Frame {
+    /// Refuses a frame a chart cannot draw: an end that is not a finite number, an end not
+    /// below the other, or a span past the largest f32 (its ticks could not be placed).
+    pub fn check(&self) -> Result<()> {
+        for (axis, (lo, hi)) in [("x", self.x), ("y", self.y)] {
+            check_span("range", axis, lo as f64, hi as f64)?;
+            if !(hi - lo).is_finite() {
+                return Err(Error::arg(
+                    "range",
+                    format!(
+                        "{axis} from {} to {}: a span wider than a chart can draw (at most {:e})",
+                        number_text(lo as f64),
+                        number_text(hi as f64),
+                        f32::MAX
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A number as an error message shows it: as written for everyday sizes, in exponent form for
+/// huge and tiny ones (1e300, not three hundred digits), and `inf` / `NaN` as they are.
+pub fn number_text(v: f64) -> String {
+    if v == 0.0 || (v.is_finite() && (1e-4..1e6).contains(&v.abs())) {
+        format!("{v}")
+    } else {
+        format!("{v:e}")
+    }
+}
+
+/// Refuses an axis range (`what`, axis `axis`) whose ends are not finite, not in order, or
+/// span more than a float holds: plotters' tick placement never ends on such a range.
+fn check_span(what: &str, axis: &str, lo: f64, hi: f64) -> Result<()> {
+    if !(lo.is_finite() && hi.is_finite()) {
+        return Err(Error::arg(
+            what,
+            format!(
+                "{axis} from {} to {}: the ends must be finite numbers",
+                number_text(lo),
+                number_text(hi)
+            ),
+        ));
+    }
+    if lo >= hi {
+        return Err(Error::arg(
+            what,
+            format!(
+                "{axis} from {} to {}: the start must be below the end",
+                number_text(lo),
+                number_text(hi)
+            ),
+        ));
+    }
+    if !(hi - lo).is_finite() {
+        return Err(Error::arg(
+            what,
+            format!(
+                "{axis} from {lo:e} to {hi:e}: a span wider than a chart can draw (at most {:e})",
+                f64::MAX
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A row of scatter panels sharing `frame`, each `panel_size` pixels, with a legend of the
 /// first panel's labels and axes titled x and y.
 pub fn scatter_row(
@@ -185,6 +252,27 @@ pub fn scatter_row(
     panel_size: u32,
     title: &str,
 ) -> Result<RgbImage> {
+    frame.check()?;
+    for p in panels {
+        for s in &p.content {
+            if let Some((k, q)) = s
+                .points
+                .iter()
+                .enumerate()
+                .find(|(_, q)| !(q[0].is_finite() && q[1].is_finite()))
+            {
+                return Err(Error::arg(
+                    "points",
+                    format!(
+                        "`{}`, point {k}: [{}, {}] is not a pair of finite numbers",
+                        s.label,
+                        number_text(q[0] as f64),
+                        number_text(q[1] as f64)
+                    ),
+                ));
+            }
+        }
+    }
     let img = row(panels.len(), panel_size, title, |area, i| {
         let p = &panels[i];
         let mut chart = axes(area, &p.title, frame)?;
@@ -218,7 +306,7 @@ fn legend_strip(img: RgbImage, entries: &[(String, (u8, u8, u8))]) -> RgbImage {
     let h = 26;
     let mut out = RgbImage::from_pixel(img.width(), img.height() + h, image::Rgb([255, 255, 255]));
     image::imageops::replace(&mut out, &img, 0, 0);
-    let px = 13.0;
+    let px = 14.0;
     let widths: Vec<u32> = entries
         .iter()
         .map(|(l, _)| 14 + 6 + measure(l, px).0.ceil() as u32 + 18)
@@ -250,6 +338,17 @@ pub fn arrows_row(
     panel_size: u32,
     title: &str,
 ) -> Result<RgbImage> {
+    frame.check()?;
+    if panels
+        .iter()
+        .flat_map(|p| &p.content)
+        .any(|(p, v)| !p.iter().chain(v).all(|x| x.is_finite()))
+    {
+        return Err(Error::arg(
+            "arrows",
+            "an arrow is not made of finite numbers",
+        ));
+    }
     row(panels.len(), panel_size, title, |area, i| {
         let mut chart = axes(area, &panels[i].title, frame)?;
         let color = RGBColor(PALETTE[0].0, PALETTE[0].1, PALETTE[0].2);
@@ -312,6 +411,12 @@ pub fn number_label(v: f64) -> String {
     }
 }
 
+/// Tick labels' size in pixels (ab_glyph's scale: ascent to descent, so digits are ~9 pixels
+/// tall), read at a glance on the toy's 260-pixel panels.
+const TICK_PX: u32 = 14;
+/// Axis titles' size in pixels (plotters' default follows the tick labels, which were 11).
+const AXIS_TITLE_PX: u32 = 16;
+
 /// One line of a line chart: `(x, y, standard error)` points.
 pub struct Line {
     pub label: String,
@@ -319,41 +424,96 @@ pub struct Line {
     pub points: Vec<(f64, f64, Option<f64>)>,
 }
 
-/// A line chart: the y range from the data (error bars included) padded by 10%, ticks and
-/// titles on both axes, error bars where a standard error is given, a legend.
-pub fn line_chart(
-    lines: &[Line],
-    (title, x_title, y_title): (&str, &str, &str),
-    (width, height): (u32, u32),
-) -> Result<RgbImage> {
-    let all = lines.iter().flat_map(|l| l.points.iter());
+/// The axes' ranges of a line chart: x from the data (one unit wide for a single step), y from
+/// the data and its error bars, padded by 10% of the span and never narrower than 10% of the
+/// values' size (so that 0.915 -> 0.917 does not look steep); all zeros get -1..1. A value that
+/// is not finite, a negative error, or ranges wider than a float holds are refused (plotters
+/// would never finish placing their ticks).
+fn line_ranges(lines: &[Line]) -> Result<((f64, f64), (f64, f64))> {
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y, e) in all {
-        let e = e.unwrap_or(0.0);
-        x0 = x0.min(x);
-        x1 = x1.max(x);
-        y0 = y0.min(y - e);
-        y1 = y1.max(y + e);
+    for (i, l) in lines.iter().enumerate() {
+        let name = if l.label.is_empty() {
+            format!("line {i}")
+        } else {
+            format!("line {i} (`{}`)", l.label)
+        };
+        for (k, &(x, y, e)) in l.points.iter().enumerate() {
+            let e = e.unwrap_or(0.0);
+            let bad = [("x", x), ("y", y), ("err", e)]
+                .into_iter()
+                .find(|(_, v)| !v.is_finite());
+            if let Some((what, v)) = bad {
+                return Err(Error::arg(
+                    "lines",
+                    format!(
+                        "{name}, point {k}: {what} = {} is not a finite number",
+                        number_text(v)
+                    ),
+                ));
+            }
+            if e < 0.0 {
+                return Err(Error::arg(
+                    "lines",
+                    format!("{name}, point {k}: a negative error ({})", number_text(e)),
+                ));
+            }
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y0 = y0.min(y - e);
+            y1 = y1.max(y + e);
+        }
     }
-    if x0 > x1 || !(y0.is_finite() && y1.is_finite()) {
-        return Err(Error::arg("lines", "no finite point to draw"));
+    if x0 > x1 {
+        return Err(Error::arg("lines", "no point to draw"));
     }
-    // Padded by 10% of the span, and never narrower than 10% of the values' size (so that
-    // 0.915 -> 0.917 does not look steep); all zeros get -1..1.
     let size = y0.abs().max(y1.abs());
     let pad = if size < 1e-12 {
         1.0
     } else {
         ((y1 - y0) * 0.1).max(size * 0.05)
     };
-    let (y0, y1) = (y0 - pad, y1 + pad);
-    let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
+    let x_pad = if x0 == x1 {
+        (x0.abs() * 0.1).max(1.0)
+    } else {
+        0.0
+    };
+    let (px0, px1, py0, py1) = (x0, x1 + x_pad, y0 - pad, y1 + pad);
+    let too_wide = |axis: &str, lo: f64, hi: f64| {
+        Error::arg(
+            "lines",
+            format!(
+                "{axis} from {lo:e} to {hi:e}: with its margin, a span wider than a chart can \
+                 draw (at most {:e})",
+                f64::MAX
+            ),
+        )
+    };
+    if !(px1 - px0).is_finite() {
+        return Err(too_wide("x", x0, x1));
+    }
+    if !(py1 - py0).is_finite() {
+        return Err(too_wide("y", y0, y1));
+    }
+    check_span("lines", "x", px0, px1)?;
+    check_span("lines", "y", py0, py1)?;
+    Ok(((px0, px1), (py0, py1)))
+}
+
+/// A line chart: the y range from the data (error bars included) padded by 10% (see
+/// [`line_ranges`]), ticks and titles on both axes, error bars where a standard error is
+/// given, a legend.
+pub fn line_chart(
+    lines: &[Line],
+    (title, x_title, y_title): (&str, &str, &str),
+    (width, height): (u32, u32),
+) -> Result<RgbImage> {
+    let ((x0, x1), (y0, y1)) = line_ranges(lines)?;
     render(width, height, |root| {
         let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 18))
             .margin(10)
-            .x_label_area_size(40)
-            .y_label_area_size(72)
+            .x_label_area_size(46)
+            .y_label_area_size(84)
             .build_cartesian_2d(x0..x1, y0..y1)
             .map_err(plot_err)?;
         chart
@@ -365,7 +525,8 @@ pub fn line_chart(
             .x_label_formatter(&|x| number_label(*x))
             .y_label_formatter(&|y| number_label(*y))
             .light_line_style(WHITE)
-            .label_style(("sans-serif", 12))
+            .label_style(("sans-serif", TICK_PX))
+            .axis_desc_style(("sans-serif", AXIS_TITLE_PX))
             .draw()
             .map_err(plot_err)?;
         for l in lines {
@@ -440,10 +601,10 @@ fn axes<'a, 'b>(
     frame: Frame,
 ) -> Result<Chart2d<'a, 'b>> {
     let mut chart = ChartBuilder::on(area)
-        .caption(title, ("sans-serif", 15))
+        .caption(title, ("sans-serif", 16))
         .margin(8)
-        .x_label_area_size(34)
-        .y_label_area_size(40)
+        .x_label_area_size(44)
+        .y_label_area_size(54)
         .build_cartesian_2d(frame.x.0..frame.x.1, frame.y.0..frame.y.1)
         .map_err(plot_err)?;
     chart
@@ -452,7 +613,8 @@ fn axes<'a, 'b>(
         .y_desc("y")
         .x_labels(5)
         .y_labels(5)
-        .label_style(("sans-serif", 11))
+        .label_style(("sans-serif", TICK_PX))
+        .axis_desc_style(("sans-serif", AXIS_TITLE_PX))
         .light_line_style(WHITE)
         .draw()
         .map_err(plot_err)?;
@@ -476,6 +638,150 @@ mod tests {
         assert!(head[1].1 != head[2].1, "the two sides differ");
         // Shorter than a pixel: no head.
         assert!(arrow_head((0.0, 0.0), [0.001, 0.0], (0.01, 0.01)).is_none());
+    }
+
+    /// Runs `f` on its own thread and fails, instead of hanging the test run, when it has not
+    /// finished in 20 seconds.
+    fn within_20s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{what}: still drawing after 20 s (hung)"))
+    }
+
+    fn one_line(points: Vec<(f64, f64, Option<f64>)>) -> Result<RgbImage> {
+        line_chart(
+            &[Line {
+                label: "l".into(),
+                color: PALETTE[0],
+                points,
+            }],
+            ("", "x", "y"),
+            (200, 150),
+        )
+    }
+
+    /// Issue 21, item 16: a value that is not finite is refused by name, ranges wider than a
+    /// float are refused, and huge finite ranges draw; nothing hangs in plotters' ticks.
+    #[test]
+    fn charts_refuse_non_finite_values_and_never_hang_on_huge_ranges() {
+        type Case = (
+            &'static str,
+            Vec<(f64, f64, Option<f64>)>,
+            Option<&'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "inf y",
+                vec![(0.0, 0.0, None), (1.0, f64::INFINITY, None)],
+                Some("y = inf is not a finite number"),
+            ),
+            (
+                "NaN x",
+                vec![(f64::NAN, 0.0, None), (1.0, 1.0, None)],
+                Some("x = NaN"),
+            ),
+            (
+                "inf err",
+                vec![(0.0, 0.0, Some(f64::INFINITY)), (1.0, 1.0, None)],
+                Some("err = inf"),
+            ),
+            (
+                "y span",
+                vec![(0.0, -1e308, None), (1.0, 1e308, None)],
+                Some("wider than a chart can draw"),
+            ),
+            (
+                "padded",
+                vec![(0.0, 1e307, None), (1.0, 1.7e308, None)],
+                Some("wider than a chart can draw"),
+            ),
+            (
+                "x span",
+                vec![(-1e308, 0.0, None), (1e308, 1.0, None)],
+                Some("wider than a chart can draw"),
+            ),
+            (
+                "err span",
+                vec![(0.0, 0.0, Some(1e308)), (1.0, 1.0, Some(1e308))],
+                Some("wider than a chart can draw"),
+            ),
+            ("huge y", vec![(0.0, 0.0, None), (1.0, 1e308, None)], None),
+            ("huge x", vec![(0.0, 0.0, None), (1e308, 1.0, None)], None),
+            (
+                "tiny span",
+                vec![(0.0, 1e20, None), (1e-300, 1e20 + 1e5, None)],
+                None,
+            ),
+            ("one point", vec![(1e300, 5.0, None)], None),
+        ];
+        for (what, points, refused) in cases {
+            let r = within_20s(what, move || {
+                one_line(points).map(|_| ()).map_err(|e| e.to_string())
+            });
+            match (refused, r) {
+                (Some(says), Err(e)) => assert!(e.contains(says), "{what}: {e}"),
+                (None, Ok(())) => {}
+                (expected, r) => panic!("{what}: expected {expected:?}, got {r:?}"),
+            }
+        }
+        let scatter = |frame: Frame, p: [f32; 2]| {
+            within_20s("scatter", move || {
+                scatter_row(
+                    &[Panel {
+                        title: String::new(),
+                        content: vec![Scatter {
+                            label: "s".into(),
+                            color: PALETTE[0],
+                            points: vec![p],
+                        }],
+                    }],
+                    frame,
+                    100,
+                    "",
+                )
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+            })
+        };
+        let inf = f32::INFINITY;
+        let e = scatter(
+            Frame {
+                x: (0.0, inf),
+                y: (0.0, 1.0),
+            },
+            [0.0, 0.0],
+        )
+        .unwrap_err();
+        assert!(e.contains("finite"), "{e}");
+        let e = scatter(
+            Frame {
+                x: (-3e38, 3e38),
+                y: (0.0, 1.0),
+            },
+            [0.0, 0.0],
+        )
+        .unwrap_err();
+        assert!(e.contains("wider than a chart can draw"), "{e}");
+        let e = scatter(
+            Frame {
+                x: (0.0, 1.0),
+                y: (0.0, 1.0),
+            },
+            [f32::NAN, 0.0],
+        )
+        .unwrap_err();
+        assert!(e.contains("point 0") && e.contains("finite"), "{e}");
+        scatter(
+            Frame {
+                x: (-1e38, 1e38),
+                y: (0.0, 1.0),
+            },
+            [1e37, 0.5],
+        )
+        .unwrap();
     }
 
     #[test]

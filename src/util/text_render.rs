@@ -60,18 +60,42 @@ pub fn draw_text(img: &mut RgbImage, text: &str, x: i32, y: i32, px: f32, color:
     });
 }
 
-/// `label` as lines that fit `width` pixels at `px`: whole words where they fit, a word wider
-/// than a line split by characters (nothing is cut off).
+/// The smallest size labels shrink to before they wrap: smaller text stops being legible.
+pub const MIN_LABEL_PX: f32 = 9.0;
+/// Pixels kept free on either side of a label in its cell, so no glyph touches the edge.
+const LABEL_MARGIN: u32 = 2;
+/// The widest a cell grows to hold a label's longest word whole; a longer word is split.
+const MAX_WORD_CELL: u32 = 160;
+
+/// `label` as lines that fit `width` pixels at `px`, broken between words (so "custom (C)"
+/// becomes "custom" and "(C)", never "custom (C" and ")"); only a word wider than a whole line
+/// is split by characters. Nothing is cut off.
 pub fn wrap(label: &str, width: f32, px: f32) -> Vec<String> {
+    let fits = |s: &str| measure(s, px).0 <= width;
     let mut lines: Vec<String> = vec![];
     let mut line = String::new();
-    for ch in label.chars() {
-        let candidate = format!("{line}{ch}");
-        if !line.is_empty() && measure(&candidate, px).0 > width {
-            lines.push(std::mem::take(&mut line));
-            line = ch.to_string();
+    for word in label.split_whitespace() {
+        let candidate = if line.is_empty() {
+            word.to_string()
         } else {
+            format!("{line} {word}")
+        };
+        if fits(&candidate) {
             line = candidate;
+            continue;
+        }
+        if !line.is_empty() {
+            lines.push(std::mem::take(&mut line));
+        }
+        // The word starts a line; one wider than a line goes by characters.
+        for ch in word.chars() {
+            let candidate = format!("{line}{ch}");
+            if !line.is_empty() && !fits(&candidate) {
+                lines.push(std::mem::take(&mut line));
+                line = ch.to_string();
+            } else {
+                line = candidate;
+            }
         }
     }
     if !line.is_empty() || lines.is_empty() {
@@ -80,54 +104,90 @@ pub fn wrap(label: &str, width: f32, px: f32) -> Vec<String> {
     lines
 }
 
+/// How labels sit under cells of images `image_w` pixels wide.
+struct Labels {
+    /// The text size.
+    px: f32,
+    /// The cell width: the image's, or wider where a label's longest word needs it.
+    cell_w: u32,
+    /// Each label's lines.
+    lines: Vec<Vec<String>>,
+    /// Pixels from one line to the next.
+    line_h: u32,
+}
+
+impl Labels {
+    /// The largest size from `start` down to [`MIN_LABEL_PX`] at which every label fits its
+    /// cell on one line; below that, labels wrap between words, and a cell grows (up to
+    /// [`MAX_WORD_CELL`]) so that the longest word fits whole.
+    fn lay_out(labels: &[String], image_w: u32, start: f32) -> Self {
+        let room = |w: u32| w.saturating_sub(2 * LABEL_MARGIN) as f32;
+        let mut px = start.max(MIN_LABEL_PX);
+        while px > MIN_LABEL_PX && labels.iter().any(|l| measure(l, px).0 > room(image_w)) {
+            px = (px - 0.5).max(MIN_LABEL_PX);
+        }
+        let widest_word = labels
+            .iter()
+            .flat_map(|l| l.split_whitespace())
+            .map(|w| measure(w, px).0.ceil() as u32 + 2 * LABEL_MARGIN)
+            .max()
+            .unwrap_or(0);
+        let cell_w = image_w.max(widest_word.min(MAX_WORD_CELL.max(image_w)));
+        Self {
+            px,
+            cell_w,
+            lines: labels.iter().map(|l| wrap(l, room(cell_w), px)).collect(),
+            line_h: measure("Ag", px).1.ceil() as u32 + 2,
+        }
+    }
+
+    /// The most lines a label takes.
+    fn rows(&self) -> u32 {
+        self.lines.iter().map(Vec::len).max().unwrap_or(0) as u32
+    }
+
+    /// Draws label `i` centred in the cell whose left edge is `x`, its first line's top at `y`.
+    fn draw(&self, out: &mut RgbImage, i: usize, x: u32, y: u32) {
+        for (k, l) in self.lines.get(i).into_iter().flatten().enumerate() {
+            let w = measure(l, self.px).0.ceil() as i32;
+            let lx = x as i32 + ((self.cell_w as i32 - w) / 2).max(LABEL_MARGIN as i32);
+            let ly = (y + k as u32 * self.line_h) as i32;
+            draw_text(out, l, lx, ly, self.px, Rgb([20, 20, 20]));
+        }
+    }
+}
+
 /// `tiles` in a row on white, 6 pixels apart, each with its whole label centred underneath
-/// (wrapped when it is wider than the tile); with `bar`, a colour bar of that ramp at the right,
-/// its ends labelled "min" and "max" (each tile's map runs from its own minimum to maximum).
+/// (see [`Labels::lay_out`]: a cell is wider than its tile where a word needs it); with `bar`,
+/// a colour bar of that ramp at the right, its ends labelled "min" and "max" (each tile's map
+/// runs from its own minimum to maximum).
 pub fn labelled_row(
     tiles: &[(RgbImage, String)],
     bar: Option<&dyn Fn(f32) -> [u8; 3]>,
 ) -> RgbImage {
     let tw = tiles.iter().map(|(t, _)| t.width()).max().unwrap_or(0);
     let th = tiles.iter().map(|(t, _)| t.height()).max().unwrap_or(0);
-    // The largest size (from tw/9, 10 to 16 px, down to 7) at which every label fits on one
-    // line; labels still wider wrap.
-    let mut px = (tw as f32 / 9.0).clamp(10.0, 16.0);
-    while px > 7.0 && tiles.iter().any(|(_, l)| measure(l, px).0 > tw as f32) {
-        px -= 0.5;
-    }
-    let line_h = (measure("Ag", px).1).ceil() as u32 + 2;
-    let wrapped: Vec<Vec<String>> = tiles
-        .iter()
-        .map(|(_, l)| wrap(l, tw.max(1) as f32, px))
-        .collect();
-    let lines = wrapped.iter().map(Vec::len).max().unwrap_or(1) as u32;
+    let texts: Vec<String> = tiles.iter().map(|(_, l)| l.clone()).collect();
+    let labels = Labels::lay_out(&texts, tw, (tw as f32 / 9.0).clamp(10.0, 16.0));
+    let (px, cw) = (labels.px, labels.cell_w);
     let gap = 6;
     let n = tiles.len() as u32;
     let bar_w = if bar.is_some() {
-        12 + gap + measure("max", px).0.ceil() as u32 + 4
+        12 + 4 + measure("max", px).0.ceil() as u32 + 2
     } else {
         0
     };
-    let width = (tw + gap) * n.max(1) - gap + if bar.is_some() { gap + bar_w } else { 0 };
-    let mut out = RgbImage::from_pixel(width, th + 4 + lines * line_h, Rgb([255, 255, 255]));
+    let width = (cw + gap) * n.max(1) - gap + if bar.is_some() { gap + bar_w } else { 0 };
+    let height = th + 4 + labels.rows().max(1) * labels.line_h;
+    let mut out = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
     let ink = Rgb([20, 20, 20]);
-    for (i, ((tile, _), text)) in tiles.iter().zip(&wrapped).enumerate() {
-        let x = i as u32 * (tw + gap);
-        image::imageops::replace(&mut out, tile, x as i64, 0);
-        for (k, l) in text.iter().enumerate() {
-            let lx = x as i32 + (tw as i32 - measure(l, px).0.round() as i32) / 2;
-            draw_text(
-                &mut out,
-                l,
-                lx,
-                (th + 3 + k as u32 * line_h) as i32,
-                px,
-                ink,
-            );
-        }
+    for (i, (tile, _)) in tiles.iter().enumerate() {
+        let x = i as u32 * (cw + gap);
+        image::imageops::replace(&mut out, tile, (x + (cw - tile.width()) / 2) as i64, 0);
+        labels.draw(&mut out, i, x, th + 3);
     }
     if let Some(ramp) = bar {
-        let x0 = (tw + gap) * n.max(1) - gap + gap;
+        let x0 = (cw + gap) * n.max(1);
         for y in 0..th {
             let c = ramp(1.0 - y as f32 / (th.max(2) - 1) as f32);
             for x in x0..x0 + 12 {
@@ -143,7 +203,8 @@ pub fn labelled_row(
 
 /// Images in rows of `cols` on `background`, `gap` pixels apart, each cell the size of the
 /// largest image (smaller ones centred), each with its label (when `labels` has one for it)
-/// centred underneath, whole (shrunk to fit, then wrapped).
+/// centred underneath, whole (see [`Labels::lay_out`]: shrunk to fit, then wrapped between
+/// words, the cells widened where a word needs it).
 pub fn labelled_grid(
     images: &[RgbImage],
     cols: usize,
@@ -158,18 +219,14 @@ pub fn labelled_grid(
     if cols == 0 {
         return Err(Error::arg("cols", "must be at least 1"));
     }
-    let cw = images.iter().map(|i| i.width()).max().unwrap_or(0);
+    let iw = images.iter().map(|i| i.width()).max().unwrap_or(0);
     let ch = images.iter().map(|i| i.height()).max().unwrap_or(0);
-    let mut px = (cw as f32 / 12.0).clamp(10.0, 18.0);
-    while px > 7.0 && labels.iter().any(|l| measure(l, px).0 > cw as f32) {
-        px -= 0.5;
-    }
-    let line_h = measure("Ag", px).1.ceil() as u32 + 2;
-    let wrapped: Vec<Vec<String>> = labels.iter().map(|l| wrap(l, cw as f32, px)).collect();
+    let text = Labels::lay_out(labels, iw, (iw as f32 / 12.0).clamp(10.0, 18.0));
+    let cw = if labels.is_empty() { iw } else { text.cell_w };
     let label_h = if labels.is_empty() {
         0
     } else {
-        4 + line_h * wrapped.iter().map(Vec::len).max().unwrap_or(1) as u32
+        4 + text.line_h * text.rows().max(1)
     };
     let cols = cols.min(images.len());
     let rows = images.len().div_ceil(cols) as u32;
@@ -180,11 +237,7 @@ pub fn labelled_grid(
         let x = cx + (cw - img.width()) / 2;
         let y = cy + (ch - img.height()) / 2;
         image::imageops::replace(&mut out, img, x as i64, y as i64);
-        for (k, l) in wrapped.get(i).into_iter().flatten().enumerate() {
-            let lx = cx as i32 + (cw as i32 - measure(l, px).0.round() as i32) / 2;
-            let ly = (cy + ch + 2 + k as u32 * line_h) as i32;
-            draw_text(&mut out, l, lx, ly, px, Rgb([20, 20, 20]));
-        }
+        text.draw(&mut out, i, cx, cy + ch + 2);
     }
     Ok(out)
 }
@@ -192,6 +245,13 @@ pub fn labelled_grid(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The columns of `img` holding label ink (dark pixels) below row `from`.
+    fn ink_columns(img: &RgbImage, from: u32) -> Vec<u32> {
+        (0..img.width())
+            .filter(|&x| (from..img.height()).any(|y| img.get_pixel(x, y).0[0] < 120))
+            .collect()
+    }
 
     /// Labels are whole (a long one wraps, nothing is cut); tiles sit apart on white; the
     /// colour bar runs from the ramp's low end at the bottom to its high end at the top.
@@ -216,30 +276,104 @@ mod tests {
             ],
             Some(&ramp),
         );
-        assert_eq!(row.get_pixel(40, 5).0, [0, 200, 0]);
+        let green: Vec<u32> = (0..row.width())
+            .filter(|&x| row.get_pixel(x, 5).0 == [0, 200, 0])
+            .collect();
+        assert_eq!(green.len(), 32, "the second tile, whole");
         assert_eq!(
-            row.get_pixel(34, 5).0,
+            row.get_pixel(green[0] - 1, 5).0,
             [255, 255, 255],
-            "the gap between tiles"
+            "white before the second tile"
         );
-        // The bar: bright red at the top, dark at the bottom.
-        let bx = 32 + 6 + 32 + 6 + 2;
-        assert!(row.get_pixel(bx, 0).0[0] > 250 && row.get_pixel(bx, 31).0[0] < 5);
+        // The bar: bright red at the top, dark at the bottom, right of the tiles.
+        let bx = (green[31] + 1..row.width())
+            .find(|&x| row.get_pixel(x, 0).0[0] > 250 && row.get_pixel(x, 0).0[1] == 0)
+            .expect("the bar");
+        assert!(row.get_pixel(bx, 31).0[0] < 5);
         // Text under the tiles.
-        assert!((33..row.height()).any(|y| (0..70).any(|x| row.get_pixel(x, y).0[0] < 100)));
+        assert!(!ink_columns(&row, 33).is_empty());
 
-        // A labelled grid: 2 x 2 cells of 20 px, 4 px apart, labels under each.
+        // A labelled grid: 2 x 2 cells, 4 px apart, labels under each.
         let cells: Vec<RgbImage> = (0..4)
             .map(|_| RgbImage::from_pixel(20, 20, Rgb([0, 0, 0])))
             .collect();
         let labels = ["base", "custom", "base", "custom"].map(String::from);
         let g = labelled_grid(&cells, 2, &labels, 4, Rgb([255, 255, 255])).unwrap();
-        assert_eq!(g.width(), 44);
-        assert_eq!(g.get_pixel(22, 5).0, [255, 255, 255], "the gap");
+        assert!(g.width() >= 44);
         assert!(
             g.height() > 2 * 20 + 4 + 2 * 8,
             "room for the labels: {}",
             g.height()
+        );
+    }
+
+    /// Issue 21, item 10: labels break between words ("custom (C)" is "custom" over "(C)",
+    /// never "custom (C" over ")"), and a cell too narrow for a word at a legible size grows
+    /// rather than splitting it or letting it run over its edges.
+    #[test]
+    fn labels_wrap_between_words_and_stay_inside_their_cells() {
+        let px = 10.0;
+        let custom = measure("custom", px).0;
+        let whole = measure("custom (C)", px).0;
+        assert_eq!(
+            wrap("custom (C)", (custom + whole) / 2.0, px),
+            ["custom", "(C)"]
+        );
+        assert_eq!(
+            wrap("a <pot> in the jungle", 1000.0, px),
+            ["a <pot> in the jungle"]
+        );
+        // A word wider than any line still goes whole... by characters, nothing lost.
+        let long = wrap("x abcdefghijklmnop", measure("abcd", px).0, px);
+        assert_eq!(
+            long.concat().replace(' ', ""),
+            "xabcdefghijklmnop",
+            "{long:?}"
+        );
+
+        // 32 px images (the tiny model's): the labels keep a legible size, and each label's
+        // ink stays within its own cell (with its margin), clear of the image edges.
+        let cells: Vec<RgbImage> = (0..2)
+            .map(|_| RgbImage::from_pixel(32, 32, Rgb([255, 255, 255])))
+            .collect();
+        let labels = ["base (F)", "custom (C)"].map(String::from);
+        let g = labelled_grid(&cells, 2, &labels, 4, Rgb([255, 255, 255])).unwrap();
+        let cell_w = (g.width() - 4) / 2;
+        assert!(
+            cell_w >= measure("custom", MIN_LABEL_PX).0 as u32,
+            "the cell holds the word whole: {cell_w}"
+        );
+        let ink = ink_columns(&g, 33);
+        assert!(!ink.is_empty());
+        assert!(
+            ink.iter()
+                .all(|&x| (1..cell_w - 1).contains(&x) || (cell_w + 5..2 * cell_w + 3).contains(&x)),
+            "ink outside the cells or on their edges: {ink:?} (cells {cell_w} wide)"
+        );
+        // "custom (C)" takes two lines: "custom" over "(C)".
+        let lines = Labels::lay_out(&labels, 32, 10.0);
+        assert_eq!(lines.lines[1], ["custom", "(C)"]);
+        assert!(lines.px >= MIN_LABEL_PX);
+
+        // A row of attention tiles: "F wooden" under a 32 px tile is not clipped at the
+        // image's left edge.
+        let row = labelled_row(
+            &[
+                (
+                    RgbImage::from_pixel(32, 32, Rgb([255, 255, 255])),
+                    "F wooden".into(),
+                ),
+                (
+                    RgbImage::from_pixel(32, 32, Rgb([255, 255, 255])),
+                    "C wooden".into(),
+                ),
+            ],
+            None,
+        );
+        let ink = ink_columns(&row, 33);
+        assert!(
+            ink[0] >= 1 && *ink.last().unwrap() < row.width() - 1,
+            "{ink:?}"
         );
     }
 }

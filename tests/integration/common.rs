@@ -135,3 +135,19 @@ pub fn tiny_scorers() -> (
             .expect("the bundled tiny DINO loads");
     (clip, dino)
 }
+
+/// Runs the binary with `args` in `cwd` (no `INFUSION_MODEL` from the environment: the bundled
+/// model unless `--model` is given).
+pub fn run_bin(args: &[&str], cwd: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("INFUSION_MODEL")
+        .output()
+        .expect("infusion-repl runs")
+}
+
+/// A finished process's standard error, as text.
+pub fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

@@ -2,19 +2,14 @@
 //! and habits from other tools, the same rules everywhere.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn run(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("INFUSION_MODEL")
-        .output()
-        .expect("infusion-repl runs")
+    crate::common::run_bin(args, cwd)
 }
 
 fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    crate::common::stderr_of(o)
 }
 
 fn stdout(o: &Output) -> String {

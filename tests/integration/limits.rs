@@ -2,7 +2,7 @@
 //! and files and configs that were accepted silently and wrong are refused with what is wrong.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::{DType, Device, Tensor};
 use infusion_repl::{LoadOptions, StableDiffusion};
@@ -10,16 +10,11 @@ use infusion_repl::{LoadOptions, StableDiffusion};
 use crate::common::{copy_dir, repo, tiny, tiny_model_dir};
 
 fn run(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("INFUSION_MODEL")
-        .output()
-        .expect("infusion-repl runs")
+    crate::common::run_bin(args, cwd)
 }
 
 fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    crate::common::stderr_of(o)
 }
 
 /// Runs `script` as a recipe; returns (exit code, stdout, stderr).

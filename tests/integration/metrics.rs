@@ -262,4 +262,13 @@ fn w2_is_zero_for_identical_sets_and_symmetric() {
         None
     )
     .is_err());
+    // A NaN or an infinity is refused by name (nalgebra's SVD never returned on one: issue 21,
+    // item 16).
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut v = vec![0.5f32; 3 * 4];
+        v[7] = bad;
+        let t = Tensor::from_vec(v, (3, 4), &Device::Cpu).unwrap();
+        let e = wasserstein(a, &t, None).unwrap_err().to_string();
+        assert!(e.contains("latents_b") && e.contains("sample 1"), "{e}");
+    }
 }

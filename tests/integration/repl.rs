@@ -174,3 +174,215 @@ fn imports_persist_and_load_takes_args() {
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();
 }
+
+/// The REPL in a pty of `cols` columns whose line discipline echoes typed input and control
+/// characters, as a user's terminal does (rexpect's own pty echoes nothing, so Ctrl-C would
+/// leave no `^C` on screen).
+fn spawn_echoing(dir: &std::path::Path, cols: u16) -> PtySession {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "stty echo echoctl cols {cols} rows 40 && exec \"$0\" --no-images"
+        ))
+        .arg(env!("CARGO_BIN_EXE_infusion-repl"))
+        .current_dir(dir)
+        .env("XDG_DATA_HOME", dir.join("data"))
+        .env("HOME", dir)
+        .env("TERM", "xterm")
+        .env_remove("INFUSION_MODEL");
+    spawn_command(cmd, Some(120_000)).expect("the REPL starts in a pty")
+}
+
+/// What a terminal `cols` columns wide shows after `output`: text, `\r`, `\n`, cursor moves
+/// and line clears, with the wrap a character written past the last column makes.
+fn screen(output: &str, cols: usize) -> Vec<String> {
+    let mut lines: Vec<Vec<char>> = vec![vec![]];
+    let (mut row, mut col, mut pending_wrap) = (0usize, 0usize, false);
+    let mut chars = output.chars().peekable();
+    while let Some(ch) = chars.next() {
+        if lines.len() <= row {
+            lines.resize(row + 1, vec![]);
+        }
+        match ch {
+            '\x1b' => {
+                if chars.peek() != Some(&'[') {
+                    chars.next();
+                    continue;
+                }
+                chars.next();
+                let mut params = String::new();
+                let mut end = ' ';
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() || c == '~' {
+                        end = c;
+                        break;
+                    }
+                    params.push(c);
+                }
+                if params.starts_with('?') {
+                    continue;
+                }
+                let n: usize = params.parse().unwrap_or(0);
+                pending_wrap = false;
+                match end {
+                    'A' => row = row.saturating_sub(n.max(1)),
+                    'B' => row += n.max(1),
+                    'C' => col = (col + n.max(1)).min(cols - 1),
+                    'D' => col = col.saturating_sub(n.max(1)),
+                    'G' => col = n.max(1) - 1,
+                    'K' if n == 2 => lines[row].clear(),
+                    'K' => lines[row].truncate(col),
+                    _ => {}
+                }
+            }
+            '\r' => {
+                col = 0;
+                pending_wrap = false;
+            }
+            '\n' => {
+                row += 1;
+                pending_wrap = false;
+            }
+            c if c.is_control() => {}
+            c => {
+                if pending_wrap {
+                    row += 1;
+                    col = 0;
+                    pending_wrap = false;
+                }
+                if lines.len() <= row {
+                    lines.resize(row + 1, vec![]);
+                }
+                let line = &mut lines[row];
+                if line.len() <= col {
+                    line.resize(col + 1, ' ');
+                }
+                line[col] = c;
+                if col + 1 == cols {
+                    pending_wrap = true;
+                } else {
+                    col += 1;
+                }
+            }
+        }
+    }
+    lines
+        .into_iter()
+        .map(|l| l.into_iter().collect::<String>().trim_end().to_string())
+        .collect()
+}
+
+/// Issue 21, item 11: after Ctrl-C during training, the screen does not keep a progress bar
+/// whose count disagrees with "stopped at step N". (A bar padded to the terminal's full width
+/// let the echoed `^C` wrap onto a new line; the bar's clearing then missed its own line and
+/// the count drawn before Ctrl-C stayed above the message.)
+#[test]
+fn after_ctrl_c_the_screen_and_the_message_agree_on_the_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = dir.path().join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    for i in 0..3u8 {
+        image::RgbImage::from_fn(32, 32, |x, y| {
+            image::Rgb([x as u8 * 7, y as u8 * 7, i * 80])
+        })
+        .save(imgs.join(format!("{i}.png")))
+        .unwrap();
+    }
+    let cols = 100;
+    let mut p = spawn_echoing(dir.path(), cols as u16);
+    command(
+        &mut p,
+        "let m = load_model(); print(\"model \" + \"ready\");",
+    );
+    p.exp_string("model ready").unwrap();
+    command(
+        &mut p,
+        "let c = m.train_concept(\"imgs\", \"pot\", \"teapot\", #{train_steps: 1000000});",
+    );
+    let (before, bar) = p.exp_regex("loss [0-9.]+ \\[").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    p.send_control('c').unwrap();
+    let rest = p.exp_string("stopped at step").unwrap();
+    let (between, n) = p.exp_regex("[0-9]+").unwrap();
+    let output = format!("{before}{bar}{rest}stopped at step{between}{n}");
+    let shown = screen(&output, cols);
+    let counts: Vec<&String> = shown.iter().filter(|l| l.contains("/1000000")).collect();
+    for line in &counts {
+        let count = line
+            .split("/1000000")
+            .next()
+            .and_then(|s| s.rsplit(' ').next())
+            .unwrap();
+        assert_eq!(
+            count,
+            n,
+            "a bar on screen says {count} steps, the message {n}:\n{}",
+            shown.join("\n")
+        );
+    }
+    assert!(
+        shown
+            .iter()
+            .any(|l| l.starts_with(&format!("stopped at step {n}"))),
+        "{}",
+        shown.join("\n")
+    );
+    p.exp_string("infusion> ").unwrap();
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+}
+
+/// Issue 21, item 11: `:help` wraps between words at the terminal's width; Tab after `p::`
+/// completes the members of the module imported as `p`; `:scope` lists the session's functions
+/// and imports beside its variables; `:load FILE --help` prints the usage with the file's
+/// header, as the recipe runner does.
+#[test]
+fn help_wraps_modules_complete_scope_lists_everything_and_load_help_has_the_header() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rec.rhai"),
+        "// rec.rhai: a recipe that says what it does.\n//\n// ARGS:\n//   FOLDER   the photos\n\
+         let a = parse_args(ARGS, \"rec.rhai FOLDER [--steps 5]\");\nprint(\"ran\");\n",
+    )
+    .unwrap();
+    let cols = 60;
+    let mut p = spawn_echoing(dir.path(), cols as u16);
+    command(&mut p, ":help train_concept");
+    let text = p.exp_string("Example:").unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .skip_while(|l| !l.starts_with("Trains a concept"))
+        .collect();
+    assert!(lines.len() > 10, "{text}");
+    for l in &lines {
+        assert!(
+            l.chars().count() <= cols,
+            "a line wider than the terminal ({cols}): {l:?}"
+        );
+    }
+
+    command(&mut p, "import \"prompts\" as p; fn sq(x) { x * x }");
+    // Tab completes `p::OBJECT_P` to `p::OBJECT_PROMPTS`.
+    p.exp_string("infusion> ").unwrap();
+    p.send("print(p::OBJECT_P").unwrap();
+    p.send("\t").unwrap();
+    p.send_line(".len() + sq(30));").unwrap();
+    p.exp_string("925").unwrap();
+
+    command(&mut p, "let kept = 1;");
+    command(&mut p, ":scope");
+    p.exp_string("let kept: ").unwrap();
+    p.exp_string("fn sq(x)").unwrap();
+    p.exp_string("import \"prompts\" as p: ").unwrap();
+    p.exp_string("p::OBJECT_PROMPTS").unwrap();
+
+    command(&mut p, ":load rec.rhai --help");
+    p.exp_string("usage: rec.rhai FOLDER [--steps 5]").unwrap();
+    p.exp_string("rec.rhai: a recipe that says what it does.")
+        .unwrap();
+    p.exp_string("FOLDER   the photos").unwrap();
+    p.exp_string("infusion> ").unwrap();
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+}

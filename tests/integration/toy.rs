@@ -394,3 +394,57 @@ fn scatter_score_field_and_line_chart_draw_what_they_are_given() {
         assert!(e.contains(says), "{script}: {e}");
     }
 }
+
+/// Issue 21, item 16: charts and the toy's W2 refuse numbers that are not finite (or not
+/// finite once made f32, as points and frames are), and ranges wider than a float holds, with
+/// an error that says which; huge finite ranges draw. Nothing hangs: each script runs on its
+/// own thread and the test fails after 30 seconds instead of waiting for ever (plotters' tick
+/// placement and nalgebra's SVD never finished on such input).
+#[test]
+fn charts_and_toy_w2_refuse_non_finite_numbers_and_never_hang() {
+    fn run(script: &'static str) -> Result<String, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
+            let engine = build_engine(&Session::new(ScriptConfig {
+                no_images: true,
+                progress: false,
+                ..ScriptConfig::default()
+            }));
+            let r = engine
+                .eval::<rhai::Dynamic>(script)
+                .map(|v| v.to_string())
+                .map_err(|e| e.to_string());
+            let _ = tx.send(r);
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("{script}: still running after 30 s (hung)"))
+    }
+    let cases: &[(&str, Option<&str>)] = &[
+        ("line_chart([#{y: [0.0, 1e308 * 10.0]}])", Some("point 1: y = inf is not a finite number")),
+        ("line_chart([#{label: \"f\", y: [0.0, 0.0 / 0.0]}])", Some("line 0 (`f`), point 1: y = NaN")),
+        ("line_chart([#{y: [-1e308, 1e308]}])", Some("wider than a chart can draw")),
+        ("line_chart([#{x: [-1e308, 1e308], y: [0.0, 1.0]}])", Some("wider than a chart can draw")),
+        ("line_chart([#{y: [0.0, 1.0], err: [1e308, 1e308]}])", Some("wider than a chart can draw")),
+        ("line_chart([#{y: [0.0, 1e308]}])", None),
+        ("line_chart([#{x: [0.0, 1e308], y: [0.0, 1.0]}])", None),
+        ("scatter(#{sets: [#{points: [[0.0, 0.0]]}]}, #{range: [0.0, 1e308 * 10.0, 0.0, 1.0]})", Some("range: inf is not a finite number")),
+        ("scatter(#{sets: [#{points: [[0.0, 0.0]]}]}, #{range: [-1e300, 1e300, 0.0, 1.0]})", Some("range: -1e300 is not a finite number")),
+        ("scatter(#{sets: [#{points: [[0.0, 0.0]]}]}, #{range: [-3e38, 3e38, 0.0, 1.0]})", Some("wider than a chart can draw")),
+        ("scatter(#{sets: [#{points: [[0.0, 0.0], [1e300, 0.0]]}]})", Some("points: element 1")),
+        ("scatter(#{sets: [#{points: [[0.0, 0.0 / 0.0]]}]})", Some("points: element 0")),
+        ("scatter(#{sets: [#{points: [[0.0, 0.0]]}]}, #{range: [-1e38, 1e38, -1.0, 1.0]})", None),
+        ("toy_w2([[0.0, 0.0], [1.0, 1.0], [0.0 / 0.0, 0.0]], [[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]])", Some("points_a: element 2")),
+        ("toy_w2([[0.0, 0.0], [1.0, 1.0], [1e300, 0.0]], [[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]])", Some("points_a: element 2")),
+        ("toy_w2([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]], [[0.0, 1.0], [1.0, 0.0], [1e308 * 10.0, 2.0]])", Some("points_b: element 2")),
+        ("toy_w2([[0.0, 0.0], [1.0, 1.0], [1e5, 0.0]], [[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]], #{exact: true})", Some("farther out")),
+        ("toy_w2([[0.0, 0.0], [1.0, 1.0], [1e30, 0.0]], [[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]])", None),
+    ];
+    for (script, refused) in cases {
+        match (refused, run(script)) {
+            (Some(says), Err(e)) => assert!(e.contains(says), "{script}: {e}"),
+            (None, Ok(_)) => {}
+            (expected, r) => panic!("{script}: expected {expected:?}, got {r:?}"),
+        }
+    }
+}

@@ -193,24 +193,59 @@ impl FnSpec {
         self
     }
 
-    /// `:help NAME`: signatures, text, options with their defaults, example.
-    pub fn render(&self) -> String {
+    /// `:help NAME`: signatures, text, options with their defaults, example, for a terminal
+    /// `width` columns wide (see [`wrap_words`]).
+    pub fn render(&self, width: usize) -> String {
         let mut s = String::new();
         for sig in &self.signatures {
             let _ = writeln!(s, "  {sig}");
         }
-        let _ = writeln!(s, "\n{}", self.doc);
+        let _ = writeln!(s, "\n{}", wrap_words(self.doc, width, 0, 0));
         if !self.options.is_empty() {
             let _ = writeln!(s, "\nOptions:");
-            s.push_str(&render_options(&self.options));
+            s.push_str(&render_options(&self.options, width));
         }
-        let _ = write!(s, "\nExample:\n  {}", self.example);
+        // One statement a line: an example is copied, so it is never broken inside a string.
+        let example = self.example.split("; ").collect::<Vec<_>>().join(";\n  ");
+        let _ = write!(s, "\nExample:\n  {example}");
         s
     }
 }
 
-/// One option a line: name, type, default, text.
-pub fn render_options(options: &[OptSpec]) -> String {
+/// `text` wrapped at `width` columns, lines broken only between words (a word longer than a
+/// line overflows it rather than being cut): the first line starts at column `first`, where
+/// the caller has already written something, the others are indented by `indent` spaces.
+pub fn wrap_words(text: &str, width: usize, first: usize, indent: usize) -> String {
+    let mut out = String::new();
+    let mut col = first;
+    let mut line_has_word = false;
+    for word in text.split(' ').filter(|w| !w.is_empty()) {
+        let len = word.chars().count();
+        if line_has_word && col + 1 + len > width {
+            out.push('\n');
+            out.push_str(&" ".repeat(indent));
+            col = indent;
+            line_has_word = false;
+        }
+        if line_has_word {
+            out.push(' ');
+            col += 1;
+        }
+        out.push_str(word);
+        col += len;
+        line_has_word = true;
+    }
+    out
+}
+
+/// The indent of continuation lines under a column that starts at `col`: that column, unless it
+/// would leave fewer than 30 columns of text, then less.
+fn hanging(col: usize, width: usize) -> usize {
+    col.min(width.saturating_sub(30)).max(4)
+}
+
+/// One option a line: name, type, default, text; the text wraps under the type's column.
+pub fn render_options(options: &[OptSpec], width: usize) -> String {
     let mut s = String::new();
     for o in options {
         let default = o
@@ -218,12 +253,13 @@ pub fn render_options(options: &[OptSpec]) -> String {
             .as_ref()
             .map(|d| format!(" = {d}"))
             .unwrap_or_default();
+        let head = format!("  {:<16} ", o.name);
+        let rest = format!("{}{default}: {}", o.kind.describe(), o.doc);
+        let col = head.chars().count();
         let _ = writeln!(
             s,
-            "  {:<16} {}{default}: {}",
-            o.name,
-            o.kind.describe(),
-            o.doc
+            "{head}{}",
+            wrap_words(&rest, width, col, hanging(col, width))
         );
     }
     s
@@ -254,16 +290,17 @@ pub struct Docs {
 }
 
 impl Docs {
-    /// The functions named `name` (one per receiver), and the types or getters of that name.
-    pub fn help(&self, topic: &str) -> Option<String> {
+    /// The functions named `name` (one per receiver), and the types or getters of that name,
+    /// for a terminal `width` columns wide: text is wrapped between words.
+    pub fn help(&self, topic: &str, width: usize) -> Option<String> {
         if let Some(t) = self.types.iter().find(|t| t.name == topic) {
-            return Some(self.render_type(t));
+            return Some(self.render_type(t, width));
         }
         let mut parts: Vec<String> = self
             .functions
             .iter()
             .filter(|f| f.name == topic)
-            .map(|f| f.render())
+            .map(|f| f.render(width))
             .collect();
         for t in &self.types {
             for g in t.getters.iter().filter(|g| g.name == topic) {
@@ -272,7 +309,7 @@ impl Docs {
                     t.name.to_lowercase(),
                     g.name,
                     g.ty,
-                    g.doc
+                    wrap_words(g.doc, width, 0, 0)
                 ));
             }
         }
@@ -280,12 +317,22 @@ impl Docs {
     }
 
     /// `:help TYPE`: what it is, its properties and its methods.
-    fn render_type(&self, t: &TypeSpec) -> String {
-        let mut s = format!("{}: {}\n", t.name, t.doc);
+    fn render_type(&self, t: &TypeSpec, width: usize) -> String {
+        let head = format!("{}: ", t.name);
+        let mut s = format!(
+            "{head}{}\n",
+            wrap_words(t.doc, width, head.len(), hanging(2, width))
+        );
         if !t.getters.is_empty() {
             s.push_str("\nProperties:\n");
             for g in &t.getters {
-                let _ = writeln!(s, "  .{:<16} {:<10} {}", g.name, g.ty, g.doc);
+                let head = format!("  .{:<16} {:<10} ", g.name, g.ty);
+                let col = head.chars().count();
+                let _ = writeln!(
+                    s,
+                    "{head}{}",
+                    wrap_words(g.doc, width, col, hanging(col, width))
+                );
             }
         }
         let methods: Vec<&Arc<FnSpec>> = self
@@ -423,7 +470,7 @@ mod tests {
         let session = Session::new(ScriptConfig::default());
         build_engine(&session);
         let docs = session.docs();
-        let generate = docs.help("generate").unwrap();
+        let generate = docs.help("generate", 200).unwrap();
         assert!(
             generate.contains("steps            integer >= 1 = 50: denoising steps"),
             "{generate}"
@@ -432,7 +479,7 @@ mod tests {
             generate.contains("seed             integer >= 0 = 0"),
             "{generate}"
         );
-        let train = docs.help("train_concept").unwrap();
+        let train = docs.help("train_concept", 200).unwrap();
         assert!(
             train.contains("train_steps      integer >= 1: training steps (default: 500"),
             "{train}"
@@ -443,18 +490,56 @@ mod tests {
             ),
             "{train}"
         );
-        let g = docs.help("Generation").unwrap();
+        let g = docs.help("Generation", 200).unwrap();
         assert!(g.contains(".base ") && g.contains(".custom_latents"), "{g}");
         assert!(g.contains("generation.attention(word)"), "{g}");
-        let c = docs.help("Concept").unwrap();
+        let c = docs.help("Concept", 200).unwrap();
         assert!(
             c.contains(".train_steps") && c.contains("concept.save(path)"),
             "{c}"
         );
         assert!(docs
-            .help("base")
+            .help("base", 200)
             .unwrap()
             .contains("generation.base -> Image"));
-        assert!(docs.help("nothing_like_this").is_none());
+        assert!(docs.help("nothing_like_this", 200).is_none());
+    }
+
+    /// Issue 21, item 11: `:help` fits the terminal: lines are broken between words, never
+    /// inside one, and options' text continues under their type's column.
+    #[test]
+    fn help_wraps_between_words_to_the_terminal_width() {
+        let session = Session::new(ScriptConfig::default());
+        build_engine(&session);
+        let docs = session.docs();
+        for topic in [
+            "train_concept",
+            "generate",
+            "Generation",
+            "overtraining_curves",
+        ] {
+            let wide = docs.help(topic, 10_000).unwrap();
+            let text = docs.help(topic, 72).unwrap();
+            let words = |t: &str| t.split_whitespace().map(String::from).collect::<Vec<_>>();
+            assert_eq!(words(&text), words(&wide), "{topic}: the same words, whole");
+            // Past the signatures (code, kept whole) ...
+            for line in text.lines().skip_while(|l| !l.is_empty()) {
+                // ... only a single word longer than the line, or an example's statement, may
+                // overflow.
+                let long_word = line.trim().split(' ').count() == 1;
+                let example = line.starts_with("  let ") || line.starts_with("  show(");
+                assert!(
+                    line.chars().count() <= 72 || long_word || example,
+                    "{topic}: {line:?}"
+                );
+            }
+        }
+        let train = docs.help("train_concept", 72).unwrap();
+        let lr = train.lines().position(|l| l.starts_with("  lr ")).unwrap();
+        let next = train.lines().nth(lr + 1).unwrap();
+        assert!(
+            next.starts_with(&" ".repeat(19)) && !next[19..].starts_with(' '),
+            "the text goes on under the type's column: {next:?}\n{train}"
+        );
     }
 }

@@ -235,8 +235,9 @@ pub enum RunError {
     Usage { text: String, help: bool },
 }
 
-/// The comment block a recipe starts with, without the `//`.
-fn header(source: &str) -> String {
+/// The comment block a recipe starts with, without the `//`: what `--help` shows under the
+/// usage (the recipe runner's and the REPL's `:load FILE --help`).
+pub fn header(source: &str) -> String {
     source
         .lines()
         .take_while(|l| l.starts_with("//"))

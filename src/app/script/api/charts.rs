@@ -10,7 +10,7 @@ use super::Api;
 use crate::app::script::docs::{FnSpec, Kind};
 use crate::app::script::{err, rt, Opts, RhaiResult};
 use crate::util::plot::{
-    arrows_row, line_chart, scatter_row, Frame, Line, Panel, Scatter, PALETTE,
+    arrows_row, line_chart, number_text, scatter_row, Frame, Line, Panel, Scatter, PALETTE,
 };
 
 /// Panels from one map or an array of maps.
@@ -51,15 +51,31 @@ fn frame_opt(o: &Opts<'_>, default: Frame) -> RhaiResult<Frame> {
                         .collect()
                 })
                 .unwrap_or_default();
-            match r.as_slice() {
-                [x0, x1, y0, y1] if x0 < x1 && y0 < y1 => Ok(Frame {
+            let frame = match r.as_slice() {
+                [x0, x1, y0, y1] if x0 < x1 && y0 < y1 => Frame {
                     x: (*x0 as f32, *x1 as f32),
                     y: (*y0 as f32, *y1 as f32),
-                }),
-                _ => Err(err(
-                    "range: [x_min, x_max, y_min, y_max], each min below its max",
-                )),
+                },
+                _ => {
+                    return Err(err(
+                        "range: [x_min, x_max, y_min, y_max], each min below its max",
+                    ))
+                }
+            };
+            // The plane is drawn in f32: an end past its largest value (or not finite) is
+            // refused by name, not turned into an infinity.
+            if let Some(v) = r
+                .iter()
+                .find(|v| !v.is_finite() || v.abs() > f32::MAX as FLOAT)
+            {
+                return Err(err(format!(
+                    "range: {} is not a finite number within ±{:e}",
+                    number_text(*v),
+                    f32::MAX
+                )));
             }
+            rt(frame.check())?;
+            Ok(frame)
         }
     }
 }

@@ -17,25 +17,40 @@ use crate::app::script::{err, rt, Opts, RhaiResult, Session};
 pub struct Img {
     pub rgb: Arc<RgbImage>,
     pub text: Arc<Vec<(&'static str, String)>>,
+    /// The file that holds it: where it was last saved or read from (shared by the copies a
+    /// script passes around), so that `show` without a terminal names that file instead of
+    /// writing another copy.
+    file: Arc<std::sync::Mutex<Option<PathBuf>>>,
 }
 
 impl Img {
     pub fn new(rgb: RgbImage) -> Self {
-        Self {
-            rgb: Arc::new(rgb),
-            text: Arc::new(vec![]),
-        }
+        Self::with_text(rgb, vec![])
     }
 
     pub fn with_text(rgb: RgbImage, text: Vec<(&'static str, String)>) -> Self {
         Self {
             rgb: Arc::new(rgb),
             text: Arc::new(text),
+            file: Arc::default(),
         }
     }
 
+    /// Writes it as PNG at `path` and remembers that file.
     pub fn save(&self, path: &Path) -> crate::Result<()> {
-        crate::util::image_io::save_png(&self.rgb, path, &self.text)
+        crate::util::image_io::save_png(&self.rgb, path, &self.text)?;
+        self.held_in(path);
+        Ok(())
+    }
+
+    fn held_in(&self, path: &Path) {
+        *self.file.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.to_path_buf());
+    }
+
+    /// The file that still holds it, if any.
+    fn file(&self) -> Option<PathBuf> {
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        file.filter(|f| f.is_file())
     }
 }
 
@@ -94,10 +109,15 @@ fn composite(
 }
 
 /// Shows `img` in the terminal (kitty, iTerm or sixel graphics where the terminal has them,
-/// half blocks otherwise). When stdout is not a terminal or images are off, the image is saved
-/// and its path printed instead, and the terminal is never probed.
+/// half blocks otherwise). When stdout is not a terminal or images are off, the path of a file
+/// holding it is printed instead: the one it was saved to or read from, else a copy saved under
+/// the session's `infusion-out/`; the terminal is never probed.
 pub fn show(session: &Session, img: &Img) -> RhaiResult<()> {
     if session.config.no_images || !std::io::stdout().is_terminal() {
+        if let Some(file) = img.file() {
+            crate::app::stdout::line_or_say(file.display());
+            return Ok(());
+        }
         let n = session.shown.fetch_add(1, Ordering::SeqCst);
         let dir = &session.config.out_dir;
         rt(std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e)))?;
@@ -141,7 +161,9 @@ fn terminal_columns() -> (u32, u32) {
 
 fn load_image(path: &str) -> RhaiResult<Img> {
     let img = crate::util::image_io::load_image(Path::new(path)).map_err(|e| err(e.to_string()))?;
-    Ok(Img::new(img))
+    let img = Img::new(img);
+    img.held_in(Path::new(path));
+    Ok(img)
 }
 
 fn register_type(api: &mut Api) {
@@ -268,7 +290,7 @@ fn register_composition(api: &mut Api, session: &Arc<Session>) {
     let spec = api.declare(
         FnSpec::new("show")
             .sig("show(image)")
-            .doc("Draws an image in the terminal (kitty, iTerm or sixel graphics where available, half blocks otherwise). When output is not a terminal or --no-images is set, saves it under infusion-out/ and prints the path.")
+            .doc("Draws an image in the terminal (kitty, iTerm or sixel graphics where available, half blocks otherwise). When output is not a terminal or --no-images is set, prints the path of the file holding it (where it was saved or loaded from; an image no file holds is saved under infusion-out/ first).")
             .example("show(g.custom);"),
     );
     let s = session.clone();

@@ -211,21 +211,11 @@ fn w2(spec: &FnSpec, a: Dynamic, b: Dynamic, opts: &Map, squared: bool) -> RhaiR
 }
 
 /// Says so when a scorer loaded from `dir` has random weights (the bundled ones do).
-fn warn_random(session: &Session, kind: &str, dir: &Path) {
-    if crate::metrics::is_random(dir) {
-        session.job.warn(format!(
-            "{kind} from {} has RANDOM weights: its scores mean nothing (give the folder of a \
-             real one)",
-            dir.display()
-        ));
-    }
-}
-
 fn load_clip(session: &Session, path: Option<&str>) -> RhaiResult<ClipVal> {
     let dir = path
         .map(PathBuf::from)
         .unwrap_or_else(crate::assets::tiny_clip);
-    warn_random(session, "the CLIP", &dir);
+    crate::metrics::warn_if_random("CLIP", &dir, &session.job);
     let tok = crate::assets::clip_tokenizer();
     Ok(ClipVal(Arc::new(rt(Clip::load(
         &dir,
@@ -238,7 +228,7 @@ fn load_dino(session: &Session, path: Option<&str>) -> RhaiResult<DinoVal> {
     let dir = path
         .map(PathBuf::from)
         .unwrap_or_else(crate::assets::tiny_dino);
-    warn_random(session, "the DINO", &dir);
+    crate::metrics::warn_if_random("DINO", &dir, &session.job);
     Ok(DinoVal(Arc::new(rt(Dino::load(&dir, &device(session)?))?)))
 }
 

@@ -102,7 +102,16 @@ pub fn array_to_points(a: Array, what: &str) -> RhaiResult<Vec<Point>> {
                     .collect()
             });
             match xy.as_deref() {
-                Some([x, y]) => Ok([*x as f32, *y as f32]),
+                // Points are f32: a coordinate past its range would become an infinity.
+                Some([x, y]) if [x, y].iter().all(|v| v.abs() <= f32::MAX as FLOAT) => {
+                    Ok([*x as f32, *y as f32])
+                }
+                Some([x, y]) => Err(err(format!(
+                    "{what}: element {i}, [{}, {}], is not a pair of finite numbers within ±{:e}",
+                    crate::util::plot::number_text(*x),
+                    crate::util::plot::number_text(*y),
+                    f32::MAX
+                ))),
                 _ => Err(err(format!("{what}: element {i} is not a point [x, y]"))),
             }
         })
@@ -383,6 +392,10 @@ fn toy_fisher(
 }
 
 /// The Gaussian W2 of two point sets (metrics::w2).
+/// The largest coordinate `toy_w2(.., #{exact: true})` takes: squared distances of points within
+/// it, in the matching's 1e-9 units, stay well inside an i64.
+const EXACT_MAX: f32 = 1e4;
+
 fn gaussian_w2(a: Array, b: Array) -> RhaiResult<FLOAT> {
     let t = |p: Vec<Point>| -> RhaiResult<candle_core::Tensor> {
         let n = p.len();
@@ -436,10 +449,16 @@ fn register_measures(api: &mut Api) {
         move |a: Array, b: Array, o: Map| -> RhaiResult<FLOAT> {
             let o = Opts::of(&o, &sp)?;
             if o.bool("exact").unwrap_or(false) {
-                return rt(crate::toy::exact_w2(
-                    &array_to_points(a, "points_a")?,
-                    &array_to_points(b, "points_b")?,
-                ));
+                let (a, b) = (array_to_points(a, "points_a")?, array_to_points(b, "points_b")?);
+                // The matching counts squared distances in 1e-9 units as 64-bit integers:
+                // farther points would overflow them.
+                if let Some(p) = a.iter().chain(&b).find(|p| p.iter().any(|v| v.abs() > EXACT_MAX)) {
+                    return Err(err(format!(
+                        "toy_w2: exact: [{}, {}] is farther out than ±{EXACT_MAX} (the exact matching's limit)",
+                        p[0], p[1]
+                    )));
+                }
+                return rt(crate::toy::exact_w2(&a, &b));
             }
             gaussian_w2(a, b)
         },
