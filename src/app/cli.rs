@@ -240,8 +240,10 @@ struct BenchArgs {
     /// weights.
     #[arg(long, default_value = "model")]
     shapes: String,
+    /// Denoising steps of the text-to-image and pair rows (at least 1).
     #[arg(long, default_value_t = 50)]
     steps: usize,
+    /// Timed runs per row after one warm-up; each row is their median (at least 1).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
     /// Also write the report as JSON here.
@@ -355,10 +357,12 @@ struct GenerateArgs {
     /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 8.0)]
     guidance: f64,
-    /// Image width in pixels (a multiple of 8; default: the model's size).
+    /// Image width in pixels, a multiple of the VAE's scale factor (8 for SD1.5, 2 for the
+    /// bundled tiny model); default: the model's size.
     #[arg(long)]
     width: Option<usize>,
-    /// Image height in pixels (a multiple of 8; default: the model's size).
+    /// Image height in pixels, a multiple of the VAE's scale factor (8 for SD1.5, 2 for the
+    /// bundled tiny model); default: the model's size.
     #[arg(long)]
     height: Option<usize>,
     /// A safetensors file whose tensor `noise` is the initial latent.
@@ -1071,6 +1075,25 @@ mod tests {
         assert!(spec(&format!("{p}:a:b:1:2")).is_err());
         let e = spec(&format!("{p}:a:b:strong")).unwrap_err().to_string();
         assert!(e.contains("not a number"), "{e}");
+    }
+
+    /// Issue 21, item 9: every option of every command says what it does in `--help`.
+    #[test]
+    fn every_option_is_described() {
+        let cli = Cli::command();
+        for cmd in std::iter::once(&cli).chain(cli.get_subcommands()) {
+            for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                assert!(
+                    arg.get_help().is_some() || arg.get_long_help().is_some(),
+                    "`{} {id}` has no help text",
+                    cmd.get_name()
+                );
+            }
+        }
     }
 
     #[test]

@@ -439,6 +439,26 @@ mod tests {
         }
     }
 
+    /// Issue 21, item 18: a replaced file keeps its owner and group (run as root, a write over
+    /// another user's file made it root's). Only root can make a file of another owner, so the
+    /// test needs root (it is in this project's CI and sandbox) and says so otherwise.
+    #[test]
+    fn a_replaced_file_keeps_its_owner() {
+        use std::os::unix::fs::MetadataExt;
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: cannot make a file of another owner; skipped");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let theirs = dir.path().join("theirs.png");
+        std::fs::write(&theirs, b"old").unwrap();
+        std::os::unix::fs::chown(&theirs, Some(1234), Some(5678)).unwrap();
+        write(&theirs, b"new").unwrap();
+        let meta = std::fs::metadata(&theirs).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (1234, 5678));
+        assert_eq!(std::fs::read(&theirs).unwrap(), b"new");
+    }
+
     /// Temporary files of a dead process are recognised by name and removed by the next write
     /// to the same target; a user's file and a live process's temporary file are kept.
     #[test]
