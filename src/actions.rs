@@ -1,9 +1,9 @@
 //! One library call per user action, shared by the command line and the scripts, so that both
 //! behave the same: loading a model (or the bundled one), training a concept from a folder (with
 //! one rule for where checkpoints go), taking in a concept file of any method ([`load_concept`]).
-//! Generating is [`generate_infusion`] itself.
+//! Generating is [`generate_pair`] itself.
 //!
-//! [`generate_infusion`]: crate::infusion::generate::generate_infusion
+//! [`generate_pair`]: crate::customize::generate::generate_pair
 
 use std::path::{Path, PathBuf};
 
@@ -747,7 +747,7 @@ pub struct ConceptRequest {
 pub fn load_concept(
     req: &ConceptRequest,
     sd: Option<&StableDiffusion>,
-    set: &mut crate::infusion::concept::ConceptSet,
+    set: &mut crate::customize::set::ConceptSet,
     job: &Job,
 ) -> Result<LoadedConcept> {
     use crate::methods::adapted::{Adapted, Change};
@@ -836,7 +836,7 @@ pub fn load_concept(
     if let Some(sd) = sd {
         warn_other_model(&adapted, path, sd, job);
         // The same checks a generation makes, now: widths, modules, shapes.
-        crate::methods::adapted::custom_side(
+        crate::customize::side::custom_side(
             sd,
             &adapted.word,
             "",
@@ -946,7 +946,7 @@ fn tuned_unet(
 fn load_tuned_unet(
     req: &ConceptRequest,
     sd: Option<&StableDiffusion>,
-    set: &mut crate::infusion::concept::ConceptSet,
+    set: &mut crate::customize::set::ConceptSet,
     job: &Job,
 ) -> Result<LoadedConcept> {
     use crate::methods::adapted::{Adapted, Change, TunedUnet};

@@ -10,6 +10,7 @@
 pub mod actions;
 pub mod app;
 pub mod assets;
+pub mod customize;
 mod error;
 pub mod infusion;
 pub mod job;
@@ -20,10 +21,10 @@ pub mod toy;
 pub mod train;
 pub mod util;
 
+pub use customize::generate::{generate_pair, PairGeneration, PairOptions};
+pub use customize::set::ConceptSet;
 pub use error::{Error, Result, WeightProblem};
 pub use infusion::concept::Concept;
-pub use infusion::concept::ConceptSet;
-pub use infusion::generate::{generate_infusion, InfusionGeneration, InfusionOptions};
 pub use infusion::Stream;
 pub use job::Job;
 pub use sd::attention::{AttentionCall, AttnKind, LayerInfo};

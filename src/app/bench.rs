@@ -7,10 +7,10 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
+use crate::customize::generate::{generate_pair, PairOptions};
+use crate::customize::set::ConceptSet;
 use crate::error::Result;
 use crate::infusion::concept::Concept;
-use crate::infusion::concept::ConceptSet;
-use crate::infusion::generate::{generate_infusion, InfusionOptions};
 use crate::job::Job;
 use crate::methods::learners::{FullUnet, LearnedWord, LoraLearner};
 use crate::sd::attention::naive_attention;
@@ -322,7 +322,7 @@ impl Bench<'_> {
         }
         let mut concepts = ConceptSet::new();
         concepts.insert(concept, false);
-        let iopts = InfusionOptions {
+        let iopts = PairOptions {
             generate: gen_opts.clone(),
             replace_steps: 1.0,
         };
@@ -330,7 +330,7 @@ impl Bench<'_> {
         self.measure(
             "infusion pair (base+custom)",
             txt2img.map(|t| ("text-to-image", t)),
-            || generate_infusion(sd, &concepts, prompt, &iopts, None, job),
+            || generate_pair(sd, &concepts, prompt, &iopts, None, job),
         )?;
         Ok(())
     }

@@ -10,9 +10,9 @@ use crate::actions::{self, ModelRequest, TrainEnd, TrainRequest};
 use crate::app::bench::BenchOptions;
 use crate::app::script::{RunError, ScriptConfig, Session};
 use crate::app::signals::Signals;
+use crate::customize::generate::{generate_pair, PairOptions};
+use crate::customize::set::ConceptSet;
 use crate::error::{Error, Result};
-use crate::infusion::concept::ConceptSet;
-use crate::infusion::generate::{generate_infusion, InfusionOptions};
 use crate::infusion::maps::AttentionMaps;
 use crate::job::Job;
 use crate::sd::device::{parse_device, parse_dtype};
@@ -626,7 +626,7 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
         Ok(s) => (s, false),
         Err(_) => (u64::from(rand::random::<u32>()), true),
     };
-    let mut opts = InfusionOptions {
+    let mut opts = PairOptions {
         generate: GenerateOptions {
             negative_prompt: args.negative.clone(),
             seed,
@@ -652,7 +652,7 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
     let maps = args.maps.as_ref().map(|_| AttentionMaps::new(true));
     for (i, out) in outs.iter().enumerate() {
         opts.generate.seed = seed.wrapping_add(i as u64);
-        let g = generate_infusion(&sd, &concepts, &args.prompt, &opts, maps.as_ref(), job)?;
+        let g = generate_pair(&sd, &concepts, &args.prompt, &opts, maps.as_ref(), job)?;
         for p in g.save(out)? {
             crate::app::stdout::line(p.display())?;
         }

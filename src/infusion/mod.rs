@@ -1,12 +1,11 @@
-//! The Infusion method: concepts (one residual Δ per cross-attention layer), prompts that place
-//! them (`<name>`), generation of the foundational (F) and customized (C) images side by side,
-//! training of the Δs, and the per-token attention maps of both.
+//! The Infusion method (the paper's): concepts (one residual Δ per cross-attention layer), the
+//! hook through which C uses F's attention maps and adds the Δs, training of the Δs, and the
+//! per-token attention maps of F and C. F beside C for prompts with any method's concepts is
+//! one room up, in [`crate::customize`].
 
 pub mod concept;
-pub mod generate;
 pub mod hook;
 pub mod maps;
-pub mod prompt;
 pub mod train;
 
 use crate::sd::hook::Branch;

@@ -12,10 +12,10 @@ use super::dino::Dino;
 use super::fisher::{fisher_divergence, FisherOptions, Variant};
 use super::scores::{clip_i, clip_t, dino_i};
 use super::w2::wasserstein;
+use crate::customize::generate::{generate_pair, PairGeneration, PairOptions};
+use crate::customize::set::ConceptSet;
 use crate::error::{Error, Result};
 use crate::infusion::concept::Concept;
-use crate::infusion::concept::ConceptSet;
-use crate::infusion::generate::{generate_infusion, InfusionGeneration, InfusionOptions};
 use crate::job::Job;
 use crate::sd::device::ensure_fits;
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
@@ -201,8 +201,8 @@ struct Measure<'a> {
 }
 
 impl Measure<'_> {
-    fn generate(&self, set: &ConceptSet, prompt: &str, seed: u64) -> Result<InfusionGeneration> {
-        let io = InfusionOptions {
+    fn generate(&self, set: &ConceptSet, prompt: &str, seed: u64) -> Result<PairGeneration> {
+        let io = PairOptions {
             generate: GenerateOptions {
                 seed,
                 steps: self.opts.steps,
@@ -211,7 +211,7 @@ impl Measure<'_> {
             },
             replace_steps: 1.0,
         };
-        generate_infusion(self.sd, set, prompt, &io, None, self.job)
+        generate_pair(self.sd, set, prompt, &io, None, self.job)
     }
 
     /// W2 between the base and customized latents of "a photo of a <NAME>", seeds 0..n.

@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::clip::Clip;
 use super::dino::Dino;
 use super::scores::Scorer;
+use crate::customize::generate::{generate_pair, PairOptions};
+use crate::customize::set::ConceptSet;
 use crate::error::{Error, Result};
-use crate::infusion::concept::ConceptSet;
-use crate::infusion::generate::{generate_infusion, InfusionOptions};
 use crate::job::Job;
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
 use crate::util::fs::write_atomic;
@@ -194,7 +194,7 @@ impl Subject<'_> {
         let name = &self.name;
         let prompt = opts.prompts[p].replace("{}", &format!("<{name}>"));
         let seed = opts.seed + sample as u64;
-        let io = InfusionOptions {
+        let io = PairOptions {
             generate: GenerateOptions {
                 seed,
                 steps: opts.steps,
@@ -203,7 +203,7 @@ impl Subject<'_> {
             },
             replace_steps: 1.0,
         };
-        let g = generate_infusion(sd, &self.set, &prompt, &io, None, job)?;
+        let g = generate_pair(sd, &self.set, &prompt, &io, None, job)?;
         let img = tensor_to_rgb(&g.custom_image)?;
         let rel = format!("images/{name}/p{p:03}-s{sample:03}.png");
         save_png(&img, &opts.out_dir.join(&rel), &g.png_text())?;

@@ -17,12 +17,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use crate::customize::prompt::place_concepts;
+use crate::customize::set::ConceptSet;
+use crate::customize::side::custom_side;
 use crate::error::{Error, Result};
-use crate::infusion::concept::ConceptSet;
 use crate::infusion::hook::{eps_pair, SampleEdit};
-use crate::infusion::prompt::place_concepts;
 use crate::job::Job;
-use crate::methods::adapted::custom_side;
 use crate::sd::device::ensure_fits;
 use crate::sd::hook::{BatchLayout, Branch, Chain, Guidance, HookCtx};
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};

@@ -346,7 +346,7 @@ fn a_lora_of_other_shapes_or_modules_is_refused_with_the_layer() {
 #[test]
 fn a_lora_of_every_module_and_the_text_encoder_generates_the_merged_model() {
     use infusion_repl::actions::{load_concept, ConceptRequest};
-    use infusion_repl::{generate_infusion, ConceptSet, InfusionOptions};
+    use infusion_repl::{generate_pair, ConceptSet, PairOptions};
     let sd = tiny();
     let dir = repo().join("tests/fixtures/baselines/modules");
     let refs = infusion_repl::sd::weights::load_safetensors(
@@ -354,7 +354,7 @@ fn a_lora_of_every_module_and_the_text_encoder_generates_the_merged_model() {
         &Device::Cpu,
     )
     .unwrap();
-    let opts = InfusionOptions {
+    let opts = PairOptions {
         generate: reference_options(&refs),
         replace_steps: 1.0,
     };
@@ -379,7 +379,7 @@ fn a_lora_of_every_module_and_the_text_encoder_generates_the_merged_model() {
         };
         load_concept(&req, Some(sd), &mut set, &job).unwrap();
         let out =
-            generate_infusion(sd, &set, "a photo of <it> by a teapot", &opts, None, &job).unwrap();
+            generate_pair(sd, &set, "a photo of <it> by a teapot", &opts, None, &job).unwrap();
         let what = format!("{file} at {scale}");
         assert_close(&out.custom_latents, get(&refs, key), 1e-3, &what);
         assert!(
@@ -543,7 +543,7 @@ fn a_textual_inversion_training_step_matches_diffusers() {
 #[test]
 fn adapted_concepts_generate_through_the_session_pair() {
     use infusion_repl::methods::adapted::{Adapted, Change};
-    use infusion_repl::{generate_infusion, ConceptSet, InfusionOptions};
+    use infusion_repl::{generate_pair, ConceptSet, PairOptions};
     let g = generation();
     let sd = tiny();
     let mut set = ConceptSet::new();
@@ -570,11 +570,11 @@ fn adapted_concepts_generate_through_the_session_pair() {
         }),
         &job,
     );
-    let opts = InfusionOptions {
+    let opts = PairOptions {
         generate: reference_options(&g),
         replace_steps: 1.0,
     };
-    let ti = generate_infusion(
+    let ti = generate_pair(
         sd,
         &set,
         "a photo of a <thing> sitting by a teapot",
@@ -596,8 +596,7 @@ fn adapted_concepts_generate_through_the_session_pair() {
         "C with a learned word",
     );
     assert_eq!(ti.concepts, ["thing"]);
-    let lo =
-        generate_infusion(sd, &set, "a photo of <sks> by a teapot", &opts, None, &job).unwrap();
+    let lo = generate_pair(sd, &set, "a photo of <sks> by a teapot", &opts, None, &job).unwrap();
     assert_close(
         &lo.custom_latents,
         get(&g, "lora.latents"),
@@ -606,7 +605,7 @@ fn adapted_concepts_generate_through_the_session_pair() {
     );
     assert_eq!(lo.parsed.base, "a photo of cat by a teapot");
     // Without marks: plain SD, C is F.
-    let plain = generate_infusion(
+    let plain = generate_pair(
         sd,
         &set,
         "a photo of a cat sitting by a teapot",
@@ -1055,7 +1054,7 @@ fn dreambooth_trains_generates_saves_and_loads_back() {
 #[test]
 fn files_we_write_give_diffusers_our_images() {
     use infusion_repl::actions::{load_concept, ConceptRequest};
-    use infusion_repl::{generate_infusion, ConceptSet, InfusionOptions};
+    use infusion_repl::{generate_pair, ConceptSet, PairOptions};
     let sd = tiny();
     let ours = repo().join("tests/fixtures/baselines/ours");
     let theirs = infusion_repl::sd::weights::load_safetensors(
@@ -1074,7 +1073,7 @@ fn files_we_write_give_diffusers_our_images() {
         };
         load_concept(&req, Some(sd), &mut set, &job).unwrap();
     }
-    let opts = InfusionOptions {
+    let opts = PairOptions {
         generate: reference_options(&g),
         replace_steps: 1.0,
     };
@@ -1082,7 +1081,7 @@ fn files_we_write_give_diffusers_our_images() {
         ("a photo of <pot> on a table", "lora.latents"),
         ("a photo of <potword> on a table", "ti.latents"),
     ] {
-        let out = generate_infusion(sd, &set, prompt, &opts, None, &job).unwrap();
+        let out = generate_pair(sd, &set, prompt, &opts, None, &job).unwrap();
         assert_close(&out.custom_latents, get(&theirs, key), 1e-3, prompt);
     }
 }
@@ -1420,7 +1419,7 @@ fn our_files_record_their_training_and_generations_record_their_concepts() {
     use infusion_repl::methods::adapted::Change;
     use infusion_repl::methods::files::Provenance;
     use infusion_repl::train::TrainOptions;
-    use infusion_repl::{generate_infusion, ConceptSet, InfusionOptions};
+    use infusion_repl::{generate_pair, ConceptSet, PairOptions};
     let sd = tiny();
     let job = Job::quiet();
     let dir = tempfile::tempdir().unwrap();
@@ -1472,7 +1471,7 @@ fn our_files_record_their_training_and_generations_record_their_concepts() {
         };
         assert_eq!((a.name.as_str(), a.word.as_str()), ("pot", "teapot"));
         assert_eq!(a.origin.train_steps, Some(2));
-        let opts = InfusionOptions {
+        let opts = PairOptions {
             generate: GenerateOptions {
                 steps: 1,
                 seed: 1,
@@ -1480,7 +1479,7 @@ fn our_files_record_their_training_and_generations_record_their_concepts() {
             },
             ..Default::default()
         };
-        let g = generate_infusion(sd, &set, "a <pot> on a table", &opts, None, &job).unwrap();
+        let g = generate_pair(sd, &set, "a <pot> on a table", &opts, None, &job).unwrap();
         let text: std::collections::HashMap<&str, String> = g.png_text().into_iter().collect();
         let params = &text["parameters"];
         assert!(!params.contains("Infusion replace steps"), "{params}");

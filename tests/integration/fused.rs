@@ -8,7 +8,7 @@
 
 use candle_core::DType;
 use infusion_repl::sd::fused::{fused_calls_on_this_thread, with_kernels, Kernels};
-use infusion_repl::{generate_infusion, Job};
+use infusion_repl::{generate_pair, Job};
 
 use crate::common::{assert_close, device, get, max_abs, reference, tiny};
 
@@ -136,7 +136,7 @@ fn captured_maps_are_those_of_the_unfused_run() {
     let run = |kernels| {
         let maps = AttentionMaps::new(true);
         with_kernels(kernels, || {
-            generate_infusion(
+            generate_pair(
                 tiny(),
                 &concepts,
                 "a photo of a <mycat> sitting by a teapot",

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 use infusion_repl::infusion::maps::AttentionMaps;
-use infusion_repl::{generate_infusion, Concept, ConceptSet, InfusionOptions, Job, Stream};
+use infusion_repl::{generate_pair, Concept, ConceptSet, Job, PairOptions, Stream};
 
 use crate::common::{assert_close, get, max_abs, reference, tiny};
 
@@ -37,9 +37,9 @@ pub(crate) fn set(concepts: Vec<Concept>) -> ConceptSet {
     s
 }
 
-pub(crate) fn options(replace_steps: f64) -> InfusionOptions {
+pub(crate) fn options(replace_steps: f64) -> PairOptions {
     let r = reference("infusion.safetensors");
-    let mut o = InfusionOptions::default();
+    let mut o = PairOptions::default();
     o.generate.steps = 5;
     o.generate.guidance = 7.5;
     o.generate.noise = Some(get(&r, "init_noise").clone());
@@ -55,7 +55,7 @@ fn diff(a: &Tensor, b: &Tensor) -> f32 {
 /// and C's final latents against the reference, and that C's image differs from F's.
 pub(crate) fn check_one_concept_pair(concepts: &ConceptSet) {
     let r = reference("infusion.safetensors");
-    let g = generate_infusion(
+    let g = generate_pair(
         tiny(),
         concepts,
         "a photo of a <mycat> sitting by a teapot",
@@ -93,7 +93,7 @@ fn one_and_two_concepts_match_reference() {
     ]);
     check_one_concept_pair(&concepts);
 
-    let g = generate_infusion(
+    let g = generate_pair(
         tiny(),
         &concepts,
         "a photo of a <mycat> sitting by a <pot>",
@@ -115,7 +115,7 @@ fn one_and_two_concepts_match_reference() {
 fn zero_delta_gives_c_equal_to_f_bit_for_bit() {
     let concepts = set(vec![concept("mycat", "cat", "", 0.0)]);
     for replace in [1.0, 0.0, 0.4] {
-        let g = generate_infusion(
+        let g = generate_pair(
             tiny(),
             &concepts,
             "a photo of a <mycat> sitting by a teapot",
@@ -142,7 +142,7 @@ fn a_prompt_without_concepts_gives_exactly_the_plain_sd_image() {
     let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
     let opts = options(1.0);
     let prompt = "a photo of a cat sitting by a teapot";
-    let g = generate_infusion(tiny(), &concepts, prompt, &opts, None, &Job::quiet()).unwrap();
+    let g = generate_pair(tiny(), &concepts, prompt, &opts, None, &Job::quiet()).unwrap();
     let plain = tiny()
         .generate(prompt, &opts.generate, &Job::quiet())
         .unwrap();
@@ -156,7 +156,7 @@ fn replace_steps_trades_layout_for_freedom() {
     let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
     let prompt = "a photo of a <mycat> sitting by a teapot";
     let run = |f| {
-        generate_infusion(tiny(), &concepts, prompt, &options(f), None, &Job::quiet())
+        generate_pair(tiny(), &concepts, prompt, &options(f), None, &Job::quiet())
             .unwrap()
             .custom_latents
     };
@@ -165,7 +165,7 @@ fn replace_steps_trades_layout_for_freedom() {
     let some = run(0.6);
     assert!(diff(&all, &none) > 1e-4);
     assert!(diff(&all, &some) > 0.0 && diff(&none, &some) > 0.0);
-    let e = generate_infusion(
+    let e = generate_pair(
         tiny(),
         &concepts,
         prompt,
@@ -181,7 +181,7 @@ fn replace_steps_trades_layout_for_freedom() {
 #[test]
 fn unknown_and_truncated_concepts_are_errors() {
     let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
-    let e = generate_infusion(
+    let e = generate_pair(
         tiny(),
         &concepts,
         "a <dog>",
@@ -193,7 +193,7 @@ fn unknown_and_truncated_concepts_are_errors() {
     .unwrap();
     assert!(e.to_string().contains("<dog>"), "{e}");
     let long = format!("{} <mycat>", "a ".repeat(80));
-    let e = generate_infusion(tiny(), &concepts, &long, &options(1.0), None, &Job::quiet())
+    let e = generate_pair(tiny(), &concepts, &long, &options(1.0), None, &Job::quiet())
         .err()
         .unwrap();
     assert!(
@@ -211,7 +211,7 @@ fn unknown_and_truncated_concepts_are_errors() {
 fn captured_maps_match_reference_and_c_uses_f_maps() {
     let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
     let maps = AttentionMaps::new(true);
-    generate_infusion(
+    generate_pair(
         tiny(),
         &concepts,
         "a photo of a <mycat> sitting by a teapot",
@@ -268,7 +268,7 @@ fn captured_maps_match_reference_and_c_uses_f_maps() {
 fn attention_overlays_for_concepts_and_words() {
     let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
     let maps = AttentionMaps::new(false);
-    let g = generate_infusion(
+    let g = generate_pair(
         tiny(),
         &concepts,
         "a photo of a <mycat> sitting by a teapot",
@@ -302,13 +302,13 @@ fn a_cut_prompt_is_reported_through_the_job() {
     let mut o = options(1.0);
     o.generate.steps = 1;
     let job = Job::collecting();
-    generate_infusion(tiny(), &ConceptSet::new(), &long, &o, None, &job).unwrap();
+    generate_pair(tiny(), &ConceptSet::new(), &long, &o, None, &job).unwrap();
     let m = job.messages();
     assert!(
         m.len() == 1 && m[0].starts_with("warning: ") && m[0].contains("cut off"),
         "{m:?}"
     );
     let job = Job::collecting();
-    generate_infusion(tiny(), &ConceptSet::new(), "a teapot", &o, None, &job).unwrap();
+    generate_pair(tiny(), &ConceptSet::new(), "a teapot", &o, None, &job).unwrap();
     assert!(job.messages().is_empty(), "{:?}", job.messages());
 }

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor};
 use infusion_repl::infusion::concept::Concept;
 use infusion_repl::{
-    generate_infusion, ConceptSet, GenerateOptions, InfusionOptions, Job, LoadOptions,
-    StableDiffusion,
+    generate_pair, ConceptSet, GenerateOptions, Job, LoadOptions, PairOptions, StableDiffusion,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -152,7 +151,7 @@ fn mutated_concepts_never_panic() {
     let bytes = canonical(&original.to_bytes(DType::F32).unwrap());
     Concept::from_bytes(&bytes, Path::new("m.safetensors")).expect("the unmutated file loads");
     let size = tiny().default_size();
-    let mut o = InfusionOptions::default();
+    let mut o = PairOptions::default();
     o.generate.steps = 1;
     let mut rng = ChaCha8Rng::seed_from_u64(10);
     let (mut generated, mut overflowed, mut misfit, mut refused) = (0, 0, 0, 0);
@@ -186,7 +185,7 @@ fn mutated_concepts_never_panic() {
                 let mut set = ConceptSet::new();
                 set.insert(c, true);
                 let r = no_panic(&what, || {
-                    generate_infusion(
+                    generate_pair(
                         tiny(),
                         &set,
                         &format!("a <{name}>"),
@@ -305,7 +304,7 @@ fn hostile_prompts_never_panic() {
         "<p-o_t>",
     ];
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let mut o = InfusionOptions::default();
+    let mut o = PairOptions::default();
     o.generate.steps = 1;
     let size = tiny().default_size();
     let (mut plain, mut customized, mut refused) = (0, 0, 0);
@@ -321,7 +320,7 @@ fn hostile_prompts_never_panic() {
         let what = format!("prompt {i} {prompt:?}");
         let job = Job::collecting();
         let r = no_panic(&what, || {
-            generate_infusion(tiny(), &set, &prompt, &o, None, &job)
+            generate_pair(tiny(), &set, &prompt, &o, None, &job)
         });
         match (expect(&prompt), r) {
             (Expect::Refused(why), Err(e)) => {

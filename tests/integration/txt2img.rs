@@ -99,11 +99,11 @@ fn generate_api_reproduces_reference_image() {
 fn png_has_the_image_and_the_settings() {
     let r = reference("txt2img.safetensors");
     // A prompt without concepts: the plain image, one PNG.
-    let g = infusion_repl::generate_infusion(
+    let g = infusion_repl::generate_pair(
         tiny(),
         &infusion_repl::ConceptSet::new(),
         "a photo of a cat sitting by a teapot",
-        &infusion_repl::InfusionOptions {
+        &infusion_repl::PairOptions {
             generate: options(&r),
             replace_steps: 1.0,
         },

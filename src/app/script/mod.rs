@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use rhai::{Dynamic, Engine, EvalAltResult, OptimizationLevel, Position, Scope};
 
-use crate::infusion::concept::ConceptSet;
+use crate::customize::set::ConceptSet;
 use crate::job::Job;
 
 pub use api::recipes::Usage;

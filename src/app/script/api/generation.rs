@@ -10,7 +10,7 @@ use super::tensors::TensorVal;
 use super::Api;
 use crate::app::script::docs::{FnSpec, Kind};
 use crate::app::script::{err, rt, Opts, RhaiResult};
-use crate::infusion::generate::InfusionGeneration;
+use crate::customize::generate::PairGeneration;
 use crate::infusion::maps::{heat_color, overlay, token_map, AttentionMaps};
 use crate::infusion::Stream;
 use crate::util::image_io::tensor_to_rgb;
@@ -19,7 +19,7 @@ use crate::util::text_render::labelled_row;
 /// A generation: the base (F) and customized (C) images, their latents, attention maps.
 #[derive(Clone)]
 pub struct Gen {
-    pub g: Arc<InfusionGeneration>,
+    pub g: Arc<PairGeneration>,
     pub maps: Option<Arc<AttentionMaps>>,
 }
 

@@ -15,7 +15,7 @@ use super::tensors::TensorVal;
 use super::Api;
 use crate::app::script::docs::{FnSpec, Kind, OptSpec};
 use crate::app::script::{err, rt, Opts, RhaiResult, Session};
-use crate::infusion::concept::ConceptSet;
+use crate::customize::set::ConceptSet;
 use crate::metrics::clip::Clip;
 use crate::metrics::curves::{overtraining_curves, CurveOptions};
 use crate::metrics::dino::Dino;

@@ -10,7 +10,7 @@ use super::Api;
 use crate::actions::{self, ModelRequest};
 use crate::app::script::docs::{FnSpec, Kind};
 use crate::app::script::{err, rt, Opts, RhaiResult, Session};
-use crate::infusion::generate::{generate_infusion, InfusionOptions};
+use crate::customize::generate::{generate_pair, PairOptions};
 use crate::infusion::maps::AttentionMaps;
 use crate::sd::fused::{kernels, set_thread_kernels};
 use crate::sd::pipeline::{load_noise, GenerateOptions, StableDiffusion};
@@ -79,7 +79,7 @@ fn load(session: &Session, spec: &FnSpec, path: Option<&str>, opts: &Map) -> Rha
 
 fn generate_spec() -> FnSpec {
     let d = GenerateOptions::default();
-    let i = InfusionOptions::default();
+    let i = PairOptions::default();
     FnSpec::method("Model", "generate")
         .sig("model.generate(prompt) -> Generation")
         .sig("model.generate(prompt, options) -> Generation")
@@ -130,7 +130,7 @@ fn generate(
         MapsMode::Light => Some(Arc::new(AttentionMaps::light(256))),
         MapsMode::All => Some(Arc::new(AttentionMaps::new(true))),
     };
-    let opts = InfusionOptions {
+    let opts = PairOptions {
         generate,
         replace_steps: o.float("replace_steps").unwrap_or(1.0),
     };
@@ -140,7 +140,7 @@ fn generate(
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     session.job.reset();
-    let g = rt(generate_infusion(
+    let g = rt(generate_pair(
         &model.sd,
         &concepts,
         prompt,

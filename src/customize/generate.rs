@@ -1,35 +1,36 @@
-//! Infusion generation: F (plain SD) and C (customized) from the same noise, side by side.
+//! F (plain SD) and C (customized with the prompt's concepts, of any method) from the same
+//! noise, side by side.
 //!
-//! In every cross-attention layer of C's conditional pass, C uses F's conditional attention
-//! probabilities of the same layer and step (its own softmax is never computed) and the values
-//! with each concept's Δ added at the token positions of its word. Unconditional rows and
-//! self-attention are untouched. Both trajectories run in one batched UNet call per step:
-//! `[uncond_F, cond_F, uncond_C, cond_C]`.
+//! With Infusion concepts, in every cross-attention layer of C's conditional pass C uses F's
+//! conditional attention probabilities of the same layer and step and the values with each
+//! concept's Δ added at its word's tokens (`crate::infusion::hook`); the other methods change
+//! C's text, hooks or UNet ([`super::side`]). Both trajectories run in one batched UNet call per
+//! step: `[uncond_F, cond_F, uncond_C, cond_C]`.
 
 use candle_core::Tensor;
 
-use super::concept::ConceptSet;
-use super::hook::{FMaps, InfusionHook, SampleEdit, ValueOffsets};
-use super::maps::AttentionMaps;
 use super::prompt::{place_concepts, ParsedPrompt, Placement};
-use super::Stream;
+use super::set::ConceptSet;
+use super::side::custom_side;
 use crate::error::{Error, Result};
+use crate::infusion::hook::{FMaps, InfusionHook, SampleEdit, ValueOffsets};
+use crate::infusion::maps::AttentionMaps;
+use crate::infusion::Stream;
 use crate::job::Job;
-use crate::methods::adapted::custom_side;
 use crate::sd::hook::{AttentionHook, Chain};
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion, Trajectory};
 use crate::sd::tokenizer::Tokens;
 
-/// Settings of an Infusion generation.
+/// Settings of a generation of F and C.
 #[derive(Debug, Clone)]
-pub struct InfusionOptions {
+pub struct PairOptions {
     pub generate: GenerateOptions,
     /// Fraction of the steps (from the first) in which C uses F's attention maps; after that C
     /// computes its own (with the Δs still applied). 1.0 (all steps) as in the paper.
     pub replace_steps: f64,
 }
 
-impl Default for InfusionOptions {
+impl Default for PairOptions {
     fn default() -> Self {
         Self {
             generate: GenerateOptions::default(),
@@ -101,15 +102,15 @@ fn used_concepts(concepts: &ConceptSet, parsed: &ParsedPrompt) -> Vec<UsedConcep
         .collect()
 }
 
-/// The result of an Infusion generation: the base (F) and customized (C) images from the same
+/// The result of a generation of F and C: the base (F) and customized (C) images from the same
 /// noise.
 #[derive(Debug, Clone)]
-pub struct InfusionGeneration {
+pub struct PairGeneration {
     /// The prompt as written, with `<name>` marks.
     pub prompt: String,
     pub parsed: ParsedPrompt,
     pub tokens: Tokens,
-    pub options: InfusionOptions,
+    pub options: PairOptions,
     /// The UNet's timestep at each call of the sampler.
     pub timesteps: Vec<f64>,
     /// Names of the concepts used, in prompt order.
@@ -128,7 +129,7 @@ pub struct InfusionGeneration {
     pub custom_image: Tensor,
 }
 
-impl InfusionGeneration {
+impl PairGeneration {
     /// True when a concept was used (otherwise C is F and the images are the same).
     pub fn is_customized(&self) -> bool {
         !self.concepts.is_empty()
@@ -257,12 +258,12 @@ impl InfusionGeneration {
     ) -> Result<image::RgbImage> {
         let positions = self.word_positions(word)?;
         let agg = maps.aggregate(stream, resolution)?;
-        let map = super::maps::token_map(&agg, &positions)?;
+        let map = crate::infusion::maps::token_map(&agg, &positions)?;
         let image = match stream {
             Stream::Foundational => &self.base_image,
             Stream::Customized => &self.custom_image,
         };
-        super::maps::overlay(&crate::util::image_io::tensor_to_rgb(image)?, &map, 0.6)
+        crate::infusion::maps::overlay(&crate::util::image_io::tensor_to_rgb(image)?, &map, 0.6)
     }
 
     /// Writes the PNGs, the prompt and settings in their text chunks: with concepts, `OUT`
@@ -322,7 +323,7 @@ fn hook<'a>(
     sd: &StableDiffusion,
     placements: &[Placement],
     keys: usize,
-    opts: &InfusionOptions,
+    opts: &PairOptions,
     capture: Option<&'a AttentionMaps>,
 ) -> Result<InfusionHook<'a>> {
     let edit: SampleEdit<'_> = placements
@@ -349,14 +350,14 @@ fn hook<'a>(
 }
 
 /// Generates F and C side by side. A prompt without concepts runs F alone, and C is F.
-pub fn generate_infusion(
+pub fn generate_pair(
     sd: &StableDiffusion,
     concepts: &ConceptSet,
     prompt: &str,
-    opts: &InfusionOptions,
+    opts: &PairOptions,
     capture: Option<&AttentionMaps>,
     job: &Job,
-) -> Result<InfusionGeneration> {
+) -> Result<PairGeneration> {
     if !(0.0..=1.0).contains(&opts.replace_steps) {
         return Err(Error::arg(
             "replace_steps",
@@ -447,7 +448,7 @@ pub fn generate_infusion(
     let images = sd.decode_to_unit(&Tensor::cat(&out, 0)?)?;
     let base_image = images.get(0)?.unsqueeze(0)?;
     let custom_image = images.get(out.len() - 1)?.unsqueeze(0)?;
-    Ok(InfusionGeneration {
+    Ok(PairGeneration {
         prompt: prompt.to_string(),
         concepts: parsed.marks.iter().map(|m| m.name.clone()).collect(),
         used: used_concepts(concepts, &parsed),

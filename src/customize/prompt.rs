@@ -14,8 +14,9 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::concept::{Concept, ConceptSet};
+use super::set::ConceptSet;
 use crate::error::{Error, Result};
+use crate::infusion::concept::Concept;
 use crate::sd::tokenizer::Tokens;
 
 /// One `<name>` of a prompt.
