@@ -12,7 +12,6 @@ use crate::customize::set::ConceptSet;
 use crate::error::Result;
 use crate::infusion::concept::Concept;
 use crate::job::Job;
-use crate::methods::learners::{FullUnet, LearnedWord, LoraLearner};
 use crate::sd::attention::naive_attention;
 use crate::sd::fused::{self, group_norm::GroupNorm, Kernels};
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
@@ -210,6 +209,24 @@ fn row(
 
 const PROMPT: &str = "a photo of a cat sitting by a teapot";
 
+/// The name of a method's training-step row: `training step, batch 4` for the default method,
+/// else with the method and its count settings (`training step, batch 4, lora rank 4`), as
+/// tools/diffusers_method_steps.py names its rows.
+fn train_row(method: &dyn crate::methods::Method, settings: &crate::methods::Settings) -> String {
+    if method.name() == crate::methods::default_method().name() {
+        return "training step, batch 4".into();
+    }
+    let mut name = format!("training step, batch 4, {}", method.name());
+    for s in method.settings() {
+        if let crate::methods::SettingValue::Count(_) = s.default {
+            if let Some(v) = settings.get(s.name) {
+                name.push_str(&format!(" {} {v}", s.name));
+            }
+        }
+    }
+    name
+}
+
 /// One benchmark run on one model: the rows measured so far.
 struct Bench<'a> {
     sd: &'a StableDiffusion,
@@ -347,38 +364,25 @@ impl Bench<'_> {
             steps: usize::MAX,
             ..Default::default()
         };
-        let mut trainer =
-            crate::infusion::train::trainer(self.sd, "thing", "cat", &images, opts.clone())?;
-        self.measure(
-            "training step, batch 4",
-            unet4.map(|t| ("unet batch 4", t)),
-            || trainer.step(),
-        )?;
-        // The other methods' steps, against a UNet call at batch 4 too.
+        // Every method of the registry, with its default settings: the paper's first (the row
+        // the other methods' are read against), then the others. A method that cannot train
+        // this model (DreamBooth on random weights: it trains a copy built from the files) is
+        // left out.
         let sd = self.sd;
-        let learners: [(&str, Box<dyn crate::train::Learner>); 2] = [
-            (
-                "training step, batch 4, textual_inversion",
-                Box::new(LearnedWord::new(sd, "cat")?),
-            ),
-            (
-                "training step, batch 4, lora rank 4",
-                Box::new(LoraLearner::new(sd, 4, "sks", 0)?),
-            ),
-        ];
-        for (name, learner) in learners {
+        for method in crate::methods::REGISTRY {
+            let settings =
+                crate::methods::resolve_settings(method, &crate::methods::Settings::new())?;
+            let learner = match method.learner(sd, &settings, "cat", 0) {
+                Ok(l) => l,
+                Err(crate::error::Error::Unsupported(why)) => {
+                    eprintln!("not measuring {}'s training step: {why}", method.name());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let mut t = Trainer::new(sd, "thing", "cat", &images, opts.clone(), learner)?;
-            self.measure(name, unet4.map(|t| ("unet batch 4", t)), || t.step())?;
-        }
-        // DreamBooth trains a copy of the UNet built from its files: not random weights'.
-        if !sd.weight_files().is_empty() {
-            let learner = Box::new(FullUnet::new(sd, "sks")?);
-            let mut t = Trainer::new(sd, "thing", "cat", &images, opts, learner)?;
-            self.measure(
-                "training step, batch 4, dreambooth",
-                unet4.map(|t| ("unet batch 4", t)),
-                || t.step(),
-            )?;
+            let name = train_row(method, &settings);
+            self.measure(&name, unet4.map(|t| ("unet batch 4", t)), || t.step())?;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::actions::{self, ModelRequest, TrainEnd, TrainRequest};
+use crate::actions::{self, ModelRequest, TrainEnd};
 use crate::app::bench::BenchOptions;
 use crate::app::script::{RunError, ScriptConfig, Session};
 use crate::app::signals::Signals;
@@ -21,7 +21,7 @@ use crate::sd::pipeline::{
     load_noise, GenerateOptions, LoadOptions, ModelConfigs, StableDiffusion,
 };
 use crate::sd::sampler::{SamplerKind, SamplerOptions};
-use crate::train::TrainOptions;
+use crate::train::{Prior, TrainOptions};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -52,6 +52,23 @@ struct ScriptCli {
     script: PathBuf,
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
+}
+
+/// `--method`'s long help: every method of the registry with its defaults.
+fn method_help() -> String {
+    let mut text = String::from(
+        "The method (default: infusion, the paper's; with --resume, the checkpoint's):",
+    );
+    for m in crate::methods::REGISTRY {
+        text.push_str(&format!(
+            "\n  {}: {} ({} steps, lr {} at batch 4)",
+            m.name(),
+            m.about(),
+            m.default_steps(),
+            m.default_lr(4)
+        ));
+    }
+    text
 }
 
 /// The commands, as clap knows them, and its `help`.
@@ -269,44 +286,43 @@ struct TrainArgs {
     /// Where to write the concept (default: NAME.safetensors).
     #[arg(short, long)]
     out: Option<PathBuf>,
-    /// The method: infusion (the paper's, the default; with --resume, the checkpoint's),
-    /// textual_inversion, lora (DreamBooth-LoRA), dreambooth (the whole UNet, written as a
-    /// diffusers unet/ folder: NAME-unet by default).
-    #[arg(long, value_parser = actions::Method::NAMES)]
+    /// The method (default: infusion, the paper's; with --resume, the checkpoint's).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::methods::names()),
+          long_help = method_help())]
     method: Option<String>,
     /// LoRA: the rank of its factors.
-    #[arg(long, default_value_t = 4)]
-    rank: usize,
+    #[arg(long, help = format!("LoRA: the rank of its factors (default {})", crate::methods::lora::DEFAULT_RANK))]
+    rank: Option<usize>,
     /// LoRA and DreamBooth: the identifier prompts put before the class word.
-    #[arg(long, default_value = "sks")]
-    trigger: String,
+    #[arg(long, help = format!("LoRA and DreamBooth: the identifier prompts put before the class word (default {})", crate::methods::lora::DEFAULT_TRIGGER))]
+    trigger: Option<String>,
     /// LoRA and DreamBooth: prior preservation, with class images the model makes of "a photo
     /// of a WORD".
     #[arg(long)]
     prior: bool,
     /// How many class images prior preservation makes (diffusers' default).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = Prior::default().images)]
     prior_images: usize,
     /// The weight of the class images' loss.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = Prior::default().weight)]
     prior_weight: f64,
     /// Keep the class images in this folder and take them from it next time (diffusers'
     /// --class_data_dir); default: made each run.
     #[arg(long)]
     prior_dir: Option<PathBuf>,
-    /// Training steps (in total, when resuming; default: 500, textual_inversion 3000).
+    /// Training steps (in total, when resuming; default: the method's, see --method).
     #[arg(long)]
     train_steps: Option<usize>,
-    /// AdamW's learning rate (default: infusion 0.01, textual_inversion 5e-4 x batch, lora
-    /// 1e-4, dreambooth 5e-6).
+    /// AdamW's learning rate (default: the method's, see --method).
     #[arg(long)]
     lr: Option<f64>,
     /// Images per training step.
-    #[arg(long, default_value_t = 4)]
-    batch: usize,
+    #[arg(long, help = format!("Images per training step (default {})", TrainOptions::default().batch))]
+    batch: Option<usize>,
     /// Seed of every random draw (a whole number from 0).
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = parse_seed)]
-    seed: u64,
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_seed,
+          help = format!("Seed of every random draw, a whole number from 0 (default {})", TrainOptions::default().seed))]
+    seed: Option<u64>,
     /// Prompt template with `{}` for the class word (repeat for several; default: 10 templates).
     #[arg(long = "template")]
     templates: Vec<String>,
@@ -391,8 +407,8 @@ struct GenerateArgs {
 /// `[NAME=]FILE[:WORD[:TRIGGER[:SCALE]]]` (a path that exists as given is taken whole, colons,
 /// equals signs and all; an empty WORD or TRIGGER is none: `pot.safetensors::sks`,
 /// `pot.safetensors:teapot::0.8`).
-fn concept_spec(spec: &Path, force: bool) -> Result<actions::ConceptRequest> {
-    let mut req = actions::ConceptRequest {
+fn concept_spec(spec: &Path, force: bool) -> Result<crate::methods::ConceptRequest> {
+    let mut req = crate::methods::ConceptRequest {
         path: spec.to_path_buf(),
         force,
         ..Default::default()
@@ -606,20 +622,23 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
     let mut concepts = ConceptSet::new();
     for req in &specs {
         let path = req.path.clone();
-        let (name, word) = match actions::load_concept(req, Some(&sd), &mut concepts, job)? {
-            actions::LoadedConcept::Infusion(c) => (c.name.clone(), c.word.clone()),
-            actions::LoadedConcept::Adapted(a) => (a.name.clone(), a.word.clone()),
-        };
-        eprintln!("loaded <{name}> ({word}) from {}", path.display());
+        let c = actions::load_concept(req, Some(&sd), &mut concepts, job)?;
+        eprintln!(
+            "loaded <{}> ({}) from {}",
+            c.name(),
+            c.word(),
+            path.display()
+        );
     }
     let used = concepts.parse(&args.prompt)?.marks;
     for c in concepts
         .iter()
-        .filter(|c| !used.iter().any(|m| m.name == c.name))
+        .filter(|c| !used.iter().any(|m| m.name == c.name()))
     {
         job.warn(format!(
             "<{}> is loaded but the prompt does not use it (write <{}> where it goes)",
-            c.name, c.name
+            c.name(),
+            c.name()
         ));
     }
     let (seed, random) = match u64::try_from(args.seed) {
@@ -666,50 +685,42 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
 
 fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) -> Result<ExitCode> {
     let sd = load_model(global, job)?;
-    let defaults = TrainOptions::default();
-    let mut method = actions::Method::parse(
-        args.method.as_deref().unwrap_or("infusion"),
-        args.rank,
-        &args.trigger,
-    )?;
-    let mut steps = method.default_steps();
-    if let Some(path) = &args.resume {
-        let asked = args.method.is_some().then_some(&method);
-        let (m, ckpt) = actions::resumed_method(path, asked)?;
-        (method, steps) = (m, ckpt.options.steps);
+    let mut settings = crate::methods::Settings::new();
+    if let Some(rank) = args.rank {
+        settings.insert("rank".into(), rank.into());
     }
-    let out = args.out.clone().unwrap_or_else(|| match method {
-        actions::Method::DreamBooth { .. } => PathBuf::from(format!("{}-unet", args.name)),
-        _ => PathBuf::from(format!("{}.safetensors", args.name)),
-    });
-    let req = TrainRequest {
+    if let Some(trigger) = &args.trigger {
+        settings.insert("trigger".into(), trigger.clone().into());
+    }
+    let mut req = actions::TrainAsk {
         folder: args.folder.clone(),
         name: args.name.clone(),
         word: args.word.clone(),
-        options: TrainOptions {
-            steps: args.train_steps.unwrap_or(steps),
-            lr: args.lr.unwrap_or(method.default_lr(args.batch)),
-            batch: args.batch,
-            seed: args.seed,
-            templates: if args.templates.is_empty() {
-                defaults.templates
-            } else {
-                args.templates.clone()
-            },
-            flip: !args.no_flip,
-            checkpoint_every: args.checkpoint_every,
-            ..defaults
-        },
-        method,
-        prior: args.prior.then_some(actions::Prior {
+        method: args.method.clone(),
+        settings,
+        steps: args.train_steps,
+        lr: args.lr,
+        batch: args.batch,
+        seed: args.seed,
+        templates: (!args.templates.is_empty()).then(|| args.templates.clone()),
+        flip: args.no_flip.then_some(false),
+        checkpoint_every: args.checkpoint_every,
+        checkpoint_dir: None,
+        prior: args.prior.then(|| Prior {
             images: args.prior_images,
             weight: args.prior_weight,
             dir: args.prior_dir.clone(),
         }),
         resume: args.resume.clone(),
-        out: Some(out.clone()),
+        out: args.out.clone(),
         save_f32: args.f32,
-    };
+    }
+    .resolve()?;
+    // The command line always saves: by default where the method's files go.
+    let out = req
+        .out
+        .get_or_insert_with(|| req.method.default_out(&req.name))
+        .clone();
     let model_files = global.input_paths();
     let model_refs: Vec<&Path> = model_files.iter().map(PathBuf::as_path).collect();
     crate::util::fs::check_not_an_input(&[&out], &model_refs)?;

@@ -71,32 +71,17 @@ impl UsedConcept {
 
 /// What the concepts of `parsed`'s marks are, in prompt order.
 fn used_concepts(concepts: &ConceptSet, parsed: &ParsedPrompt) -> Vec<UsedConcept> {
-    use crate::methods::adapted::Change;
     parsed
         .marks
         .iter()
         .filter_map(|m| {
-            if let Some(c) = concepts.get(&m.name) {
-                return Some(UsedConcept {
-                    name: c.name.clone(),
-                    method: "infusion".into(),
-                    word: c.word.clone(),
-                    trigger: None,
-                    scale: None,
-                });
-            }
-            let a = concepts.get_adapted(&m.name)?;
-            let (trigger, scale) = match &a.change {
-                Change::TextualInversion(_) => (None, None),
-                Change::Lora { trigger, scale, .. } => (trigger.clone(), Some(*scale)),
-                Change::DreamBooth { trigger, .. } => (Some(trigger.clone()), None),
-            };
+            let c = concepts.get(&m.name)?;
             Some(UsedConcept {
-                name: a.name.clone(),
-                method: a.method().into(),
-                word: a.word.clone(),
-                trigger,
-                scale,
+                name: c.name().to_string(),
+                method: c.method().into(),
+                word: c.word().to_string(),
+                trigger: c.provenance().trigger,
+                scale: c.scale(),
             })
         })
         .collect()
@@ -313,7 +298,7 @@ fn place(
     }
     let placements = place_concepts(concepts, &parsed, &tokens)?;
     for p in &placements {
-        concepts.check(&p.concept.name, sd, job)?;
+        concepts.check(p.concept.name(), sd, job)?;
     }
     Ok((parsed, tokens, placements))
 }
@@ -328,7 +313,7 @@ fn hook<'a>(
 ) -> Result<InfusionHook<'a>> {
     let edit: SampleEdit<'_> = placements
         .iter()
-        .map(|p| (p.positions.as_slice(), &p.concept.deltas))
+        .filter_map(|p| Some((p.positions.as_slice(), p.deltas()?)))
         .collect();
     let offsets = ValueOffsets::new(
         &[edit],
@@ -370,14 +355,16 @@ pub fn generate_pair(
     sd.check_generate(g, if placements.is_empty() { 2 } else { 4 })?;
     let negative = sd.tokenize(&g.negative_prompt)?;
     let states = sd.text_states(&[&negative, &tokens])?;
-    // The other methods' concepts: C's text and hooks.
+    // The concepts that change more than Infusion's residuals: C's text, hooks and UNet.
     let marks: Vec<_> = parsed
         .marks
         .iter()
         .filter_map(|m| {
-            concepts
-                .get_adapted(&m.name)
-                .map(|a| (m.span.clone(), a.as_ref()))
+            let c = concepts.get(&m.name)?;
+            c.change()
+                .residuals
+                .is_none()
+                .then(|| (m.span.clone(), c.as_ref()))
         })
         .collect();
     let other = custom_side(
@@ -387,7 +374,7 @@ pub fn generate_pair(
         &marks,
         Stream::Customized.branch(),
     )?;
-    if (other.states.is_some() || other.unet.is_some()) && !placements.is_empty() {
+    if other.changes_text_or_unet() && !placements.is_empty() {
         return Err(Error::arg(
             "prompt",
             format!(

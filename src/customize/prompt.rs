@@ -11,12 +11,14 @@
 //! refused with the prompt and a caret under the spot. Punctuation may touch a mark
 //! (`<pot>'s`, `(<pot>)`, `<pot>-shaped`).
 
+use std::collections::BTreeMap;
 use std::ops::Range;
-use std::sync::Arc;
+
+use candle_core::Tensor;
 
 use super::set::ConceptSet;
 use crate::error::{Error, Result};
-use crate::infusion::concept::Concept;
+use crate::methods::ConceptRef;
 use crate::sd::tokenizer::Tokens;
 
 /// One `<name>` of a prompt.
@@ -108,44 +110,56 @@ pub fn parse_prompt(
     Ok(ParsedPrompt { base, marks })
 }
 
-/// A concept placed in a prompt: its Δs and the token positions of its word.
+/// A concept with Infusion's residuals placed in a prompt: the concept and the token positions
+/// of its word.
 #[derive(Debug, Clone)]
 pub struct Placement {
-    pub concept: Arc<Concept>,
+    pub concept: ConceptRef,
     pub positions: Vec<usize>,
 }
 
-/// Resolves the marks of `parsed` that name Infusion concepts to token positions in `tokens`
-/// (the tokenized base prompt); marks of the other methods' concepts are left to them.
+impl Placement {
+    /// Its Δ per cross-attention layer (every placed concept has them).
+    pub fn deltas(&self) -> Option<&BTreeMap<String, Tensor>> {
+        self.concept.change().residuals
+    }
+}
+
+/// Resolves the marks of `parsed` that name concepts with Infusion's residuals to token
+/// positions in `tokens` (the tokenized base prompt); the other concepts' marks are left to
+/// [`super::side`].
 pub fn place_concepts(
     concepts: &ConceptSet,
     parsed: &ParsedPrompt,
     tokens: &Tokens,
 ) -> Result<Vec<Placement>> {
-    parsed
-        .marks
-        .iter()
-        .filter(|m| concepts.get_adapted(&m.name).is_none())
-        .map(|m| {
-            let concept = concepts
-                .get(&m.name)
-                .ok_or_else(|| Error::arg("prompt", format!("no concept named <{}> is loaded", m.name)))?
-                .clone();
-            let positions = tokens.positions_of_span(m.span.clone());
-            if positions.is_empty() {
-                return Err(Error::arg(
-                    "prompt",
-                    format!(
-                        "the word of <{}> was cut off: the prompt has {} tokens, the text encoder takes {}",
-                        m.name,
-                        tokens.untruncated_n_tokens,
-                        tokens.ids.len()
-                    ),
-                ));
-            }
-            Ok(Placement { concept, positions })
-        })
-        .collect()
+    let mut out = vec![];
+    for m in &parsed.marks {
+        let concept = concepts.get(&m.name).ok_or_else(|| {
+            Error::arg("prompt", format!("no concept named <{}> is loaded", m.name))
+        })?;
+        if concept.change().residuals.is_none() {
+            continue;
+        }
+        let positions = tokens.positions_of_span(m.span.clone());
+        if positions.is_empty() {
+            return Err(Error::arg(
+                "prompt",
+                format!(
+                    "the word of <{}> was cut off: the prompt has {} tokens, the text encoder \
+                     takes {}",
+                    m.name,
+                    tokens.untruncated_n_tokens,
+                    tokens.ids.len()
+                ),
+            ));
+        }
+        out.push(Placement {
+            concept: concept.clone(),
+            positions,
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -2,26 +2,23 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use super::prompt::{parse_prompt, ParsedPrompt};
 use crate::error::{Error, Result};
-use crate::infusion::concept::{check, Concept};
+use crate::infusion::concept::Concept;
 use crate::job::Job;
-use crate::methods::adapted::Adapted;
+use crate::methods::{ConceptRef, ConceptRequest};
 use crate::sd::pipeline::StableDiffusion;
 
-/// The concepts of a session, found by name: Infusion's, and those of the other methods
-/// ([`Adapted`]: a learned word, a LoRA). A name belongs to one of them.
+/// The concepts of a session, by name: a name belongs to one concept.
 #[derive(Debug, Clone, Default)]
 pub struct ConceptSet {
     concepts: BTreeMap<String, Entry>,
-    adapted: BTreeMap<String, Arc<Adapted>>,
 }
 
 #[derive(Debug, Clone)]
 struct Entry {
-    concept: Arc<Concept>,
+    concept: ConceptRef,
     /// Used even when trained on another model.
     forced: bool,
 }
@@ -33,126 +30,87 @@ impl ConceptSet {
 
     /// Adds (or replaces) a concept; `forced`: use it even on a model it was not trained on.
     /// Returns the one it replaced.
-    pub fn insert(&mut self, concept: Concept, forced: bool) -> Option<Arc<Concept>> {
-        self.insert_arc(Arc::new(concept), forced)
-    }
-
-    fn insert_arc(&mut self, concept: Arc<Concept>, forced: bool) -> Option<Arc<Concept>> {
-        self.adapted.remove(&concept.name);
+    pub fn insert(&mut self, concept: impl Into<ConceptRef>, forced: bool) -> Option<ConceptRef> {
+        let concept = concept.into();
         self.concepts
-            .insert(concept.name.clone(), Entry { concept, forced })
+            .insert(concept.name().to_string(), Entry { concept, forced })
             .map(|e| e.concept)
     }
 
     /// Adds a concept of the session; one of the same name is replaced, and `job` says so.
-    pub fn add(&mut self, concept: Arc<Concept>, forced: bool, job: &Job) {
-        let (name, word) = (concept.name.clone(), concept.word.clone());
-        if let Some(old) = self.insert_arc(concept, forced) {
+    pub fn add(&mut self, concept: impl Into<ConceptRef>, forced: bool, job: &Job) {
+        let concept = concept.into();
+        let (name, word) = (concept.name().to_string(), concept.word().to_string());
+        if let Some(old) = self.insert(concept, forced) {
             job.warn(format!(
                 "<{name}> ({word}) replaces the concept of that name loaded before ({})",
-                old.word
+                old.word()
             ));
         }
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<Concept>> {
+    pub fn get(&self, name: &str) -> Option<&ConceptRef> {
         self.concepts.get(name).map(|e| &e.concept)
     }
 
-    /// Adds (or replaces) a concept of another method; one of the same name is replaced, and
-    /// `job` says so.
-    pub fn add_adapted(&mut self, concept: Arc<Adapted>, job: &Job) {
-        let name = concept.name.clone();
-        let old = self
-            .concepts
-            .remove(&name)
-            .map(|e| e.concept.word.clone())
-            .or_else(|| self.adapted.get(&name).map(|a| a.word.clone()));
-        if let Some(old) = old {
-            job.warn(format!(
-                "<{name}> ({}) replaces the concept of that name loaded before ({old})",
-                concept.word
-            ));
-        }
-        self.adapted.insert(name, concept);
+    /// The Infusion concept called `name`, if it is one.
+    pub fn infusion(&self, name: &str) -> Option<&Concept> {
+        self.get(name)
+            .and_then(|c| c.as_any().downcast_ref::<Concept>())
     }
 
-    /// The concept of another method called `name`.
-    pub fn get_adapted(&self, name: &str) -> Option<&Arc<Adapted>> {
-        self.adapted.get(name)
-    }
-
-    /// The concepts of the other methods.
-    pub fn adapted(&self) -> impl Iterator<Item = &Arc<Adapted>> {
-        self.adapted.values()
-    }
-
-    pub fn remove(&mut self, name: &str) -> Option<Arc<Concept>> {
-        self.concepts.remove(name).map(|e| e.concept)
-    }
-
-    /// Removes the concept `name` of whichever method; true if there was one.
+    /// Removes the concept `name`; true if there was one.
     pub fn forget(&mut self, name: &str) -> bool {
-        self.concepts.remove(name).is_some() | self.adapted.remove(name).is_some()
+        self.concepts.remove(name).is_some()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Concept>> {
+    /// Every concept, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &ConceptRef> {
         self.concepts.values().map(|e| &e.concept)
     }
 
     pub fn len(&self) -> usize {
-        self.concepts.len() + self.adapted.len()
+        self.concepts.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.concepts.is_empty() && self.adapted.is_empty()
+        self.concepts.is_empty()
     }
 
-    /// Reads a concept file and adds it. With a model, checks it against the model first (see
-    /// [`ConceptSet::check`]); `force` accepts a concept trained on another model.
+    /// Reads a concept file or folder of any method (see [`crate::methods::load`]), checked
+    /// against `sd` when given, and adds it.
+    pub fn load(
+        &mut self,
+        req: &ConceptRequest,
+        sd: Option<&StableDiffusion>,
+        job: &Job,
+    ) -> Result<ConceptRef> {
+        let concept = crate::methods::load(req, sd, job)?;
+        self.add(concept.clone(), req.force, job);
+        Ok(concept)
+    }
+
+    /// [`ConceptSet::load`] of the file at `path`, as it names itself.
     pub fn load_file(
         &mut self,
         path: &Path,
         sd: Option<&StableDiffusion>,
         force: bool,
         job: &Job,
-    ) -> Result<Arc<Concept>> {
-        self.load_file_named(path, None, sd, force, job)
+    ) -> Result<ConceptRef> {
+        let req = ConceptRequest {
+            path: path.to_path_buf(),
+            force,
+            ..Default::default()
+        };
+        self.load(&req, sd, job)
     }
 
-    /// [`ConceptSet::load_file`], called `name` in prompts instead of the name it carries.
-    pub fn load_file_named(
-        &mut self,
-        path: &Path,
-        name: Option<&str>,
-        sd: Option<&StableDiffusion>,
-        force: bool,
-        job: &Job,
-    ) -> Result<Arc<Concept>> {
-        let mut concept = Concept::load(path)?;
-        if let Some(name) = name {
-            crate::util::names::check_name(name)?;
-            concept.name = name.to_string();
-        }
-        let concept = Arc::new(concept);
-        if let Some(sd) = sd {
-            check(&concept, sd, force, job).map_err(|e| match e {
-                Error::InvalidArgument { msg, .. } => Error::Config {
-                    path: path.to_path_buf(),
-                    msg,
-                },
-                e => e,
-            })?;
-        }
-        self.add(concept.clone(), force, job);
-        Ok(concept)
-    }
-
-    /// Checks the concept `name` against `sd`: every cross-attention layer present with its
-    /// width, and the base model (refused unless it was added forced). Warnings go to `job`.
+    /// Checks the concept `name` against `sd` (refused on another model unless it was added
+    /// forced). Warnings go to `job`.
     pub fn check(&self, name: &str, sd: &StableDiffusion, job: &Job) -> Result<()> {
         match self.concepts.get(name) {
-            Some(e) => check(&e.concept, sd, e.forced, job),
+            Some(e) => e.concept.check(sd, e.forced, job),
             None => Err(Error::arg(
                 "concept",
                 format!("no concept named <{name}> is loaded"),
@@ -162,10 +120,6 @@ impl ConceptSet {
 
     /// Parses `<name>` marks of a prompt against these concepts.
     pub fn parse(&self, prompt: &str) -> Result<ParsedPrompt> {
-        parse_prompt(prompt, |n| {
-            self.get(n)
-                .map(|c| c.word.clone())
-                .or_else(|| self.get_adapted(n).map(|a| a.word.clone()))
-        })
+        parse_prompt(prompt, |n| self.get(n).map(|c| c.word().to_string()))
     }
 }

@@ -1,21 +1,21 @@
-//! C's side of a prompt with other methods' concepts: its text (a learned word's vectors, a
-//! trigger word, a text-encoder LoRA), its hooks (a LoRA's) and its UNet (DreamBooth's). F
-//! always sees the plain model with the class word.
+//! C's side of a prompt with concepts that change more than Infusion's residuals: C's text (a
+//! learned word's vectors, a trigger word, a text-encoder LoRA), C's hooks (a LoRA's) and C's
+//! UNet (DreamBooth's), each as its concept's [`Change`] says. F always sees the plain model
+//! with the class word.
 
 use std::ops::Range;
 
 use candle_core::Tensor;
 
-use crate::error::Result;
-use crate::methods::adapted::{Adapted, Change};
-use crate::methods::files::Embedding;
-use crate::methods::lora::LoraHook;
-use crate::methods::textual_inversion::text_states_with;
+use crate::error::{Error, Result};
+use crate::methods::textual_inversion::{text_states_with, Embedding};
+use crate::methods::{Change, CustomConcept, Words};
 use crate::sd::hook::{AttentionHook, Branch, Chain};
 use crate::sd::pipeline::StableDiffusion;
+use crate::sd::unet::UNet;
 
 /// C's side of a prompt: its text (when it differs from F's), its hooks, and its UNet (when a
-/// DreamBooth concept gives one).
+/// concept gives one).
 pub struct CustomSide {
     /// C's prompt (F's base prompt with each concept's words).
     pub prompt: String,
@@ -25,53 +25,82 @@ pub struct CustomSide {
     /// LoRA of the text encoder changes them too, as diffusers' pipeline encodes both with it.
     pub uncond: Option<Tensor>,
     pub hooks: Vec<Box<dyn AttentionHook>>,
-    pub unet: Option<std::sync::Arc<crate::sd::unet::UNet>>,
+    pub unet: Option<std::sync::Arc<UNet>>,
+}
+
+impl CustomSide {
+    /// Whether C's text or UNet differs from F's (Infusion's residuals need C's text to be F's,
+    /// as C takes F's attention maps).
+    pub fn changes_text_or_unet(&self) -> bool {
+        self.states.is_some() || self.uncond.is_some() || self.unet.is_some()
+    }
 }
 
 /// C's side for the base prompt `base` (the class words in place) and the negative prompt
 /// `negative` with `marks`: each concept at its word's byte span of `base`, in order. Hooks
-/// change the rows of `branch`.
+/// change the rows of `branch`. Infusion's residuals are not here: they go through Infusion's
+/// hook (see [`super::generate`]).
 pub fn custom_side(
     sd: &StableDiffusion,
     base: &str,
     negative: &str,
-    marks: &[(Range<usize>, &Adapted)],
+    marks: &[(Range<usize>, &dyn CustomConcept)],
     branch: Branch,
 ) -> Result<CustomSide> {
     let mut prompt = String::with_capacity(base.len());
     let mut at = 0;
-    let mut learned = vec![];
+    let mut learned: Vec<(Range<usize>, Embedding)> = vec![];
     let mut hooks: Vec<Box<dyn AttentionHook>> = vec![];
-    let mut text_loras: Vec<LoraHook> = vec![];
-    let mut unet: Option<std::sync::Arc<crate::sd::unet::UNet>> = None;
-    for (span, a) in marks {
+    let mut text_hooks: Vec<Box<dyn AttentionHook>> = vec![];
+    let mut unet: Option<std::sync::Arc<UNet>> = None;
+    for (span, concept) in marks {
         prompt.push_str(&base[at..span.start]);
-        let start = prompt.len();
-        prompt.push_str(&a.c_words());
-        match &a.change {
-            Change::TextualInversion(e) => learned.push((start..prompt.len(), e)),
-            Change::Lora { lora, scale, .. } => {
-                let hook = LoraHook::new(lora, sd, *scale, Some(branch))?;
-                if hook.changes_text() {
-                    text_loras.push(LoraHook::new(lora, sd, *scale, None)?);
-                }
-                hooks.push(Box::new(hook));
+        let Change {
+            words,
+            hooks: maker,
+            unet: tuned,
+            ..
+        } = concept.change();
+        if words.is_empty() {
+            prompt.push_str(&base[span.clone()]);
+        }
+        for (i, piece) in words.iter().enumerate() {
+            if i > 0 {
+                prompt.push(' ');
             }
-            Change::DreamBooth { unet: tuned, .. } => {
-                if unet.is_some() {
-                    return Err(crate::error::Error::arg(
-                        "prompt",
-                        "two DreamBooth concepts in one prompt: C runs one UNet",
+            match piece {
+                Words::Text(t) => prompt.push_str(t),
+                Words::Vectors { vectors, stand_in } => {
+                    let start = prompt.len();
+                    prompt.push_str(stand_in);
+                    learned.push((
+                        start..prompt.len(),
+                        Embedding {
+                            token: format!("<{}>", concept.name()),
+                            vectors: (*vectors).clone(),
+                        },
                     ));
                 }
-                unet = Some(tuned.unet.clone());
             }
+        }
+        if let Some(maker) = maker {
+            hooks.push(maker.unet_hook(sd, branch)?);
+            text_hooks.extend(maker.text_hook(sd)?);
+        }
+        if let Some(tuned) = tuned {
+            if unet.is_some() {
+                return Err(Error::arg(
+                    "prompt",
+                    "two concepts that each bring a UNet (DreamBooth's) in one prompt: C runs one",
+                ));
+            }
+            unet = Some(tuned.clone());
         }
         at = span.end;
     }
     prompt.push_str(&base[at..]);
-    let text_hooks = Chain(text_loras.iter().map(|h| h as &dyn AttentionHook).collect());
-    let text = text_hooks.modules();
+    let text_chain = Chain(text_hooks.iter().map(|h| h.as_ref()).collect());
+    let text = text_chain.modules();
     let states = if learned.is_empty() && prompt == base && text.is_none() {
         None
     } else {
@@ -84,7 +113,7 @@ pub fn custom_side(
                     (Some(&a), Some(&b)) => a..b + 1,
                     _ => 0..0,
                 };
-                (r, *e)
+                (r, e)
             })
             .filter(|(r, _)| !r.is_empty())
             .collect();

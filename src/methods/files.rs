@@ -1,103 +1,158 @@
-//! The concept files users already have, told apart by their tensors' names and metadata (never
-//! by unpickling):
-//! - ours, `infusion-concept/1` (read by the Infusion loader);
-//! - Textual Inversion: diffusers' `learned_embeds.safetensors` (`{token: [n, width]}`) and
-//!   AUTOMATIC1111's embeddings (`emb_params: [n, width]`, the token named after the file);
-//! - LoRA: diffusers' `save_lora_weights` layout (`unet.MODULE.lora.down.weight` /
-//!   `.lora.up.weight`), PEFT's (`.lora_A.weight` / `.lora_B.weight`, with or without `unet.`),
-//!   and kohya's / AUTOMATIC1111's (`lora_unet_MODULE.lora_down.weight`, `.lora_up.weight`,
-//!   `.alpha`, MODULE with `_` for `.`; `lora_te_` for the text encoder).
-//!
-//! Names are checked against a model when a concept is applied (a LoRA's module and shapes, a
-//! vector's width); here a file is read and sorted, and one that fits no layout is refused with
-//! what it holds.
+//! What concept files share, whatever their method: a file or folder read once and offered
+//! to each method ([`Found`]: never unpickled, told apart by tensor names and metadata), what
+//! our own files record of their training ([`Provenance`]), and the diffusers `unet/` folder a
+//! fine-tuned UNet is saved as.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
-/// What a concept file holds.
+/// A concept file or folder, read once and offered to each method.
 #[derive(Debug)]
-pub enum ConceptFile {
-    /// Our own `infusion-concept/1` file: the Infusion loader reads it.
-    Infusion,
-    TextualInversion(Embedding),
-    Lora(Lora),
+pub enum Found {
+    /// A safetensors file: its metadata and tensor names (the tensors are read on demand).
+    File {
+        path: PathBuf,
+        data: Vec<u8>,
+        meta: HashMap<String, String>,
+        keys: Vec<String>,
+    },
+    Folder(PathBuf),
 }
 
-/// A Textual Inversion embedding: `vectors` (n, width) stand for one new word.
-#[derive(Debug, Clone)]
-pub struct Embedding {
-    /// The token the file names (diffusers' key; A1111's files are named after the file).
-    pub token: String,
-    pub vectors: Tensor,
-}
-
-/// Which model a LoRA layer adapts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoraTarget {
-    Unet,
-    TextEncoder,
-}
-
-/// How a file names its LoRA modules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoraLayout {
-    /// `unet.MODULE.lora.down.weight` (diffusers' `save_lora_weights`).
-    Diffusers,
-    /// `unet.MODULE.lora_A.weight` (PEFT).
-    Peft,
-    /// `lora_unet_MODULE_WITH_UNDERSCORES.lora_down.weight` + `.alpha` (kohya, AUTOMATIC1111).
-    Kohya,
-}
-
-/// One adapted linear layer: `W' = W + scale * (alpha / rank) * up @ down`.
-#[derive(Debug, Clone)]
-pub struct LoraLayer {
-    pub target: LoraTarget,
-    /// The module's path as the file names it: dotted for diffusers and PEFT
-    /// (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`), with `_` for `.` for
-    /// kohya (resolved against the model's modules when applied).
-    pub module: String,
-    /// `(rank, in)`.
-    pub down: Tensor,
-    /// `(out, rank)`.
-    pub up: Tensor,
-    /// kohya's `alpha`; diffusers and PEFT files have none (alpha = rank).
-    pub alpha: Option<f64>,
-}
-
-impl LoraLayer {
-    pub fn rank(&self) -> usize {
-        self.down.dims()[0]
+impl Found {
+    /// Reads the file (only a regular one: a FIFO would block) or notes the folder at `path`.
+    /// A file that is not safetensors, or holds an SDXL concept, is refused here.
+    pub fn read(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Ok(Found::Folder(path.to_path_buf()));
+        }
+        let data = crate::util::fs::read_regular(path)?;
+        let bad = |msg: String| Error::Format {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let (_, header) = safetensors::SafeTensors::read_metadata(&data).map_err(|e| {
+            bad(
+                crate::sd::safetensors_check::diagnose_bytes(&data).unwrap_or_else(|| {
+                    format!("not a safetensors file ({e}); concept files are safetensors")
+                }),
+            )
+        })?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let mut keys: Vec<String> = header.tensors().keys().cloned().collect();
+        keys.sort();
+        if let Some(k) = keys.iter().find(|k| {
+            k.starts_with("lora_te1_")
+                || k.starts_with("lora_te2_")
+                || k.starts_with("text_encoder_2.")
+                || ["clip_l", "clip_g"].contains(&k.as_str())
+        }) {
+            return Err(bad(format!(
+                "`{k}` belongs to an SDXL concept (two text encoders); this tool adapts SD1.x"
+            )));
+        }
+        Ok(Found::File {
+            path: path.to_path_buf(),
+            data,
+            meta,
+            keys,
+        })
     }
 
-    /// `alpha / rank` (1 without an alpha).
-    pub fn alpha_scale(&self) -> f64 {
-        self.alpha.map_or(1.0, |a| a / self.rank() as f64)
+    pub fn path(&self) -> &Path {
+        match self {
+            Found::File { path, .. } | Found::Folder(path) => path,
+        }
+    }
+
+    /// The tensor names of a file (none for a folder).
+    pub fn keys(&self) -> &[String] {
+        match self {
+            Found::File { keys, .. } => keys,
+            Found::Folder(_) => &[],
+        }
+    }
+
+    /// A metadata value of a file.
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        match self {
+            Found::File { meta, .. } => meta.get(key).map(String::as_str),
+            Found::Folder(_) => None,
+        }
+    }
+
+    /// What the file or folder records of its training.
+    pub fn provenance(&self) -> Result<Provenance> {
+        match self {
+            Found::File { meta, .. } => Ok(Provenance::from_metadata(meta)),
+            Found::Folder(dir) => Provenance::of_folder(dir),
+        }
+    }
+
+    /// A file's tensors, on the CPU, by name.
+    pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        match self {
+            Found::File { data, .. } => {
+                let tensors = candle_core::safetensors::load_buffer(data, &Device::Cpu)
+                    .map_err(|e| self.error(format!("its tensors cannot be read: {e}")))?;
+                Ok(tensors.into_iter().collect())
+            }
+            Found::Folder(dir) => Err(Error::arg(
+                "concept",
+                format!("{} is a folder, not a concept file", dir.display()),
+            )),
+        }
+    }
+
+    /// An error about this file's content.
+    pub fn error(&self, msg: String) -> Error {
+        Error::Format {
+            path: self.path().to_path_buf(),
+            msg,
+        }
+    }
+
+    /// The error of a file or folder no method claims.
+    pub fn unclaimed(&self) -> Error {
+        match self {
+            Found::Folder(dir) => Error::arg(
+                "concept",
+                format!(
+                    "{}: a folder, but not a diffusers unet/ folder (no \
+                     diffusion_pytorch_model.safetensors)",
+                    dir.display()
+                ),
+            ),
+            Found::File { keys, .. } => self.error(format!(
+                "no known concept layout fits its {} tensors (e.g. {}): expected an \
+                 infusion-concept/1 file, a Textual Inversion embedding ({{token: [n, width]}} \
+                 or `emb_params`) or a LoRA (`...lora.down.weight`, `...lora_A.weight` or \
+                 `lora_unet_...lora_down.weight`)",
+                keys.len(),
+                keys.iter()
+                    .take(3)
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
     }
 }
 
-/// A LoRA file's layers.
-#[derive(Debug, Clone)]
-pub struct Lora {
-    pub layout: LoraLayout,
-    pub layers: Vec<LoraLayer>,
-}
-
-impl Lora {
-    pub fn unet_layers(&self) -> impl Iterator<Item = &LoraLayer> {
-        self.layers.iter().filter(|l| l.target == LoraTarget::Unet)
+/// Refuses a tensor of integers where learned values belong (an I32 factor or vector read as
+/// values is silently wrong).
+pub fn check_float(key: &str, t: &Tensor, bad: &dyn Fn(String) -> Error) -> Result<()> {
+    if t.dtype().is_float() {
+        return Ok(());
     }
-
-    pub fn text_encoder_layers(&self) -> impl Iterator<Item = &LoraLayer> {
-        self.layers
-            .iter()
-            .filter(|l| l.target == LoraTarget::TextEncoder)
-    }
+    Err(bad(format!(
+        "tensor `{key}` holds {:?} integers, not learned values (floats)",
+        t.dtype()
+    )))
 }
 
 /// What our own files record of how a concept was trained: the safetensors metadata of
@@ -195,6 +250,19 @@ impl Provenance {
     }
 }
 
+/// Writes `tensors` with `meta` as a safetensors file at `path`, atomically.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: Vec<(String, Tensor)>,
+    meta: HashMap<String, String>,
+) -> Result<()> {
+    let bytes = safetensors::serialize(tensors, Some(meta))
+        .map_err(|e| Error::Internal(format!("serializing {}: {e}", path.display())))?;
+    crate::util::fs::write_atomic(path, |w| {
+        w.write_all(&bytes).map_err(|e| Error::io(path, e))
+    })
+}
+
 /// The weights file of a diffusers `unet/` folder.
 pub const UNET_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 
@@ -232,295 +300,6 @@ pub fn write_unet_folder<'a>(
     let out = dir.join("config.json");
     crate::util::fs::write_atomic(&out, |w| w.write_all(&text).map_err(|e| Error::io(&out, e)))?;
     provenance.write_to_folder(dir)
-}
-
-/// Reads and sorts the concept file at `path`.
-pub fn read(path: &Path) -> Result<ConceptFile> {
-    Ok(read_with_provenance(path)?.0)
-}
-
-/// [`read`], with what the file records of its training.
-pub fn read_with_provenance(path: &Path) -> Result<(ConceptFile, Provenance)> {
-    let data = crate::util::fs::read_regular(path)?;
-    let bad = |msg: String| Error::Format {
-        path: path.to_path_buf(),
-        msg,
-    };
-    let (_, header) = safetensors::SafeTensors::read_metadata(&data).map_err(|e| {
-        bad(
-            crate::sd::safetensors_check::diagnose_bytes(&data).unwrap_or_else(|| {
-                format!("not a safetensors file ({e}); concept files are safetensors")
-            }),
-        )
-    })?;
-    let meta = header.metadata().clone().unwrap_or_default();
-    if meta
-        .get("format")
-        .is_some_and(|f| f.starts_with("infusion-concept"))
-    {
-        return Ok((ConceptFile::Infusion, Provenance::default()));
-    }
-    let tensors = candle_core::safetensors::load_buffer(&data, &Device::Cpu)
-        .map_err(|e| bad(format!("its tensors cannot be read: {e}")))?;
-    let tensors: BTreeMap<String, Tensor> = tensors.into_iter().collect();
-    Ok((sort(path, tensors)?, Provenance::from_metadata(&meta)))
-}
-
-/// The kind of file `tensors` (named as in the file at `path`) make.
-fn sort(path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<ConceptFile> {
-    let bad = |msg: String| Error::Format {
-        path: path.to_path_buf(),
-        msg,
-    };
-    let keys: Vec<&String> = tensors.keys().collect();
-    if let Some(k) = keys.iter().find(|k| {
-        k.starts_with("lora_te1_")
-            || k.starts_with("lora_te2_")
-            || k.starts_with("text_encoder_2.")
-            || ["clip_l", "clip_g"].contains(&k.as_str())
-    }) {
-        return Err(bad(format!(
-            "`{k}` belongs to an SDXL concept (two text encoders); this tool adapts SD1.x"
-        )));
-    }
-    if keys.iter().any(|k| k.contains("lora")) {
-        return Ok(ConceptFile::Lora(lora(path, tensors)?));
-    }
-    let as_vectors = |k: &str, t: &Tensor| -> Result<Tensor> {
-        check_float(k, t, &bad)?;
-        let t = t.to_dtype(DType::F32)?;
-        let t = match t.rank() {
-            1 => t.unsqueeze(0)?,
-            2 => t,
-            _ => {
-                return Err(bad(format!(
-                    "tensor `{k}` has shape {:?}: an embedding is [vectors, width]",
-                    t.dims()
-                )))
-            }
-        };
-        if t.dim(0)? == 0 || t.dim(1)? == 0 {
-            return Err(bad(format!(
-                "tensor `{k}` has shape {:?}: an embedding holds at least one vector",
-                t.dims()
-            )));
-        }
-        Ok(t)
-    };
-    if let Some(t) = tensors.get("emb_params") {
-        let token = path
-            .file_stem()
-            .map_or_else(|| "embedding".into(), |s| s.to_string_lossy().into_owned());
-        return Ok(ConceptFile::TextualInversion(Embedding {
-            token,
-            vectors: as_vectors("emb_params", t)?,
-        }));
-    }
-    if tensors.len() == 1 {
-        let (token, t) = tensors.iter().next().expect("one tensor");
-        return Ok(ConceptFile::TextualInversion(Embedding {
-            token: token.clone(),
-            vectors: as_vectors(token, t)?,
-        }));
-    }
-    Err(bad(format!(
-        "no known concept layout fits its {} tensors (e.g. {}): expected an infusion-concept/1 \
-         file, a Textual Inversion embedding ({{token: [n, width]}} or `emb_params`) or a LoRA \
-         (`...lora.down.weight`, `...lora_A.weight` or `lora_unet_...lora_down.weight`)",
-        keys.len(),
-        keys.iter()
-            .take(3)
-            .map(|k| format!("`{k}`"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    )))
-}
-
-/// The factor names of each layout: (down, up). One file may mix the first three: diffusers'
-/// training scripts convert the attention projections' names (`.lora.down`, the text encoder's
-/// `.lora_linear_layer.down`) and leave the other modules' as peft's.
-const FACTORS: [(LoraLayout, &str, &str); 4] = [
-    (
-        LoraLayout::Diffusers,
-        ".lora.down.weight",
-        ".lora.up.weight",
-    ),
-    (
-        LoraLayout::Diffusers,
-        ".lora_linear_layer.down.weight",
-        ".lora_linear_layer.up.weight",
-    ),
-    (LoraLayout::Peft, ".lora_A.weight", ".lora_B.weight"),
-    (LoraLayout::Kohya, ".lora_down.weight", ".lora_up.weight"),
-];
-
-/// A LoRA file's layers, each with both factors (and kohya's alpha).
-fn lora(path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<Lora> {
-    let bad = |msg: String| Error::Format {
-        path: path.to_path_buf(),
-        msg,
-    };
-    let factors = |key: &str| {
-        FACTORS
-            .iter()
-            .copied()
-            .find(|(_, down, _)| key.ends_with(down))
-    };
-    // The file's layout: kohya's names are its own; diffusers' wins over peft's in a mix.
-    let layout = FACTORS
-        .iter()
-        .map(|(layout, ..)| *layout)
-        .find(|l| {
-            tensors
-                .keys()
-                .any(|k| factors(k).is_some_and(|f| f.0 == *l))
-        })
-        .ok_or_else(|| {
-            bad(format!(
-                "it names LoRA tensors (e.g. `{}`) but none ends in .lora.down.weight, \
-                 .lora_linear_layer.down.weight, .lora_A.weight or .lora_down.weight",
-                tensors.keys().next().map(String::as_str).unwrap_or("")
-            ))
-        })?;
-    let kohya = layout == LoraLayout::Kohya;
-    let mut layers = vec![];
-    // Every tensor must be read as a factor or an alpha: anything else (a LyCORIS part, a
-    // stray key) would change nothing without a word.
-    let mut used = std::collections::BTreeSet::new();
-    for (key, down) in &tensors {
-        let Some((_, down_suffix, up_suffix)) =
-            factors(key).filter(|f| (f.0 == LoraLayout::Kohya) == kohya)
-        else {
-            continue;
-        };
-        let stem = &key[..key.len() - down_suffix.len()];
-        let up = tensors
-            .get(&format!("{stem}{up_suffix}"))
-            .ok_or_else(|| bad(format!("`{key}` has no `{stem}{up_suffix}`")))?;
-        let (target, module) = split_target(layout, stem).ok_or_else(|| {
-            bad(format!(
-                "`{key}`: a LoRA module of neither the UNet nor the text encoder"
-            ))
-        })?;
-        // diffusers' scripts write the text encoder's paths without `text_model.`.
-        let module = match target {
-            LoraTarget::TextEncoder if !kohya && !module.starts_with("text_model.") => {
-                format!("text_model.{module}")
-            }
-            _ => module.to_string(),
-        };
-        let alpha = match tensors.get(&format!("{stem}.alpha")) {
-            Some(a) => Some(
-                a.to_dtype(DType::F64)?
-                    .flatten_all()?
-                    .to_vec1::<f64>()?
-                    .first()
-                    .copied()
-                    .ok_or_else(|| bad(format!("`{stem}.alpha` is empty")))?,
-            ),
-            None => None,
-        };
-        used.extend([
-            key.clone(),
-            format!("{stem}{up_suffix}"),
-            format!("{stem}.alpha"),
-        ]);
-        let (down, up) = (factor(down, key, &bad)?, factor(up, key, &bad)?);
-        if down.dims()[0] != up.dims()[1] {
-            return Err(bad(format!(
-                "`{key}` has rank {} but its up factor {:?} takes {}",
-                down.dims()[0],
-                up.dims(),
-                up.dims()[1]
-            )));
-        }
-        layers.push(LoraLayer {
-            target,
-            module,
-            down,
-            up,
-            alpha,
-        });
-    }
-    let unread: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
-    if let Some(first) = unread.first() {
-        let lycoris = ["hada_", "lokr_", "lora_mid", "dora_scale", ".diff", "oft_"];
-        let shown = unread
-            .iter()
-            .take(3)
-            .map(|k| format!("`{k}`"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        if unread.iter().any(|k| lycoris.iter().any(|p| k.contains(p))) {
-            return Err(bad(format!(
-                "{shown} ({} tensors) belong to a LyCORIS adapter (LoHa, LoKr, LoCon, DoRA, \
-                 OFT), which this tool does not apply: it reads plain LoRA factors",
-                unread.len()
-            )));
-        }
-        // An orphan up factor is said as such below.
-        if !FACTORS.iter().any(|(_, _, up)| first.ends_with(up)) {
-            return Err(bad(format!(
-                "{shown} ({} tensors) are not LoRA factors or alphas, so they would be \
-                 ignored: this tool reads plain LoRA files (of SD1.x)",
-                unread.len()
-            )));
-        }
-    }
-    if let Some(orphan) = tensors.keys().find(|k| {
-        FACTORS.iter().any(|(_, down, up)| {
-            k.ends_with(up) && !tensors.contains_key(&format!("{}{down}", &k[..k.len() - up.len()]))
-        })
-    }) {
-        return Err(bad(format!("`{orphan}` has no down factor")));
-    }
-    Ok(Lora { layout, layers })
-}
-
-/// Refuses a tensor of integers where learned values belong (an I32 factor or vector read as
-/// values is silently wrong).
-fn check_float(key: &str, t: &Tensor, bad: &dyn Fn(String) -> Error) -> Result<()> {
-    if t.dtype().is_float() {
-        return Ok(());
-    }
-    Err(bad(format!(
-        "tensor `{key}` holds {:?} integers, not learned values (floats)",
-        t.dtype()
-    )))
-}
-
-/// A factor as a matrix (`[a, b]`, or a 1x1 convolution's `[a, b, 1, 1]`), in f32.
-fn factor(t: &Tensor, key: &str, bad: &dyn Fn(String) -> Error) -> Result<Tensor> {
-    check_float(key, t, &bad)?;
-    let t = t.to_dtype(DType::F32)?;
-    match t.dims() {
-        [_, _] => Ok(t),
-        [a, b, 1, 1] => Ok(t.reshape((*a, *b))?),
-        d => Err(bad(format!(
-            "`{key}` has shape {d:?}: a LoRA factor of a linear layer is a matrix"
-        ))),
-    }
-}
-
-/// The target and module path of a layer's stem in `layout`.
-fn split_target(layout: LoraLayout, stem: &str) -> Option<(LoraTarget, &str)> {
-    let prefixes: &[(&str, LoraTarget)] = match layout {
-        LoraLayout::Kohya => &[
-            ("lora_unet_", LoraTarget::Unet),
-            ("lora_te_", LoraTarget::TextEncoder),
-        ],
-        _ => &[
-            ("unet.", LoraTarget::Unet),
-            ("text_encoder.", LoraTarget::TextEncoder),
-        ],
-    };
-    for (p, target) in prefixes {
-        if let Some(rest) = stem.strip_prefix(p) {
-            return Some((*target, rest));
-        }
-    }
-    // PEFT files saved from the UNet alone name its modules bare.
-    (layout != LoraLayout::Kohya).then_some((LoraTarget::Unet, stem))
 }
 
 #[cfg(test)]

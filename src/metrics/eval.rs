@@ -252,8 +252,8 @@ pub fn evaluate(
         let mut set = ConceptSet::new();
         let name = set
             .load_file(&ec.file, Some(sd), opts.force, job)?
-            .name
-            .clone();
+            .name()
+            .to_string();
         let bytes = std::fs::metadata(&ec.file)
             .map_err(|e| Error::io(&ec.file, e))?
             .len();

@@ -17,17 +17,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::customize::prompt::place_concepts;
+use crate::customize::eps::custom_eps;
 use crate::customize::set::ConceptSet;
-use crate::customize::side::custom_side;
 use crate::error::{Error, Result};
-use crate::infusion::hook::{eps_pair, SampleEdit};
 use crate::job::Job;
 use crate::sd::device::ensure_fits;
-use crate::sd::hook::{BatchLayout, Branch, Chain, Guidance, HookCtx};
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
 use crate::sd::unet::UNet;
-use crate::sd::weights::WeightFiles;
 use crate::util::image_io::{image_to_tensor, square_crop};
 use crate::util::noise::normal;
 
@@ -37,12 +33,6 @@ pub enum Variant<'a> {
     Concepts(&'a ConceptSet),
     /// The base model with these UNet weights instead.
     Weights(&'a UNet),
-}
-
-/// Loads a UNet weight file of the same config as `sd`'s (e.g. a fine-tuned UNet).
-pub fn load_unet_weights(sd: &StableDiffusion, files: &[std::path::PathBuf]) -> Result<UNet> {
-    let cfg = sd.unet.config().clone();
-    WeightFiles::open("UNet", files)?.build(sd.dtype(), sd.device(), |vb| UNet::new(vb, &cfg))
 }
 
 #[derive(Debug, Clone)]
@@ -171,107 +161,15 @@ fn eps(
     batch: &[FisherSample],
     marks_from: &ConceptSet,
 ) -> Result<Tensor> {
-    let z_t = Tensor::cat(&batch.iter().map(|s| &s.z_t).collect::<Vec<_>>(), 0)?;
-    let ts: Vec<usize> = batch.iter().map(|s| s.timestep).collect();
-    let parsed = batch
+    let rows: Vec<(&str, &Tensor, usize)> = batch
         .iter()
-        .map(|s| marks_from.parse(&s.prompt))
-        .collect::<Result<Vec<_>>>()?;
-    let tokens = parsed
-        .iter()
-        .map(|p| sd.tokenize(&p.base))
-        .collect::<Result<Vec<_>>>()?;
-    let ctx = sd.text_states(&tokens.iter().collect::<Vec<_>>())?;
-    let t = Tensor::new(
-        ts.iter().map(|&t| t as f32).collect::<Vec<_>>(),
-        sd.device(),
-    )?;
-    let z = z_t.to_dtype(sd.dtype())?;
-    Ok(match variant {
-        Variant::Base => sd.unet.forward(&z, &t, &ctx, None)?,
-        Variant::Weights(unet) => unet.forward(&z, &t, &ctx, None)?,
-        Variant::Concepts(set) => {
-            let placements = parsed
-                .iter()
-                .zip(&tokens)
-                .map(|(p, tok)| place_concepts(set, p, tok))
-                .collect::<Result<Vec<_>>>()?;
-            let infusion = if placements.iter().all(|p| p.is_empty()) {
-                sd.unet.forward(&z, &t, &ctx, None)?
-            } else {
-                let edits: Vec<SampleEdit<'_>> = placements
-                    .iter()
-                    .map(|row| {
-                        row.iter()
-                            .map(|p| (p.positions.as_slice(), &p.concept.deltas))
-                            .collect()
-                    })
-                    .collect();
-                // F's pass (which gives C its maps) is the plain prediction.
-                let (plain, custom) = eps_pair(sd, &z, &ts, &ctx, &edits)?;
-                // Rows without concepts keep the plain prediction, exactly.
-                let rows = placements
-                    .iter()
-                    .enumerate()
-                    .map(|(r, p)| {
-                        if p.is_empty() {
-                            plain.get(r)
-                        } else {
-                            custom.get(r)
-                        }
-                    })
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                Tensor::stack(&rows, 0)?
-            };
-            // Rows with the other methods' concepts: C's own text and hooks, a row at a time.
-            let mut rows = (0..batch.len())
-                .map(|r| Ok(infusion.get(r)?))
-                .collect::<Result<Vec<_>>>()?;
-            for (r, p) in parsed.iter().enumerate() {
-                let marks: Vec<_> = p
-                    .marks
-                    .iter()
-                    .filter_map(|m| {
-                        set.get_adapted(&m.name)
-                            .map(|a| (m.span.clone(), a.as_ref()))
-                    })
-                    .collect();
-                if marks.is_empty() {
-                    continue;
-                }
-                if !placements[r].is_empty() {
-                    return Err(Error::arg(
-                        "prompts",
-                        format!(
-                            "{:?} mixes Infusion concepts with other methods' in one prompt",
-                            batch[r].prompt
-                        ),
-                    ));
-                }
-                let side = custom_side(sd, &p.base, "", &marks, Branch(1))?;
-                let cond = match &side.states {
-                    Some(s) => s.to_dtype(sd.dtype())?,
-                    None => ctx.get(r)?.unsqueeze(0)?,
-                };
-                let hooks = Chain(side.hooks.iter().map(|h| h.as_ref()).collect());
-                let layout = BatchLayout::uniform(1, Branch(1), Guidance::Conditional);
-                let hook = HookCtx {
-                    hook: &hooks,
-                    rows: &layout,
-                    step: None,
-                };
-                let unet = side.unet.as_deref().unwrap_or(&sd.unet);
-                let one = unet.forward(
-                    &z.get(r)?.unsqueeze(0)?,
-                    &t.get(r)?.unsqueeze(0)?,
-                    &cond,
-                    (!hooks.0.is_empty()).then_some(&hook),
-                )?;
-                rows[r] = one.squeeze(0)?;
-            }
-            Tensor::stack(&rows, 0)?
-        }
-    })
+        .map(|s| (s.prompt.as_str(), &s.z_t, s.timestep))
+        .collect();
+    match variant {
+        Variant::Base => custom_eps(sd, &sd.unet, marks_from, &rows, false),
+        Variant::Weights(unet) => custom_eps(sd, unet, marks_from, &rows, false),
+        Variant::Concepts(set) => custom_eps(sd, &sd.unet, set, &rows, true),
+    }
 }
 
 /// The latent Fisher divergence between variants `a` and `b` of `sd` over `prompts`.
@@ -323,5 +221,5 @@ pub fn fisher_divergence(
 
 /// Reads a UNet weight file for [`Variant::Weights`].
 pub fn unet_from_file(sd: &StableDiffusion, path: &Path) -> Result<UNet> {
-    load_unet_weights(sd, &[path.to_path_buf()])
+    sd.unet_from_files(&[path.to_path_buf()])
 }

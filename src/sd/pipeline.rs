@@ -457,6 +457,37 @@ impl StableDiffusion {
         files.build_trainable(self.dtype, &self.device, |vb| UNet::new(vb, &cfg))
     }
 
+    /// Another UNet of this model's configuration, from weight files in diffusers' names (a
+    /// fine-tuned copy), in the model's dtype and on its device.
+    pub fn unet_from_files(&self, files: &[PathBuf]) -> Result<UNet> {
+        let cfg = self.unet.config().clone();
+        crate::sd::weights::WeightFiles::open("UNet", files)?.build(
+            self.dtype,
+            &self.device,
+            |vb| UNet::new(vb, &cfg),
+        )
+    }
+
+    /// Another UNet of this model's configuration from tensors by diffusers' names (a trained
+    /// copy's plain values), shared, not copied.
+    pub fn unet_from_tensors(
+        &self,
+        tensors: std::collections::HashMap<String, Tensor>,
+    ) -> Result<UNet> {
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, self.dtype, &self.device);
+        Ok(UNet::new(vb, self.unet.config())?)
+    }
+
+    /// The number of parameters of this model's UNet.
+    pub fn unet_parameters(&self) -> Result<usize> {
+        Ok(
+            crate::sd::weights::tensors_asked(|vb| UNet::new(vb, self.unet.config()).map(|_| ()))?
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum(),
+        )
+    }
+
     /// Every weight file the model was built from (none for random weights).
     pub fn weight_files(&self) -> &[PathBuf] {
         &self.weight_files

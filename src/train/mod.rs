@@ -6,6 +6,7 @@
 
 pub mod data;
 pub mod optim;
+pub mod prior;
 pub mod trainer;
 
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ use crate::error::Result;
 use crate::job::Job;
 use crate::sd::pipeline::StableDiffusion;
 pub use data::{image_count_warning, Batch, TrainingSet, DEFAULT_TEMPLATES};
+pub use prior::{class_images, Prior};
 pub use trainer::{Checkpoint, LossScale, TrainOptions, TrainReport, Trainer};
 
 /// A run as the files a learner writes describe it.

@@ -627,8 +627,8 @@ pub struct Checkpoint {
     pub optim: PathBuf,
     /// The method that wrote it (`infusion` in checkpoints written before the others had any).
     pub method: String,
-    /// The concept's name and class word (empty in Infusion checkpoints written before
-    /// 2026-12-02: their concept file has them).
+    /// The concept's name and class word (from the learner's file for checkpoints written
+    /// before 2026-12-02).
     pub name: String,
     pub word: String,
     /// The learner's settings ([`Learner::settings`]).
@@ -717,13 +717,22 @@ impl Checkpoint {
             Some(text) => serde_json::from_str(text).map_err(|e| bad(format!("settings: {e}")))?,
             None => serde_json::Value::Null,
         };
+        // Checkpoints written before 2026-12-02 do not name their run: its file does (an
+        // Infusion concept's metadata).
+        let named = |k: &str| -> String {
+            header
+                .get(k)
+                .cloned()
+                .or_else(|| file_metadata(&path, k))
+                .unwrap_or_default()
+        };
         Ok(Self {
             method: header
                 .get("method")
                 .cloned()
                 .unwrap_or_else(|| "infusion".into()),
-            name: header.get("name").cloned().unwrap_or_default(),
-            word: header.get("word").cloned().unwrap_or_default(),
+            name: named("name"),
+            word: named("word"),
             settings,
             options: serde_json::from_str(&get("options")?)
                 .map_err(|e| bad(format!("options: {e}")))?,
@@ -735,6 +744,16 @@ impl Checkpoint {
             optim,
         })
     }
+}
+
+/// A metadata value of the safetensors file at `path` (none for a folder or another file).
+fn file_metadata(path: &Path, key: &str) -> Option<String> {
+    if !path.is_file() {
+        return None;
+    }
+    let map = crate::util::mapped::Mapping::open(path).ok()?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(map.bytes()).ok()?;
+    header.metadata().as_ref()?.get(key).cloned()
 }
 
 fn all_finite(grads: &BTreeMap<String, Tensor>) -> Result<bool> {

@@ -9,8 +9,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use infusion_repl::methods::files::{read, ConceptFile, LoraLayout};
+use infusion_repl::methods::files::Found;
+use infusion_repl::methods::lora::{read_lora, LoraFile, LoraLayout};
 use infusion_repl::methods::textual_inversion::text_states;
+use infusion_repl::methods::textual_inversion::{read_embedding, Embedding};
 use infusion_repl::sd::pipeline::Trajectory;
 use infusion_repl::{Branch, GenerateOptions, Job};
 
@@ -45,18 +47,25 @@ fn script_engine() -> rhai::Engine {
     }))
 }
 
-fn embedding(path: &Path) -> infusion_repl::methods::files::Embedding {
-    match read(path).unwrap() {
-        ConceptFile::TextualInversion(e) => e,
-        other => panic!("{}: read as {other:?}", path.display()),
-    }
+fn embedding(path: &Path) -> Embedding {
+    read_embedding(&Found::read(path).unwrap()).unwrap()
 }
 
-fn lora(path: &Path) -> infusion_repl::methods::files::Lora {
-    match read(path).unwrap() {
-        ConceptFile::Lora(l) => l,
-        other => panic!("{}: read as {other:?}", path.display()),
-    }
+fn lora(path: &Path) -> LoraFile {
+    read_lora(&Found::read(path).unwrap()).unwrap()
+}
+
+/// The error of taking the file at `path` in as a concept (with a class word, which files of
+/// other tools need).
+fn read_err(path: &Path) -> String {
+    let req = infusion_repl::methods::ConceptRequest {
+        path: path.to_path_buf(),
+        word: Some("cat".into()),
+        ..Default::default()
+    };
+    infusion_repl::methods::load(&req, None, &Job::quiet())
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]
@@ -113,7 +122,7 @@ fn refused(dir: &Path, name: &str, tensors: &[(&str, Tensor)]) -> String {
         .map(|(k, t)| (k.to_string(), t.clone()))
         .collect();
     candle_core::safetensors::save(&map, &path).unwrap();
-    let e = read(&path).unwrap_err().to_string();
+    let e = read_err(&path);
     assert!(e.contains(name), "the error does not name the file: {e}");
     e
 }
@@ -170,7 +179,7 @@ fn files_that_fit_no_layout_are_refused_with_what_they_hold() {
     let good = std::fs::read(fixture("learned_embeds.safetensors")).unwrap();
     let cut = dir.path().join("cut.safetensors");
     std::fs::write(&cut, &good[..good.len() - 10]).unwrap();
-    let e = read(&cut).unwrap_err().to_string();
+    let e = read_err(&cut);
     assert!(e.contains("cut.safetensors"), "{e}");
     // Our own concepts are sent to their loader.
     let ours = dir.path().join("mine.safetensors");
@@ -178,7 +187,11 @@ fn files_that_fit_no_layout_are_refused_with_what_they_hold() {
         .unwrap()
         .save(&ours, DType::F32)
         .unwrap();
-    assert!(matches!(read(&ours).unwrap(), ConceptFile::Infusion));
+    let found = Found::read(&ours).unwrap();
+    assert!(infusion_repl::methods::REGISTRY
+        .iter()
+        .find(|m| m.claims(&found))
+        .is_some_and(|m| m.name() == "infusion"));
 }
 
 #[test]
@@ -218,7 +231,7 @@ fn a_learned_word_generates_what_diffusers_generates() {
     assert_close(&out[1], get(&g, "ti.latents"), 1e-3, "learned word");
 
     // A vector of another width is refused with both widths.
-    let wide = infusion_repl::methods::files::Embedding {
+    let wide = Embedding {
         token: "<wide>".into(),
         vectors: Tensor::zeros((1, 768), DType::F32, &Device::Cpu).unwrap(),
     };
@@ -287,8 +300,8 @@ fn a_lora_on_c_generates_what_diffusers_generates_and_f_stays_plain() {
 
 #[test]
 fn a_lora_of_other_shapes_or_modules_is_refused_with_the_layer() {
-    use infusion_repl::methods::files::{Lora, LoraLayer, LoraLayout, LoraTarget};
     use infusion_repl::methods::lora::LoraHook;
+    use infusion_repl::methods::lora::{LoraFile as Lora, LoraLayer, LoraTarget};
     let z = |d: &[usize]| Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
     let layer = |module: &str, down: &[usize], up: &[usize], target| LoraLayer {
         target,
@@ -345,7 +358,8 @@ fn a_lora_of_other_shapes_or_modules_is_refused_with_the_layer() {
 /// differs from the UNet entries alone; F stays plain. 3 DDIM steps, 1e-3 relative.
 #[test]
 fn a_lora_of_every_module_and_the_text_encoder_generates_the_merged_model() {
-    use infusion_repl::actions::{load_concept, ConceptRequest};
+    use infusion_repl::actions::load_concept;
+    use infusion_repl::methods::ConceptRequest;
     use infusion_repl::{generate_pair, ConceptSet, PairOptions};
     let sd = tiny();
     let dir = repo().join("tests/fixtures/baselines/modules");
@@ -437,8 +451,8 @@ fn scalar(t: &Tensor) -> f32 {
 #[test]
 fn a_lora_training_step_matches_peft() {
     use candle_core::Var;
-    use infusion_repl::methods::files::{Lora, LoraLayer, LoraLayout, LoraTarget};
     use infusion_repl::methods::lora::LoraHook;
+    use infusion_repl::methods::lora::{LoraFile as Lora, LoraLayer, LoraTarget};
     let s = steps_fixture();
     let sd = tiny();
     let mut vars = vec![];
@@ -491,7 +505,7 @@ fn a_lora_training_step_matches_peft() {
 #[test]
 fn a_textual_inversion_training_step_matches_diffusers() {
     use candle_core::Var;
-    use infusion_repl::methods::files::Embedding;
+    use Embedding;
     let s = steps_fixture();
     let sd = tiny();
     let prompt = "a photo of a cat";
@@ -542,32 +556,33 @@ fn a_textual_inversion_training_step_matches_diffusers() {
 /// plain one, and a prompt without marks stays plain SD.
 #[test]
 fn adapted_concepts_generate_through_the_session_pair() {
-    use infusion_repl::methods::adapted::{Adapted, Change};
+    use infusion_repl::methods::lora::LoraConcept;
+    use infusion_repl::methods::textual_inversion::WordConcept;
     use infusion_repl::{generate_pair, ConceptSet, PairOptions};
     let g = generation();
     let sd = tiny();
     let mut set = ConceptSet::new();
     let job = Job::collecting();
-    set.add_adapted(
-        std::sync::Arc::new(Adapted {
+    set.add(
+        std::sync::Arc::new(WordConcept {
             name: "thing".into(),
             word: "cat".into(),
-            change: Change::TextualInversion(embedding(&fixture("learned_embeds.safetensors"))),
+            embedding: embedding(&fixture("learned_embeds.safetensors")),
             origin: Default::default(),
-        }),
+        }) as infusion_repl::methods::ConceptRef,
+        false,
         &job,
     );
-    set.add_adapted(
-        std::sync::Arc::new(Adapted {
+    set.add(
+        std::sync::Arc::new(LoraConcept {
             name: "sks".into(),
             word: "cat".into(),
-            change: Change::Lora {
-                lora: lora(&fixture("kohya_lora.safetensors")),
-                scale: 1.0,
-                trigger: Some("sks".into()),
-            },
+            lora: lora(&fixture("kohya_lora.safetensors")),
+            scale: 1.0,
+            trigger: Some("sks".into()),
             origin: Default::default(),
-        }),
+        }) as infusion_repl::methods::ConceptRef,
+        false,
         &job,
     );
     let opts = PairOptions {
@@ -695,7 +710,8 @@ fn example_images() -> Vec<image::RgbImage> {
 #[test]
 fn every_learner_starts_from_the_plain_model_and_learns() {
     use infusion_repl::infusion::train::trainer;
-    use infusion_repl::methods::learners::{LearnedWord, LoraLearner};
+    use infusion_repl::methods::lora::LoraLearner;
+    use infusion_repl::methods::textual_inversion::LearnedWord;
     use infusion_repl::train::{TrainOptions, Trainer};
     let sd = tiny();
     let images = example_images();
@@ -807,7 +823,9 @@ fn scripts_train_save_and_use_lora_and_ti_concepts() {
 /// (to rounding) zero for a "learned" word that is the class word's own embedding.
 #[test]
 fn fisher_divergence_measures_learned_words_and_loras() {
-    use infusion_repl::methods::adapted::{Adapted, Change};
+    use infusion_repl::methods::lora::LoraConcept;
+    use infusion_repl::methods::textual_inversion::WordConcept;
+    use infusion_repl::methods::ConceptRef;
     use infusion_repl::metrics::fisher::{fisher_divergence, FisherOptions, Variant};
     use infusion_repl::ConceptSet;
     let sd = tiny();
@@ -817,18 +835,18 @@ fn fisher_divergence_measures_learned_words_and_loras() {
         gen_steps: 2,
         ..Default::default()
     };
-    let set = |change: Change| {
+    let set = |concept: ConceptRef| {
         let mut s = ConceptSet::new();
-        s.add_adapted(
-            std::sync::Arc::new(Adapted {
-                name: "x".into(),
-                word: "cat".into(),
-                change,
-                origin: Default::default(),
-            }),
-            &job,
-        );
+        s.add(concept, false, &job);
         s
+    };
+    let word = |embedding: Embedding| -> ConceptRef {
+        std::sync::Arc::new(WordConcept {
+            name: "x".into(),
+            word: "cat".into(),
+            embedding,
+            origin: Default::default(),
+        })
     };
     let prompts = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let marked = prompts(&["a photo of a <x>", "a <x> on a mat"]);
@@ -837,14 +855,15 @@ fn fisher_divergence_measures_learned_words_and_loras() {
             .unwrap()
             .mean
     };
-    let ti = set(Change::TextualInversion(embedding(&fixture(
-        "learned_embeds.safetensors",
-    ))));
-    let lo = set(Change::Lora {
+    let ti = set(word(embedding(&fixture("learned_embeds.safetensors"))));
+    let lo = set(std::sync::Arc::new(LoraConcept {
+        name: "x".into(),
+        word: "cat".into(),
         lora: lora(&fixture("pytorch_lora_weights.safetensors")),
         scale: 1.0,
         trigger: None,
-    });
+        origin: Default::default(),
+    }));
     assert!(fisher(&ti, &marked) > 1e-4);
     assert!(fisher(&lo, &marked) > 1e-4);
     let plain = prompts(&["a lighthouse at dusk", "a photo of a dog"]);
@@ -856,12 +875,10 @@ fn fisher_divergence_measures_learned_words_and_loras() {
         .unwrap()
         .squeeze(0)
         .unwrap();
-    let same = set(Change::TextualInversion(
-        infusion_repl::methods::files::Embedding {
-            token: "<x>".into(),
-            vectors: cat,
-        },
-    ));
+    let same = set(word(Embedding {
+        token: "<x>".into(),
+        vectors: cat,
+    }));
     assert!(fisher(&same, &marked) < 1e-9, "{}", fisher(&same, &marked));
 }
 
@@ -1053,7 +1070,8 @@ fn dreambooth_trains_generates_saves_and_loads_back() {
 /// them (3 DDIM steps, 1e-3 relative).
 #[test]
 fn files_we_write_give_diffusers_our_images() {
-    use infusion_repl::actions::{load_concept, ConceptRequest};
+    use infusion_repl::actions::load_concept;
+    use infusion_repl::methods::ConceptRequest;
     use infusion_repl::{generate_pair, ConceptSet, PairOptions};
     let sd = tiny();
     let ours = repo().join("tests/fixtures/baselines/ours");
@@ -1091,29 +1109,22 @@ fn files_we_write_give_diffusers_our_images() {
 /// Textual Inversion and Infusion refuse it.
 #[test]
 fn prior_preservation_adds_the_class_loss() {
-    use infusion_repl::actions::{train_concept, Method, Prior, TrainRequest};
-    use infusion_repl::train::TrainOptions;
+    use infusion_repl::actions::{train_concept, TrainAsk, TrainRequest};
+    use infusion_repl::train::Prior;
     let sd = tiny();
-    let req = |method: Method, prior: Option<Prior>| TrainRequest {
+    let ask = |method: &str, prior: Option<Prior>| TrainAsk {
         folder: repo().join("assets/example-concept"),
         name: "pot".into(),
         word: "teapot".into(),
-        method,
+        method: Some(method.into()),
         prior,
-        options: TrainOptions {
-            steps: 1,
-            lr: 1e-4,
-            batch: 1,
-            ..Default::default()
-        },
-        resume: None,
-        out: None,
-        save_f32: false,
+        steps: Some(1),
+        lr: Some(1e-4),
+        batch: Some(1),
+        ..Default::default()
     };
-    let lora = || Method::Lora {
-        rank: 4,
-        trigger: "sks".into(),
-    };
+    let req = |method: &str, prior: Option<Prior>| ask(method, prior).resolve().unwrap();
+    let lora = || "lora";
     let job = Job::quiet();
     let first = |r: TrainRequest| train_concept(sd, &r, &job).unwrap().losses[0];
     let plain = first(req(lora(), None));
@@ -1159,8 +1170,9 @@ fn prior_preservation_adds_the_class_loss() {
         image::RgbImage::new(size.0, size.1).save(&f).unwrap();
     }
     assert_ne!(cached(), with);
-    for m in [Method::TextualInversion, Method::Infusion] {
-        let e = train_concept(sd, &req(m, Some(Prior::default())), &job)
+    for m in ["textual_inversion", "infusion"] {
+        let e = ask(m, Some(Prior::default()))
+            .resolve()
             .err()
             .unwrap()
             .to_string();
@@ -1267,18 +1279,15 @@ fn same_tensors(a: &Path, b: &Path) {
 /// DreamBooth checkpoint loads as a concept as it is.
 #[test]
 fn every_method_resumes_from_its_checkpoint_to_the_same_result() {
-    use infusion_repl::actions::TrainRequest;
-    use infusion_repl::actions::{load_concept, train_concept, ConceptRequest, Method, Prior};
-    use infusion_repl::train::TrainOptions;
+    use infusion_repl::actions::{load_concept, train_concept, TrainAsk};
+    use infusion_repl::methods::ConceptRequest;
+    use infusion_repl::train::Prior;
     let sd = tiny();
     let job = Job::quiet();
     let methods = [
-        (Method::TextualInversion, None, "pot.safetensors"),
+        ("textual_inversion", None, "pot.safetensors"),
         (
-            Method::Lora {
-                rank: 2,
-                trigger: "sks".into(),
-            },
+            "lora",
             Some(Prior {
                 images: 1,
                 weight: 1.0,
@@ -1286,43 +1295,53 @@ fn every_method_resumes_from_its_checkpoint_to_the_same_result() {
             }),
             "pot.safetensors",
         ),
-        (
-            Method::DreamBooth {
-                trigger: "sks".into(),
-            },
-            None,
-            "pot-unet",
-        ),
+        ("dreambooth", None, "pot-unet"),
     ];
     for (method, prior, out) in methods {
         let dir = tempfile::tempdir().unwrap();
-        let req = |resume: Option<PathBuf>, out: PathBuf| TrainRequest {
-            folder: repo().join("assets/example-concept"),
-            name: "pot".into(),
-            word: "teapot".into(),
-            method: method.clone(),
-            prior: if resume.is_some() {
-                None
-            } else {
-                prior.clone()
-            },
-            options: TrainOptions {
-                steps: 4,
-                lr: method.default_lr(1) * 10.0,
-                batch: 1,
+        let lr = infusion_repl::methods::method(method)
+            .unwrap()
+            .default_lr(1)
+            * 10.0;
+        let req = |resume: Option<PathBuf>, out: PathBuf| {
+            let mut settings = infusion_repl::methods::Settings::new();
+            if method == "lora" {
+                settings.insert("rank".into(), 2.into());
+            }
+            TrainAsk {
+                folder: repo().join("assets/example-concept"),
+                name: "pot".into(),
+                word: "teapot".into(),
+                // The method named when resuming is the checkpoint's (another is refused).
+                method: Some(method.into()),
+                settings: if resume.is_some() {
+                    Default::default()
+                } else {
+                    settings
+                },
+                prior: if resume.is_some() {
+                    None
+                } else {
+                    prior.clone()
+                },
+                steps: Some(4),
+                lr: Some(lr),
+                batch: Some(1),
                 checkpoint_every: Some(2),
                 checkpoint_dir: Some(dir.path().join("ck")),
+                resume,
+                out: Some(out),
+                save_f32: true,
                 ..Default::default()
-            },
-            resume,
-            out: Some(out),
-            save_f32: true,
+            }
+            .resolve()
+            .unwrap()
         };
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
         std::fs::create_dir_all(&a).unwrap();
         std::fs::create_dir_all(&b).unwrap();
         let full = train_concept(sd, &req(None, a.join(out)), &job).unwrap();
-        assert_eq!(full.checkpoints.len(), 2, "{}", method.name());
+        assert_eq!(full.checkpoints.len(), 2, "{method}");
         let first = full.checkpoints[0].clone();
         assert!(
             PathBuf::from(format!(
@@ -1334,9 +1353,9 @@ fn every_method_resumes_from_its_checkpoint_to_the_same_result() {
             first.display()
         );
         let resumed = train_concept(sd, &req(Some(first), b.join(out)), &job).unwrap();
-        assert_eq!(resumed.losses, full.losses[2..], "{}", method.name());
+        assert_eq!(resumed.losses, full.losses[2..], "{method}");
         let weights = |p: PathBuf| match method {
-            Method::DreamBooth { .. } => p.join("diffusion_pytorch_model.safetensors"),
+            "dreambooth" => p.join("diffusion_pytorch_model.safetensors"),
             _ => p,
         };
         same_tensors(&weights(a.join(out)), &weights(b.join(out)));
@@ -1353,12 +1372,7 @@ fn every_method_resumes_from_its_checkpoint_to_the_same_result() {
             &job,
         )
         .unwrap();
-        match c {
-            infusion_repl::actions::LoadedConcept::Adapted(a) => {
-                assert_eq!(a.method(), method.name())
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(c.method(), method);
     }
 }
 
@@ -1383,8 +1397,9 @@ fn a_dreambooth_unet_from_a_single_file_model_writes_its_config() {
     )
     .unwrap();
     let sd = &loaded.sd;
-    let learner = infusion_repl::methods::learners::FullUnet::new(sd, "sks").unwrap();
+    let learner = infusion_repl::methods::dreambooth::FullUnet::new(sd, "sks").unwrap();
     let out = dir.path().join("unet");
+    use infusion_repl::methods::CustomConcept;
     use infusion_repl::train::Learner;
     let options = infusion_repl::train::TrainOptions::default();
     let run = infusion_repl::train::Run {
@@ -1394,7 +1409,9 @@ fn a_dreambooth_unet_from_a_single_file_model_writes_its_config() {
         options: &options,
         images: 0,
     };
-    infusion_repl::methods::learners::FullUnet::write(sd, learner.vars(), &run, "sks", &out)
+    infusion_repl::methods::dreambooth::FullUnet::concept(sd, learner.vars(), &run, "sks")
+        .unwrap()
+        .save(&out, true)
         .unwrap();
     let written = UNetConfig::from_file(&out.join("config.json")).unwrap();
     let own = UNetConfig::from_file(&repo().join("models/tiny-sd/unet/config.json")).unwrap();
@@ -1413,49 +1430,44 @@ fn a_dreambooth_unet_from_a_single_file_model_writes_its_config() {
 /// only when an Infusion concept was used.
 #[test]
 fn our_files_record_their_training_and_generations_record_their_concepts() {
-    use infusion_repl::actions::{
-        load_concept, train_concept, ConceptRequest, LoadedConcept, Method, TrainRequest,
-    };
-    use infusion_repl::methods::adapted::Change;
+    use infusion_repl::actions::{load_concept, train_concept, TrainAsk};
     use infusion_repl::methods::files::Provenance;
-    use infusion_repl::train::TrainOptions;
+    use infusion_repl::methods::lora::LoraConcept;
+    use infusion_repl::methods::ConceptRequest;
     use infusion_repl::{generate_pair, ConceptSet, PairOptions};
     let sd = tiny();
     let job = Job::quiet();
     let dir = tempfile::tempdir().unwrap();
     for (method, file) in [
-        (
-            Method::Lora {
-                rank: 2,
-                trigger: "zwx".into(),
-            },
-            "pot_lora.safetensors",
-        ),
-        (Method::TextualInversion, "pot_ti.safetensors"),
+        ("lora", "pot_lora.safetensors"),
+        ("textual_inversion", "pot_ti.safetensors"),
     ] {
         let out = dir.path().join(file);
-        let req = TrainRequest {
+        let mut settings = infusion_repl::methods::Settings::new();
+        if method == "lora" {
+            settings.insert("rank".into(), 2.into());
+            settings.insert("trigger".into(), "zwx".into());
+        }
+        let req = TrainAsk {
             folder: repo().join("assets/example-concept"),
             name: "pot".into(),
             word: "teapot".into(),
-            method: method.clone(),
-            prior: None,
-            options: TrainOptions {
-                steps: 2,
-                batch: 1,
-                lr: method.default_lr(1),
-                ..Default::default()
-            },
-            resume: None,
+            method: Some(method.into()),
+            settings,
+            steps: Some(2),
+            batch: Some(1),
             out: Some(out.clone()),
             save_f32: true,
-        };
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
         train_concept(sd, &req, &job).unwrap();
         // The metadata, as any safetensors reader sees it; the file still sorts as before.
         let bytes = std::fs::read(&out).unwrap();
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         let recorded = Provenance::from_metadata(&header.metadata().clone().unwrap());
-        assert_eq!(recorded.method.as_deref(), Some(method.name()));
+        assert_eq!(recorded.method.as_deref(), Some(method));
         assert_eq!(recorded.word.as_deref(), Some("teapot"));
         assert_eq!(recorded.name.as_deref(), Some("pot"));
         assert_eq!(recorded.train_steps, Some(2));
@@ -1465,12 +1477,9 @@ fn our_files_record_their_training_and_generations_record_their_concepts() {
             path: out.clone(),
             ..Default::default()
         };
-        let LoadedConcept::Adapted(a) = load_concept(&req, Some(sd), &mut set, &job).unwrap()
-        else {
-            panic!("{file}: not an adapted concept");
-        };
-        assert_eq!((a.name.as_str(), a.word.as_str()), ("pot", "teapot"));
-        assert_eq!(a.origin.train_steps, Some(2));
+        let a = load_concept(&req, Some(sd), &mut set, &job).unwrap();
+        assert_eq!((a.name(), a.word(), a.method()), ("pot", "teapot", method));
+        assert_eq!(a.provenance().train_steps, Some(2));
         let opts = PairOptions {
             generate: GenerateOptions {
                 steps: 1,
@@ -1484,15 +1493,15 @@ fn our_files_record_their_training_and_generations_record_their_concepts() {
         let params = &text["parameters"];
         assert!(!params.contains("Infusion replace steps"), "{params}");
         assert!(!text.contains_key("replace_steps"));
-        match &a.change {
-            Change::Lora { trigger, lora, .. } => {
+        match a.as_any().downcast_ref::<LoraConcept>() {
+            Some(l) => {
                 assert_eq!(
-                    trigger.as_deref(),
+                    l.trigger.as_deref(),
                     Some("zwx"),
                     "the trigger the file records"
                 );
                 assert_eq!(recorded.rank, Some(2));
-                assert_eq!(lora.layers[0].rank(), 2);
+                assert_eq!(l.lora.layers[0].rank(), 2);
                 assert!(
                     params.contains(r#"Concepts: "<pot> lora (teapot, trigger zwx, scale 1)""#),
                     "{params}"
@@ -1503,13 +1512,12 @@ fn our_files_record_their_training_and_generations_record_their_concepts() {
                     "{text:?}"
                 );
             }
-            Change::TextualInversion(_) => {
+            None => {
                 assert!(
                     params.contains(r#"Concepts: "<pot> textual_inversion (teapot)""#),
                     "{params}"
                 );
             }
-            other => panic!("{other:?}"),
         }
     }
 }

@@ -193,7 +193,8 @@ fn save(path: &Path, tensors: Vec<(String, Tensor)>) {
 /// tensors, LyCORIS parts and stray keys beside a LoRA.
 #[test]
 fn concept_files_that_cannot_be_right_are_refused() {
-    use infusion_repl::actions::{load_concept, ConceptRequest};
+    use infusion_repl::actions::load_concept;
+    use infusion_repl::methods::ConceptRequest;
     let dir = tempfile::tempdir().unwrap();
     let sd = tiny();
     let width = sd.text_encoder.hidden_size();

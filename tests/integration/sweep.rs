@@ -206,7 +206,7 @@ fn mutated_concepts_never_panic() {
                     ),
                 };
                 generated += 1;
-                assert_eq!(g.concepts, [name.clone()], "{what}");
+                assert_eq!(g.concepts, std::slice::from_ref(&name), "{what}");
                 assert_sane_image(&g.base_image, size, &format!("{what}: F"));
                 assert_sane_image(&g.custom_image, size, &format!("{what}: C"));
             }
@@ -378,6 +378,9 @@ fn hostile_prompts_never_panic() {
 /// a finite loss >= 0, one step done, and finite Δs of which some moved from zero. A folder
 /// with no image is refused naming the folder and each unreadable file. Cases 0-7 are drawn
 /// from a fixed seed; case 8 is a folder of one non-image, so the refusal is always exercised.
+/// An image as loaded: its size and first pixel.
+type Loaded = ((u32, u32), [u8; 3]);
+
 #[test]
 fn odd_images_never_panic() {
     let mut rng = ChaCha8Rng::seed_from_u64(12);
@@ -385,7 +388,7 @@ fn odd_images_never_panic() {
     for case in 0..9 {
         let dir = tempfile::tempdir().unwrap();
         // (file, size and first pixel as loaded), or (file, None) for a non-image.
-        let mut files: Vec<(String, Option<((u32, u32), [u8; 3])>)> = vec![];
+        let mut files: Vec<(String, Option<Loaded>)> = vec![];
         let n = if case == 8 { 1 } else { rng.random_range(1..4) };
         for i in 0..n {
             let (w, h) = [(1, 1), (1, 90), (90, 1), (3, 500), (33, 17)][rng.random_range(0..5)];

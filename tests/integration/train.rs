@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Var};
-use infusion_repl::infusion::train::{concept, infusion_loss, resume, trainer};
+use infusion_repl::infusion::train::{concept, infusion_loss, trainer, Deltas};
 use infusion_repl::train::TrainOptions;
 use infusion_repl::util::image_io::load_folder;
 use infusion_repl::Job;
@@ -235,7 +235,17 @@ fn runs_are_deterministic_and_resuming_continues_the_same_curve() {
         0.0
     );
 
-    let mut c = resume(tiny(), &ra.checkpoints[0], &imgs, None, &Job::quiet()).unwrap();
+    let checkpoint = infusion_repl::train::Checkpoint::read(&ra.checkpoints[0]).unwrap();
+    let learner = Box::new(Deltas::new(tiny()).unwrap());
+    let mut c = infusion_repl::train::Trainer::resume(
+        tiny(),
+        &checkpoint,
+        &imgs,
+        None,
+        learner,
+        &Job::quiet(),
+    )
+    .unwrap();
     assert_eq!(c.steps_done(), 3);
     let rc = c.run(&Job::quiet()).unwrap();
     assert_eq!(rc.losses, ra.losses[3..]);

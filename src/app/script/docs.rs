@@ -118,7 +118,7 @@ pub struct OptSpec {
     pub kind: Kind,
     /// What a missing key means; `None`: unset (the function decides, see its text).
     pub default: Option<Value>,
-    pub doc: &'static str,
+    pub doc: std::borrow::Cow<'static, str>,
 }
 
 /// A bound function (all its overloads).
@@ -172,7 +172,7 @@ impl FnSpec {
             name,
             kind,
             default: Some(default.into()),
-            doc,
+            doc: doc.into(),
         });
         self
     }
@@ -183,7 +183,24 @@ impl FnSpec {
             name,
             kind,
             default: None,
-            doc,
+            doc: doc.into(),
+        });
+        self
+    }
+
+    /// [`FnSpec::opt`] with a text made at run time (from the method registry, say).
+    pub fn opt_owned(
+        mut self,
+        name: &'static str,
+        kind: Kind,
+        default: impl Into<Value>,
+        doc: String,
+    ) -> Self {
+        self.options.push(OptSpec {
+            name,
+            kind,
+            default: Some(default.into()),
+            doc: doc.into(),
         });
         self
     }
@@ -481,7 +498,7 @@ mod tests {
         );
         let train = docs.help("train_concept", 200).unwrap();
         assert!(
-            train.contains("train_steps      integer >= 1: training steps (default: 500"),
+            train.contains("train_steps      integer >= 1: training steps (default: the method's)"),
             "{train}"
         );
         assert!(
@@ -535,8 +552,11 @@ mod tests {
             }
         }
         let train = docs.help("train_concept", 72).unwrap();
-        let lr = train.lines().position(|l| l.starts_with("  lr ")).unwrap();
-        let next = train.lines().nth(lr + 1).unwrap();
+        let method = train
+            .lines()
+            .position(|l| l.starts_with("  method "))
+            .unwrap();
+        let next = train.lines().nth(method + 1).unwrap();
         assert!(
             next.starts_with(&" ".repeat(19)) && !next[19..].starts_with(' '),
             "the text goes on under the type's column: {next:?}\n{train}"

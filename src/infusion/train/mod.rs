@@ -19,7 +19,7 @@ use crate::infusion::hook::{eps_pair, SampleEdit};
 use crate::job::Job;
 use crate::sd::attention::{AttnKind, LayerInfo};
 use crate::sd::pipeline::StableDiffusion;
-use crate::train::{Batch, Checkpoint, Learner, Run, TrainOptions, Trainer, TrainingSet};
+use crate::train::{Batch, Learner, Run, TrainOptions, Trainer, TrainingSet};
 use crate::util::tensors::plain_values;
 
 /// The Infusion training loss of one batch: the mean squared error of C's prediction (see
@@ -139,34 +139,6 @@ pub fn trainer<'a>(
     opts: TrainOptions,
 ) -> Result<Trainer<'a>> {
     Trainer::new(sd, name, word, images, opts, Box::new(Deltas::new(sd)?))
-}
-
-/// Continues an Infusion run from its checkpoint (the concept file or its `.optim.safetensors`).
-pub fn resume<'a>(
-    sd: &'a StableDiffusion,
-    checkpoint: &Path,
-    images: &[RgbImage],
-    steps: Option<usize>,
-    job: &Job,
-) -> Result<Trainer<'a>> {
-    resume_from(sd, Checkpoint::read(checkpoint)?, images, steps, job)
-}
-
-/// [`resume`] from a checkpoint already read.
-pub fn resume_from<'a>(
-    sd: &'a StableDiffusion,
-    mut ckpt: Checkpoint,
-    images: &[RgbImage],
-    steps: Option<usize>,
-    job: &Job,
-) -> Result<Trainer<'a>> {
-    if ckpt.name.is_empty() {
-        // Written before checkpoints named their run: the concept file does.
-        let concept = Concept::load(&ckpt.path)?;
-        ckpt.name = concept.name;
-        ckpt.word = concept.word;
-    }
-    Trainer::resume(sd, &ckpt, images, steps, Box::new(Deltas::new(sd)?), job)
 }
 
 /// The concept with the Δs a trainer of [`Deltas`] reached so far.

@@ -4,136 +4,102 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::DType;
 use rhai::{Array, Dynamic, Map, INT};
 
 use super::model::Model;
 use super::{json_to_dynamic, Api};
-use crate::actions::{self, TrainEnd, TrainRequest};
+use crate::actions::{self, TrainEnd};
 use crate::app::script::docs::{FnSpec, Kind};
 use crate::app::script::{err, rt, Opts, RhaiResult, Session};
 use crate::infusion::concept::Concept;
-use crate::methods::adapted::{Adapted, Change};
-use crate::train::{TrainOptions, DEFAULT_TEMPLATES};
+use crate::methods::{ConceptRef, SettingValue};
+use crate::train::{Prior, TrainOptions, DEFAULT_TEMPLATES};
 
-/// A concept value (cheap to clone): Infusion's, or another method's.
+/// A concept value (cheap to clone): one handle, whatever its method.
 #[derive(Debug, Clone)]
-pub enum ConceptVal {
-    Infusion(Arc<Concept>),
-    Adapted(Arc<Adapted>),
-}
+pub struct ConceptVal(pub ConceptRef);
 
 impl ConceptVal {
-    fn name(&self) -> &str {
-        match self {
-            ConceptVal::Infusion(c) => &c.name,
-            ConceptVal::Adapted(a) => &a.name,
-        }
-    }
-
-    fn word(&self) -> &str {
-        match self {
-            ConceptVal::Infusion(c) => &c.word,
-            ConceptVal::Adapted(a) => &a.word,
-        }
-    }
-
-    fn method(&self) -> &'static str {
-        match self {
-            ConceptVal::Infusion(_) => "infusion",
-            ConceptVal::Adapted(a) => a.method(),
-        }
-    }
-
-    /// Bytes of its learned tensors (f32).
-    fn size_bytes(&self) -> usize {
-        match self {
-            ConceptVal::Infusion(c) => c.n_values() * 4,
-            ConceptVal::Adapted(a) => a.size_bytes(),
-        }
-    }
-
     /// The Infusion concept, or an error that says what `what` needs.
-    pub fn infusion(&self, what: &str) -> Result<&Arc<Concept>, String> {
-        match self {
-            ConceptVal::Infusion(c) => Ok(c),
-            ConceptVal::Adapted(a) => Err(format!(
+    pub fn infusion(&self, what: &str) -> Result<&Concept, String> {
+        self.0.as_any().downcast_ref::<Concept>().ok_or_else(|| {
+            format!(
                 "{what} takes Infusion concepts; <{}> is a {} concept",
-                a.name,
-                a.method()
-            )),
-        }
+                self.0.name(),
+                self.0.method()
+            )
+        })
     }
 }
 
 impl std::fmt::Display for ConceptVal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ConceptVal::Infusion(c) => write!(
-                f,
-                "Concept(<{}> = {}, infusion, {} layers, {} values)",
-                c.name,
-                c.word,
-                c.deltas.len(),
-                c.n_values()
-            ),
-            ConceptVal::Adapted(a) => match &a.change {
-                Change::TextualInversion(e) => write!(
-                    f,
-                    "Concept(<{}> = {}, textual_inversion, {} vector(s) of width {})",
-                    a.name,
-                    a.word,
-                    e.vectors.dims()[0],
-                    e.vectors.dims().get(1).copied().unwrap_or(0)
-                ),
-                Change::Lora {
-                    lora,
-                    scale,
-                    trigger,
-                } => write!(
-                    f,
-                    "Concept(<{}> = {}{}, lora, {} layers, scale {scale})",
-                    a.name,
-                    trigger
-                        .as_deref()
-                        .map(|t| format!("{t} "))
-                        .unwrap_or_default(),
-                    a.word,
-                    lora.layers.len()
-                ),
-                Change::DreamBooth { unet, trigger } => write!(
-                    f,
-                    "Concept(<{}> = {trigger} {}, dreambooth, {} parameters)",
-                    a.name, a.word, unet.n_params
-                ),
-            },
-        }
+        f.write_str(&self.0.summary())
     }
 }
 
-fn add(session: &Session, concept: Arc<Concept>) -> ConceptVal {
+/// Adds `concept` to the session (replacing one of its name, with a warning).
+fn add(session: &Session, concept: ConceptRef) -> ConceptVal {
     session
         .concepts
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .add(concept.clone(), false, &session.job);
-    ConceptVal::Infusion(concept)
+    ConceptVal(concept)
+}
+
+/// The options of every method's own settings (`rank`, `trigger`), once each, with the methods
+/// that take them.
+fn method_settings(spec: FnSpec) -> FnSpec {
+    let mut spec = spec;
+    let mut seen: Vec<&str> = vec![];
+    for m in crate::methods::REGISTRY {
+        for s in m.settings() {
+            if seen.contains(&s.name) {
+                continue;
+            }
+            seen.push(s.name);
+            let takers: Vec<&str> = crate::methods::REGISTRY
+                .iter()
+                .filter(|m| m.settings().iter().any(|t| t.name == s.name))
+                .map(|m| m.name())
+                .collect();
+            let doc = format!("{}: {}", takers.join(", "), s.doc);
+            spec = match s.default {
+                SettingValue::Count(d) => spec.opt_owned(s.name, Kind::POSITIVE, d as INT, doc),
+                SettingValue::Word(d) => spec.opt_owned(s.name, Kind::Str, d, doc),
+            };
+        }
+    }
+    spec
 }
 
 fn train_spec() -> FnSpec {
     let d = TrainOptions::default();
-    FnSpec::method("Model", "train_concept")
+    let prior = Prior::default();
+    let methods: Vec<String> = crate::methods::REGISTRY
+        .iter()
+        .map(|m| {
+            format!(
+                "{} ({}; {} steps, lr {} at batch 4)",
+                m.name(),
+                m.about(),
+                m.default_steps(),
+                m.default_lr(4)
+            )
+        })
+        .collect();
+    let spec = FnSpec::method("Model", "train_concept")
         .sig("model.train_concept(folder, name, word) -> Concept")
         .sig("model.train_concept(folder, name, word, options) -> Concept")
-        .doc("Trains a concept from a folder of 3-20 images: its name (prompts say <name>) and its class word, by Infusion (the paper's settings by default: AdamW on the residuals only), Textual Inversion (a new word's vectors, from the class word's) or DreamBooth-LoRA (rank-4 factors on the attention projections, prompts saying `trigger word`), as diffusers' training scripts do. Ctrl-C stops and keeps what was learned; the concept joins the session either way.")
-        .opt("method", Kind::Choice(&actions::Method::NAMES), "infusion", "infusion, textual_inversion, lora or dreambooth (the whole UNet)")
-        .opt_unset("train_steps", Kind::POSITIVE, "training steps (default: 500; textual_inversion 3000, diffusers' example)")
-        .opt_unset("lr", Kind::Float, "AdamW's learning rate (default: infusion 0.01, textual_inversion 5e-4 x batch, lora 1e-4, dreambooth 5e-6)")
-        .opt("rank", Kind::POSITIVE, 4 as INT, "lora: the rank of its factors")
-        .opt("trigger", Kind::Str, "sks", "lora, dreambooth: the identifier prompts put before the class word")
-        .opt("prior", Kind::Bool, false, "lora, dreambooth: prior preservation with class images the model makes of \"a photo of a WORD\"")
-        .opt("prior_images", Kind::POSITIVE, 100 as INT, "how many class images prior preservation makes")
-        .opt("prior_weight", Kind::Float, 1.0, "the weight of the class images' loss")
+        .doc("Trains a concept from a folder of 3-20 images: its name (prompts say <name>) and its class word, by one of the methods (Infusion, the paper's, by default), as the paper or diffusers' training scripts do. Ctrl-C stops and keeps what was learned; the concept joins the session either way.")
+        .opt_owned("method", Kind::Choice(crate::methods::names_static()), "infusion", format!("the method: {}", methods.join("; ")))
+        .opt_unset("train_steps", Kind::POSITIVE, "training steps (default: the method's)")
+        .opt_unset("lr", Kind::Float, "AdamW's learning rate (default: the method's)");
+    method_settings(spec)
+        .opt("prior", Kind::Bool, false, "prior preservation (the methods that take it) with class images the model makes of \"a photo of a WORD\"")
+        .opt("prior_images", Kind::POSITIVE, prior.images as INT, "how many class images prior preservation makes")
+        .opt("prior_weight", Kind::Float, prior.weight, "the weight of the class images' loss")
         .opt_unset("prior_dir", Kind::Str, "a folder to keep the class images in and take them from next time (default: made each run)")
         .opt("batch", Kind::POSITIVE, d.batch as INT, "images per step")
         .opt("seed", Kind::SEED, d.seed as INT, "seed of every random draw (images, timesteps, noise)")
@@ -153,59 +119,51 @@ fn train(
     opts: &Map,
 ) -> RhaiResult<ConceptVal> {
     let o = Opts::of(opts, spec)?;
-    let d = TrainOptions::default();
-    let mut method = rt(actions::Method::parse(
-        &o.string("method").unwrap_or_else(|| "infusion".into()),
-        o.usize("rank").unwrap_or(4),
-        &o.string("trigger").unwrap_or_else(|| "sks".into()),
-    ))?;
-    let resume = o.string("resume").map(PathBuf::from);
-    let mut steps = method.default_steps();
-    if let Some(path) = &resume {
-        let asked = o.given("method").then_some(&method);
-        let (m, ckpt) = rt(actions::resumed_method(path, asked))?;
-        (method, steps) = (m, ckpt.options.steps);
+    let given = |k: &str| o.given(k).then(|| o.get(k)).flatten();
+    // The method's own options given (the others' are refused by the request).
+    let mut settings = crate::methods::Settings::new();
+    for m in crate::methods::REGISTRY {
+        for s in m.settings() {
+            if let Some(v) = given(s.name) {
+                let v = match s.default {
+                    SettingValue::Count(_) => serde_json::json!(v.as_int().unwrap_or(0)),
+                    SettingValue::Word(_) => serde_json::json!(v.to_string()),
+                };
+                settings.insert(s.name.to_string(), v);
+            }
+        }
     }
-    let batch = o.usize("batch").unwrap_or(d.batch);
-    let req = TrainRequest {
+    let req = rt(actions::TrainAsk {
         folder: PathBuf::from(folder),
         name: name.to_string(),
         word: word.to_string(),
-        options: TrainOptions {
-            steps: o.usize("train_steps").unwrap_or(steps),
-            lr: o.float("lr").unwrap_or(method.default_lr(batch)),
-            batch,
-            seed: o.u64("seed").unwrap_or(d.seed),
-            templates: o.strings("templates").unwrap_or(d.templates),
-            flip: o.bool("flip").unwrap_or(d.flip),
-            checkpoint_every: o.usize("checkpoint_every"),
-            checkpoint_dir: o.string("checkpoint_dir").map(PathBuf::from),
-            weight_decay: d.weight_decay,
-        },
-        method,
-        prior: o.bool("prior").unwrap_or(false).then(|| actions::Prior {
-            images: o.usize("prior_images").unwrap_or(100),
-            weight: o.float("prior_weight").unwrap_or(1.0),
+        method: o.given("method").then(|| o.string("method")).flatten(),
+        settings,
+        steps: o.usize("train_steps"),
+        lr: o.float("lr"),
+        batch: o.given("batch").then(|| o.usize("batch")).flatten(),
+        seed: o.given("seed").then(|| o.u64("seed")).flatten(),
+        templates: o
+            .given("templates")
+            .then(|| o.strings("templates"))
+            .flatten(),
+        flip: o.given("flip").then(|| o.bool("flip")).flatten(),
+        checkpoint_every: o.usize("checkpoint_every"),
+        checkpoint_dir: o.string("checkpoint_dir").map(PathBuf::from),
+        prior: o.bool("prior").unwrap_or(false).then(|| Prior {
+            images: o.usize("prior_images").unwrap_or(Prior::default().images),
+            weight: o.float("prior_weight").unwrap_or(Prior::default().weight),
             dir: o.string("prior_dir").map(PathBuf::from),
         }),
-        resume,
+        resume: o.string("resume").map(PathBuf::from),
         out: None,
         save_f32: false,
-    };
+    }
+    .resolve())?;
     session.job.reset();
     let t = rt(actions::train_concept(&model.sd, &req, &session.job))?;
     // What was learned (or the last good state) joins the session whatever happened.
-    let concept = match t.concept {
-        actions::LoadedConcept::Infusion(c) => add(session, c),
-        actions::LoadedConcept::Adapted(a) => {
-            session
-                .concepts
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .add_adapted(a.clone(), &session.job);
-            ConceptVal::Adapted(a)
-        }
-    };
+    let concept = add(session, t.concept.clone());
     match t.end {
         TrainEnd::Finished => {
             if let Some(l) = t.losses.last() {
@@ -220,16 +178,7 @@ fn train(
             );
             if !session.config.interactive {
                 // A recipe stops with the signal, what was learned saved first.
-                let saved = match &concept {
-                    ConceptVal::Infusion(c) => actions::save_stopped(
-                        &actions::LoadedConcept::Infusion(c.clone()),
-                        t.steps_done,
-                    ),
-                    ConceptVal::Adapted(a) => actions::save_stopped(
-                        &actions::LoadedConcept::Adapted(a.clone()),
-                        t.steps_done,
-                    ),
-                };
+                let saved = actions::save_stopped(&concept.0, t.steps_done);
                 match saved {
                     Ok(path) => eprintln!("<{name}> is saved as {}", path.display()),
                     Err(e) => eprintln!("error: {e}"),
@@ -261,7 +210,7 @@ fn load_spec() -> FnSpec {
 
 fn load(session: &Session, spec: &FnSpec, path: &str, opts: &Map) -> RhaiResult<ConceptVal> {
     let o = Opts::of(opts, spec)?;
-    let req = actions::ConceptRequest {
+    let req = crate::methods::ConceptRequest {
         path: PathBuf::from(path),
         name: o.string("name"),
         word: o.string("word"),
@@ -280,10 +229,7 @@ fn load(session: &Session, spec: &FnSpec, path: &str, opts: &Map) -> RhaiResult<
         &mut session.concepts.write().unwrap_or_else(|e| e.into_inner()),
         &session.job,
     ))?;
-    Ok(match loaded {
-        actions::LoadedConcept::Infusion(c) => ConceptVal::Infusion(c),
-        actions::LoadedConcept::Adapted(a) => ConceptVal::Adapted(a),
-    })
+    Ok(ConceptVal(loaded))
 }
 
 fn save_spec() -> FnSpec {
@@ -297,14 +243,8 @@ fn save_spec() -> FnSpec {
 
 fn save(spec: &FnSpec, c: &ConceptVal, path: &str, opts: &Map) -> RhaiResult<String> {
     let o = Opts::of(opts, spec)?;
-    let dtype = match o.string("dtype").as_deref() {
-        Some("f32") => DType::F32,
-        _ => DType::F16,
-    };
-    match c {
-        ConceptVal::Infusion(c) => rt(c.save(Path::new(path), dtype))?,
-        ConceptVal::Adapted(a) => rt(a.save(Path::new(path)))?,
-    }
+    let f32 = o.string("dtype").as_deref() == Some("f32");
+    rt(c.0.save(Path::new(path), f32))?;
     Ok(path.to_string())
 }
 
@@ -317,54 +257,42 @@ fn register_type(api: &mut Api) {
     api.get(
         (C, "name", "string"),
         "what prompts call it: <name>",
-        |c: &mut ConceptVal| c.name().to_string(),
+        |c: &mut ConceptVal| c.0.name().to_string(),
     );
     api.get(
         (C, "word", "string"),
         "its class word, which F sees in its place",
-        |c: &mut ConceptVal| c.word().to_string(),
+        |c: &mut ConceptVal| c.0.word().to_string(),
     );
     api.get(
         (C, "method", "string"),
-        "how it was learned: infusion, textual_inversion or lora",
-        |c: &mut ConceptVal| c.method().to_string(),
+        "how it was learned: its method's name",
+        |c: &mut ConceptVal| c.0.method().to_string(),
     );
     api.get(
         (C, "size_bytes", "int"),
         "bytes of what it learned (f32)",
-        |c: &mut ConceptVal| c.size_bytes() as INT,
+        |c: &mut ConceptVal| c.0.size_bytes() as INT,
     );
-    let infusion = |c: &mut ConceptVal, what: &str| -> RhaiResult<Arc<Concept>> {
-        c.infusion(what).cloned().map_err(err)
-    };
+    api.get(
+        (C, "base_model", "string"),
+        "the fingerprint of the UNet it was trained on (\"\" if unknown)",
+        |c: &mut ConceptVal| c.0.provenance().base_model.unwrap_or_default(),
+    );
+    api.get(
+        (C, "train_steps", "int"),
+        "the training steps it was trained for (0 if unknown)",
+        |c: &mut ConceptVal| c.0.provenance().train_steps.unwrap_or(0) as INT,
+    );
     api.get_or_fail(
         (C, "n_values", "int"),
         "Infusion: the number of residual values over all layers",
-        move |c: &mut ConceptVal| Ok(infusion(c, "n_values")?.n_values() as INT),
-    );
-    api.get_or_fail(
-        (C, "base_model", "string"),
-        "Infusion: the fingerprint of the UNet it was trained on (\"\" if unknown)",
-        move |c: &mut ConceptVal| {
-            Ok(infusion(c, "base_model")?
-                .base_model
-                .clone()
-                .unwrap_or_default())
-        },
+        |c: &mut ConceptVal| Ok(c.infusion("n_values").map_err(err)?.n_values() as INT),
     );
     api.get_or_fail(
         (C, "train", "map"),
         "Infusion: the training settings it was made with",
-        move |c: &mut ConceptVal| Ok(json_to_dynamic(&infusion(c, "train")?.train)),
-    );
-    api.get_or_fail(
-        (C, "train_steps", "int"),
-        "Infusion: the training steps it was trained for",
-        move |c: &mut ConceptVal| {
-            Ok(infusion(c, "train_steps")?.train["steps"]
-                .as_i64()
-                .unwrap_or(0) as INT)
-        },
+        |c: &mut ConceptVal| Ok(json_to_dynamic(&c.infusion("train").map_err(err)?.train)),
     );
     let spec = api.declare(save_spec());
     let sp = spec.clone();
@@ -408,11 +336,7 @@ fn register_session(api: &mut Api, session: &Arc<Session>) {
     api.func(&spec, move || -> Array {
         let set = s.concepts.read().unwrap_or_else(|e| e.into_inner());
         set.iter()
-            .map(|c| Dynamic::from(ConceptVal::Infusion(c.clone())))
-            .chain(
-                set.adapted()
-                    .map(|a| Dynamic::from(ConceptVal::Adapted(a.clone()))),
-            )
+            .map(|c| Dynamic::from(ConceptVal(c.clone())))
             .collect()
     });
     let spec = api.declare(

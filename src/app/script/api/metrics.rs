@@ -184,12 +184,7 @@ fn fisher(
             let c = c
                 .try_cast::<ConceptVal>()
                 .ok_or_else(|| err("fisher_divergence: every element must be a concept"))?;
-            match c {
-                ConceptVal::Infusion(c) => {
-                    set.insert((*c).clone(), false);
-                }
-                ConceptVal::Adapted(a) => set.add_adapted(a, &crate::job::Job::quiet()),
-            }
+            set.insert(c.0, false);
         }
         run(&Variant::Concepts(&set))?
     };
@@ -312,13 +307,13 @@ fn eval_concepts(v: Option<Dynamic>) -> RhaiResult<Vec<EvalConcept>> {
             name: "file",
             kind: Kind::Str,
             default: None,
-            doc: "the concept file",
+            doc: "the concept file".into(),
         },
         OptSpec {
             name: "images",
             kind: Kind::Str,
             default: None,
-            doc: "its training images",
+            doc: "its training images".into(),
         },
     ];
     v.ok_or_else(|| err("evaluate: `concepts` is required: [#{file, images}, ...]"))?
