@@ -1,11 +1,19 @@
-//! infusion-repl: customize Stable Diffusion 1.5 with the Infusion method.
+//! infusion-repl: customize Stable Diffusion 1.5 with the Infusion method, beside the paper's
+//! baselines.
 //!
-//! The library is layered, dependencies pointing down only:
+//! The library is layered, dependencies pointing down only (tests/integration/layering.rs holds
+//! the table):
 //! - [`app`]: the front ends (command line, REPL, Rhai bindings, benchmark);
+//! - [`actions`]: one library call per user action (load a model, train, load a concept);
+//! - [`toy`]: the paper's 2-D overfitting lab;
 //! - [`metrics`]: the paper's overfitting measures and scores;
-//! - [`infusion`]: the method (concepts, prompts, generation, training, attention maps);
+//! - [`customize`]: F beside C for concepts of any method (prompts, the session's concepts,
+//!   generation, C's noise prediction);
+//! - [`methods`]: every method behind one seam (Infusion's mechanics are in [`infusion`]);
+//! - [`infusion`]: the paper's method (concepts, its hook, training, attention maps);
+//! - [`train`]: the training loop, data and optimizer every method shares;
 //! - [`sd`]: the SD1.x model and pipeline, which names no method;
-//! - [`util`], [`error`], [`job`]: small shared pieces.
+//! - [`util`], [`error`], [`job`], [`assets`]: small shared pieces.
 
 pub mod actions;
 pub mod app;

@@ -18,6 +18,7 @@ mod fisher;
 mod flows;
 mod fused;
 mod infusion;
+mod layering;
 mod limits;
 mod loading;
 mod metrics;

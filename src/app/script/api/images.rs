@@ -85,12 +85,20 @@ fn check_grid(func: &str, images: &[Img], cols: usize, gap: usize, labels: bool)
     let label = if labels { 200 } else { 0 };
     let width = cols.saturating_mul(cw.saturating_add(gap));
     let height = rows.saturating_mul(ch.saturating_add(label).saturating_add(gap));
-    rt(crate::util::image_io::check_canvas(
-        &format!("{func}'s image"),
-        width,
-        height,
-        3,
-    ))
+    rt(canvas(&format!("{func}'s image"), width, height, 3))
+}
+
+/// Refuses an image of `width` x `height` pixels past [`crate::util::image_io::MAX_SIDE`] a
+/// side, or that the machine's memory cannot hold with its working copies (`copies` bytes a
+/// pixel).
+fn canvas(what: &str, width: u64, height: u64, copies: u64) -> crate::Result<()> {
+    crate::util::image_io::check_canvas(what, width, height)?;
+    crate::sd::device::ensure_fits(
+        "size",
+        &format!("{what} of {width}x{height}"),
+        width as u128 * height as u128 * copies as u128,
+        &candle_core::Device::Cpu,
+    )
 }
 
 /// A composite of `images`: it carries the text chunks of the first that has any (the
@@ -199,12 +207,7 @@ fn register_type(api: &mut Api) {
             return Err(err(format!("resize: {w}x{h} is not a size")));
         }
         // The resized image and the filter's intermediate rows, in f32.
-        rt(crate::util::image_io::check_canvas(
-            "the resized image",
-            w as u64,
-            h as u64,
-            3 * 5,
-        ))?;
+        rt(canvas("the resized image", w as u64, h as u64, 3 * 5))?;
         let r = image::imageops::resize(
             &*i.rgb,
             w as u32,
