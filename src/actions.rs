@@ -444,7 +444,7 @@ pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Res
             .collect();
         crate::util::fs::check_not_an_input(&[out], &inputs)?;
         if req.method.saves_folder() {
-            crate::methods::dreambooth::check_out_folder(out)?;
+            crate::methods::files::check_out_folder(out)?;
         } else {
             check_writable(out)?;
         }

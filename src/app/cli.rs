@@ -54,6 +54,42 @@ struct ScriptCli {
     args: Vec<String>,
 }
 
+/// The methods' own options given as `--set KEY=VALUE`, typed as the method that has the
+/// option declares it (the request refuses an option the chosen method does not have).
+fn method_settings(given: &[String]) -> Result<crate::methods::Settings> {
+    use crate::methods::SettingValue;
+    let mut out = crate::methods::Settings::new();
+    for item in given {
+        let (key, value) = item.split_once('=').ok_or_else(|| {
+            Error::arg(
+                "set",
+                format!("{item:?}: give a method's option as KEY=VALUE"),
+            )
+        })?;
+        let spec = crate::methods::REGISTRY
+            .iter()
+            .flat_map(|m| m.settings())
+            .find(|s| s.name == key)
+            .ok_or_else(|| {
+                Error::arg(
+                    "set",
+                    format!("{key:?} is no method's option (see train --help, under --method)"),
+                )
+            })?;
+        let v = match spec.default {
+            SettingValue::Count(_) => serde_json::json!(value.parse::<u64>().map_err(|_| {
+                Error::arg(
+                    "set",
+                    format!("{key}={value}: {key} is a count (1 or more)"),
+                )
+            })?),
+            SettingValue::Word(_) => serde_json::json!(value),
+        };
+        out.insert(key.to_string(), v);
+    }
+    Ok(out)
+}
+
 /// `--method`'s long help: every method of the registry with its defaults.
 fn method_help() -> String {
     let mut text = String::from(
@@ -67,6 +103,13 @@ fn method_help() -> String {
             m.default_steps(),
             m.default_lr(4)
         ));
+        for s in m.settings() {
+            let default = match s.default {
+                crate::methods::SettingValue::Count(n) => n.to_string(),
+                crate::methods::SettingValue::Word(w) => w.to_string(),
+            };
+            text.push_str(&format!("\n      --set {}={default}: {}", s.name, s.doc));
+        }
     }
     text
 }
@@ -283,7 +326,8 @@ struct TrainArgs {
     /// Its class word (`cat`, `teapot`).
     #[arg(long)]
     word: String,
-    /// Where to write the concept (default: NAME.safetensors).
+    /// Where to write the concept (default: NAME.safetensors; NAME-unet for a method that saves
+    /// a UNet folder).
     #[arg(short, long)]
     out: Option<PathBuf>,
     /// The method (default: infusion, the paper's; with --resume, the checkpoint's).
@@ -296,6 +340,10 @@ struct TrainArgs {
     /// LoRA and DreamBooth: the identifier prompts put before the class word.
     #[arg(long, help = format!("LoRA and DreamBooth: the identifier prompts put before the class word (default {})", crate::methods::lora::DEFAULT_TRIGGER))]
     trigger: Option<String>,
+    /// A method's own option, `KEY=VALUE` (repeat for several; each method's are listed under
+    /// --method; --rank and --trigger are two of them).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// LoRA and DreamBooth: prior preservation, with class images the model makes of "a photo
     /// of a WORD".
     #[arg(long)]
@@ -685,7 +733,7 @@ fn generate(global: &GlobalArgs, args: &GenerateArgs, job: &Job) -> Result<()> {
 
 fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) -> Result<ExitCode> {
     let sd = load_model(global, job)?;
-    let mut settings = crate::methods::Settings::new();
+    let mut settings = method_settings(&args.set)?;
     if let Some(rank) = args.rank {
         settings.insert("rank".into(), rank.into());
     }
@@ -1105,6 +1153,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Issue 22: a method's own options on the command line are `--set KEY=VALUE`, typed by the
+    /// method that declares them; an unknown key or a bad value is refused naming it.
+    #[test]
+    fn method_options_are_set_by_name() {
+        let s = method_settings(&["rank=2".into(), "trigger=zwx".into()]).unwrap();
+        assert_eq!(s["rank"], 2);
+        assert_eq!(s["trigger"], "zwx");
+        let e = method_settings(&["rank=two".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rank is a count"), "{e}");
+        let e = method_settings(&["nope=1".into()]).unwrap_err().to_string();
+        assert!(e.contains("\"nope\" is no method's option"), "{e}");
+        let e = method_settings(&["rank".into()]).unwrap_err().to_string();
+        assert!(e.contains("KEY=VALUE"), "{e}");
+        assert!(method_help().contains("--set rank=4"));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::ops::Range;
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::methods::textual_inversion::{text_states_with, Embedding};
+use crate::methods::words::{text_states_with, Embedding};
 use crate::methods::{Change, CustomConcept, Words};
 use crate::sd::hook::{AttentionHook, Branch, Chain};
 use crate::sd::pipeline::StableDiffusion;

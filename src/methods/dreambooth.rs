@@ -147,28 +147,6 @@ impl Method for DreamBooth {
     }
 }
 
-/// Where a DreamBooth run writes its folder is checked before training, not found wrong after.
-pub fn check_out_folder(out: &Path) -> Result<()> {
-    if out.is_file() {
-        return Err(Error::arg(
-            "out",
-            format!(
-                "{} is a file; DreamBooth writes a unet/ folder",
-                out.display()
-            ),
-        ));
-    }
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.is_dir() {
-            return Err(Error::arg(
-                "out",
-                format!("{}: no folder {}", out.display(), parent.display()),
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// A fine-tuned copy of the model's UNet, as a session holds it.
 #[derive(Clone)]
 pub struct UnetConcept {

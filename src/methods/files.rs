@@ -263,6 +263,29 @@ pub fn write_safetensors(
     })
 }
 
+/// Where a run that saves a folder (a UNet) writes it is checked before training, not found
+/// wrong after.
+pub fn check_out_folder(out: &Path) -> Result<()> {
+    if out.is_file() {
+        return Err(Error::arg(
+            "out",
+            format!(
+                "{} is a file; this method writes a folder (a diffusers unet/)",
+                out.display()
+            ),
+        ));
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            return Err(Error::arg(
+                "out",
+                format!("{}: no folder {}", out.display(), parent.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The weights file of a diffusers `unet/` folder.
 pub const UNET_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 

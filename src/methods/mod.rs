@@ -19,6 +19,7 @@ pub mod files;
 pub mod infusion;
 pub mod lora;
 pub mod textual_inversion;
+pub mod words;
 
 use std::any::Any;
 use std::collections::BTreeMap;

@@ -1,18 +1,14 @@
 //! Textual Inversion (Gal et al.; diffusers' `examples/textual_inversion/textual_inversion.py`):
 //! the vectors of a new word, trained with the plain model's DDPM loss, nothing else.
 //!
-//! In a prompt the learned word stands where the class word was: the prompt is tokenized with
-//! the class word, the word's tokens are replaced by as many slots as the embedding has vectors,
-//! and those slots' token embeddings are the learned vectors. For a one-token class word and a
-//! one-vector embedding this is exactly what diffusers computes after `load_textual_inversion`
-//! for a prompt holding the new token where the word was.
+//! In a prompt the learned word stands where the class word was (see [`super::words`]: the
+//! class word is the stand-in its vectors replace).
 //!
 //! Files: diffusers' `learned_embeds.safetensors` (`{token: [n, width]}`, with `format: pt`) and
 //! AUTOMATIC1111's embeddings (`emb_params: [n, width]`, the token named after the file).
 
 use std::any::Any;
 use std::collections::BTreeMap;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,12 +16,11 @@ use candle_core::{DType, Tensor, Var};
 
 use super::common::{ddpm_loss, in_file, name_and_word, not_a, Origin};
 use super::files::{check_float, Found, Provenance};
+pub use super::words::{text_states, text_states_with, Embedding};
 use super::{Change, ConceptRef, ConceptRequest, CustomConcept, Method, Settings, Words};
 use crate::error::{Error, Result};
 use crate::job::Job;
-use crate::sd::hook::ModuleHook;
 use crate::sd::pipeline::StableDiffusion;
-use crate::sd::tokenizer::Tokens;
 use crate::train::{Batch, Learner, Run, Trainer, TrainingSet};
 use crate::util::tensors::plain;
 
@@ -108,14 +103,6 @@ impl Method for TextualInversion {
         }
         Ok(Arc::new(concept))
     }
-}
-
-/// A Textual Inversion embedding: `vectors` (n, width) stand for one new word.
-#[derive(Debug, Clone)]
-pub struct Embedding {
-    /// The token the file names (diffusers' key; A1111's files are named after the file).
-    pub token: String,
-    pub vectors: Tensor,
 }
 
 /// The embedding of a Textual Inversion file: `emb_params` (A1111's, named after the file) or
@@ -359,147 +346,5 @@ impl Learner for LearnedWord {
             VECTORS.to_string(),
             read_embedding(&found)?.vectors,
         )]))
-    }
-}
-
-/// `ids` with the tokens at `span` replaced by `n` slots (holding the span's first id until their
-/// embeddings are set), kept at the same length: padding gives way or is added (the last id is
-/// the padding), and a prompt that no longer fits is cut and still ends with `eos`. Returns the
-/// ids and the slots' range.
-pub fn with_slots(ids: &[u32], span: Range<usize>, n: usize, eos: u32) -> (Vec<u32>, Range<usize>) {
-    let len = ids.len();
-    let fill = ids.get(span.start).copied().unwrap_or(eos);
-    let mut out: Vec<u32> = ids[..span.start].to_vec();
-    out.extend(std::iter::repeat_n(fill, n));
-    out.extend(&ids[span.end.min(len)..]);
-    let pad = ids.last().copied().unwrap_or(eos);
-    if out.len() < len {
-        out.resize(len, pad);
-    } else if out.len() > len {
-        // Drop padding after the end of text first; if the text itself no longer fits, cut it
-        // and end it with eos.
-        let eos_at = out[span.start + n..]
-            .iter()
-            .position(|&t| t == eos)
-            .map(|i| i + span.start + n);
-        out.truncate(len);
-        if eos_at.is_none_or(|i| i >= len) {
-            out[len - 1] = eos;
-        }
-    }
-    let end = (span.start + n).min(len - 1);
-    (out, span.start.min(end)..end)
-}
-
-/// The text states `(1, tokens, width)` of `tokens` (a prompt tokenized with the class word)
-/// with the word's tokens at `span` replaced by the embedding's vectors.
-pub fn text_states(
-    sd: &StableDiffusion,
-    tokens: &Tokens,
-    span: Range<usize>,
-    embedding: &Embedding,
-) -> Result<Tensor> {
-    text_states_with(sd, tokens, &[(span, embedding)], None)
-}
-
-/// As [`text_states`] with several learned words, each at its token span (spans apart), and
-/// `hook` changing the text encoder's modules (a LoRA's).
-pub fn text_states_with(
-    sd: &StableDiffusion,
-    tokens: &Tokens,
-    words: &[(Range<usize>, &Embedding)],
-    hook: Option<&dyn ModuleHook>,
-) -> Result<Tensor> {
-    let te = &sd.text_encoder;
-    // Room for the learned words between the start and end tokens.
-    let room = tokens.ids.len().saturating_sub(2);
-    for (_, e) in words {
-        let n = e.vectors.dims2()?.0;
-        if n == 0 || n > room {
-            return Err(Error::arg(
-                "embedding",
-                format!(
-                    "`{}` holds {n} vectors: a learned word takes 1 to {room} (a prompt's room \
-                     for tokens)",
-                    e.token
-                ),
-            ));
-        }
-        let width = e.vectors.dims2()?.1;
-        if width != te.hidden_size() {
-            return Err(Error::arg(
-                "embedding",
-                format!(
-                    "`{}` has vectors of width {width}, this model's text encoder takes {}",
-                    e.token,
-                    te.hidden_size()
-                ),
-            ));
-        }
-    }
-    // From the last word back, so that the spans before stay where they are.
-    let mut words: Vec<&(Range<usize>, &Embedding)> = words.iter().collect();
-    words.sort_by_key(|(span, _)| std::cmp::Reverse(span.start));
-    let mut ids = tokens.ids.clone();
-    let mut placed = vec![];
-    for (span, e) in words {
-        let n = e.vectors.dim(0)?;
-        let (next, slots) = with_slots(&ids, span.clone(), n, sd.tokenizer.eos_id());
-        let shift = slots.len() as isize - span.len() as isize;
-        for (s, _) in &mut placed {
-            let s: &mut Range<usize> = s;
-            let at = |i: usize| (i as isize + shift).clamp(0, ids.len() as isize - 1) as usize;
-            *s = at(s.start)..at(s.end);
-        }
-        placed.push((slots, *e));
-        ids = next;
-    }
-    let len = ids.len();
-    let mut embeds = te.embed_tokens(&Tensor::from_vec(ids, (1, len), sd.device())?)?;
-    for (slots, e) in placed.into_iter().filter(|(s, _)| !s.is_empty()) {
-        let vectors = e
-            .vectors
-            .narrow(0, 0, slots.len())?
-            .to_device(sd.device())?
-            .to_dtype(embeds.dtype())?
-            .unsqueeze(0)?;
-        embeds = Tensor::cat(
-            &[
-                embeds.narrow(1, 0, slots.start)?,
-                vectors,
-                embeds.narrow(1, slots.end, len - slots.end)?,
-            ],
-            1,
-        )?;
-    }
-    Ok(te.forward_embeds_with(&embeds, hook)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const EOS: u32 = 9;
-
-    #[test]
-    fn slots_replace_the_word_and_padding_gives_way() {
-        // bos a cat sat eos pad pad
-        let ids = [0, 1, 2, 3, EOS, EOS, EOS];
-        assert_eq!(with_slots(&ids, 2..3, 1, EOS), (ids.to_vec(), 2..3));
-        assert_eq!(
-            with_slots(&ids, 2..3, 3, EOS),
-            (vec![0, 1, 2, 2, 2, 3, EOS], 2..5)
-        );
-        // A two-token word, one vector: the sequence closes up and is padded.
-        assert_eq!(
-            with_slots(&ids, 1..3, 1, EOS),
-            (vec![0, 1, 3, EOS, EOS, EOS, EOS], 1..2)
-        );
-        // No room: the text is cut and still ends with eos.
-        let full = [0, 1, 2, 3, 4, EOS];
-        assert_eq!(
-            with_slots(&full, 2..3, 2, EOS),
-            (vec![0, 1, 2, 2, 3, EOS], 2..4)
-        );
     }
 }
