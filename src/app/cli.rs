@@ -409,7 +409,7 @@ struct GenerateArgs {
     #[arg(long, default_value_t = -1, allow_negative_numbers = true, value_parser = parse_gen_seed)]
     seed: i64,
     /// Denoising steps.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = GenerateOptions::default().steps)]
     steps: usize,
     /// The sampler, as diffusers' scheduler of that name: ddim (the paper's), dpmpp_2m
     /// (DPM-Solver++ 2M: as good in 20-25 steps), euler, euler_a (ancestral), pndm.
@@ -419,7 +419,7 @@ struct GenerateArgs {
     #[arg(long)]
     karras: bool,
     /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 8.0)]
+    #[arg(long, default_value_t = GenerateOptions::default().guidance)]
     guidance: f64,
     /// Image width in pixels, a multiple of the VAE's scale factor (8 for SD1.5, 2 for the
     /// bundled tiny model); default: the model's size.
@@ -445,7 +445,7 @@ struct GenerateArgs {
     #[arg(long)]
     force: bool,
     /// Fraction of the steps in which C uses F's attention maps.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = PairOptions::default().replace_steps)]
     replace_steps: f64,
     /// Write the cross-attention maps of F and C (every step) to this safetensors file.
     #[arg(long)]
