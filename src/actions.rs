@@ -277,10 +277,12 @@ impl TrainAsk {
                     ),
                 ));
             }
-            let batch = self.batch.unwrap_or(defaults.batch);
+            let batch = self.batch.unwrap_or(method.default_batch());
             let mut options = TrainOptions {
                 steps: self.steps.unwrap_or(method.default_steps()),
-                lr: self.lr.unwrap_or(method.default_lr(batch)),
+                lr: self
+                    .lr
+                    .unwrap_or(method.default_lr(batch, self.prior.is_some())),
                 batch,
                 seed: self.seed.unwrap_or(defaults.seed),
                 templates: self.templates.clone().unwrap_or(defaults.templates),

@@ -97,11 +97,12 @@ fn method_help() -> String {
     );
     for m in crate::methods::REGISTRY {
         text.push_str(&format!(
-            "\n  {}: {} ({} steps, lr {} at batch 4)",
+            "\n  {}: {} ({} steps, batch {}, lr {})",
             m.name(),
             m.about(),
             m.default_steps(),
-            m.default_lr(4)
+            m.default_batch(),
+            m.default_lr(m.default_batch(), false)
         ));
         for s in m.settings() {
             let default = match s.default {
@@ -364,8 +365,8 @@ struct TrainArgs {
     /// AdamW's learning rate (default: the method's, see --method).
     #[arg(long)]
     lr: Option<f64>,
-    /// Images per training step.
-    #[arg(long, help = format!("Images per training step (default {})", TrainOptions::default().batch))]
+    /// Images per training step (default: the method's, see --method).
+    #[arg(long)]
     batch: Option<usize>,
     /// Seed of every random draw (a whole number from 0).
     #[arg(long, allow_negative_numbers = true, value_parser = parse_seed,

@@ -55,7 +55,7 @@ impl Method for DreamBooth {
         500
     }
 
-    fn default_lr(&self, _: usize) -> f64 {
+    fn default_lr(&self, _: usize, _: bool) -> f64 {
         5e-6
     }
 

@@ -34,7 +34,7 @@ impl Method for Infusion {
     }
 
     /// The paper's AdamW learning rate.
-    fn default_lr(&self, _: usize) -> f64 {
+    fn default_lr(&self, _: usize, _: bool) -> f64 {
         0.01
     }
 

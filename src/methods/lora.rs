@@ -72,7 +72,7 @@ impl Method for Lora {
         500
     }
 
-    fn default_lr(&self, _: usize) -> f64 {
+    fn default_lr(&self, _: usize, _: bool) -> f64 {
         1e-4
     }
 

@@ -113,8 +113,14 @@ pub trait Method: Send + Sync {
     /// Training steps by default.
     fn default_steps(&self) -> usize;
 
-    /// The learning rate by default for `batch` images a step.
-    fn default_lr(&self, batch: usize) -> f64;
+    /// Images a step by default.
+    fn default_batch(&self) -> usize {
+        crate::train::TrainOptions::default().batch
+    }
+
+    /// The learning rate by default for `batch` images a step, with or without prior
+    /// preservation.
+    fn default_lr(&self, batch: usize, prior: bool) -> f64;
 
     /// Whether it trains with prior preservation when asked (class images of the plain model).
     fn takes_prior(&self) -> bool {

@@ -42,7 +42,7 @@ impl Method for TextualInversion {
     }
 
     /// 5e-4 scaled by the batch (the script's `--scale_lr`).
-    fn default_lr(&self, batch: usize) -> f64 {
+    fn default_lr(&self, batch: usize, _: bool) -> f64 {
         5e-4 * batch as f64
     }
 

@@ -244,6 +244,11 @@ impl ClipTokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+
+    /// The id of a vocabulary entry (`</w>` part of it), if the vocabulary has it.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
 }
 
 /// The BPE vocabulary and merges of a tokenizer folder: `vocab.json` + `merges.txt`, else the

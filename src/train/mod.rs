@@ -17,7 +17,7 @@ use candle_core::{Tensor, Var};
 use crate::error::Result;
 use crate::job::Job;
 use crate::sd::pipeline::StableDiffusion;
-pub use data::{image_count_warning, Batch, TrainingSet, DEFAULT_TEMPLATES};
+pub use data::{image_count_warning, Augment, Batch, TrainingSet, DEFAULT_TEMPLATES};
 pub use prior::{class_images, Prior};
 pub use trainer::{Checkpoint, LossScale, TrainOptions, TrainReport, Trainer};
 
@@ -57,6 +57,17 @@ pub trait Learner {
         batch: &Batch,
         params: &BTreeMap<String, Tensor>,
     ) -> Result<Tensor>;
+
+    /// The norm the gradients are clipped to before each update (PyTorch's `clip_grad_norm_`
+    /// over every parameter), if the method's script clips them.
+    fn max_grad_norm(&self) -> Option<f64> {
+        None
+    }
+
+    /// How its training images are drawn (Custom Diffusion's scale augmentation).
+    fn augment(&self) -> data::Augment {
+        data::Augment::None
+    }
 
     /// What, besides the method, rebuilds this learner to resume its run (a LoRA's rank and
     /// trigger); checkpoints keep it.

@@ -26,6 +26,27 @@ pub fn gradients(
         .collect()
 }
 
+/// Scales `grads` so that their total L2 norm is at most `max` (PyTorch's `clip_grad_norm_`:
+/// by `max / (norm + 1e-6)` when that is below 1); returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max: f64) -> Result<f64> {
+    let mut total = 0f64;
+    for g in grads.values() {
+        total += g
+            .to_dtype(candle_core::DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+    }
+    let norm = total.sqrt();
+    let coef = max / (norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.values_mut() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(norm)
+}
+
 /// The optimizer state: the step count and both moments per parameter.
 #[derive(Debug, Clone)]
 pub struct AdamState {
@@ -131,5 +152,26 @@ impl AdamW {
         let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
         let update = ((&m / bc1)? / denom)?;
         Ok(((decayed - (update * self.lr)?)?, m, v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// PyTorch's rule: a norm over the limit is scaled to it (by max / (norm + 1e-6)), one below
+    /// is left alone; the norm returned is the one before.
+    #[test]
+    fn gradients_are_clipped_to_the_norm_asked() {
+        let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
+        let mut g = BTreeMap::from([("a".to_string(), t(&[3.0])), ("b".to_string(), t(&[4.0]))]);
+        let norm = clip_grad_norm(&mut g, 1.0).unwrap();
+        assert_eq!(norm, 5.0);
+        let a = g["a"].to_vec1::<f32>().unwrap()[0] as f64;
+        assert!((a - 3.0 / (5.0 + 1e-6)).abs() < 1e-7, "{a}");
+        let mut small = BTreeMap::from([("a".to_string(), t(&[0.3]))]);
+        clip_grad_norm(&mut small, 1.0).unwrap();
+        assert_eq!(small["a"].to_vec1::<f32>().unwrap(), vec![0.3]);
     }
 }

@@ -236,6 +236,7 @@ impl<'a> Trainer<'a> {
             images,
             &opts.templates,
             opts.flip,
+            learner.augment(),
         )?;
         let adam = AdamW::new(opts.lr, opts.weight_decay, learner.vars())?;
         let bytes: usize = learner
@@ -274,6 +275,7 @@ impl<'a> Trainer<'a> {
             class_images,
             &["a photo of a {}".to_string()],
             false,
+            crate::train::Augment::None,
         )?;
         self.prior = Some((data, weight));
         Ok(())
@@ -404,11 +406,15 @@ impl<'a> Trainer<'a> {
         } else {
             (loss * scale)?.backward()?
         };
-        let g = crate::train::optim::gradients(&grads, self.learner.vars(), scale)?;
+        let mut g = crate::train::optim::gradients(&grads, self.learner.vars(), scale)?;
+        // An overflow is seen before clipping (which would scale it to zeros).
         let apply = match &mut self.scaler {
             Some(s) => s.after_step(all_finite(&g)?)?,
             None => true,
         };
+        if let (true, Some(max)) = (apply, self.learner.max_grad_norm()) {
+            crate::train::optim::clip_grad_norm(&mut g, max)?;
+        }
         if apply && !self.rollback && !self.adam.keeps_finite(self.learner.vars(), &g)? {
             return Err(Error::arg(
                 "training",

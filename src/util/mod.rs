@@ -8,5 +8,6 @@ pub mod memory;
 pub mod names;
 pub mod noise;
 pub mod plot;
+pub mod resize;
 pub mod tensors;
 pub mod text_render;

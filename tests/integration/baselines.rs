@@ -1301,7 +1301,7 @@ fn every_method_resumes_from_its_checkpoint_to_the_same_result() {
         let dir = tempfile::tempdir().unwrap();
         let lr = infusion_repl::methods::method(method)
             .unwrap()
-            .default_lr(1)
+            .default_lr(1, false)
             * 10.0;
         let req = |resume: Option<PathBuf>, out: PathBuf| {
             let mut settings = infusion_repl::methods::Settings::new();

@@ -81,11 +81,12 @@ fn train_spec() -> FnSpec {
         .iter()
         .map(|m| {
             format!(
-                "{} ({}; {} steps, lr {} at batch 4)",
+                "{} ({}; {} steps, batch {}, lr {})",
                 m.name(),
                 m.about(),
                 m.default_steps(),
-                m.default_lr(4)
+                m.default_batch(),
+                m.default_lr(m.default_batch(), false)
             )
         })
         .collect();
@@ -101,7 +102,7 @@ fn train_spec() -> FnSpec {
         .opt("prior_images", Kind::POSITIVE, prior.images as INT, "how many class images prior preservation makes")
         .opt("prior_weight", Kind::Float, prior.weight, "the weight of the class images' loss")
         .opt_unset("prior_dir", Kind::Str, "a folder to keep the class images in and take them from next time (default: made each run)")
-        .opt("batch", Kind::POSITIVE, d.batch as INT, "images per step")
+        .opt_unset("batch", Kind::POSITIVE, "images per step (default: the method's)")
         .opt("seed", Kind::SEED, d.seed as INT, "seed of every random draw (images, timesteps, noise)")
         .opt("templates", Kind::Strings, d.templates.clone(), "prompt templates, {} for the class word")
         .opt("flip", Kind::Bool, d.flip, "also train on the mirror images")
@@ -141,7 +142,7 @@ fn train(
         settings,
         steps: o.usize("train_steps"),
         lr: o.float("lr"),
-        batch: o.given("batch").then(|| o.usize("batch")).flatten(),
+        batch: o.usize("batch"),
         seed: o.given("seed").then(|| o.u64("seed")).flatten(),
         templates: o
             .given("templates")
