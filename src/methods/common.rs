@@ -13,7 +13,10 @@ use crate::sd::unet::UNet;
 use crate::train::{Batch, Run, TrainingSet};
 
 /// The DDPM loss of `batch` with text states `states` `(b, tokens, width)` and an optional hook
-/// on every row, through `unet` (the model's own unless a method trains a copy).
+/// on every row, through `unet` (the model's own unless a method trains a copy). Where the data
+/// masks the loss (Custom Diffusion's scale augmentation), it is the script's masked form:
+/// each row's squared error summed over channels and pixels inside its mask, divided by the
+/// mask's pixels, averaged over rows.
 pub fn ddpm_loss(
     sd: &StableDiffusion,
     unet: &UNet,
@@ -41,11 +44,14 @@ pub fn ddpm_loss(
         &states.to_dtype(sd.dtype())?,
         ctx.as_ref(),
     )?;
-    Ok(
-        (pred.to_dtype(DType::F32)? - batch.noise.to_dtype(DType::F32)?)?
-            .sqr()?
-            .mean_all()?,
-    )
+    let err = (pred.to_dtype(DType::F32)? - batch.noise.to_dtype(DType::F32)?)?.sqr()?;
+    Ok(match data.masks(sd, batch)? {
+        None => err.mean_all()?,
+        Some(mask) => {
+            let kept = err.broadcast_mul(&mask)?.sum((1, 2, 3))?;
+            (kept / mask.sum((1, 2, 3))?)?.mean_all()?
+        }
+    })
 }
 
 /// A trigger (DreamBooth's identifier, "sks") is one word.

@@ -86,8 +86,10 @@ impl Method for DreamBooth {
         )?))
     }
 
+    /// A folder with a diffusers UNet's weights.
     fn claims(&self, found: &Found) -> bool {
-        matches!(found, Found::Folder(_))
+        matches!(found, Found::Folder(dir)
+            if crate::sd::hub::find_weights(dir, WEIGHTS_STEM, false).is_ok())
     }
 
     /// A diffusers `unet/` folder of the model's config, C's UNet where the concept is named

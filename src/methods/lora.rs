@@ -741,15 +741,7 @@ impl LoraHook {
     ) -> candle_core::Result<Tensor> {
         match (self.branch, rows) {
             (Some(branch), Some(rows)) => {
-                let mask: Vec<f32> = rows
-                    .rows()
-                    .iter()
-                    .map(|r| if r.branch == branch { 1.0 } else { 0.0 })
-                    .collect();
-                let b = mask.len();
-                let mask =
-                    Tensor::from_vec(mask, (b, 1, 1), output.device())?.to_dtype(output.dtype())?;
-                output + delta.broadcast_mul(&mask)?
+                output + delta.broadcast_mul(&rows.branch_mask(branch, &delta)?)?
             }
             _ => output + delta,
         }

@@ -14,6 +14,7 @@
 //! [`crate::customize`].
 
 pub mod common;
+pub mod custom_diffusion;
 pub mod dreambooth;
 pub mod files;
 pub mod infusion;
@@ -38,10 +39,11 @@ pub use files::{Found, Provenance};
 
 /// Every method, in the order files are offered to them (the first that claims a file reads
 /// it).
-pub static REGISTRY: [&dyn Method; 4] = [
+pub static REGISTRY: [&dyn Method; 5] = [
     &infusion::Infusion,
     &textual_inversion::TextualInversion,
     &lora::Lora,
+    &custom_diffusion::CustomDiffusion,
     &dreambooth::DreamBooth,
 ];
 

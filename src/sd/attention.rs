@@ -336,6 +336,17 @@ impl Attention {
         &self.info
     }
 
+    /// A projection's weight `(out, in)` and bias (`to_out.0` has one), as loaded.
+    pub fn projection(&self, p: Projection) -> (&Tensor, Option<&Tensor>) {
+        let l = match p {
+            Projection::Query => &self.to_q,
+            Projection::Key => &self.to_k,
+            Projection::Value => &self.to_v,
+            Projection::Out => &self.to_out,
+        };
+        (l.weight(), l.bias())
+    }
+
     /// `xs`: (b, h*w, query_dim) with `spatial` = (h, w); `context`: (b, keys, context_dim) for
     /// cross-attention.
     pub fn forward(

@@ -122,6 +122,18 @@ impl BatchLayout {
         self.rows.is_empty()
     }
 
+    /// A `(rows, 1, 1)` mask, 1 on the rows of `branch`, in `like`'s dtype and device: what a
+    /// hook that changes one branch's rows multiplies its change by.
+    pub fn branch_mask(&self, branch: Branch, like: &Tensor) -> Result<Tensor> {
+        let mask: Vec<f32> = self
+            .rows
+            .iter()
+            .map(|r| if r.branch == branch { 1.0 } else { 0.0 })
+            .collect();
+        let n = mask.len();
+        Tensor::from_vec(mask, (n, 1, 1), like.device())?.to_dtype(like.dtype())
+    }
+
     /// Index of the row with this branch, guidance and sample.
     pub fn find(&self, branch: Branch, guidance: Guidance, sample: usize) -> Option<usize> {
         self.rows

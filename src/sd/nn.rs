@@ -48,6 +48,10 @@ impl Linear {
     pub fn weight(&self) -> &Tensor {
         self.0.weight()
     }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.0.bias()
+    }
 }
 
 /// candle_nn's `linear` constructor (with bias), for [`Linear`].

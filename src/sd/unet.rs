@@ -377,10 +377,14 @@ impl Block {
     }
 
     fn attention_layers(&self) -> impl Iterator<Item = &LayerInfo> {
+        self.attention_modules().map(Attention::info)
+    }
+
+    fn attention_modules(&self) -> impl Iterator<Item = &Attention> {
         self.attentions
             .iter()
             .flat_map(|a| a.blocks.iter())
-            .flat_map(|b| [b.attn1.info(), b.attn2.info()])
+            .flat_map(|b| [&b.attn1, &b.attn2])
     }
 
     /// Returns the output and the states after each layer (and after the downsampler).
@@ -594,6 +598,16 @@ impl UNet {
     pub fn attention_layers_of(cfg: &UNetConfig) -> Result<Vec<LayerInfo>> {
         let unet = crate::sd::weights::build_meta(|vb| UNet::new(vb, cfg))?;
         Ok(unet.attention_layers().into_iter().cloned().collect())
+    }
+
+    /// The attention layer at `path` (`down_blocks.0.attentions.0.transformer_blocks.0.attn2`).
+    pub fn attention(&self, path: &str) -> Option<&Attention> {
+        self.down
+            .iter()
+            .chain(std::iter::once(&self.mid))
+            .chain(&self.up)
+            .flat_map(Block::attention_modules)
+            .find(|a| a.info().path == path)
     }
 
     /// Every attention layer, in the order the UNet runs them.

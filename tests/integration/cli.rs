@@ -283,20 +283,24 @@ fn bench_smoke_run_reports_every_measurement() {
     assert_eq!(json["kernels"], "fused");
     let rows = json["rows"].as_array().unwrap();
     // Loading against reading the files, two UNet rows, the text encoder and the VAE decoder,
-    // text-to-image and the pair, a training step of each method, then the first
-    // self-attention and the first group norm + SiLU alone: naive, and fused against it.
-    assert_eq!(rows.len(), 16);
-    assert_eq!(rows[4]["name"], "text encoder, batch 2");
-    assert_eq!(rows[5]["name"], "vae decode, per image");
-    assert!(rows[11]["name"].as_str().unwrap().ends_with("dreambooth"));
+    // text-to-image and the pair, a training step of each registered method (in the registry's
+    // order), then the first self-attention and the first group norm + SiLU alone: naive, and
+    // fused against it.
+    let methods = infusion_repl::methods::names();
+    let after = 8 + methods.len();
+    assert_eq!(rows.len(), after + 4);
     assert_eq!(rows[0]["name"], "read the weight files once");
     assert_eq!(rows[1]["ratio"][0], "reading its files");
-    assert!(rows[9]["name"]
-        .as_str()
-        .unwrap()
-        .ends_with("textual_inversion"));
-    assert_eq!(rows[10]["ratio"][0], "unet batch 4");
-    for i in [12, 14] {
+    assert_eq!(rows[4]["name"], "text encoder, batch 2");
+    assert_eq!(rows[5]["name"], "vae decode, per image");
+    for (i, m) in methods.iter().enumerate() {
+        // The default method's row carries no suffix; the others name theirs.
+        let name = rows[8 + i]["name"].as_str().unwrap();
+        assert!(name.starts_with("training step, batch 4"), "{name}");
+        assert!(i == 0 || name.contains(m), "row {} is {name}, not {m}", 8 + i);
+        assert_eq!(rows[8 + i]["ratio"][0], "unet batch 4", "{}", rows[8 + i]);
+    }
+    for i in [after, after + 2] {
         assert!(
             rows[i]["name"].as_str().unwrap().ends_with("naive"),
             "{}",

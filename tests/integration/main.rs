@@ -11,6 +11,7 @@ mod baselines;
 mod cli;
 mod concept;
 mod curves;
+mod custom_diffusion;
 mod dtype;
 mod evaluation;
 mod first_hour;

@@ -501,12 +501,17 @@ mod tests {
             train.contains("train_steps      integer >= 1: training steps (default: the method's)"),
             "{train}"
         );
+        // Every registered method is offered, in the registry's order.
+        let offered = crate::methods::names()
+            .iter()
+            .map(|n| format!("\"{n}\""))
+            .collect::<Vec<_>>()
+            .join(" | ");
         assert!(
-            train.contains(
-                r#"method           "infusion" | "textual_inversion" | "lora" | "dreambooth" = "infusion""#
-            ),
+            train.contains(&format!("method           {offered} = \"infusion\"")),
             "{train}"
         );
+        assert!(offered.contains("\"custom_diffusion\""), "{offered}");
         let g = docs.help("Generation", 200).unwrap();
         assert!(g.contains(".base ") && g.contains(".custom_latents"), "{g}");
         assert!(g.contains("generation.attention(word)"), "{g}");
