@@ -84,6 +84,9 @@ fn method_settings(given: &[String]) -> Result<crate::methods::Settings> {
                 )
             })?),
             SettingValue::Word(_) => serde_json::json!(value),
+            SettingValue::Number(_) => serde_json::json!(value
+                .parse::<f64>()
+                .map_err(|_| { Error::arg("set", format!("{key}={value}: {key} is a number")) })?),
         };
         out.insert(key.to_string(), v);
     }
@@ -108,6 +111,7 @@ fn method_help() -> String {
             let default = match s.default {
                 crate::methods::SettingValue::Count(n) => n.to_string(),
                 crate::methods::SettingValue::Word(w) => w.to_string(),
+                crate::methods::SettingValue::Number(x) => x.to_string(),
             };
             text.push_str(&format!("\n      --set {}={default}: {}", s.name, s.doc));
         }

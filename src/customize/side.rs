@@ -53,6 +53,8 @@ pub fn custom_side(
     let mut hooks: Vec<Box<dyn AttentionHook>> = vec![];
     let mut text_hooks: Vec<Box<dyn AttentionHook>> = vec![];
     let mut unet: Option<std::sync::Arc<UNet>> = None;
+    // Concepts whose hooks are made together, by method.
+    let mut joint: Vec<(&str, Vec<&dyn CustomConcept>)> = vec![];
     for (span, concept) in marks {
         prompt.push_str(&base[at..span.start]);
         let Change {
@@ -84,7 +86,14 @@ pub fn custom_side(
             }
         }
         if let Some(maker) = maker {
-            hooks.push(maker.unet_hook(sd, branch)?);
+            if maker.joint() {
+                match joint.iter_mut().find(|(m, _)| *m == concept.method()) {
+                    Some((_, peers)) => peers.push(*concept),
+                    None => joint.push((concept.method(), vec![*concept])),
+                }
+            } else {
+                hooks.push(maker.unet_hook(sd, branch)?);
+            }
             text_hooks.extend(maker.text_hook(sd)?);
         }
         if let Some(tuned) = tuned {
@@ -99,6 +108,11 @@ pub fn custom_side(
         at = span.end;
     }
     prompt.push_str(&base[at..]);
+    for (_, peers) in &joint {
+        if let Some(maker) = peers[0].change().hooks {
+            hooks.push(maker.joint_unet_hook(peers, sd, branch)?);
+        }
+    }
     let text_chain = Chain(text_hooks.iter().map(|h| h.as_ref()).collect());
     let text = text_chain.modules();
     let states = if learned.is_empty() && prompt == base && text.is_none() {

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::sd::hook::{AttentionHook, BatchLayout, Branch, Guidance, HookCtx};
+use crate::sd::hook::{AttentionHook, AttnSite, BatchLayout, Branch, Guidance, HookCtx};
 use crate::sd::pipeline::StableDiffusion;
 use crate::sd::unet::UNet;
 use crate::train::{Batch, Run, TrainingSet};
@@ -52,6 +52,23 @@ pub fn ddpm_loss(
             (kept / mask.sum((1, 2, 3))?)?.mean_all()?
         }
     })
+}
+
+/// A hook's `new` projection in place of `output` on the rows of `branch` (on every row
+/// without one).
+pub fn on_branch(
+    site: &AttnSite<'_>,
+    branch: Option<Branch>,
+    output: Tensor,
+    new: Tensor,
+) -> candle_core::Result<Tensor> {
+    match branch {
+        Some(branch) => {
+            let mask = site.rows.branch_mask(branch, &new)?;
+            output.broadcast_mul(&(1.0 - &mask)?)? + new.broadcast_mul(&mask)?
+        }
+        None => Ok(new),
+    }
 }
 
 /// A trigger (DreamBooth's identifier, "sks") is one word.

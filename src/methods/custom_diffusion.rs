@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::common::{ddpm_loss, in_file, name_and_word, not_a, Origin};
+use super::common::{ddpm_loss, in_file, name_and_word, not_a, on_branch, Origin};
 use super::files::{check_float, write_safetensors, Found, Provenance};
 use super::words::{text_states, Embedding};
 use super::{
@@ -620,13 +620,7 @@ impl AttentionHook for ProjectionsHook {
                 1,
             )?;
         }
-        match self.branch {
-            Some(branch) => {
-                let mask = site.rows.branch_mask(branch, &new)?;
-                output.broadcast_mul(&(1.0 - &mask)?)? + new.broadcast_mul(&mask)?
-            }
-            None => Ok(new),
-        }
+        on_branch(site, self.branch, output, new)
     }
 }
 
@@ -797,7 +791,12 @@ impl Learner for ModifiedLayers {
         Ok(path)
     }
 
-    fn read(&self, _: &StableDiffusion, path: &Path, _: &Job) -> Result<BTreeMap<String, Tensor>> {
+    fn read(
+        &mut self,
+        _: &StableDiffusion,
+        path: &Path,
+        _: &Job,
+    ) -> Result<BTreeMap<String, Tensor>> {
         if !CustomDiffusion.claims(&Found::read(path)?) {
             return Err(not_a(path, "Custom Diffusion folder"));
         }

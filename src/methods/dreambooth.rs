@@ -379,7 +379,12 @@ impl Learner for FullUnet {
         Ok(path)
     }
 
-    fn read(&self, sd: &StableDiffusion, path: &Path, _: &Job) -> Result<BTreeMap<String, Tensor>> {
+    fn read(
+        &mut self,
+        sd: &StableDiffusion,
+        path: &Path,
+        _: &Job,
+    ) -> Result<BTreeMap<String, Tensor>> {
         if !path.is_dir() {
             return Err(not_a(path, "unet/ folder"));
         }

@@ -936,7 +936,12 @@ impl Learner for LoraLearner {
         Ok(path)
     }
 
-    fn read(&self, _: &StableDiffusion, path: &Path, _: &Job) -> Result<BTreeMap<String, Tensor>> {
+    fn read(
+        &mut self,
+        _: &StableDiffusion,
+        path: &Path,
+        _: &Job,
+    ) -> Result<BTreeMap<String, Tensor>> {
         let found = Found::read(path)?;
         if !Lora.claims(&found) {
             return Err(not_a(path, "LoRA"));

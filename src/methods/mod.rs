@@ -19,6 +19,7 @@ pub mod dreambooth;
 pub mod files;
 pub mod infusion;
 pub mod lora;
+pub mod perfusion;
 pub mod textual_inversion;
 pub mod words;
 
@@ -39,11 +40,12 @@ pub use files::{Found, Provenance};
 
 /// Every method, in the order files are offered to them (the first that claims a file reads
 /// it).
-pub static REGISTRY: [&dyn Method; 5] = [
+pub static REGISTRY: [&dyn Method; 6] = [
     &infusion::Infusion,
     &textual_inversion::TextualInversion,
     &lora::Lora,
     &custom_diffusion::CustomDiffusion,
+    &perfusion::Perfusion,
     &dreambooth::DreamBooth,
 ];
 
@@ -93,6 +95,8 @@ pub enum SettingValue {
     Count(usize),
     /// One word.
     Word(&'static str),
+    /// A finite number.
+    Number(f64),
 }
 
 /// Settings given for a method, by name: what its learner is made with, and what checkpoints
@@ -207,6 +211,11 @@ pub fn resolve_settings(method: &dyn Method, given: &Settings) -> Result<Setting
         let value = match (given.get(s.name), s.default) {
             (None, SettingValue::Count(d)) => serde_json::json!(d),
             (None, SettingValue::Word(d)) => serde_json::json!(d),
+            (None, SettingValue::Number(d)) => serde_json::json!(d),
+            (Some(v), SettingValue::Number(_)) => match v.as_f64() {
+                Some(x) if x.is_finite() => serde_json::json!(x),
+                _ => return Err(Error::arg(s.name, format!("{v} is not a finite number"))),
+            },
             (Some(v), SettingValue::Count(_)) => match v.as_u64() {
                 Some(n) if n >= 1 => v.clone(),
                 _ => {
@@ -232,6 +241,14 @@ pub fn count(settings: &Settings, name: &str) -> Result<usize> {
         .get(name)
         .and_then(|v| v.as_u64())
         .map(|n| n as usize)
+        .ok_or_else(|| Error::Internal(format!("setting `{name}` was not resolved")))
+}
+
+/// A number setting of resolved `settings` (see [`resolve_settings`]).
+pub fn number(settings: &Settings, name: &str) -> Result<f64> {
+    settings
+        .get(name)
+        .and_then(|v| v.as_f64())
         .ok_or_else(|| Error::Internal(format!("setting `{name}` was not resolved")))
 }
 
@@ -368,6 +385,24 @@ pub trait HookMaker: Send + Sync {
     /// A hook whose module part ([`AttentionHook::modules`]) changes the text encoder (C's
     /// text, its negative prompt's too), if it does.
     fn text_hook(&self, sd: &StableDiffusion) -> Result<Option<Box<dyn AttentionHook>>>;
+
+    /// Whether the hooks of a prompt's concepts of this method are made together, as one
+    /// ([`HookMaker::joint_unet_hook`]; Perfusion's edits are orthogonalised jointly).
+    fn joint(&self) -> bool {
+        false
+    }
+
+    /// The one hook of `peers` (the prompt's concepts of this method, this one first), on C's
+    /// rows `branch`.
+    fn joint_unet_hook(
+        &self,
+        peers: &[&dyn CustomConcept],
+        sd: &StableDiffusion,
+        branch: Branch,
+    ) -> Result<Box<dyn AttentionHook>> {
+        let _ = peers;
+        self.unet_hook(sd, branch)
+    }
 }
 
 /// What a concept changes in C; F always runs the plain model on the prompt with the class

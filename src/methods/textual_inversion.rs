@@ -337,7 +337,12 @@ impl Learner for LearnedWord {
         Ok(path)
     }
 
-    fn read(&self, _: &StableDiffusion, path: &Path, _: &Job) -> Result<BTreeMap<String, Tensor>> {
+    fn read(
+        &mut self,
+        _: &StableDiffusion,
+        path: &Path,
+        _: &Job,
+    ) -> Result<BTreeMap<String, Tensor>> {
         let found = Found::read(path)?;
         if !TextualInversion.claims(&found) {
             return Err(not_a(path, "Textual Inversion embedding"));

@@ -210,6 +210,8 @@ pub struct StableDiffusion {
     /// What loading chose on the user's behalf (EMA weights, another VAE), to say.
     notes: Vec<String>,
     unet_fingerprint: String,
+    /// Fingerprint of the text encoder's weights (what its statistics are cached by).
+    text_fingerprint: String,
     device: Device,
     dtype: DType,
     vae_dtype: DType,
@@ -373,6 +375,7 @@ impl StableDiffusion {
             .unet
             .build(opts.dtype, dev, |vb| UNet::new(vb, &c.unet))?;
         let unet_fingerprint = parts.unet.fingerprint()?;
+        let text_fingerprint = parts.text.fingerprint()?;
         let vae = parts.vae.build(vae_dtype, dev, |vb| Vae::new(vb, &c.vae))?;
         let mut weight_files: Vec<PathBuf> = [&parts.text, &parts.unet, &parts.vae]
             .iter()
@@ -393,6 +396,7 @@ impl StableDiffusion {
             name: parts.name,
             notes,
             unet_fingerprint,
+            text_fingerprint,
             device: dev.clone(),
             dtype: opts.dtype,
             vae_dtype,
@@ -432,6 +436,7 @@ impl StableDiffusion {
             name: "random".into(),
             notes: vec![],
             unet_fingerprint: format!("random:{seed}"),
+            text_fingerprint: format!("random:{seed}"),
             device: dev.clone(),
             dtype: opts.dtype,
             vae_dtype,
@@ -441,6 +446,12 @@ impl StableDiffusion {
     /// Fingerprint of the UNet weights (`base_model` of the concepts trained on this model).
     pub fn unet_fingerprint(&self) -> &str {
         &self.unet_fingerprint
+    }
+
+    /// Fingerprint of the text encoder's weights (what statistics of its outputs, Perfusion's
+    /// covariance, are cached by).
+    pub fn text_fingerprint(&self) -> &str {
+        &self.text_fingerprint
     }
 
     pub fn files(&self) -> Option<&ModelFiles> {

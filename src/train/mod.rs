@@ -58,6 +58,36 @@ pub trait Learner {
         params: &BTreeMap<String, Tensor>,
     ) -> Result<Tensor>;
 
+    /// Updates what the learner keeps besides its parameters (Perfusion's running encoding of
+    /// its word) from a training batch, before that batch's loss; evaluation losses do not call
+    /// it.
+    fn observe(
+        &mut self,
+        _sd: &StableDiffusion,
+        _data: &TrainingSet,
+        _batch: &Batch,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// What it keeps besides its parameters (see [`Learner::observe`]), as plain values; its
+    /// saved files hold them.
+    fn buffers(&self) -> BTreeMap<String, Tensor> {
+        BTreeMap::new()
+    }
+
+    /// Batches whose gradients are summed into one update (gradient accumulation: each
+    /// batch's loss divided by their number).
+    fn accumulate(&self) -> usize {
+        1
+    }
+
+    /// Parameter `name`'s learning rate as a multiple of the run's (Perfusion's word
+    /// embedding trains at a fifth of its outputs' rate).
+    fn lr_scale(&self, _name: &str) -> f64 {
+        1.0
+    }
+
     /// The norm the gradients are clipped to before each update (PyTorch's `clip_grad_norm_`
     /// over every parameter), if the method's script clips them.
     fn max_grad_norm(&self) -> Option<f64> {
@@ -79,9 +109,10 @@ pub trait Learner {
     /// as it is; returns its path.
     fn save(&self, sd: &StableDiffusion, run: &Run<'_>, dir: &Path, stem: &str) -> Result<PathBuf>;
 
-    /// The parameters, by name, in what [`Learner::save`] wrote (to resume from it).
+    /// The parameters, by name, in what [`Learner::save`] wrote (to resume from it); what the
+    /// learner keeps besides them (see [`Learner::observe`]) is taken back from it too.
     fn read(
-        &self,
+        &mut self,
         sd: &StableDiffusion,
         path: &Path,
         job: &Job,

@@ -62,6 +62,8 @@ pub struct AdamW {
     beta2: f64,
     eps: f64,
     weight_decay: f64,
+    /// Learning-rate multiples by parameter (1 for those not named).
+    lr_scales: BTreeMap<String, f64>,
     state: AdamState,
 }
 
@@ -79,6 +81,7 @@ impl AdamW {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay,
+            lr_scales: BTreeMap::new(),
             state: AdamState {
                 step: 0,
                 m: zeros()?,
@@ -90,6 +93,12 @@ impl AdamW {
     /// Changes the learning rate (a schedule's step).
     pub fn set_lr(&mut self, lr: f64) {
         self.lr = lr;
+    }
+
+    /// Trains parameter `k` at `scale` x the learning rate (its decay too, as a PyTorch
+    /// parameter group with its own lr).
+    pub fn set_lr_scale(&mut self, k: &str, scale: f64) {
+        self.lr_scales.insert(k.to_string(), scale);
     }
 
     pub fn state(&self) -> &AdamState {
@@ -148,10 +157,11 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(t as i32);
         let m = ((&s.m[k] * b1)? + (g * (1.0 - b1))?)?;
         let v = ((&s.v[k] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-        let decayed = (param * (1.0 - self.lr * self.weight_decay))?;
+        let lr = self.lr * self.lr_scales.get(k).copied().unwrap_or(1.0);
+        let decayed = (param * (1.0 - lr * self.weight_decay))?;
         let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
         let update = ((&m / bc1)? / denom)?;
-        Ok(((decayed - (update * self.lr)?)?, m, v))
+        Ok(((decayed - (update * lr)?)?, m, v))
     }
 }
 

@@ -238,7 +238,13 @@ impl<'a> Trainer<'a> {
             opts.flip,
             learner.augment(),
         )?;
-        let adam = AdamW::new(opts.lr, opts.weight_decay, learner.vars())?;
+        let mut adam = AdamW::new(opts.lr, opts.weight_decay, learner.vars())?;
+        for k in learner.vars().keys() {
+            let scale = learner.lr_scale(k);
+            if scale != 1.0 {
+                adam.set_lr_scale(k, scale);
+            }
+        }
         let bytes: usize = learner
             .vars()
             .values()
@@ -304,6 +310,11 @@ impl<'a> Trainer<'a> {
         self.learner.vars()
     }
 
+    /// What the learner keeps besides its parameters ([`Learner::buffers`]).
+    pub fn buffers(&self) -> BTreeMap<String, Tensor> {
+        self.learner.buffers()
+    }
+
     /// The learner's method.
     pub fn method(&self) -> &'static str {
         self.learner.method()
@@ -359,54 +370,81 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// One optimization step; returns its loss. A non-finite loss is an error that rolls the
-    /// Δs and the optimizer state back to those of the last finite loss (one update back, when
-    /// there was one). In f16 the loss is scaled (see [`LossScale`]); a step whose scaled
+    /// The error of a step whose loss became `value` (not finite), after rolling the
+    /// parameters and the optimizer state back to those of the last finite loss (one update
+    /// back, when there was one).
+    fn roll_back(&mut self, value: f32) -> Error {
+        let failed = self.step + 1;
+        let kept = match self.previous.take() {
+            Some(prev) => {
+                for (k, v) in self.learner.vars() {
+                    if let Err(e) = v.set(&prev.params[k]) {
+                        return e.into();
+                    }
+                }
+                self.adam.set_state(prev.adam);
+                self.step -= 1;
+                "the last with a finite loss"
+            }
+            None if self.step > 0 => {
+                "which gave this loss: the parameters are too large to keep a copy of the step \
+                 before"
+            }
+            None => "the start",
+        };
+        Error::arg(
+            "training",
+            format!(
+                "the loss became {value} at step {failed}: stopped, keeping the parameters of \
+                 step {} ({kept}); try a lower learning rate",
+                self.step
+            ),
+        )
+    }
+
+    /// One optimization step (of [`Learner::accumulate`] batches); returns its loss. A
+    /// non-finite loss is an error that rolls the parameters and the optimizer state back to
+    /// those of the last finite loss (one update back, when there was one). In f16 the loss is scaled (see [`LossScale`]); a step whose scaled
     /// gradients overflow changes nothing but the scale.
     pub fn step(&mut self) -> Result<f32> {
         let mut rng = step_rng(self.opts.seed, self.step, false);
-        let batch = self.data.draw(self.sd, &mut rng, self.opts.batch)?;
-        let params = self.var_tensors();
-        let mut loss = self.loss(&batch, &params)?;
-        if let Some((data, weight)) = &self.prior {
-            let class = data.draw(self.sd, &mut rng, self.opts.batch)?;
-            let prior = self.learner.loss(self.sd, data, &class, &params)?;
-            loss = (loss + (prior * *weight)?)?;
-        }
-        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        if !value.is_finite() {
-            let failed = self.step + 1;
-            let kept = match self.previous.take() {
-                Some(prev) => {
-                    for (k, v) in self.learner.vars() {
-                        v.set(&prev.params[k])?;
-                    }
-                    self.adam.set_state(prev.adam);
-                    self.step -= 1;
-                    "the last with a finite loss"
-                }
-                None if self.step > 0 => {
-                    "which gave this loss: the parameters are too large to keep a copy of the \
-                     step before"
-                }
-                None => "the start",
-            };
-            return Err(Error::arg(
-                "training",
-                format!(
-                    "the loss became {value} at step {failed}: stopped, keeping the parameters \
-                     of step {} ({kept}); try a lower learning rate",
-                    self.step
-                ),
-            ));
-        }
+        let parts = self.learner.accumulate().max(1);
         let scale = self.scaler.map_or(1.0, |s| s.scale);
-        let grads = if scale == 1.0 {
-            loss.backward()?
-        } else {
-            (loss * scale)?.backward()?
-        };
-        let mut g = crate::train::optim::gradients(&grads, self.learner.vars(), scale)?;
+        let mut value = 0f32;
+        let mut g: Option<BTreeMap<String, Tensor>> = None;
+        for _ in 0..parts {
+            let batch = self.data.draw(self.sd, &mut rng, self.opts.batch)?;
+            self.learner.observe(self.sd, &self.data, &batch)?;
+            let params = self.var_tensors();
+            let mut loss = self.loss(&batch, &params)?;
+            if let Some((data, weight)) = &self.prior {
+                let class = data.draw(self.sd, &mut rng, self.opts.batch)?;
+                let prior = self.learner.loss(self.sd, data, &class, &params)?;
+                loss = (loss + (prior * *weight)?)?;
+            }
+            if parts > 1 {
+                loss = (loss / parts as f64)?;
+            }
+            let part = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            value += part;
+            if !part.is_finite() {
+                return Err(self.roll_back(value));
+            }
+            let grads = if scale == 1.0 {
+                loss.backward()?
+            } else {
+                (loss * scale)?.backward()?
+            };
+            let part = crate::train::optim::gradients(&grads, self.learner.vars(), scale)?;
+            g = Some(match g {
+                None => part,
+                Some(sum) => sum
+                    .into_iter()
+                    .map(|(k, a)| Ok((k.clone(), (a + &part[&k])?)))
+                    .collect::<Result<_>>()?,
+            });
+        }
+        let mut g = g.ok_or_else(|| Error::Internal("no batch in a step".into()))?;
         // An overflow is seen before clipping (which would scale it to zeros).
         let apply = match &mut self.scaler {
             Some(s) => s.after_step(all_finite(&g)?)?,
@@ -551,7 +589,7 @@ impl<'a> Trainer<'a> {
         checkpoint: &Checkpoint,
         images: &[RgbImage],
         steps: Option<usize>,
-        learner: Box<dyn Learner + 'a>,
+        mut learner: Box<dyn Learner + 'a>,
         job: &Job,
     ) -> Result<Self> {
         let bad = |msg: String| Error::Safetensors {

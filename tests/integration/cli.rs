@@ -297,7 +297,11 @@ fn bench_smoke_run_reports_every_measurement() {
         // The default method's row carries no suffix; the others name theirs.
         let name = rows[8 + i]["name"].as_str().unwrap();
         assert!(name.starts_with("training step, batch 4"), "{name}");
-        assert!(i == 0 || name.contains(m), "row {} is {name}, not {m}", 8 + i);
+        assert!(
+            i == 0 || name.contains(m),
+            "row {} is {name}, not {m}",
+            8 + i
+        );
         assert_eq!(rows[8 + i]["ratio"][0], "unet batch 4", "{}", rows[8 + i]);
     }
     for i in [after, after + 2] {

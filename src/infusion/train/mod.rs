@@ -109,7 +109,7 @@ impl Learner for Deltas {
     }
 
     fn read(
-        &self,
+        &mut self,
         sd: &StableDiffusion,
         path: &Path,
         job: &Job,

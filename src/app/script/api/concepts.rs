@@ -68,6 +68,7 @@ fn method_settings(spec: FnSpec) -> FnSpec {
             spec = match s.default {
                 SettingValue::Count(d) => spec.opt_owned(s.name, Kind::POSITIVE, d as INT, doc),
                 SettingValue::Word(d) => spec.opt_owned(s.name, Kind::Str, d, doc),
+                SettingValue::Number(d) => spec.opt_owned(s.name, Kind::Float, d, doc),
             };
         }
     }
@@ -129,6 +130,11 @@ fn train(
                 let v = match s.default {
                     SettingValue::Count(_) => serde_json::json!(v.as_int().unwrap_or(0)),
                     SettingValue::Word(_) => serde_json::json!(v.to_string()),
+                    SettingValue::Number(_) => serde_json::json!(v
+                        .as_float()
+                        .ok()
+                        .or_else(|| v.as_int().ok().map(|i| i as f64))
+                        .unwrap_or(f64::NAN)),
                 };
                 settings.insert(s.name.to_string(), v);
             }
