@@ -18,7 +18,7 @@ use crate::train::{
     class_images, image_count_warning, Checkpoint, Prior, TrainOptions, TrainReport, Trainer,
 };
 use crate::util::fs::check_writable;
-use crate::util::image_io::load_folder_images;
+use crate::util::image_io::{load_folder, load_masks};
 
 /// A loaded model and what it was loaded from.
 pub struct LoadedModel {
@@ -219,6 +219,8 @@ pub struct TrainAsk {
     pub flip: Option<bool>,
     pub checkpoint_every: Option<usize>,
     pub checkpoint_dir: Option<PathBuf>,
+    /// A folder of loss masks, one PNG per image named as it (see [`TrainOptions::masks`]).
+    pub masks: Option<PathBuf>,
     /// Prior preservation (for the methods that take it).
     pub prior: Option<Prior>,
     /// Continue the run of this checkpoint.
@@ -289,6 +291,7 @@ impl TrainAsk {
                 flip: self.flip.unwrap_or(defaults.flip),
                 checkpoint_every: self.checkpoint_every,
                 checkpoint_dir: self.checkpoint_dir.clone(),
+                masks: self.masks.clone(),
                 ..defaults
             };
             if options.checkpoint_every.is_some() {
@@ -375,6 +378,10 @@ impl TrainAsk {
         if let Some(steps) = self.steps {
             options.steps = steps;
         }
+        // The run's masks, from where they are now when the request says.
+        if let Some(m) = &self.masks {
+            options.masks = Some(m.clone());
+        }
         let prior = ckpt.prior.map(|(images, weight)| Prior {
             images,
             weight,
@@ -451,7 +458,15 @@ pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Res
             check_writable(out)?;
         }
     }
-    let images = load_folder_images(&req.folder, job)?;
+    let folder = load_folder(&req.folder)?;
+    for s in &folder.skipped {
+        job.warn(format!("skipped {s}"));
+    }
+    let masks = match &req.options.masks {
+        Some(dir) => Some(load_masks(&folder.images, dir)?),
+        None => None,
+    };
+    let images: Vec<image::RgbImage> = folder.images.into_iter().map(|(_, i)| i).collect();
     if let Some(w) = image_count_warning(images.len(), &req.folder) {
         job.warn(w);
     }
@@ -469,6 +484,9 @@ pub fn train_concept(sd: &StableDiffusion, req: &TrainRequest, job: &Job) -> Res
             learner,
         )?,
     };
+    if let Some(masks) = &masks {
+        trainer.set_masks(masks)?;
+    }
     if let Some(prior) = &req.prior {
         let seed = trainer.options().seed;
         let class = class_images(sd, &req.word, prior.images, seed, prior.dir.as_deref(), job)?;

@@ -363,6 +363,10 @@ struct TrainArgs {
     /// --class_data_dir); default: made each run.
     #[arg(long)]
     prior_dir: Option<PathBuf>,
+    /// A folder of loss masks, one PNG per image named as it (white counts, black does not);
+    /// default: the plain loss over the whole image. Custom Diffusion takes none.
+    #[arg(long)]
+    masks: Option<PathBuf>,
     /// Training steps (in total, when resuming; default: the method's, see --method).
     #[arg(long)]
     train_steps: Option<usize>,
@@ -759,6 +763,7 @@ fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) ->
         flip: args.no_flip.then_some(false),
         checkpoint_every: args.checkpoint_every,
         checkpoint_dir: None,
+        masks: args.masks.clone(),
         prior: args.prior.then(|| Prior {
             images: args.prior_images,
             weight: args.prior_weight,

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::sd::hook::{AttentionHook, AttnSite, BatchLayout, Branch, Guidance, HookCtx};
@@ -44,14 +44,7 @@ pub fn ddpm_loss(
         &states.to_dtype(sd.dtype())?,
         ctx.as_ref(),
     )?;
-    let err = (pred.to_dtype(DType::F32)? - batch.noise.to_dtype(DType::F32)?)?.sqr()?;
-    Ok(match data.masks(sd, batch)? {
-        None => err.mean_all()?,
-        Some(mask) => {
-            let kept = err.broadcast_mul(&mask)?.sum((1, 2, 3))?;
-            (kept / mask.sum((1, 2, 3))?)?.mean_all()?
-        }
-    })
+    crate::train::data::mse(&pred, &batch.noise, data.masks(sd, batch)?.as_ref())
 }
 
 /// A hook's `new` projection in place of `output` on the rows of `branch` (on every row

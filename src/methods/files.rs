@@ -122,14 +122,15 @@ impl Found {
             Found::Folder(dir) => Error::arg(
                 "concept",
                 format!(
-                    "{}: a folder, but not a diffusers unet/ folder (no \
-                     diffusion_pytorch_model.safetensors)",
+                    "{}: a folder, but neither a diffusers unet/ folder (no \
+                     diffusion_pytorch_model.safetensors) nor a Custom Diffusion one (no \
+                     pytorch_custom_diffusion_weights.safetensors)",
                     dir.display()
                 ),
             ),
             Found::File { keys, .. } => self.error(format!(
                 "no known concept layout fits its {} tensors (e.g. {}): expected an \
-                 infusion-concept/1 file, a Textual Inversion embedding ({{token: [n, width]}} \
+                 infusion-concept/1 or perfusion-concept/1 file, a Textual Inversion embedding ({{token: [n, width]}} \
                  or `emb_params`) or a LoRA (`...lora.down.weight`, `...lora_A.weight` or \
                  `lora_unet_...lora_down.weight`)",
                 keys.len(),

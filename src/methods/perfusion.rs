@@ -425,13 +425,6 @@ pub fn covariance(
     let (list, id) = captions(source)?;
     let fp = sd.text_fingerprint().to_string();
     let key = format!("{fp}|{id}");
-    if let Some(c) = COVARIANCES
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&key)
-    {
-        return Ok(c.clone());
-    }
     let file = home.map(|h| {
         use sha2::{Digest, Sha256};
         h.join(format!(
@@ -439,15 +432,29 @@ pub fn covariance(
             hex(&Sha256::digest(key.as_bytes())[..6])
         ))
     });
+    let cache = |f: &Path, m: &DMatrix<f64>, n: usize| {
+        if let Err(e) = write_covariance(f, m, &fp, &id, n) {
+            job.note(format!("perfusion: the covariance is not cached: {e}"));
+        }
+    };
+    let known = COVARIANCES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .cloned();
+    if let Some(c) = known {
+        if let Some(f) = file.as_deref().filter(|f| !f.exists()) {
+            cache(f, &c.matrix, c.captions);
+        }
+        return Ok(c);
+    }
     let cached = file.as_deref().and_then(|f| read_covariance(f, &fp, &id));
     let (matrix, count) = match cached {
         Some(c) => c,
         None => {
             let m = covariance_of(sd, &list, job)?;
             if let Some(f) = &file {
-                if let Err(e) = write_covariance(f, &m, &fp, &id, list.len()) {
-                    job.note(format!("perfusion: the covariance is not cached: {e}"));
-                }
+                cache(f, &m, list.len());
             }
             (m, list.len())
         }

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -104,6 +104,33 @@ impl Batch {
     }
 }
 
+/// Where a batch's loss counts: a weight per latent pixel of each draw `(b, 1, h, w)`.
+#[derive(Debug, Clone)]
+pub struct LossMask {
+    pub mask: Tensor,
+    /// Whether the weights are divided by the latent channels too (the mean over the masked
+    /// elements: the users' masks); Custom Diffusion's script divides by the mask's sum alone
+    /// (4x the plain MSE for a mask of ones), and its scale augmentation keeps that.
+    pub per_channel: bool,
+}
+
+/// The mean squared error of `pred` against `target` (f32), over the elements `mask` weighs
+/// (per draw, then the mean over the batch), or over all of them.
+pub fn mse(pred: &Tensor, target: &Tensor, mask: Option<&LossMask>) -> Result<Tensor> {
+    let err = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?.sqr()?;
+    Ok(match mask {
+        None => err.mean_all()?,
+        Some(m) => {
+            let kept = err.broadcast_mul(&m.mask)?.sum((1, 2, 3))?;
+            let mut weight = m.mask.sum((1, 2, 3))?;
+            if m.per_channel {
+                weight = (weight * err.dim(1)? as f64)?;
+            }
+            (kept / weight)?.mean_all()?
+        }
+    })
+}
+
 /// The encoded training images and prompts.
 pub struct TrainingSet {
     /// `(n, C, h, w)` mean and std of the images' latent distributions (unscaled), f32
@@ -120,6 +147,11 @@ pub struct TrainingSet {
     positions: Vec<Vec<usize>>,
     /// Templates (each prompt is `prefix + template`).
     templates: usize,
+    /// Whether each image is followed by its mirror image.
+    flip: bool,
+    /// The users' loss masks `(n, 1, h, w)` at latent resolution, one per image (with mirror
+    /// images), in [0, 1] ([`TrainingSet::set_masks`]).
+    user_masks: Option<Tensor>,
 }
 
 impl TrainingSet {
@@ -189,7 +221,58 @@ impl TrainingSet {
             tokens,
             positions,
             templates: templates.len(),
+            flip,
+            user_masks: None,
         })
+    }
+
+    /// Weighs each image's loss by its mask (white counts, black does not; one per image, of
+    /// its size, in the order of the images), cropped and mirrored as the image and averaged
+    /// down to latent resolution. Custom Diffusion's scale augmentation makes its own masks and
+    /// takes none.
+    pub fn set_masks(&mut self, sd: &StableDiffusion, masks: &[GrayImage]) -> Result<()> {
+        if self.augment == Augment::Scale {
+            return Err(Error::arg(
+                "masks",
+                "Custom Diffusion's scale augmentation masks the loss itself: it takes no masks",
+            ));
+        }
+        let per_image = if self.flip { 2 } else { 1 };
+        if masks.len() * per_image != self.n_images() {
+            return Err(Error::arg(
+                "masks",
+                format!(
+                    "{} masks for {} images",
+                    masks.len(),
+                    self.n_images() / per_image
+                ),
+            ));
+        }
+        let size = sd.default_size() as u32;
+        let (h, w) = sd.latent_size(size as usize, size as usize)?;
+        let mut planes = vec![];
+        for m in masks {
+            // Mirrored, resized and cropped as the image (one channel of it kept).
+            let rgb = image::DynamicImage::ImageLuma8(m.clone()).to_rgb8();
+            let both = if self.flip {
+                vec![rgb.clone(), image::imageops::flip_horizontal(&rgb)]
+            } else {
+                vec![rgb]
+            };
+            for img in both {
+                let sq = square_crop(&img, size);
+                // The mean of each latent pixel's block of image pixels.
+                let (fy, fx) = (size as usize / h, size as usize / w);
+                let mut plane = vec![0f32; h * w];
+                for (x, y, p) in sq.enumerate_pixels() {
+                    let (r, c) = ((y as usize / fy).min(h - 1), (x as usize / fx).min(w - 1));
+                    plane[r * w + c] += p.0[0] as f32 / 255.0 / (fy * fx) as f32;
+                }
+                planes.push(Tensor::from_vec(plane, (1, 1, h, w), sd.device())?);
+            }
+        }
+        self.user_masks = Some(Tensor::cat(&planes, 0)?);
+        Ok(())
     }
 
     /// Number of training images (with mirror images).
@@ -265,9 +348,17 @@ impl TrainingSet {
         Ok(sd.vae.scale(&(mean + (std * &batch.vae_noise)?)?)?)
     }
 
-    /// With [`Augment::Scale`], the loss mask of each draw `(b, 1, h, w)` at latent resolution
-    /// (1 where the image is, a latent pixel's border left out); `None` otherwise.
-    pub fn masks(&self, sd: &StableDiffusion, batch: &Batch) -> Result<Option<Tensor>> {
+    /// The loss mask of each draw: the users' masks ([`TrainingSet::set_masks`]), or with
+    /// [`Augment::Scale`] 1 where the image is (a latent pixel's border left out); `None`
+    /// otherwise (the plain loss).
+    pub fn masks(&self, sd: &StableDiffusion, batch: &Batch) -> Result<Option<LossMask>> {
+        if let Some(m) = &self.user_masks {
+            let idx = index(batch.draws.iter().map(|d| d.image), sd)?;
+            return Ok(Some(LossMask {
+                mask: m.index_select(&idx, 0)?,
+                per_channel: true,
+            }));
+        }
         if self.augment != Augment::Scale {
             return Ok(None);
         }
@@ -290,11 +381,10 @@ impl TrainingSet {
                 }
             }
         }
-        Ok(Some(Tensor::from_vec(
-            out,
-            (batch.len(), 1, h, w),
-            sd.device(),
-        )?))
+        Ok(Some(LossMask {
+            mask: Tensor::from_vec(out, (batch.len(), 1, h, w), sd.device())?,
+            per_channel: false,
+        }))
     }
 
     /// The batch's prompts as tokens, with the word's token positions, per row (for methods

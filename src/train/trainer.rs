@@ -39,6 +39,10 @@ pub struct TrainOptions {
     /// Write a checkpoint every N steps into `checkpoint_dir`.
     pub checkpoint_every: Option<usize>,
     pub checkpoint_dir: Option<PathBuf>,
+    /// A folder of loss masks, one PNG per training image named as it (white counts, black
+    /// does not); none: the plain loss over the whole image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masks: Option<PathBuf>,
 }
 
 impl Default for TrainOptions {
@@ -53,6 +57,7 @@ impl Default for TrainOptions {
             weight_decay: 0.01,
             checkpoint_every: None,
             checkpoint_dir: None,
+            masks: None,
         }
     }
 }
@@ -264,6 +269,11 @@ impl<'a> Trainer<'a> {
             scaler: (sd.dtype() == DType::F16).then(LossScale::new),
             prior: None,
         })
+    }
+
+    /// Weighs each training image's loss by its mask (see [`TrainingSet::set_masks`]).
+    pub fn set_masks(&mut self, masks: &[image::GrayImage]) -> Result<()> {
+        self.data.set_masks(self.sd, masks)
     }
 
     /// Prior preservation (DreamBooth's): every step also fits `class_images` (made by the plain

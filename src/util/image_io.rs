@@ -165,6 +165,57 @@ pub fn load_folder(folder: &Path) -> Result<ImageFolder> {
     Ok(out)
 }
 
+/// The loss mask of each image of `images` (a folder's, as [`load_folder`] reads them) from
+/// `dir`: `STEM.png` for an image `STEM.*`, of the image's size, as gray levels (white counts,
+/// black does not). A missing mask, another size or an all-black mask is an error naming it.
+pub fn load_masks(images: &[(PathBuf, RgbImage)], dir: &Path) -> Result<Vec<image::GrayImage>> {
+    if !dir.is_dir() {
+        return Err(Error::arg(
+            "masks",
+            format!("{}: not a folder of masks", dir.display()),
+        ));
+    }
+    images
+        .iter()
+        .map(|(path, img)| {
+            let stem = path.file_stem().unwrap_or_default();
+            let file = dir.join(stem).with_extension("png");
+            if !file.is_file() {
+                return Err(Error::arg(
+                    "masks",
+                    format!(
+                        "no mask {} for the image {} (one PNG per image, named as it)",
+                        file.display(),
+                        path.display()
+                    ),
+                ));
+            }
+            crate::util::fs::check_regular(&file)?;
+            let bad = |msg: String| Error::Image {
+                path: file.clone(),
+                msg,
+            };
+            let mask = image::open(&file)
+                .map_err(|e| bad(e.to_string()))?
+                .to_luma8();
+            if mask.dimensions() != img.dimensions() {
+                return Err(bad(format!(
+                    "a {}x{} mask for the {}x{} image {}",
+                    mask.width(),
+                    mask.height(),
+                    img.width(),
+                    img.height(),
+                    path.display()
+                )));
+            }
+            if mask.pixels().all(|p| p.0[0] == 0) {
+                return Err(bad("all black: the image would not count at all".into()));
+            }
+            Ok(mask)
+        })
+        .collect()
+}
+
 /// One image file as RGB (transparency over white); only a regular file is opened (after
 /// following links; a FIFO would block).
 pub fn load_image(path: &Path) -> Result<RgbImage> {

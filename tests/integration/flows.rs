@@ -45,12 +45,13 @@ const MIB: u64 = 1 << 20;
 #[test]
 fn a_concept_trained_in_the_session_costs_what_its_file_costs() {
     let folder = repo().join("assets/example-concept");
-    for method in ["infusion", "textual_inversion", "lora", "dreambooth"] {
+    for method in infusion_repl::methods::names() {
         let dir = tempfile::tempdir().unwrap();
-        let file = match method {
-            "dreambooth" => "pot-unet",
-            _ => "pot.safetensors",
-        };
+        let file = infusion_repl::methods::method(method)
+            .unwrap()
+            .default_out("pot")
+            .display()
+            .to_string();
         let generate = r#"
             let g1 = m.generate("a <pot> on a beach", #{steps: 50, seed: 1});
             let g2 = m.generate("a <pot> in the snow", #{steps: 50, seed: 2});

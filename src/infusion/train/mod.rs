@@ -19,12 +19,13 @@ use crate::infusion::hook::{eps_pair, SampleEdit};
 use crate::job::Job;
 use crate::sd::attention::{AttnKind, LayerInfo};
 use crate::sd::pipeline::StableDiffusion;
+use crate::train::data::mse;
 use crate::train::{Batch, Learner, Run, TrainOptions, Trainer, TrainingSet};
 use crate::util::tensors::plain_values;
 
 /// The Infusion training loss of one batch: the mean squared error of C's prediction (see
-/// [`eps_pair`]) against `noise`, with the concept's Δs at `positions[row]`. `z0`: scaled clean
-/// latents `(b, C, h, w)`.
+/// [`infusion_eps`]) against `noise`, with the concept's Δs at `positions[row]`. `z0`: scaled
+/// clean latents `(b, C, h, w)`.
 pub fn infusion_loss(
     sd: &StableDiffusion,
     z0: &Tensor,
@@ -34,22 +35,34 @@ pub fn infusion_loss(
     positions: &[&[usize]],
     deltas: &BTreeMap<String, Tensor>,
 ) -> Result<Tensor> {
-    if positions.len() != z0.dim(0)? {
+    let z_t = sd.scheduler.add_noise(z0, noise, timesteps)?;
+    let eps = infusion_eps(sd, &z_t, timesteps, context, positions, deltas)?;
+    mse(&eps, noise, None)
+}
+
+/// C's noise prediction for noisy latents `z_t` (see [`eps_pair`]), with the concept's Δs at
+/// `positions[row]`.
+pub fn infusion_eps(
+    sd: &StableDiffusion,
+    z_t: &Tensor,
+    timesteps: &[usize],
+    context: &Tensor,
+    positions: &[&[usize]],
+    deltas: &BTreeMap<String, Tensor>,
+) -> Result<Tensor> {
+    if positions.len() != z_t.dim(0)? {
         return Err(Error::arg(
             "positions",
             format!(
                 "{} position lists for {} latents",
                 positions.len(),
-                z0.dim(0)?
+                z_t.dim(0)?
             ),
         ));
     }
-    let z_t = sd.scheduler.add_noise(z0, noise, timesteps)?;
     let edits: Vec<SampleEdit<'_>> = positions.iter().map(|&p| vec![(p, deltas)]).collect();
-    let (_, eps_c) = eps_pair(sd, &z_t, timesteps, context, &edits)?;
-    Ok((eps_c.to_dtype(DType::F32)? - noise.to_dtype(DType::F32)?)?
-        .sqr()?
-        .mean_all()?)
+    let (_, eps_c) = eps_pair(sd, z_t, timesteps, context, &edits)?;
+    Ok(eps_c)
 }
 
 /// Infusion's learner: one Δ per cross-attention layer, from zero, with the Infusion loss.
@@ -98,7 +111,9 @@ impl Learner for Deltas {
         let z0 = data.latents(sd, batch)?;
         let (ctx, positions) = data.prompts(sd, batch)?;
         let ts: Vec<usize> = batch.draws.iter().map(|d| d.timestep).collect();
-        infusion_loss(sd, &z0, &ts, &batch.noise, &ctx, &positions, deltas)
+        let z_t = sd.scheduler.add_noise(&z0, &batch.noise, &ts)?;
+        let eps = infusion_eps(sd, &z_t, &ts, &ctx, &positions, deltas)?;
+        mse(&eps, &batch.noise, data.masks(sd, batch)?.as_ref())
     }
 
     /// The concept file, in f32.

@@ -102,6 +102,7 @@ fn train_spec() -> FnSpec {
         .opt("prior", Kind::Bool, false, "prior preservation (the methods that take it) with class images the model makes of \"a photo of a WORD\"")
         .opt("prior_images", Kind::POSITIVE, prior.images as INT, "how many class images prior preservation makes")
         .opt("prior_weight", Kind::Float, prior.weight, "the weight of the class images' loss")
+        .opt_unset("masks", Kind::Str, "a folder of loss masks, one PNG per image named as it (white counts; default: the plain loss)")
         .opt_unset("prior_dir", Kind::Str, "a folder to keep the class images in and take them from next time (default: made each run)")
         .opt_unset("batch", Kind::POSITIVE, "images per step (default: the method's)")
         .opt("seed", Kind::SEED, d.seed as INT, "seed of every random draw (images, timesteps, noise)")
@@ -157,6 +158,7 @@ fn train(
         flip: o.given("flip").then(|| o.bool("flip")).flatten(),
         checkpoint_every: o.usize("checkpoint_every"),
         checkpoint_dir: o.string("checkpoint_dir").map(PathBuf::from),
+        masks: o.string("masks").map(PathBuf::from),
         prior: o.bool("prior").unwrap_or(false).then(|| Prior {
             images: o.usize("prior_images").unwrap_or(Prior::default().images),
             weight: o.float("prior_weight").unwrap_or(Prior::default().weight),
