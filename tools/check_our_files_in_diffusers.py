@@ -6,7 +6,10 @@ loads each with diffusers' own loaders and writes
 tests/fixtures/baselines/ours/diffusers_latents.safetensors: 3 DDIM steps, guidance 7.5, the
 txt2img reference's `init_noise`:
 - `lora.latents`: "a photo of sks teapot on a table" after `pipe.load_lora_weights(pot_lora)`;
-- `ti.latents`: "a photo of <potword> on a table" after `pipe.load_textual_inversion(potword)`.
+- `ti.latents`: "a photo of <potword> on a table" after `pipe.load_textual_inversion(potword)`;
+- `cd.latents`: "a photo of <new1> teapot on a table" with our Custom Diffusion folder `pot-cd/`
+  loaded as the README says (the token by `load_textual_inversion`, the projections' processors
+  set explicitly).
 With `--dreambooth DIR` it also checks that `UNet2DConditionModel.from_pretrained(DIR)` reads a
 unet/ folder written by `train --method dreambooth` with the tiny UNet's configuration, every
 field (asserted, nothing written).
@@ -58,6 +61,31 @@ def main():
     pipe = pipeline()
     pipe.load_textual_inversion(os.path.join(OURS, "potword.safetensors"))
     out["ti.latents"] = generate(pipe, "a photo of <potword> on a table", init)
+    # Custom Diffusion: the modifier token through load_textual_inversion, the projections as
+    # the README tells diffusers users to set them (load_attn_procs changes nothing in 0.42.1).
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+    cd_dir = os.path.join(OURS, "pot-cd")
+    pipe = pipeline()
+    pipe.load_textual_inversion(cd_dir, weight_name="<new1>.safetensors")
+    sd = safetensors.torch.load_file(os.path.join(cd_dir, "pytorch_custom_diffusion_weights.safetensors"))
+    procs = dict(pipe.unet.attn_processors)
+    set_ = 0
+    for name in procs:
+        w = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+        if w:
+            k = w["to_k_custom_diffusion.weight"]
+            procs[name] = CustomDiffusionAttnProcessor(
+                train_kv=True, train_q_out="to_q_custom_diffusion.weight" in w,
+                hidden_size=k.shape[0], cross_attention_dim=k.shape[1])
+            procs[name].load_state_dict(w)
+            set_ += 1
+    assert set_ == 6, set_
+    pipe.unet.set_attn_processor(procs)
+    out["cd.latents"] = generate(pipe, "a photo of <new1> teapot on a table", init)
+    token_only = pipeline()
+    token_only.load_textual_inversion(cd_dir, weight_name="<new1>.safetensors")
+    alone = generate(token_only, "a photo of <new1> teapot on a table", init)
+    assert (alone - out["cd.latents"]).abs().max() > 1e-4, "our projections change nothing"
     if args.dreambooth:
         unet = UNet2DConditionModel.from_pretrained(args.dreambooth)
         base = UNet2DConditionModel.from_pretrained(TINY, subfolder="unet")

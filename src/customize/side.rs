@@ -110,7 +110,7 @@ pub fn custom_side(
     prompt.push_str(&base[at..]);
     for (_, peers) in &joint {
         if let Some(maker) = peers[0].change().hooks {
-            hooks.push(maker.joint_unet_hook(peers, sd, branch)?);
+            hooks.push(maker.joint_unet_hook(peers, sd, branch, base)?);
         }
     }
     let text_chain = Chain(text_hooks.iter().map(|h| h.as_ref()).collect());

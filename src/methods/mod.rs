@@ -276,6 +276,9 @@ pub struct ConceptRequest {
     pub trigger: Option<String>,
     /// Use a concept trained on another model (Infusion refuses one otherwise).
     pub force: bool,
+    /// Perfusion's gate at generation, in place of the file's (threshold, temperature).
+    pub beta: Option<f64>,
+    pub tau: Option<f64>,
 }
 
 impl ConceptRequest {
@@ -285,6 +288,8 @@ impl ConceptRequest {
             ("word", self.word.is_some()),
             ("scale", self.scale.is_some()),
             ("trigger", self.trigger.is_some()),
+            ("beta", self.beta.is_some()),
+            ("tau", self.tau.is_some()),
         ];
         match asked.iter().find(|(k, given)| *given && !takes.contains(k)) {
             Some((k, _)) => Err(Error::arg(
@@ -393,14 +398,15 @@ pub trait HookMaker: Send + Sync {
     }
 
     /// The one hook of `peers` (the prompt's concepts of this method, this one first), on C's
-    /// rows `branch`.
+    /// rows `branch`; `base` is F's prompt (the class words in the concepts' places).
     fn joint_unet_hook(
         &self,
         peers: &[&dyn CustomConcept],
         sd: &StableDiffusion,
         branch: Branch,
+        base: &str,
     ) -> Result<Box<dyn AttentionHook>> {
-        let _ = peers;
+        let _ = (peers, base);
         self.unet_hook(sd, branch)
     }
 }

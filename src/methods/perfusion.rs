@@ -50,7 +50,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::sd::attention::{AttentionCall, AttnKind, LayerInfo};
-use crate::sd::hook::{AttentionHook, AttnSite, Branch, Projection};
+use crate::sd::hook::{AttentionHook, AttnSite, Branch, Guidance, Projection};
 use crate::sd::pipeline::StableDiffusion;
 use crate::train::{Batch, Learner, Run, Trainer, TrainingSet};
 use crate::util::tensors::plain_values;
@@ -69,7 +69,7 @@ const TARGET_INPUT: &str = "target_input";
 const SUPERCLASS_INPUT: &str = "superclass_input";
 const VALUE_OUTPUT: &str = "value_output";
 
-const SETTINGS: [Setting; 8] = [
+const SETTINGS: [Setting; 9] = [
     Setting {
         name: "beta",
         doc: "the gate's threshold at generation (recorded in the file)",
@@ -104,6 +104,12 @@ const SETTINGS: [Setting; 8] = [
         name: "embedding_lr",
         doc: "the word embedding's learning rate as a multiple of the outputs' (0.006 / 0.03)",
         default: SettingValue::Number(0.2),
+    },
+    Setting {
+        name: "locking",
+        doc: "local (the keys' edit locks the concept's key to the class word's) or global (C's \
+              keys come from the prompt with the class word in the concept's place)",
+        default: SettingValue::Word("local"),
     },
     Setting {
         name: "captions",
@@ -221,7 +227,7 @@ impl Method for Perfusion {
         sd: Option<&StableDiffusion>,
         job: &Job,
     ) -> Result<ConceptRef> {
-        req.refuse_others(self.name(), &["word"])?;
+        req.refuse_others(self.name(), &["word", "beta", "tau"])?;
         let path = found.path();
         let recorded = found.provenance()?;
         let bad = |msg: String| found.error(msg);
@@ -234,7 +240,18 @@ impl Method for Perfusion {
         };
         let gate = Gate::checked(meta_number("beta")?, meta_number("tau")?)
             .map_err(|e| bad(e.to_string()))?;
+        // The request's gate in place of the file's.
+        let gate = Gate::checked(req.beta.unwrap_or(gate.beta), req.tau.unwrap_or(gate.tau))?;
         let captions = found.meta("captions").unwrap_or("builtin").to_string();
+        let global = match found.meta("locking").unwrap_or("local") {
+            "local" => false,
+            "global" => true,
+            other => {
+                return Err(bad(format!(
+                    "its locking {other:?} is neither local nor global"
+                )))
+            }
+        };
         let mut tensors = found.tensors()?;
         let mut take = |k: &str| -> Result<Tensor> {
             let t = tensors.remove(k).ok_or_else(|| bad(format!("no `{k}`")))?;
@@ -281,6 +298,7 @@ impl Method for Perfusion {
             superclass_input,
             value_outputs,
             gate,
+            global,
             captions,
             home: path.parent().map(Path::to_path_buf),
             origin: Origin::recorded(&recorded),
@@ -574,6 +592,10 @@ pub struct RankOneHook {
     /// `(layer, projection)` -> (`W I` as rows [n, out], `O*` [n, out]).
     edits: HashMap<(String, Projection), (Tensor, Tensor)>,
     branch: Option<Branch>,
+    /// Global locking: the text states with the class words in the concepts' places (one row
+    /// for every conditional row of the branch, or a row per batch row without a branch), and
+    /// each layer's `W_K^T`; the keys of those rows are their plain projection.
+    global: Option<(Tensor, HashMap<String, Tensor>)>,
 }
 
 impl RankOneHook {
@@ -583,6 +605,7 @@ impl RankOneHook {
         targets: &[Target<'_>],
         gate: Gate,
         branch: Option<Branch>,
+        global: Option<&Tensor>,
     ) -> Result<Self> {
         let (dev, dt) = (sd.device(), sd.dtype());
         let inputs = targets
@@ -620,12 +643,23 @@ impl RankOneHook {
                 );
             }
         }
+        let global = match global {
+            Some(states) => {
+                let mut weights = HashMap::new();
+                for (layer, _) in edits.keys() {
+                    weights.insert(layer.clone(), weight(sd, layer, Projection::Key)?.t()?);
+                }
+                Some((states.to_device(dev)?.to_dtype(dt)?, weights))
+            }
+            None => None,
+        };
         Ok(Self {
             u: to_tensor(&u, dev, dt)?,
             v: to_tensor(&v, dev, dt)?,
             gate,
             edits,
             branch,
+            global,
         })
     }
 
@@ -667,6 +701,27 @@ impl AttentionHook for RankOneHook {
         input: &Tensor,
         output: Tensor,
     ) -> candle_core::Result<Tensor> {
+        if let (Projection::Key, Some((states, weights))) = (projection, &self.global) {
+            let Some(wt) = weights.get(&site.layer.path) else {
+                return Ok(output);
+            };
+            let keys = states.broadcast_matmul(wt)?;
+            let Some(branch) = self.branch else {
+                return Ok(keys);
+            };
+            // C's conditional rows; its unconditional ones (the negative prompt) stay plain.
+            let mask: Vec<f32> = site
+                .rows
+                .rows()
+                .iter()
+                .map(|r| (r.branch == branch && r.guidance == Guidance::Conditional) as u8 as f32)
+                .collect();
+            let n = mask.len();
+            let mask =
+                Tensor::from_vec(mask, (n, 1, 1), output.device())?.to_dtype(output.dtype())?;
+            let keys = keys.broadcast_as(output.shape())?;
+            return output.broadcast_mul(&(1.0 - &mask)?)? + keys.broadcast_mul(&mask)?;
+        }
         match self.edit(&site.layer.path, projection, input, &output)? {
             Some(new) => on_branch(site, self.branch, output, new),
             None => Ok(output),
@@ -692,6 +747,8 @@ pub struct PerfusionConcept {
     pub value_outputs: BTreeMap<String, Tensor>,
     /// The gate at generation.
     pub gate: Gate,
+    /// Global key locking (C's keys from the prompt with the class word).
+    pub global: bool,
     /// The caption list of its covariance (`builtin` or a file).
     pub captions: String,
     /// The folder its covariance is cached in (its file's).
@@ -782,6 +839,10 @@ impl CustomConcept for PerfusionConcept {
         meta.insert("beta".into(), self.gate.beta.to_string());
         meta.insert("tau".into(), self.gate.tau.to_string());
         meta.insert("captions".into(), self.captions.clone());
+        meta.insert(
+            "locking".into(),
+            if self.global { "global" } else { "local" }.into(),
+        );
         write_safetensors(path, tensors, meta)
     }
 
@@ -841,8 +902,18 @@ impl CustomConcept for PerfusionConcept {
 }
 
 impl HookMaker for PerfusionConcept {
+    /// Its edit alone (the keys locally locked: global locking needs the prompt, see
+    /// [`HookMaker::joint_unet_hook`]).
     fn unet_hook(&self, sd: &StableDiffusion, branch: Branch) -> Result<Box<dyn AttentionHook>> {
-        self.joint_unet_hook(&[self], sd, branch)
+        let cov = self.covariance(sd, &Job::quiet())?;
+        Ok(Box::new(RankOneHook::new(
+            sd,
+            &cov.inverse,
+            &[self.target()],
+            self.gate,
+            Some(branch),
+            None,
+        )?))
     }
 
     fn text_hook(&self, _: &StableDiffusion) -> Result<Option<Box<dyn AttentionHook>>> {
@@ -854,12 +925,14 @@ impl HookMaker for PerfusionConcept {
     }
 
     /// The edits of every Perfusion concept of the prompt, orthogonalised together, with this
-    /// concept's gate and covariance.
+    /// concept's gate, covariance and locking (global: C's keys from `base`, the prompt with
+    /// the class words).
     fn joint_unet_hook(
         &self,
         peers: &[&dyn CustomConcept],
         sd: &StableDiffusion,
         branch: Branch,
+        base: &str,
     ) -> Result<Box<dyn AttentionHook>> {
         let concepts: Vec<&PerfusionConcept> = peers
             .iter()
@@ -867,12 +940,17 @@ impl HookMaker for PerfusionConcept {
             .collect();
         let cov = self.covariance(sd, &Job::quiet())?;
         let targets: Vec<Target<'_>> = concepts.iter().map(|c| c.target()).collect();
+        let global = match self.global {
+            true => Some(sd.text_states(&[&sd.tokenize(base)?])?),
+            false => None,
+        };
         Ok(Box::new(RankOneHook::new(
             sd,
             &cov.inverse,
             &targets,
             self.gate,
             Some(branch),
+            global.as_ref(),
         )?))
     }
 }
@@ -894,6 +972,7 @@ pub struct KeyLocked {
     ema: f64,
     accumulate: usize,
     embedding_lr: f64,
+    global: bool,
     settings: Settings,
 }
 
@@ -949,6 +1028,7 @@ impl KeyLocked {
             ema,
             accumulate: count(settings, "accumulate")?,
             embedding_lr,
+            global: locking(settings)?,
             settings: settings.clone(),
         })
     }
@@ -993,6 +1073,7 @@ impl KeyLocked {
             superclass_input,
             value_outputs,
             gate: Gate::checked(number(settings, "beta")?, number(settings, "tau")?)?,
+            global: locking(settings)?,
             captions: word_setting(settings)?.to_string(),
             home: None,
             origin: Origin::of_run(sd, run),
@@ -1026,6 +1107,15 @@ impl KeyLocked {
                 .detach())
         };
         Ok((mean(concept)?, mean(plain)?))
+    }
+}
+
+/// Whether the `locking` setting is global.
+fn locking(settings: &Settings) -> Result<bool> {
+    match word(settings, "locking")? {
+        "local" => Ok(false),
+        "global" => Ok(true),
+        other => Err(Error::arg("locking", format!("`{other}`: local or global"))),
     }
 }
 
@@ -1124,6 +1214,11 @@ impl Learner for KeyLocked {
                     .map(|l| (l.to_string(), v.clone()))
             })
             .collect();
+        // Global locking: the keys of the prompts with the class word, the batch's F states.
+        let global = match self.global {
+            true => Some(data.prompts(sd, batch)?.0),
+            false => None,
+        };
         let hook = RankOneHook::new(
             sd,
             &self.cov.inverse,
@@ -1134,6 +1229,7 @@ impl Learner for KeyLocked {
             }],
             self.train_gate,
             None,
+            global.as_ref(),
         )?;
         ddpm_loss(sd, &sd.unet, data, batch, &states, Some(&hook))
     }

@@ -1084,7 +1084,7 @@ fn files_we_write_give_diffusers_our_images() {
     let mut set = ConceptSet::new();
     let job = Job::quiet();
     // The files record their name, word and trigger (issue 21, item 5): nothing else is given.
-    for file in ["pot_lora.safetensors", "potword.safetensors"] {
+    for file in ["pot_lora.safetensors", "potword.safetensors", "pot-cd"] {
         let req = ConceptRequest {
             path: ours.join(file),
             ..Default::default()
@@ -1098,6 +1098,7 @@ fn files_we_write_give_diffusers_our_images() {
     for (prompt, key) in [
         ("a photo of <pot> on a table", "lora.latents"),
         ("a photo of <potword> on a table", "ti.latents"),
+        ("a photo of <potcd> on a table", "cd.latents"),
     ] {
         let out = generate_pair(sd, &set, prompt, &opts, None, &job).unwrap();
         assert_close(&out.custom_latents, get(&theirs, key), 1e-3, prompt);

@@ -687,3 +687,67 @@ fn outputs_never_replace_inputs_or_special_files() {
     assert!(stderr(&o).contains("standard output"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
 }
+
+/// The names issue 22 keeps: `train --method custom_diffusion -o DIR` writes diffusers' two
+/// files into DIR and `train --method perfusion -o FILE.safetensors` one file; `generate
+/// --concept PATH:WORD` takes both, and C's image differs from F's.
+#[test]
+fn custom_diffusion_and_perfusion_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = crate::common::repo().join("assets/example-concept");
+    let images = images.to_str().unwrap();
+    for (method, out, extra) in [
+        ("custom_diffusion", "pot-cd", vec!["--lr", "0.001"]),
+        (
+            "perfusion",
+            "pot.safetensors",
+            vec!["--set", "accumulate=1"],
+        ),
+    ] {
+        let mut args = vec![
+            "train",
+            images,
+            "--name",
+            "pot",
+            "--word",
+            "teapot",
+            "--method",
+            method,
+            "--train-steps",
+            "1",
+            "-o",
+            out,
+        ];
+        args.extend(extra);
+        let o = run(&args, dir.path(), &[]);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        if method == "custom_diffusion" {
+            for f in [
+                "pytorch_custom_diffusion_weights.safetensors",
+                "<new1>.safetensors",
+            ] {
+                assert!(dir.path().join(out).join(f).is_file(), "{f}");
+            }
+        }
+        let png = format!("{method}.png");
+        let concept = format!("{out}:teapot");
+        let o = run(
+            &[
+                "generate",
+                "a <pot> on a beach",
+                "--concept",
+                &concept,
+                "--steps",
+                "2",
+                "-o",
+                &png,
+            ],
+            dir.path(),
+            &[],
+        );
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let base = image::open(dir.path().join(format!("{method}.base.png"))).unwrap();
+        let custom = image::open(dir.path().join(format!("{method}.custom.png"))).unwrap();
+        assert_ne!(base.as_bytes(), custom.as_bytes(), "{method}: C is F");
+    }
+}

@@ -94,7 +94,7 @@ fn the_gated_edit_matches_the_papers_formula_for_one_and_two_concepts() {
         (vec![first], "edit"),
         (vec![first_again(&s, &one), second], "multi"),
     ] {
-        let hook = RankOneHook::new(sd, &inv, &targets, gate, None).unwrap();
+        let hook = RankOneHook::new(sd, &inv, &targets, gate, None, None).unwrap();
         for (p, name) in [(Projection::Key, "key"), (Projection::Value, "value")] {
             let plain = input
                 .broadcast_matmul(&projection(LAYER, p).t().unwrap())
@@ -180,6 +180,7 @@ fn a_perfusion_training_step_matches_the_reference() {
             beta: 0.75,
             tau: 0.1,
         },
+        None,
         None,
     )
     .unwrap();
@@ -292,6 +293,44 @@ fn perfusion_trains_saves_loads_resumes_and_composes() {
         (c.name(), c.word(), c.method()),
         ("pot", "teapot", "perfusion")
     );
+    assert!(
+        c.summary().contains("beta 0.7, tau 0.15"),
+        "{}",
+        c.summary()
+    );
+    // The gate at generation, in place of the file's; refused for a file without one.
+    let mut other = ConceptSet::new();
+    let softer = load_concept(
+        &ConceptRequest {
+            path: a.clone(),
+            beta: Some(0.5),
+            tau: Some(0.3),
+            ..Default::default()
+        },
+        Some(sd),
+        &mut other,
+        &job,
+    )
+    .unwrap();
+    assert!(
+        softer.summary().contains("beta 0.5, tau 0.3"),
+        "{}",
+        softer.summary()
+    );
+    let e = load_concept(
+        &ConceptRequest {
+            path: repo().join("tests/fixtures/baselines/learned_embeds.safetensors"),
+            word: Some("cat".into()),
+            beta: Some(0.5),
+            ..Default::default()
+        },
+        Some(sd),
+        &mut other,
+        &job,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("no beta"), "{e}");
     let prompt = "a <pot> on a table";
     let x = generate_pair(sd, &trained, prompt, &opts, None, &job).unwrap();
     let y = generate_pair(sd, &loaded, prompt, &opts, None, &job).unwrap();
@@ -349,9 +388,9 @@ fn perfusion_trains_saves_loads_resumes_and_composes() {
 fn custom_diffusion_and_perfusion_concepts_give_maps_and_fisher_divergence() {
     use infusion_repl::actions::{load_concept, train_concept};
     use infusion_repl::infusion::maps::AttentionMaps;
-    use infusion_repl::Stream;
     use infusion_repl::methods::ConceptRequest;
     use infusion_repl::metrics::fisher::{fisher_divergence, FisherOptions, Variant};
+    use infusion_repl::Stream;
     use infusion_repl::{generate_pair, ConceptSet, PairOptions};
     let sd = tiny();
     let job = Job::quiet();
@@ -430,5 +469,62 @@ fn custom_diffusion_and_perfusion_concepts_give_maps_and_fisher_divergence() {
             "{method}: no divergence where named"
         );
         assert_eq!(fisher(&plain), 0.0, "{method}: a prompt without it");
+    }
+}
+
+/// Global key locking: C's keys come from the prompt with the class word, so at the first
+/// step the first cross-attention layer (whose queries C and F share) gives C exactly F's
+/// maps; with local locking they differ. The file records the locking.
+#[test]
+fn global_locking_gives_c_the_keys_of_fs_prompt() {
+    use infusion_repl::actions::{load_concept, train_concept};
+    use infusion_repl::infusion::maps::AttentionMaps;
+    use infusion_repl::methods::ConceptRequest;
+    use infusion_repl::{generate_pair, ConceptSet, PairOptions, Stream};
+    let sd = tiny();
+    let job = Job::quiet();
+    let dir = tempfile::tempdir().unwrap();
+    let layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2";
+    let opts = PairOptions {
+        generate: infusion_repl::GenerateOptions {
+            steps: 2,
+            seed: 9,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    for locking in ["local", "global"] {
+        let out = dir.path().join(format!("{locking}.safetensors"));
+        let mut a = ask(dir.path(), &out, None);
+        (a.steps, a.checkpoint_every) = (Some(2), None);
+        a.settings
+            .insert("locking".into(), serde_json::json!(locking));
+        train_concept(sd, &a.resolve().unwrap(), &job).unwrap();
+        let found = infusion_repl::methods::files::Found::read(&out).unwrap();
+        assert_eq!(found.meta("locking"), Some(locking));
+        let mut set = ConceptSet::new();
+        load_concept(
+            &ConceptRequest {
+                path: out,
+                ..Default::default()
+            },
+            Some(sd),
+            &mut set,
+            &job,
+        )
+        .unwrap();
+        let maps = AttentionMaps::new(true);
+        let g = generate_pair(sd, &set, "a <pot> on a table", &opts, Some(&maps), &job).unwrap();
+        let f = maps
+            .layer_map(Stream::Foundational, layer, Some(0))
+            .unwrap();
+        let c = maps.layer_map(Stream::Customized, layer, Some(0)).unwrap();
+        let off = max_abs(&(&c - &f).unwrap());
+        match locking {
+            "global" => assert!(off < 1e-6, "global: C's first maps are {off} off F's"),
+            _ => assert!(off > 1e-6, "local: C's first maps equal F's"),
+        }
+        // The values' edit still changes C.
+        assert!(max_abs(&(&g.custom_latents - &g.base_latents).unwrap()) > 1e-5);
     }
 }

@@ -214,6 +214,8 @@ fn load_spec() -> FnSpec {
         .opt_unset("word", Kind::Str, "TI, LoRA, DreamBooth: the class word F sees in its place (default: the one the file records; required for other tools' files)")
         .opt_unset("scale", Kind::Float, "LoRA: its strength (default 1.0)")
         .opt_unset("trigger", Kind::Str, "LoRA, DreamBooth: the identifier C's prompt puts before the word, e.g. \"sks\" (default: the one the file records)")
+        .opt_unset("beta", Kind::Float, "Perfusion: the gate's threshold at generation (default: the file's, 0.7 when trained here)")
+        .opt_unset("tau", Kind::Float, "Perfusion: the gate's temperature at generation (default: the file's, 0.15)")
         .example("load_concept(\"mycat.safetensors\"); load_concept(\"pot_lora.safetensors\", #{word: \"teapot\", trigger: \"sks\", scale: 0.8});")
 }
 
@@ -226,6 +228,8 @@ fn load(session: &Session, spec: &FnSpec, path: &str, opts: &Map) -> RhaiResult<
         scale: o.float("scale"),
         trigger: o.string("trigger"),
         force: o.bool("force").unwrap_or(false),
+        beta: o.float("beta"),
+        tau: o.float("tau"),
     };
     let model = session
         .model
