@@ -679,3 +679,70 @@ mod tests {
         assert!(e.contains("infusion has no option `rank`"), "{e}");
     }
 }
+
+/// A comparison asked for (`compare` on the command line, `compare_methods` in scripts).
+#[derive(Debug, Clone, Default)]
+pub struct CompareAsk {
+    /// A concept's folder (with `name` and `word`) or a dataset folder.
+    pub data: PathBuf,
+    pub name: Option<String>,
+    pub word: Option<String>,
+    pub options: crate::compare::CompareOptions,
+    /// The scorers' folders (default: the bundled tiny ones, with random weights: said loudly).
+    pub clip: Option<PathBuf>,
+    pub dino: Option<PathBuf>,
+    pub out: PathBuf,
+    /// `K/N`; none: the scheduler's environment's, else the whole run.
+    pub shard: Option<String>,
+    /// The number of shards of a Kubernetes Indexed Job (`JOB_COMPLETION_INDEX` gives the index).
+    pub shard_count: Option<usize>,
+    /// Only build the results from the cells there.
+    pub merge: bool,
+}
+
+/// What a comparison did: the cells it measured and skipped, its shard, and (for a whole run
+/// or a merge) the results.
+#[derive(Debug, Clone)]
+pub struct Compared {
+    pub shard: Option<crate::compare::Shard>,
+    pub run: crate::compare::RunReport,
+    pub merged: Option<crate::compare::report::Merged>,
+}
+
+/// Runs (a shard of) the comparison, or merges its cells.
+pub fn compare(sd: &StableDiffusion, ask: &CompareAsk, job: &Job) -> Result<Compared> {
+    use crate::compare::{data, Comparison, Shard};
+    let subjects = data::subjects(&ask.data, ask.name.as_deref(), ask.word.as_deref())?;
+    let shard = match (&ask.shard, ask.merge) {
+        (Some(_), true) => {
+            return Err(Error::arg(
+                "shard",
+                "a merge reads every shard's cells: no --shard",
+            ))
+        }
+        (Some(s), false) => Some(Shard::parse(s)?),
+        (None, true) => None,
+        (None, false) => Shard::from_env(&|k| std::env::var(k).ok(), ask.shard_count)?,
+    };
+    let clip_dir = ask.clip.clone().unwrap_or_else(crate::assets::tiny_clip);
+    let dino_dir = ask.dino.clone().unwrap_or_else(crate::assets::tiny_dino);
+    crate::metrics::warn_if_random("CLIP", &clip_dir, job);
+    crate::metrics::warn_if_random("DINO", &dino_dir, job);
+    let clip =
+        crate::metrics::clip::Clip::load(&clip_dir, &crate::assets::clip_tokenizer(), sd.device())?;
+    let dino = crate::metrics::dino::Dino::load(&dino_dir, sd.device())?;
+    let c = Comparison::new(sd, subjects, ask.options.clone(), &clip, &dino, &ask.out)?;
+    let run = if ask.merge {
+        Default::default()
+    } else {
+        if let Some(s) = shard {
+            job.note(format!("compare: shard {s}"));
+        }
+        c.run(shard, job)?
+    };
+    let merged = match shard {
+        None => Some(c.merge()?),
+        Some(_) => None,
+    };
+    Ok(Compared { shard, run, merged })
+}

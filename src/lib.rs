@@ -4,6 +4,7 @@
 //! The library is layered, dependencies pointing down only (tests/integration/layering.rs holds
 //! the table):
 //! - [`app`]: the front ends (command line, REPL, Rhai bindings, benchmark);
+//! - [`compare`]: the paper's comparison of the methods, resumable and sharded;
 //! - [`actions`]: one library call per user action (load a model, train, load a concept);
 //! - [`toy`]: the paper's 2-D overfitting lab;
 //! - [`metrics`]: the paper's overfitting measures and scores;
@@ -18,6 +19,7 @@
 pub mod actions;
 pub mod app;
 pub mod assets;
+pub mod compare;
 pub mod customize;
 mod error;
 pub mod infusion;

@@ -10,6 +10,7 @@ use crate::actions::{self, ModelRequest, TrainEnd};
 use crate::app::bench::BenchOptions;
 use crate::app::script::{RunError, ScriptConfig, Session};
 use crate::app::signals::Signals;
+use crate::compare::CompareOptions;
 use crate::customize::generate::{generate_pair, PairOptions};
 use crate::customize::set::ConceptSet;
 use crate::error::{Error, Result};
@@ -297,6 +298,81 @@ enum Command {
     /// Time UNet calls, text-to-image, Infusion pairs, training steps and the largest
     /// self-attention alone (prints a table).
     Bench(BenchArgs),
+    /// The paper's comparison: every method trained on the data, measured at each checkpoint
+    /// (Fisher divergence, W2, CLIP-T / CLIP-I / DINO-I, file size); resumable, and split over
+    /// a cluster's shards (--shard, or Slurm's / Kubernetes' environment), then merged.
+    Compare(CompareArgs),
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    /// A concept's folder of images (give --name and --word), or a dataset folder in the
+    /// DreamBooth dataset's layout (a folder per subject and prompts_and_classes.txt).
+    data: PathBuf,
+    /// The concept's name (one concept's folder).
+    #[arg(long)]
+    name: Option<String>,
+    /// Its class word (one concept's folder).
+    #[arg(long)]
+    word: Option<String>,
+    /// The methods, comma-separated (default: every method).
+    #[arg(long, value_delimiter = ',')]
+    methods: Vec<String>,
+    /// A method's own option, METHOD.KEY=VALUE (e.g. lora.rank=8).
+    #[arg(long = "set", value_name = "METHOD.KEY=VALUE")]
+    set: Vec<String>,
+    /// Training steps to measure at, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = CompareOptions::default().checkpoints)]
+    checkpoints: Vec<usize>,
+    /// W2: images per side for each prompt.
+    #[arg(long, default_value_t = CompareOptions::default().samples)]
+    samples: usize,
+    /// W2: prompts (the first N of the subject's DreamBooth prompts).
+    #[arg(long, default_value_t = CompareOptions::default().w2_prompts)]
+    w2_prompts: usize,
+    /// The Fisher divergence's samples.
+    #[arg(long, default_value_t = CompareOptions::default().fisher_samples)]
+    fisher_samples: usize,
+    /// The Fisher divergence's prompts: the first N captions.
+    #[arg(long, default_value_t = CompareOptions::default().fisher_prompts)]
+    fisher_prompts: usize,
+    /// The Fisher captions, one a line (default: the shipped list).
+    #[arg(long)]
+    captions: Option<PathBuf>,
+    /// CLIP / DINO: prompts (DreamBooth's, the first N).
+    #[arg(long, default_value_t = CompareOptions::default().prompts)]
+    prompts: usize,
+    /// CLIP / DINO: images per prompt.
+    #[arg(long, default_value_t = CompareOptions::default().images_per_prompt)]
+    images_per_prompt: usize,
+    /// Denoising steps of every generation.
+    #[arg(long, default_value_t = CompareOptions::default().steps)]
+    steps: usize,
+    /// Guidance scale of every generation.
+    #[arg(long, default_value_t = CompareOptions::default().guidance)]
+    guidance: f64,
+    /// The seed of training and of every generation.
+    #[arg(long, default_value_t = CompareOptions::default().seed)]
+    seed: u64,
+    /// The CLIP folder (default: the bundled tiny one, with random weights).
+    #[arg(long)]
+    clip: Option<PathBuf>,
+    /// The DINO folder (default: the bundled tiny one, with random weights).
+    #[arg(long)]
+    dino: Option<PathBuf>,
+    /// The shared output folder (cells, curves.csv, table.md, charts).
+    #[arg(long)]
+    out: PathBuf,
+    /// Run only shard K of N (default: the scheduler's environment, else everything).
+    #[arg(long, value_name = "K/N", conflicts_with = "merge")]
+    shard: Option<String>,
+    /// The number of shards when JOB_COMPLETION_INDEX (a Kubernetes Indexed Job) gives the
+    /// index.
+    #[arg(long)]
+    shard_count: Option<usize>,
+    /// Build curves.csv, the charts and table.md from the cells there, and list the missing.
+    #[arg(long)]
+    merge: bool,
 }
 
 #[derive(Debug, Args)]
@@ -813,6 +889,71 @@ fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) ->
     }
 }
 
+fn compare(global: &GlobalArgs, args: &CompareArgs, job: &Job) -> Result<()> {
+    let mut settings: std::collections::BTreeMap<String, crate::methods::Settings> =
+        Default::default();
+    for s in &args.set {
+        let (method, kv) = s.split_once('.').ok_or_else(|| {
+            Error::arg("set", format!("{s:?}: METHOD.KEY=VALUE (e.g. lora.rank=8)"))
+        })?;
+        crate::methods::method(method)?;
+        let one = method_settings(&[kv.to_string()])?;
+        settings.entry(method.to_string()).or_default().extend(one);
+    }
+    let d = CompareOptions::default();
+    let ask = actions::CompareAsk {
+        data: args.data.clone(),
+        name: args.name.clone(),
+        word: args.word.clone(),
+        options: CompareOptions {
+            methods: if args.methods.is_empty() {
+                d.methods
+            } else {
+                args.methods.clone()
+            },
+            settings,
+            checkpoints: args.checkpoints.clone(),
+            samples: args.samples,
+            w2_prompts: args.w2_prompts,
+            fisher_samples: args.fisher_samples,
+            fisher_prompts: args.fisher_prompts,
+            captions: args.captions.clone(),
+            prompts: args.prompts,
+            images_per_prompt: args.images_per_prompt,
+            steps: args.steps,
+            guidance: args.guidance,
+            seed: args.seed,
+        },
+        clip: args.clip.clone(),
+        dino: args.dino.clone(),
+        out: args.out.clone(),
+        shard: args.shard.clone(),
+        shard_count: args.shard_count,
+        merge: args.merge,
+    };
+    let sd = load_model(global, job)?;
+    let done = actions::compare(&sd, &ask, job)?;
+    eprintln!(
+        "{} cells measured, {} already there",
+        done.run.cells_done, done.run.cells_skipped
+    );
+    if let Some(m) = &done.merged {
+        if !m.missing.is_empty() {
+            eprintln!(
+                "{} cells missing (not measured yet), e.g. {}",
+                m.missing.len(),
+                m.missing[0].display()
+            );
+        }
+        crate::app::stdout::line(m.csv.display())?;
+        crate::app::stdout::line(m.table.display())?;
+        for (p, _) in &m.charts {
+            crate::app::stdout::line(p.display())?;
+        }
+    }
+    Ok(())
+}
+
 fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
     let (sd, name) = match args.shapes.as_str() {
         "model" => {
@@ -985,6 +1126,9 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         }
         (Some(Command::Train(args)), _) => train(&global, &args, &job, &signals),
         (Some(Command::Bench(args)), _) => bench(&global, &args, &job).map(|()| ExitCode::SUCCESS),
+        (Some(Command::Compare(args)), _) => {
+            compare(&global, &args, &job).map(|()| ExitCode::SUCCESS)
+        }
         (None, Some((script, args))) => {
             if !script.exists() {
                 eprintln!("error: {}", missing_script(&script));

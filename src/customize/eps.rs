@@ -8,23 +8,36 @@ use candle_core::Tensor;
 
 use super::prompt::place_concepts;
 use super::set::ConceptSet;
-use super::side::custom_side;
+use super::side::{custom_side, model_side, CustomSide};
 use crate::error::{Error, Result};
 use crate::infusion::hook::{eps_pair, SampleEdit};
+use crate::methods::CustomConcept;
 use crate::sd::hook::{BatchLayout, Branch, Chain, Guidance, HookCtx};
 use crate::sd::pipeline::StableDiffusion;
 use crate::sd::unet::UNet;
 
-/// The noise prediction of each row `(prompt, z_t (1, C, h, w), timestep)`: through `unet` with
-/// each prompt's class words (F's) unless `customized`, then with `concepts` applied to the rows
-/// whose prompt names them (C's). Marks are read against `concepts` either way.
+/// Which prediction [`custom_eps`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Apply {
+    /// F's: the plain model on the prompts with the class words.
+    Plain,
+    /// C's: the concepts applied to the rows whose prompt names them.
+    Named,
+    /// C's, and on the other rows the concepts' changes to the model (see
+    /// [`super::side::model_side`]): the customized model the paper's overfitting measures use.
+    Everywhere,
+}
+
+/// The noise prediction of each row `(prompt, z_t (1, C, h, w), timestep)` through `unet`, as
+/// `apply` says. Marks are read against `concepts` either way.
 pub fn custom_eps(
     sd: &StableDiffusion,
     unet: &UNet,
     concepts: &ConceptSet,
     rows: &[(&str, &Tensor, usize)],
-    customized: bool,
+    apply: Apply,
 ) -> Result<Tensor> {
+    let customized = apply != Apply::Plain;
     let z_t = Tensor::cat(&rows.iter().map(|r| r.1).collect::<Vec<_>>(), 0)?;
     let ts: Vec<usize> = rows.iter().map(|r| r.2).collect();
     let parsed = rows
@@ -93,6 +106,13 @@ pub fn custom_eps(
             })
             .collect();
         if marks.is_empty() {
+            if apply == Apply::Everywhere && p.marks.is_empty() {
+                let all: Vec<&dyn CustomConcept> = concepts.iter().map(|c| c.as_ref()).collect();
+                let side = model_side(sd, &p.base, &all, Branch(1))?;
+                if let Some(one) = c_row(sd, unet, &side, &ctx, &z, &t, r)? {
+                    out[r] = one;
+                }
+            }
             continue;
         }
         if !placements[r].is_empty() {
@@ -105,25 +125,44 @@ pub fn custom_eps(
             ));
         }
         let side = custom_side(sd, &p.base, "", &marks, Branch(1))?;
-        let cond = match &side.states {
-            Some(s) => s.to_dtype(sd.dtype())?,
-            None => ctx.get(r)?.unsqueeze(0)?,
-        };
-        let hooks = Chain(side.hooks.iter().map(|h| h.as_ref()).collect());
-        let layout = BatchLayout::uniform(1, Branch(1), Guidance::Conditional);
-        let hook = HookCtx {
-            hook: &hooks,
-            rows: &layout,
-            step: None,
-        };
-        let c_unet = side.unet.as_deref().unwrap_or(unet);
-        let one = c_unet.forward(
-            &z.get(r)?.unsqueeze(0)?,
-            &t.get(r)?.unsqueeze(0)?,
-            &cond,
-            (!hooks.0.is_empty()).then_some(&hook),
-        )?;
-        out[r] = one.squeeze(0)?;
+        if let Some(one) = c_row(sd, unet, &side, &ctx, &z, &t, r)? {
+            out[r] = one;
+        }
     }
     Ok(Tensor::stack(&out, 0)?)
+}
+
+/// Row `r`'s prediction through C's `side` (its text, hooks and UNet); `None` when the side
+/// changes nothing (the plain prediction stands).
+fn c_row(
+    sd: &StableDiffusion,
+    unet: &UNet,
+    side: &CustomSide,
+    ctx: &Tensor,
+    z: &Tensor,
+    t: &Tensor,
+    r: usize,
+) -> Result<Option<Tensor>> {
+    if side.states.is_none() && side.hooks.is_empty() && side.unet.is_none() {
+        return Ok(None);
+    }
+    let cond = match &side.states {
+        Some(s) => s.to_dtype(sd.dtype())?,
+        None => ctx.get(r)?.unsqueeze(0)?,
+    };
+    let hooks = Chain(side.hooks.iter().map(|h| h.as_ref()).collect());
+    let layout = BatchLayout::uniform(1, Branch(1), Guidance::Conditional);
+    let hook = HookCtx {
+        hook: &hooks,
+        rows: &layout,
+        step: None,
+    };
+    let c_unet = side.unet.as_deref().unwrap_or(unet);
+    let one = c_unet.forward(
+        &z.get(r)?.unsqueeze(0)?,
+        &t.get(r)?.unsqueeze(0)?,
+        &cond,
+        (!hooks.0.is_empty()).then_some(&hook),
+    )?;
+    Ok(Some(one.squeeze(0)?))
 }

@@ -36,6 +36,68 @@ impl CustomSide {
     }
 }
 
+/// C's side for a prompt that names none of `concepts`, with their changes to the model applied
+/// all the same (their hooks, text-encoder changes and UNet; their words go nowhere): the
+/// customized model as a fine-tuning method leaves it, which the paper's overfitting measures
+/// compare with the plain one on prompts without the concept. Concepts that change only C's
+/// words (Textual Inversion) or act only at their words (Infusion) change nothing here.
+pub fn model_side(
+    sd: &StableDiffusion,
+    prompt: &str,
+    concepts: &[&dyn CustomConcept],
+    branch: Branch,
+) -> Result<CustomSide> {
+    let mut hooks: Vec<Box<dyn AttentionHook>> = vec![];
+    let mut text_hooks: Vec<Box<dyn AttentionHook>> = vec![];
+    let mut unet: Option<std::sync::Arc<UNet>> = None;
+    let mut joint: Vec<(&str, Vec<&dyn CustomConcept>)> = vec![];
+    for concept in concepts {
+        let change = concept.change();
+        if let Some(maker) = change.hooks {
+            if maker.joint() {
+                match joint.iter_mut().find(|(m, _)| *m == concept.method()) {
+                    Some((_, peers)) => peers.push(*concept),
+                    None => joint.push((concept.method(), vec![*concept])),
+                }
+            } else {
+                hooks.push(maker.unet_hook(sd, branch)?);
+            }
+            text_hooks.extend(maker.text_hook(sd)?);
+        }
+        if let Some(tuned) = change.unet {
+            if unet.is_some() {
+                return Err(Error::arg(
+                    "concepts",
+                    "two concepts that each bring a UNet (DreamBooth's): C runs one",
+                ));
+            }
+            unet = Some(tuned.clone());
+        }
+    }
+    for (_, peers) in &joint {
+        if let Some(maker) = peers[0].change().hooks {
+            hooks.push(maker.joint_unet_hook(peers, sd, branch, prompt)?);
+        }
+    }
+    let text_chain = Chain(text_hooks.iter().map(|h| h.as_ref()).collect());
+    let states = match text_chain.modules() {
+        Some(text) => Some(text_states_with(
+            sd,
+            &sd.tokenize(prompt)?,
+            &[],
+            Some(text),
+        )?),
+        None => None,
+    };
+    Ok(CustomSide {
+        prompt: prompt.to_string(),
+        uncond: None,
+        states,
+        hooks,
+        unet,
+    })
+}
+
 /// C's side for the base prompt `base` (the class words in place) and the negative prompt
 /// `negative` with `marks`: each concept at its word's byte span of `base`, in order. Hooks
 /// change the rows of `branch`. Infusion's residuals are not here: they go through Infusion's

@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::customize::eps::custom_eps;
+use crate::customize::eps::{custom_eps, Apply};
 use crate::customize::set::ConceptSet;
 use crate::error::{Error, Result};
 use crate::job::Job;
@@ -31,6 +31,11 @@ use crate::util::noise::normal;
 pub enum Variant<'a> {
     Base,
     Concepts(&'a ConceptSet),
+    /// The concepts, and their changes to the model on prompts that do not name them too (a
+    /// LoRA's, Custom Diffusion's or Perfusion's edits, a DreamBooth UNet): the customized
+    /// model the paper measures on prompts without the concept. Learned words and Infusion's
+    /// residuals act only where named, so they change nothing there.
+    Everywhere(&'a ConceptSet),
     /// The base model with these UNet weights instead.
     Weights(&'a UNet),
 }
@@ -166,9 +171,10 @@ fn eps(
         .map(|s| (s.prompt.as_str(), &s.z_t, s.timestep))
         .collect();
     match variant {
-        Variant::Base => custom_eps(sd, &sd.unet, marks_from, &rows, false),
-        Variant::Weights(unet) => custom_eps(sd, unet, marks_from, &rows, false),
-        Variant::Concepts(set) => custom_eps(sd, &sd.unet, set, &rows, true),
+        Variant::Base => custom_eps(sd, &sd.unet, marks_from, &rows, Apply::Plain),
+        Variant::Weights(unet) => custom_eps(sd, unet, marks_from, &rows, Apply::Plain),
+        Variant::Concepts(set) => custom_eps(sd, &sd.unet, set, &rows, Apply::Named),
+        Variant::Everywhere(set) => custom_eps(sd, &sd.unet, set, &rows, Apply::Everywhere),
     }
 }
 
@@ -183,7 +189,10 @@ pub fn fisher_divergence(
 ) -> Result<Fisher> {
     let empty = ConceptSet::new();
     let marks_from = match (a, b) {
-        (Variant::Concepts(s), _) | (_, Variant::Concepts(s)) => *s,
+        (Variant::Concepts(s), _)
+        | (_, Variant::Concepts(s))
+        | (Variant::Everywhere(s), _)
+        | (_, Variant::Everywhere(s)) => *s,
         _ => &empty,
     };
     let inputs = fisher_inputs(sd, Some(marks_from), prompts, opts, job)?;

@@ -751,3 +751,84 @@ fn custom_diffusion_and_perfusion_from_the_command_line() {
         assert_ne!(base.as_bytes(), custom.as_bytes(), "{method}: C is F");
     }
 }
+
+/// `compare` on a cluster: two Slurm array tasks (`--array=1-2`: indices from 1) each run
+/// their shard into one folder, then `--merge` writes the results from both.
+#[test]
+fn compare_shards_from_slurms_environment_then_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = crate::common::repo().join("assets/example-concept");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "compare",
+            images.to_str().unwrap(),
+            "--name",
+            "pot",
+            "--word",
+            "teapot",
+            "--methods",
+            "infusion,textual_inversion",
+            "--checkpoints",
+            "1",
+            "--samples",
+            "2",
+            "--w2-prompts",
+            "1",
+            "--fisher-samples",
+            "2",
+            "--fisher-prompts",
+            "2",
+            "--prompts",
+            "1",
+            "--images-per-prompt",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            "cmp",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    for task in ["1", "2"] {
+        let a = args(&[]);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_infusion-repl"));
+        cmd.args(&refs)
+            .current_dir(dir.path())
+            .env_remove("INFUSION_MODEL")
+            .env("SLURM_ARRAY_TASK_ID", task)
+            .env("SLURM_ARRAY_TASK_COUNT", "2")
+            .env("SLURM_ARRAY_TASK_MIN", "1");
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let shard = if task == "1" { "0/2" } else { "1/2" };
+        assert!(
+            stderr(&o).contains(&format!("shard {shard}")),
+            "{}",
+            stderr(&o)
+        );
+        assert!(!dir.path().join("cmp/curves.csv").exists());
+    }
+    // Task 1 ran infusion's cells, task 2 textual_inversion's.
+    assert!(dir
+        .path()
+        .join("cmp/cells/pot/infusion/step000001.w2.json")
+        .is_file());
+    assert!(dir
+        .path()
+        .join("cmp/cells/pot/textual_inversion/step000001.w2.json")
+        .is_file());
+    let a = args(&["--merge"]);
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let o = run(&refs, dir.path(), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let csv = std::fs::read_to_string(dir.path().join("cmp/curves.csv")).unwrap();
+    // 2 methods x 1 checkpoint x 6 metrics, and the header.
+    assert_eq!(csv.lines().count(), 13, "{csv}");
+    let table = std::fs::read_to_string(dir.path().join("cmp/table.md")).unwrap();
+    assert!(table.contains("| infusion |") && table.contains("| textual_inversion |"));
+}

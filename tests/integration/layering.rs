@@ -41,6 +41,21 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     ("toy", &["error", "job", "util", "sd", "train", "metrics"]),
+    // The paper's comparison: every method trained and measured, in cells.
+    (
+        "compare",
+        &[
+            "error",
+            "job",
+            "util",
+            "sd",
+            "train",
+            "infusion",
+            "methods",
+            "customize",
+            "metrics",
+        ],
+    ),
     // One library call per user action.
     (
         "actions",
@@ -55,6 +70,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "methods",
             "customize",
             "metrics",
+            "compare",
         ],
     ),
     // The front ends: anything.
@@ -72,6 +88,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "customize",
             "metrics",
             "toy",
+            "compare",
             "actions",
         ],
     ),

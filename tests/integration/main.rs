@@ -9,6 +9,7 @@ mod common;
 mod attention;
 mod baselines;
 mod cli;
+mod compare;
 mod concept;
 mod curves;
 mod custom_diffusion;

@@ -572,3 +572,42 @@ fn toy_overfitting_writes_its_figures_and_table() {
         "{table}"
     );
 }
+
+/// `compare_methods.rhai`: a run writes the results and shows the charts; a second run finds
+/// every cell there.
+#[test]
+fn compare_methods_recipe_runs_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = repo().join("assets/example-concept");
+    let args = [
+        folder.to_str().unwrap(),
+        "--name",
+        "pot",
+        "--word",
+        "teapot",
+        "--methods",
+        "infusion,lora",
+        "--checkpoints",
+        "1",
+        "--samples",
+        "2",
+        "--w2-prompts",
+        "1",
+        "--fisher-samples",
+        "2",
+        "--prompts",
+        "1",
+        "--images-per-prompt",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        "cmp",
+    ];
+    let out = ok(&run_recipe("compare_methods.rhai", &args, dir.path()));
+    assert!(out.contains("8 cells measured, 0 already there"), "{out}");
+    assert!(dir.path().join("cmp/curves.csv").is_file());
+    assert!(dir.path().join("cmp/fig11_fisher.png").is_file());
+    let out = ok(&run_recipe("compare_methods.rhai", &args, dir.path()));
+    assert!(out.contains("0 cells measured, 8 already there"), "{out}");
+}

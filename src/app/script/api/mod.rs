@@ -3,6 +3,7 @@
 //! option maps.
 
 pub mod charts;
+pub mod compare;
 pub mod concepts;
 pub mod generation;
 pub mod images;
@@ -125,6 +126,7 @@ pub fn register(engine: &mut Engine, session: &Arc<Session>) -> Docs {
     generation::register(&mut api);
     concepts::register(&mut api, session);
     metrics::register(&mut api, session);
+    compare::register(&mut api, session);
     recipes::register(&mut api);
     toy::register(&mut api, session);
     charts::register(&mut api);

@@ -1,0 +1,232 @@
+//! A comparison's results from its cells: `curves.csv` (one row per method x subject x
+//! checkpoint x metric, with standard errors), figures 10 and 11 (W2 and the Fisher divergence
+//! against training steps, one line per method, error bars) and `table.md` in the form of the
+//! paper's Table 1 (CLIP-T, CLIP-I, DINO-I at the last checkpoint, storage per method).
+
+use std::path::PathBuf;
+
+use image::RgbImage;
+
+use super::{mean_se, Cell, Comparison, Measure};
+use crate::error::{Error, Result};
+use crate::util::fs::write_atomic;
+use crate::util::image_io::save_png;
+use crate::util::plot::{line_chart, Line, PALETTE};
+
+/// What a merge wrote, and the cells it did not find.
+#[derive(Debug, Clone)]
+pub struct Merged {
+    pub csv: PathBuf,
+    pub table: PathBuf,
+    /// `fig10_w2.png`, `fig11_fisher.png`, with their images (to show inline).
+    pub charts: Vec<(PathBuf, RgbImage)>,
+    pub cells: usize,
+    /// The cells not there yet, as their files.
+    pub missing: Vec<PathBuf>,
+}
+
+/// One row of `curves.csv`.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Row<'a> {
+    method: &'a str,
+    subject: &'a str,
+    step: usize,
+    metric: &'a str,
+    value: f64,
+    std_err: f64,
+    n: usize,
+    note: &'a str,
+}
+
+impl Comparison<'_> {
+    /// The cells written so far (of this run's settings: a cell of other settings is an error
+    /// naming it), and the missing ones.
+    pub fn cells(&self) -> Result<(Vec<Cell>, Vec<PathBuf>)> {
+        let run = self.settings_hash();
+        let (mut found, mut missing) = (vec![], vec![]);
+        for unit in self.units() {
+            for &step in &self.opts.checkpoints {
+                for measure in Measure::ALL {
+                    let path = self.cell_path(unit, step, measure);
+                    if !path.is_file() {
+                        missing.push(path);
+                        continue;
+                    }
+                    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                    let cell: Cell = serde_json::from_str(&text).map_err(|e| Error::Format {
+                        path: path.clone(),
+                        msg: format!("not a comparison cell: {e}"),
+                    })?;
+                    if cell.run != run {
+                        return Err(Error::Format {
+                            path,
+                            msg: format!(
+                                "a cell of another run (settings {}, this run's {run})",
+                                cell.run
+                            ),
+                        });
+                    }
+                    found.push(cell);
+                }
+            }
+        }
+        Ok((found, missing))
+    }
+
+    /// Builds the CSV, the charts and the table from the cells there.
+    pub fn merge(&self) -> Result<Merged> {
+        let (cells, missing) = self.cells()?;
+        let csv = self.out.join("curves.csv");
+        write_csv(&csv, &cells)?;
+        let mut charts = vec![];
+        for (metric, file, title, y) in [
+            (
+                "w2",
+                "fig10_w2.png",
+                "W2 of F's and C's latents (figure 10)",
+                "W2 (latent units)",
+            ),
+            (
+                "fisher",
+                "fig11_fisher.png",
+                "latent Fisher divergence (figure 11)",
+                "Fisher divergence (latent units^2)",
+            ),
+        ] {
+            let lines = self.lines(&cells, metric);
+            if lines.iter().all(|l| l.points.is_empty()) {
+                continue;
+            }
+            let img = line_chart(&lines, (title, "training steps", y), (720, 480))?;
+            let path = self.out.join(file);
+            save_png(&img, &path, &[("chart", title.to_string())])?;
+            charts.push((path, img));
+        }
+        let table = self.out.join("table.md");
+        let text = self.table(&cells);
+        write_atomic(&table, |w| {
+            w.write_all(text.as_bytes())
+                .map_err(|e| Error::io(&table, e))
+        })?;
+        Ok(Merged {
+            csv,
+            table,
+            charts,
+            cells: cells.len(),
+            missing,
+        })
+    }
+
+    /// One line per method: `metric` at each checkpoint, the mean over subjects (error bars:
+    /// the standard error over subjects, or the cell's own for one subject).
+    fn lines(&self, cells: &[Cell], metric: &str) -> Vec<Line> {
+        self.opts
+            .methods
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let points = self
+                    .opts
+                    .checkpoints
+                    .iter()
+                    .filter_map(|&step| {
+                        let v: Vec<(f64, f64)> = cells
+                            .iter()
+                            .filter(|c| &c.method == m && c.step == step)
+                            .flat_map(|c| &c.values)
+                            .filter(|v| v.metric == metric)
+                            .map(|v| (v.value, v.std_err))
+                            .collect();
+                        match v.as_slice() {
+                            [] => None,
+                            [(value, se)] => Some((step as f64, *value, Some(*se))),
+                            many => {
+                                let values: Vec<f64> = many.iter().map(|(v, _)| *v).collect();
+                                let (mean, se) = mean_se(&values);
+                                Some((step as f64, mean, Some(se)))
+                            }
+                        }
+                    })
+                    .collect();
+                Line {
+                    label: m.clone(),
+                    color: PALETTE[i % PALETTE.len()],
+                    points,
+                }
+            })
+            .collect()
+    }
+
+    /// The paper's Table 1: per method, CLIP-T, CLIP-I and DINO-I at the last checkpoint (the
+    /// mean over subjects) and the storage of its file.
+    fn table(&self, cells: &[Cell]) -> String {
+        let last = *self.opts.checkpoints.last().unwrap_or(&0);
+        let mut text =
+            "| method | CLIP-T | CLIP-I | DINO-I | storage |\n|---|---|---|---|---|\n".to_string();
+        for m in &self.opts.methods {
+            let mean = |metric: &str| -> Option<f64> {
+                let v: Vec<f64> = cells
+                    .iter()
+                    .filter(|c| &c.method == m && c.step == last)
+                    .flat_map(|c| &c.values)
+                    .filter(|v| v.metric == metric)
+                    .map(|v| v.value)
+                    .collect();
+                (!v.is_empty()).then(|| mean_se(&v).0)
+            };
+            let cell = |metric: &str| mean(metric).map_or("-".to_string(), |v| format!("{v:.3}"));
+            let storage = mean("bytes").map_or("-".to_string(), human_bytes);
+            text.push_str(&format!(
+                "| {m} | {} | {} | {} | {storage} |\n",
+                cell("clip_t"),
+                cell("clip_i"),
+                cell("dino_i")
+            ));
+        }
+        text.push_str(&format!(
+            "\nAt step {last}, the mean over {} subject(s); scores with {}, {}.\n",
+            self.subjects.len(),
+            crate::metrics::scorer_label("CLIP", self.clip.path()),
+            crate::metrics::scorer_label("DINO", self.dino.path())
+        ));
+        text
+    }
+}
+
+fn write_csv(path: &std::path::Path, cells: &[Cell]) -> Result<()> {
+    let mut w = csv::Writer::from_writer(vec![]);
+    let mut sorted: Vec<&Cell> = cells.iter().collect();
+    sorted.sort_by(|a, b| {
+        (&a.method, &a.subject, a.step, a.measure).cmp(&(&b.method, &b.subject, b.step, b.measure))
+    });
+    for c in sorted {
+        for v in &c.values {
+            w.serialize(Row {
+                method: &c.method,
+                subject: &c.subject,
+                step: c.step,
+                metric: &v.metric,
+                value: v.value,
+                std_err: v.std_err,
+                n: v.n,
+                note: &v.note,
+            })
+            .map_err(|e| Error::config(path, e))?;
+        }
+    }
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::config(path, e.to_string()))?;
+    write_atomic(path, |out| {
+        out.write_all(&bytes).map_err(|e| Error::io(path, e))
+    })
+}
+
+fn human_bytes(b: f64) -> String {
+    match b {
+        b if b >= 1e9 => format!("{:.1} GB", b / 1e9),
+        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
+        b if b >= 1e3 => format!("{:.1} KB", b / 1e3),
+        b => format!("{b:.0} B"),
+    }
+}
