@@ -109,10 +109,19 @@ pub enum Measure {
     Fisher,
     W2,
     Scores,
+    /// Figure 12's picture: C's image of the subject's first prompt (and F's beside it), the
+    /// same seed for every method and checkpoint.
+    Image,
 }
 
 impl Measure {
-    pub const ALL: [Measure; 4] = [Measure::Size, Measure::Fisher, Measure::W2, Measure::Scores];
+    pub const ALL: [Measure; 5] = [
+        Measure::Size,
+        Measure::Fisher,
+        Measure::W2,
+        Measure::Scores,
+        Measure::Image,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -120,6 +129,7 @@ impl Measure {
             Measure::Fisher => "fisher",
             Measure::W2 => "w2",
             Measure::Scores => "scores",
+            Measure::Image => "image",
         }
     }
 }
@@ -536,6 +546,20 @@ impl<'a> Comparison<'a> {
                     note: format!("{} samples per side, dimension {dims}", self.opts.samples),
                 }]
             }
+            Measure::Image => {
+                let prompt = data::prompts_for(&subject.word)[0]
+                    .replace("{}", &format!("<{}>", subject.name));
+                let g = self.generate(&set, &prompt, self.opts.seed, job)?;
+                let cell = self.cell_path(unit, step, measure);
+                for (image, which) in [(&g.custom_image, "custom"), (&g.base_image, "base")] {
+                    crate::util::image_io::save_png(
+                        &tensor_to_rgb(image)?,
+                        &image_path(&cell, which),
+                        &[("prompt", prompt.clone())],
+                    )?;
+                }
+                vec![]
+            }
             Measure::Scores => {
                 let references = load_folder_images(&subject.folder, job)?;
                 let prompts = &data::prompts_for(&subject.word)[..self.opts.prompts];
@@ -598,6 +622,11 @@ impl<'a> Comparison<'a> {
         };
         generate_pair(self.sd, set, prompt, &opts, None, job)
     }
+}
+
+/// The PNG beside an image cell's file: `which` is `custom` (C's) or `base` (F's).
+pub fn image_path(cell: &Path, which: &str) -> PathBuf {
+    cell.with_extension(format!("{which}.png"))
 }
 
 /// The mean and its standard error (0 for one value).

@@ -102,6 +102,9 @@ impl Comparison<'_> {
             save_png(&img, &path, &[("chart", title.to_string())])?;
             charts.push((path, img));
         }
+        if let Some((path, img)) = self.figure12(&cells)? {
+            charts.push((path, img));
+        }
         let table = self.out.join("table.md");
         let text = self.table(&cells);
         write_atomic(&table, |w| {
@@ -115,6 +118,68 @@ impl Comparison<'_> {
             cells: cells.len(),
             missing,
         })
+    }
+
+    /// Figure 12 for the first subject: a row per method, F's image then C's at each
+    /// checkpoint (the same prompt and seed), labelled; `None` before any image cell.
+    fn figure12(&self, cells: &[Cell]) -> Result<Option<(PathBuf, RgbImage)>> {
+        let Some(subject) = self.subjects.first() else {
+            return Ok(None);
+        };
+        let mut images = vec![];
+        let mut labels = vec![];
+        let mut any = false;
+        let cols = self.opts.checkpoints.len() + 1;
+        for (mi, m) in self.opts.methods.iter().enumerate() {
+            let unit = super::Unit {
+                subject: 0,
+                method: mi,
+            };
+            let cell_file = |step| self.cell_path(unit, step, Measure::Image);
+            let has = |step: usize| {
+                cells.iter().any(|c| {
+                    &c.method == m
+                        && c.subject == subject.name
+                        && c.step == step
+                        && c.measure == Measure::Image
+                })
+            };
+            let base = self
+                .opts
+                .checkpoints
+                .iter()
+                .find(|&&s| has(s))
+                .map(|&s| super::image_path(&cell_file(s), "base"));
+            let mut row = vec![(base, format!("{m}: base"))];
+            for &s in &self.opts.checkpoints {
+                let path = has(s).then(|| super::image_path(&cell_file(s), "custom"));
+                row.push((path, format!("{m}, step {s}")));
+            }
+            for (path, label) in row {
+                let img = match path {
+                    Some(p) => {
+                        any = true;
+                        crate::util::image_io::load_image(&p)?
+                    }
+                    None => RgbImage::from_pixel(8, 8, image::Rgb([230, 230, 230])),
+                };
+                images.push(img);
+                labels.push(label);
+            }
+        }
+        if !any {
+            return Ok(None);
+        }
+        let grid = crate::util::text_render::labelled_grid(
+            &images,
+            cols,
+            &labels,
+            4,
+            image::Rgb([255, 255, 255]),
+        )?;
+        let path = self.out.join("fig12_grid.png");
+        save_png(&grid, &path, &[("subject", subject.name.clone())])?;
+        Ok(Some((path, grid)))
     }
 
     /// One line per method: `metric` at each checkpoint, the mean over subjects (error bars:

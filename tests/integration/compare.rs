@@ -49,19 +49,19 @@ fn two_shards_and_a_merge_equal_one_run() {
     let all = compare(sd, &ask(&whole), &job).unwrap();
     let merged = all.merged.unwrap();
     assert!(merged.missing.is_empty());
-    // 2 methods x 2 checkpoints x 4 measures.
-    assert_eq!((all.run.cells_done, merged.cells), (16, 16));
+    // 2 methods x 2 checkpoints x 5 measures.
+    assert_eq!((all.run.cells_done, merged.cells), (20, 20));
     let split = dir.path().join("split");
     let mut first = ask(&split);
     first.shard = Some("0/2".into());
     let r = compare(sd, &first, &job).unwrap();
     assert!(r.merged.is_none());
-    assert_eq!(r.run.cells_done, 8);
+    assert_eq!(r.run.cells_done, 10);
     assert!(!split.join("curves.csv").exists());
     let mut merge = ask(&split);
     merge.merge = true;
     let partial = compare(sd, &merge, &job).unwrap().merged.unwrap();
-    assert_eq!(partial.missing.len(), 8);
+    assert_eq!(partial.missing.len(), 10);
     let mut second = ask(&split);
     second.shard = Some("1/2".into());
     compare(sd, &second, &job).unwrap();
@@ -72,7 +72,7 @@ fn two_shards_and_a_merge_equal_one_run() {
     }
     // Run again: nothing to do.
     let again = compare(sd, &ask(&whole), &job).unwrap();
-    assert_eq!((again.run.cells_done, again.run.cells_skipped), (0, 16));
+    assert_eq!((again.run.cells_done, again.run.cells_skipped), (0, 20));
 }
 
 /// A run cut off (a cell and the last training checkpoint of a unit lost, as a kill would
@@ -169,8 +169,17 @@ fn results_have_a_row_and_a_line_per_method() {
         rows[0].starts_with("| infusion |") && rows[1].starts_with("| lora |"),
         "{table}"
     );
-    assert_eq!(m.charts.len(), 2);
-    for (p, img) in &m.charts {
+    assert_eq!(m.charts.len(), 3);
+    // Figure 12: a row per method, F's image then C's at each of the 2 checkpoints.
+    let (grid_path, grid) = &m.charts[2];
+    assert!(grid_path.ends_with("fig12_grid.png"));
+    let side = 32; // the tiny model's images
+    assert!(
+        grid.width() >= 3 * side && grid.height() >= 2 * side,
+        "{:?}",
+        grid.dimensions()
+    );
+    for (p, img) in &m.charts[..2] {
         // 720 x 480, and the legend's strip below.
         assert!(
             img.width() == 720 && img.height() >= 480,

@@ -605,9 +605,9 @@ fn compare_methods_recipe_runs_and_resumes() {
         "cmp",
     ];
     let out = ok(&run_recipe("compare_methods.rhai", &args, dir.path()));
-    assert!(out.contains("8 cells measured, 0 already there"), "{out}");
+    assert!(out.contains("10 cells measured, 0 already there"), "{out}");
     assert!(dir.path().join("cmp/curves.csv").is_file());
     assert!(dir.path().join("cmp/fig11_fisher.png").is_file());
     let out = ok(&run_recipe("compare_methods.rhai", &args, dir.path()));
-    assert!(out.contains("0 cells measured, 8 already there"), "{out}");
+    assert!(out.contains("0 cells measured, 10 already there"), "{out}");
 }
