@@ -330,12 +330,13 @@ struct CompareArgs {
     /// W2: prompts (the first N of the subject's DreamBooth prompts).
     #[arg(long, default_value_t = CompareOptions::default().w2_prompts)]
     w2_prompts: usize,
-    /// The Fisher divergence's samples.
-    #[arg(long, default_value_t = CompareOptions::default().fisher_samples)]
-    fisher_samples: usize,
-    /// The Fisher divergence's prompts: the first N captions.
-    #[arg(long, default_value_t = CompareOptions::default().fisher_prompts)]
-    fisher_prompts: usize,
+    /// The Fisher divergence's samples (default: --samples).
+    #[arg(long)]
+    fisher_samples: Option<usize>,
+    /// The Fisher divergence's prompts: the first N captions (default: --fisher-samples, one
+    /// sample a caption).
+    #[arg(long)]
+    fisher_prompts: Option<usize>,
     /// The Fisher captions, one a line (default: the shipped list).
     #[arg(long)]
     captions: Option<PathBuf>,
@@ -915,8 +916,10 @@ fn compare(global: &GlobalArgs, args: &CompareArgs, job: &Job) -> Result<()> {
             checkpoints: args.checkpoints.clone(),
             samples: args.samples,
             w2_prompts: args.w2_prompts,
-            fisher_samples: args.fisher_samples,
-            fisher_prompts: args.fisher_prompts,
+            fisher_samples: args.fisher_samples.unwrap_or(args.samples),
+            fisher_prompts: args
+                .fisher_prompts
+                .unwrap_or(args.fisher_samples.unwrap_or(args.samples)),
             captions: args.captions.clone(),
             prompts: args.prompts,
             images_per_prompt: args.images_per_prompt,

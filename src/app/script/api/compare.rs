@@ -26,8 +26,8 @@ fn spec() -> FnSpec {
         .opt("checkpoints", Kind::Other("array of training steps"), checkpoints, "training steps to measure at")
         .opt("samples", Kind::Int { min: 2, max: INT::MAX }, d.samples as INT, "W2: images per side for each prompt")
         .opt("w2_prompts", Kind::POSITIVE, d.w2_prompts as INT, "W2: prompts (the subject's DreamBooth prompts, the first N)")
-        .opt("fisher_samples", Kind::POSITIVE, d.fisher_samples as INT, "Fisher divergence samples")
-        .opt("fisher_prompts", Kind::POSITIVE, d.fisher_prompts as INT, "Fisher divergence: the first N captions")
+        .opt_unset("fisher_samples", Kind::POSITIVE, "Fisher divergence samples (default: samples)")
+        .opt_unset("fisher_prompts", Kind::POSITIVE, "Fisher divergence: the first N captions (default: fisher_samples, one sample a caption)")
         .opt_unset("captions", Kind::Str, "the Fisher captions, one a line (default: the shipped list)")
         .opt("prompts", Kind::POSITIVE, d.prompts as INT, "CLIP / DINO: prompts (DreamBooth's, the first N)")
         .opt("images_per_prompt", Kind::POSITIVE, d.images_per_prompt as INT, "CLIP / DINO: images per prompt")
@@ -92,6 +92,7 @@ fn run(session: &Session, spec: &FnSpec, model: &Model, data: &str, opts: &Map) 
             settings.insert(method.to_string(), s);
         }
     }
+    let samples = o.usize("samples").unwrap_or(d.samples);
     let ask = CompareAsk {
         data: PathBuf::from(data),
         name: o.string("name"),
@@ -100,10 +101,12 @@ fn run(session: &Session, spec: &FnSpec, model: &Model, data: &str, opts: &Map) 
             methods: o.strings("methods").unwrap_or(d.methods),
             settings,
             checkpoints,
-            samples: o.usize("samples").unwrap_or(d.samples),
+            samples,
             w2_prompts: o.usize("w2_prompts").unwrap_or(d.w2_prompts),
-            fisher_samples: o.usize("fisher_samples").unwrap_or(d.fisher_samples),
-            fisher_prompts: o.usize("fisher_prompts").unwrap_or(d.fisher_prompts),
+            fisher_samples: o.usize("fisher_samples").unwrap_or(samples),
+            fisher_prompts: o
+                .usize("fisher_prompts")
+                .unwrap_or(o.usize("fisher_samples").unwrap_or(samples)),
             captions: o.string("captions").map(PathBuf::from),
             prompts: o.usize("prompts").unwrap_or(d.prompts),
             images_per_prompt: o.usize("images_per_prompt").unwrap_or(d.images_per_prompt),
