@@ -47,38 +47,11 @@ pub fn model_side(
     concepts: &[&dyn CustomConcept],
     branch: Branch,
 ) -> Result<CustomSide> {
-    let mut hooks: Vec<Box<dyn AttentionHook>> = vec![];
-    let mut text_hooks: Vec<Box<dyn AttentionHook>> = vec![];
-    let mut unet: Option<std::sync::Arc<UNet>> = None;
-    let mut joint: Vec<(&str, Vec<&dyn CustomConcept>)> = vec![];
+    let mut changes = ModelChanges::default();
     for concept in concepts {
-        let change = concept.change();
-        if let Some(maker) = change.hooks {
-            if maker.joint() {
-                match joint.iter_mut().find(|(m, _)| *m == concept.method()) {
-                    Some((_, peers)) => peers.push(*concept),
-                    None => joint.push((concept.method(), vec![*concept])),
-                }
-            } else {
-                hooks.push(maker.unet_hook(sd, branch)?);
-            }
-            text_hooks.extend(maker.text_hook(sd)?);
-        }
-        if let Some(tuned) = change.unet {
-            if unet.is_some() {
-                return Err(Error::arg(
-                    "concepts",
-                    "two concepts that each bring a UNet (DreamBooth's): C runs one",
-                ));
-            }
-            unet = Some(tuned.clone());
-        }
+        changes.add(sd, *concept, branch)?;
     }
-    for (_, peers) in &joint {
-        if let Some(maker) = peers[0].change().hooks {
-            hooks.push(maker.joint_unet_hook(peers, sd, branch, prompt)?);
-        }
-    }
+    let (hooks, text_hooks, unet) = changes.finish(sd, branch, prompt)?;
     let text_chain = Chain(text_hooks.iter().map(|h| h.as_ref()).collect());
     let states = match text_chain.modules() {
         Some(text) => Some(text_states_with(
@@ -112,19 +85,10 @@ pub fn custom_side(
     let mut prompt = String::with_capacity(base.len());
     let mut at = 0;
     let mut learned: Vec<(Range<usize>, Embedding)> = vec![];
-    let mut hooks: Vec<Box<dyn AttentionHook>> = vec![];
-    let mut text_hooks: Vec<Box<dyn AttentionHook>> = vec![];
-    let mut unet: Option<std::sync::Arc<UNet>> = None;
-    // Concepts whose hooks are made together, by method.
-    let mut joint: Vec<(&str, Vec<&dyn CustomConcept>)> = vec![];
+    let mut changes = ModelChanges::default();
     for (span, concept) in marks {
         prompt.push_str(&base[at..span.start]);
-        let Change {
-            words,
-            hooks: maker,
-            unet: tuned,
-            ..
-        } = concept.change();
+        let Change { words, .. } = concept.change();
         if words.is_empty() {
             prompt.push_str(&base[span.clone()]);
         }
@@ -147,34 +111,11 @@ pub fn custom_side(
                 }
             }
         }
-        if let Some(maker) = maker {
-            if maker.joint() {
-                match joint.iter_mut().find(|(m, _)| *m == concept.method()) {
-                    Some((_, peers)) => peers.push(*concept),
-                    None => joint.push((concept.method(), vec![*concept])),
-                }
-            } else {
-                hooks.push(maker.unet_hook(sd, branch)?);
-            }
-            text_hooks.extend(maker.text_hook(sd)?);
-        }
-        if let Some(tuned) = tuned {
-            if unet.is_some() {
-                return Err(Error::arg(
-                    "prompt",
-                    "two concepts that each bring a UNet (DreamBooth's) in one prompt: C runs one",
-                ));
-            }
-            unet = Some(tuned.clone());
-        }
+        changes.add(sd, *concept, branch)?;
         at = span.end;
     }
     prompt.push_str(&base[at..]);
-    for (_, peers) in &joint {
-        if let Some(maker) = peers[0].change().hooks {
-            hooks.push(maker.joint_unet_hook(peers, sd, branch, base)?);
-        }
-    }
+    let (hooks, text_hooks, unet) = changes.finish(sd, branch, base)?;
     let text_chain = Chain(text_hooks.iter().map(|h| h.as_ref()).collect());
     let text = text_chain.modules();
     let states = if learned.is_empty() && prompt == base && text.is_none() {
@@ -211,4 +152,64 @@ pub fn custom_side(
         hooks,
         unet,
     })
+}
+
+/// What concepts change in the model: hooks on C's rows, the text encoder's hooks, C's UNet;
+/// the hooks of the methods that make theirs together ([`crate::methods::HookMaker::joint`])
+/// gathered by method until [`ModelChanges::finish`].
+#[derive(Default)]
+struct ModelChanges<'c> {
+    hooks: Vec<Box<dyn AttentionHook>>,
+    text_hooks: Vec<Box<dyn AttentionHook>>,
+    unet: Option<std::sync::Arc<UNet>>,
+    joint: Vec<(&'static str, Vec<&'c dyn CustomConcept>)>,
+}
+
+type Changes = (
+    Vec<Box<dyn AttentionHook>>,
+    Vec<Box<dyn AttentionHook>>,
+    Option<std::sync::Arc<UNet>>,
+);
+
+impl<'c> ModelChanges<'c> {
+    fn add(
+        &mut self,
+        sd: &StableDiffusion,
+        concept: &'c dyn CustomConcept,
+        branch: Branch,
+    ) -> Result<()> {
+        let change = concept.change();
+        if let Some(maker) = change.hooks {
+            if maker.joint() {
+                match self.joint.iter_mut().find(|(m, _)| *m == concept.method()) {
+                    Some((_, peers)) => peers.push(concept),
+                    None => self.joint.push((concept.method(), vec![concept])),
+                }
+            } else {
+                self.hooks.push(maker.unet_hook(sd, branch)?);
+            }
+            self.text_hooks.extend(maker.text_hook(sd)?);
+        }
+        if let Some(tuned) = change.unet {
+            if self.unet.is_some() {
+                return Err(Error::arg(
+                    "prompt",
+                    "two concepts that each bring a UNet (DreamBooth's) in one prompt: C runs one",
+                ));
+            }
+            self.unet = Some(tuned.clone());
+        }
+        Ok(())
+    }
+
+    /// The hooks, text hooks and UNet; the joint hooks made for `prompt` (F's).
+    fn finish(mut self, sd: &StableDiffusion, branch: Branch, prompt: &str) -> Result<Changes> {
+        for (_, peers) in &self.joint {
+            if let Some(maker) = peers[0].change().hooks {
+                self.hooks
+                    .push(maker.joint_unet_hook(peers, sd, branch, prompt)?);
+            }
+        }
+        Ok((self.hooks, self.text_hooks, self.unet))
+    }
 }
