@@ -340,6 +340,9 @@ struct CompareArgs {
     /// The Fisher captions, one a line (default: the shipped list).
     #[arg(long)]
     captions: Option<PathBuf>,
+    /// Prompts per W2 or CLIP / DINO cell (a killed run loses at most one chunk).
+    #[arg(long, default_value_t = CompareOptions::default().prompt_chunk)]
+    prompt_chunk: usize,
     /// CLIP / DINO: prompts (DreamBooth's, the first N).
     #[arg(long, default_value_t = CompareOptions::default().prompts)]
     prompts: usize,
@@ -922,6 +925,7 @@ fn compare(global: &GlobalArgs, args: &CompareArgs, job: &Job) -> Result<()> {
                 .unwrap_or(args.fisher_samples.unwrap_or(args.samples)),
             captions: args.captions.clone(),
             prompts: args.prompts,
+            prompt_chunk: args.prompt_chunk,
             images_per_prompt: args.images_per_prompt,
             steps: args.steps,
             guidance: args.guidance,

@@ -57,6 +57,8 @@ pub struct CompareOptions {
     pub fisher_prompts: usize,
     /// The Fisher captions, one a line (`None`: the shipped list, assets/perfusion/captions.txt).
     pub captions: Option<PathBuf>,
+    /// Prompts per W2 or CLIP/DINO cell (a killed run loses at most one such chunk).
+    pub prompt_chunk: usize,
     /// CLIP/DINO: prompts (DreamBooth's 25) and images per prompt (5).
     pub prompts: usize,
     pub images_per_prompt: usize,
@@ -81,6 +83,7 @@ impl Default for CompareOptions {
             fisher_samples: 1000,
             fisher_prompts: 1000,
             captions: None,
+            prompt_chunk: 5,
             prompts: 25,
             images_per_prompt: 5,
             steps: 50,
@@ -157,7 +160,20 @@ pub struct Cell {
     pub subject: String,
     pub step: usize,
     pub measure: Measure,
+    /// Which chunk of the prompts (W2 and the scores: a value per prompt of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk: Option<usize>,
     pub values: Vec<Value>,
+}
+
+/// One cell of work: a unit's measure at a checkpoint, of one chunk of the prompts for the
+/// measures over prompts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CellId {
+    pub unit: Unit,
+    pub step: usize,
+    pub measure: Measure,
+    pub chunk: Option<usize>,
 }
 
 /// A unit of work: one method on one subject.
@@ -213,6 +229,7 @@ impl<'a> Comparison<'a> {
             ("fisher_samples", opts.fisher_samples),
             ("fisher_prompts", opts.fisher_prompts),
             ("prompts", opts.prompts),
+            ("prompt_chunk", opts.prompt_chunk),
             ("images_per_prompt", opts.images_per_prompt),
             ("steps", opts.steps),
         ] {
@@ -306,13 +323,53 @@ impl<'a> Comparison<'a> {
             .collect()
     }
 
-    /// The file of cell (`unit`, `step`, `measure`).
-    pub fn cell_path(&self, unit: Unit, step: usize, measure: Measure) -> PathBuf {
+    /// A cell's file.
+    pub fn cell_path(&self, id: CellId) -> PathBuf {
+        let chunk = id.chunk.map_or(String::new(), |k| format!(".{k}"));
         self.out
             .join("cells")
-            .join(&self.subjects[unit.subject].name)
-            .join(self.methods[unit.method].name())
-            .join(format!("step{step:06}.{}.json", measure.name()))
+            .join(&self.subjects[id.unit.subject].name)
+            .join(self.methods[id.unit.method].name())
+            .join(format!(
+                "step{:06}.{}{chunk}.json",
+                id.step,
+                id.measure.name()
+            ))
+    }
+
+    /// The prompts a measure over prompts uses for a subject of class `word`.
+    fn measure_prompts(&self, measure: Measure, word: &str) -> &'static [&'static str] {
+        let n = match measure {
+            Measure::W2 => self.opts.w2_prompts,
+            _ => self.opts.prompts,
+        };
+        &data::prompts_for(word)[..n]
+    }
+
+    /// A unit's cells, checkpoint by checkpoint.
+    pub fn cell_ids(&self, unit: Unit) -> Vec<CellId> {
+        let word = &self.subjects[unit.subject].word;
+        let mut out = vec![];
+        for &step in &self.opts.checkpoints {
+            for measure in Measure::ALL {
+                let chunks = match measure {
+                    Measure::W2 | Measure::Scores => {
+                        let n = self.measure_prompts(measure, word).len();
+                        (0..n.div_ceil(self.opts.prompt_chunk)).map(Some).collect()
+                    }
+                    _ => vec![None],
+                };
+                for chunk in chunks {
+                    out.push(CellId {
+                        unit,
+                        step,
+                        measure,
+                        chunk,
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Where a unit's training writes its checkpoints.
@@ -342,26 +399,25 @@ impl<'a> Comparison<'a> {
             .filter(|(i, _)| shard.is_none_or(|s| s.has(*i)))
             .map(|(_, u)| u)
             .collect();
-        let total = units.len() * self.opts.checkpoints.len() * Measure::ALL.len();
+        let total: usize = units.iter().map(|&u| self.cell_ids(u).len()).sum();
         let mut report = RunReport::default();
         let started = std::time::Instant::now();
         for unit in units {
-            let todo: Vec<(usize, Measure)> = self
-                .opts
-                .checkpoints
+            let all = self.cell_ids(unit);
+            let todo: Vec<CellId> = all
                 .iter()
-                .flat_map(|&s| Measure::ALL.iter().map(move |&m| (s, m)))
-                .filter(|&(s, m)| !self.cell_path(unit, s, m).is_file())
+                .copied()
+                .filter(|&id| !self.cell_path(id).is_file())
                 .collect();
-            report.cells_skipped += self.opts.checkpoints.len() * Measure::ALL.len() - todo.len();
+            report.cells_skipped += all.len() - todo.len();
             if todo.is_empty() {
                 continue;
             }
             self.train(unit, job)?;
-            for (step, measure) in todo {
+            for id in todo {
                 job.check()?;
-                let cell = self.measure(unit, step, measure, job)?;
-                let path = self.cell_path(unit, step, measure);
+                let cell = self.measure(id, job)?;
+                let path = self.cell_path(id);
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
                 }
@@ -375,10 +431,12 @@ impl<'a> Comparison<'a> {
                 let per = started.elapsed().as_secs_f64() / report.cells_done as f64;
                 let left = per * total.saturating_sub(done) as f64;
                 job.note(format!(
-                    "compare: {done}/{total} cells ({} {} step {step} {}), ~{} left",
+                    "compare: {done}/{total} cells ({} {} step {} {}{}), ~{} left",
                     self.subjects[unit.subject].name,
                     self.methods[unit.method].name(),
-                    measure.name(),
+                    id.step,
+                    id.measure.name(),
+                    id.chunk.map_or(String::new(), |k| format!(" chunk {k}")),
                     human_seconds(left)
                 ));
             }
@@ -477,9 +535,25 @@ impl<'a> Comparison<'a> {
 
     /// One cell: the measure of a unit's checkpoint at `step`, each value from the library's
     /// own function.
-    pub fn measure(&self, unit: Unit, step: usize, measure: Measure, job: &Job) -> Result<Cell> {
+    pub fn measure(&self, id: CellId, job: &Job) -> Result<Cell> {
+        let CellId {
+            unit,
+            step,
+            measure,
+            chunk,
+        } = id;
         let (set, path) = self.concept(unit, step, job)?;
         let subject = &self.subjects[unit.subject];
+        // This cell's prompts, for the measures over prompts.
+        let prompts: Vec<String> = {
+            let all = self.measure_prompts(measure, &subject.word);
+            let k = chunk.unwrap_or(0) * self.opts.prompt_chunk;
+            all.iter()
+                .skip(k)
+                .take(self.opts.prompt_chunk)
+                .map(|p| p.replace("{}", &format!("<{}>", subject.name)))
+                .collect()
+        };
         let values = match measure {
             Measure::Size => {
                 let bytes = size_on_disk(&path)?;
@@ -514,43 +588,36 @@ impl<'a> Comparison<'a> {
                 }]
             }
             Measure::W2 => {
-                let prompts = &data::prompts_for(&subject.word)[..self.opts.w2_prompts];
-                let mut per_prompt = vec![];
-                let mut dims = 0;
-                for p in prompts {
-                    let prompt = p.replace("{}", &format!("<{}>", subject.name));
+                let mut values = vec![];
+                for prompt in &prompts {
                     let (mut base, mut custom) = (vec![], vec![]);
                     for s in 0..self.opts.samples {
-                        let g = self.generate(&set, &prompt, self.opts.seed + s as u64, job)?;
+                        let g = self.generate(&set, prompt, self.opts.seed + s as u64, job)?;
                         base.push(g.base_latents);
                         custom.push(g.custom_latents);
                     }
                     let w = wasserstein(&Tensor::cat(&base, 0)?, &Tensor::cat(&custom, 0)?, None)?;
-                    dims = w.dims;
-                    per_prompt.push(w.w2);
+                    if self.opts.samples * 10 < w.dims {
+                        warn_few_samples(self.opts.samples, w.dims, job);
+                    }
+                    values.push(Value {
+                        metric: "w2".into(),
+                        value: w.w2,
+                        std_err: 0.0,
+                        n: self.opts.samples,
+                        note: format!(
+                            "{} samples per side, dimension {}",
+                            self.opts.samples, w.dims
+                        ),
+                    });
                 }
-                if self.opts.samples * 10 < dims {
-                    job.warn(format!(
-                        "W2 from {} samples per side in {dims} dimensions: the Gaussians' \
-                         covariances are far from full rank, so W2 is mostly their means' and \
-                         traces' (the paper uses 1000 samples)",
-                        self.opts.samples
-                    ));
-                }
-                let (mean, se) = mean_se(&per_prompt);
-                vec![Value {
-                    metric: "w2".into(),
-                    value: mean,
-                    std_err: se,
-                    n: per_prompt.len(),
-                    note: format!("{} samples per side, dimension {dims}", self.opts.samples),
-                }]
+                values
             }
             Measure::Image => {
                 let prompt = data::prompts_for(&subject.word)[0]
                     .replace("{}", &format!("<{}>", subject.name));
                 let g = self.generate(&set, &prompt, self.opts.seed, job)?;
-                let cell = self.cell_path(unit, step, measure);
+                let cell = self.cell_path(id);
                 for (image, which) in [(&g.custom_image, "custom"), (&g.base_image, "base")] {
                     crate::util::image_io::save_png(
                         &tensor_to_rgb(image)?,
@@ -562,36 +629,32 @@ impl<'a> Comparison<'a> {
             }
             Measure::Scores => {
                 let references = load_folder_images(&subject.folder, job)?;
-                let prompts = &data::prompts_for(&subject.word)[..self.opts.prompts];
-                let (mut t, mut i, mut d) = (vec![], vec![], vec![]);
-                for p in prompts {
-                    let prompt = p.replace("{}", &format!("<{}>", subject.name));
+                let mut values = vec![];
+                for prompt in &prompts {
                     let mut images = vec![];
                     let mut texts = vec![];
                     for s in 0..self.opts.images_per_prompt {
                         let g =
-                            self.generate(&set, &prompt, 1000 + self.opts.seed + s as u64, job)?;
+                            self.generate(&set, prompt, 1000 + self.opts.seed + s as u64, job)?;
                         images.push(tensor_to_rgb(&g.custom_image)?);
                         texts.push(g.parsed.base.clone());
                     }
                     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                    t.push(clip_t(self.clip, &images, &refs)?);
-                    i.push(clip_i(self.clip, &images, &references)?);
-                    d.push(dino_i(self.dino, &images, &references)?);
-                }
-                [("clip_t", t), ("clip_i", i), ("dino_i", d)]
-                    .into_iter()
-                    .map(|(metric, v)| {
-                        let (mean, se) = mean_se(&v);
-                        Value {
+                    for (metric, value) in [
+                        ("clip_t", clip_t(self.clip, &images, &refs)?),
+                        ("clip_i", clip_i(self.clip, &images, &references)?),
+                        ("dino_i", dino_i(self.dino, &images, &references)?),
+                    ] {
+                        values.push(Value {
                             metric: metric.into(),
-                            value: mean,
-                            std_err: se,
-                            n: v.len(),
+                            value,
+                            std_err: 0.0,
+                            n: images.len(),
                             note: String::new(),
-                        }
-                    })
-                    .collect()
+                        });
+                    }
+                }
+                values
             }
         };
         Ok(Cell {
@@ -600,6 +663,7 @@ impl<'a> Comparison<'a> {
             subject: subject.name.clone(),
             step,
             measure,
+            chunk,
             values,
         })
     }
@@ -627,6 +691,18 @@ impl<'a> Comparison<'a> {
 /// The PNG beside an image cell's file: `which` is `custom` (C's) or `base` (F's).
 pub fn image_path(cell: &Path, which: &str) -> PathBuf {
     cell.with_extension(format!("{which}.png"))
+}
+
+/// Says once a process that W2 comes from far fewer samples than dimensions.
+fn warn_few_samples(samples: usize, dims: usize, job: &Job) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        job.warn(format!(
+            "W2 from {samples} samples per side in {dims} dimensions: the Gaussians' covariances \
+             are far from full rank, so W2 is mostly their means' and traces' (the paper uses \
+             1000 samples)"
+        ))
+    });
 }
 
 /// The mean and its standard error (0 for one value).

@@ -3,6 +3,7 @@
 //! against training steps, one line per method, error bars) and `table.md` in the form of the
 //! paper's Table 1 (CLIP-T, CLIP-I, DINO-I at the last checkpoint, storage per method).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use image::RgbImage;
@@ -25,17 +26,63 @@ pub struct Merged {
     pub missing: Vec<PathBuf>,
 }
 
-/// One row of `curves.csv`.
+/// One row of `curves.csv`: a metric of a method on a subject at a checkpoint, over the cells
+/// of its prompt chunks (the mean over prompts and its standard error) or from its one cell.
 #[derive(Debug, Clone, serde::Serialize)]
-struct Row<'a> {
-    method: &'a str,
-    subject: &'a str,
-    step: usize,
-    metric: &'a str,
-    value: f64,
-    std_err: f64,
-    n: usize,
-    note: &'a str,
+pub struct Row {
+    pub method: String,
+    pub subject: String,
+    pub step: usize,
+    pub metric: String,
+    pub value: f64,
+    pub std_err: f64,
+    pub n: usize,
+    pub note: String,
+}
+
+/// The rows of `cells`, in a fixed order (method, subject, step, measure, metric).
+pub fn rows(cells: &[Cell]) -> Vec<Row> {
+    let mut groups: BTreeMap<(String, String, usize, Measure, String), Vec<&super::Value>> =
+        BTreeMap::new();
+    for c in cells {
+        for v in &c.values {
+            groups
+                .entry((
+                    c.method.clone(),
+                    c.subject.clone(),
+                    c.step,
+                    c.measure,
+                    v.metric.clone(),
+                ))
+                .or_default()
+                .push(v);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|((method, subject, step, measure, metric), values)| {
+            let (value, std_err, n) = match (measure, values.as_slice()) {
+                // A value per prompt: their mean over the prompts.
+                (Measure::W2 | Measure::Scores, many) => {
+                    let v: Vec<f64> = many.iter().map(|v| v.value).collect();
+                    let (m, se) = mean_se(&v);
+                    (m, se, v.len())
+                }
+                (_, [one, ..]) => (one.value, one.std_err, one.n),
+                (_, []) => (f64::NAN, f64::NAN, 0),
+            };
+            Row {
+                method,
+                subject,
+                step,
+                metric,
+                value,
+                std_err,
+                n,
+                note: values.first().map_or(String::new(), |v| v.note.clone()),
+            }
+        })
+        .collect()
 }
 
 impl Comparison<'_> {
@@ -45,9 +92,9 @@ impl Comparison<'_> {
         let run = self.settings_hash();
         let (mut found, mut missing) = (vec![], vec![]);
         for unit in self.units() {
-            for &step in &self.opts.checkpoints {
-                for measure in Measure::ALL {
-                    let path = self.cell_path(unit, step, measure);
+            for id in self.cell_ids(unit) {
+                {
+                    let path = self.cell_path(id);
                     if !path.is_file() {
                         missing.push(path);
                         continue;
@@ -76,8 +123,9 @@ impl Comparison<'_> {
     /// Builds the CSV, the charts and the table from the cells there.
     pub fn merge(&self) -> Result<Merged> {
         let (cells, missing) = self.cells()?;
+        let rows = rows(&cells);
         let csv = self.out.join("curves.csv");
-        write_csv(&csv, &cells)?;
+        write_csv(&csv, &rows)?;
         let mut charts = vec![];
         for (metric, file, title, y) in [
             (
@@ -93,7 +141,7 @@ impl Comparison<'_> {
                 "Fisher divergence (latent units^2)",
             ),
         ] {
-            let lines = self.lines(&cells, metric);
+            let lines = self.lines(&rows, metric);
             if lines.iter().all(|l| l.points.is_empty()) {
                 continue;
             }
@@ -106,7 +154,7 @@ impl Comparison<'_> {
             charts.push((path, img));
         }
         let table = self.out.join("table.md");
-        let text = self.table(&cells);
+        let text = self.table(&rows);
         write_atomic(&table, |w| {
             w.write_all(text.as_bytes())
                 .map_err(|e| Error::io(&table, e))
@@ -135,7 +183,14 @@ impl Comparison<'_> {
                 subject: 0,
                 method: mi,
             };
-            let cell_file = |step| self.cell_path(unit, step, Measure::Image);
+            let cell_file = |step| {
+                self.cell_path(super::CellId {
+                    unit,
+                    step,
+                    measure: Measure::Image,
+                    chunk: None,
+                })
+            };
             let has = |step: usize| {
                 cells.iter().any(|c| {
                     &c.method == m
@@ -184,7 +239,7 @@ impl Comparison<'_> {
 
     /// One line per method: `metric` at each checkpoint, the mean over subjects (error bars:
     /// the standard error over subjects, or the cell's own for one subject).
-    fn lines(&self, cells: &[Cell], metric: &str) -> Vec<Line> {
+    fn lines(&self, rows: &[Row], metric: &str) -> Vec<Line> {
         self.opts
             .methods
             .iter()
@@ -195,12 +250,10 @@ impl Comparison<'_> {
                     .checkpoints
                     .iter()
                     .filter_map(|&step| {
-                        let v: Vec<(f64, f64)> = cells
+                        let v: Vec<(f64, f64)> = rows
                             .iter()
-                            .filter(|c| &c.method == m && c.step == step)
-                            .flat_map(|c| &c.values)
-                            .filter(|v| v.metric == metric)
-                            .map(|v| (v.value, v.std_err))
+                            .filter(|r| &r.method == m && r.step == step && r.metric == metric)
+                            .map(|r| (r.value, r.std_err))
                             .collect();
                         match v.as_slice() {
                             [] => None,
@@ -224,18 +277,16 @@ impl Comparison<'_> {
 
     /// The paper's Table 1: per method, CLIP-T, CLIP-I and DINO-I at the last checkpoint (the
     /// mean over subjects) and the storage of its file.
-    fn table(&self, cells: &[Cell]) -> String {
+    fn table(&self, rows: &[Row]) -> String {
         let last = *self.opts.checkpoints.last().unwrap_or(&0);
         let mut text =
             "| method | CLIP-T | CLIP-I | DINO-I | storage |\n|---|---|---|---|---|\n".to_string();
         for m in &self.opts.methods {
             let mean = |metric: &str| -> Option<f64> {
-                let v: Vec<f64> = cells
+                let v: Vec<f64> = rows
                     .iter()
-                    .filter(|c| &c.method == m && c.step == last)
-                    .flat_map(|c| &c.values)
-                    .filter(|v| v.metric == metric)
-                    .map(|v| v.value)
+                    .filter(|r| &r.method == m && r.step == last && r.metric == metric)
+                    .map(|r| r.value)
                     .collect();
                 (!v.is_empty()).then(|| mean_se(&v).0)
             };
@@ -258,26 +309,10 @@ impl Comparison<'_> {
     }
 }
 
-fn write_csv(path: &std::path::Path, cells: &[Cell]) -> Result<()> {
+fn write_csv(path: &std::path::Path, rows: &[Row]) -> Result<()> {
     let mut w = csv::Writer::from_writer(vec![]);
-    let mut sorted: Vec<&Cell> = cells.iter().collect();
-    sorted.sort_by(|a, b| {
-        (&a.method, &a.subject, a.step, a.measure).cmp(&(&b.method, &b.subject, b.step, b.measure))
-    });
-    for c in sorted {
-        for v in &c.values {
-            w.serialize(Row {
-                method: &c.method,
-                subject: &c.subject,
-                step: c.step,
-                metric: &v.metric,
-                value: v.value,
-                std_err: v.std_err,
-                n: v.n,
-                note: &v.note,
-            })
-            .map_err(|e| Error::config(path, e))?;
-        }
+    for r in rows {
+        w.serialize(r).map_err(|e| Error::config(path, e))?;
     }
     let bytes = w
         .into_inner()

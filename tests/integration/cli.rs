@@ -816,11 +816,11 @@ fn compare_shards_from_slurms_environment_then_merges() {
     // Task 1 ran infusion's cells, task 2 textual_inversion's.
     assert!(dir
         .path()
-        .join("cmp/cells/pot/infusion/step000001.w2.json")
+        .join("cmp/cells/pot/infusion/step000001.w2.0.json")
         .is_file());
     assert!(dir
         .path()
-        .join("cmp/cells/pot/textual_inversion/step000001.w2.json")
+        .join("cmp/cells/pot/textual_inversion/step000001.w2.0.json")
         .is_file());
     let a = args(&["--merge"]);
     let refs: Vec<&str> = a.iter().map(String::as_str).collect();

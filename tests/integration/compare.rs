@@ -89,7 +89,7 @@ fn a_cut_off_run_resumes_to_the_same_results_and_cells_are_the_librarys() {
     compare(sd, &ask(&out), &job).unwrap();
     let csv = read(out.join("curves.csv"));
     let lora = out.join("cells/pot/lora");
-    std::fs::remove_file(lora.join("step000002.w2.json")).unwrap();
+    std::fs::remove_file(lora.join("step000002.w2.0.json")).unwrap();
     std::fs::remove_file(lora.join("step000002.fisher.json")).unwrap();
     let ck = out.join("concepts/pot/lora");
     std::fs::remove_file(ck.join("pot-step000002.optim.safetensors")).unwrap();
@@ -239,4 +239,46 @@ fn bad_data_and_options_are_refused_before_any_work() {
     let e = compare(sd, &c, &job).unwrap_err().to_string();
     assert!(e.contains("depth"), "{e}");
     assert!(!out.join("cells").exists(), "no work was done");
+}
+
+/// The measures over prompts are cells of `prompt_chunk` prompts (a value per prompt); the
+/// results give the mean over all the prompts, with its standard error.
+#[test]
+fn prompts_are_measured_in_chunks_and_averaged_over_all() {
+    use infusion_repl::compare::{mean_se, Cell};
+    let sd = tiny();
+    let job = Job::quiet();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("c");
+    let mut a = ask(&out);
+    a.options.methods = vec!["infusion".into()];
+    a.options.checkpoints = vec![1];
+    a.options.prompts = 3;
+    a.options.prompt_chunk = 2;
+    let m = compare(sd, &a, &job).unwrap().merged.unwrap();
+    let cells = out.join("cells/pot/infusion");
+    let chunk = |k: usize| -> Cell {
+        serde_json::from_str(&read(cells.join(format!("step000001.scores.{k}.json")))).unwrap()
+    };
+    let (first, second) = (chunk(0), chunk(1));
+    // Three scores for each prompt: 2 prompts, then 1.
+    assert_eq!((first.values.len(), second.values.len()), (6, 3));
+    assert!(!cells.join("step000001.scores.2.json").exists());
+    let clip_t: Vec<f64> = first
+        .values
+        .iter()
+        .chain(&second.values)
+        .filter(|v| v.metric == "clip_t")
+        .map(|v| v.value)
+        .collect();
+    let (mean, se) = mean_se(&clip_t);
+    let csv = read(m.csv);
+    let row = csv
+        .lines()
+        .find(|l| l.starts_with("infusion,pot,1,clip_t,"))
+        .unwrap();
+    let f: Vec<&str> = row.split(',').collect();
+    assert_eq!(f[4].parse::<f64>().unwrap(), mean, "{row}");
+    assert_eq!(f[5].parse::<f64>().unwrap(), se, "{row}");
+    assert_eq!(f[6], "3", "{row}");
 }

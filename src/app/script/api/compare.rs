@@ -29,6 +29,7 @@ fn spec() -> FnSpec {
         .opt_unset("fisher_samples", Kind::POSITIVE, "Fisher divergence samples (default: samples)")
         .opt_unset("fisher_prompts", Kind::POSITIVE, "Fisher divergence: the first N captions (default: fisher_samples, one sample a caption)")
         .opt_unset("captions", Kind::Str, "the Fisher captions, one a line (default: the shipped list)")
+        .opt("prompt_chunk", Kind::POSITIVE, d.prompt_chunk as INT, "prompts per W2 or CLIP / DINO cell (a killed run loses at most one chunk)")
         .opt("prompts", Kind::POSITIVE, d.prompts as INT, "CLIP / DINO: prompts (DreamBooth's, the first N)")
         .opt("images_per_prompt", Kind::POSITIVE, d.images_per_prompt as INT, "CLIP / DINO: images per prompt")
         .opt("steps", Kind::POSITIVE, d.steps as INT, "denoising steps of every generation")
@@ -109,6 +110,7 @@ fn run(session: &Session, spec: &FnSpec, model: &Model, data: &str, opts: &Map) 
                 .unwrap_or(o.usize("fisher_samples").unwrap_or(samples)),
             captions: o.string("captions").map(PathBuf::from),
             prompts: o.usize("prompts").unwrap_or(d.prompts),
+            prompt_chunk: o.usize("prompt_chunk").unwrap_or(d.prompt_chunk),
             images_per_prompt: o.usize("images_per_prompt").unwrap_or(d.images_per_prompt),
             steps: o.usize("steps").unwrap_or(d.steps),
             guidance: o.float("guidance").unwrap_or(d.guidance),
@@ -152,6 +154,24 @@ fn run(session: &Session, spec: &FnSpec, model: &Model, data: &str, opts: &Map) 
 }
 
 pub fn register(api: &mut Api, session: &Arc<Session>) {
+    let prompts = api.declare(
+        FnSpec::new("dreambooth_prompts")
+            .sig("dreambooth_prompts(kind) -> array of string")
+            .doc("DreamBooth's evaluation prompts ({} stands for the concept), as the comparison uses them: kind \"object\" or \"live\" (its cats and dogs). The stdlib's prompts::OBJECT_PROMPTS and prompts::LIVE_PROMPTS.")
+            .example("for p in dreambooth_prompts(\"object\") { print(p); }"),
+    );
+    api.func(&prompts, |kind: &str| -> RhaiResult<Array> {
+        let list: &[&str] = match kind {
+            "object" => &crate::compare::data::OBJECT_PROMPTS,
+            "live" => &crate::compare::data::LIVE_PROMPTS,
+            other => {
+                return Err(err(format!(
+                    "dreambooth_prompts: `{other}` is neither \"object\" nor \"live\""
+                )))
+            }
+        };
+        Ok(list.iter().map(|p| Dynamic::from(p.to_string())).collect())
+    });
     let spec = api.declare(spec());
     let (s, sp) = (session.clone(), spec.clone());
     api.func(&spec, move |m: &mut Model, data: &str, o: Map| {
