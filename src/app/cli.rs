@@ -318,7 +318,8 @@ struct CompareArgs {
     /// The methods, comma-separated (default: every method).
     #[arg(long, value_delimiter = ',')]
     methods: Vec<String>,
-    /// A method's own option, METHOD.KEY=VALUE (e.g. lora.rank=8).
+    /// A method's option, METHOD.KEY=VALUE: its own (lora.rank=8) or its training lr and batch
+    /// (lora.lr=0.0002, dreambooth.batch=1).
     #[arg(long = "set", value_name = "METHOD.KEY=VALUE")]
     set: Vec<String>,
     /// Training steps to measure at, comma-separated.
@@ -901,7 +902,21 @@ fn compare(global: &GlobalArgs, args: &CompareArgs, job: &Job) -> Result<()> {
             Error::arg("set", format!("{s:?}: METHOD.KEY=VALUE (e.g. lora.rank=8)"))
         })?;
         crate::methods::method(method)?;
-        let one = method_settings(&[kv.to_string()])?;
+        let one = match kv.split_once('=') {
+            // Every method's training lr and batch, besides its own options.
+            Some((k @ ("lr" | "batch"), v)) => {
+                let v: f64 = v
+                    .parse()
+                    .map_err(|_| Error::arg("set", format!("{s:?}: {k} is a number")))?;
+                let v = if k == "batch" {
+                    serde_json::json!(v as u64)
+                } else {
+                    serde_json::json!(v)
+                };
+                crate::methods::Settings::from([(k.to_string(), v)])
+            }
+            _ => method_settings(&[kv.to_string()])?,
+        };
         settings.entry(method.to_string()).or_default().extend(one);
     }
     let d = CompareOptions::default();

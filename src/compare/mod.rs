@@ -215,7 +215,7 @@ impl<'a> Comparison<'a> {
         }
         for (m, given) in &opts.settings {
             let method = crate::methods::method(m)?;
-            crate::methods::resolve_settings(method, given)?;
+            training_overrides(method, given)?;
         }
         if opts.checkpoints.is_empty() || opts.checkpoints.contains(&0) {
             return Err(Error::arg(
@@ -460,7 +460,7 @@ impl<'a> Comparison<'a> {
             .get(method.name())
             .cloned()
             .unwrap_or_default();
-        let settings = crate::methods::resolve_settings(method, &given)?;
+        let (settings, lr, batch) = training_overrides(method, &given)?;
         let learner = method.learner(self.sd, &settings, &subject.word, self.opts.seed)?;
         let last = *cps.last().unwrap_or(&1);
         // The last checkpoint saved before the first missing one.
@@ -475,10 +475,9 @@ impl<'a> Comparison<'a> {
                 Trainer::resume(self.sd, &ckpt, &images, Some(last), learner, job)?
             }
             None => {
-                let batch = method.default_batch();
                 let opts = TrainOptions {
                     steps: last,
-                    lr: method.default_lr(batch, false),
+                    lr,
                     batch,
                     seed: self.opts.seed,
                     ..Default::default()
@@ -686,6 +685,31 @@ impl<'a> Comparison<'a> {
         };
         generate_pair(self.sd, set, prompt, &opts, None, job)
     }
+}
+
+/// A method's settings in a comparison: its own options, and `lr` and `batch` over its
+/// defaults (the lr for the batch by default); each checked.
+fn training_overrides(method: &dyn Method, given: &Settings) -> Result<(Settings, f64, usize)> {
+    let mut own = given.clone();
+    let bad = |k: &str, v: &serde_json::Value| {
+        Error::arg(k, format!("{}.{k}={v}: not a {k}", method.name()))
+    };
+    let batch = match own.remove("batch") {
+        None => method.default_batch(),
+        Some(v) => v
+            .as_u64()
+            .filter(|&b| b >= 1)
+            .map(|b| b as usize)
+            .ok_or_else(|| bad("batch", &v))?,
+    };
+    let lr = match own.remove("lr") {
+        None => method.default_lr(batch, false),
+        Some(v) => v
+            .as_f64()
+            .filter(|l| *l > 0.0 && l.is_finite())
+            .ok_or_else(|| bad("lr", &v))?,
+    };
+    Ok((crate::methods::resolve_settings(method, &own)?, lr, batch))
 }
 
 /// The PNG beside an image cell's file: `which` is `custom` (C's) or `base` (F's).

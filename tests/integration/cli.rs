@@ -832,3 +832,105 @@ fn compare_shards_from_slurms_environment_then_merges() {
     let table = std::fs::read_to_string(dir.path().join("cmp/table.md")).unwrap();
     assert!(table.contains("| infusion |") && table.contains("| textual_inversion |"));
 }
+
+/// A `compare` process killed (SIGKILL) in the middle of its work, then run again, ends with the
+/// same results as a run never interrupted: cells and checkpoints are written whole or not at
+/// all.
+#[test]
+fn a_killed_compare_resumes_to_the_same_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = crate::common::repo().join("assets/example-concept");
+    let args = |out: &str| -> Vec<String> {
+        [
+            "compare",
+            images.to_str().unwrap(),
+            "--name",
+            "pot",
+            "--word",
+            "teapot",
+            "--methods",
+            "infusion,lora",
+            "--checkpoints",
+            "1,3",
+            "--samples",
+            "2",
+            "--w2-prompts",
+            "2",
+            "--prompt-chunk",
+            "1",
+            "--prompts",
+            "2",
+            "--images-per-prompt",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let whole = args("whole");
+    let o = run(
+        &whole.iter().map(String::as_str).collect::<Vec<_>>(),
+        dir.path(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cut = args("cut");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_infusion-repl"))
+        .args(&cut)
+        .current_dir(dir.path())
+        .env_remove("INFUSION_MODEL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed once a few cells are there (or when it is done, on a fast machine: then the
+    // rerun has nothing to do, and the files must still agree).
+    let cells = dir.path().join("cut/cells/pot");
+    let count = || {
+        walk(&cells)
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .count()
+    };
+    let start = std::time::Instant::now();
+    while count() < 5 && start.elapsed().as_secs() < 120 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let o = run(
+        &cut.iter().map(String::as_str).collect::<Vec<_>>(),
+        dir.path(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["curves.csv", "table.md"] {
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("cut").join(f)).unwrap(),
+            std::fs::read_to_string(dir.path().join("whole").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

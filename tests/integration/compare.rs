@@ -135,6 +135,38 @@ fn a_cut_off_run_resumes_to_the_same_results_and_cells_are_the_librarys() {
         f.mean > 0.0,
         "a LoRA changes the model on prompts without it"
     );
+    // The W2 cell: wasserstein of F's and C's latents of its prompt, seeds 0 and 1.
+    let w2: Cell = serde_json::from_str(&read(lora.join("step000002.w2.0.json"))).unwrap();
+    let prompt = "a <pot> in the jungle";
+    let (mut base, mut custom) = (vec![], vec![]);
+    for seed in 0..2 {
+        let g = infusion_repl::generate_pair(
+            sd,
+            &set,
+            prompt,
+            &infusion_repl::PairOptions {
+                generate: infusion_repl::GenerateOptions {
+                    seed,
+                    steps: 2,
+                    guidance: 7.5,
+                    ..Default::default()
+                },
+                replace_steps: 1.0,
+            },
+            None,
+            &job,
+        )
+        .unwrap();
+        base.push(g.base_latents);
+        custom.push(g.custom_latents);
+    }
+    let want = infusion_repl::metrics::w2::wasserstein(
+        &candle_core::Tensor::cat(&base, 0).unwrap(),
+        &candle_core::Tensor::cat(&custom, 0).unwrap(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(w2.values[0].value, want.w2);
     let size: Cell = serde_json::from_str(&read(lora.join("step000002.size.json"))).unwrap();
     let bytes = std::fs::metadata(ck.join("pot-step000002.safetensors"))
         .unwrap()
@@ -238,6 +270,15 @@ fn bad_data_and_options_are_refused_before_any_work() {
     );
     let e = compare(sd, &c, &job).unwrap_err().to_string();
     assert!(e.contains("depth"), "{e}");
+    let mut d = ask(&out);
+    d.options.settings.insert(
+        "lora".into(),
+        [("lr".to_string(), serde_json::json!(-1.0))]
+            .into_iter()
+            .collect(),
+    );
+    let e = compare(sd, &d, &job).unwrap_err().to_string();
+    assert!(e.contains("lora.lr"), "{e}");
     assert!(!out.join("cells").exists(), "no work was done");
 }
 
