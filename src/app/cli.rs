@@ -318,8 +318,9 @@ struct CompareArgs {
     /// The methods, comma-separated (default: every method).
     #[arg(long, value_delimiter = ',')]
     methods: Vec<String>,
-    /// A method's option, METHOD.KEY=VALUE: its own (lora.rank=8) or its training lr and batch
-    /// (lora.lr=0.0002, dreambooth.batch=1).
+    /// A method's option, METHOD.KEY=VALUE: its own (lora.rank=8), its training lr and batch
+    /// (lora.lr=0.0002, dreambooth.batch=1), or prior preservation (dreambooth.prior=true,
+    /// dreambooth.prior_images=200, dreambooth.prior_weight=1).
     #[arg(long = "set", value_name = "METHOD.KEY=VALUE")]
     set: Vec<String>,
     /// Training steps to measure at, comma-separated.
@@ -904,14 +905,14 @@ fn compare(global: &GlobalArgs, args: &CompareArgs, job: &Job) -> Result<()> {
         crate::methods::method(method)?;
         let one = match kv.split_once('=') {
             // Every method's training lr and batch, besides its own options.
-            Some((k @ ("lr" | "batch"), v)) => {
-                let v: f64 = v
-                    .parse()
-                    .map_err(|_| Error::arg("set", format!("{s:?}: {k} is a number")))?;
-                let v = if k == "batch" {
-                    serde_json::json!(v as u64)
-                } else {
-                    serde_json::json!(v)
+            Some((k @ ("lr" | "batch" | "prior" | "prior_images" | "prior_weight"), v)) => {
+                let bad = || Error::arg("set", format!("{s:?}: {k} is not {v:?}"));
+                let v = match k {
+                    "prior" => serde_json::json!(v.parse::<bool>().map_err(|_| bad())?),
+                    "batch" | "prior_images" => {
+                        serde_json::json!(v.parse::<u64>().map_err(|_| bad())?)
+                    }
+                    _ => serde_json::json!(v.parse::<f64>().map_err(|_| bad())?),
                 };
                 crate::methods::Settings::from([(k.to_string(), v)])
             }

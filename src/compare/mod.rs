@@ -460,7 +460,12 @@ impl<'a> Comparison<'a> {
             .get(method.name())
             .cloned()
             .unwrap_or_default();
-        let (settings, lr, batch) = training_overrides(method, &given)?;
+        let Training {
+            settings,
+            lr,
+            batch,
+            prior,
+        } = training_overrides(method, &given)?;
         let learner = method.learner(self.sd, &settings, &subject.word, self.opts.seed)?;
         let last = *cps.last().unwrap_or(&1);
         // The last checkpoint saved before the first missing one.
@@ -492,6 +497,19 @@ impl<'a> Comparison<'a> {
                 )?
             }
         };
+        if let Some(p) = &prior {
+            // Kept per subject, for every method that takes them and for resumed runs.
+            let keep = self.out.join("class_images").join(&subject.name);
+            let class = crate::train::class_images(
+                self.sd,
+                &subject.word,
+                p.images,
+                self.opts.seed,
+                Some(&keep),
+                job,
+            )?;
+            trainer.set_prior(&class, p.weight)?;
+        }
         let dir = self.train_dir(unit);
         let start = trainer.steps_done();
         for &step in cps.iter().filter(|&&s| s > start) {
@@ -687,13 +705,53 @@ impl<'a> Comparison<'a> {
     }
 }
 
-/// A method's settings in a comparison: its own options, and `lr` and `batch` over its
-/// defaults (the lr for the batch by default); each checked.
-fn training_overrides(method: &dyn Method, given: &Settings) -> Result<(Settings, f64, usize)> {
+/// How a method trains in a comparison.
+struct Training {
+    settings: Settings,
+    lr: f64,
+    batch: usize,
+    prior: Option<crate::train::Prior>,
+}
+
+/// A method's settings in a comparison: its own options, and `lr`, `batch` and prior
+/// preservation (`prior`: true, `prior_images`, `prior_weight`, for the methods that take it)
+/// over its defaults (the lr for the batch and prior by default); each checked.
+fn training_overrides(method: &dyn Method, given: &Settings) -> Result<Training> {
     let mut own = given.clone();
     let bad = |k: &str, v: &serde_json::Value| {
         Error::arg(k, format!("{}.{k}={v}: not a {k}", method.name()))
     };
+    let prior_on = match own.remove("prior") {
+        None => false,
+        Some(v) => v.as_bool().ok_or_else(|| bad("prior", &v))?,
+    };
+    let d = crate::train::Prior::default();
+    let images = match own.remove("prior_images") {
+        None => d.images,
+        Some(v) => v
+            .as_u64()
+            .filter(|&n| n >= 1)
+            .map(|n| n as usize)
+            .ok_or_else(|| bad("prior_images", &v))?,
+    };
+    let weight = match own.remove("prior_weight") {
+        None => d.weight,
+        Some(v) => v
+            .as_f64()
+            .filter(|w| *w >= 0.0 && w.is_finite())
+            .ok_or_else(|| bad("prior_weight", &v))?,
+    };
+    if prior_on && !method.takes_prior() {
+        return Err(Error::arg(
+            "prior",
+            format!("{} takes no prior preservation", method.name()),
+        ));
+    }
+    let prior = prior_on.then_some(crate::train::Prior {
+        images,
+        weight,
+        dir: None,
+    });
     let batch = match own.remove("batch") {
         None => method.default_batch(),
         Some(v) => v
@@ -703,13 +761,18 @@ fn training_overrides(method: &dyn Method, given: &Settings) -> Result<(Settings
             .ok_or_else(|| bad("batch", &v))?,
     };
     let lr = match own.remove("lr") {
-        None => method.default_lr(batch, false),
+        None => method.default_lr(batch, prior.is_some()),
         Some(v) => v
             .as_f64()
             .filter(|l| *l > 0.0 && l.is_finite())
             .ok_or_else(|| bad("lr", &v))?,
     };
-    Ok((crate::methods::resolve_settings(method, &own)?, lr, batch))
+    Ok(Training {
+        settings: crate::methods::resolve_settings(method, &own)?,
+        lr,
+        batch,
+        prior,
+    })
 }
 
 /// The PNG beside an image cell's file: `which` is `custom` (C's) or `base` (F's).

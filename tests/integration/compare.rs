@@ -323,3 +323,56 @@ fn prompts_are_measured_in_chunks_and_averaged_over_all() {
     assert_eq!(f[5].parse::<f64>().unwrap(), se, "{row}");
     assert_eq!(f[6], "3", "{row}");
 }
+
+/// Prior preservation for a method that takes it (`prior`, `prior_images`): its class images
+/// are made once and kept per subject, and the run differs from one without; a method that
+/// takes none refuses it before any work.
+#[test]
+fn prior_preservation_for_the_methods_that_take_it() {
+    let sd = tiny();
+    let job = Job::quiet();
+    let dir = tempfile::tempdir().unwrap();
+    let with = |out: &Path, method: &str, prior: bool| {
+        let mut a = ask(out);
+        a.options.methods = vec![method.into()];
+        a.options.checkpoints = vec![1];
+        if prior {
+            a.options.settings.insert(
+                method.into(),
+                [
+                    ("prior".to_string(), serde_json::json!(true)),
+                    ("prior_images".to_string(), serde_json::json!(1)),
+                ]
+                .into_iter()
+                .collect(),
+            );
+        }
+        a
+    };
+    let e = compare(
+        sd,
+        &with(&dir.path().join("ti"), "textual_inversion", true),
+        &job,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("takes no prior preservation"), "{e}");
+    let p = dir.path().join("prior");
+    compare(sd, &with(&p, "lora", true), &job).unwrap();
+    assert_eq!(walk_pngs(&p.join("class_images/pot")), 1);
+    let q = dir.path().join("plain");
+    compare(sd, &with(&q, "lora", false), &job).unwrap();
+    let bytes =
+        |d: &Path| std::fs::read(d.join("concepts/pot/lora/pot-step000001.safetensors")).unwrap();
+    assert_ne!(bytes(&p), bytes(&q), "prior preservation changed nothing");
+}
+
+fn walk_pngs(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
+                .count()
+        })
+        .unwrap_or(0)
+}
