@@ -96,6 +96,11 @@ pub enum Error {
     #[error("cancelled")]
     Cancelled,
 
+    /// Training diverged (a loss or an update that is not finite); the message says at which
+    /// step and what was kept.
+    #[error("training diverged: {0}")]
+    Diverged(String),
+
     /// A stage of the model produced NaN or infinite values; the message names the stage.
     #[error("{0}")]
     NotFinite(String),

@@ -6,6 +6,7 @@ pub mod curves;
 pub mod dino;
 pub mod eval;
 pub mod fisher;
+pub mod points;
 pub mod preprocess;
 pub mod scores;
 pub mod w2;

@@ -33,8 +33,8 @@ pub mod lab;
 pub mod net;
 pub mod plots;
 
+pub use crate::metrics::points::{count_modes, exact_w2};
 pub use data::{Layout, Point};
 pub use lab::{
-    count_modes, customize, exact_w2, fisher, CustomRun, Customization, CustomizeOptions, Toy,
-    ToyMethod, ToyTrainOptions,
+    customize, fisher, CustomRun, Customization, CustomizeOptions, Toy, ToyMethod, ToyTrainOptions,
 };

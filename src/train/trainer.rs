@@ -402,14 +402,11 @@ impl<'a> Trainer<'a> {
             }
             None => "the start",
         };
-        Error::arg(
-            "training",
-            format!(
-                "the loss became {value} at step {failed}: stopped, keeping the parameters of \
-                 step {} ({kept}); try a lower learning rate",
-                self.step
-            ),
-        )
+        Error::Diverged(format!(
+            "the loss became {value} at step {failed}: stopped, keeping the parameters of step \
+             {} ({kept}); try a lower learning rate",
+            self.step
+        ))
     }
 
     /// One optimization step (of [`Learner::accumulate`] batches); returns its loss. A
@@ -464,15 +461,12 @@ impl<'a> Trainer<'a> {
             crate::train::optim::clip_grad_norm(&mut g, max)?;
         }
         if apply && !self.rollback && !self.adam.keeps_finite(self.learner.vars(), &g)? {
-            return Err(Error::arg(
-                "training",
-                format!(
-                    "the update of step {} would make parameters non-finite: stopped, keeping \
-                     the parameters of step {}; try a lower learning rate",
-                    self.step + 1,
-                    self.step
-                ),
-            ));
+            return Err(Error::Diverged(format!(
+                "the update of step {} would make parameters non-finite: stopped, keeping the \
+                 parameters of step {}; try a lower learning rate",
+                self.step + 1,
+                self.step
+            )));
         }
         if self.rollback {
             self.previous = Some(self.snapshot()?);

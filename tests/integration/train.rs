@@ -280,7 +280,13 @@ fn a_non_finite_loss_stops_with_the_last_good_deltas() {
     o.lr = 1e30;
     let mut t = trainer(tiny(), "thing", "teapot", &imgs, o).unwrap();
     let e = t.run(&Job::quiet()).unwrap_err();
-    assert!(e.to_string().contains("loss became"), "{e}");
+    // Its own kind (issue 24): training diverged, not a bad argument.
+    assert!(matches!(e, infusion_repl::Error::Diverged(_)), "{e:?}");
+    assert!(
+        e.to_string()
+            .starts_with("training diverged: the loss became"),
+        "{e}"
+    );
     let c = concept(&t).unwrap();
     for d in c.deltas.values() {
         assert!(max_abs(d).is_finite());
