@@ -69,7 +69,9 @@ impl WeightFiles {
                     std::io::Error::new(std::io::ErrorKind::NotFound, "weight file not found"),
                 ));
             }
-            let map = Mapping::open(path).map_err(|e| match e.kind() {
+            // SAFETY: weight files are read, never written, while a model is loaded; one
+            // truncated by another program meanwhile is the mmap hazard `Mapping::open` names.
+            let map = unsafe { Mapping::open(path) }.map_err(|e| match e.kind() {
                 std::io::ErrorKind::UnexpectedEof => Error::Safetensors {
                     path: path.clone(),
                     msg: diagnose_file(path).unwrap_or_else(|| e.to_string()),

@@ -723,7 +723,9 @@ impl Checkpoint {
             path: optim.clone(),
             msg,
         };
-        let map = crate::util::mapped::Mapping::open(&optim).map_err(|e| Error::io(&optim, e))?;
+        // SAFETY: checkpoints are written by rename, never in place (see `Mapping::open`).
+        let map = unsafe { crate::util::mapped::Mapping::open(&optim) }
+            .map_err(|e| Error::io(&optim, e))?;
         let header = safetensors::SafeTensors::read_metadata(map.bytes())
             .map_err(|e| bad(e.to_string()))?
             .1
@@ -799,7 +801,8 @@ fn file_metadata(path: &Path, key: &str) -> Option<String> {
     if !path.is_file() {
         return None;
     }
-    let map = crate::util::mapped::Mapping::open(path).ok()?;
+    // SAFETY: as in `Checkpoint::read`: our files are replaced by rename, never in place.
+    let map = unsafe { crate::util::mapped::Mapping::open(path) }.ok()?;
     let (_, header) = safetensors::SafeTensors::read_metadata(map.bytes()).ok()?;
     header.metadata().as_ref()?.get(key).cloned()
 }

@@ -126,7 +126,15 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// Maps `path` (a regular, non-empty file) and asks the kernel to start reading it ahead.
-    pub fn open(path: &Path) -> std::io::Result<Self> {
+    ///
+    /// # Safety
+    ///
+    /// The file must not be truncated (or rewritten in place) by anyone while the mapping or a
+    /// tensor living in it is alive: a read past the new end raises SIGBUS and kills the
+    /// process, as with any memory map (candle marks `MmapedSafetensors::new` unsafe for the
+    /// same reason). Files this tool writes are replaced by rename, never rewritten in place,
+    /// so they keep their old content for as long as they stay mapped.
+    pub unsafe fn open(path: &Path) -> std::io::Result<Self> {
         use std::os::fd::AsRawFd;
         let file = File::open(path)?;
         let len = usize::try_from(file.metadata()?.len())
@@ -229,7 +237,8 @@ mod tests {
         let values: Vec<f32> = (0..1024).map(|i| i as f32 * 0.5).collect();
         let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         std::fs::write(&path, &raw).unwrap();
-        let m = Mapping::open(&path).unwrap();
+        // SAFETY: a file of this test's own, not changed while mapped.
+        let m = unsafe { Mapping::open(&path) }.unwrap();
         assert_eq!(m.bytes(), raw.as_slice());
         // The unit-test binary keeps the system allocator: no tensors in place here (the
         // integration tests install MappedAlloc and check that path).
@@ -237,7 +246,10 @@ mod tests {
         assert!(m.vec::<f32>(0..16).is_none());
         drop(m);
         assert_eq!(std::fs::read(&path).unwrap(), raw);
-        let e = Mapping::open(&dir.path().join("missing")).err().unwrap();
+        // SAFETY: nothing is mapped (the file does not exist).
+        let e = unsafe { Mapping::open(&dir.path().join("missing")) }
+            .err()
+            .unwrap();
         assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
     }
 }

@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{output, sgemm, with_scratch, Mat};
+use super::{sgemm, uninit, with_scratch, Mat};
 
 /// Scores per block (1 MiB): 64 query rows against SD1.5's 4096 keys.
 const BLOCK_ELEMS: usize = 1 << 18;
@@ -88,7 +88,8 @@ pub fn attention(
     (bh, n, m, d): (usize, usize, usize, usize),
     scale: f32,
 ) -> Vec<f32> {
-    let mut out = output(bh * n * d);
+    // SAFETY: `by_blocks` hands every row block to `block_mix`, which writes it whole.
+    let mut out = unsafe { uninit(bh * n * d) };
     by_blocks(&mut out, (n, d, block_rows(n, m)), |s, row, r, o| {
         let (ks, vs) = (&k[s * m * d..][..m * d], &v[s * m * d..][..m * d]);
         let qb = &q[(s * n + row) * d..][..r * d];
@@ -108,7 +109,8 @@ pub fn probs(
     (bh, n, m, d): (usize, usize, usize, usize),
     scale: f32,
 ) -> Vec<f32> {
-    let mut out = output(bh * n * m);
+    // SAFETY: `by_blocks` hands every row block to `block_probs`, which writes it whole.
+    let mut out = unsafe { uninit(bh * n * m) };
     by_blocks(&mut out, (n, m, block_rows(n, m)), |s, row, r, p| {
         let qb = &q[(s * n + row) * d..][..r * d];
         block_probs(qb, &k[s * m * d..][..m * d], p, (r, m, d), scale);
@@ -119,7 +121,8 @@ pub fn probs(
 /// Probabilities applied to values: p `(bh, n, m)`, v `(bh, m, d)` -> `(bh, n, d)`, the same
 /// blocks as [`attention`] (so that probabilities from [`probs`] give its output bit for bit).
 pub fn mix(p: &[f32], v: &[f32], (bh, n, m, d): (usize, usize, usize, usize)) -> Vec<f32> {
-    let mut out = output(bh * n * d);
+    // SAFETY: `by_blocks` hands every row block to `block_mix`, which writes it whole.
+    let mut out = unsafe { uninit(bh * n * d) };
     by_blocks(&mut out, (n, d, block_rows(n, m)), |s, row, r, o| {
         let pb = &p[(s * n + row) * m..][..r * m];
         block_mix(pb, &v[s * m * d..][..m * d], o, (r, m, d));

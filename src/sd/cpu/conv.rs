@@ -11,7 +11,7 @@ use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
 
-use super::{apply_biased, f32_slice, output, sgemm, winograd, with_scratch, BiasedOp, Mat};
+use super::{apply_biased, f32_slice, sgemm, uninit, winograd, with_scratch, BiasedOp, Mat};
 
 /// Elements of one im2col tile (16 MiB): whole output rows, at least one.
 const TILE_ELEMS: usize = 4 << 20;
@@ -131,7 +131,9 @@ impl Conv {
         let threads = rayon::current_num_threads();
         let (plane_in, plane_out) = (d.c_in * d.h * d.w, d.oh * d.ow);
         let kk = d.c_in * d.kh * d.kw;
-        let mut out = output(b * d.c_out * plane_out);
+        // SAFETY: every path below (Winograd, pointwise GEMM, im2col GEMM, with accumulate =
+        // false) writes each output plane whole.
+        let mut out = unsafe { uninit(b * d.c_out * plane_out) };
         let pointwise = d.kh == 1 && d.kw == 1 && self.stride == 1 && self.padding == 0;
         let same3x3 = (d.kh, d.kw, self.stride, self.padding, self.dilation) == (3, 3, 1, 1, 1);
         let transform = || winograd::transform_kernel(k, d.c_out, d.c_in);

@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::exp::gelu_mul;
-use super::{f32_slice, output};
+use super::{f32_slice, uninit};
 
 /// Whether [`geglu`] takes this: f32 on the CPU, not tracking gradients.
 pub fn applies(h: &Tensor) -> bool {
@@ -41,7 +41,8 @@ impl CustomOp1 for Geglu {
         let h = f32_slice(s, l)?;
         let (rows, two_n) = l.shape().dims2()?;
         let n = two_n / 2;
-        let mut out = output(rows * n);
+        // SAFETY: `gelu_mul` writes each row of `n`, and the rows cover the buffer.
+        let mut out = unsafe { uninit(rows * n) };
         if n > 0 {
             out.par_chunks_mut(n)
                 .zip(h.par_chunks(two_n))

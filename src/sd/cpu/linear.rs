@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{apply_biased, f32_slice, output, sgemm, BiasedOp, Mat};
+use super::{apply_biased, f32_slice, sgemm, uninit, BiasedOp, Mat};
 
 /// Whether [`linear`] takes these: f32 on the CPU, a `(out, in)` weight.
 pub fn applies(x: &Tensor, w: &Tensor) -> bool {
@@ -50,7 +50,9 @@ impl Linear {
         b: Option<&[f32]>,
         (rows, k, o): (usize, usize, usize),
     ) -> Vec<f32> {
-        let mut out = output(rows * o);
+        // SAFETY: filled with the bias, or zeros, or written whole by the GEMM (accumulate =
+        // false) below.
+        let mut out = unsafe { uninit(rows * o) };
         if out.is_empty() {
             return out;
         }

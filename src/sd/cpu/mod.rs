@@ -224,10 +224,16 @@ fn f32_slice<'a>(
 }
 
 /// A vector of `len` f32 whose every element the caller writes before reading.
-fn output(len: usize) -> Vec<f32> {
+/// A buffer of `len` floats left uninitialised, for a kernel's output.
+///
+/// # Safety
+///
+/// The caller writes every element before anything reads it (reading an unwritten element is
+/// undefined behaviour): each call site says which loop or GEMM (`accumulate = false` writes its
+/// whole destination) covers the buffer.
+unsafe fn uninit(len: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(len);
-    // SAFETY: f32 has no invalid bit patterns; callers overwrite every element (GEMMs with
-    // `accumulate = false` write their whole destination).
+    // SAFETY: the capacity is `len`; the elements are the caller's to write (see above).
     #[allow(clippy::uninit_vec)]
     unsafe {
         v.set_len(len)
