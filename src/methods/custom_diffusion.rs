@@ -34,7 +34,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::job::Job;
-use crate::sd::attention::{AttentionCall, AttnKind, LayerInfo};
+use crate::sd::attention::{AttentionCall, LayerInfo};
 use crate::sd::hook::{AttentionHook, AttnSite, Branch, Projection};
 use crate::sd::pipeline::StableDiffusion;
 use crate::train::{Augment, Batch, Learner, Run, Trainer, TrainingSet};
@@ -140,16 +140,6 @@ const PARTS: [Part; 5] = [
 
 fn part(name: &str) -> Option<&'static Part> {
     PARTS.iter().find(|p| p.name == name)
-}
-
-/// The cross-attention layers of `sd`'s UNet.
-fn cross_layers(sd: &StableDiffusion) -> Vec<LayerInfo> {
-    sd.unet
-        .attention_layers()
-        .into_iter()
-        .filter(|l| l.kind == AttnKind::CrossAttention)
-        .cloned()
-        .collect()
 }
 
 impl Method for CustomDiffusion {
@@ -456,16 +446,12 @@ impl CustomConcept for LayersConcept {
         for (key, t) in &self.weights {
             let (layer, name) = split_key(key)?;
             let p = part(name).ok_or_else(|| Error::Internal(format!("part of `{key}`")))?;
-            let attn = sd
-                .unet
-                .attention(layer)
-                .filter(|a| a.info().kind == AttnKind::CrossAttention)
-                .ok_or_else(|| {
-                    Error::arg(
-                        "concept",
-                        format!("`{layer}` is not a cross-attention layer of this model"),
-                    )
-                })?;
+            let attn = sd.unet.cross_attention(layer).ok_or_else(|| {
+                Error::arg(
+                    "concept",
+                    format!("`{layer}` is not a cross-attention layer of this model"),
+                )
+            })?;
             let (w, b) = attn.projection(p.projection);
             let want = if p.bias {
                 b.map(|b| b.dims().to_vec()).unwrap_or_default()
@@ -656,7 +642,7 @@ impl ModifiedLayers {
             .to_dtype(DType::F32)?
             .detach();
         let mut vars = BTreeMap::from([(TOKEN.to_string(), Var::from_tensor(&vector)?)]);
-        for layer in cross_layers(sd) {
+        for layer in sd.unet.cross_attention_layers() {
             let attn = sd
                 .unet
                 .attention(&layer.path)

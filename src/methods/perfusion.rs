@@ -49,7 +49,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::job::Job;
-use crate::sd::attention::{AttentionCall, AttnKind, LayerInfo};
+use crate::sd::attention::{AttentionCall, LayerInfo};
 use crate::sd::hook::{AttentionHook, AttnSite, Branch, Guidance, Projection};
 use crate::sd::pipeline::StableDiffusion;
 use crate::train::{Batch, Learner, Run, Trainer, TrainingSet};
@@ -138,28 +138,14 @@ impl Gate {
     }
 }
 
-/// The cross-attention layers of `sd`'s UNet.
-fn cross_layers(sd: &StableDiffusion) -> Vec<LayerInfo> {
-    sd.unet
-        .attention_layers()
-        .into_iter()
-        .filter(|l| l.kind == AttnKind::CrossAttention)
-        .cloned()
-        .collect()
-}
-
 /// The projection `W` [out, in] of `layer`.
 fn weight(sd: &StableDiffusion, layer: &str, p: Projection) -> Result<Tensor> {
-    let attn = sd
-        .unet
-        .attention(layer)
-        .filter(|a| a.info().kind == AttnKind::CrossAttention)
-        .ok_or_else(|| {
-            Error::arg(
-                "concept",
-                format!("`{layer}` is not a cross-attention layer of this model"),
-            )
-        })?;
+    let attn = sd.unet.cross_attention(layer).ok_or_else(|| {
+        Error::arg(
+            "concept",
+            format!("`{layer}` is not a cross-attention layer of this model"),
+        )
+    })?;
     Ok(attn.projection(p).0.clone())
 }
 
@@ -1010,7 +996,7 @@ impl KeyLocked {
             .mean_keepdim(0)?
             .detach();
         let mut vars = BTreeMap::from([(EMBEDDING.to_string(), Var::from_tensor(&init)?)]);
-        for layer in cross_layers(sd) {
+        for layer in sd.unet.cross_attention_layers() {
             let out = weight(sd, &layer.path, Projection::Value)?.dim(0)?;
             vars.insert(
                 format!("{}.{VALUE_OUTPUT}", layer.path),

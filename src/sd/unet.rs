@@ -10,7 +10,7 @@ use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 use crate::sd::nn::{conv2d, linear, Conv2d, Linear};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
-use crate::sd::attention::{Attention, LayerInfo};
+use crate::sd::attention::{Attention, AttnKind, LayerInfo};
 use crate::sd::config::UNetConfig;
 use crate::sd::fused::group_norm::GroupNorm;
 use crate::sd::hook::HookCtx;
@@ -611,6 +611,21 @@ impl UNet {
     }
 
     /// Every attention layer, in the order the UNet runs them.
+    /// The cross-attention layers, in [`UNet::attention_layers`]' order.
+    pub fn cross_attention_layers(&self) -> Vec<LayerInfo> {
+        self.attention_layers()
+            .into_iter()
+            .filter(|l| l.kind == AttnKind::CrossAttention)
+            .cloned()
+            .collect()
+    }
+
+    /// The cross-attention layer at `path`, if it is one.
+    pub fn cross_attention(&self, path: &str) -> Option<&Attention> {
+        self.attention(path)
+            .filter(|a| a.info().kind == AttnKind::CrossAttention)
+    }
+
     pub fn attention_layers(&self) -> Vec<&LayerInfo> {
         self.down
             .iter()

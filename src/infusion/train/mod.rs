@@ -17,7 +17,6 @@ use crate::error::{Error, Result};
 use crate::infusion::concept::{check, Concept};
 use crate::infusion::hook::{eps_pair, SampleEdit};
 use crate::job::Job;
-use crate::sd::attention::{AttnKind, LayerInfo};
 use crate::sd::pipeline::StableDiffusion;
 use crate::train::data::mse;
 use crate::train::{Batch, Learner, Run, TrainOptions, Trainer, TrainingSet};
@@ -73,7 +72,9 @@ pub struct Deltas {
 
 impl Deltas {
     pub fn new(sd: &StableDiffusion) -> Result<Self> {
-        let vars = cross_layers(sd)
+        let vars = sd
+            .unet
+            .cross_attention_layers()
             .iter()
             .map(|l| {
                 let v = Var::zeros(l.inner_dim(), DType::F32, sd.device())?;
@@ -135,16 +136,6 @@ impl Learner for Deltas {
     }
 }
 
-/// The UNet's cross-attention layers (where Infusion's Δs go).
-fn cross_layers(sd: &StableDiffusion) -> Vec<LayerInfo> {
-    sd.unet
-        .attention_layers()
-        .into_iter()
-        .filter(|l| l.kind == AttnKind::CrossAttention)
-        .cloned()
-        .collect()
-}
-
 /// A trainer of an Infusion concept: every Δ from zero.
 pub fn trainer<'a>(
     sd: &'a StableDiffusion,
@@ -175,7 +166,7 @@ fn concept_of(
     let mut c = Concept::zeros(
         run.name,
         run.word,
-        &cross_layers(sd),
+        &sd.unet.cross_attention_layers(),
         Some(sd.unet_fingerprint().to_string()),
     )?;
     for (k, v) in plain_values(vars)? {
