@@ -10,7 +10,7 @@ use image::RgbImage;
 
 use super::{mean_se, Cell, Comparison, Measure};
 use crate::error::{Error, Result};
-use crate::util::fs::write_atomic;
+use crate::util::fs::{write_atomic, write_csv};
 use crate::util::image_io::save_png;
 use crate::util::plot::{line_chart, Line, PALETTE};
 
@@ -307,19 +307,6 @@ impl Comparison<'_> {
         ));
         text
     }
-}
-
-fn write_csv(path: &std::path::Path, rows: &[Row]) -> Result<()> {
-    let mut w = csv::Writer::from_writer(vec![]);
-    for r in rows {
-        w.serialize(r).map_err(|e| Error::config(path, e))?;
-    }
-    let bytes = w
-        .into_inner()
-        .map_err(|e| Error::config(path, e.to_string()))?;
-    write_atomic(path, |out| {
-        out.write_all(&bytes).map_err(|e| Error::io(path, e))
-    })
 }
 
 fn human_bytes(b: f64) -> String {

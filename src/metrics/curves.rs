@@ -1,7 +1,7 @@
 //! Over-training curves (the paper's figures 10 and 11): train a concept and, at chosen steps,
 //! measure both overfitting metrics and the three scores; written as CSV and drawn as a chart.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::Tensor;
 use image::RgbImage;
@@ -20,7 +20,7 @@ use crate::job::Job;
 use crate::sd::device::ensure_fits;
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
 use crate::train::TrainOptions;
-use crate::util::fs::write_atomic;
+use crate::util::fs::write_csv;
 use crate::util::image_io::{grid_on, save_png, tensor_to_rgb};
 use crate::util::plot::{line_chart, Line, PALETTE};
 
@@ -273,19 +273,6 @@ impl Measure<'_> {
             scorers: self.scorers.clone(),
         })
     }
-}
-
-fn write_csv(path: &Path, points: &[CurvePoint]) -> Result<()> {
-    let mut w = csv::Writer::from_writer(vec![]);
-    for p in points {
-        w.serialize(p).map_err(|e| Error::config(path, e))?;
-    }
-    let bytes = w
-        .into_inner()
-        .map_err(|e| Error::config(path, e.to_string()))?;
-    write_atomic(path, |out| {
-        out.write_all(&bytes).map_err(|e| Error::io(path, e))
-    })
 }
 
 /// Trains `name` (class word `word`) on `images` and measures at every checkpoint.

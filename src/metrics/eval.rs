@@ -17,7 +17,7 @@ use crate::customize::set::ConceptSet;
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
-use crate::util::fs::write_atomic;
+use crate::util::fs::{write_atomic, write_csv};
 use crate::util::image_io::load_folder_images;
 use crate::util::image_io::{save_png, tensor_to_rgb};
 
@@ -101,19 +101,6 @@ fn read_rows(path: &Path) -> Result<Vec<EvalRow>> {
     r.deserialize()
         .map(|row| row.map_err(|e| Error::config(path, format!("unreadable row: {e}"))))
         .collect()
-}
-
-fn write_rows(path: &Path, rows: &[EvalRow]) -> Result<()> {
-    let mut w = csv::Writer::from_writer(vec![]);
-    for r in rows {
-        w.serialize(r).map_err(|e| Error::config(path, e))?;
-    }
-    let bytes = w
-        .into_inner()
-        .map_err(|e| Error::config(path, e.to_string()))?;
-    write_atomic(path, |out| {
-        out.write_all(&bytes).map_err(|e| Error::io(path, e))
-    })
 }
 
 /// Means per concept, rows in (concept, prompt, sample) order.
@@ -280,7 +267,7 @@ pub fn evaluate(
             rows.sort_by(|a, b| {
                 (&a.concept, a.prompt_index, a.sample).cmp(&(&b.concept, b.prompt_index, b.sample))
             });
-            write_rows(&csv_path, &rows)?;
+            write_csv(&csv_path, &rows)?;
             bar.inc(1);
             on_row(&row)?;
         }

@@ -316,6 +316,20 @@ impl Staged {
 }
 
 /// Writes `path` whole or not at all (see the module documentation).
+/// Writes `rows` as a CSV file (a header from the first row's fields) at `path`, atomically.
+pub fn write_csv<R: serde::Serialize>(path: &Path, rows: &[R]) -> Result<()> {
+    let mut w = csv::Writer::from_writer(vec![]);
+    for r in rows {
+        w.serialize(r).map_err(|e| Error::config(path, e))?;
+    }
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::config(path, e.to_string()))?;
+    write_atomic(path, |out| {
+        out.write_all(&bytes).map_err(|e| Error::io(path, e))
+    })
+}
+
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     stage(path, write)?.commit()
 }
