@@ -8,7 +8,7 @@ use candle_core::Tensor;
 
 use super::prompt::place_concepts;
 use super::set::ConceptSet;
-use super::side::{custom_side, model_side, CustomSide};
+use super::side::{custom_side, model_side, side_marks, CustomSide};
 use crate::error::{Error, Result};
 use crate::infusion::hook::{eps_pair, SampleEdit};
 use crate::methods::CustomConcept;
@@ -94,17 +94,7 @@ pub fn custom_eps(
         .map(|r| Ok(infusion.get(r)?))
         .collect::<Result<Vec<_>>>()?;
     for (r, p) in parsed.iter().enumerate() {
-        let marks: Vec<_> = p
-            .marks
-            .iter()
-            .filter_map(|m| {
-                let c = concepts.get(&m.name)?;
-                c.change()
-                    .residuals
-                    .is_none()
-                    .then(|| (m.span.clone(), c.as_ref()))
-            })
-            .collect();
+        let marks = side_marks(concepts, p);
         if marks.is_empty() {
             if apply == Apply::Everywhere && p.marks.is_empty() {
                 let all: Vec<&dyn CustomConcept> = concepts.iter().map(|c| c.as_ref()).collect();

@@ -11,7 +11,7 @@ use candle_core::Tensor;
 
 use super::prompt::{place_concepts, ParsedPrompt, Placement};
 use super::set::ConceptSet;
-use super::side::custom_side;
+use super::side::{custom_side, side_marks};
 use crate::error::{Error, Result};
 use crate::infusion::hook::{FMaps, InfusionHook, SampleEdit, ValueOffsets};
 use crate::infusion::maps::AttentionMaps;
@@ -356,17 +356,7 @@ pub fn generate_pair(
     let negative = sd.tokenize(&g.negative_prompt)?;
     let states = sd.text_states(&[&negative, &tokens])?;
     // The concepts that change more than Infusion's residuals: C's text, hooks and UNet.
-    let marks: Vec<_> = parsed
-        .marks
-        .iter()
-        .filter_map(|m| {
-            let c = concepts.get(&m.name)?;
-            c.change()
-                .residuals
-                .is_none()
-                .then(|| (m.span.clone(), c.as_ref()))
-        })
-        .collect();
+    let marks = side_marks(concepts, &parsed);
     let other = custom_side(
         sd,
         &parsed.base,

@@ -7,6 +7,8 @@ use std::ops::Range;
 
 use candle_core::Tensor;
 
+use super::prompt::ParsedPrompt;
+use super::set::ConceptSet;
 use crate::error::{Error, Result};
 use crate::methods::words::{text_states_with, Embedding};
 use crate::methods::{Change, CustomConcept, Words};
@@ -34,6 +36,25 @@ impl CustomSide {
     pub fn changes_text_or_unet(&self) -> bool {
         self.states.is_some() || self.uncond.is_some() || self.unet.is_some()
     }
+}
+
+/// The marks of `parsed` whose concepts change more than Infusion's residuals (C's text, hooks
+/// or UNet: what [`custom_side`] takes), at their byte spans of the base prompt.
+pub fn side_marks<'c>(
+    concepts: &'c ConceptSet,
+    parsed: &ParsedPrompt,
+) -> Vec<(Range<usize>, &'c dyn CustomConcept)> {
+    parsed
+        .marks
+        .iter()
+        .filter_map(|m| {
+            let c = concepts.get(&m.name)?;
+            c.change()
+                .residuals
+                .is_none()
+                .then(|| (m.span.clone(), c.as_ref()))
+        })
+        .collect()
 }
 
 /// C's side for a prompt that names none of `concepts`, with their changes to the model applied
