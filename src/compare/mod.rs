@@ -29,6 +29,7 @@ use crate::methods::{ConceptRequest, Method, Settings};
 use crate::metrics::clip::Clip;
 use crate::metrics::dino::Dino;
 use crate::metrics::fisher::{fisher_divergence, FisherOptions, Variant};
+pub use crate::metrics::mean_se;
 use crate::metrics::scores::{clip_i, clip_t, dino_i};
 use crate::metrics::w2::wasserstein;
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
@@ -790,20 +791,6 @@ fn warn_few_samples(samples: usize, dims: usize, job: &Job) {
              1000 samples)"
         ))
     });
-}
-
-/// The mean and its standard error (0 for one value).
-pub fn mean_se(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    let mean = v.iter().sum::<f64>() / n;
-    if v.len() < 2 {
-        return (mean, 0.0);
-    }
-    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    (mean, (var / n).sqrt())
 }
 
 /// Bytes of a file, or of the files in a folder (its optimizer state excluded: that is the

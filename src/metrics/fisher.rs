@@ -213,17 +213,11 @@ pub fn fisher_divergence(
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
-    let n = values.len();
-    let mean = values.iter().sum::<f64>() / n as f64;
-    let var = if n > 1 {
-        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64
-    } else {
-        0.0
-    };
+    let (mean, std_err) = super::mean_se(&values);
     Ok(Fisher {
         mean,
-        std_err: (var / n as f64).sqrt(),
-        samples: n,
+        std_err,
+        samples: values.len(),
         values,
     })
 }

@@ -15,6 +15,20 @@ use std::path::Path;
 
 use crate::job::Job;
 
+/// The mean and its standard error (0 for one value).
+pub fn mean_se(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = v.iter().sum::<f64>() / n;
+    if v.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, (var / n).sqrt())
+}
+
 /// Whether the model in `dir` has random weights: a `RANDOM_WEIGHTS` file beside its config, as
 /// the bundled tiny models have.
 pub fn is_random(dir: &Path) -> bool {
