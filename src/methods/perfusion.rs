@@ -42,7 +42,7 @@ use nalgebra::DMatrix;
 
 use super::common::{ddpm_loss, in_file, name_and_word, not_a, on_branch, Origin};
 use super::files::{check_float, write_safetensors, Found, Provenance};
-use super::words::{text_states, Embedding};
+use super::words::{batch_states, Embedding};
 use super::{
     count, number, word, Change, ConceptRef, ConceptRequest, CustomConcept, HookMaker, Method,
     Setting, SettingValue, Settings, Words,
@@ -1075,11 +1075,11 @@ impl KeyLocked {
         batch: &Batch,
         e: &Embedding,
     ) -> Result<(Tensor, Tensor)> {
+        // The learned word's one vector sits where its words began.
+        let states = batch_states(sd, data, batch, e)?;
         let mut concept = vec![];
-        for (tokens, pos) in data.prompt_tokens(batch) {
-            let span = pos[0]..pos[pos.len() - 1] + 1;
-            let states = text_states(sd, tokens, span.clone(), e)?;
-            concept.push(states.get(0)?.get(span.start)?);
+        for (i, (_, pos)) in data.prompt_tokens(batch).into_iter().enumerate() {
+            concept.push(states.get(i)?.get(pos[0])?);
         }
         let (states, positions) = data.prompts(sd, batch)?;
         let mut plain = vec![];
@@ -1183,12 +1183,7 @@ impl Learner for KeyLocked {
             token: "concept".into(),
             vectors: params[EMBEDDING].clone(),
         };
-        let states = data
-            .prompt_tokens(batch)
-            .into_iter()
-            .map(|(tokens, pos)| text_states(sd, tokens, pos[0]..pos[pos.len() - 1] + 1, &e))
-            .collect::<Result<Vec<_>>>()?;
-        let states = Tensor::cat(&states, 0)?;
+        let states = batch_states(sd, data, batch, &e)?;
         let (Some(input), Some(superclass)) = (&self.target_input, &self.superclass_input) else {
             // Before the first batch has set the target: the plain model on the word's vector.
             return ddpm_loss(sd, &sd.unet, data, batch, &states, None);

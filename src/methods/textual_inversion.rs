@@ -16,7 +16,7 @@ use candle_core::{DType, Tensor, Var};
 
 use super::common::{ddpm_loss, in_file, name_and_word, not_a, Origin};
 use super::files::{check_float, Found, Provenance};
-pub use super::words::{text_states, text_states_with, Embedding};
+pub use super::words::{batch_states, text_states, text_states_with, Embedding};
 use super::{Change, ConceptRef, ConceptRequest, CustomConcept, Method, Settings, Words};
 use crate::error::{Error, Result};
 use crate::job::Job;
@@ -319,15 +319,8 @@ impl Learner for LearnedWord {
             token: "learned".into(),
             vectors: params[VECTORS].clone(),
         };
-        let states = data
-            .prompt_tokens(batch)
-            .into_iter()
-            .map(|(tokens, pos)| {
-                let span = pos[0]..pos[pos.len() - 1] + 1;
-                text_states(sd, tokens, span, &e)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        ddpm_loss(sd, &sd.unet, data, batch, &Tensor::cat(&states, 0)?, None)
+        let states = batch_states(sd, data, batch, &e)?;
+        ddpm_loss(sd, &sd.unet, data, batch, &states, None)
     }
 
     /// diffusers' `learned_embeds.safetensors` layout.

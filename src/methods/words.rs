@@ -62,6 +62,22 @@ pub fn text_states(
     text_states_with(sd, tokens, &[(span, embedding)], None)
 }
 
+/// C's text states of a training batch's prompts `(b, tokens, width)`, with the learned word `e`
+/// in the place of each prompt's words (the tokens its templates' `{}` became).
+pub fn batch_states(
+    sd: &StableDiffusion,
+    data: &crate::train::TrainingSet,
+    batch: &crate::train::Batch,
+    e: &Embedding,
+) -> Result<Tensor> {
+    let states = data
+        .prompt_tokens(batch)
+        .into_iter()
+        .map(|(tokens, pos)| text_states(sd, tokens, pos[0]..pos[pos.len() - 1] + 1, e))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&states, 0)?)
+}
+
 /// As [`text_states`] with several learned words, each at its token span (spans apart), and
 /// `hook` changing the text encoder's modules (a LoRA's).
 pub fn text_states_with(
