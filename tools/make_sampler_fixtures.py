@@ -8,9 +8,9 @@ Writes tests/fixtures/reference/:
   `Scheduler.from_config(pipe.scheduler.config, **extra)`. Per sampler NAME:
   `NAME.timesteps` (F32, the UNet's timestep of each call), `NAME.latents_steps` (F32
   [calls, 4, 16, 16], the latents after each call, from `callback_on_step_end`) and
-  `NAME.final_latents`. The ancestral sampler's per-step noise is recorded as
-  `euler_a.step_noise` [calls, 4, 16, 16] (diffusers draws it with `randn_tensor`; it is wrapped
-  here to keep what it drew).
+  `NAME.final_latents`. The per-step noise of the samplers that draw it (euler_a, dpmpp_2m_sde)
+  is recorded as `NAME.step_noise` [calls, 4, 16, 16] (diffusers draws it with `randn_tensor`;
+  it is wrapped here to keep what it drew).
 - `schedules.json`: timesteps and sigmas of each sampler's `set_timesteps` for every
   timestep_spacing, with and without Karras sigmas where diffusers offers them, at 5, 20 and 50
   steps (no model involved; the tiny model's noise schedule, SD1.5's).
@@ -18,7 +18,8 @@ Writes tests/fixtures/reference/:
 Samplers (our name: diffusers scheduler and options):
     ddim: DDIMScheduler (eta 0)           euler: EulerDiscreteScheduler
     dpmpp_2m: DPMSolverMultistepScheduler euler_a: EulerAncestralDiscreteScheduler
-    dpmpp_2m_karras, euler_karras: the same with use_karras_sigmas=True
+    dpmpp_2m_sde: DPMSolverMultistepScheduler with algorithm_type="sde-dpmsolver++"
+    dpmpp_2m_karras, dpmpp_2m_sde_karras, euler_karras: the same with use_karras_sigmas=True
     pndm: PNDMScheduler as the tiny config gives it (skip_prk_steps False: Runge-Kutta warm-up)
     pndm_plms: PNDMScheduler with skip_prk_steps=True (SD1.5's own scheduler config)
 
@@ -47,6 +48,11 @@ SAMPLERS = {
     "ddim": (diffusers.DDIMScheduler, {}),
     "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {}),
     "dpmpp_2m_karras": (diffusers.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_2m_sde_karras": (
+        diffusers.DPMSolverMultistepScheduler,
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
     "euler": (diffusers.EulerDiscreteScheduler, {}),
     "euler_karras": (diffusers.EulerDiscreteScheduler, {"use_karras_sigmas": True}),
     "euler_a": (diffusers.EulerAncestralDiscreteScheduler, {}),
@@ -94,7 +100,7 @@ def run(pipe, name, init_noise):
         f"{name}.latents_steps": torch.cat([s[1] for s in steps]).float(),
         f"{name}.final_latents": out.float(),
     }
-    if drawn and name == "euler_a":
+    if drawn:
         t[f"{name}.step_noise"] = torch.cat(drawn).float()
     return t
 

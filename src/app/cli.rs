@@ -502,12 +502,12 @@ struct GenerateArgs {
     /// Denoising steps.
     #[arg(long, default_value_t = GenerateOptions::default().steps)]
     steps: usize,
-    /// The sampler, as diffusers' scheduler of that name: ddim (the paper's), dpmpp_2m
-    /// (DPM-Solver++ 2M: as good in 20-25 steps), euler, euler_a (ancestral), pndm.
-    #[arg(long, default_value = "ddim", value_parser = SamplerKind::NAMES)]
+    /// The sampler, as diffusers' scheduler of that name.
+    #[arg(long, default_value = "ddim", value_parser = SamplerKind::NAMES,
+          long_help = format!("The sampler, as diffusers' scheduler of that name. {}", SamplerKind::help()))]
     scheduler: String,
-    /// Karras sigmas (dpmpp_2m and euler).
-    #[arg(long)]
+    /// Karras sigmas.
+    #[arg(long, long_help = format!("Karras sigmas ({}).", SamplerKind::karras_names()))]
     karras: bool,
     /// Classifier-free guidance scale.
     #[arg(long, default_value_t = GenerateOptions::default().guidance)]

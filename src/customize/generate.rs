@@ -18,7 +18,7 @@ use crate::infusion::maps::AttentionMaps;
 use crate::infusion::Stream;
 use crate::job::Job;
 use crate::sd::hook::{AttentionHook, Chain};
-use crate::sd::pipeline::{GenerateOptions, StableDiffusion, Trajectory};
+use crate::sd::pipeline::{Denoise, GenerateOptions, StableDiffusion, Trajectory};
 use crate::sd::tokenizer::Tokens;
 
 /// Settings of a generation of F and C.
@@ -411,15 +411,11 @@ pub fn generate_pair(
         .map(|u| (Stream::Customized.branch(), u))
         .into_iter()
         .collect();
-    let out = sd.denoise_with(
-        &sd.initial_latents(g)?,
-        &trajectories,
-        g,
-        (!chain.0.is_empty()).then_some(&chain as &dyn AttentionHook),
-        &unets,
-        job,
-        &mut |_| Ok(()),
-    )?;
+    let init = sd.initial_latents(g)?;
+    let run = Denoise::new(&init, &trajectories, g)
+        .hook((!chain.0.is_empty()).then_some(&chain as &dyn AttentionHook))
+        .unets(&unets);
+    let out = sd.denoise(&run, job, &mut |_| Ok(()))?;
     let base_latents = out[0].clone();
     let custom_latents = out.last().cloned().unwrap_or_else(|| base_latents.clone());
     let images = sd.decode_to_unit(&Tensor::cat(&out, 0)?)?;

@@ -559,6 +559,106 @@ impl TextEncoderConfig {
     }
 }
 
+/// A scheduler config value that is one of a few names, parsed once when the file is read: an
+/// unknown name is an error naming the key and the names this tool knows.
+macro_rules! config_names {
+    ($(#[$meta:meta])* $ty:ident, $key:literal, default $default:ident,
+     { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub enum $ty {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $ty {
+            /// The names the config file may give.
+            pub const NAMES: &'static [&'static str] = &[$($text),+];
+
+            /// The name as the config file gives it.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)+
+                }
+            }
+        }
+
+        impl Default for $ty {
+            fn default() -> Self {
+                Self::$default
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = String;
+
+            fn from_str(s: &str) -> std::result::Result<Self, String> {
+                match s {
+                    $($text => Ok(Self::$variant),)+
+                    _ => Err(format!(
+                        "{} `{s}` is not supported (known: {})",
+                        $key,
+                        Self::NAMES.join(", ")
+                    )),
+                }
+            }
+        }
+
+        impl TryFrom<String> for $ty {
+            type Error = String;
+
+            fn try_from(s: String) -> std::result::Result<Self, String> {
+                s.parse()
+            }
+        }
+
+        impl From<$ty> for String {
+            fn from(v: $ty) -> String {
+                v.name().to_string()
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+
+config_names!(
+    /// How the betas go from `beta_start` to `beta_end` (ignored when `trained_betas` are given).
+    BetaSchedule, "beta_schedule", default Linear, {
+        Linear = "linear",
+        /// Linear in the square root (SD1.x).
+        ScaledLinear = "scaled_linear",
+        /// The cosine schedule of improved DDPM.
+        SquaredcosCapV2 = "squaredcos_cap_v2",
+    }
+);
+
+config_names!(
+    /// What the UNet predicts.
+    PredictionType, "prediction_type", default Epsilon, {
+        /// The noise (SD1.x).
+        Epsilon = "epsilon",
+        /// `sqrt(abar) noise - sqrt(1 - abar) x0` (SD2.x at 768 px).
+        VPrediction = "v_prediction",
+        /// The clean sample.
+        Sample = "sample",
+    }
+);
+
+config_names!(
+    /// Where a run of n steps puts its timesteps among the training ones (diffusers' table 2 of
+    /// "Common Diffusion Noise Schedules and Sample Steps are Flawed").
+    TimestepSpacing, "timestep_spacing", default Leading, {
+        Leading = "leading",
+        Linspace = "linspace",
+        Trailing = "trailing",
+    }
+);
+
 /// `scheduler/scheduler_config.json`: the noise schedule and the keys every sampler reads, with
 /// DDIM's defaults for the keys a file lacks (SD1.5's file is a PNDM config), as diffusers'
 /// `Scheduler.from_config` of the pipeline's DDIM config would give them.
@@ -570,8 +670,8 @@ pub struct SchedulerConfig {
     pub beta_start: f64,
     #[serde(default = "SchedulerConfig::default_beta_end")]
     pub beta_end: f64,
-    #[serde(default = "SchedulerConfig::default_schedule")]
-    pub beta_schedule: String,
+    #[serde(default)]
+    pub beta_schedule: BetaSchedule,
     #[serde(default)]
     pub trained_betas: Option<Vec<f64>>,
     #[serde(default = "default_true")]
@@ -582,10 +682,10 @@ pub struct SchedulerConfig {
     pub set_alpha_to_one: bool,
     #[serde(default)]
     pub steps_offset: usize,
-    #[serde(default = "SchedulerConfig::default_prediction")]
-    pub prediction_type: String,
-    #[serde(default = "SchedulerConfig::default_spacing")]
-    pub timestep_spacing: String,
+    #[serde(default)]
+    pub prediction_type: PredictionType,
+    #[serde(default)]
+    pub timestep_spacing: TimestepSpacing,
     #[serde(default)]
     pub thresholding: bool,
     #[serde(default)]
@@ -605,17 +705,8 @@ impl SchedulerConfig {
     fn default_beta_end() -> f64 {
         0.02
     }
-    fn default_schedule() -> String {
-        "linear".into()
-    }
     fn default_clip_range() -> f64 {
         1.0
-    }
-    fn default_prediction() -> String {
-        "epsilon".into()
-    }
-    fn default_spacing() -> String {
-        "leading".into()
     }
 
     /// SD1.5's schedule (its published file is a PNDM config with these values).
@@ -647,34 +738,6 @@ impl SchedulerConfig {
             return Err(format!(
                 "steps_offset {} is past the {} training timesteps (SD1.x uses 1)",
                 self.steps_offset, self.num_train_timesteps
-            ));
-        }
-        if !matches!(
-            self.beta_schedule.as_str(),
-            "linear" | "scaled_linear" | "squaredcos_cap_v2"
-        ) && self.trained_betas.is_none()
-        {
-            return Err(format!(
-                "beta_schedule `{}` is not supported",
-                self.beta_schedule
-            ));
-        }
-        if !matches!(
-            self.prediction_type.as_str(),
-            "epsilon" | "v_prediction" | "sample"
-        ) {
-            return Err(format!(
-                "prediction_type `{}` is not supported",
-                self.prediction_type
-            ));
-        }
-        if !matches!(
-            self.timestep_spacing.as_str(),
-            "leading" | "trailing" | "linspace"
-        ) {
-            return Err(format!(
-                "timestep_spacing `{}` is not supported",
-                self.timestep_spacing
             ));
         }
         if self.thresholding {
@@ -773,9 +836,39 @@ mod tests {
         )
         .unwrap();
         cfg.validate().unwrap();
-        assert_eq!(cfg.timestep_spacing, "leading");
-        assert_eq!(cfg.prediction_type, "epsilon");
+        assert_eq!(cfg.timestep_spacing, TimestepSpacing::Leading);
+        assert_eq!(cfg.prediction_type, PredictionType::Epsilon);
+        assert_eq!(cfg.beta_schedule, BetaSchedule::ScaledLinear);
         let bad: SchedulerConfig = serde_json::from_str(r#"{"thresholding": true}"#).unwrap();
         assert!(bad.validate().unwrap_err().contains("thresholding"));
+    }
+
+    #[test]
+    fn unknown_scheduler_names_are_refused_with_the_key_and_the_known_names() {
+        for (key, value, known) in [
+            ("timestep_spacing", "uniform", "leading, linspace, trailing"),
+            ("prediction_type", "flow", "epsilon, v_prediction, sample"),
+            (
+                "beta_schedule",
+                "sigmoid",
+                "linear, scaled_linear, squaredcos_cap_v2",
+            ),
+        ] {
+            let json = format!(r#"{{"{key}": "{value}"}}"#);
+            let e = serde_json::from_str::<SchedulerConfig>(&json)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!(
+                    "{key} `{value}` is not supported (known: {known})"
+                )),
+                "{e}"
+            );
+        }
+        // The names round-trip through the file's spelling.
+        let cfg: SchedulerConfig =
+            serde_json::from_str(r#"{"prediction_type": "v_prediction"}"#).unwrap();
+        assert_eq!(cfg.prediction_type, PredictionType::VPrediction);
+        assert_eq!(String::from(cfg.prediction_type), "v_prediction");
     }
 }

@@ -12,6 +12,7 @@ use super::net::{forward, init, Edit, WIDTH};
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::sd::config::SchedulerConfig;
+use crate::sd::sampler::{Plan, SamplerOptions};
 use crate::sd::scheduler::NoiseSchedule;
 use crate::train::optim::AdamW;
 use crate::util::noise::normal;
@@ -276,9 +277,11 @@ impl Toy {
         }
         let prompts = vec![self.prompt(concept, diversity); n];
         let mut x = normal(&mut ChaCha8Rng::seed_from_u64(seed), &[n, 2], &Device::Cpu)?;
-        for t in self.schedule.ddim_timesteps(SAMPLE_STEPS) {
-            let eps = self.eps(custom, &x, &vec![t; n], &prompts)?;
-            x = self.schedule.ddim_step(&eps, t, &x, SAMPLE_STEPS)?;
+        let plan = Plan::new(&self.schedule, SamplerOptions::default(), SAMPLE_STEPS)?;
+        let mut state = plan.state();
+        for (index, &t) in plan.timesteps().iter().enumerate() {
+            let eps = self.eps(custom, &x, &vec![t as usize; n], &prompts)?;
+            x = plan.step(&mut state, index, &eps, &x, None)?;
         }
         to_points(&x)
     }

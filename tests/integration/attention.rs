@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var};
-use infusion_repl::sd::pipeline::Trajectory;
+use infusion_repl::sd::pipeline::{Denoise, Trajectory};
 use infusion_repl::{
     AttentionCall, AttentionHook, AttnKind, AttnSite, BatchLayout, Branch, Guidance, HookCtx, Job,
     LayerInfo,
@@ -80,14 +80,16 @@ fn first_step_cross_attention_probabilities_match_reference() {
         maps: Mutex::new(HashMap::new()),
     };
     let run = tiny().denoise(
-        &init,
-        &text_trajectories(&[F]),
-        &infusion_repl::GenerateOptions {
-            steps: 5,
-            guidance: 7.5,
-            ..Default::default()
-        },
-        Some(&hook5),
+        &Denoise::new(
+            &init,
+            &text_trajectories(&[F]),
+            &infusion_repl::GenerateOptions {
+                steps: 5,
+                guidance: 7.5,
+                ..Default::default()
+            },
+        )
+        .hook(Some(&hook5)),
         &Job::quiet(),
         &mut |rep| {
             if rep.step.index == 0 {
@@ -238,14 +240,16 @@ fn run_infusion(
     let mut c_steps = vec![];
     let fin = tiny()
         .denoise(
-            get(r, "init_noise"),
-            &text_trajectories(&[F, C]),
-            &infusion_repl::GenerateOptions {
-                steps: 5,
-                guidance: 7.5,
-                ..Default::default()
-            },
-            Some(&hook),
+            &Denoise::new(
+                get(r, "init_noise"),
+                &text_trajectories(&[F, C]),
+                &infusion_repl::GenerateOptions {
+                    steps: 5,
+                    guidance: 7.5,
+                    ..Default::default()
+                },
+            )
+            .hook(Some(&hook)),
             &Job::quiet(),
             &mut |rep| {
                 if rep.step.index == 0 {

@@ -13,7 +13,7 @@ use infusion_repl::methods::files::Found;
 use infusion_repl::methods::lora::{read_lora, LoraFile, LoraLayout};
 use infusion_repl::methods::textual_inversion::text_states;
 use infusion_repl::methods::textual_inversion::{read_embedding, Embedding};
-use infusion_repl::sd::pipeline::Trajectory;
+use infusion_repl::sd::pipeline::{Denoise, Trajectory};
 use infusion_repl::{Branch, GenerateOptions, Job};
 
 use crate::common::{assert_close, get, max_abs, repo, tiny};
@@ -216,13 +216,14 @@ fn a_learned_word_generates_what_diffusers_generates() {
     };
     let out = sd
         .denoise(
-            &init,
-            &[
-                traj(Branch(0), plain.get(1).unwrap().unsqueeze(0).unwrap()),
-                traj(Branch(1), learned),
-            ],
-            &opts,
-            None,
+            &Denoise::new(
+                &init,
+                &[
+                    traj(Branch(0), plain.get(1).unwrap().unsqueeze(0).unwrap()),
+                    traj(Branch(1), learned),
+                ],
+                &opts,
+            ),
             &Job::quiet(),
             &mut |_| Ok(()),
         )
@@ -259,10 +260,12 @@ fn pair_with(hook: &dyn infusion_repl::AttentionHook, prompt: &str) -> Vec<Tenso
         cond: states.get(1).unwrap().unsqueeze(0).unwrap(),
     };
     sd.denoise(
-        &sd.initial_latents(&opts).unwrap(),
-        &[traj(0), traj(1)],
-        &opts,
-        Some(hook),
+        &Denoise::new(
+            &sd.initial_latents(&opts).unwrap(),
+            &[traj(0), traj(1)],
+            &opts,
+        )
+        .hook(Some(hook)),
         &Job::quiet(),
         &mut |_| Ok(()),
     )

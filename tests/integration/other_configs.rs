@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use infusion_repl::sd::config::{TextEncoderConfig, UNetConfig, VaeConfig};
-use infusion_repl::sd::pipeline::Trajectory;
+use infusion_repl::sd::pipeline::{Denoise, Trajectory};
 use infusion_repl::sd::text_encoder::TextEncoder;
 use infusion_repl::sd::unet::UNet;
 use infusion_repl::sd::vae::Vae;
@@ -289,13 +289,15 @@ fn check_case(case: &Case) {
     let init = infusion_repl::util::noise::seeded_noise(9, &[1, 4, h, w]).unwrap();
     let out = sd
         .denoise(
-            &init,
-            &[traj(F), traj(C)],
-            &GenerateOptions {
-                steps: 3,
-                ..Default::default()
-            },
-            Some(&ShareOnly),
+            &Denoise::new(
+                &init,
+                &[traj(F), traj(C)],
+                &GenerateOptions {
+                    steps: 3,
+                    ..Default::default()
+                },
+            )
+            .hook(Some(&ShareOnly)),
             &Job::quiet(),
             &mut |_| Ok(()),
         )

@@ -1,5 +1,7 @@
 //! DDIM parity (reference/ddim.json): alphas_cumprod to 1e-6 relative, timesteps exact.
 
+use infusion_repl::sd::sampler::{Plan, SamplerOptions};
+
 use crate::common::{repo, tiny};
 
 #[derive(serde::Deserialize)]
@@ -32,6 +34,10 @@ fn alphas_cumprod_match() {
 fn leading_timesteps_match() {
     let r = reference();
     let s = &tiny().scheduler;
-    assert_eq!(s.ddim_timesteps(50), r.timesteps_50);
-    assert_eq!(s.ddim_timesteps(5), r.timesteps_5);
+    let ddim = |steps| -> Vec<usize> {
+        let plan = Plan::new(s, SamplerOptions::default(), steps).unwrap();
+        plan.timesteps().iter().map(|&t| t as usize).collect()
+    };
+    assert_eq!(ddim(50), r.timesteps_50);
+    assert_eq!(ddim(5), r.timesteps_5);
 }

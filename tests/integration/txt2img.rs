@@ -3,6 +3,7 @@
 //! amplify per-step error, see tests/fixtures/README.md).
 
 use candle_core::Tensor;
+use infusion_repl::sd::pipeline::Denoise;
 use infusion_repl::{GenerateOptions, Job};
 
 use crate::common::{assert_close, get, reference, tiny};
@@ -57,12 +58,16 @@ fn trajectory_and_image_match_reference() {
     let mut lat_steps = vec![];
     let mut timesteps = vec![];
     let fin = sd
-        .denoise(&init, &[traj], &opts, None, &Job::quiet(), &mut |rep| {
-            timesteps.push(rep.step.timestep as i64);
-            eps_steps.push(rep.guided_eps[0].clone());
-            lat_steps.push(rep.latents[0].clone());
-            Ok(())
-        })
+        .denoise(
+            &Denoise::new(&init, &[traj], &opts),
+            &Job::quiet(),
+            &mut |rep| {
+                timesteps.push(rep.step.timestep as i64);
+                eps_steps.push(rep.guided_eps[0].clone());
+                lat_steps.push(rep.latents[0].clone());
+                Ok(())
+            },
+        )
         .unwrap()
         .remove(0);
     assert_eq!(timesteps, get(&r, "timesteps").to_vec1::<i64>().unwrap());

@@ -1,9 +1,27 @@
-//! The Stable Diffusion 1.x text-to-image pipeline: tokenizer, text encoder, UNet, VAE and DDIM
-//! with classifier-free guidance.
+//! The Stable Diffusion 1.x text-to-image pipeline (tokenizer, text encoder, UNet, VAE and a
+//! sampler with classifier-free guidance), in the phases diffusers' pipelines name, one file
+//! each after loading:
 //!
-//! [`StableDiffusion::denoise`] runs any number of trajectories from the same initial noise in
-//! one batched UNet call per step (`[uncond, cond]` per trajectory), with an optional attention
-//! hook: plain generation runs one trajectory, Infusion runs F and C side by side.
+//! - load (here): a diffusers folder, a Hugging Face cache repo id or a single checkpoint file;
+//! - [`check`]: a generation's settings against the model and the machine, before any work;
+//! - [`prompt`]: prompts to text states;
+//! - [`latents`]: the initial noise, and each sampler call's noise for the samplers that add it;
+//! - [`denoise`]: the sampler's loop over any number of trajectories from the same initial
+//!   noise, batched in one UNet call per step (`[uncond, cond]` per trajectory), with an
+//!   optional attention hook: plain generation runs one trajectory, Infusion runs F and C side
+//!   by side;
+//! - [`decode`]: latents to images through the VAE.
+//!
+//! [`StableDiffusion::generate`] is the five phases after loading, for plain SD.
+
+mod check;
+mod decode;
+mod denoise;
+mod latents;
+mod prompt;
+
+pub use denoise::{Denoise, StepReport, Trajectory};
+pub use latents::load_noise;
 
 use std::path::{Path, PathBuf};
 
@@ -12,16 +30,16 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::sd::config::{SchedulerConfig, TextEncoderConfig, UNetConfig, VaeConfig};
-use crate::sd::hook::{AttentionHook, BatchLayout, Branch, Guidance, HookCtx, Row, Step};
+use crate::sd::hook::Branch;
 use crate::sd::hub::{resolve_model, ModelFiles};
-use crate::sd::sampler::{Plan, SamplerOptions, SamplerState};
+use crate::sd::sampler::SamplerOptions;
 use crate::sd::scheduler::NoiseSchedule;
 use crate::sd::single_file;
 use crate::sd::text_encoder::TextEncoder;
 use crate::sd::tokenizer::{ClipTokenizer, Tokens};
 use crate::sd::unet::UNet;
 use crate::sd::vae::Vae;
-use crate::sd::weights::{load_safetensors, WeightFiles};
+use crate::sd::weights::WeightFiles;
 
 /// The configs of every component.
 #[derive(Debug, Clone)]
@@ -137,7 +155,7 @@ pub struct GenerateOptions {
     pub height: Option<usize>,
     /// Initial latents `(1, C, h, w)` instead of seeded noise (to reproduce another tool's run).
     pub noise: Option<Tensor>,
-    /// Ancestral samplers: each UNet call's noise `(calls, C, h, w)` instead of seeded noise.
+    /// Samplers that add noise (ancestral, SDE): each UNet call's noise `(calls, C, h, w)` instead of seeded noise.
     pub step_noise: Option<Tensor>,
 }
 
@@ -155,27 +173,6 @@ impl Default for GenerateOptions {
             step_noise: None,
         }
     }
-}
-
-/// One trajectory of a batched denoising run: its branch (a tag the caller gives meaning), its
-/// sample index and its text states.
-#[derive(Debug, Clone)]
-pub struct Trajectory {
-    pub branch: Branch,
-    pub sample: usize,
-    /// `(1, tokens, width)` text states of the negative prompt and of the prompt.
-    pub uncond: Tensor,
-    pub cond: Tensor,
-}
-
-/// What the denoising loop reports after each step.
-pub struct StepReport<'a> {
-    pub step: Step,
-    /// The raw UNet output of the step, rows as the batch layout says.
-    pub unet_out: &'a Tensor,
-    /// Per trajectory: the guided noise prediction used, and the latents after the step.
-    pub guided_eps: &'a [Tensor],
-    pub latents: &'a [Tensor],
 }
 
 /// The result of a text-to-image generation.
@@ -539,344 +536,6 @@ impl StableDiffusion {
         s * self.vae_scale_factor()
     }
 
-    /// Latent grid `(h, w)` for an image of `width` x `height` pixels.
-    pub fn latent_size(&self, width: usize, height: usize) -> Result<(usize, usize)> {
-        let f = self.vae_scale_factor();
-        for (name, v) in [("width", width), ("height", height)] {
-            if v == 0 || v % f != 0 {
-                return Err(Error::arg(
-                    name,
-                    format!("{v} is not a positive multiple of the VAE scale factor {f}"),
-                ));
-            }
-        }
-        Ok((height / f, width / f))
-    }
-
-    /// Tokenizes a prompt for this model's text encoder.
-    pub fn tokenize(&self, prompt: &str) -> Result<Tokens> {
-        self.tokenizer.encode(prompt)
-    }
-
-    /// Text states `(n, tokens, width)` of tokenized prompts, in the working dtype.
-    pub fn text_states(&self, tokens: &[&Tokens]) -> Result<Tensor> {
-        let ids: Vec<u32> = tokens.iter().flat_map(|t| t.ids.iter().copied()).collect();
-        let ids = Tensor::from_vec(ids, (tokens.len(), self.tokenizer.max_len()), &self.device)?;
-        let states = self.text_encoder.forward(&ids)?;
-        finite(&states, || {
-            "the text encoder gave NaN or infinite values (are its weights finite?)".into()
-        })?;
-        Ok(states)
-    }
-
-    /// Bytes of one latent at the native size, in f32 (what kept latents cost each).
-    pub fn latent_bytes(&self) -> u128 {
-        let s = self.unet.config().sample_size.unwrap_or(64) as u128;
-        self.unet.config().in_channels as u128 * s * s * 4
-    }
-
-    /// About the peak bytes one UNet call over `rows` rows of an `(h, w)` latent grid allocates:
-    /// the largest self-attention's scores and probabilities (`rows x heads x n²` in f32, n the
-    /// level's pixels), and the activations the skip connections keep. A lower estimate: it
-    /// refuses sizes that cannot fit, never one that might.
-    pub fn unet_call_bytes(&self, rows: usize, (h, w): (usize, usize)) -> u128 {
-        let cfg = self.unet.config();
-        let rows = rows as u128;
-        let mut n = (h * w) as u128;
-        let mut attention = 0u128;
-        for i in 0..cfg.n_blocks() {
-            let has_attention =
-                cfg.down_block_types[i] == "CrossAttnDownBlock2D" || i + 1 == cfg.n_blocks();
-            if has_attention {
-                let heads = cfg.heads().get(i) as u128;
-                attention = attention.max(rows * heads * n * n * 4 * 2);
-            }
-            n /= 4;
-        }
-        let c0 = cfg.block_out_channels[0] as u128;
-        let activations = rows * c0 * (h * w) as u128 * 4 * 16;
-        attention + activations
-    }
-
-    /// About the peak bytes decoding `rows` latents of `(h, w)` allocates: the VAE decoder's
-    /// mid-block attention over the latent pixels and its widest activations on the way up.
-    pub fn decode_bytes(&self, rows: usize, (h, w): (usize, usize)) -> u128 {
-        let cfg = self.vae.config();
-        let rows = rows as u128;
-        let n = (h * w) as u128;
-        let mut peak = rows * n * n * 4 * 2;
-        let mut pixels = n;
-        for &ch in cfg.block_out_channels.iter().rev() {
-            peak = peak.max(rows * ch as u128 * pixels * 4 * 4);
-            pixels *= 4;
-        }
-        peak
-    }
-
-    /// The sampler's plan for a generation's steps.
-    pub fn plan(&self, opts: &GenerateOptions) -> Result<Plan<'_>> {
-        Plan::new(&self.scheduler, opts.sampler, opts.steps)
-    }
-
-    /// Checks a generation's settings before any work: a finite guidance, a sampler plan for
-    /// the steps, a size the VAE can take and the machine can hold for `rows` UNet rows, noise
-    /// that fits and is finite. Returns the latent grid `(h, w)`.
-    pub fn check_generate(&self, opts: &GenerateOptions, rows: usize) -> Result<(usize, usize)> {
-        if !opts.guidance.is_finite() {
-            return Err(Error::arg(
-                "guidance",
-                format!("{} is not a finite number", opts.guidance),
-            ));
-        }
-        let calls = self.plan(opts)?.len();
-        let size = self.default_size();
-        let (width, height) = (opts.width.unwrap_or(size), opts.height.unwrap_or(size));
-        let hw = self.latent_size(width, height)?;
-        let need = self
-            .unet_call_bytes(rows, hw)
-            .max(self.decode_bytes(rows / 2, hw));
-        crate::sd::device::ensure_fits(
-            if width >= height { "width" } else { "height" },
-            &format!("a {width}x{height} image"),
-            need,
-            &self.device,
-        )?;
-        if let Some(noise) = &opts.noise {
-            if !crate::util::tensors::all_finite(noise)? {
-                return Err(Error::arg(
-                    "noise",
-                    "the initial noise holds NaN or infinite values",
-                ));
-            }
-        }
-        if let Some(noise) = &opts.step_noise {
-            let c = self.unet.config().in_channels;
-            let fits =
-                noise.rank() == 4 && noise.dim(0)? >= calls && noise.dims()[1..] == [c, hw.0, hw.1];
-            if !fits {
-                return Err(Error::arg(
-                    "step_noise",
-                    format!(
-                        "shape {:?} does not fit: expected [{calls} or more, {c}, {}, {}] (one \
-                         noise per sampler call)",
-                        noise.dims(),
-                        hw.0,
-                        hw.1
-                    ),
-                ));
-            }
-            if !crate::util::tensors::all_finite(noise)? {
-                return Err(Error::arg(
-                    "step_noise",
-                    "the step noise holds NaN or infinite values",
-                ));
-            }
-        }
-        Ok(hw)
-    }
-
-    /// Initial latents for `opts`: the given noise (checked) or seeded noise.
-    pub fn initial_latents(&self, opts: &GenerateOptions) -> Result<Tensor> {
-        let (h, w) = self.check_generate(opts, 2)?;
-        let c = self.unet.config().in_channels;
-        let noise = match &opts.noise {
-            Some(n) => {
-                let n = if n.rank() == 3 {
-                    n.unsqueeze(0)?
-                } else {
-                    n.clone()
-                };
-                if n.dims() != [1, c, h, w] {
-                    return Err(Error::arg(
-                        "noise",
-                        format!(
-                            "shape {:?} does not fit the image size: expected [1, {c}, {h}, {w}]",
-                            n.dims()
-                        ),
-                    ));
-                }
-                n
-            }
-            None => crate::util::noise::seeded_noise(opts.seed, &[1, c, h, w])?,
-        };
-        Ok(noise.to_device(&self.device)?.to_dtype(self.dtype)?)
-    }
-
-    /// Runs the sampler of `opts` (steps, guidance, scheduler) with classifier-free guidance for
-    /// every trajectory from the same `init` noise (standard normal: the sampler scales it),
-    /// batched as `[uncond, cond]` per trajectory in one UNet call per step. Trajectories share
-    /// the plan and, for ancestral samplers, each step's noise per sample index, so F and C stay
-    /// aligned; each keeps its own multistep history. Returns the final latents of each
-    /// trajectory (f32). `on_step` sees every step.
-    pub fn denoise(
-        &self,
-        init: &Tensor,
-        trajectories: &[Trajectory],
-        opts: &GenerateOptions,
-        hook: Option<&dyn AttentionHook>,
-        job: &Job,
-        on_step: &mut dyn FnMut(&StepReport<'_>) -> Result<()>,
-    ) -> Result<Vec<Tensor>> {
-        self.denoise_with(init, trajectories, opts, hook, &[], job, on_step)
-    }
-
-    /// [`StableDiffusion::denoise`] where the rows of the branches in `unets` go through those
-    /// UNets (of this model's config; a fine-tuned copy, say) and the others through the
-    /// model's own: one UNet call per UNet and step, the hook seeing each call's rows.
-    #[allow(clippy::too_many_arguments)]
-    pub fn denoise_with(
-        &self,
-        init: &Tensor,
-        trajectories: &[Trajectory],
-        opts: &GenerateOptions,
-        hook: Option<&dyn AttentionHook>,
-        unets: &[(Branch, &UNet)],
-        job: &Job,
-        on_step: &mut dyn FnMut(&StepReport<'_>) -> Result<()>,
-    ) -> Result<Vec<Tensor>> {
-        let plan = self.plan(opts)?;
-        if trajectories.is_empty() {
-            return Err(Error::arg("trajectories", "nothing to denoise"));
-        }
-        let rows: Vec<Row> = trajectories
-            .iter()
-            .flat_map(|t| {
-                [Guidance::Unconditional, Guidance::Conditional].map(|guidance| Row {
-                    branch: t.branch,
-                    guidance,
-                    sample: t.sample,
-                })
-            })
-            .collect();
-        let layout = BatchLayout::new(rows);
-        let context = Tensor::cat(
-            &trajectories
-                .iter()
-                .flat_map(|t| [&t.uncond, &t.cond])
-                .collect::<Vec<_>>(),
-            0,
-        )?
-        .to_dtype(self.dtype)?;
-        let init = (init.to_device(&self.device)?.to_dtype(DType::F32)? * plan.init_noise_sigma())?;
-        let mut latents: Vec<Tensor> = vec![init; trajectories.len()];
-        let mut states: Vec<SamplerState> = trajectories.iter().map(|_| plan.state()).collect();
-        let mut noise = StepNoise::new(opts, plan.options().kind.is_ancestral());
-        let bar = job.bar(plan.len(), "denoise");
-        for (index, &t) in plan.timesteps().iter().enumerate() {
-            job.check()?;
-            let step = Step { index, timestep: t };
-            let input = latents
-                .iter()
-                .map(|z| Ok(plan.scale_input(index, z)?.to_dtype(self.dtype)?))
-                .collect::<Result<Vec<_>>>()?;
-            let input = Tensor::cat(&input.iter().flat_map(|z| [z, z]).collect::<Vec<_>>(), 0)?;
-            let t_tensor = Tensor::new(t as f32, &self.device)?;
-            let out = self.unet_calls(
-                &input,
-                &t_tensor,
-                &context,
-                &layout,
-                hook,
-                Some(step),
-                unets,
-            )?;
-            let mut guided = Vec::with_capacity(latents.len());
-            let steps = plan.len();
-            for (i, (z, state)) in latents.iter_mut().zip(&mut states).enumerate() {
-                let u = out.get(2 * i)?.unsqueeze(0)?;
-                let c = out.get(2 * i + 1)?.unsqueeze(0)?;
-                let eps = (&u + ((c - &u)? * opts.guidance)?)?;
-                let n = noise.get(index, trajectories[i].sample, z)?;
-                *z = plan.step(state, index, &eps, z, n.as_ref())?;
-                finite(z, || {
-                    format!(
-                        "the latents became NaN or infinite at denoising step {} of {steps} \
-                         (timestep {t}): the UNet's prediction was not finite (its weights, or a \
-                         dtype too narrow?)",
-                        index + 1
-                    )
-                })?;
-                guided.push(eps);
-            }
-            on_step(&StepReport {
-                step,
-                unet_out: &out,
-                guided_eps: &guided,
-                latents: &latents,
-            })?;
-            bar.inc(1);
-        }
-        bar.finish_and_clear();
-        Ok(latents)
-    }
-
-    /// One step's UNet output for every row of `layout`: each group of rows whose branch has a
-    /// UNet in `unets` through it, the rest through the model's own.
-    #[allow(clippy::too_many_arguments)]
-    fn unet_calls(
-        &self,
-        input: &Tensor,
-        t: &Tensor,
-        context: &Tensor,
-        layout: &BatchLayout,
-        hook: Option<&dyn AttentionHook>,
-        step: Option<Step>,
-        unets: &[(Branch, &UNet)],
-    ) -> Result<Tensor> {
-        let unet_of = |branch: Branch| -> &UNet {
-            unets
-                .iter()
-                .find(|(b, _)| *b == branch)
-                .map_or(&self.unet, |(_, u)| *u)
-        };
-        let call = |unet: &UNet, x: &Tensor, c: &Tensor, rows: &BatchLayout| -> Result<Tensor> {
-            let ctx = hook.map(|hook| HookCtx { hook, rows, step });
-            Ok(unet.forward(x, t, c, ctx.as_ref())?)
-        };
-        // Rows grouped by the UNet they go through, in order of first use.
-        let mut group_unets: Vec<&UNet> = vec![];
-        let group_of: Vec<usize> = layout
-            .rows()
-            .iter()
-            .map(|r| {
-                let u = unet_of(r.branch);
-                match group_unets.iter().position(|g| std::ptr::eq(*g, u)) {
-                    Some(i) => i,
-                    None => {
-                        group_unets.push(u);
-                        group_unets.len() - 1
-                    }
-                }
-            })
-            .collect();
-        if group_unets.len() == 1 {
-            return call(group_unets[0], input, context, layout);
-        }
-        let mut out: Vec<Option<Tensor>> = vec![None; group_of.len()];
-        for (g, unet) in group_unets.iter().enumerate() {
-            let rows: Vec<usize> = (0..group_of.len()).filter(|&r| group_of[r] == g).collect();
-            let idx = Tensor::new(
-                rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-                input.device(),
-            )?;
-            let sub = BatchLayout::new(rows.iter().map(|&r| layout.rows()[r]).collect());
-            let o = call(
-                unet,
-                &input.index_select(&idx, 0)?,
-                &context.index_select(&idx, 0)?,
-                &sub,
-            )?;
-            for (i, &r) in rows.iter().enumerate() {
-                out[r] = Some(o.get(i)?);
-            }
-        }
-        let rows: Vec<Tensor> = out
-            .into_iter()
-            .map(|o| o.expect("every row computed"))
-            .collect();
-        Ok(Tensor::stack(&rows, 0)?)
-    }
-
     /// Text-to-image with plain SD.
     pub fn generate(&self, prompt: &str, opts: &GenerateOptions, job: &Job) -> Result<Generation> {
         self.check_generate(opts, 2)?;
@@ -891,7 +550,7 @@ impl StableDiffusion {
             cond: states.get(1)?.unsqueeze(0)?,
         };
         let latents = self
-            .denoise(&init, &[traj], opts, None, job, &mut |_| Ok(()))?
+            .denoise(&Denoise::new(&init, &[traj], opts), job, &mut |_| Ok(()))?
             .remove(0);
         let image = self.decode_to_unit(&latents)?;
         Ok(Generation {
@@ -902,91 +561,6 @@ impl StableDiffusion {
             latents,
             image,
         })
-    }
-
-    /// UNet-scale latents -> the VAE's raw output `(b, 3, H, W)` (about [-1, 1]), f32.
-    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let z = self.vae.unscale(&latents.to_dtype(self.vae_dtype)?)?;
-        let image = self.vae.decode(&z)?.to_dtype(DType::F32)?;
-        finite(&image, || {
-            "the VAE decoder gave NaN or infinite values (its weights, or f16 without force_upcast?)".into()
-        })?;
-        Ok(image)
-    }
-
-    /// UNet-scale latents -> image `(b, 3, H, W)` in [0, 1], f32.
-    pub fn decode_to_unit(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok(((self.decode(latents)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
-    }
-
-    /// Image `(b, 3, H, W)` in [-1, 1] -> the mean of the latent distribution, scaled for the
-    /// UNet.
-    pub fn encode_mean(&self, image: &Tensor) -> Result<Tensor> {
-        let dist = self.vae.encode(&image.to_dtype(self.vae_dtype)?)?;
-        Ok(self.vae.scale(&dist.mean)?.to_dtype(self.dtype)?)
-    }
-}
-
-/// Each sampler call's noise for ancestral samplers: the given `step_noise`, or standard-normal
-/// draws from the generation's seed, one per sample index and call. Sample `s` draws from its
-/// own stream (`1 + s`; the initial noise is stream 0), so trajectories of the same sample (F
-/// and C) get the same noise, whatever else is in the batch.
-struct StepNoise<'a> {
-    given: Option<&'a Tensor>,
-    seed: u64,
-    rngs: Vec<(usize, rand_chacha::ChaCha8Rng)>,
-    drawn: Vec<(usize, usize, Tensor)>,
-    wanted: bool,
-}
-
-impl<'a> StepNoise<'a> {
-    fn new(opts: &'a GenerateOptions, wanted: bool) -> Self {
-        Self {
-            given: opts.step_noise.as_ref(),
-            seed: opts.seed,
-            rngs: vec![],
-            drawn: vec![],
-            wanted,
-        }
-    }
-
-    /// The noise of call `index` for `sample`, shaped and placed like `like`.
-    fn get(&mut self, index: usize, sample: usize, like: &Tensor) -> Result<Option<Tensor>> {
-        if !self.wanted {
-            return Ok(None);
-        }
-        if let Some(given) = self.given {
-            return Ok(Some(
-                given
-                    .get(index)?
-                    .unsqueeze(0)?
-                    .to_device(like.device())?
-                    .to_dtype(like.dtype())?,
-            ));
-        }
-        if let Some((_, _, n)) = self
-            .drawn
-            .iter()
-            .find(|(i, s, _)| *i == index && *s == sample)
-        {
-            return Ok(Some(n.clone()));
-        }
-        self.drawn.retain(|(i, _, _)| *i == index);
-        let rng = match self.rngs.iter().position(|(s, _)| *s == sample) {
-            Some(i) => &mut self.rngs[i].1,
-            None => {
-                use rand::SeedableRng;
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
-                rng.set_stream(1 + sample as u64);
-                self.rngs.push((sample, rng));
-                &mut self.rngs.last_mut().expect("just pushed").1
-            }
-        };
-        let n = crate::util::noise::normal(rng, like.dims(), &Device::Cpu)?
-            .to_device(like.device())?
-            .to_dtype(like.dtype())?;
-        self.drawn.push((index, sample, n.clone()));
-        Ok(Some(n))
     }
 }
 
@@ -1045,17 +619,4 @@ fn check_compatible(
         ));
     }
     Ok(())
-}
-
-/// Reads initial noise from a safetensors file: the tensor named `noise`.
-pub fn load_noise(path: &Path) -> Result<Tensor> {
-    let mut tensors = load_safetensors(path, &Device::Cpu)?;
-    let n = tensors.remove("noise").ok_or_else(|| Error::Safetensors {
-        path: path.to_path_buf(),
-        msg: format!(
-            "no tensor named `noise` (found: {})",
-            tensors.keys().cloned().collect::<Vec<_>>().join(", ")
-        ),
-    })?;
-    Ok(n.to_dtype(DType::F32)?)
 }
