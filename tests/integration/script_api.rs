@@ -111,45 +111,6 @@ fn option_errors_use_the_script_names() {
     assert!(!e.contains("--device"), "{e}");
 }
 
-/// `set_kernels` switches this session's thread to the fused op (the generation then
-/// runs through it), names the choices when the name is wrong, and leaves other threads alone.
-#[test]
-fn kernels_are_chosen_from_scripts() {
-    use infusion_repl::sd::fused::{fused_calls_on_this_thread, kernels};
-    // The process-wide choice (naive unless INFUSION_KERNELS says otherwise).
-    let default = kernels().to_string();
-    let other = std::thread::spawn(|| eval("kernels()").into_string().unwrap());
-    let default2 = default.clone();
-    std::thread::spawn(move || {
-        let before = fused_calls_on_this_thread();
-        let v = eval(
-            r#"
-            let was = kernels();
-            set_kernels("fused");
-            let m = load_model();
-            m.generate("a cat", #{steps: 1, maps: false});
-            [was, kernels()]
-            "#,
-        );
-        let v: Vec<String> = v
-            .cast::<rhai::Array>()
-            .into_iter()
-            .map(|s| s.into_string().unwrap())
-            .collect();
-        assert_eq!(v, [default2.as_str(), "fused"]);
-        assert!(fused_calls_on_this_thread().attention > before.attention);
-        let session = Session::new(ScriptConfig::default());
-        let e = build_engine(&session)
-            .eval::<Dynamic>("set_kernels(\"flash\")")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("naive or fused"), "{e}");
-    })
-    .join()
-    .unwrap();
-    assert_eq!(other.join().unwrap(), default);
-}
-
 /// `generate`'s `scheduler` and `karras` options: another sampler gives another image from the
 /// same seed, an unknown name lists the known ones.
 #[test]

@@ -1,4 +1,4 @@
-//! Models in scripts: loading, generating, tokens, kernels and device information.
+//! Models in scripts: loading, generating, tokens and device information.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,10 +9,9 @@ use super::generation::{Gen, MapsMode};
 use super::Api;
 use crate::actions::{self, ModelRequest};
 use crate::app::script::docs::{FnSpec, Kind};
-use crate::app::script::{err, rt, Opts, RhaiResult, Session};
+use crate::app::script::{rt, Opts, RhaiResult, Session};
 use crate::customize::generate::{generate_pair, PairOptions};
 use crate::infusion::maps::AttentionMaps;
-use crate::sd::fused::{kernels, set_thread_kernels};
 use crate::sd::pipeline::{load_noise, GenerateOptions, StableDiffusion};
 use crate::sd::sampler::{SamplerKind, SamplerOptions};
 
@@ -67,6 +66,7 @@ fn load(session: &Session, spec: &FnSpec, path: Option<&str>, opts: &Map) -> Rha
         config: o.string("config").or_else(|| d.config.clone()),
         vae: o.string("vae").or_else(|| d.vae.clone()),
         ema: o.bool("ema").or(d.ema),
+        kernels: d.kernels,
     };
     let loaded = rt(actions::load_model(&req, &session.job))?;
     let model = Model {
@@ -288,23 +288,6 @@ fn register_tokens(api: &mut Api, session: &Arc<Session>) {
 }
 
 fn register_machine(api: &mut Api, session: &Arc<Session>) {
-    let spec = api.declare(
-        FnSpec::new("kernels")
-            .sig("kernels() -> string")
-            .doc("The kernels in use: \"naive\" or \"fused\" (see set_kernels).")
-            .example("print(kernels());"),
-    );
-    api.func(&spec, || kernels().to_string());
-    let spec = api.declare(
-        FnSpec::new("set_kernels")
-            .sig("set_kernels(name)")
-            .doc("Chooses the kernels from now on in this session, for every model: \"naive\" (candle's composite ops; the default) or \"fused\" (attention without a score matrix in memory, group norm + SiLU in one pass: CUDA kernels in f16/bf16, plain loops on the CPU). Layers whose maps are captured and layers that training differentiates through stay naive. Same as --kernels on the command line.")
-            .example("set_kernels(\"fused\"); let g = m.generate(\"a cat\", #{maps: false});"),
-    );
-    api.func(&spec, |name: &str| -> RhaiResult<()> {
-        set_thread_kernels(name.parse().map_err(err)?);
-        Ok(())
-    });
     let spec = api.declare(
         FnSpec::new("device_info")
             .sig("device_info() -> map")
