@@ -11,7 +11,8 @@
 //!
 //! Whether they run is one choice, [`Kernels`], made when a model is loaded
 //! ([`LoadOptions::kernels`](crate::sd::pipeline::LoadOptions::kernels): `--kernels` on the
-//! command line) and held by each layer that has a fused path (the UNet's attention layers, every group norm), as candle's UNet holds
+//! command line, `load_model(..., #{kernels: "fused"})` in scripts) and held by each layer that
+//! has a fused path (the UNet's attention layers, every group norm), as candle's UNet holds
 //! `use_flash_attn`: a model runs the same ops whatever else the process does. The default
 //! stays `naive` until a GPU run has measured the CUDA kernels (notes/cuda.md).
 
