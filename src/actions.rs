@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::methods::{ConceptRef, ConceptRequest, Method, Settings};
 use crate::sd::device::{parse_device, parse_dtype};
+use crate::sd::fused::Kernels;
 use crate::sd::pipeline::{LoadOptions, StableDiffusion};
 use crate::train::{
     class_images, image_count_warning, Checkpoint, Prior, TrainOptions, TrainReport, Trainer,
@@ -44,6 +45,8 @@ pub struct ModelRequest {
     /// Single-file checkpoints: the EMA copy of the UNet (`Some(true)`), the plain weights
     /// (`Some(false)`), or the EMA copy when there is one (`None`).
     pub ema: Option<bool>,
+    /// What the model's layers run: naive (the default) or fused.
+    pub kernels: Kernels,
 }
 
 /// Loads the model `req` names; without a model, the bundled tiny one with random weights, and
@@ -55,6 +58,7 @@ pub fn load_model(req: &ModelRequest, job: &Job) -> Result<LoadedModel> {
         config: req.config.as_ref().map(PathBuf::from),
         vae: req.vae.as_ref().map(PathBuf::from),
         ema: req.ema,
+        kernels: req.kernels,
     };
     let loaded = match &req.model {
         Some(spec) => LoadedModel {

@@ -102,7 +102,7 @@ pub struct BenchReport {
     pub model: String,
     pub device: String,
     pub dtype: String,
-    /// The kernels (`naive` or `fused`, see [`crate::sd::fused`]).
+    /// The kernels the model runs (`naive` or `fused`, see [`crate::sd::fused`]).
     pub kernels: String,
     /// `cudnn` when the binary was built with the `cudnn` feature (on CUDA), `gemm + winograd
     /// 3x3` for f32 on the CPU ([`crate::sd::cpu::conv`]), else `im2col` (candle's).
@@ -419,7 +419,8 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// The first ResNet's group norm + SiLU (full resolution, first block's width), both ways.
+    /// The first ResNet's group norm + SiLU (full resolution, first block's width), both ways
+    /// whatever the model's kernels: a layer built naive, and the fused op.
     fn group_norm(&mut self) -> Result<()> {
         let cfg = self.sd.unet.config().clone();
         let Some(&ch) = cfg.block_out_channels.first() else {
@@ -432,13 +433,14 @@ impl Bench<'_> {
             self.noise(22, &[ch])?,
             cfg.norm_num_groups,
             cfg.norm_eps,
+            Kernels::Naive,
         )?;
         let name = format!("group norm + SiLU 2x{ch}x{h}x{w}");
-        let naive = self.measure(&format!("{name}, naive"), None, || {
-            Ok(fused::with_kernels(Kernels::Naive, || {
-                gn.forward(&x, true)
-            })?)
-        })?;
+        let naive = self.measure(
+            &format!("{name}, naive"),
+            None,
+            || Ok(gn.forward(&x, true)?),
+        )?;
         self.measure(&format!("{name}, fused"), Some(("naive", naive)), || {
             Ok(gn.fused(&x, true)?)
         })?;
@@ -461,7 +463,7 @@ pub fn run(
         model: model.to_string(),
         device: format!("{:?}", sd.device()),
         dtype: format!("{:?}", sd.dtype()).to_lowercase(),
-        kernels: fused::kernels().to_string(),
+        kernels: sd.kernels().to_string(),
         convolutions: if cfg!(feature = "cudnn") && !sd.device().is_cpu() {
             "cudnn"
         } else if sd.device().is_cpu() && sd.dtype() == candle_core::DType::F32 {

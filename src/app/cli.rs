@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::infusion::maps::AttentionMaps;
 use crate::job::Job;
 use crate::sd::device::{parse_device, parse_dtype};
-use crate::sd::fused::{set_kernels, Kernels};
+use crate::sd::fused::Kernels;
 use crate::sd::pipeline::{
     load_noise, GenerateOptions, LoadOptions, ModelConfigs, StableDiffusion,
 };
@@ -250,7 +250,8 @@ struct GlobalArgs {
     #[arg(long, value_name = "N", default_value_t = 1)]
     script_limits: usize,
     /// naive (candle's composite ops) or fused (single-kernel attention and group norm + SiLU,
-    /// used where nothing trains through them and no attention maps are asked for).
+    /// used where nothing trains through them and no attention maps are asked for): what the
+    /// layers of every model the command loads run (`kernels` of load_model in scripts).
     #[arg(
         long,
         global = true,
@@ -285,6 +286,7 @@ impl GlobalArgs {
                 (_, true) => Some(false),
                 _ => None,
             },
+            kernels: self.kernels,
         }
     }
 }
@@ -990,6 +992,7 @@ fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
             let opts = LoadOptions {
                 device: parse_device(&global.device)?,
                 dtype: parse_dtype(&global.dtype)?,
+                kernels: global.kernels,
                 ..LoadOptions::default()
             };
             let sd = StableDiffusion::random(
@@ -1131,7 +1134,6 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             };
         }
     };
-    set_kernels(global.kernels);
     let session = Session::new(ScriptConfig {
         model: global.model_request(),
         no_images: global.no_images,

@@ -582,7 +582,7 @@ impl Target {
 /// The UNet's weights' shapes, by name (read from its config: nothing is built).
 fn unet_shapes(sd: &StableDiffusion) -> Result<HashMap<String, Vec<usize>>> {
     Ok(crate::sd::weights::tensors_asked(|vb| {
-        crate::sd::unet::UNet::new(vb, sd.unet.config()).map(|_| ())
+        crate::sd::unet::UNet::new(vb, sd.unet.config(), sd.kernels()).map(|_| ())
     })?
     .into_iter()
     .collect())

@@ -19,7 +19,7 @@ use candle_nn::VarBuilder;
 
 use super::hook::{HookCtx, Projection};
 use crate::sd::cpu::attention as cpu_attention;
-use crate::sd::fused::{self, attention as fused_attention};
+use crate::sd::fused::{attention as fused_attention, Kernels};
 use crate::sd::nn::{linear, linear_no_bias, Linear};
 
 /// Self-attention (`attn1`: keys from the image) or cross-attention (`attn2`: keys from the text).
@@ -190,14 +190,15 @@ impl AttentionCall {
         Ok(())
     }
 
-    /// Mixes the values with the probabilities: `(batch, queries, inner)`.
-    fn finish(mut self) -> Result<Tensor> {
+    /// Mixes the values with the probabilities: `(batch, queries, inner)`, with the fused op
+    /// where `kernels` choose it and nobody asked for probabilities.
+    fn finish(mut self, kernels: Kernels) -> Result<Tensor> {
         let all_own = self.sources.iter().all(|s| matches!(s, ProbSource::Own));
         let v = split_heads(&self.v, self.heads)?;
         // Nobody asked for probabilities: the fused op and the blocked CPU one never
         // materialise them.
         if all_own && self.own.is_none() {
-            if fused::fused() && fused_attention::supports(&self.q, &self.k, &v) {
+            if kernels.fused() && fused_attention::supports(&self.q, &self.k, &v) {
                 let out = fused_attention::fused_attention(&self.q, &self.k, &v, self.scale)?;
                 return merge_heads(&out);
             }
@@ -294,13 +295,14 @@ fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
 }
 
 /// A diffusers `Attention` module as SD's transformer blocks use it: `to_q`, `to_k`, `to_v`
-/// without bias, `to_out.0` with bias.
+/// without bias, `to_out.0` with bias; and the kernels it runs.
 pub struct Attention {
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
     info: LayerInfo,
+    kernels: Kernels,
 }
 
 impl Attention {
@@ -311,6 +313,7 @@ impl Attention {
         context_dim: Option<usize>,
         heads: usize,
         head_dim: usize,
+        kernels: Kernels,
     ) -> Result<Self> {
         let inner = heads * head_dim;
         let kv_dim = context_dim.unwrap_or(query_dim);
@@ -329,11 +332,17 @@ impl Attention {
                 heads,
                 head_dim,
             },
+            kernels,
         })
     }
 
     pub fn info(&self) -> &LayerInfo {
         &self.info
+    }
+
+    /// The kernels it was built with.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// A projection's weight `(out, in)` and bias (`to_out.0` has one), as loaded.
@@ -362,7 +371,7 @@ impl Attention {
             let k = self.to_k.forward(kv_in)?;
             let v = self.to_v.forward(kv_in)?;
             let call = AttentionCall::new(q, k, v, self.info.heads)?;
-            return self.to_out.forward(&call.finish()?);
+            return self.to_out.forward(&call.finish(self.kernels)?);
         };
         if h.rows.len() != xs.dim(0)? {
             candle_core::bail!(
@@ -386,7 +395,7 @@ impl Attention {
         let v = project(Projection::Value, &self.to_v, kv_in)?;
         let mut call = AttentionCall::new(q, k, v, self.info.heads)?;
         h.hook.attend(&site, &mut call)?;
-        project(Projection::Out, &self.to_out, &call.finish()?)
+        project(Projection::Out, &self.to_out, &call.finish(self.kernels)?)
     }
 }
 
@@ -432,7 +441,7 @@ mod tests {
         assert!(c.share_probs(1, 1).is_err());
         assert!(c.probs(2).is_err());
         let v = c.values().clone();
-        let out = c.finish().unwrap();
+        let out = c.finish(Kernels::Naive).unwrap();
         // With uniform probabilities every query of row 0 gets the mean of the values.
         let mean = v.get(0).unwrap().mean_keepdim(0).unwrap();
         let row0 = out.get(0).unwrap().get(3).unwrap().unsqueeze(0).unwrap();

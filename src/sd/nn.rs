@@ -10,6 +10,7 @@ use candle_nn::{Conv2dConfig, LayerNorm, Module, VarBuilder};
 
 use crate::sd::cpu::conv::KernelCache;
 use crate::sd::fused::group_norm::GroupNorm;
+use crate::sd::fused::Kernels;
 
 /// A 2-D convolution with candle_nn's weights (`weight`, `bias`) and config, run by
 /// [`crate::sd::cpu::conv`] for f32 on the CPU (keeping Winograd's transform of the kernel)
@@ -108,7 +109,7 @@ pub fn silu(xs: &Tensor) -> candle_core::Result<Tensor> {
 
 /// Diffusers' `ResnetBlock2D` (`norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`,
 /// `conv_shortcut`), the op sequence of candle-transformers' block, with each group norm and
-/// its SiLU as one [`GroupNorm`] call (fused when the fused kernels are chosen).
+/// its SiLU as one [`GroupNorm`] call (fused when built with [`Kernels::Fused`]).
 pub struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
@@ -132,20 +133,20 @@ pub struct ResnetSpec {
 }
 
 impl ResnetBlock {
-    pub fn new(vb: VarBuilder, s: ResnetSpec) -> candle_core::Result<Self> {
+    pub fn new(vb: VarBuilder, s: ResnetSpec, kernels: Kernels) -> candle_core::Result<Self> {
         let conv3 = Conv2dConfig {
             padding: 1,
             ..Default::default()
         };
         let (cin, cout) = (s.in_channels, s.out_channels);
         Ok(Self {
-            norm1: GroupNorm::load(s.groups, cin, s.eps, vb.pp("norm1"))?,
+            norm1: GroupNorm::load(s.groups, cin, s.eps, kernels, vb.pp("norm1"))?,
             conv1: conv2d(cin, cout, 3, conv3, vb.pp("conv1"))?,
             time_emb_proj: s
                 .temb_channels
                 .map(|t| linear(t, cout, vb.pp("time_emb_proj")))
                 .transpose()?,
-            norm2: GroupNorm::load(s.groups, cout, s.eps, vb.pp("norm2"))?,
+            norm2: GroupNorm::load(s.groups, cout, s.eps, kernels, vb.pp("norm2"))?,
             conv2: conv2d(cout, cout, 3, conv3, vb.pp("conv2"))?,
             conv_shortcut: (cin != cout)
                 .then(|| conv2d(cin, cout, 1, Default::default(), vb.pp("conv_shortcut")))

@@ -13,6 +13,7 @@ use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbeddin
 use crate::sd::attention::{Attention, AttnKind, LayerInfo};
 use crate::sd::config::UNetConfig;
 use crate::sd::fused::group_norm::GroupNorm;
+use crate::sd::fused::Kernels;
 use crate::sd::hook::HookCtx;
 use crate::sd::nn::{layer_norm, norm, ResnetBlock, ResnetSpec};
 
@@ -74,13 +75,15 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn new(vb: VarBuilder, dim: usize, heads: usize, cross_dim: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, spec: &BlockSpec) -> Result<Self> {
+        let (dim, heads, k) = (spec.channels, spec.heads, spec.kernels);
         let head_dim = dim / heads;
+        let cross_dim = Some(spec.cross_dim);
         Ok(Self {
             norm1: layer_norm(dim, BLOCK_NORM_EPS, vb.pp("norm1"))?,
-            attn1: Attention::new(vb.pp("attn1"), dim, None, heads, head_dim)?,
+            attn1: Attention::new(vb.pp("attn1"), dim, None, heads, head_dim, k)?,
             norm2: layer_norm(dim, BLOCK_NORM_EPS, vb.pp("norm2"))?,
-            attn2: Attention::new(vb.pp("attn2"), dim, Some(cross_dim), heads, head_dim)?,
+            attn2: Attention::new(vb.pp("attn2"), dim, cross_dim, heads, head_dim, k)?,
             norm3: layer_norm(dim, BLOCK_NORM_EPS, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
@@ -121,17 +124,11 @@ struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
-    fn new(
-        vb: VarBuilder,
-        channels: usize,
-        heads: usize,
-        depth: usize,
-        cross_dim: usize,
-        groups: usize,
-        linear_projection: bool,
-    ) -> Result<Self> {
+    /// The transformer of the blocks `spec` describes (`spec.depth` transformer blocks).
+    fn new(vb: VarBuilder, spec: &BlockSpec, cfg: &UNetConfig) -> Result<Self> {
+        let channels = spec.channels;
         let proj = |name: &str| -> Result<Projection> {
-            Ok(if linear_projection {
+            Ok(if cfg.use_linear_projection {
                 Projection::Linear(linear(channels, channels, vb.pp(name))?)
             } else {
                 Projection::Conv(conv2d(
@@ -143,18 +140,17 @@ impl SpatialTransformer {
                 )?)
             })
         };
-        let blocks = (0..depth)
-            .map(|i| {
-                TransformerBlock::new(
-                    vb.pp("transformer_blocks").pp(i),
-                    channels,
-                    heads,
-                    cross_dim,
-                )
-            })
+        let blocks = (0..spec.depth)
+            .map(|i| TransformerBlock::new(vb.pp("transformer_blocks").pp(i), spec))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: GroupNorm::load(groups, channels, TRANSFORMER_NORM_EPS, vb.pp("norm"))?,
+            norm: GroupNorm::load(
+                cfg.norm_num_groups,
+                channels,
+                TRANSFORMER_NORM_EPS,
+                spec.kernels,
+                vb.pp("norm"),
+            )?,
             proj_in: proj("proj_in")?,
             blocks,
             proj_out: proj("proj_out")?,
@@ -218,17 +214,19 @@ struct BlockSpec {
     depth: usize,
     cross_dim: usize,
     has_attention: bool,
+    kernels: Kernels,
 }
 
 impl BlockSpec {
     /// The spec of depth `i` (0 = the outermost down block and the last up block).
-    fn of(cfg: &UNetConfig, i: usize, has_attention: bool) -> Self {
+    fn of(cfg: &UNetConfig, i: usize, has_attention: bool, kernels: Kernels) -> Self {
         Self {
             channels: cfg.block_out_channels[i],
             heads: cfg.heads().get(i),
             depth: cfg.transformer_layers_per_block.get(i),
             cross_dim: cfg.cross_attention_dim.get(i),
             has_attention,
+            kernels,
         }
     }
 }
@@ -244,24 +242,16 @@ impl Block {
             return Ok(vec![]);
         }
         (0..n)
-            .map(|i| {
-                SpatialTransformer::new(
-                    vb.pp("attentions").pp(i),
-                    spec.channels,
-                    spec.heads,
-                    spec.depth,
-                    spec.cross_dim,
-                    cfg.norm_num_groups,
-                    cfg.use_linear_projection,
-                )
-            })
+            .map(|i| SpatialTransformer::new(vb.pp("attentions").pp(i), spec, cfg))
             .collect()
     }
 
+    /// A ResNet block of `spec`'s depth from `in_channels` to `out_channels`.
     fn resnet(
         vb: VarBuilder,
         in_channels: usize,
         out_channels: usize,
+        spec: &BlockSpec,
         cfg: &UNetConfig,
         output_scale_factor: f64,
     ) -> Result<ResnetBlock> {
@@ -275,6 +265,7 @@ impl Block {
                 eps: cfg.norm_eps,
                 output_scale_factor,
             },
+            spec.kernels,
         )
     }
 
@@ -289,7 +280,7 @@ impl Block {
         let resnets = (0..n_layers)
             .map(|i| {
                 let cin = if i == 0 { in_channels } else { spec.channels };
-                Self::resnet(vb.pp("resnets").pp(i), cin, spec.channels, cfg, 1.0)
+                Self::resnet(vb.pp("resnets").pp(i), cin, spec.channels, spec, cfg, 1.0)
             })
             .collect::<Result<Vec<_>>>()?;
         let resample = if add_downsample {
@@ -323,6 +314,7 @@ impl Block {
                     vb.pp("resnets").pp(i),
                     spec.channels,
                     spec.channels,
+                    spec,
                     cfg,
                     cfg.mid_block_scale_factor,
                 )
@@ -350,7 +342,14 @@ impl Block {
             .enumerate()
             .map(|(j, &skip)| {
                 let cin = if j == 0 { prev_channels } else { spec.channels };
-                Self::resnet(vb.pp("resnets").pp(j), cin + skip, spec.channels, cfg, 1.0)
+                Self::resnet(
+                    vb.pp("resnets").pp(j),
+                    cin + skip,
+                    spec.channels,
+                    spec,
+                    cfg,
+                    1.0,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         let resample = if add_upsample {
@@ -482,7 +481,9 @@ pub struct UNet {
 }
 
 impl UNet {
-    pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+    /// The UNet of `cfg` from `vb`'s weights, its attention layers and group norms running
+    /// `kernels`.
+    pub fn new(vb: VarBuilder, cfg: &UNetConfig, kernels: Kernels) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::Msg)?;
         let n = cfg.n_blocks();
         let ch = &cfg.block_out_channels;
@@ -500,9 +501,10 @@ impl UNet {
         let time_proj = Timesteps::new(c0, cfg.flip_sin_to_cos, cfg.freq_shift);
         let time_embedding =
             TimestepEmbedding::new(vb.pp("time_embedding"), c0, cfg.time_embed_dim())?;
-        let (down, mut skip_channels) = Self::down_blocks(&vb, cfg)?;
-        let mid = Block::mid(vb.pp("mid_block"), &BlockSpec::of(cfg, n - 1, true), cfg)?;
-        let up = Self::up_blocks(&vb, cfg, &mut skip_channels)?;
+        let (down, mut skip_channels) = Self::down_blocks(&vb, cfg, kernels)?;
+        let mid_spec = BlockSpec::of(cfg, n - 1, true, kernels);
+        let mid = Block::mid(vb.pp("mid_block"), &mid_spec, cfg)?;
+        let up = Self::up_blocks(&vb, cfg, kernels, &mut skip_channels)?;
         Ok(Self {
             time_proj,
             time_embedding,
@@ -514,6 +516,7 @@ impl UNet {
                 cfg.norm_num_groups,
                 c0,
                 cfg.norm_eps,
+                kernels,
                 vb.pp("conv_norm_out"),
             )?,
             conv_out: conv2d(
@@ -531,14 +534,19 @@ impl UNet {
     }
 
     /// The down blocks, and the channels of the skip connections they leave (`conv_in`'s first).
-    fn down_blocks(vb: &VarBuilder, cfg: &UNetConfig) -> Result<(Vec<Block>, Vec<usize>)> {
+    fn down_blocks(
+        vb: &VarBuilder,
+        cfg: &UNetConfig,
+        kernels: Kernels,
+    ) -> Result<(Vec<Block>, Vec<usize>)> {
         let n = cfg.n_blocks();
         let ch = &cfg.block_out_channels;
         let mut down = Vec::with_capacity(n);
         let mut skip_channels = vec![ch[0]];
         for i in 0..n {
             let cin = if i == 0 { ch[0] } else { ch[i - 1] };
-            let spec = BlockSpec::of(cfg, i, cfg.down_block_types[i] == "CrossAttnDownBlock2D");
+            let attention = cfg.down_block_types[i] == "CrossAttnDownBlock2D";
+            let spec = BlockSpec::of(cfg, i, attention, kernels);
             let layers = cfg.layers_per_block.get(i);
             let downsample = i + 1 < n;
             down.push(Block::down(
@@ -559,6 +567,7 @@ impl UNet {
     fn up_blocks(
         vb: &VarBuilder,
         cfg: &UNetConfig,
+        kernels: Kernels,
         skip_channels: &mut Vec<usize>,
     ) -> Result<Vec<Block>> {
         let n = cfg.n_blocks();
@@ -575,7 +584,8 @@ impl UNet {
                 );
             }
             let skips: Vec<usize> = take.into_iter().rev().collect();
-            let spec = BlockSpec::of(cfg, depth, cfg.up_block_types[i] == "CrossAttnUpBlock2D");
+            let attention = cfg.up_block_types[i] == "CrossAttnUpBlock2D";
+            let spec = BlockSpec::of(cfg, depth, attention, kernels);
             let channels = spec.channels;
             up.push(Block::up(
                 vb.pp("up_blocks").pp(i),
@@ -596,7 +606,7 @@ impl UNet {
 
     /// The attention layers a UNet of this config has, without building its weights.
     pub fn attention_layers_of(cfg: &UNetConfig) -> Result<Vec<LayerInfo>> {
-        let unet = crate::sd::weights::build_meta(|vb| UNet::new(vb, cfg))?;
+        let unet = crate::sd::weights::build_meta(|vb| UNet::new(vb, cfg, Kernels::default()))?;
         Ok(unet.attention_layers().into_iter().cloned().collect())
     }
 

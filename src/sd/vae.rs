@@ -9,6 +9,7 @@ use crate::sd::nn::{conv2d, linear, Conv2d, Linear};
 
 use crate::sd::config::VaeConfig;
 use crate::sd::fused::group_norm::GroupNorm;
+use crate::sd::fused::Kernels;
 use crate::sd::nn::{ResnetBlock, ResnetSpec};
 
 const VAE_EPS: f64 = 1e-6;
@@ -26,7 +27,13 @@ fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
     )
 }
 
-fn resnet(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> Result<ResnetBlock> {
+fn resnet(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    groups: usize,
+    kernels: Kernels,
+) -> Result<ResnetBlock> {
     ResnetBlock::new(
         vb,
         ResnetSpec {
@@ -37,6 +44,7 @@ fn resnet(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> Result<Resn
             eps: VAE_EPS,
             output_scale_factor: 1.0,
         },
+        kernels,
     )
 }
 
@@ -50,14 +58,14 @@ struct VaeAttention {
 }
 
 impl VaeAttention {
-    fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, channels: usize, groups: usize, kernels: Kernels) -> Result<Self> {
         let (q, k, v, o) = if vb.contains_tensor("query.weight") {
             ("query", "key", "value", "proj_attn")
         } else {
             ("to_q", "to_k", "to_v", "to_out.0")
         };
         Ok(Self {
-            group_norm: GroupNorm::load(groups, channels, VAE_EPS, vb.pp("group_norm"))?,
+            group_norm: GroupNorm::load(groups, channels, VAE_EPS, kernels, vb.pp("group_norm"))?,
             to_q: linear(channels, channels, vb.pp(q))?,
             to_k: linear(channels, channels, vb.pp(k))?,
             to_v: linear(channels, channels, vb.pp(v))?,
@@ -93,16 +101,17 @@ struct MidBlock {
 }
 
 impl MidBlock {
-    fn new(vb: VarBuilder, channels: usize, cfg: &VaeConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, channels: usize, cfg: &VaeConfig, kernels: Kernels) -> Result<Self> {
         let g = cfg.norm_num_groups;
+        let attention = vb.pp("attentions").pp(0);
         Ok(Self {
-            resnet0: resnet(vb.pp("resnets").pp(0), channels, channels, g)?,
+            resnet0: resnet(vb.pp("resnets").pp(0), channels, channels, g, kernels)?,
             attention: if cfg.mid_block_add_attention {
-                Some(VaeAttention::new(vb.pp("attentions").pp(0), channels, g)?)
+                Some(VaeAttention::new(attention, channels, g, kernels)?)
             } else {
                 None
             },
-            resnet1: resnet(vb.pp("resnets").pp(1), channels, channels, g)?,
+            resnet1: resnet(vb.pp("resnets").pp(1), channels, channels, g, kernels)?,
         })
     }
 
@@ -130,7 +139,7 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn new(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &VaeConfig, kernels: Kernels) -> Result<Self> {
         let ch = &cfg.block_out_channels;
         let n = ch.len();
         let g = cfg.norm_num_groups;
@@ -145,6 +154,7 @@ impl Encoder {
                         if j == 0 { cin } else { ch[i] },
                         ch[i],
                         g,
+                        kernels,
                     )
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -168,8 +178,8 @@ impl Encoder {
         Ok(Self {
             conv_in: conv3x3(cfg.in_channels, ch[0], vb.pp("conv_in"))?,
             blocks,
-            mid: MidBlock::new(vb.pp("mid_block"), ch[n - 1], cfg)?,
-            norm_out: GroupNorm::load(g, ch[n - 1], VAE_EPS, vb.pp("conv_norm_out"))?,
+            mid: MidBlock::new(vb.pp("mid_block"), ch[n - 1], cfg, kernels)?,
+            norm_out: GroupNorm::load(g, ch[n - 1], VAE_EPS, kernels, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(ch[n - 1], 2 * cfg.latent_channels, vb.pp("conv_out"))?,
         })
     }
@@ -201,7 +211,7 @@ struct Decoder {
 }
 
 impl Decoder {
-    fn new(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &VaeConfig, kernels: Kernels) -> Result<Self> {
         let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let n = rev.len();
         let g = cfg.norm_num_groups;
@@ -216,6 +226,7 @@ impl Decoder {
                         if j == 0 { cin } else { rev[i] },
                         rev[i],
                         g,
+                        kernels,
                     )
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -232,9 +243,9 @@ impl Decoder {
         }
         Ok(Self {
             conv_in: conv3x3(cfg.latent_channels, rev[0], vb.pp("conv_in"))?,
-            mid: MidBlock::new(vb.pp("mid_block"), rev[0], cfg)?,
+            mid: MidBlock::new(vb.pp("mid_block"), rev[0], cfg, kernels)?,
             blocks,
-            norm_out: GroupNorm::load(g, rev[n - 1], VAE_EPS, vb.pp("conv_norm_out"))?,
+            norm_out: GroupNorm::load(g, rev[n - 1], VAE_EPS, kernels, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(rev[n - 1], cfg.out_channels, vb.pp("conv_out"))?,
         })
     }
@@ -278,15 +289,16 @@ pub struct Vae {
 }
 
 impl Vae {
-    pub fn new(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
+    /// The VAE of `cfg` from `vb`'s weights, its group norms running `kernels`.
+    pub fn new(vb: VarBuilder, cfg: &VaeConfig, kernels: Kernels) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::Msg)?;
         let lc = cfg.latent_channels;
         let conv1x1 = |cin: usize, cout: usize, name: &str| {
             conv2d(cin, cout, 1, Default::default(), vb.pp(name))
         };
         Ok(Self {
-            encoder: Encoder::new(vb.pp("encoder"), cfg)?,
-            decoder: Decoder::new(vb.pp("decoder"), cfg)?,
+            encoder: Encoder::new(vb.pp("encoder"), cfg, kernels)?,
+            decoder: Decoder::new(vb.pp("decoder"), cfg, kernels)?,
             quant_conv: if cfg.use_quant_conv {
                 Some(conv1x1(2 * lc, 2 * lc, "quant_conv")?)
             } else {

@@ -1396,6 +1396,7 @@ fn a_dreambooth_unet_from_a_single_file_model_writes_its_config() {
             config: Some(repo().join("models/tiny-sd").display().to_string()),
             vae: None,
             ema: None,
+            kernels: infusion_repl::sd::fused::Kernels::Naive,
         },
         &Job::quiet(),
     )

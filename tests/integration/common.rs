@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
+use infusion_repl::sd::fused::Kernels;
 use infusion_repl::{LoadOptions, StableDiffusion};
 
 /// The checkout's root (see `infusion_repl::assets::home`: a test binary copied to another machine
@@ -58,12 +59,24 @@ pub fn get<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> &'a Tensor {
         .unwrap_or_else(|| panic!("reference tensor `{name}` missing"))
 }
 
-/// The tiny model, loaded once per test binary (CPU, f32).
+/// The tiny model, loaded once per test binary (on the test device, f32, naive kernels).
 pub fn tiny() -> &'static StableDiffusion {
-    static SD: OnceLock<StableDiffusion> = OnceLock::new();
-    SD.get_or_init(|| {
+    tiny_with(Kernels::Naive)
+}
+
+/// The tiny model loaded with `kernels`, once per test binary and choice (on the test device,
+/// f32).
+pub fn tiny_with(kernels: Kernels) -> &'static StableDiffusion {
+    static NAIVE: OnceLock<StableDiffusion> = OnceLock::new();
+    static FUSED: OnceLock<StableDiffusion> = OnceLock::new();
+    let cell = match kernels {
+        Kernels::Naive => &NAIVE,
+        Kernels::Fused => &FUSED,
+    };
+    cell.get_or_init(|| {
         let opts = LoadOptions {
             device: device(),
+            kernels,
             ..Default::default()
         };
         StableDiffusion::load_dir(&tiny_model_dir(), &opts).expect("the bundled tiny model loads")

@@ -4,24 +4,28 @@
 //! bf16 on the CPU is refused with a clear message (candle's CPU matmul has no bf16).
 
 use candle_core::DType;
+use infusion_repl::sd::fused::Kernels;
 use infusion_repl::{GenerateOptions, Job, LoadOptions, StableDiffusion};
 
 use crate::common::{assert_close, device, get, max_abs, reference, tiny_model_dir};
 
-pub(crate) fn load(dtype: DType) -> infusion_repl::Result<StableDiffusion> {
+pub(crate) fn load(dtype: DType, kernels: Kernels) -> infusion_repl::Result<StableDiffusion> {
     StableDiffusion::load_dir(
         &tiny_model_dir(),
         &LoadOptions {
             device: device(),
             dtype,
+            kernels,
             ..LoadOptions::default()
         },
     )
 }
 
-pub(crate) fn check_close_to_reference(dtype: DType, tol: f32) {
-    let sd = load(dtype).unwrap();
-    assert_eq!(sd.dtype(), dtype);
+/// Generates the reference's prompt with the tiny model loaded in `dtype` with `kernels`, and
+/// compares it with the f32 reference at `tol`.
+pub(crate) fn check_close_to_reference(dtype: DType, kernels: Kernels, tol: f32) {
+    let sd = load(dtype, kernels).unwrap();
+    assert_eq!((sd.dtype(), sd.kernels()), (dtype, kernels));
     assert_eq!(
         sd.vae_dtype(),
         DType::F32,
@@ -50,19 +54,19 @@ pub(crate) fn check_close_to_reference(dtype: DType, tol: f32) {
 
 #[test]
 fn f16_generation_is_close_to_the_f32_reference() {
-    check_close_to_reference(DType::F16, 2e-2);
+    check_close_to_reference(DType::F16, Kernels::Naive, 2e-2);
 }
 
 #[test]
 fn bf16_is_close_on_cuda_and_refused_on_the_cpu() {
     if device().is_cpu() {
-        let e = load(DType::BF16)
+        let e = load(DType::BF16, Kernels::Naive)
             .err()
             .expect("bf16 on the CPU is refused")
             .to_string();
         assert!(e.contains("bf16") && e.contains("f32"), "{e}");
     } else {
-        check_close_to_reference(DType::BF16, 6e-2);
+        check_close_to_reference(DType::BF16, Kernels::Naive, 6e-2);
     }
 }
 
@@ -94,7 +98,7 @@ fn f16_training_scales_the_loss_and_follows_f32() {
         )
     };
     let (l32, c32, s32) = run(crate::common::tiny(), &Job::quiet());
-    let f16 = load(DType::F16).unwrap();
+    let f16 = load(DType::F16, Kernels::Naive).unwrap();
     let job = Job::collecting();
     let (l16, c16, s16) = run(&f16, &job);
     assert_eq!(s32, None);

@@ -4,16 +4,17 @@
 //! tolerances as the unfused path. On the CPU this runs the Rust implementations of the kernels'
 //! algorithms; with `INFUSION_TEST_DEVICE=cuda`, the CUDA kernels (attention in f16 and bf16
 //! only: f32 attention stays unfused there).
-//! The choice is scoped to the test's thread, so the other tests keep the default.
+//! Each test loads the tiny model with `kernels: Fused` ([`tiny_with`]); the naive model the
+//! other tests use is another model, which keeps its own choice (checked below).
 
 use candle_core::DType;
-use infusion_repl::sd::fused::{fused_calls_on_this_thread, with_kernels, Kernels};
-use infusion_repl::{generate_pair, Job};
+use infusion_repl::sd::fused::{fused_calls_on_this_thread, FusedCalls, Kernels};
+use infusion_repl::{generate_pair, GenerateOptions, Job};
 
-use crate::common::{assert_close, device, get, max_abs, reference, tiny};
+use crate::common::{assert_close, device, get, max_abs, reference, tiny, tiny_with};
 
-fn fused<R>(f: impl FnOnce() -> R) -> R {
-    with_kernels(Kernels::Fused, f)
+fn fused_tiny() -> &'static infusion_repl::StableDiffusion {
+    tiny_with(Kernels::Fused)
 }
 
 #[test]
@@ -22,7 +23,7 @@ fn txt2img_matches_the_reference_and_the_unfused_run() {
     let prompt = "a photo of a cat sitting by a teapot";
     let opts = crate::txt2img::options(&r);
     let calls = fused_calls_on_this_thread();
-    let g = fused(|| tiny().generate(prompt, &opts, &Job::quiet())).unwrap();
+    let g = fused_tiny().generate(prompt, &opts, &Job::quiet()).unwrap();
     // Every attention layer ran fused at each of the 5 steps (both CFG rows in one call); the
     // CUDA attention kernel is f16/bf16 only, so in f32 on CUDA none did. The group norms ran
     // fused on every device (the CUDA kernel has f32 too).
@@ -39,10 +40,7 @@ fn txt2img_matches_the_reference_and_the_unfused_run() {
     );
     assert_close(&g.image, get(&r, "image_01"), 1e-3, "fused image");
     // Against the unfused run in the same precision: only the summation order differs.
-    let naive = with_kernels(Kernels::Naive, || {
-        tiny().generate(prompt, &opts, &Job::quiet())
-    })
-    .unwrap();
+    let naive = tiny().generate(prompt, &opts, &Job::quiet()).unwrap();
     assert_close(&g.latents, &naive.latents, 1e-4, "fused vs unfused latents");
 }
 
@@ -50,14 +48,14 @@ fn txt2img_matches_the_reference_and_the_unfused_run() {
 fn half_precision_stays_close_to_the_f32_reference() {
     // The tolerances of tests/integration/dtype.rs: f16 2e-2, bf16 6e-2.
     let calls = fused_calls_on_this_thread();
-    fused(|| crate::dtype::check_close_to_reference(DType::F16, 2e-2));
+    crate::dtype::check_close_to_reference(DType::F16, Kernels::Fused, 2e-2);
     let after = fused_calls_on_this_thread();
     assert!(
         after.attention > calls.attention && after.group_norm > calls.group_norm,
         "f16 runs fused on every device"
     );
     if !device().is_cpu() {
-        fused(|| crate::dtype::check_close_to_reference(DType::BF16, 6e-2));
+        crate::dtype::check_close_to_reference(DType::BF16, Kernels::Fused, 6e-2);
     }
 }
 
@@ -65,14 +63,90 @@ fn half_precision_stays_close_to_the_f32_reference() {
 fn infusion_pair_matches_the_reference() {
     use crate::infusion::{check_one_concept_pair, concept, set};
     let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
-    fused(|| check_one_concept_pair(&concepts));
+    let calls = fused_calls_on_this_thread();
+    check_one_concept_pair(fused_tiny(), &concepts);
+    assert!(fused_calls_on_this_thread().group_norm > calls.group_norm);
 }
 
 #[test]
 fn training_loss_and_gradients_match_the_reference() {
     // The F pass and C's layers upstream of every Δ run fused; C's layers that carry
     // gradients fall back to the differentiable path on their own.
-    fused(crate::train::check_loss_and_gradients);
+    let calls = fused_calls_on_this_thread();
+    crate::train::check_loss_and_gradients(fused_tiny());
+    assert!(fused_calls_on_this_thread().group_norm > calls.group_norm);
+}
+
+/// Two models of the same files in one process, one loaded naive and one fused, each keep
+/// their own choice however their generations interleave: only the fused model's runs move
+/// the fused-call counter, and each model gives the same latents every time. The UNets a model
+/// builds later (a trainable copy) run its kernels too.
+#[test]
+fn two_models_keep_their_own_kernels() {
+    let (naive, fused) = (tiny(), fused_tiny());
+    assert_eq!(
+        (naive.kernels(), fused.kernels()),
+        (Kernels::Naive, Kernels::Fused)
+    );
+    for (sd, k) in [(naive, Kernels::Naive), (fused, Kernels::Fused)] {
+        let (trainable, _) = sd.trainable_unet().unwrap();
+        for unet in [&sd.unet, &trainable] {
+            for l in unet.attention_layers() {
+                assert_eq!(unet.attention(&l.path).unwrap().kernels(), k, "{}", l.path);
+            }
+        }
+    }
+    let opts = GenerateOptions {
+        steps: 2,
+        ..Default::default()
+    };
+    let run = |sd: &infusion_repl::StableDiffusion| -> (candle_core::Tensor, FusedCalls) {
+        let before = fused_calls_on_this_thread();
+        let g = sd.generate("a teapot", &opts, &Job::quiet()).unwrap();
+        let after = fused_calls_on_this_thread();
+        (
+            g.latents,
+            FusedCalls {
+                attention: after.attention - before.attention,
+                group_norm: after.group_norm - before.group_norm,
+            },
+        )
+    };
+    let (n1, n1_calls) = run(naive);
+    let (f1, f1_calls) = run(fused);
+    let (n2, n2_calls) = run(naive);
+    let (f2, f2_calls) = run(fused);
+    assert_eq!(
+        n1_calls,
+        FusedCalls::default(),
+        "the naive model runs no fused op"
+    );
+    assert_eq!(
+        n2_calls,
+        FusedCalls::default(),
+        "nor after the fused one ran"
+    );
+    assert!(
+        f1_calls.group_norm > 0,
+        "the fused model runs fused group norms"
+    );
+    // f32 attention is fused on the CPU only.
+    assert_eq!(f1_calls.attention > 0, device().is_cpu());
+    assert_eq!(
+        f1_calls, f2_calls,
+        "the fused model runs the same ops each time"
+    );
+    assert_eq!(
+        max_abs(&(&n1 - &n2).unwrap()),
+        0.0,
+        "naive runs repeat exactly"
+    );
+    assert_eq!(
+        max_abs(&(&f1 - &f2).unwrap()),
+        0.0,
+        "fused runs repeat exactly"
+    );
+    assert_close(&f1, &n1, 1e-4, "fused vs naive latents");
 }
 
 /// The op alone at SD1.5's head sizes (40, 80, 160) against matmul-softmax-matmul in f32 on the
@@ -135,16 +209,14 @@ fn captured_maps_are_those_of_the_unfused_run() {
     let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
     let run = |kernels| {
         let maps = AttentionMaps::new(true);
-        with_kernels(kernels, || {
-            generate_pair(
-                tiny(),
-                &concepts,
-                "a photo of a <mycat> sitting by a teapot",
-                &options(1.0),
-                Some(&maps),
-                &Job::quiet(),
-            )
-        })
+        generate_pair(
+            tiny_with(kernels),
+            &concepts,
+            "a photo of a <mycat> sitting by a teapot",
+            &options(1.0),
+            Some(&maps),
+            &Job::quiet(),
+        )
         .unwrap();
         maps
     };

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 use infusion_repl::infusion::maps::AttentionMaps;
-use infusion_repl::{generate_pair, Concept, ConceptSet, Job, PairOptions, Stream};
+use infusion_repl::{
+    generate_pair, Concept, ConceptSet, Job, PairOptions, StableDiffusion, Stream,
+};
 
 use crate::common::{assert_close, get, max_abs, reference, tiny};
 
@@ -51,12 +53,13 @@ fn diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(&(a - b).unwrap())
 }
 
-/// Generates the fixture's one-concept prompt with `concepts` (which hold `mycat`) and checks F's
-/// and C's final latents against the reference, and that C's image differs from F's.
-pub(crate) fn check_one_concept_pair(concepts: &ConceptSet) {
+/// Generates the fixture's one-concept prompt on `sd` (the tiny model, loaded with some
+/// kernels) with `concepts` (which hold `mycat`) and checks F's and C's final latents against the
+/// reference, and that C's image differs from F's.
+pub(crate) fn check_one_concept_pair(sd: &StableDiffusion, concepts: &ConceptSet) {
     let r = reference("infusion.safetensors");
     let g = generate_pair(
-        tiny(),
+        sd,
         concepts,
         "a photo of a <mycat> sitting by a teapot",
         &options(1.0),
@@ -91,7 +94,7 @@ fn one_and_two_concepts_match_reference() {
         concept("mycat", "cat", "", 1.0),
         concept("pot", "teapot", "concept2.", 1.0),
     ]);
-    check_one_concept_pair(&concepts);
+    check_one_concept_pair(tiny(), &concepts);
 
     let g = generate_pair(
         tiny(),

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use infusion_repl::actions::{load_model, ModelRequest};
+use infusion_repl::sd::fused::Kernels;
 use infusion_repl::{GenerateOptions, Job, LoadOptions, StableDiffusion};
 
 use crate::common::{copy_dir, repo, tiny, tiny_model_dir};
@@ -421,6 +422,7 @@ fn the_command_line_and_scripts_load_single_files() {
         config: Some(tiny_model_dir().display().to_string()),
         vae: Some(tiny_model_dir().join("vae").display().to_string()),
         ema: None,
+        kernels: Kernels::Naive,
     };
     let loaded = load_model(&req, &job).unwrap();
     assert_eq!(loaded.sd.unet_fingerprint(), tiny().unet_fingerprint());
@@ -449,7 +451,7 @@ fn sd15_names_and_shapes_are_those_of_diffusers_and_its_conversion_script() {
         (
             "unet",
             asked(&|vb| {
-                UNet::new(vb, &c.unet)
+                UNet::new(vb, &c.unet, Kernels::Naive)
                     .map(drop)
                     .map_err(candle_core::Error::wrap)
             }),
@@ -457,7 +459,7 @@ fn sd15_names_and_shapes_are_those_of_diffusers_and_its_conversion_script() {
         (
             "vae",
             asked(&|vb| {
-                Vae::new(vb, &c.vae)
+                Vae::new(vb, &c.vae, Kernels::Naive)
                     .map(drop)
                     .map_err(candle_core::Error::wrap)
             }),

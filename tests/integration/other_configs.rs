@@ -8,6 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use infusion_repl::sd::config::{TextEncoderConfig, UNetConfig, VaeConfig};
+use infusion_repl::sd::fused::Kernels;
 use infusion_repl::sd::pipeline::{Denoise, Trajectory};
 use infusion_repl::sd::text_encoder::TextEncoder;
 use infusion_repl::sd::unet::UNet;
@@ -82,14 +83,14 @@ fn write_model(root: &Path, text: Value, unet: Value, vae: Value) {
         "diffusion_pytorch_model.safetensors",
         &unet,
         2,
-        |vb| UNet::new(vb, &ucfg),
+        |vb| UNet::new(vb, &ucfg, Kernels::Naive),
     );
     write_component(
         &root.join("vae"),
         "diffusion_pytorch_model.safetensors",
         &vae,
         3,
-        |vb| Vae::new(vb, &vcfg),
+        |vb| Vae::new(vb, &vcfg, Kernels::Naive),
     );
 }
 

@@ -111,43 +111,70 @@ fn option_errors_use_the_script_names() {
     assert!(!e.contains("--device"), "{e}");
 }
 
-/// `set_kernels` switches this session's thread to the fused op (the generation then
-/// runs through it), names the choices when the name is wrong, and leaves other threads alone.
+/// `load_model`'s `kernels` option: each model runs what it was loaded with and tells it
+/// (`m.kernels`), a second model loaded fused leaves the first one naive, `:help load_model`
+/// shows the option, and an unknown value is an error that names the option and the choices.
 #[test]
-fn kernels_are_chosen_from_scripts() {
-    use infusion_repl::sd::fused::{fused_calls_on_this_thread, kernels};
-    // The process-wide choice (naive unless INFUSION_KERNELS says otherwise).
-    let default = kernels().to_string();
-    let other = std::thread::spawn(|| eval("kernels()").into_string().unwrap());
-    let default2 = default.clone();
-    std::thread::spawn(move || {
-        let before = fused_calls_on_this_thread();
-        let v = eval(
-            r#"
-            let was = kernels();
-            set_kernels("fused");
-            let m = load_model();
-            m.generate("a cat", #{steps: 1, maps: false});
-            [was, kernels()]
-            "#,
-        );
-        let v: Vec<String> = v
-            .cast::<rhai::Array>()
-            .into_iter()
-            .map(|s| s.into_string().unwrap())
-            .collect();
-        assert_eq!(v, [default2.as_str(), "fused"]);
-        assert!(fused_calls_on_this_thread().attention > before.attention);
-        let session = Session::new(ScriptConfig::default());
-        let e = build_engine(&session)
-            .eval::<Dynamic>("set_kernels(\"flash\")")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("naive or fused"), "{e}");
-    })
-    .join()
-    .unwrap();
-    assert_eq!(other.join().unwrap(), default);
+fn kernels_are_chosen_per_model_from_scripts() {
+    use infusion_repl::sd::fused::fused_calls_on_this_thread;
+    // The scripts run on this test's thread: the fused-call counter is per thread.
+    let before = fused_calls_on_this_thread();
+    let v = eval(
+        r#"
+        let n = load_model();
+        let f = load_model(#{kernels: "fused"});
+        let p = load_model(`${REPO}/models/tiny-sd`, #{kernels: "naive"});
+        n.generate("a cat", #{steps: 1, maps: false});
+        p.generate("a cat", #{steps: 1, maps: false});
+        [n.kernels, f.kernels, p.kernels, `${f}`]
+        "#,
+    );
+    let v: Vec<String> = v
+        .cast::<rhai::Array>()
+        .into_iter()
+        .map(|s| s.into_string().unwrap())
+        .collect();
+    assert_eq!(v[..3], ["naive", "fused", "naive"]);
+    assert!(v[3].contains("fused kernels"), "{}", v[3]);
+    assert_eq!(
+        fused_calls_on_this_thread(),
+        before,
+        "loading a fused model changes nothing for the naive ones"
+    );
+    let _ = eval(r#"load_model(#{kernels: "fused"}).generate("a cat", #{steps: 1, maps: false})"#);
+    let after = fused_calls_on_this_thread();
+    assert!(after.group_norm > before.group_norm && after.attention > before.attention);
+
+    let session = Session::new(ScriptConfig::default());
+    let e = build_engine(&session)
+        .eval::<Dynamic>(r#"load_model(#{kernels: "flash"})"#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`kernels`") && e.contains(r#""naive" | "fused""#) && e.contains("flash"),
+        "{e}"
+    );
+    let help = session.docs().help("load_model", 200).unwrap();
+    assert!(
+        help.contains(r#"kernels          "naive" | "fused" = "naive""#),
+        "{help}"
+    );
+    // The session's default is --kernels (ScriptConfig's model request).
+    let fused_session = Session::new(ScriptConfig {
+        model: infusion_repl::actions::ModelRequest {
+            kernels: infusion_repl::sd::fused::Kernels::Fused,
+            ..ScriptConfig::default().model
+        },
+        ..ScriptConfig::default()
+    });
+    let k = build_engine(&fused_session)
+        .eval::<Dynamic>(
+            r#"[load_model().kernels, load_model(#{kernels: "naive"}).kernels,
+                device_info().default_kernels]"#,
+        )
+        .unwrap()
+        .to_string();
+    assert_eq!(k, r#"["fused", "naive", "fused"]"#);
 }
 
 /// `generate`'s `scheduler` and `karras` options: another sampler gives another image from the

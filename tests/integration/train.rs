@@ -9,19 +9,19 @@ use candle_core::{Device, Var};
 use infusion_repl::infusion::train::{concept, infusion_loss, trainer, Deltas};
 use infusion_repl::train::TrainOptions;
 use infusion_repl::util::image_io::load_folder;
-use infusion_repl::Job;
+use infusion_repl::{Job, StableDiffusion};
 
 use crate::common::{assert_close, get, max_abs, reference, tiny};
 
 #[test]
 fn loss_and_gradients_match_reference() {
-    check_loss_and_gradients();
+    check_loss_and_gradients(tiny());
 }
 
-/// The Infusion loss and the Δ gradients on the tiny model against the reference.
-pub(crate) fn check_loss_and_gradients() {
+/// The Infusion loss and the Δ gradients on `sd` (the tiny model, loaded with some kernels)
+/// against the reference.
+pub(crate) fn check_loss_and_gradients(sd: &StableDiffusion) {
     let r = reference("train_grad.safetensors");
-    let sd = tiny();
     let ts: Vec<usize> = get(&r, "t")
         .to_vec1::<i64>()
         .unwrap()

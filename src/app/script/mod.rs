@@ -29,7 +29,8 @@ pub use opts::Opts;
 /// What a session runs with: the global flags.
 #[derive(Debug, Clone)]
 pub struct ScriptConfig {
-    /// `--model`, `--device`, `--dtype`, `--config`, `--vae`: what `load_model()` loads.
+    /// `--model`, `--device`, `--dtype`, `--config`, `--vae`, `--kernels`: what `load_model()`
+    /// loads, and how, where its options do not say.
     pub model: ModelRequest,
     /// Never draw images in the terminal; print their file path.
     pub no_images: bool,

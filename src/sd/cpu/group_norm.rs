@@ -114,6 +114,7 @@ mod tests {
     use super::*;
     use crate::sd::cpu::test_util::{max_diff, randn};
     use crate::sd::fused::group_norm::GroupNorm as Layer;
+    use crate::sd::fused::Kernels;
 
     /// Against candle's composite group norm (+ SiLU) to f32 rounding (2e-5 of values of size
     /// ~3): sizes whose channel runs are and are not multiples of the 16 lanes.
@@ -129,7 +130,7 @@ mod tests {
             let groups = dims[1] / 2;
             for silu in [false, true] {
                 let ours = group_norm(&x, &w, &b, groups, 1e-5, silu).unwrap();
-                let layer = Layer::new(w.clone(), b.clone(), groups, 1e-5).unwrap();
+                let layer = Layer::new(w.clone(), b.clone(), groups, 1e-5, Kernels::Naive).unwrap();
                 let theirs = layer.composite(&x).unwrap();
                 let theirs = if silu {
                     candle_nn::ops::silu(&theirs).unwrap()

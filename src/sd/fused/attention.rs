@@ -11,7 +11,7 @@
 //!
 //! The fused op has no backward pass and cannot hand out probabilities, so [`AttentionCall`]
 //! takes it only when no hook asked for probabilities and nothing tracks gradients, and only
-//! when the fused kernels are chosen ([`super::Kernels`]).
+//! in a layer built with [`Kernels::Fused`](super::Kernels::Fused) (the model's load option).
 //!
 //! [`AttentionCall`]: crate::sd::attention::AttentionCall
 

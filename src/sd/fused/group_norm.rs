@@ -1,27 +1,35 @@
 //! Group norm with an optional SiLU, as one op.
 //!
 //! [`GroupNorm`] holds the weights (`weight`, `bias`) and runs either candle's composite group
-//! norm (the exact op sequence of `candle_nn::GroupNorm`, differentiable) or, with the fused
-//! kernels chosen and nothing tracking gradients, one pass per statistic and one for the output:
-//! `src/fused/group_norm.cu` on CUDA, the same three passes in Rust on the CPU.
+//! norm (the exact op sequence of `candle_nn::GroupNorm`, differentiable) or, when it was built
+//! with [`Kernels::Fused`] and nothing tracks gradients, one pass per statistic and one for the
+//! output: `src/fused/group_norm.cu` on CUDA, the same three passes in Rust on the CPU.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 use candle_nn::VarBuilder;
 
 use super::op3::{self, Op3};
+use super::Kernels;
 
-/// A group norm layer (`weight`, `bias` of `channels` each).
+/// A group norm layer (`weight`, `bias` of `channels` each) and the kernels it runs.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
     groups: usize,
     eps: f64,
+    kernels: Kernels,
 }
 
 impl GroupNorm {
     /// `weight` and `bias`: `(channels)`.
-    pub fn new(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
+    pub fn new(
+        weight: Tensor,
+        bias: Tensor,
+        groups: usize,
+        eps: f64,
+        kernels: Kernels,
+    ) -> Result<Self> {
         let channels = weight.dim(0)?;
         if groups == 0 || !channels.is_multiple_of(groups) || bias.dims() != weight.dims() {
             candle_core::bail!(
@@ -35,10 +43,17 @@ impl GroupNorm {
             bias,
             groups,
             eps,
+            kernels,
         })
     }
 
-    pub fn load(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn load(
+        groups: usize,
+        channels: usize,
+        eps: f64,
+        kernels: Kernels,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         if groups == 0 || !channels.is_multiple_of(groups) {
             candle_core::bail!(
                 "{}: {groups} groups do not divide {channels} channels",
@@ -50,12 +65,13 @@ impl GroupNorm {
             bias: vb.get(channels, "bias")?,
             groups,
             eps,
+            kernels,
         })
     }
 
     /// Normalises `xs` `(b, c, ...)`; with `silu`, applies SiLU to the result.
     pub fn forward(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
-        if super::fused() && self.fused_applies(xs) {
+        if self.kernels.fused() && self.fused_applies(xs) {
             return self.fused(xs, silu);
         }
         if crate::sd::cpu::group_norm::applies(xs, &self.weight, &self.bias) {
@@ -262,13 +278,22 @@ mod tests {
     use super::*;
 
     fn layer(groups: usize, channels: usize, dtype: DType) -> Result<GroupNorm> {
+        layer_with(groups, channels, dtype, Kernels::Naive)
+    }
+
+    fn layer_with(
+        groups: usize,
+        channels: usize,
+        dtype: DType,
+        kernels: Kernels,
+    ) -> Result<GroupNorm> {
         let dev = Device::Cpu;
         let w = ((noise(100, &[channels])? * 0.3)? + 1.0)?.to_dtype(dtype)?;
         let b = (noise(101, &[channels])? * 0.3)?.to_dtype(dtype)?;
         let map =
             std::collections::HashMap::from([("weight".to_string(), w), ("bias".to_string(), b)]);
         let vb = VarBuilder::from_tensors(map, dtype, &dev);
-        GroupNorm::load(groups, channels, 1e-5, vb)
+        GroupNorm::load(groups, channels, 1e-5, kernels, vb)
     }
 
     fn noise(seed: u64, dims: &[usize]) -> Result<Tensor> {
@@ -335,9 +360,8 @@ mod tests {
             .to_string();
         assert!(err.contains("12 channels"), "{err}");
         let var = candle_core::Var::randn(0f32, 1.0, (1, 12, 2, 2), &Device::Cpu)?;
-        let y = super::super::with_kernels(super::super::Kernels::Fused, || {
-            gn.forward(var.as_tensor(), true)
-        })?;
+        let fused = layer_with(4, 12, DType::F32, Kernels::Fused)?;
+        let y = fused.forward(var.as_tensor(), true)?;
         let grads = y.sum_all()?.backward()?;
         assert!(
             grads.get(var.as_tensor()).is_some(),

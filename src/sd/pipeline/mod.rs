@@ -30,6 +30,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::sd::config::{SchedulerConfig, TextEncoderConfig, UNetConfig, VaeConfig};
+use crate::sd::fused::Kernels;
 use crate::sd::hook::Branch;
 use crate::sd::hub::{resolve_model, ModelFiles};
 use crate::sd::sampler::SamplerOptions;
@@ -76,6 +77,9 @@ pub struct LoadOptions {
     /// Single-file checkpoints holding an EMA copy of the UNet: `Some(true)` takes it,
     /// `Some(false)` the plain weights, `None` (the default) the EMA copy when there is one.
     pub ema: Option<bool>,
+    /// The implementations the UNet's attention layers and every group norm run (naive by
+    /// default); the model keeps them for its lifetime, whatever other models use.
+    pub kernels: Kernels,
 }
 
 impl Default for LoadOptions {
@@ -86,6 +90,7 @@ impl Default for LoadOptions {
             config: None,
             vae: None,
             ema: None,
+            kernels: Kernels::default(),
         }
     }
 }
@@ -212,6 +217,8 @@ pub struct StableDiffusion {
     device: Device,
     dtype: DType,
     vae_dtype: DType,
+    /// What its layers run, as loaded (also what the UNets built from it later run).
+    kernels: Kernels,
 }
 
 impl StableDiffusion {
@@ -370,10 +377,12 @@ impl StableDiffusion {
             .build(opts.dtype, dev, |vb| TextEncoder::new(vb, &c.text))?;
         let unet = parts
             .unet
-            .build(opts.dtype, dev, |vb| UNet::new(vb, &c.unet))?;
+            .build(opts.dtype, dev, |vb| UNet::new(vb, &c.unet, opts.kernels))?;
         let unet_fingerprint = parts.unet.fingerprint()?;
         let text_fingerprint = parts.text.fingerprint()?;
-        let vae = parts.vae.build(vae_dtype, dev, |vb| Vae::new(vb, &c.vae))?;
+        let vae = parts
+            .vae
+            .build(vae_dtype, dev, |vb| Vae::new(vb, &c.vae, opts.kernels))?;
         let mut weight_files: Vec<PathBuf> = [&parts.text, &parts.unet, &parts.vae]
             .iter()
             .flat_map(|w| w.files().to_vec())
@@ -397,6 +406,7 @@ impl StableDiffusion {
             device: dev.clone(),
             dtype: opts.dtype,
             vae_dtype,
+            kernels: opts.kernels,
         })
     }
 
@@ -416,8 +426,8 @@ impl StableDiffusion {
         };
         let vb = |dtype, s| crate::sd::weights::random_varbuilder(seed + s, dtype, dev);
         let text_encoder = TextEncoder::new(vb(opts.dtype, 1), &configs.text)?;
-        let unet = UNet::new(vb(opts.dtype, 2), &configs.unet)?;
-        let vae = Vae::new(vb(vae_dtype, 3), &configs.vae)?;
+        let unet = UNet::new(vb(opts.dtype, 2), &configs.unet, opts.kernels)?;
+        let vae = Vae::new(vb(vae_dtype, 3), &configs.vae, opts.kernels)?;
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(
                 tokenizer_dir,
@@ -437,6 +447,7 @@ impl StableDiffusion {
             device: dev.clone(),
             dtype: opts.dtype,
             vae_dtype,
+            kernels: opts.kernels,
         })
     }
 
@@ -462,7 +473,9 @@ impl StableDiffusion {
             Error::Unsupported("a model with random weights has no UNet files to train".into())
         })?;
         let cfg = self.unet.config().clone();
-        files.build_trainable(self.dtype, &self.device, |vb| UNet::new(vb, &cfg))
+        files.build_trainable(self.dtype, &self.device, |vb| {
+            UNet::new(vb, &cfg, self.kernels)
+        })
     }
 
     /// Another UNet of this model's configuration, from weight files in diffusers' names (a
@@ -472,7 +485,7 @@ impl StableDiffusion {
         crate::sd::weights::WeightFiles::open("UNet", files)?.build(
             self.dtype,
             &self.device,
-            |vb| UNet::new(vb, &cfg),
+            |vb| UNet::new(vb, &cfg, self.kernels),
         )
     }
 
@@ -483,17 +496,17 @@ impl StableDiffusion {
         tensors: std::collections::HashMap<String, Tensor>,
     ) -> Result<UNet> {
         let vb = candle_nn::VarBuilder::from_tensors(tensors, self.dtype, &self.device);
-        Ok(UNet::new(vb, self.unet.config())?)
+        Ok(UNet::new(vb, self.unet.config(), self.kernels)?)
     }
 
     /// The number of parameters of this model's UNet.
     pub fn unet_parameters(&self) -> Result<usize> {
-        Ok(
-            crate::sd::weights::tensors_asked(|vb| UNet::new(vb, self.unet.config()).map(|_| ()))?
-                .iter()
-                .map(|(_, s)| s.iter().product::<usize>())
-                .sum(),
-        )
+        Ok(crate::sd::weights::tensors_asked(|vb| {
+            UNet::new(vb, self.unet.config(), self.kernels).map(|_| ())
+        })?
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum())
     }
 
     /// Every weight file the model was built from (none for random weights).
@@ -514,6 +527,11 @@ impl StableDiffusion {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The kernels its layers run ([`LoadOptions::kernels`]).
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     pub fn dtype(&self) -> DType {

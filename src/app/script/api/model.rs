@@ -1,4 +1,5 @@
-//! Models in scripts: loading, generating, tokens, kernels and device information.
+//! Models in scripts: loading (with the kernels a model runs), generating, tokens and device
+//! information.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use crate::app::script::docs::{FnSpec, Kind};
 use crate::app::script::{err, rt, Opts, RhaiResult, Session};
 use crate::customize::generate::{generate_pair, PairOptions};
 use crate::infusion::maps::AttentionMaps;
-use crate::sd::fused::{kernels, set_thread_kernels};
+use crate::sd::fused::Kernels;
 use crate::sd::pipeline::{load_noise, GenerateOptions, StableDiffusion};
 use crate::sd::sampler::{SamplerKind, SamplerOptions};
 
@@ -34,11 +35,12 @@ impl std::fmt::Display for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Model({} on {:?}, {:?}, {}px)",
+            "Model({} on {:?}, {:?}, {}px, {} kernels)",
             self.source,
             self.sd.device(),
             self.sd.dtype(),
-            self.sd.default_size()
+            self.sd.default_size(),
+            self.sd.kernels()
         )
     }
 }
@@ -46,15 +48,17 @@ impl std::fmt::Display for Model {
 fn load_spec(session: &Session) -> FnSpec {
     FnSpec::new("load_model")
         .sig("load_model() -> Model")
+        .sig("load_model(options) -> Model")
         .sig("load_model(path_or_repo_id) -> Model")
         .sig("load_model(path_or_repo_id, options) -> Model")
-        .doc("Loads a Stable Diffusion 1.x model from a diffusers folder, a repo id in the Hugging Face cache (nothing is downloaded) or a single .safetensors checkpoint of the original layout. Without an argument: the --model given on the command line, else the bundled tiny model. Concepts loaded afterwards are checked against this model.")
+        .doc("Loads a Stable Diffusion 1.x model from a diffusers folder, a repo id in the Hugging Face cache (nothing is downloaded) or a single .safetensors checkpoint of the original layout. Without a path: the --model given on the command line, else the bundled tiny model. Concepts loaded afterwards are checked against this model.")
         .opt("device", Kind::Str, session.config.model.device.clone(), "\"cpu\", \"cuda\" or \"cuda:N\" (default: --device)")
         .opt("dtype", Kind::Str, session.config.model.dtype.clone(), "the working precision: \"f32\", \"f16\" or \"bf16\" (fp16, bfloat16 too; default: --dtype)")
         .opt_unset("config", Kind::Str, "a diffusers folder whose configs describe a single-file checkpoint (default: --config, else SD1.5's)")
         .opt_unset("vae", Kind::Str, "another VAE: a diffusers folder or a .safetensors file (default: --vae)")
         .opt_unset("ema", Kind::Bool, "single files: true takes the EMA copy of the UNet, false the plain weights (default: --ema/--no-ema, else the EMA copy when the file has one)")
-        .example("let m = load_model(\"stable-diffusion-v1-5/stable-diffusion-v1-5\", #{device: \"cuda\", dtype: \"f16\"});")
+        .opt("kernels", Kind::Choice(&Kernels::NAMES), session.config.model.kernels.name(), "what the model's layers run, for as long as it lives: \"naive\" (candle's composite ops) or \"fused\" (attention without a score matrix in memory, group norm + SiLU in one pass: CUDA kernels in f16/bf16, plain loops on the CPU; layers whose maps are captured and layers that training differentiates through stay naive). Other models keep their own (default: --kernels)")
+        .example("let m = load_model(\"stable-diffusion-v1-5/stable-diffusion-v1-5\", #{device: \"cuda\", dtype: \"f16\", kernels: \"fused\"});")
 }
 
 fn load(session: &Session, spec: &FnSpec, path: Option<&str>, opts: &Map) -> RhaiResult<Model> {
@@ -67,6 +71,10 @@ fn load(session: &Session, spec: &FnSpec, path: Option<&str>, opts: &Map) -> Rha
         config: o.string("config").or_else(|| d.config.clone()),
         vae: o.string("vae").or_else(|| d.vae.clone()),
         ema: o.bool("ema").or(d.ema),
+        kernels: match o.string("kernels") {
+            Some(k) => k.parse().map_err(err)?,
+            None => d.kernels,
+        },
     };
     let loaded = rt(actions::load_model(&req, &session.job))?;
     let model = Model {
@@ -179,6 +187,10 @@ fn device_info(session: &Session) -> Map {
         Dynamic::from(session.config.model.dtype.clone()),
     );
     m.insert(
+        "default_kernels".into(),
+        Dynamic::from(session.config.model.kernels.to_string()),
+    );
+    m.insert(
         "cuda_compiled".into(),
         Dynamic::from(cfg!(feature = "cuda")),
     );
@@ -221,6 +233,11 @@ fn register_loading(api: &mut Api, session: &Arc<Session>) {
         |m: &mut Model| m.source.clone(),
     );
     api.get(
+        ("Model", "kernels", "string"),
+        "what its layers run, as loaded: \"naive\" or \"fused\" (load_model's kernels)",
+        |m: &mut Model| m.sd.kernels().to_string(),
+    );
+    api.get(
         ("Model", "fingerprint", "string"),
         "the fingerprint of its UNet weights (concepts' base_model)",
         |m: &mut Model| m.sd.unet_fingerprint().to_string(),
@@ -228,6 +245,8 @@ fn register_loading(api: &mut Api, session: &Arc<Session>) {
     let spec = api.declare(load_spec(session));
     let (s, sp) = (session.clone(), spec.clone());
     api.func(&spec, move || load(&s, &sp, None, &Map::new()));
+    let (s, sp) = (session.clone(), spec.clone());
+    api.func(&spec, move |o: Map| load(&s, &sp, None, &o));
     let (s, sp) = (session.clone(), spec.clone());
     api.func(&spec, move |path: &str| {
         load(&s, &sp, Some(path), &Map::new())
@@ -289,26 +308,9 @@ fn register_tokens(api: &mut Api, session: &Arc<Session>) {
 
 fn register_machine(api: &mut Api, session: &Arc<Session>) {
     let spec = api.declare(
-        FnSpec::new("kernels")
-            .sig("kernels() -> string")
-            .doc("The kernels in use: \"naive\" or \"fused\" (see set_kernels).")
-            .example("print(kernels());"),
-    );
-    api.func(&spec, || kernels().to_string());
-    let spec = api.declare(
-        FnSpec::new("set_kernels")
-            .sig("set_kernels(name)")
-            .doc("Chooses the kernels from now on in this session, for every model: \"naive\" (candle's composite ops; the default) or \"fused\" (attention without a score matrix in memory, group norm + SiLU in one pass: CUDA kernels in f16/bf16, plain loops on the CPU). Layers whose maps are captured and layers that training differentiates through stay naive. Same as --kernels on the command line.")
-            .example("set_kernels(\"fused\"); let g = m.generate(\"a cat\", #{maps: false});"),
-    );
-    api.func(&spec, |name: &str| -> RhaiResult<()> {
-        set_thread_kernels(name.parse().map_err(err)?);
-        Ok(())
-    });
-    let spec = api.declare(
         FnSpec::new("device_info")
             .sig("device_info() -> map")
-            .doc("The default device and dtype, whether CUDA is compiled in and available, CPU threads, the loaded model.")
+            .doc("The default device, dtype and kernels (load_model's), whether CUDA is compiled in and available, CPU threads, the loaded model.")
             .example("print(device_info());"),
     );
     let s = session.clone();
