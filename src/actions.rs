@@ -320,15 +320,12 @@ impl TrainAsk {
             });
         };
         let ckpt = Checkpoint::read(path)?;
-        let method = crate::methods::method(&ckpt.method).map_err(|_| {
-            Error::arg(
-                "checkpoint",
-                format!(
-                    "{}: a checkpoint of method `{}`, which this version does not know",
-                    ckpt.optim.display(),
-                    ckpt.method
-                ),
-            )
+        let method = crate::methods::method(&ckpt.method).map_err(|_| Error::Format {
+            path: ckpt.optim.clone(),
+            msg: format!(
+                "a checkpoint of method `{}`, which this version does not know",
+                ckpt.method
+            ),
         })?;
         if let Some(asked) = asked_method.filter(|a| a.name() != method.name()) {
             return Err(Error::arg(

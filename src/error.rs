@@ -146,7 +146,133 @@ fn problems_list(problems: &[WeightProblem], hint: &Option<String>) -> String {
     lines.join("\n  ")
 }
 
+/// What kind of error an [`Error`] is, for callers that act on it rather than print it (a
+/// script's `catch`, see `app::script`). Each kind has one stable name ([`ErrorKind::name`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// A value the caller gave (an argument, an option, a setting) is wrong.
+    InvalidArgument,
+    /// Reading or writing a file failed.
+    Io,
+    /// A model's configuration file (or a file read as one) is wrong.
+    Config,
+    /// A file is not a valid safetensors file.
+    Safetensors,
+    /// A file's content is not what it should be (a concept's metadata, a checkpoint's).
+    Format,
+    /// Weights do not fit the model.
+    Weights,
+    /// No model where one was asked for.
+    ModelNotFound,
+    /// Something this build or this version does not do.
+    Unsupported,
+    /// A tokenizer file is wrong.
+    Tokenizer,
+    /// An image file cannot be read or written.
+    Image,
+    /// The job was cancelled (Ctrl-C, a signal).
+    Cancelled,
+    /// Training diverged.
+    Diverged,
+    /// A stage of the model produced NaN or infinite values.
+    NotFinite,
+    /// A bug.
+    Internal,
+    /// A tensor operation failed.
+    Tensor,
+}
+
+impl ErrorKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [ErrorKind; 15] = [
+        ErrorKind::InvalidArgument,
+        ErrorKind::Io,
+        ErrorKind::Config,
+        ErrorKind::Safetensors,
+        ErrorKind::Format,
+        ErrorKind::Weights,
+        ErrorKind::ModelNotFound,
+        ErrorKind::Unsupported,
+        ErrorKind::Tokenizer,
+        ErrorKind::Image,
+        ErrorKind::Cancelled,
+        ErrorKind::Diverged,
+        ErrorKind::NotFinite,
+        ErrorKind::Internal,
+        ErrorKind::Tensor,
+    ];
+
+    /// The kind's name as scripts see it (`invalid_argument`, `io`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::Io => "io",
+            ErrorKind::Config => "config",
+            ErrorKind::Safetensors => "safetensors",
+            ErrorKind::Format => "format",
+            ErrorKind::Weights => "weights",
+            ErrorKind::ModelNotFound => "model_not_found",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Tokenizer => "tokenizer",
+            ErrorKind::Image => "image",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Diverged => "diverged",
+            ErrorKind::NotFinite => "not_finite",
+            ErrorKind::Internal => "internal",
+            ErrorKind::Tensor => "tensor",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Error {
+    /// What kind of error this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Config { .. } => ErrorKind::Config,
+            Error::Safetensors { .. } => ErrorKind::Safetensors,
+            Error::Format { .. } => ErrorKind::Format,
+            Error::Weights { .. } => ErrorKind::Weights,
+            Error::ModelNotFound(_) => ErrorKind::ModelNotFound,
+            Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::InvalidArgument { .. } => ErrorKind::InvalidArgument,
+            Error::Tokenizer { .. } => ErrorKind::Tokenizer,
+            Error::Image { .. } => ErrorKind::Image,
+            Error::Cancelled => ErrorKind::Cancelled,
+            Error::Diverged(_) => ErrorKind::Diverged,
+            Error::NotFinite(_) => ErrorKind::NotFinite,
+            Error::Internal(_) => ErrorKind::Internal,
+            Error::Candle(_) => ErrorKind::Tensor,
+        }
+    }
+
+    /// The argument an [`Error::InvalidArgument`] names.
+    pub fn argument(&self) -> Option<&str> {
+        match self {
+            Error::InvalidArgument { arg, .. } => Some(arg),
+            _ => None,
+        }
+    }
+
+    /// The file an error is about, for the kinds that name one.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            Error::Io { path, .. }
+            | Error::Config { path, .. }
+            | Error::Safetensors { path, .. }
+            | Error::Format { path, .. }
+            | Error::Tokenizer { path, .. }
+            | Error::Image { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

@@ -33,7 +33,7 @@ pub mod util;
 
 pub use customize::generate::{generate_pair, PairGeneration, PairOptions};
 pub use customize::set::ConceptSet;
-pub use error::{Error, Result, WeightProblem};
+pub use error::{Error, ErrorKind, Result, WeightProblem};
 pub use infusion::concept::Concept;
 pub use infusion::Stream;
 pub use job::Job;

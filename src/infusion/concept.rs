@@ -107,7 +107,7 @@ impl Concept {
             meta.insert("base_model".to_string(), b.clone());
         }
         safetensors::serialize(tensors, Some(meta))
-            .map_err(|e| Error::arg("concept", format!("cannot serialize: {e}")))
+            .map_err(|e| Error::Internal(format!("cannot serialize the concept: {e}")))
     }
 
     /// Saves the concept at `path` (atomically), Δ in `dtype` (f16 or f32).

@@ -239,7 +239,7 @@ impl AttentionMaps {
             }
         }
         let bytes = safetensors::serialize(tensors, None)
-            .map_err(|e| Error::arg("maps", format!("cannot serialize: {e}")))?;
+            .map_err(|e| Error::Internal(format!("cannot serialize the attention maps: {e}")))?;
         write_atomic(path, |w| {
             w.write_all(&bytes).map_err(|e| Error::io(path, e))
         })
@@ -278,7 +278,7 @@ pub fn upsample_unit(
     let span = if hi > lo { hi - lo } else { 1.0 };
     let norm: Vec<f32> = data.iter().map(|v| (v - lo) / span).collect();
     let small = ImageBuffer::<Luma<f32>, Vec<f32>>::from_raw(w as u32, h as u32, norm)
-        .ok_or_else(|| Error::arg("map", "size mismatch"))?;
+        .ok_or_else(|| Error::Internal(format!("a {h}x{w} map of {} values", data.len())))?;
     Ok(image::imageops::resize(
         &small,
         width,

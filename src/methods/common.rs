@@ -119,13 +119,10 @@ impl Origin {
 
 /// The error of a checkpoint file of another method.
 pub fn not_a(path: &Path, what: &str) -> Error {
-    Error::arg(
-        "checkpoint",
-        format!(
-            "{}: not a {what} (another method's checkpoint?)",
-            path.display()
-        ),
-    )
+    Error::Format {
+        path: path.to_path_buf(),
+        msg: format!("not a {what} (another method's checkpoint?)"),
+    }
 }
 
 /// The name (the request's, else `default_name`) and the class word (the request's, else the

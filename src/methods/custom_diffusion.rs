@@ -289,13 +289,10 @@ fn read_modifier(dir: &Path, recorded: Option<&str>) -> Result<(String, Tensor)>
     let file = match files.as_slice() {
         [one] => one.clone(),
         [] => {
-            return Err(Error::arg(
-                "concept",
-                format!(
-                    "{}: no modifier token file (<new1>.safetensors) beside {WEIGHTS_FILE}",
-                    dir.display()
-                ),
-            ))
+            return Err(Error::Format {
+                path: dir.to_path_buf(),
+                msg: format!("no modifier token file (<new1>.safetensors) beside {WEIGHTS_FILE}"),
+            })
         }
         several => {
             return Err(Error::Unsupported(format!(
@@ -685,7 +682,7 @@ impl ModifiedLayers {
             .collect::<Result<_>>()?;
         let vector = weights
             .remove(TOKEN)
-            .ok_or_else(|| Error::arg("method", "not a Custom Diffusion run"))?;
+            .ok_or_else(|| Error::Internal(format!("not a Custom Diffusion run (no `{TOKEN}`)")))?;
         Ok(LayersConcept {
             name: run.name.to_string(),
             word: run.word.to_string(),

@@ -338,10 +338,11 @@ pub fn captions(source: &str) -> Result<(Vec<String>, String)> {
         .map(str::to_string)
         .collect();
     if lines.is_empty() {
-        return Err(Error::arg(
-            "captions",
-            format!("{source}: no captions (one caption a line)"),
-        ));
+        // Only a file can be empty (the builtin list is not).
+        return Err(Error::Format {
+            path: source.into(),
+            msg: "no captions (one caption a line)".into(),
+        });
     }
     Ok((lines, id))
 }
@@ -1029,7 +1030,7 @@ impl KeyLocked {
         let mut take = |k: &str| -> Result<Tensor> {
             values
                 .remove(k)
-                .ok_or_else(|| Error::arg("method", format!("not a Perfusion run (no `{k}`)")))?
+                .ok_or_else(|| Error::Internal(format!("not a Perfusion run (no `{k}`)")))?
                 .to_device(&Device::Cpu)
                 .map_err(Into::into)
         };

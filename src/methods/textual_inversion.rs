@@ -280,9 +280,9 @@ impl LearnedWord {
         vars: &BTreeMap<String, Var>,
         run: &Run<'_>,
     ) -> Result<WordConcept> {
-        let v = vars
-            .get(VECTORS)
-            .ok_or_else(|| Error::arg("method", "not a Textual Inversion run"))?;
+        let v = vars.get(VECTORS).ok_or_else(|| {
+            Error::Internal(format!("not a Textual Inversion run (no `{VECTORS}`)"))
+        })?;
         Ok(WordConcept {
             name: run.name.to_string(),
             word: run.word.to_string(),

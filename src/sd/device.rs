@@ -23,15 +23,19 @@ pub fn parse_device(s: &str) -> Result<Device> {
 }
 
 fn cuda(ordinal: usize) -> Result<Device> {
-    let hint = if cfg!(feature = "cuda") {
-        "is an NVIDIA GPU there, with its driver (libcuda.so.1)?"
-    } else {
-        "this binary has no GPU support: build it with `--features cuda`"
-    };
+    if !cfg!(feature = "cuda") {
+        return Err(Error::Unsupported(format!(
+            "cuda:{ordinal}: this binary has no GPU support: build it with `--features cuda`"
+        )));
+    }
     Device::new_cuda(ordinal).map_err(|e| {
         Error::arg(
             "device",
-            format!("cannot open cuda:{ordinal}: {} ({hint})", root_cause(&e)),
+            format!(
+                "cannot open cuda:{ordinal}: {} (is an NVIDIA GPU there, with its driver \
+                 (libcuda.so.1)?)",
+                root_cause(&e)
+            ),
         )
     })
 }

@@ -265,17 +265,25 @@ impl WeightFiles {
         if device.is_cpu() && DType::try_from(e.dtype).ok() == Some(dtype) {
             let shape = e.shape.as_slice();
             let range = e.bytes.clone();
-            let in_place = match dtype {
-                DType::F32 => map
-                    .vec::<f32>(range)
-                    .map(|v| Tensor::from_vec(v, shape, device)),
-                DType::F16 => map
-                    .vec::<half::f16>(range)
-                    .map(|v| Tensor::from_vec(v, shape, device)),
-                DType::BF16 => map
-                    .vec::<half::bf16>(range)
-                    .map(|v| Tensor::from_vec(v, shape, device)),
-                _ => None,
+            // SAFETY: the tensors made here are only read. Candle writes a storage in place
+            // only through `slice_set`, `const_set` (`zero_set`, `one_set`), `scatter_set`,
+            // `scatter_add_set`, `inplace_op*` and `Var::set`; this crate calls none of them on
+            // a loaded weight, and a `Var` made from one (`Var::from_tensor`) is a copy. The
+            // other views of these bytes (`bytes` below and in `fingerprint`, the same tensor
+            // loaded twice) only read too.
+            let in_place = unsafe {
+                match dtype {
+                    DType::F32 => map
+                        .vec::<f32>(range)
+                        .map(|v| Tensor::from_vec(v, shape, device)),
+                    DType::F16 => map
+                        .vec::<half::f16>(range)
+                        .map(|v| Tensor::from_vec(v, shape, device)),
+                    DType::BF16 => map
+                        .vec::<half::bf16>(range)
+                        .map(|v| Tensor::from_vec(v, shape, device)),
+                    _ => None,
+                }
             };
             if let Some(t) = in_place {
                 return t;

@@ -314,7 +314,7 @@ impl Toy {
         ]);
         let bytes =
             safetensors::serialize(self.params.iter().map(|(k, v)| (k.clone(), v)), Some(meta))
-                .map_err(|e| Error::arg("toy", e.to_string()))?;
+                .map_err(|e| Error::Internal(format!("cannot serialize the toy: {e}")))?;
         crate::util::fs::write_atomic(path, |w| {
             w.write_all(&bytes).map_err(|e| Error::io(path, e))
         })

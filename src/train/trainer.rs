@@ -557,8 +557,9 @@ impl<'a> Trainer<'a> {
             tensors.push((format!("v/{k}"), v.to_device(&Device::Cpu)?));
         }
         let settings = serde_json::to_string(&self.learner.settings())
-            .map_err(|e| Error::arg("settings", e))?;
-        let options = serde_json::to_string(&self.opts).map_err(|e| Error::arg("options", e))?;
+            .map_err(|e| Error::Internal(format!("cannot serialize the settings: {e}")))?;
+        let options = serde_json::to_string(&self.opts)
+            .map_err(|e| Error::Internal(format!("cannot serialize the options: {e}")))?;
         let mut meta = HashMap::from([
             ("format".to_string(), OPTIMIZER_FORMAT.to_string()),
             ("method".to_string(), self.learner.method().to_string()),
@@ -576,7 +577,7 @@ impl<'a> Trainer<'a> {
             meta.insert("prior".to_string(), format!("{} {weight}", data.n_images()));
         }
         let bytes = safetensors::serialize(tensors, Some(meta))
-            .map_err(|e| Error::arg("checkpoint", e.to_string()))?;
+            .map_err(|e| Error::Internal(format!("cannot serialize the optimizer state: {e}")))?;
         let opt_path = dir.join(format!("{stem}.optim.safetensors"));
         write_atomic(&opt_path, |w| {
             w.write_all(&bytes).map_err(|e| Error::io(&opt_path, e))
@@ -640,11 +641,9 @@ impl<'a> Trainer<'a> {
             v: BTreeMap::new(),
         };
         for (k, var) in t.learner.vars() {
-            let value = params.get(k).ok_or_else(|| {
-                Error::arg(
-                    "checkpoint",
-                    format!("{}: no parameter `{k}`", checkpoint.path.display()),
-                )
+            let value = params.get(k).ok_or_else(|| Error::Format {
+                path: checkpoint.path.clone(),
+                msg: format!("no parameter `{k}`"),
             })?;
             var.set(&value.to_dtype(var.dtype())?.to_device(sd.device())?)?;
             for (prefix, moments) in [("m", &mut state.m), ("v", &mut state.v)] {

@@ -39,7 +39,7 @@ pub fn tensor_to_rgb(image: &Tensor) -> Result<RgbImage> {
         .map(|v| v as u8)
         .collect();
     RgbImage::from_raw(w as u32, h as u32, data)
-        .ok_or_else(|| Error::arg("image", "pixel buffer does not match its size"))
+        .ok_or_else(|| Error::Internal(format!("the pixels of a {w}x{h} image do not fill it")))
 }
 
 /// `img` as PNG bytes, with `text` as tEXt chunks (keyword, value); `path` is for messages.

@@ -7,16 +7,42 @@
 //! must never reach the system allocator: [`MappedAlloc`], the binary's global allocator,
 //! recognises pointers into a registered mapping, and the mapping is unmapped when the last
 //! tensor in it and the [`Mapping`] itself are dropped. A program that links the library but
-//! keeps another global allocator gets copies: [`in_place_available`] is false there.
+//! keeps another global allocator (the library's own unit tests) gets copies:
+//! [`in_place_available`] is false there, and [`Mapping::vec`] gives `None`.
+//!
+//! The contract, which every `unsafe` here leans on:
+//! - a `Vec` over a mapping exists only once [`in_place_available`] proved that the global
+//!   allocator is [`MappedAlloc`] (an allocation through `std::alloc` reached it), so its free
+//!   reaches [`MappedAlloc::dealloc`], which gives the slot an owner back instead of calling the
+//!   system allocator;
+//! - a registered range stays mapped while it has owners: the [`Mapping`] and each `Vec`;
+//! - the bytes are plain values of the element type ([`Plain`]), and nobody writes through a
+//!   `Vec` while another view of the same bytes is alive ([`Mapping::vec`]'s caller promises).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// Whether [`MappedAlloc`] is the global allocator (it says so on its first allocation).
-static INSTALLED: AtomicBool = AtomicBool::new(false);
+/// Whether [`MappedAlloc`] is the global allocator: [`UNKNOWN`] until [`in_place_available`]
+/// asks the global allocator, then [`YES`] or [`NO`] for the rest of the program.
+static INSTALLED: AtomicU8 = AtomicU8::new(UNKNOWN);
+const UNKNOWN: u8 = 0;
+const YES: u8 = 1;
+const NO: u8 = 2;
+/// How many threads are asking ([`in_place_available`]): only then does an allocation look at
+/// its thread's [`PROBE`].
+static PROBING: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    /// This thread's question to the global allocator: [`ASKED`] while it allocates to find out
+    /// whether that reaches [`MappedAlloc`], which answers [`SEEN`]. Const-initialised and
+    /// without a destructor, so reading it never allocates (no recursion into the allocator).
+    static PROBE: std::cell::Cell<u8> = const { std::cell::Cell::new(IDLE) };
+}
+const IDLE: u8 = 0;
+const ASKED: u8 = 1;
+const SEEN: u8 = 2;
 /// How many slots hold a mapping (0: frees take the system allocator's path at once).
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 /// One past the highest slot ever taken: lookups scan no further.
@@ -63,7 +89,9 @@ fn release(slot: &Slot) {
         slot.start.store(0, Ordering::Release);
         slot.len.store(0, Ordering::Release);
         ACTIVE.fetch_sub(1, Ordering::AcqRel);
-        // SAFETY: the range was mapped by `Mapping::open` and nothing points into it any more.
+        // SAFETY: the range was mapped by `Mapping::open`; its owners (the `Mapping`, each `Vec`
+        // over it) are all gone, so nothing points into it any more, and the slot no longer
+        // names it, so no later free takes a new allocation there for one of ours.
         unsafe { libc::munmap(start as *mut libc::c_void, len) };
     }
 }
@@ -72,12 +100,22 @@ fn release(slot: &Slot) {
 /// a binary with `#[global_allocator]` to load weights in place.
 pub struct MappedAlloc;
 
-// SAFETY: every call is forwarded to `System`, except frees of pointers into a mapping, which
-// drop an owner of that mapping instead (the memory was never the system allocator's).
+// SAFETY: every call is forwarded to `System` with its own arguments, except the free and the
+// reallocation of a pointer into a registered mapping: those blocks are `Vec`s that
+// `Mapping::vec` made, which this allocator (being the global one, see `in_place_available`)
+// treats as its own allocations of any layout. Their free drops an owner of the mapping; their
+// reallocation copies the bytes asked for into a fresh system block, then drops the owner. No
+// mapped block is ever passed to `System`, and no system block lies in a registered range
+// (mappings and system blocks are disjoint address ranges while the mapping lives).
 unsafe impl GlobalAlloc for MappedAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !INSTALLED.load(Ordering::Relaxed) {
-            INSTALLED.store(true, Ordering::Relaxed);
+        if PROBING.load(Ordering::Relaxed) != 0 {
+            // `try_with`: a thread being torn down answers nothing rather than panicking.
+            let _ = PROBE.try_with(|p| {
+                if p.get() == ASKED {
+                    p.set(SEEN);
+                }
+            });
         }
         System.alloc(layout)
     }
@@ -96,8 +134,14 @@ unsafe impl GlobalAlloc for MappedAlloc {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         match slot_of(ptr as usize) {
             Some(slot) => {
+                // SAFETY: `realloc`'s caller gives a non-zero `new_size` that, rounded up to
+                // `layout.align()`, fits `isize`: a valid layout.
                 let new = System.alloc(Layout::from_size_align_unchecked(new_size, layout.align()));
                 if !new.is_null() {
+                    // SAFETY: `ptr` is a `Vec`'s block of `layout.size()` bytes inside the
+                    // mapping (alive: the Vec owns a share), `new` a fresh block of `new_size`
+                    // bytes; they cannot overlap. Only then is the share given back; on
+                    // failure the old block stays the caller's, as `realloc` promises.
                     std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
                     release(slot);
                 }
@@ -108,10 +152,57 @@ unsafe impl GlobalAlloc for MappedAlloc {
     }
 }
 
-/// Whether tensors can live in mapped files in this program.
+/// Whether tensors can live in mapped files in this program: whether [`MappedAlloc`] is the
+/// global allocator (or the global allocator hands its allocations to it, frees included).
+///
+/// Asked once, by allocating through `std::alloc` (the global allocator, whatever it is) on
+/// this thread and seeing whether that reached [`MappedAlloc::alloc`]. Calling `MappedAlloc`'s
+/// methods directly, without installing it, does not make it answer yes: only a `Vec` freed
+/// through the global allocator can give a mapped block back.
 pub fn in_place_available() -> bool {
-    INSTALLED.load(Ordering::Relaxed)
+    match INSTALLED.load(Ordering::Acquire) {
+        YES => true,
+        NO => false,
+        _ => {
+            let yes = global_allocator_is_ours();
+            INSTALLED.store(if yes { YES } else { NO }, Ordering::Release);
+            yes
+        }
+    }
 }
+
+/// One allocation through the global allocator, asked whether it reached [`MappedAlloc`].
+fn global_allocator_is_ours() -> bool {
+    let Ok(()) = PROBE.try_with(|p| p.set(ASKED)) else {
+        return false;
+    };
+    PROBING.fetch_add(1, Ordering::Relaxed);
+    let layout = Layout::new::<u64>();
+    // SAFETY: a non-zero-sized layout; the block is freed below with the same layout. The
+    // `black_box` keeps the pair from being optimised away (then nothing would answer: no).
+    let block = std::hint::black_box(unsafe { std::alloc::alloc(layout) });
+    PROBING.fetch_sub(1, Ordering::Relaxed);
+    let seen = PROBE.try_with(|p| p.replace(IDLE)).ok() == Some(SEEN);
+    if !block.is_null() {
+        // SAFETY: allocated just above by the global allocator with `layout`.
+        unsafe { std::alloc::dealloc(block, layout) };
+    }
+    seen
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// An element type a `Vec` over file bytes may hold: `Copy`, without padding, every bit pattern
+/// of its size a value (so any bytes of a file are a valid `T`). Sealed: the weight dtypes.
+pub trait Plain: Copy + sealed::Sealed {}
+impl Plain for f32 {}
+impl Plain for half::f16 {}
+impl Plain for half::bf16 {}
 
 /// A whole file mapped copy-on-write.
 pub struct Mapping {
@@ -169,7 +260,8 @@ impl Mapping {
         })
     }
 
-    /// Takes a free slot for the range (none free: the mapping is only read, never shared).
+    /// Takes a free slot for the range when the global allocator is ours (none free, or not
+    /// ours: the mapping is only read, never handed out as `Vec`s).
     fn register(start: usize, len: usize) -> Option<&'static Slot> {
         if !in_place_available() {
             return None;
@@ -187,29 +279,51 @@ impl Mapping {
         Some(slot)
     }
 
+    /// The whole file. While a `Vec` from [`Mapping::vec`] may be written, its bytes must not
+    /// be read through this slice (see there).
     pub fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is `len` readable bytes for as long as `self` owns it.
+        // SAFETY: the mapping is `len` initialised, readable bytes for as long as `self` owns
+        // a share of it (it is unmapped only after `self` and every `Vec` over it are gone).
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
     /// The bytes `range` as a `Vec<T>` that lives in the mapping, when this program can keep
-    /// tensors there and the bytes are aligned for `T`; `None` otherwise (copy them instead).
-    pub fn vec<T: Copy>(&self, range: std::ops::Range<usize>) -> Option<Vec<T>> {
+    /// tensors there ([`in_place_available`]) and the bytes are aligned for `T`; `None`
+    /// otherwise (copy them instead). The `Vec` keeps the mapping alive; freeing it (or
+    /// growing it, which copies it out) gives its share back.
+    ///
+    /// # Safety
+    ///
+    /// The `Vec` owns its bytes as far as Rust knows, but the same bytes stay readable through
+    /// [`Mapping::bytes`] and through another `Vec` over an overlapping range. So while anyone
+    /// may write through this `Vec` (or the tensor it becomes), nobody may hold a slice of
+    /// [`Mapping::bytes`] over `range` or another `Vec` over bytes of it; only reading
+    /// everywhere is fine. (Candle writes a tensor's storage in place only through its
+    /// `*_set` methods, `inplace_op*` and `Var::set`; a `Var` made from a tensor is a copy.)
+    pub unsafe fn vec<T: Plain>(&self, range: std::ops::Range<usize>) -> Option<Vec<T>> {
         let slot = self.slot?;
         let size = std::mem::size_of::<T>();
         if range.end > self.len || range.is_empty() || !range.len().is_multiple_of(size) {
             return None;
         }
-        // SAFETY: `range` lies inside the mapping (checked above).
+        // SAFETY: `range.start < range.end <= len`: inside the mapping (checked above).
         let ptr = unsafe { self.ptr.add(range.start) };
         if !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) {
             return None;
         }
         slot.owners.fetch_add(1, Ordering::AcqRel);
         let n = range.len() / size;
-        // SAFETY: `n` aligned, initialised `T`s inside a writable private mapping that stays
-        // mapped while this Vec is alive (it owns a share of the slot); its free goes to
-        // `release` through `MappedAlloc`, never to the system allocator.
+        // SAFETY: `Vec::from_raw_parts` asks for a block of the global allocator with `T`'s
+        // alignment, `n * size_of::<T>()` bytes and `n` initialised values:
+        // - a slot exists only when `in_place_available` found the global allocator to be
+        //   `MappedAlloc`, which takes every block inside a registered mapping as its own,
+        //   whatever its layout: its free or reallocation never reaches the system allocator
+        //   (see `MappedAlloc`), and it drops the share taken just above;
+        // - `ptr` is aligned for `T` (checked), and the `n * size` bytes from it lie inside
+        //   the mapping (checked), which stays mapped (`PROT_READ | PROT_WRITE`, private)
+        //   while this `Vec` owns its share;
+        // - every bit pattern is a `T` (`Plain`), so the file's bytes are `n` valid values;
+        // - the caller keeps other views of these bytes from meeting writes (above).
         Some(unsafe { Vec::from_raw_parts(ptr as *mut T, n, n) })
     }
 }
@@ -218,7 +332,8 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         match self.slot {
             Some(slot) => release(slot),
-            // SAFETY: never registered, so nothing else points into it.
+            // SAFETY: never registered, so no `Vec` was made over it, and `bytes` borrows of
+            // `self` ended: nothing points into it.
             None => unsafe {
                 libc::munmap(self.ptr as *mut libc::c_void, self.len);
             },
@@ -243,7 +358,8 @@ mod tests {
         // The unit-test binary keeps the system allocator: no tensors in place here (the
         // integration tests install MappedAlloc and check that path).
         assert!(!in_place_available());
-        assert!(m.vec::<f32>(0..16).is_none());
+        // SAFETY: no other view of the bytes is written.
+        assert!(unsafe { m.vec::<f32>(0..16) }.is_none());
         drop(m);
         assert_eq!(std::fs::read(&path).unwrap(), raw);
         // SAFETY: nothing is mapped (the file does not exist).
@@ -251,5 +367,27 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    }
+
+    /// Calling `MappedAlloc` by hand, where it is not the global allocator, does not make the
+    /// library hand out `Vec`s over mappings: the system allocator would free them.
+    #[test]
+    fn only_the_global_allocator_makes_tensors_in_place() {
+        let layout = Layout::new::<[u64; 4]>();
+        // SAFETY: a non-zero-sized layout, freed with the same layout by the same allocator.
+        unsafe {
+            let p = MappedAlloc.alloc(layout);
+            assert!(!p.is_null());
+            MappedAlloc.dealloc(p, layout);
+        }
+        assert!(!in_place_available());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.bin");
+        std::fs::write(&path, [0u8; 64]).unwrap();
+        // SAFETY: a file of this test's own, not changed while mapped.
+        let m = unsafe { Mapping::open(&path) }.unwrap();
+        assert!(m.slot.is_none());
+        // SAFETY: no other view of the bytes is written.
+        assert!(unsafe { m.vec::<f32>(0..64) }.is_none());
     }
 }

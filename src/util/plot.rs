@@ -119,8 +119,9 @@ impl DrawingBackend for Canvas<'_> {
     }
 }
 
+/// A drawing that failed: every input is checked before drawing, so this is a bug.
 fn plot_err(e: impl std::fmt::Display) -> Error {
-    Error::arg("plot", e.to_string())
+    Error::Internal(format!("drawing a chart: {e}"))
 }
 
 /// Draws into a white `width` x `height` image with `draw`.

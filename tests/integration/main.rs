@@ -35,6 +35,7 @@ mod robustness;
 mod samplers;
 mod scheduler;
 mod script_api;
+mod script_errors;
 mod sweep;
 mod text_encoder;
 mod tokenizer;

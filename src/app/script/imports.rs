@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use rhai::module_resolvers::FileModuleResolver;
 use rhai::{Engine, EvalAltResult, Module, Position, Shared};
 
+use super::Thrown;
+use crate::ErrorKind;
+
 type SharedModule = Shared<Module>;
 
 /// The engine's module resolver (see the module docs).
@@ -50,8 +53,10 @@ fn shown(folder: &Path) -> String {
     }
 }
 
-fn error(msg: String, pos: Position) -> Box<EvalAltResult> {
-    Box::new(EvalAltResult::ErrorRuntime(msg.into(), pos))
+/// An `io` error about `file` (see [`Thrown`]), at the import.
+fn error(msg: String, file: &Path, pos: Position) -> Box<EvalAltResult> {
+    let thrown = Thrown::new(ErrorKind::Io, msg).path(file);
+    Box::new(EvalAltResult::ErrorRuntime(thrown.to_value(), pos))
 }
 
 impl rhai::ModuleResolver for Imports {
@@ -79,6 +84,7 @@ impl rhai::ModuleResolver for Imports {
             if !meta.is_file() {
                 return Err(error(
                     format!("import {path:?}: {} is not a regular file", file.display()),
+                    file,
                     pos,
                 ));
             }
@@ -97,6 +103,7 @@ impl rhai::ModuleResolver for Imports {
                 file_name.display(),
                 searched.join(", ")
             ),
+            &file_name,
             pos,
         ))
     }

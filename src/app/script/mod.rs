@@ -5,7 +5,8 @@
 //! each with its declaration ([`docs`]: signatures, options, example), which `:help` renders and
 //! option maps are checked against. They share a [`Session`] (the default model settings, the
 //! concepts loaded so far, the job that Ctrl-C cancels). Every bound function is volatile, so Rhai
-//! never runs one at compile time.
+//! never runs one at compile time. Their errors reach a script's `catch` as a map that keeps
+//! the error's kind ([`Thrown`]); a stop (Ctrl-C) is never caught ([`cancelled`]).
 
 pub mod api;
 pub mod docs;
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use rhai::{Dynamic, Engine, EvalAltResult, OptimizationLevel, Position, Scope};
 
 use crate::customize::set::ConceptSet;
+use crate::error::ErrorKind;
 use crate::job::Job;
 
 pub use api::recipes::Usage;
@@ -143,17 +145,172 @@ impl Session {
 /// The error type of bound functions.
 pub type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
-/// Turns a library result into a Rhai one; the message carries the library error as it is.
+/// Turns a library result into a Rhai one: the error is [`Thrown::of`] it (its kind, its
+/// message as it is), a cancellation a stop ([`cancelled`]).
 pub fn rt<T>(r: crate::Result<T>) -> RhaiResult<T> {
-    r.map_err(|e| err(e.to_string()))
+    r.map_err(|e| Thrown::of(&e).into())
 }
 
-/// A runtime error with a message (Rhai attaches the call's position).
+/// A bound function's refusal of its arguments, with a message (Rhai attaches the call's
+/// position): an `invalid_argument` error naming no argument.
 pub fn err(msg: impl Into<String>) -> Box<EvalAltResult> {
-    Box::new(EvalAltResult::ErrorRuntime(
-        Dynamic::from(msg.into()),
+    Thrown::new(ErrorKind::InvalidArgument, msg).into()
+}
+
+/// The error of a stop (Ctrl-C, a signal): Rhai's termination, as the engine's progress
+/// check raises it. No `try` catches it: the input (REPL) or the recipe ends, whatever the
+/// script does.
+pub fn cancelled() -> Box<EvalAltResult> {
+    Box::new(EvalAltResult::ErrorTerminated(
+        Dynamic::from("cancelled"),
         Position::NONE,
     ))
+}
+
+/// A bound function's error as a script sees it. What `catch (e)` gets is an object map:
+/// `e.kind` ([`ErrorKind::name`]: `"invalid_argument"`, `"io"`, ...), `e.message` (the text
+/// printed when nothing catches it), and where the error has them `e.arg` (the argument or
+/// option that is wrong) and `e.path` (the file it is about).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Thrown {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub arg: Option<String>,
+    pub path: Option<PathBuf>,
+}
+
+impl Thrown {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            arg: None,
+            path: None,
+        }
+    }
+
+    /// A library error: its kind, message, argument and file.
+    pub fn of(e: &crate::Error) -> Self {
+        Self {
+            kind: e.kind(),
+            message: e.to_string(),
+            arg: e.argument().map(str::to_string),
+            path: e.path().map(Path::to_path_buf),
+        }
+    }
+
+    /// Names the argument that is wrong.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.arg = Some(arg.into());
+        self
+    }
+
+    /// Names the file the error is about.
+    pub fn path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.path = Some(path.into());
+        self
+    }
+
+    /// Says something else than the error it was made from.
+    pub fn message(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
+    /// The map's `:help Error`.
+    fn declare(api: &mut api::Api) {
+        api.shape(
+            "Error",
+            "what `catch (e)` gets when a function of this tool fails: a map \
+             #{kind, message}, with `arg` and `path` where the error has them, as in \
+             `try { m.generate(\"a cat\", #{steps: 0}) } catch (e) { if e.kind == \
+             \"invalid_argument\" { print(`${e.arg}: ${e.message}`) } else { throw e } }`. \
+             An error nothing catches prints its message, with the line and a caret. Errors of \
+             Rhai itself (a function that does not exist, a value of the wrong type) are maps \
+             with `message` but no `kind`; `throw x` is caught as x. A stop (Ctrl-C, a signal) \
+             is never caught: it ends the input at the prompt, or the recipe.",
+            &[
+                (
+                    "kind",
+                    "string",
+                    "what went wrong: invalid_argument (a value given is wrong), io (a file \
+                     could not be read or written), config (a model's configuration), \
+                     safetensors (not a safetensors file), format (a file's content is not \
+                     what it should be), weights (weights that do not fit the model), \
+                     model_not_found, unsupported (what this build or version does not do), \
+                     tokenizer, image (an image file), diverged (training), not_finite (NaN or \
+                     infinite values), tensor (a tensor operation), internal (a bug)",
+                ),
+                (
+                    "message",
+                    "string",
+                    "what the error says: the text printed when nothing catches it",
+                ),
+                (
+                    "arg",
+                    "string",
+                    "invalid_argument: the argument, option or setting that is wrong, as \
+                     scripts name it (absent where the function cannot name one)",
+                ),
+                (
+                    "path",
+                    "string",
+                    "io, config, safetensors, format, tokenizer, image: the file the error is \
+                     about",
+                ),
+            ],
+        );
+    }
+
+    /// The map a script catches.
+    pub fn to_value(&self) -> Dynamic {
+        let mut m = rhai::Map::new();
+        m.insert("kind".into(), self.kind.name().into());
+        m.insert("message".into(), self.message.clone().into());
+        if let Some(a) = &self.arg {
+            m.insert("arg".into(), a.clone().into());
+        }
+        if let Some(p) = &self.path {
+            m.insert("path".into(), p.display().to_string().into());
+        }
+        m.into()
+    }
+
+    /// The error a value a script threw or caught stands for, if it is such a map (one made
+    /// by [`Thrown::to_value`], or a script's own with a known `kind` and a `message`).
+    pub fn from_value(value: &Dynamic) -> Option<Self> {
+        let m = value.read_lock::<rhai::Map>()?;
+        let text = |k: &str| m.get(k).and_then(|v| v.clone().into_string().ok());
+        let kind = text("kind")?;
+        let kind = ErrorKind::ALL.into_iter().find(|k| k.name() == kind)?;
+        Some(Self {
+            kind,
+            message: text("message")?,
+            arg: text("arg"),
+            path: text("path").map(PathBuf::from),
+        })
+    }
+}
+
+impl From<Thrown> for Box<EvalAltResult> {
+    /// A runtime error carrying the map, except a cancellation: a stop ([`cancelled`]).
+    fn from(t: Thrown) -> Self {
+        if t.kind == ErrorKind::Cancelled {
+            return cancelled();
+        }
+        Box::new(EvalAltResult::ErrorRuntime(t.to_value(), Position::NONE))
+    }
+}
+
+/// The kind of a script's error as its host sees it: [`ErrorKind::Cancelled`] for a stop
+/// (Ctrl-C, a signal, a cancelled job), a bound function's error's own kind, `None` for Rhai's
+/// own errors (a syntax error, a function that does not exist) and values a script threw.
+pub fn error_kind(err: &EvalAltResult) -> Option<ErrorKind> {
+    match err.unwrap_inner() {
+        EvalAltResult::ErrorTerminated(..) => Some(ErrorKind::Cancelled),
+        EvalAltResult::ErrorRuntime(d, _) => Thrown::from_value(d).map(|t| t.kind),
+        _ => None,
+    }
 }
 
 /// Builds the engine every entry point uses.
@@ -194,7 +351,10 @@ pub fn describe(err: &EvalAltResult) -> (String, Position) {
         pos = e.position();
     }
     let msg = match e {
-        EvalAltResult::ErrorRuntime(d, _) => d.to_string(),
+        EvalAltResult::ErrorRuntime(d, _) => match Thrown::from_value(d) {
+            Some(t) => t.message,
+            None => d.to_string(),
+        },
         EvalAltResult::ErrorTerminated(_, _) => "cancelled".to_string(),
         other => {
             let text = other.to_string();

@@ -5,7 +5,8 @@
 use rhai::{Dynamic, Map, FLOAT, INT};
 
 use super::docs::{FnSpec, Kind, OptSpec};
-use super::{err, RhaiResult};
+use super::{RhaiResult, Thrown};
+use crate::ErrorKind;
 
 pub struct Opts<'a> {
     map: &'a Map,
@@ -28,10 +29,14 @@ impl<'a> Opts<'a> {
                 .find(|s| s.name == k.as_str())
                 .ok_or_else(|| {
                     let names: Vec<&str> = options.iter().map(|s| s.name).collect();
-                    err(format!(
-                        "{func}: unknown option `{k}` (options: {})",
-                        names.join(", ")
-                    ))
+                    Thrown::new(
+                        ErrorKind::InvalidArgument,
+                        format!(
+                            "{func}: unknown option `{k}` (options: {})",
+                            names.join(", ")
+                        ),
+                    )
+                    .arg(k.as_str())
                 })?;
             if !v.is_unit() {
                 o.check(spec, v)?;
@@ -46,12 +51,17 @@ impl<'a> Opts<'a> {
         } else {
             v.to_string()
         };
-        err(format!(
-            "{}: option `{}` must be {}, not {shown}",
-            self.func,
-            spec.name,
-            spec.kind.describe()
-        ))
+        Thrown::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "{}: option `{}` must be {}, not {shown}",
+                self.func,
+                spec.name,
+                spec.kind.describe()
+            ),
+        )
+        .arg(spec.name)
+        .into()
     }
 
     fn check(&self, spec: &OptSpec, v: &Dynamic) -> RhaiResult<()> {
@@ -175,7 +185,7 @@ mod tests {
         let e = |pairs: &[(&str, Dynamic)]| {
             Opts::of(&map(pairs), &s)
                 .err()
-                .map(|e| e.to_string())
+                .map(|e| crate::app::script::describe(&e).0)
                 .unwrap_or_default()
         };
         let unknown = e(&[("sede", Dynamic::from(1 as INT))]);
@@ -197,5 +207,16 @@ mod tests {
             choice.contains(r#"must be "light" | "all", not "some""#),
             "{choice}"
         );
+        // A script's `catch` gets the option's name.
+        for k in ["sede", "maps"] {
+            let Err(err) = Opts::of(&map(&[(k, Dynamic::from(2 as INT))]), &s) else {
+                panic!("{k}: accepted");
+            };
+            let rhai::EvalAltResult::ErrorRuntime(value, _) = *err else {
+                panic!("{k}: {err}");
+            };
+            let thrown = crate::app::script::Thrown::from_value(&value).unwrap();
+            assert_eq!(thrown.arg.as_deref(), Some(k));
+        }
     }
 }

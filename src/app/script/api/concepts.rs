@@ -10,7 +10,7 @@ use super::model::Model;
 use super::{json_to_dynamic, Api};
 use crate::actions::{self, TrainEnd};
 use crate::app::script::docs::{FnSpec, Kind};
-use crate::app::script::{err, rt, Opts, RhaiResult, Session};
+use crate::app::script::{err, rt, Opts, RhaiResult, Session, Thrown};
 use crate::infusion::concept::Concept;
 use crate::methods::{ConceptRef, SettingValue};
 use crate::train::{Prior, TrainOptions, DEFAULT_TEMPLATES};
@@ -192,15 +192,14 @@ fn train(
                     Ok(path) => eprintln!("<{name}> is saved as {}", path.display()),
                     Err(e) => eprintln!("error: {e}"),
                 }
-                return Err(Box::new(rhai::EvalAltResult::ErrorTerminated(
-                    Dynamic::from("cancelled"),
-                    rhai::Position::NONE,
-                )));
+                return Err(crate::app::script::cancelled());
             }
             session.job.reset();
             Ok(concept)
         }
-        TrainEnd::Failed(e) => Err(err(format!("{e} (<{name}> keeps them)"))),
+        TrainEnd::Failed(e) => Err(Thrown::of(&e)
+            .message(format!("{e} (<{name}> keeps them)"))
+            .into()),
     }
 }
 

@@ -10,7 +10,7 @@ use rhai::{Array, Map, INT};
 
 use super::Api;
 use crate::app::script::docs::{FnSpec, Kind};
-use crate::app::script::{err, rt, Opts, RhaiResult, Session};
+use crate::app::script::{err, rt, Opts, RhaiResult, Session, Thrown};
 
 /// An RGB image, with the text chunks its PNG gets (prompt, seed, ...).
 #[derive(Debug, Clone)]
@@ -143,7 +143,7 @@ pub fn show(session: &Session, img: &Img) -> RhaiResult<()> {
         ..Default::default()
     };
     viuer::print(&image::DynamicImage::ImageRgb8((*img.rgb).clone()), &conf)
-        .map_err(|e| err(format!("show: {e}")))?;
+        .map_err(|e| Thrown::new(crate::ErrorKind::Io, format!("show: {e}")))?;
     Ok(())
 }
 
@@ -168,7 +168,7 @@ fn terminal_columns() -> (u32, u32) {
 }
 
 fn load_image(path: &str) -> RhaiResult<Img> {
-    let img = crate::util::image_io::load_image(Path::new(path)).map_err(|e| err(e.to_string()))?;
+    let img = rt(crate::util::image_io::load_image(Path::new(path)))?;
     let img = Img::new(img);
     img.held_in(Path::new(path));
     Ok(img)

@@ -72,6 +72,24 @@ impl<'e> Api<'e> {
         });
     }
 
+    /// Declares a shape of map scripts get (no Rust type: its properties are the map's keys),
+    /// for `:help`; `properties` are (name, type, text).
+    pub fn shape(
+        &mut self,
+        name: &'static str,
+        doc: &'static str,
+        properties: &[(&'static str, &'static str, &'static str)],
+    ) {
+        self.docs.types.push(TypeSpec {
+            name,
+            doc,
+            getters: properties
+                .iter()
+                .map(|&(name, ty, doc)| GetterSpec { name, ty, doc })
+                .collect(),
+        });
+    }
+
     fn add_getter(&mut self, ty: &'static str, getter: GetterSpec) {
         match self.docs.types.iter_mut().find(|t| t.name == ty) {
             Some(t) => t.getters.push(getter),
@@ -130,6 +148,7 @@ pub fn register(engine: &mut Engine, session: &Arc<Session>) -> Docs {
     recipes::register(&mut api);
     toy::register(&mut api, session);
     charts::register(&mut api);
+    super::Thrown::declare(&mut api);
     api.finish()
 }
 

@@ -287,7 +287,10 @@ pub fn register(api: &mut Api) {
     );
     api.func(&spec, || -> RhaiResult<Map> {
         let m = crate::util::memory::process_memory().ok_or_else(|| {
-            crate::app::script::err("memory(): this system does not report the process's memory")
+            crate::app::script::Thrown::new(
+                crate::ErrorKind::Unsupported,
+                "memory(): this system does not report the process's memory",
+            )
         })?;
         let mut map = Map::new();
         map.insert("rss".into(), Dynamic::from(m.rss as INT));

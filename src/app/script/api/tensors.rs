@@ -9,7 +9,7 @@ use rhai::{Array, Dynamic, Map, FLOAT, INT};
 
 use super::Api;
 use crate::app::script::docs::FnSpec;
-use crate::app::script::{err, rt, RhaiResult};
+use crate::app::script::{err, rt, RhaiResult, Thrown};
 
 /// A tensor value (cheap to clone).
 #[derive(Debug, Clone)]
@@ -64,8 +64,8 @@ fn save_tensors(map: Map, path: &str) -> RhaiResult<()> {
     }
     let mut sorted: Vec<(String, Tensor)> = out.into_iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    let bytes =
-        safetensors::serialize(sorted, None).map_err(|e| err(format!("save_tensors: {e}")))?;
+    let bytes = safetensors::serialize(sorted, None)
+        .map_err(|e| Thrown::new(crate::ErrorKind::Internal, format!("save_tensors: {e}")))?;
     let p = Path::new(path);
     rt(crate::util::fs::write_atomic(p, |w| {
         w.write_all(&bytes).map_err(|e| crate::Error::io(p, e))
