@@ -58,6 +58,7 @@ pub fn load_model(req: &ModelRequest, job: &Job) -> Result<LoadedModel> {
         config: req.config.as_ref().map(PathBuf::from),
         vae: req.vae.as_ref().map(PathBuf::from),
         ema: req.ema,
+        vocabulary: Some(crate::assets::clip_tokenizer()),
         kernels: req.kernels,
     };
     let loaded = match &req.model {

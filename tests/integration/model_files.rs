@@ -81,6 +81,7 @@ pub(crate) fn single_file(
 fn tiny_config() -> LoadOptions {
     LoadOptions {
         config: Some(tiny_model_dir()),
+        vocabulary: Some(tiny_model_dir().join("tokenizer")),
         ..LoadOptions::default()
     }
 }
@@ -173,6 +174,19 @@ fn a_single_file_checkpoint_is_its_folder() {
     assert_eq!(sd.unet_fingerprint(), tiny().unet_fingerprint());
     assert_eq!(sd.name(), "tiny-sd");
     assert!(sd.notes().is_empty(), "{:?}", sd.notes());
+    // The file has no tokenizer: the library is told where the vocabulary is (the command line
+    // and scripts give the bundled one), not left to find it.
+    let e = load_err(
+        &path,
+        &LoadOptions {
+            vocabulary: None,
+            ..tiny_config()
+        },
+    );
+    assert!(
+        e.contains("vocabulary") && e.contains("tiny-sd.safetensors") && e.contains("no tokenizer"),
+        "{e}"
+    );
 
     // Stored in fp16 (as most shared checkpoints are), run in f32: the weights' rounding only
     // (f16 keeps 11 bits: 1e-3 relative per weight; 3 steps of CFG 7.5 amplify it).
@@ -306,7 +320,13 @@ fn a_single_file_of_other_shapes_asks_for_its_config() {
     let dir = tempfile::tempdir().unwrap();
     let path = single_file(dir.path(), "tiny-sd.safetensors", DType::F32, |_| {});
     // Without `config` the file is read with SD1.5's configs, which the tiny shapes do not fit.
-    let e = load_err(&path, &LoadOptions::default());
+    let e = load_err(
+        &path,
+        &LoadOptions {
+            config: None,
+            ..tiny_config()
+        },
+    );
     assert!(
         e.contains("tiny-sd.safetensors") && e.contains("--config"),
         "{e}"
