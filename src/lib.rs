@@ -15,6 +15,13 @@
 //! - [`train`]: the training loop, data and optimizer every method shares;
 //! - [`sd`]: the SD1.x model and pipeline, which names no method;
 //! - [`util`], [`error`], [`job`], [`assets`]: small shared pieces.
+//!
+//! Each room's files are the crate's own (`pub(crate)`); what the binary, the tests and a
+//! library user reach is what each room's `mod.rs` re-exports, and the items below. Anything
+//! else the crate stops using, the compiler reports as dead.
+//!
+//! The documentation is for the crate's developers too, so it links to private items.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod actions;
 pub mod app;

@@ -1,7 +1,7 @@
 /// Weights are used in place in their memory-mapped files (see `util::mapped`): this allocator
 /// releases them when the model is dropped.
 #[global_allocator]
-static ALLOC: infusion_repl::util::mapped::MappedAlloc = infusion_repl::util::mapped::MappedAlloc;
+static ALLOC: infusion_repl::util::MappedAlloc = infusion_repl::util::MappedAlloc;
 
 /// The stack of the thread everything runs on: scripts may nest data up to the engine's limits
 /// (`app::script::ScriptLimits`), and printing, comparing or dropping such data recurses as
@@ -14,12 +14,12 @@ fn main() -> std::process::ExitCode {
     let run = std::thread::Builder::new()
         .name("infusion-repl".into())
         .stack_size(STACK_BYTES)
-        .spawn(move || infusion_repl::app::cli::run(args));
+        .spawn(move || infusion_repl::app::run(args));
     match run.map(|h| h.join()) {
         Ok(Ok(code)) => code,
         // The panic was reported by the hook; the thread could not start: run here.
         Ok(Err(_)) => std::process::ExitCode::from(101),
-        Err(_) => infusion_repl::app::cli::run(std::env::args_os()),
+        Err(_) => infusion_repl::app::run(std::env::args_os()),
     }
 }
 

@@ -11,9 +11,9 @@
 //! the cells there, listing the missing ones. `out/run.json` holds the run's settings: a run
 //! with other settings into the same folder is refused, naming the setting.
 
-pub mod data;
-pub mod report;
-pub mod shard;
+pub(crate) mod data;
+pub(crate) mod report;
+pub(crate) mod shard;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -6,8 +6,8 @@
 //! This room sits above both [`crate::infusion`] (the paper's method) and [`crate::methods`]
 //! (the others): each method says how its concepts change C; this room puts them together.
 
-pub mod eps;
-pub mod generate;
-pub mod prompt;
-pub mod set;
-pub mod side;
+pub(crate) mod eps;
+pub(crate) mod generate;
+pub(crate) mod prompt;
+pub(crate) mod set;
+pub(crate) mod side;

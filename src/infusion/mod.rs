@@ -3,10 +3,15 @@
 //! per-token attention maps of F and C. F beside C for prompts with any method's concepts is
 //! one room up, in [`crate::customize`].
 
-pub mod concept;
-pub mod hook;
-pub mod maps;
-pub mod train;
+pub(crate) mod concept;
+pub(crate) mod hook;
+pub(crate) mod maps;
+pub(crate) mod train;
+
+// What the tests, the binary and a library user reach (the files are the crate's own).
+pub use concept::Concept;
+pub use maps::{overlay, token_map, AttentionMaps};
+pub use train::{concept as trained_concept, infusion_loss, trainer, Deltas};
 
 use crate::sd::hook::Branch;
 

@@ -13,15 +13,25 @@
 //! hook, the UNet's weights); F beside C is put together one room up, in
 //! [`crate::customize`].
 
-pub mod common;
-pub mod custom_diffusion;
-pub mod dreambooth;
-pub mod files;
-pub mod infusion;
-pub mod lora;
-pub mod perfusion;
-pub mod textual_inversion;
-pub mod words;
+pub(crate) mod common;
+pub(crate) mod custom_diffusion;
+pub(crate) mod dreambooth;
+pub(crate) mod files;
+pub(crate) mod infusion;
+pub(crate) mod lora;
+pub(crate) mod perfusion;
+pub(crate) mod textual_inversion;
+pub(crate) mod words;
+
+// What the tests, the binary and a library user reach (the files are the crate's own).
+pub use custom_diffusion::ProjectionsHook;
+pub use dreambooth::FullUnet;
+pub use lora::{
+    read_lora, LoraConcept, LoraFile, LoraHook, LoraLayer, LoraLayout, LoraLearner, LoraTarget,
+};
+pub use perfusion::{captions, covariance_of, Gate, RankOneHook, Target, BUILTIN_CAPTIONS};
+pub use textual_inversion::{read_embedding, LearnedWord, WordConcept};
+pub use words::{text_states, Embedding};
 
 use std::any::Any;
 use std::collections::BTreeMap;

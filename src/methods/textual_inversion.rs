@@ -16,7 +16,7 @@ use candle_core::{DType, Tensor, Var};
 
 use super::common::{ddpm_loss, in_file, name_and_word, not_a, Origin};
 use super::files::{check_float, Found, Provenance};
-pub use super::words::{batch_states, text_states, text_states_with, Embedding};
+pub use super::words::{batch_states, text_states_with, Embedding};
 use super::{Change, ConceptRef, ConceptRequest, CustomConcept, Method, Settings, Words};
 use crate::error::{Error, Result};
 use crate::job::Job;

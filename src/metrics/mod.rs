@@ -1,15 +1,23 @@
 //! The paper's metrics: latent Fisher divergence and the Gaussian 2-Wasserstein distance
 //! (overfitting), and CLIP-T, CLIP-I and DINO-I (customization quality).
 
-pub mod clip;
-pub mod curves;
-pub mod dino;
-pub mod eval;
-pub mod fisher;
-pub mod points;
-pub mod preprocess;
-pub mod scores;
-pub mod w2;
+pub(crate) mod clip;
+pub(crate) mod curves;
+pub(crate) mod dino;
+pub(crate) mod eval;
+pub(crate) mod fisher;
+pub(crate) mod points;
+pub(crate) mod preprocess;
+pub(crate) mod scores;
+pub(crate) mod w2;
+
+// What the tests, the binary and a library user reach (the files are the crate's own).
+pub use clip::{cosine_matrix, Clip};
+pub use curves::{chart, overtraining_curves, CurveOptions, CurvePoint};
+pub use dino::Dino;
+pub use eval::{evaluate, EvalConcept, EvalOptions};
+pub use fisher::{fisher_divergence, fisher_inputs, unet_from_file, FisherOptions, Variant};
+pub use w2::wasserstein;
 
 use std::path::Path;
 

@@ -194,10 +194,6 @@ impl ClipTokenizer {
         self.max_len
     }
 
-    pub fn bos_id(&self) -> u32 {
-        self.bos
-    }
-
     pub fn eos_id(&self) -> u32 {
         self.eos
     }

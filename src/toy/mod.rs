@@ -28,10 +28,13 @@
 //! - [`lab`]: training the foundation, customizing, sampling, measuring.
 //! - [`plots`]: the score field and the plane the pictures show.
 
-pub mod data;
-pub mod lab;
-pub mod net;
-pub mod plots;
+pub(crate) mod data;
+pub(crate) mod lab;
+pub(crate) mod net;
+pub(crate) mod plots;
+
+// What the tests, the binary and a library user reach (the files are the crate's own).
+pub use data::sample_peaks;
 
 pub use crate::metrics::points::{count_modes, exact_w2};
 pub use data::{Layout, Point};

@@ -4,10 +4,14 @@
 //! files, and the [`Trainer`] loop around a learner (progress, Ctrl-C, the NaN guard, loss
 //! scaling, prior preservation, checkpoints).
 
-pub mod data;
-pub mod optim;
-pub mod prior;
-pub mod trainer;
+pub(crate) mod data;
+pub(crate) mod optim;
+pub(crate) mod prior;
+pub(crate) mod trainer;
+
+// What the tests, the binary and a library user reach (the files are the crate's own).
+pub use data::{mse, LossMask};
+pub use optim::{clip_grad_norm, gradients, AdamW};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var};
-use infusion_repl::sd::pipeline::{Denoise, Trajectory};
+use infusion_repl::sd::{Denoise, Trajectory};
 use infusion_repl::{
     AttentionCall, AttentionHook, AttnKind, AttnSite, BatchLayout, Branch, Guidance, HookCtx, Job,
     LayerInfo,

@@ -9,11 +9,11 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use infusion_repl::methods::files::Found;
-use infusion_repl::methods::lora::{read_lora, LoraFile, LoraLayout};
-use infusion_repl::methods::textual_inversion::text_states;
-use infusion_repl::methods::textual_inversion::{read_embedding, Embedding};
-use infusion_repl::sd::pipeline::{Denoise, Trajectory};
+use infusion_repl::methods::text_states;
+use infusion_repl::methods::Found;
+use infusion_repl::methods::{read_embedding, Embedding};
+use infusion_repl::methods::{read_lora, LoraFile, LoraLayout};
+use infusion_repl::sd::{Denoise, Trajectory};
 use infusion_repl::{Branch, GenerateOptions, Job};
 
 use crate::common::{assert_close, get, max_abs, repo, tiny};
@@ -23,8 +23,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn generation() -> std::collections::HashMap<String, Tensor> {
-    infusion_repl::sd::weights::load_safetensors(&fixture("generation.safetensors"), &Device::Cpu)
-        .unwrap()
+    infusion_repl::sd::load_safetensors(&fixture("generation.safetensors"), &Device::Cpu).unwrap()
 }
 
 /// The settings of the generation references: 3 DDIM steps, guidance 7.5, their noise.
@@ -39,7 +38,7 @@ fn reference_options(g: &std::collections::HashMap<String, Tensor>) -> GenerateO
 
 /// A script engine of its own session, without images or progress bars.
 fn script_engine() -> rhai::Engine {
-    use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
+    use infusion_repl::app::{build_engine, ScriptConfig, Session};
     build_engine(&Session::new(ScriptConfig {
         no_images: true,
         progress: false,
@@ -104,8 +103,7 @@ fn loras_of_diffusers_and_kohya_are_read_alike() {
     }
     // The factors are the state the reference step started from (names as written).
     let steps =
-        infusion_repl::sd::weights::load_safetensors(&fixture("steps.safetensors"), &Device::Cpu)
-            .unwrap();
+        infusion_repl::sd::load_safetensors(&fixture("steps.safetensors"), &Device::Cpu).unwrap();
     let l = &d.layers[0];
     let state = get(
         &steps,
@@ -274,7 +272,7 @@ fn pair_with(hook: &dyn infusion_repl::AttentionHook, prompt: &str) -> Vec<Tenso
 
 #[test]
 fn a_lora_on_c_generates_what_diffusers_generates_and_f_stays_plain() {
-    use infusion_repl::methods::lora::LoraHook;
+    use infusion_repl::methods::LoraHook;
     let g = generation();
     let sd = tiny();
     let prompt = "a photo of sks cat by a teapot";
@@ -303,8 +301,8 @@ fn a_lora_on_c_generates_what_diffusers_generates_and_f_stays_plain() {
 
 #[test]
 fn a_lora_of_other_shapes_or_modules_is_refused_with_the_layer() {
-    use infusion_repl::methods::lora::LoraHook;
-    use infusion_repl::methods::lora::{LoraFile as Lora, LoraLayer, LoraTarget};
+    use infusion_repl::methods::LoraHook;
+    use infusion_repl::methods::{LoraFile as Lora, LoraLayer, LoraTarget};
     let z = |d: &[usize]| Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
     let layer = |module: &str, down: &[usize], up: &[usize], target| LoraLayer {
         target,
@@ -366,11 +364,9 @@ fn a_lora_of_every_module_and_the_text_encoder_generates_the_merged_model() {
     use infusion_repl::{generate_pair, ConceptSet, PairOptions};
     let sd = tiny();
     let dir = repo().join("tests/fixtures/baselines/modules");
-    let refs = infusion_repl::sd::weights::load_safetensors(
-        &dir.join("generation.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let refs =
+        infusion_repl::sd::load_safetensors(&dir.join("generation.safetensors"), &Device::Cpu)
+            .unwrap();
     let opts = PairOptions {
         generate: reference_options(&refs),
         replace_steps: 1.0,
@@ -441,8 +437,7 @@ fn ddpm_loss(
 }
 
 fn steps_fixture() -> std::collections::HashMap<String, Tensor> {
-    infusion_repl::sd::weights::load_safetensors(&fixture("steps.safetensors"), &Device::Cpu)
-        .unwrap()
+    infusion_repl::sd::load_safetensors(&fixture("steps.safetensors"), &Device::Cpu).unwrap()
 }
 
 fn scalar(t: &Tensor) -> f32 {
@@ -454,8 +449,8 @@ fn scalar(t: &Tensor) -> f32 {
 #[test]
 fn a_lora_training_step_matches_peft() {
     use candle_core::Var;
-    use infusion_repl::methods::lora::LoraHook;
-    use infusion_repl::methods::lora::{LoraFile as Lora, LoraLayer, LoraTarget};
+    use infusion_repl::methods::LoraHook;
+    use infusion_repl::methods::{LoraFile as Lora, LoraLayer, LoraTarget};
     let s = steps_fixture();
     let sd = tiny();
     let mut vars = vec![];
@@ -540,7 +535,7 @@ fn a_textual_inversion_training_step_matches_diffusers() {
     let g = grads.get(var.as_tensor()).unwrap().clone();
     assert_close(&g, get(&s, "ti.grad"), 1e-4, "the new row's gradient");
     let vars = std::collections::BTreeMap::from([("<thing>".to_string(), var.clone())]);
-    let mut opt = infusion_repl::train::optim::AdamW::new(5e-4, 1e-2, &vars).unwrap();
+    let mut opt = infusion_repl::train::AdamW::new(5e-4, 1e-2, &vars).unwrap();
     opt.update(
         &vars,
         &std::collections::BTreeMap::from([("<thing>".to_string(), g)]),
@@ -559,8 +554,8 @@ fn a_textual_inversion_training_step_matches_diffusers() {
 /// plain one, and a prompt without marks stays plain SD.
 #[test]
 fn adapted_concepts_generate_through_the_session_pair() {
-    use infusion_repl::methods::lora::LoraConcept;
-    use infusion_repl::methods::textual_inversion::WordConcept;
+    use infusion_repl::methods::LoraConcept;
+    use infusion_repl::methods::WordConcept;
     use infusion_repl::{generate_pair, ConceptSet, PairOptions};
     let g = generation();
     let sd = tiny();
@@ -712,9 +707,9 @@ fn example_images() -> Vec<image::RgbImage> {
 /// the same batch (1e-5 relative), and a few steps lower it on a fixed evaluation set.
 #[test]
 fn every_learner_starts_from_the_plain_model_and_learns() {
-    use infusion_repl::infusion::train::trainer;
-    use infusion_repl::methods::lora::LoraLearner;
-    use infusion_repl::methods::textual_inversion::LearnedWord;
+    use infusion_repl::infusion::trainer;
+    use infusion_repl::methods::LearnedWord;
+    use infusion_repl::methods::LoraLearner;
     use infusion_repl::train::{TrainOptions, Trainer};
     let sd = tiny();
     let images = example_images();
@@ -796,12 +791,10 @@ fn scripts_train_save_and_use_lora_and_ti_concepts() {
         &dir.path().join("word.safetensors"),
         &dir.path().join("resumed.safetensors"),
     );
-    let ours = infusion_repl::sd::weights::load_safetensors(
-        &dir.path().join("pot_lora.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let theirs = infusion_repl::sd::weights::load_safetensors(
+    let ours =
+        infusion_repl::sd::load_safetensors(&dir.path().join("pot_lora.safetensors"), &Device::Cpu)
+            .unwrap();
+    let theirs = infusion_repl::sd::load_safetensors(
         &fixture("pytorch_lora_weights.safetensors"),
         &Device::Cpu,
     )
@@ -826,10 +819,10 @@ fn scripts_train_save_and_use_lora_and_ti_concepts() {
 /// (to rounding) zero for a "learned" word that is the class word's own embedding.
 #[test]
 fn fisher_divergence_measures_learned_words_and_loras() {
-    use infusion_repl::methods::lora::LoraConcept;
-    use infusion_repl::methods::textual_inversion::WordConcept;
     use infusion_repl::methods::ConceptRef;
-    use infusion_repl::metrics::fisher::{fisher_divergence, FisherOptions, Variant};
+    use infusion_repl::methods::LoraConcept;
+    use infusion_repl::methods::WordConcept;
+    use infusion_repl::metrics::{fisher_divergence, FisherOptions, Variant};
     use infusion_repl::ConceptSet;
     let sd = tiny();
     let job = Job::quiet();
@@ -1078,7 +1071,7 @@ fn files_we_write_give_diffusers_our_images() {
     use infusion_repl::{generate_pair, ConceptSet, PairOptions};
     let sd = tiny();
     let ours = repo().join("tests/fixtures/baselines/ours");
-    let theirs = infusion_repl::sd::weights::load_safetensors(
+    let theirs = infusion_repl::sd::load_safetensors(
         &ours.join("diffusers_latents.safetensors"),
         &Device::Cpu,
     )
@@ -1265,7 +1258,7 @@ fn the_command_line_takes_ti_and_lora_files_with_their_word() {
 
 /// The tensors of two safetensors files are equal, name for name (tolerance 0).
 fn same_tensors(a: &Path, b: &Path) {
-    let load = |p: &Path| infusion_repl::sd::weights::load_safetensors(p, &Device::Cpu).unwrap();
+    let load = |p: &Path| infusion_repl::sd::load_safetensors(p, &Device::Cpu).unwrap();
     let (a, b) = (load(a), load(b));
     assert_eq!(
         a.keys().collect::<std::collections::BTreeSet<_>>(),
@@ -1385,7 +1378,7 @@ fn every_method_resumes_from_its_checkpoint_to_the_same_result() {
 /// tiny model's own (every field), and the folder loads as a concept.
 #[test]
 fn a_dreambooth_unet_from_a_single_file_model_writes_its_config() {
-    use infusion_repl::sd::config::UNetConfig;
+    use infusion_repl::sd::UNetConfig;
     let dir = tempfile::tempdir().unwrap();
     let file = crate::model_files::single_file(dir.path(), "tiny.safetensors", DType::F32, |_| {});
     let loaded = infusion_repl::actions::load_model(
@@ -1396,13 +1389,13 @@ fn a_dreambooth_unet_from_a_single_file_model_writes_its_config() {
             config: Some(repo().join("models/tiny-sd").display().to_string()),
             vae: None,
             ema: None,
-            kernels: infusion_repl::sd::fused::Kernels::Naive,
+            kernels: infusion_repl::sd::Kernels::Naive,
         },
         &Job::quiet(),
     )
     .unwrap();
     let sd = &loaded.sd;
-    let learner = infusion_repl::methods::dreambooth::FullUnet::new(sd, "sks").unwrap();
+    let learner = infusion_repl::methods::FullUnet::new(sd, "sks").unwrap();
     let out = dir.path().join("unet");
     use infusion_repl::methods::CustomConcept;
     use infusion_repl::train::Learner;
@@ -1414,7 +1407,7 @@ fn a_dreambooth_unet_from_a_single_file_model_writes_its_config() {
         options: &options,
         images: 0,
     };
-    infusion_repl::methods::dreambooth::FullUnet::concept(sd, learner.vars(), &run, "sks")
+    infusion_repl::methods::FullUnet::concept(sd, learner.vars(), &run, "sks")
         .unwrap()
         .save(&out, true)
         .unwrap();
@@ -1436,9 +1429,9 @@ fn a_dreambooth_unet_from_a_single_file_model_writes_its_config() {
 #[test]
 fn our_files_record_their_training_and_generations_record_their_concepts() {
     use infusion_repl::actions::{load_concept, train_concept, TrainAsk};
-    use infusion_repl::methods::files::Provenance;
-    use infusion_repl::methods::lora::LoraConcept;
     use infusion_repl::methods::ConceptRequest;
+    use infusion_repl::methods::LoraConcept;
+    use infusion_repl::methods::Provenance;
     use infusion_repl::{generate_pair, ConceptSet, PairOptions};
     let sd = tiny();
     let job = Job::quiet();

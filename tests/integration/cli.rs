@@ -225,7 +225,7 @@ fn train_then_generate_with_the_concept() {
     assert_eq!((pair.width(), pair.height()), (64, 32));
     assert!(dir.path().join("pair.base.png").is_file());
     assert!(dir.path().join("pair.custom.png").is_file());
-    let maps = infusion_repl::sd::weights::load_safetensors(
+    let maps = infusion_repl::sd::load_safetensors(
         &dir.path().join("maps.safetensors"),
         &candle_core::Device::Cpu,
     )
@@ -404,12 +404,12 @@ fn written_files_follow_the_umask() {
 #[test]
 fn bench_reports_each_row_as_it_is_measured() {
     let mut seen = vec![];
-    let opts = infusion_repl::app::bench::BenchOptions {
+    let opts = infusion_repl::app::BenchOptions {
         steps: 1,
         repeats: 1,
         only: vec![],
     };
-    let report = infusion_repl::app::bench::run(
+    let report = infusion_repl::app::run_bench(
         crate::common::tiny(),
         "tiny",
         &opts,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
-use infusion_repl::sd::fused::Kernels;
+use infusion_repl::sd::Kernels;
 use infusion_repl::{LoadOptions, StableDiffusion};
 
 /// The checkout's root (see `infusion_repl::assets::home`: a test binary copied to another machine
@@ -41,7 +41,7 @@ pub fn tiny_model_dir() -> PathBuf {
 pub fn device() -> Device {
     match std::env::var("INFUSION_TEST_DEVICE") {
         Ok(d) if !d.is_empty() => {
-            infusion_repl::sd::device::parse_device(&d).expect("INFUSION_TEST_DEVICE")
+            infusion_repl::sd::parse_device(&d).expect("INFUSION_TEST_DEVICE")
         }
         _ => Device::Cpu,
     }
@@ -50,7 +50,7 @@ pub fn device() -> Device {
 /// Reference tensors, on the test device.
 pub fn reference(name: &str) -> HashMap<String, Tensor> {
     let path = repo().join("tests/fixtures/reference").join(name);
-    infusion_repl::sd::weights::load_safetensors(&path, &device())
+    infusion_repl::sd::load_safetensors(&path, &device())
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
@@ -133,19 +133,15 @@ pub fn ids_tensor(ids: &Tensor) -> Tensor {
 }
 
 /// The bundled tiny CLIP and DINO, on the test device.
-pub fn tiny_scorers() -> (
-    infusion_repl::metrics::clip::Clip,
-    infusion_repl::metrics::dino::Dino,
-) {
-    let clip = infusion_repl::metrics::clip::Clip::load(
+pub fn tiny_scorers() -> (infusion_repl::metrics::Clip, infusion_repl::metrics::Dino) {
+    let clip = infusion_repl::metrics::Clip::load(
         &repo().join("models/tiny-clip"),
         &repo().join("models/tiny-sd/tokenizer"),
         &device(),
     )
     .expect("the bundled tiny CLIP loads");
-    let dino =
-        infusion_repl::metrics::dino::Dino::load(&repo().join("models/tiny-dino"), &device())
-            .expect("the bundled tiny DINO loads");
+    let dino = infusion_repl::metrics::Dino::load(&repo().join("models/tiny-dino"), &device())
+        .expect("the bundled tiny DINO loads");
     (clip, dino)
 }
 

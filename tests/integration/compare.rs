@@ -81,7 +81,7 @@ fn two_shards_and_a_merge_equal_one_run() {
 #[test]
 fn a_cut_off_run_resumes_to_the_same_results_and_cells_are_the_librarys() {
     use infusion_repl::compare::{Cell, Measure};
-    use infusion_repl::metrics::fisher::{fisher_divergence, FisherOptions, Variant};
+    use infusion_repl::metrics::{fisher_divergence, FisherOptions, Variant};
     let sd = tiny();
     let job = Job::quiet();
     let dir = tempfile::tempdir().unwrap();
@@ -116,7 +116,7 @@ fn a_cut_off_run_resumes_to_the_same_results_and_cells_are_the_librarys() {
     )
     .unwrap();
     set.add(c, false, &job);
-    let (captions, _) = infusion_repl::methods::perfusion::captions("builtin").unwrap();
+    let (captions, _) = infusion_repl::methods::captions("builtin").unwrap();
     let f = fisher_divergence(
         sd,
         &Variant::Base,
@@ -160,7 +160,7 @@ fn a_cut_off_run_resumes_to_the_same_results_and_cells_are_the_librarys() {
         base.push(g.base_latents);
         custom.push(g.custom_latents);
     }
-    let want = infusion_repl::metrics::w2::wasserstein(
+    let want = infusion_repl::metrics::wasserstein(
         &candle_core::Tensor::cat(&base, 0).unwrap(),
         &candle_core::Tensor::cat(&custom, 0).unwrap(),
         None,

@@ -2,8 +2,8 @@
 //! corrupt, truncated, wrong-model and wrong-length files.
 
 use candle_core::{DType, Tensor};
-use infusion_repl::sd::config::UNetConfig;
-use infusion_repl::sd::unet::UNet;
+use infusion_repl::sd::UNet;
+use infusion_repl::sd::UNetConfig;
 use infusion_repl::{Concept, ConceptSet, Job};
 
 use crate::common::{max_abs, tiny};
@@ -18,7 +18,7 @@ fn random_concept(name: &str) -> Concept {
     )
     .unwrap();
     for (i, d) in c.deltas.values_mut().enumerate() {
-        *d = infusion_repl::util::noise::seeded_noise(i as u64, d.dims()).unwrap();
+        *d = infusion_repl::util::seeded_noise(i as u64, d.dims()).unwrap();
     }
     c.train = serde_json::json!({"steps": 10, "lr": 0.01});
     c
@@ -181,14 +181,14 @@ fn the_fingerprint_ignores_precision_but_not_weights() {
     // The same weights stored in f16 give the same fingerprint.
     let dir = tempfile::tempdir().unwrap();
     let src = crate::common::tiny_model_dir().join("unet/diffusion_pytorch_model.safetensors");
-    let t = infusion_repl::sd::weights::load_safetensors(&src, &candle_core::Device::Cpu).unwrap();
+    let t = infusion_repl::sd::load_safetensors(&src, &candle_core::Device::Cpu).unwrap();
     let half: std::collections::HashMap<_, _> = t
         .iter()
         .map(|(k, v)| (k.clone(), v.to_dtype(DType::F16).unwrap()))
         .collect();
     let p16 = dir.path().join("u16.safetensors");
     candle_core::safetensors::save(&half, &p16).unwrap();
-    let f16 = infusion_repl::sd::weights::WeightFiles::open("UNet", &[p16]).unwrap();
+    let f16 = infusion_repl::sd::WeightFiles::open("UNet", &[p16]).unwrap();
     assert_eq!(f16.fingerprint().unwrap(), fp);
     // Changed weights give another one.
     let mut changed = t.clone();
@@ -196,6 +196,6 @@ fn the_fingerprint_ignores_precision_but_not_weights() {
     changed.insert(k.into(), (&t[k] * 1.5).unwrap());
     let pc = dir.path().join("changed.safetensors");
     candle_core::safetensors::save(&changed, &pc).unwrap();
-    let other = infusion_repl::sd::weights::WeightFiles::open("UNet", &[pc]).unwrap();
+    let other = infusion_repl::sd::WeightFiles::open("UNet", &[pc]).unwrap();
     assert_ne!(other.fingerprint().unwrap(), fp);
 }

@@ -1,8 +1,8 @@
 //! Over-training curves on the tiny model: the metrics at each checkpoint, a CSV and a chart.
 
-use infusion_repl::metrics::curves::{overtraining_curves, CurveOptions};
+use infusion_repl::metrics::{overtraining_curves, CurveOptions};
 use infusion_repl::train::TrainOptions;
-use infusion_repl::util::image_io::load_folder;
+use infusion_repl::util::load_folder;
 use infusion_repl::Job;
 
 use crate::common::{repo, tiny};
@@ -67,7 +67,7 @@ fn curves_measure_every_checkpoint_and_draw_a_chart() {
 /// empty before, holds the note; real scorers get no red.
 #[test]
 fn the_chart_says_when_its_scorers_are_random() {
-    use infusion_repl::metrics::curves::{chart, CurvePoint};
+    use infusion_repl::metrics::{chart, CurvePoint};
     let points = |scorers: &str| -> Vec<CurvePoint> {
         (0..3)
             .map(|i| CurvePoint {

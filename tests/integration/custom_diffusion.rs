@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, Var};
-use infusion_repl::methods::custom_diffusion::ProjectionsHook;
-use infusion_repl::methods::words::{text_states, Embedding};
+use infusion_repl::methods::ProjectionsHook;
+use infusion_repl::methods::{text_states, Embedding};
 use infusion_repl::{Branch, Job};
 
 use crate::common::{assert_close, copy_dir, get, max_abs, repo, tiny};
@@ -21,7 +21,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn load(name: &str) -> HashMap<String, Tensor> {
-    infusion_repl::sd::weights::load_safetensors(&fixture(name), &Device::Cpu).unwrap()
+    infusion_repl::sd::load_safetensors(&fixture(name), &Device::Cpu).unwrap()
 }
 
 fn scalar(t: &Tensor) -> f64 {
@@ -137,7 +137,7 @@ fn a_custom_diffusion_training_step_matches_diffusers() {
         scalar(&loss)
     );
     let grads = loss.backward().unwrap();
-    let mut g = infusion_repl::train::optim::gradients(&grads, &vars, 1.0).unwrap();
+    let mut g = infusion_repl::train::gradients(&grads, &vars, 1.0).unwrap();
     for (k, v) in &g {
         let want = if k == "token" {
             get(&s, "cd.grad.token")
@@ -146,10 +146,10 @@ fn a_custom_diffusion_training_step_matches_diffusers() {
         };
         assert_close(v, want, 1e-4, k);
     }
-    let norm = infusion_repl::train::optim::clip_grad_norm(&mut g, 1.0).unwrap();
+    let norm = infusion_repl::train::clip_grad_norm(&mut g, 1.0).unwrap();
     let want = scalar(get(&s, "cd.grad_norm"));
     assert!((norm - want).abs() <= 1e-4 * want, "norm {norm} vs {want}");
-    let mut opt = infusion_repl::train::optim::AdamW::new(2e-5, 1e-2, &vars).unwrap();
+    let mut opt = infusion_repl::train::AdamW::new(2e-5, 1e-2, &vars).unwrap();
     opt.update(&vars, &g).unwrap();
     for (k, v) in &vars {
         let want = if k == "token" {
@@ -282,8 +282,8 @@ fn custom_diffusion_trains_saves_loads_and_resumes() {
     assert_eq!(resumed.losses, full.losses[2..]);
     let w = "pytorch_custom_diffusion_weights.safetensors";
     let (wa, wb) = (
-        infusion_repl::sd::weights::load_safetensors(&a.join(w), &Device::Cpu).unwrap(),
-        infusion_repl::sd::weights::load_safetensors(&b.join(w), &Device::Cpu).unwrap(),
+        infusion_repl::sd::load_safetensors(&a.join(w), &Device::Cpu).unwrap(),
+        infusion_repl::sd::load_safetensors(&b.join(w), &Device::Cpu).unwrap(),
     );
     for (k, t) in &wa {
         assert_eq!(max_abs(&(t - &wb[k]).unwrap()), 0.0, "{k}");

@@ -4,7 +4,7 @@
 //! bf16 on the CPU is refused with a clear message (candle's CPU matmul has no bf16).
 
 use candle_core::DType;
-use infusion_repl::sd::fused::Kernels;
+use infusion_repl::sd::Kernels;
 use infusion_repl::{GenerateOptions, Job, LoadOptions, StableDiffusion};
 
 use crate::common::{assert_close, device, get, max_abs, reference, tiny_model_dir};
@@ -77,9 +77,9 @@ fn bf16_is_close_on_cuda_and_refused_on_the_cpu() {
 /// sign on at least 90% of the values. The f16 losses are within 2e-2 relative of f32's.
 #[test]
 fn f16_training_scales_the_loss_and_follows_f32() {
-    use infusion_repl::infusion::train::trainer;
+    use infusion_repl::infusion::trainer;
     use infusion_repl::train::TrainOptions;
-    let images: Vec<image::RgbImage> = infusion_repl::util::image_io::load_folder_images(
+    let images: Vec<image::RgbImage> = infusion_repl::util::load_folder_images(
         &crate::common::repo().join("assets/example-concept"),
         &Job::quiet(),
     )
@@ -93,7 +93,7 @@ fn f16_training_scales_the_loss_and_follows_f32() {
         let r = t.run(job).unwrap();
         (
             r.losses,
-            infusion_repl::infusion::train::concept(&t).unwrap(),
+            infusion_repl::infusion::trained_concept(&t).unwrap(),
             t.loss_scale(),
         )
     };

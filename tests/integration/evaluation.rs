@@ -2,7 +2,7 @@
 //! an uninterrupted one, and redoes nothing that was done.
 
 use candle_core::DType;
-use infusion_repl::metrics::eval::{evaluate, EvalConcept, EvalOptions};
+use infusion_repl::metrics::{evaluate, EvalConcept, EvalOptions};
 use infusion_repl::{Concept, Error, Job};
 
 use crate::common::{repo, tiny};
@@ -17,8 +17,7 @@ fn concept_file(dir: &std::path::Path, name: &str, seed: u64) -> std::path::Path
     )
     .unwrap();
     for (i, d) in c.deltas.values_mut().enumerate() {
-        *d = (infusion_repl::util::noise::seeded_noise(seed * 10 + i as u64, d.dims()).unwrap()
-            * 0.3)
+        *d = (infusion_repl::util::seeded_noise(seed * 10 + i as u64, d.dims()).unwrap() * 0.3)
             .unwrap();
     }
     let p = dir.join(format!("{name}.safetensors"));

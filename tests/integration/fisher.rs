@@ -2,7 +2,7 @@
 //! computation where they do not, a standard error that shrinks with samples.
 
 use candle_core::Device;
-use infusion_repl::metrics::fisher::{
+use infusion_repl::metrics::{
     fisher_divergence, fisher_inputs, unet_from_file, FisherOptions, Variant,
 };
 use infusion_repl::{Concept, ConceptSet, Job};
@@ -27,7 +27,7 @@ fn concepts() -> ConceptSet {
     let sd = tiny();
     let mut c = Concept::zeros("mycat", "cat", sd.unet.attention_layers(), None).unwrap();
     for (i, d) in c.deltas.values_mut().enumerate() {
-        *d = infusion_repl::util::noise::seeded_noise(i as u64, d.dims()).unwrap();
+        *d = infusion_repl::util::seeded_noise(i as u64, d.dims()).unwrap();
     }
     let mut set = ConceptSet::new();
     set.insert(c, false);
@@ -83,7 +83,7 @@ fn other_weights_give_the_directly_computed_value() {
     let sd = tiny();
     let dir = tempfile::tempdir().unwrap();
     let file = tiny_model_dir().join("unet/diffusion_pytorch_model.safetensors");
-    let mut t = infusion_repl::sd::weights::load_safetensors(&file, &Device::Cpu).unwrap();
+    let mut t = infusion_repl::sd::load_safetensors(&file, &Device::Cpu).unwrap();
     let k = "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_out.0.bias";
     let changed = (&t[k] + 0.05).unwrap();
     t.insert(k.to_string(), changed);

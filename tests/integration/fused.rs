@@ -8,7 +8,7 @@
 //! other tests use is another model, which keeps its own choice (checked below).
 
 use candle_core::DType;
-use infusion_repl::sd::fused::{fused_calls_on_this_thread, FusedCalls, Kernels};
+use infusion_repl::sd::{fused_calls_on_this_thread, FusedCalls, Kernels};
 use infusion_repl::{generate_pair, GenerateOptions, Job};
 
 use crate::common::{assert_close, device, get, max_abs, reference, tiny, tiny_with};
@@ -168,7 +168,7 @@ fn the_op_matches_unfused_attention_at_sd15_head_sizes() {
         (2, 8, pixels / 16, pixels / 16, 160),
     ] {
         let noise = |seed, dims: &[usize]| {
-            infusion_repl::util::noise::seeded_noise(seed, dims)
+            infusion_repl::util::seeded_noise(seed, dims)
                 .unwrap()
                 .to_device(&dev)
                 .unwrap()
@@ -185,8 +185,7 @@ fn the_op_matches_unfused_attention_at_sd15_head_sizes() {
                 .unwrap()
                 .matmul(&up(&v))
                 .unwrap();
-            let got =
-                infusion_repl::sd::fused::attention::fused_attention(&q, &k, &v, scale).unwrap();
+            let got = infusion_repl::sd::fused_attention(&q, &k, &v, scale).unwrap();
             assert_eq!(got.dtype(), dtype);
             let err = max_abs(&(up(&got) - want).unwrap());
             assert!(
@@ -204,7 +203,7 @@ fn the_op_matches_unfused_attention_at_sd15_head_sizes() {
 #[test]
 fn captured_maps_are_those_of_the_unfused_run() {
     use crate::infusion::{concept, options, set};
-    use infusion_repl::infusion::maps::AttentionMaps;
+    use infusion_repl::infusion::AttentionMaps;
     use infusion_repl::Stream;
     let concepts = set(vec![concept("mycat", "cat", "", 1.0)]);
     let run = |kernels| {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
-use infusion_repl::infusion::maps::AttentionMaps;
+use infusion_repl::infusion::AttentionMaps;
 use infusion_repl::{
     generate_pair, Concept, ConceptSet, Job, PairOptions, StableDiffusion, Stream,
 };
@@ -252,16 +252,16 @@ fn captured_maps_match_reference_and_c_uses_f_maps() {
         1e-5,
         "aggregated rows sum to one",
     );
-    let cat = infusion_repl::infusion::maps::token_map(&agg, &[5]).unwrap();
+    let cat = infusion_repl::infusion::token_map(&agg, &[5]).unwrap();
     let img = image::RgbImage::from_pixel(32, 32, image::Rgb([128, 128, 128]));
-    let over = infusion_repl::infusion::maps::overlay(&img, &cat, 0.6).unwrap();
+    let over = infusion_repl::infusion::overlay(&img, &cat, 0.6).unwrap();
     assert_eq!((over.width(), over.height()), (32, 32));
     assert!(over.pixels().any(|p| p.0 != [128, 128, 128]));
     // Raw tensors out.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("maps.safetensors");
     maps.save(&path).unwrap();
-    let back = infusion_repl::sd::weights::load_safetensors(&path, &Device::Cpu).unwrap();
+    let back = infusion_repl::sd::load_safetensors(&path, &Device::Cpu).unwrap();
     let key = "F/mid_block.attentions.0.transformer_blocks.0.attn2/step0";
     assert_eq!(back[key].dims(), [8, 8, 77]);
     assert_eq!(back.len(), 2 * r.len() * 6);

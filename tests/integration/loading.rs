@@ -21,8 +21,7 @@ fn with_edited_unet(
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&tiny_model_dir(), dir.path());
     let file = dir.path().join("unet/diffusion_pytorch_model.safetensors");
-    let mut t =
-        infusion_repl::sd::weights::load_safetensors(&file, &candle_core::Device::Cpu).unwrap();
+    let mut t = infusion_repl::sd::load_safetensors(&file, &candle_core::Device::Cpu).unwrap();
     edit(&mut t);
     candle_core::safetensors::save(&t, &file).unwrap();
     dir
@@ -124,7 +123,7 @@ fn old_vae_attention_names_load_the_same_model() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&tiny_model_dir(), dir.path());
     let file = dir.path().join("vae/diffusion_pytorch_model.safetensors");
-    let t = infusion_repl::sd::weights::load_safetensors(&file, &candle_core::Device::Cpu).unwrap();
+    let t = infusion_repl::sd::load_safetensors(&file, &candle_core::Device::Cpu).unwrap();
     let renamed: std::collections::HashMap<String, candle_core::Tensor> = t
         .into_iter()
         .map(|(k, v)| {
@@ -160,7 +159,7 @@ fn fp16_variant_is_preferred_when_asked_for() {
         .join("unet/diffusion_pytorch_model.fp16.safetensors");
     std::fs::write(&bad, b"broken").unwrap();
     StableDiffusion::load_dir(dir.path(), &LoadOptions::default()).unwrap();
-    let files = infusion_repl::sd::hub::ModelFiles::locate(dir.path(), true).unwrap();
+    let files = infusion_repl::sd::ModelFiles::locate(dir.path(), true).unwrap();
     assert_eq!(files.unet.weights, vec![bad.clone()]);
     assert_eq!(
         files.vae.weights,
@@ -176,15 +175,14 @@ fn hugging_face_cache_snapshot_is_found_from_a_repo_id() {
     copy_dir(&tiny_model_dir(), &snap);
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
-    let found = infusion_repl::sd::hub::snapshot_in_cache(cache.path(), "someorg/tiny-sd").unwrap();
+    let found = infusion_repl::sd::snapshot_in_cache(cache.path(), "someorg/tiny-sd").unwrap();
     assert_eq!(found, snap);
-    let found = infusion_repl::sd::hub::snapshot_in_cache(cache.path(), "someorg/tiny-sd@0123abcd")
-        .unwrap();
+    let found =
+        infusion_repl::sd::snapshot_in_cache(cache.path(), "someorg/tiny-sd@0123abcd").unwrap();
     assert_eq!(found, snap);
-    let e =
-        infusion_repl::sd::hub::snapshot_in_cache(cache.path(), "someorg/tiny-sd@v2").unwrap_err();
+    let e = infusion_repl::sd::snapshot_in_cache(cache.path(), "someorg/tiny-sd@v2").unwrap_err();
     assert!(e.to_string().contains("v2"), "{e}");
-    let e = infusion_repl::sd::hub::snapshot_in_cache(cache.path(), "other/model").unwrap_err();
+    let e = infusion_repl::sd::snapshot_in_cache(cache.path(), "other/model").unwrap_err();
     assert!(e.to_string().contains("models--other--model"), "{e}");
     StableDiffusion::load_dir(&found, &LoadOptions::default()).unwrap();
 }
@@ -212,7 +210,7 @@ fn mapped(path: &Path) -> bool {
 #[cfg(target_os = "linux")]
 #[test]
 fn weights_are_used_in_place_and_released_with_the_model() {
-    assert!(infusion_repl::util::mapped::in_place_available());
+    assert!(infusion_repl::util::in_place_available());
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&tiny_model_dir(), dir.path());
     let unet = dir.path().join("unet/diffusion_pytorch_model.safetensors");
@@ -221,8 +219,8 @@ fn weights_are_used_in_place_and_released_with_the_model() {
         mapped(&unet),
         "the UNet file is not mapped while the model lives"
     );
-    let x = infusion_repl::util::noise::seeded_noise(3, &[2, 4, 16, 16]).unwrap();
-    let ctx = infusion_repl::util::noise::seeded_noise(4, &[2, 77, 32]).unwrap();
+    let x = infusion_repl::util::seeded_noise(3, &[2, 4, 16, 16]).unwrap();
+    let ctx = infusion_repl::util::seeded_noise(4, &[2, 77, 32]).unwrap();
     let t = candle_core::Tensor::new(500f32, &candle_core::Device::Cpu).unwrap();
     let ours = sd.unet.forward(&x, &t, &ctx, None).unwrap();
     let reference = crate::common::tiny()

@@ -2,7 +2,7 @@
 
 /// As the binary: weights stay in their mapped files, so every test runs over them.
 #[global_allocator]
-static ALLOC: infusion_repl::util::mapped::MappedAlloc = infusion_repl::util::mapped::MappedAlloc;
+static ALLOC: infusion_repl::util::MappedAlloc = infusion_repl::util::MappedAlloc;
 
 mod common;
 

@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use infusion_repl::train::data::{mse, LossMask};
+use infusion_repl::train::{mse, LossMask};
 use infusion_repl::train::{Augment, TrainingSet};
-use infusion_repl::util::image_io::{load_folder, load_masks};
+use infusion_repl::util::{load_folder, load_masks};
 use infusion_repl::Job;
 use rand::SeedableRng;
 

@@ -4,9 +4,9 @@
 //! matrices (<= 1e-5), W2 in float64 (<= 1e-6 relative).
 
 use candle_core::{DType, Device, Tensor};
-use infusion_repl::metrics::clip::{cosine_matrix, Clip};
-use infusion_repl::metrics::dino::Dino;
-use infusion_repl::metrics::w2::wasserstein;
+use infusion_repl::metrics::wasserstein;
+use infusion_repl::metrics::Dino;
+use infusion_repl::metrics::{cosine_matrix, Clip};
 
 use crate::common::{assert_close, get, reference, repo};
 
@@ -251,8 +251,8 @@ fn w2_is_zero_for_identical_sets_and_symmetric() {
     let ba = wasserstein(b, a, None).unwrap();
     assert!((ab.w2_squared - ba.w2_squared).abs() <= 1e-9 * ab.w2_squared);
     // Pooling [n, C, H, W] latents to a smaller grid: fewer dims, still a distance.
-    let la = infusion_repl::util::noise::seeded_noise(1, &[6, 4, 8, 8]).unwrap();
-    let lb = (infusion_repl::util::noise::seeded_noise(2, &[5, 4, 8, 8]).unwrap() + 0.5).unwrap();
+    let la = infusion_repl::util::seeded_noise(1, &[6, 4, 8, 8]).unwrap();
+    let lb = (infusion_repl::util::seeded_noise(2, &[5, 4, 8, 8]).unwrap() + 0.5).unwrap();
     let pooled = wasserstein(&la, &lb, Some(4)).unwrap();
     assert_eq!(pooled.dims, 4 * 2 * 2);
     assert!(pooled.w2 > 0.0);

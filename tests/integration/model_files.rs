@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use infusion_repl::actions::{load_model, ModelRequest};
-use infusion_repl::sd::fused::Kernels;
+use infusion_repl::sd::Kernels;
 use infusion_repl::{GenerateOptions, Job, LoadOptions, StableDiffusion};
 
 use crate::common::{copy_dir, repo, tiny, tiny_model_dir};
@@ -27,7 +27,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn read(path: &Path) -> Tensors {
-    infusion_repl::sd::weights::load_safetensors(path, &Device::Cpu).unwrap()
+    infusion_repl::sd::load_safetensors(path, &Device::Cpu).unwrap()
 }
 
 /// The tiny model's tensors per component: (component, its weights file).
@@ -122,7 +122,7 @@ fn scaled(t: &mut Tensors, prefix: &str, f: f64) {
 fn a_tokenizer_json_alone_tokenizes_like_transformers() {
     let dir = fixtures().join("tokenizer-json");
     assert!(!dir.join("vocab.json").exists() && dir.join("tokenizer.json").is_file());
-    let tok = infusion_repl::sd::tokenizer::ClipTokenizer::from_dir(&dir, 77).unwrap();
+    let tok = infusion_repl::sd::ClipTokenizer::from_dir(&dir, 77).unwrap();
     let cases: Vec<serde_json::Value> = serde_json::from_str(
         &std::fs::read_to_string(repo().join("tests/fixtures/reference/tokens.json")).unwrap(),
     )
@@ -454,10 +454,10 @@ fn the_command_line_and_scripts_load_single_files() {
 
 #[test]
 fn sd15_names_and_shapes_are_those_of_diffusers_and_its_conversion_script() {
-    use infusion_repl::sd::pipeline::ModelConfigs;
-    use infusion_repl::sd::single_file::{ldm_unet_key, ldm_vae_key, TEXT, UNET, VAE};
-    use infusion_repl::sd::weights::tensors_asked;
-    use infusion_repl::sd::{text_encoder::TextEncoder, unet::UNet, vae::Vae};
+    use infusion_repl::sd::tensors_asked;
+    use infusion_repl::sd::ModelConfigs;
+    use infusion_repl::sd::{ldm_unet_key, ldm_vae_key, TEXT, UNET, VAE};
+    use infusion_repl::sd::{TextEncoder, UNet, Vae};
 
     let json: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("sd15_ldm_keys.json")).unwrap(),

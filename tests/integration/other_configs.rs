@@ -7,12 +7,12 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use infusion_repl::sd::config::{TextEncoderConfig, UNetConfig, VaeConfig};
-use infusion_repl::sd::fused::Kernels;
-use infusion_repl::sd::pipeline::{Denoise, Trajectory};
-use infusion_repl::sd::text_encoder::TextEncoder;
-use infusion_repl::sd::unet::UNet;
-use infusion_repl::sd::vae::Vae;
+use infusion_repl::sd::Kernels;
+use infusion_repl::sd::TextEncoder;
+use infusion_repl::sd::UNet;
+use infusion_repl::sd::Vae;
+use infusion_repl::sd::{Denoise, Trajectory};
+use infusion_repl::sd::{TextEncoderConfig, UNetConfig, VaeConfig};
 use infusion_repl::{
     AttentionCall, AttentionHook, AttnKind, AttnSite, BatchLayout, Branch, GenerateOptions,
     Guidance, HookCtx, Job, LayerInfo, LoadOptions, StableDiffusion,
@@ -44,7 +44,7 @@ fn write_component<M>(
         let data = varmap.data().lock().unwrap();
         let var = &data[name];
         let noise =
-            infusion_repl::util::noise::seeded_noise(seed * 10_000 + i as u64, var.dims()).unwrap();
+            infusion_repl::util::seeded_noise(seed * 10_000 + i as u64, var.dims()).unwrap();
         var.set(&(var.as_tensor() + (noise * 0.05).unwrap()).unwrap())
             .unwrap();
     }
@@ -260,7 +260,7 @@ fn check_case(case: &Case) {
     assert!(max_abs(&g.image).is_finite(), "{name}");
 
     // Per-element timesteps give what separate calls give.
-    let x = infusion_repl::util::noise::seeded_noise(5, &[2, 4, h, w]).unwrap();
+    let x = infusion_repl::util::seeded_noise(5, &[2, 4, h, w]).unwrap();
     let tokens = sd.tokenize("a teapot").unwrap();
     let neg = sd.tokenize("").unwrap();
     let ctx = sd.text_states(&[&neg, &tokens]).unwrap();
@@ -287,7 +287,7 @@ fn check_case(case: &Case) {
         uncond: ctx.get(0).unwrap().unsqueeze(0).unwrap(),
         cond: ctx.get(1).unwrap().unsqueeze(0).unwrap(),
     };
-    let init = infusion_repl::util::noise::seeded_noise(9, &[1, 4, h, w]).unwrap();
+    let init = infusion_repl::util::seeded_noise(9, &[1, 4, h, w]).unwrap();
     let out = sd
         .denoise(
             &Denoise::new(
@@ -359,11 +359,11 @@ fn weight_check_applies_to_other_configs() {
 #[test]
 fn random_weights_build_a_working_model() {
     let dir = tiny_model_dir();
-    let configs = infusion_repl::sd::pipeline::ModelConfigs {
+    let configs = infusion_repl::sd::ModelConfigs {
         text: TextEncoderConfig::from_file(&dir.join("text_encoder/config.json")).unwrap(),
         unet: UNetConfig::from_file(&dir.join("unet/config.json")).unwrap(),
         vae: VaeConfig::from_file(&dir.join("vae/config.json")).unwrap(),
-        scheduler: infusion_repl::sd::config::SchedulerConfig::from_file(
+        scheduler: infusion_repl::sd::SchedulerConfig::from_file(
             &dir.join("scheduler/scheduler_config.json"),
         )
         .unwrap(),

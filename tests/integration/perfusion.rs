@@ -9,10 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
-use infusion_repl::methods::perfusion::{
-    covariance_of, Gate, RankOneHook, Target, BUILTIN_CAPTIONS,
-};
-use infusion_repl::methods::words::{text_states, Embedding};
+use infusion_repl::methods::{covariance_of, Gate, RankOneHook, Target, BUILTIN_CAPTIONS};
+use infusion_repl::methods::{text_states, Embedding};
 use infusion_repl::{Branch, Job, Projection};
 use nalgebra::DMatrix;
 
@@ -21,7 +19,7 @@ use crate::common::{assert_close, get, max_abs, repo, tiny};
 const LAYER: &str = "down_blocks.0.attentions.0.transformer_blocks.0.attn2";
 
 fn load(name: &str) -> HashMap<String, Tensor> {
-    infusion_repl::sd::weights::load_safetensors(
+    infusion_repl::sd::load_safetensors(
         &repo().join("tests/fixtures/baselines/perfusion").join(name),
         &Device::Cpu,
     )
@@ -261,8 +259,8 @@ fn perfusion_trains_saves_loads_resumes_and_composes() {
     .unwrap();
     assert_eq!(resumed.losses, full.losses[2..]);
     let (ta, tb) = (
-        infusion_repl::sd::weights::load_safetensors(&a, &Device::Cpu).unwrap(),
-        infusion_repl::sd::weights::load_safetensors(&b, &Device::Cpu).unwrap(),
+        infusion_repl::sd::load_safetensors(&a, &Device::Cpu).unwrap(),
+        infusion_repl::sd::load_safetensors(&b, &Device::Cpu).unwrap(),
     );
     assert_eq!(ta.len(), tb.len());
     for (k, t) in &ta {
@@ -387,9 +385,9 @@ fn perfusion_trains_saves_loads_resumes_and_composes() {
 #[test]
 fn custom_diffusion_and_perfusion_concepts_give_maps_and_fisher_divergence() {
     use infusion_repl::actions::{load_concept, train_concept};
-    use infusion_repl::infusion::maps::AttentionMaps;
+    use infusion_repl::infusion::AttentionMaps;
     use infusion_repl::methods::ConceptRequest;
-    use infusion_repl::metrics::fisher::{fisher_divergence, FisherOptions, Variant};
+    use infusion_repl::metrics::{fisher_divergence, FisherOptions, Variant};
     use infusion_repl::Stream;
     use infusion_repl::{generate_pair, ConceptSet, PairOptions};
     let sd = tiny();
@@ -478,7 +476,7 @@ fn custom_diffusion_and_perfusion_concepts_give_maps_and_fisher_divergence() {
 #[test]
 fn global_locking_gives_c_the_keys_of_fs_prompt() {
     use infusion_repl::actions::{load_concept, train_concept};
-    use infusion_repl::infusion::maps::AttentionMaps;
+    use infusion_repl::infusion::AttentionMaps;
     use infusion_repl::methods::ConceptRequest;
     use infusion_repl::{generate_pair, ConceptSet, PairOptions, Stream};
     let sd = tiny();
@@ -500,7 +498,7 @@ fn global_locking_gives_c_the_keys_of_fs_prompt() {
         a.settings
             .insert("locking".into(), serde_json::json!(locking));
         train_concept(sd, &a.resolve().unwrap(), &job).unwrap();
-        let found = infusion_repl::methods::files::Found::read(&out).unwrap();
+        let found = infusion_repl::methods::Found::read(&out).unwrap();
         assert_eq!(found.meta("locking"), Some(locking));
         let mut set = ConceptSet::new();
         load_concept(

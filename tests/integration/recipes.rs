@@ -43,8 +43,7 @@ fn write_concept(dir: &Path, name: &str, word: &str, seed: u64) {
     )
     .unwrap();
     for (i, d) in c.deltas.values_mut().enumerate() {
-        *d = (infusion_repl::util::noise::seeded_noise(seed * 100 + i as u64, d.dims()).unwrap()
-            * 0.5)
+        *d = (infusion_repl::util::seeded_noise(seed * 100 + i as u64, d.dims()).unwrap() * 0.5)
             .unwrap();
     }
     c.save(&dir.join(format!("{name}.safetensors")), DType::F16)
@@ -268,7 +267,7 @@ fn attention_maps_writes_tiles_words_and_raw_maps() {
         });
         assert!(title_rows.count() > 0, "am-{stream}.png has no title");
     }
-    let maps = infusion_repl::sd::weights::load_safetensors(
+    let maps = infusion_repl::sd::load_safetensors(
         &dir.path().join("am.safetensors"),
         &candle_core::Device::Cpu,
     )

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
+use infusion_repl::app::{build_engine, ScriptConfig, Session};
 use infusion_repl::{Concept, ConceptSet, Job, LoadOptions, StableDiffusion};
 
 use crate::common::{tiny, tiny_model_dir};
@@ -138,7 +138,7 @@ fn non_finite_numbers_are_refused_and_nan_weights_named() {
     let model = dir.path().join("model");
     copy_dir(&tiny_model_dir(), &model);
     let file = model.join("unet/diffusion_pytorch_model.safetensors");
-    let mut t = infusion_repl::sd::weights::load_safetensors(&file, &Device::Cpu).unwrap();
+    let mut t = infusion_repl::sd::load_safetensors(&file, &Device::Cpu).unwrap();
     let bias = t["conv_out.bias"].clone();
     t.insert("conv_out.bias".into(), (bias * f64::NAN).unwrap());
     candle_core::safetensors::save(&t, &file).unwrap();

@@ -19,10 +19,10 @@
 use std::collections::HashMap;
 
 use candle_core::Tensor;
-use infusion_repl::sd::config::{SchedulerConfig, TimestepSpacing};
-use infusion_repl::sd::pipeline::{Denoise, Trajectory};
-use infusion_repl::sd::sampler::{Plan, SamplerKind, SamplerOptions};
-use infusion_repl::sd::scheduler::NoiseSchedule;
+use infusion_repl::sd::NoiseSchedule;
+use infusion_repl::sd::{Denoise, Trajectory};
+use infusion_repl::sd::{Plan, SamplerKind, SamplerOptions};
+use infusion_repl::sd::{SchedulerConfig, TimestepSpacing};
 use infusion_repl::{Branch, GenerateOptions, Job, StableDiffusion};
 
 use crate::common::{assert_close, get, max_abs, reference, repo, tiny, tiny_model_dir};
@@ -304,8 +304,7 @@ impl Exact {
         use rand::SeedableRng;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut normal = || {
-            infusion_repl::util::noise::normal(&mut rng, &[1, 4, 3, 3], &candle_core::Device::Cpu)
-                .unwrap()
+            infusion_repl::util::normal(&mut rng, &[1, 4, 3, 3], &candle_core::Device::Cpu).unwrap()
         };
         let x0 = (normal() * 0.5).unwrap();
         let init = normal();

@@ -1,6 +1,6 @@
 //! DDIM parity (reference/ddim.json): alphas_cumprod to 1e-6 relative, timesteps exact.
 
-use infusion_repl::sd::sampler::{Plan, SamplerOptions};
+use infusion_repl::sd::{Plan, SamplerOptions};
 
 use crate::common::{repo, tiny};
 

@@ -1,6 +1,6 @@
 //! The metric bindings through the same engine the REPL and the runner use.
 
-use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
+use infusion_repl::app::{build_engine, ScriptConfig, Session};
 use rhai::{Dynamic, Scope};
 
 use crate::common::repo;
@@ -116,7 +116,7 @@ fn option_errors_use_the_script_names() {
 /// shows the option, and an unknown value is an error that names the option and the choices.
 #[test]
 fn kernels_are_chosen_per_model_from_scripts() {
-    use infusion_repl::sd::fused::fused_calls_on_this_thread;
+    use infusion_repl::sd::fused_calls_on_this_thread;
     // The scripts run on this test's thread: the fused-call counter is per thread.
     let before = fused_calls_on_this_thread();
     let v = eval(
@@ -162,7 +162,7 @@ fn kernels_are_chosen_per_model_from_scripts() {
     // The session's default is --kernels (ScriptConfig's model request).
     let fused_session = Session::new(ScriptConfig {
         model: infusion_repl::actions::ModelRequest {
-            kernels: infusion_repl::sd::fused::Kernels::Fused,
+            kernels: infusion_repl::sd::Kernels::Fused,
             ..ScriptConfig::default().model
         },
         ..ScriptConfig::default()

@@ -2,9 +2,7 @@
 //! its message and, where the error has them, the argument and the file; what is printed when
 //! nothing catches it is the message alone, as before the map.
 
-use infusion_repl::app::script::{
-    build_engine, describe, error_kind, rt, ScriptConfig, Session, Thrown,
-};
+use infusion_repl::app::{build_engine, describe, error_kind, rt, ScriptConfig, Session, Thrown};
 use infusion_repl::ErrorKind;
 use rhai::{Dynamic, EvalAltResult, Map};
 

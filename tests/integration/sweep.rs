@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
-use infusion_repl::infusion::concept::Concept;
+use infusion_repl::infusion::Concept;
 use infusion_repl::{
     generate_pair, ConceptSet, GenerateOptions, Job, LoadOptions, PairOptions, StableDiffusion,
 };
@@ -56,7 +56,7 @@ fn concept() -> Concept {
     let sd = tiny();
     let mut c = Concept::zeros("pot", "teapot", sd.unet.attention_layers(), None).unwrap();
     for (i, d) in c.deltas.values_mut().enumerate() {
-        *d = infusion_repl::util::noise::seeded_noise(i as u64, d.dims()).unwrap();
+        *d = infusion_repl::util::seeded_noise(i as u64, d.dims()).unwrap();
     }
     c
 }
@@ -425,7 +425,7 @@ fn odd_images_never_panic() {
         let what = format!("images {case} {files:?}");
         let job = Job::collecting();
         let loaded = no_panic(&what, || {
-            infusion_repl::util::image_io::load_folder_images(dir.path(), &job)
+            infusion_repl::util::load_folder_images(dir.path(), &job)
         });
         let expected: Vec<_> = files.iter().filter_map(|(_, e)| *e).collect();
         let unreadable: Vec<&str> = files
@@ -465,13 +465,13 @@ fn odd_images_never_panic() {
             ..Default::default()
         };
         let mut t = no_panic(&what, || {
-            infusion_repl::infusion::train::trainer(tiny(), "pot", "teapot", &images, opts)
+            infusion_repl::infusion::trainer(tiny(), "pot", "teapot", &images, opts)
         })
         .unwrap_or_else(|e| panic!("{what}: no trainer: {e}"));
         let loss = no_panic(&what, || t.step()).unwrap_or_else(|e| panic!("{what}: step: {e}"));
         assert!(loss.is_finite() && loss >= 0.0, "{what}: loss {loss}");
         assert_eq!(t.steps_done(), 1, "{what}");
-        let c = infusion_repl::infusion::train::concept(&t).unwrap();
+        let c = infusion_repl::infusion::trained_concept(&t).unwrap();
         let moved = c.deltas.values().map(max_abs).fold(0.0f32, f32::max);
         assert!(
             moved.is_finite() && moved > 0.0,

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use infusion_repl::toy::data::sample_peaks;
+use infusion_repl::toy::sample_peaks;
 use infusion_repl::toy::{
     count_modes, customize, fisher, CustomizeOptions, Layout, Point, Toy, ToyMethod,
     ToyTrainOptions,
@@ -27,7 +27,7 @@ fn foundation(layout: Layout) -> &'static Toy {
 /// A script engine whose scope has `TOY`: the shared four-peak foundation saved in a temporary
 /// folder (kept alive by the returned guard).
 fn toy_engine() -> (rhai::Engine, rhai::Scope<'static>, tempfile::TempDir) {
-    use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
+    use infusion_repl::app::{build_engine, ScriptConfig, Session};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("four.safetensors");
     foundation(Layout::FourPeaks).save(&path).unwrap();
@@ -50,7 +50,7 @@ fn w2(a: &[Point], b: &[Point]) -> f64 {
         )
         .unwrap()
     };
-    infusion_repl::metrics::w2::wasserstein(&t(a), &t(b), None)
+    infusion_repl::metrics::wasserstein(&t(a), &t(b), None)
         .unwrap()
         .w2
 }
@@ -322,7 +322,7 @@ fn scripts_drive_the_toy_lab() {
 /// with three panels is three panels wide; bad input is refused by name.
 #[test]
 fn scatter_score_field_and_line_chart_draw_what_they_are_given() {
-    use infusion_repl::app::script::api::images::Img;
+    use infusion_repl::app::Img;
     let (engine, mut scope, _dir) = toy_engine();
     let imgs: rhai::Array = engine
         .eval_with_scope(
@@ -405,7 +405,7 @@ fn charts_and_toy_w2_refuse_non_finite_numbers_and_never_hang() {
     fn run(script: &'static str) -> Result<String, String> {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            use infusion_repl::app::script::{build_engine, ScriptConfig, Session};
+            use infusion_repl::app::{build_engine, ScriptConfig, Session};
             let engine = build_engine(&Session::new(ScriptConfig {
                 no_images: true,
                 progress: false,

@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Var};
-use infusion_repl::infusion::train::{concept, infusion_loss, trainer, Deltas};
+use infusion_repl::infusion::{infusion_loss, trained_concept as concept, trainer, Deltas};
 use infusion_repl::train::TrainOptions;
-use infusion_repl::util::image_io::load_folder;
+use infusion_repl::util::load_folder;
 use infusion_repl::{Job, StableDiffusion};
 
 use crate::common::{assert_close, get, max_abs, reference, tiny};
@@ -121,7 +121,7 @@ fn training_images_of_every_kind_load_as_rgb() {
     let c = &imgs[2].1;
     assert_eq!(c.get_pixel(30, 5).0, [255, 255, 255]);
     assert_eq!(c.get_pixel(2, 5).0[0], 233);
-    let sq = infusion_repl::util::image_io::square_crop(&imgs[1].1, 32);
+    let sq = infusion_repl::util::square_crop(&imgs[1].1, 32);
     assert_eq!(sq.dimensions(), (32, 32));
     let e = load_folder(&dir.path().join("nope")).unwrap_err();
     assert!(e.to_string().contains("nope"), "{e}");
@@ -150,7 +150,7 @@ fn fifos_and_unreadable_images_are_skipped_with_a_reason() {
     assert!(f.skipped[0].contains("e.png") && f.skipped[0].contains("not a regular file"));
     assert!(f.skipped[1].contains("f.jpg"), "{:?}", f.skipped);
     let job = Job::collecting();
-    let imgs = infusion_repl::util::image_io::load_folder_images(dir.path(), &job).unwrap();
+    let imgs = infusion_repl::util::load_folder_images(dir.path(), &job).unwrap();
     assert_eq!(
         (imgs.len(), job.messages().len()),
         (4, 2),
@@ -301,7 +301,7 @@ fn a_non_finite_loss_stops_with_the_last_good_deltas() {
     let meta = header.metadata().clone().unwrap();
     assert_eq!(meta["adam_step"], t.steps_done().to_string());
     if t.steps_done() == 0 {
-        let moments = infusion_repl::sd::weights::load_safetensors(&optim, &Device::Cpu).unwrap();
+        let moments = infusion_repl::sd::load_safetensors(&optim, &Device::Cpu).unwrap();
         assert!(moments.values().all(|m| max_abs(m) == 0.0));
     }
 }

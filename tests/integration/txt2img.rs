@@ -3,7 +3,7 @@
 //! amplify per-step error, see tests/fixtures/README.md).
 
 use candle_core::Tensor;
-use infusion_repl::sd::pipeline::Denoise;
+use infusion_repl::sd::Denoise;
 use infusion_repl::{GenerateOptions, Job};
 
 use crate::common::{assert_close, get, reference, tiny};
@@ -48,7 +48,7 @@ fn trajectory_and_image_match_reference() {
         "text states",
     );
     let init = sd.initial_latents(&opts).unwrap();
-    let traj = infusion_repl::sd::pipeline::Trajectory {
+    let traj = infusion_repl::sd::Trajectory {
         branch: infusion_repl::Branch::MAIN,
         sample: 0,
         uncond: states.get(0).unwrap().unsqueeze(0).unwrap(),

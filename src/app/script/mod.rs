@@ -24,7 +24,6 @@ use crate::customize::set::ConceptSet;
 use crate::error::ErrorKind;
 use crate::job::Job;
 
-pub use api::recipes::Usage;
 pub use docs::Docs;
 pub use opts::Opts;
 
