@@ -148,8 +148,8 @@ fn kernels_are_chosen_per_model_from_scripts() {
     let session = Session::new(ScriptConfig::default());
     let e = build_engine(&session)
         .eval::<Dynamic>(r#"load_model(#{kernels: "flash"})"#)
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
+    let e = infusion_repl::app::describe(&e).0;
     assert!(
         e.contains("`kernels`") && e.contains(r#""naive" | "fused""#) && e.contains("flash"),
         "{e}"
