@@ -107,6 +107,9 @@ pub struct BenchReport {
     /// `cudnn` when the binary was built with the `cudnn` feature (on CUDA), `gemm + winograd
     /// 3x3` for f32 on the CPU ([`crate::sd::cpu::conv`]), else `im2col` (candle's).
     pub convolutions: String,
+    /// `release`, or `debug` for a binary built without `--release` (this crate's own kernels at
+    /// opt-level 1: about 2x slower on the CPU, so its timings compare only with each other).
+    pub build: String,
     pub image_size: usize,
     pub steps: usize,
     pub rows: Vec<BenchRow>,
@@ -117,12 +120,13 @@ impl BenchReport {
     /// What was measured on what, and the column titles.
     pub fn header(&self) -> String {
         format!(
-            "{} on {} ({}, {} kernels, {} convolutions), {}x{} images, {} steps\n{:<40} {:>12} {:>8} {:>10}  {}\n",
+            "{} on {} ({}, {} kernels, {} convolutions, {} build), {}x{} images, {} steps\n{:<40} {:>12} {:>8} {:>10}  {}\n",
             self.model,
             self.device,
             self.dtype,
             self.kernels,
             self.convolutions,
+            self.build,
             self.image_size,
             self.image_size,
             self.steps,
@@ -471,6 +475,12 @@ pub fn run(
             "gemm + winograd 3x3"
         } else {
             "im2col"
+        }
+        .into(),
+        build: if cfg!(debug_assertions) {
+            "debug (not for timing against release builds)"
+        } else {
+            "release"
         }
         .into(),
         image_size: size,

@@ -281,6 +281,13 @@ fn bench_smoke_run_reports_every_measurement() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("b.json")).unwrap()).unwrap();
     assert_eq!(json["kernels"], "fused");
+    // A debug binary says so (its own kernels run at opt-level 1: not for timing).
+    let build = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    assert!(json["build"].as_str().unwrap().starts_with(build), "{json}");
     let rows = json["rows"].as_array().unwrap();
     // Loading against reading the files, two UNet rows, the text encoder and the VAE decoder,
     // text-to-image and the pair, a training step of each registered method (in the registry's

@@ -1,0 +1,151 @@
+"""The arithmetic of one SD1.x UNet call, from its diffusers config (issue #25, "toward the
+hardware's limit").
+
+Counts multiply-adds (MACs; FLOPs = 2 MACs) layer by layer as diffusers' UNet2DConditionModel
+runs them (SD1.x: CrossAttnDownBlock2D x3 + DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D +
+CrossAttnUpBlock2D x3; ResnetBlock2D; Transformer2DModel with one BasicTransformerBlock:
+self-attention, cross-attention, GEGLU feed-forward), for a batch and a latent size:
+
+- direct: every convolution and matrix product as written;
+- as we run it on the CPU: the 3x3 stride-1 convolutions by Winograd F(2x2, 3x3), whose
+  element-wise stage makes 16 multiplications per 2x2 output tile and input channel instead of
+  36 (2.25x fewer; the transforms are additions, counted apart).
+
+Norms, activations, softmax and the time embedding are a few percent of the multiply-adds at most
+and are listed apart as element-wise work (values touched), not in the MACs.
+
+No dependency: reads the config JSON only.
+    python tools/unet_flops.py [models/tiny-sd/unet/config.json | sd15] [--batch 2] [--size 64]
+"""
+
+import argparse
+import json
+import os
+
+SD15 = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+TEXT_TOKENS = 77
+
+
+class Count:
+    def __init__(self):
+        self.rows = {}
+
+    def add(self, kind, macs):
+        self.rows[kind] = self.rows.get(kind, 0) + macs
+
+    def conv(self, cin, cout, k, hw_out, stride=1):
+        macs = cin * cout * k * k * hw_out
+        if k == 3 and stride == 1:
+            self.add("conv3x3 (stride 1)", macs)
+        elif k == 3:
+            self.add("conv3x3 (stride 2)", macs)
+        else:
+            self.add("conv1x1", macs)
+
+    def linear(self, cin, cout, tokens, kind="linear"):
+        self.add(kind, cin * cout * tokens)
+
+
+def resnet(c, cin, cout, hw, temb=1280):
+    c.conv(cin, cout, 3, hw)
+    c.linear(temb, cout, 1, "time embedding")
+    c.conv(cout, cout, 3, hw)
+    if cin != cout:
+        c.conv(cin, cout, 1, hw)
+
+
+def transformer(c, ch, hw, text_dim):
+    n = hw
+    c.conv(ch, ch, 1, n)  # proj_in (SD1.x: a 1x1 convolution)
+    # Self-attention: q, k, v, out projections; scores and weighted sum over n x n.
+    c.linear(ch, ch, n * 4, "attention projections")
+    c.add("self-attention q k^T, p v", 2 * n * n * ch)
+    # Cross-attention: q and out over n, k and v from the 77 text states.
+    c.linear(ch, ch, n * 2, "attention projections")
+    c.linear(text_dim, ch, TEXT_TOKENS * 2, "attention projections")
+    c.add("cross-attention q k^T, p v", 2 * n * TEXT_TOKENS * ch)
+    # GEGLU: ch -> 2 x 4ch, then 4ch -> ch.
+    c.linear(ch, 8 * ch, n, "feed-forward (GEGLU)")
+    c.linear(4 * ch, ch, n, "feed-forward (GEGLU)")
+    c.conv(ch, ch, 1, n)  # proj_out
+
+
+def unet(cfg, size):
+    c = Count()
+    chans = cfg["block_out_channels"]
+    layers = cfg["layers_per_block"]
+    text_dim = cfg["cross_attention_dim"]
+    hw = size * size
+    c.conv(cfg["in_channels"], chans[0], 3, hw)
+    skips = [chans[0]]
+    side = size
+    cin = chans[0]
+    for i, (ch, kind) in enumerate(zip(chans, cfg["down_block_types"])):
+        for _ in range(layers):
+            resnet(c, cin, ch, side * side)
+            if kind.startswith("CrossAttn"):
+                transformer(c, ch, side * side, text_dim)
+            cin = ch
+            skips.append(ch)
+        if i + 1 < len(chans):
+            side //= 2
+            c.conv(ch, ch, 3, side * side, stride=2)
+            skips.append(ch)
+    mid = chans[-1]
+    resnet(c, mid, mid, side * side)
+    transformer(c, mid, side * side, text_dim)
+    resnet(c, mid, mid, side * side)
+    rev = list(reversed(chans))
+    cin = mid
+    for i, (ch, kind) in enumerate(zip(rev, cfg["up_block_types"])):
+        for _ in range(layers + 1):
+            skip = skips.pop()
+            resnet(c, cin + skip, ch, side * side)
+            if kind.startswith("CrossAttn"):
+                transformer(c, ch, side * side, text_dim)
+            cin = ch
+        if i + 1 < len(rev):
+            side *= 2
+            c.conv(ch, ch, 3, side * side)  # upsampler: nearest x2, then a 3x3 convolution
+    c.conv(chans[0], cfg["out_channels"], 3, size * size)
+    return c
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config", nargs="?", default="sd15")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--size", type=int, default=64, help="latent side (64 for 512 px)")
+    args = ap.parse_args()
+    if args.config == "sd15":
+        cfg = SD15
+    else:
+        with open(args.config) as f:
+            cfg = {**SD15, **json.load(f)}
+    c = unet(cfg, args.size)
+    b = args.batch
+    total = sum(c.rows.values()) * b
+    conv3 = c.rows.get("conv3x3 (stride 1)", 0) * b
+    winograd = total - conv3 + conv3 / 2.25
+    print(f"UNet of {os.path.basename(args.config)}, batch {b}, {args.size}x{args.size} latents")
+    print(f"{'part':34} {'GMACs':>10} {'share':>7}")
+    for kind, macs in sorted(c.rows.items(), key=lambda kv: -kv[1]):
+        print(f"{kind:34} {macs * b / 1e9:10.1f} {macs * b / total:7.1%}")
+    print(f"{'total (direct)':34} {total / 1e9:10.1f}   = {2 * total / 1e12:.3f} TFLOPs")
+    print(
+        f"{'with Winograd F(2x2,3x3) 3x3 convs':34} {winograd / 1e9:10.1f}   = "
+        f"{2 * winograd / 1e12:.3f} TFLOPs of multiply-adds"
+    )
+
+
+if __name__ == "__main__":
+    main()
