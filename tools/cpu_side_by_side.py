@@ -8,6 +8,8 @@ folder in the same run, and prints the ratio table of the CPU speed issue (#15):
   text-to-image per image | the Infusion pair (base + custom) against diffusers' plain image
 
 Each diffusers row is printed as soon as it is measured; ours stream from bench as it runs.
+Beside the times, each side's resident peak (VmHWM of its process, started over after each
+row's warm-up, Linux) gives a second table: the memory users need, weights included.
 
   --save-sd15 DIR   first write a folder with random weights (seed 0) in SD1.5's shapes
                     (the UNet, VAE and CLIP text encoder of SD1.5's configs, DDIM scheduler,
@@ -58,27 +60,52 @@ def save_sd15(out):
     pipe.save_pretrained(out)
 
 
+def reset_peak():
+    """Starts this process's resident peak (VmHWM) over, as our bench does (Linux: 5 to
+    /proc/self/clear_refs); False where the kernel cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_bytes():
+    """This process's resident peak since the last reset_peak (VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def timed(fn, repeats, warmup=1):
+    """Median seconds of `repeats` calls after `warmup`, and the process's resident peak over
+    the timed calls (bytes, or None): the same method as `infusion-repl bench` on the CPU."""
     for _ in range(warmup):
         fn()
+    reset = reset_peak()
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return statistics.median(ts), (peak_bytes() if reset else None)
 
 
 def diffusers_rows(model, args, only):
-    """Seconds per measurement, printed as each is measured."""
+    """(seconds, peak resident bytes) per measurement, printed as each is measured."""
     import diffusers
     import torch
     torch.set_num_threads(args.threads)
     out = {}
 
-    def show(name, s):
-        out[name] = s
-        print(f"diffusers  {name:<40} {s:10.4f} s", flush=True)
+    def show(name, measured):
+        out[name] = measured
+        s, peak = measured
+        mib = f"{peak / 2**20:8.0f} MiB peak" if peak else ""
+        print(f"diffusers  {name:<40} {s:10.4f} s {mib}", flush=True)
 
     def load():
         return diffusers.StableDiffusionPipeline.from_pretrained(
@@ -117,7 +144,8 @@ def diffusers_rows(model, args, only):
 
 
 def our_rows(model, args, only):
-    """Our bench on the same folder (its rows stream through), seconds by row name."""
+    """Our bench on the same folder (its rows stream through): (seconds, peak resident bytes)
+    by row name."""
     groups = [g for g in only if g != "vae"] + (["vae"] if "vae" in only else [])
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "ours.json")
@@ -126,7 +154,7 @@ def our_rows(model, args, only):
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         rows = json.load(open(report))["rows"]
-    return {r["name"]: r["seconds"] for r in rows}
+    return {r["name"]: (r["seconds"], r.get("peak_memory_bytes")) for r in rows}
 
 
 def table(theirs, ours, steps):
@@ -147,13 +175,26 @@ def table(theirs, ours, steps):
     for title, t_name, o_name, target in lines:
         t_names = t_name if isinstance(t_name, tuple) else (t_name,)
         o_names = o_name if isinstance(o_name, tuple) else (o_name,)
-        t = sum(theirs[n] for n in t_names) if all(n in theirs for n in t_names) else None
-        o = sum(ours[n] for n in o_names) if all(n in ours for n in o_names) else None
+        t = sum(theirs[n][0] for n in t_names) if all(n in theirs for n in t_names) else None
+        o = sum(ours[n][0] for n in o_names) if all(n in ours for n in o_names) else None
         if t is None or o is None:
             continue
         tgt = f"<= {target}x" if target else ""
         print(f"| {title} | {t:.3f} s | {o:.3f} s | {o / t:.2f}x | {tgt} |")
-        result.append(dict(measure=title, diffusers_s=t, ours_s=o, ratio=o / t, target=target))
+        row = dict(measure=title, diffusers_s=t, ours_s=o, ratio=o / t, target=target)
+        # The process's resident peak over the timed runs, each side's largest part.
+        t_peak = max((theirs[n][1] or 0) for n in t_names)
+        o_peak = max((ours[n][1] or 0) for n in o_names)
+        if t_peak and o_peak:
+            row.update(diffusers_peak_mib=t_peak / 2**20, ours_peak_mib=o_peak / 2**20)
+        result.append(row)
+    peaks = [r for r in result if "ours_peak_mib" in r]
+    if peaks:
+        print("\n| measure | diffusers peak RSS | infusion-repl peak RSS | ratio | target |")
+        print("|---|---:|---:|---:|---:|")
+        for r in peaks:
+            t, o = r["diffusers_peak_mib"], r["ours_peak_mib"]
+            print(f"| {r['measure']} | {t:.0f} MiB | {o:.0f} MiB | {o / t:.2f}x | <= 1.0x |")
     return result
 
 

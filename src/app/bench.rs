@@ -119,8 +119,14 @@ impl BenchReport {
     /// A plain-text table.
     /// What was measured on what, and the column titles.
     pub fn header(&self) -> String {
+        let debug = if self.build == "debug" {
+            "(a debug build runs this crate's kernels at opt-level 1: compare it with debug builds \
+             only)\n"
+        } else {
+            ""
+        };
         format!(
-            "{} on {} ({}, {} kernels, {} convolutions, {} build), {}x{} images, {} steps\n{:<40} {:>12} {:>8} {:>10}  {}\n",
+            "{debug}{} on {} ({}, {} kernels, {} convolutions, {} build), {}x{} images, {} steps\n{:<40} {:>12} {:>8} {:>10}  {}\n",
             self.model,
             self.device,
             self.dtype,
@@ -172,8 +178,8 @@ fn sync(dev: &Device) -> Result<()> {
     Ok(())
 }
 
-/// Median seconds of `repeats` calls of `f` after one warm-up call, and the peak device
-/// memory over the timed calls (where the device reports it). A cancelled `job` (Ctrl-C,
+/// Median seconds of `repeats` calls of `f` after one warm-up call, and the peak memory over
+/// the timed calls (the GPU's; on the CPU the process's resident peak, weights included). A cancelled `job` (Ctrl-C,
 /// SIGTERM) stops it between calls.
 fn time<T>(
     dev: &Device,
@@ -183,7 +189,7 @@ fn time<T>(
 ) -> Result<(f64, Option<u64>)> {
     f()?;
     sync(dev)?;
-    crate::sd::device::reset_peak(dev);
+    let reset = crate::sd::device::reset_peak(dev);
     let mut times = Vec::with_capacity(repeats.min(1 << 16));
     for _ in 0..repeats.max(1) {
         job.check()?;
@@ -193,7 +199,8 @@ fn time<T>(
         times.push(t0.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.total_cmp(b));
-    Ok((times[times.len() / 2], crate::sd::device::peak_bytes(dev)))
+    let peak = reset.then(|| crate::sd::device::peak_bytes(dev)).flatten();
+    Ok((times[times.len() / 2], peak))
 }
 
 fn row(
@@ -478,7 +485,7 @@ pub fn run(
         }
         .into(),
         build: if cfg!(debug_assertions) {
-            "debug (not for timing against release builds)"
+            "debug"
         } else {
             "release"
         }

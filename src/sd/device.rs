@@ -111,22 +111,27 @@ pub fn ensure_fits(arg: &str, what: &str, need: u128, device: &Device) -> Result
     ))
 }
 
-/// Resets the peak counter of `device` (no-op where there is none).
-pub fn reset_peak(device: &Device) {
+/// Starts the peak memory counter of `device` over: the GPU's memory pool, or on the CPU the
+/// process's resident peak. False where there is none to reset.
+pub fn reset_peak(device: &Device) -> bool {
     #[cfg(feature = "cuda")]
     if let Ok(dev) = device.as_cuda_device() {
-        let _ = cuda::set_high(dev, 0);
+        return cuda::set_high(dev, 0).is_ok();
     }
-    let _ = device;
+    device.is_cpu() && crate::util::memory::reset_peak()
 }
 
-/// The peak memory in use since the last reset, in bytes, where the device reports it.
+/// The peak memory in use since the last [`reset_peak`], in bytes, where the device reports
+/// it: the GPU's memory pool, or on the CPU the process's resident peak (`VmHWM`: weights,
+/// activations, everything the process holds, as users see it).
 pub fn peak_bytes(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Ok(dev) = device.as_cuda_device() {
         return cuda::high(dev).ok();
     }
-    let _ = device;
+    if device.is_cpu() {
+        return crate::util::memory::process_memory().map(|m| m.peak);
+    }
     None
 }
 
