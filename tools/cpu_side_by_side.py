@@ -140,6 +140,14 @@ def diffusers_rows(model, args, only):
             gen = lambda: pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=7.5,
                                generator=torch.Generator().manual_seed(0), output_type="np")
             show("text-to-image, per image", timed(gen, args.repeats))
+            # Per step as bench measures it: (t(3 steps) - t(1 step)) / 2 of whole runs.
+            run = lambda n: lambda: pipe(PROMPT, num_inference_steps=n, guidance_scale=7.5,
+                                         generator=torch.Generator().manual_seed(0),
+                                         output_type="np")
+            one, three = timed(run(1), args.repeats), timed(run(3), args.repeats)
+            peaks = [p for p in (one[1], three[1]) if p]
+            show("text-to-image, per step",
+                 (max(0.0, (three[0] - one[0]) / 2), max(peaks) if peaks else None))
     return out
 
 
@@ -168,6 +176,10 @@ def table(theirs, ours, steps):
          "text-to-image, per image", None),
         (f"Infusion pair (base + custom), {steps} steps, vs diffusers' plain image",
          "text-to-image, per image", "infusion pair (base+custom)", 2.0),
+        ("one step of text-to-image (whole runs of 1 and 3 steps)", "text-to-image, per step",
+         "text-to-image, per step", 0.6),
+        ("one step of the pair vs diffusers' plain step (the same runs)",
+         "text-to-image, per step", "infusion pair, per step", 1.0),
     ]
     print("\n| measure | diffusers (CPU) | infusion-repl (CPU) | ratio | target |")
     print("|---|---:|---:|---:|---:|")

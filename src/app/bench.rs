@@ -279,6 +279,29 @@ impl Bench<'_> {
         Ok(t.0)
     }
 
+    /// Seconds per denoising step of whole runs `f(steps)`, measured as a user's runs show it:
+    /// (t(3 steps) - t(1 step)) / 2, each the median of the timed runs after a warm-up (the
+    /// text encoder, the decode and the first step's extra work cancel out). The same method
+    /// as tools/cpu_side_by_side.py's diffusers rows of the same name.
+    fn measure_per_step<T>(
+        &mut self,
+        name: &str,
+        baseline: Option<(&str, f64)>,
+        mut f: impl FnMut(usize) -> Result<T>,
+    ) -> Result<f64> {
+        let repeats = self.opts.repeats.max(1);
+        eprintln!("measuring {name}: runs of 1 and 3 steps, 1 warm-up + {repeats} timed each...");
+        let one = time(&self.dev, repeats, self.job, || f(1))?;
+        let three = time(&self.dev, repeats, self.job, || f(3))?;
+        let seconds = ((three.0 - one.0) / 2.0).max(0.0);
+        let peak = one.1.max(three.1);
+        self.report
+            .rows
+            .push(row(name, (seconds, peak), repeats, baseline));
+        (self.on_row)(&self.report)?;
+        Ok(seconds)
+    }
+
     /// Loading the model against reading its weight files once into memory (what loading that
     /// copies the weights must at least do).
     fn load(&mut self, reload: Reload<'_>) -> Result<()> {
@@ -334,12 +357,20 @@ impl Bench<'_> {
             steps: self.opts.steps,
             ..Default::default()
         };
-        let txt2img = if self.opts.runs("txt2img") {
-            Some(self.measure("text-to-image, per image", None, || {
+        let with_steps = |steps| GenerateOptions {
+            steps,
+            ..gen_opts.clone()
+        };
+        let (txt2img, plain_step) = if self.opts.runs("txt2img") {
+            let whole = self.measure("text-to-image, per image", None, || {
                 sd.generate(PROMPT, &gen_opts, job)
-            })?)
+            })?;
+            let step = self.measure_per_step("text-to-image, per step", None, |steps| {
+                sd.generate(PROMPT, &with_steps(steps), job)
+            })?;
+            (Some(whole), Some(step))
         } else {
-            None
+            (None, None)
         };
         if !self.opts.runs("pair") {
             return Ok(());
@@ -350,15 +381,24 @@ impl Bench<'_> {
         }
         let mut concepts = ConceptSet::new();
         concepts.insert(concept, false);
-        let iopts = PairOptions {
-            generate: gen_opts.clone(),
+        let pair_options = |generate| PairOptions {
+            generate,
             replace_steps: 1.0,
         };
+        let iopts = pair_options(gen_opts.clone());
         let prompt = "a photo of a <thing> sitting by a teapot";
         self.measure(
             "infusion pair (base+custom)",
             txt2img.map(|t| ("text-to-image", t)),
             || generate_pair(sd, &concepts, prompt, &iopts, None, job),
+        )?;
+        self.measure_per_step(
+            "infusion pair, per step",
+            plain_step.map(|t| ("text-to-image per step", t)),
+            |steps| {
+                let opts = pair_options(with_steps(steps));
+                generate_pair(sd, &concepts, prompt, &opts, None, job)
+            },
         )?;
         Ok(())
     }

@@ -290,11 +290,11 @@ fn bench_smoke_run_reports_every_measurement() {
     assert!(json["build"].as_str().unwrap().starts_with(build), "{json}");
     let rows = json["rows"].as_array().unwrap();
     // Loading against reading the files, two UNet rows, the text encoder and the VAE decoder,
-    // text-to-image and the pair, a training step of each registered method (in the registry's
-    // order), then the first self-attention and the first group norm + SiLU alone: naive, and
-    // fused against it.
+    // text-to-image and the pair (whole runs, then per step), a training step of each
+    // registered method (in the registry's order), then the first self-attention and the first
+    // group norm + SiLU alone: naive, and fused against it.
     let methods = infusion_repl::methods::names();
-    let after = 8 + methods.len();
+    let after = 10 + methods.len();
     assert_eq!(rows.len(), after + 4);
     // On Linux each CPU row carries the process's resident peak over its timed runs (started
     // over before them): at least the tiny model's weights, below anything absurd.
@@ -310,14 +310,14 @@ fn bench_smoke_run_reports_every_measurement() {
     assert_eq!(rows[5]["name"], "vae decode, per image");
     for (i, m) in methods.iter().enumerate() {
         // The default method's row carries no suffix; the others name theirs.
-        let name = rows[8 + i]["name"].as_str().unwrap();
+        let name = rows[10 + i]["name"].as_str().unwrap();
         assert!(name.starts_with("training step, batch 4"), "{name}");
         assert!(
             i == 0 || name.contains(m),
             "row {} is {name}, not {m}",
-            8 + i
+            10 + i
         );
-        assert_eq!(rows[8 + i]["ratio"][0], "unet batch 4", "{}", rows[8 + i]);
+        assert_eq!(rows[10 + i]["ratio"][0], "unet batch 4", "{}", rows[10 + i]);
     }
     for i in [after, after + 2] {
         assert!(
@@ -327,11 +327,22 @@ fn bench_smoke_run_reports_every_measurement() {
         );
         assert_eq!(rows[i + 1]["ratio"][0], "naive");
     }
+    // Per-step rows are differences of two medians: never negative, the others positive.
     for r in rows {
-        assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
+        let per_step = r["name"].as_str().unwrap().ends_with("per step");
+        assert!(r["seconds"].as_f64().unwrap() > 0.0 || per_step, "{r}");
+        assert!(r["seconds"].as_f64().unwrap() >= 0.0, "{r}");
     }
-    assert_eq!(rows[7]["ratio"][0], "text-to-image");
-    assert!(rows[7]["ratio"][1].as_f64().unwrap() > 0.0);
+    assert_eq!(rows[7]["name"], "text-to-image, per step");
+    assert!(
+        rows[7]["seconds"].as_f64() < rows[6]["seconds"].as_f64(),
+        "{}",
+        rows[7]
+    );
+    assert_eq!(rows[8]["ratio"][0], "text-to-image");
+    assert!(rows[8]["ratio"][1].as_f64().unwrap() > 0.0);
+    assert_eq!(rows[9]["name"], "infusion pair, per step");
+    assert_eq!(rows[9]["ratio"][0], "text-to-image per step");
 }
 
 /// `--only` runs the groups named, and names the groups when one is unknown.
