@@ -993,14 +993,10 @@ fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
                 device: parse_device(&global.device)?,
                 dtype: parse_dtype(&global.dtype)?,
                 kernels: global.kernels,
+                vocabulary: Some(crate::assets::clip_tokenizer()),
                 ..LoadOptions::default()
             };
-            let sd = StableDiffusion::random(
-                &ModelConfigs::sd15(),
-                &crate::assets::clip_tokenizer(),
-                &opts,
-                0,
-            )?;
+            let sd = StableDiffusion::random(&ModelConfigs::sd15(), &opts, 0)?;
             (sd, "SD1.5 shapes, random weights".to_string())
         }
         other => {

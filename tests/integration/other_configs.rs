@@ -368,8 +368,11 @@ fn random_weights_build_a_working_model() {
         )
         .unwrap(),
     };
-    let sd = StableDiffusion::random(&configs, &dir.join("tokenizer"), &LoadOptions::default(), 1)
-        .unwrap();
+    let opts = LoadOptions {
+        vocabulary: Some(dir.join("tokenizer")),
+        ..LoadOptions::default()
+    };
+    let sd = StableDiffusion::random(&configs, &opts, 1).unwrap();
     let g = sd
         .generate(
             "a cat",

@@ -54,9 +54,9 @@ pub struct LoadOptions {
     /// Single-file checkpoints holding an EMA copy of the UNet: `Some(true)` takes it,
     /// `Some(false)` the plain weights, `None` (the default) the EMA copy when there is one.
     pub ema: Option<bool>,
-    /// Single-file checkpoints, which carry no tokenizer: the folder of the CLIP vocabulary
-    /// (`vocab.json`, `merges.txt`) SD1.x uses. The command line and scripts give the bundled
-    /// one; without it a single file is refused.
+    /// Single-file checkpoints and random weights, which carry no tokenizer: the folder of the
+    /// CLIP vocabulary (`vocab.json`, `merges.txt`) SD1.x uses. The command line and scripts
+    /// give the bundled one; without it such a model is refused.
     pub vocabulary: Option<PathBuf>,
     /// The implementations the UNet's attention layers and every group norm run (naive by
     /// default); the model keeps them for its lifetime, whatever other models use.
@@ -74,6 +74,23 @@ impl Default for LoadOptions {
             vocabulary: None,
             kernels: Kernels::default(),
         }
+    }
+}
+
+impl LoadOptions {
+    /// The tokenizer of a model `what` names, which carries none (a single file, random
+    /// weights): the CLIP vocabulary of [`LoadOptions::vocabulary`].
+    fn tokenizer(&self, what: &str, text: &TextEncoderConfig) -> Result<ClipTokenizer> {
+        let vocabulary = self.vocabulary.as_ref().ok_or_else(|| {
+            Error::arg(
+                "vocabulary",
+                format!(
+                    "{what} carries no tokenizer: give the folder of SD1.x's CLIP vocabulary \
+                     (vocab.json, merges.txt) in LoadOptions::vocabulary"
+                ),
+            )
+        })?;
+        ClipTokenizer::from_dir(vocabulary, text.max_position_embeddings)
     }
 }
 
@@ -152,17 +169,10 @@ impl StableDiffusion {
             Some(dir) => ModelConfigs::from_dir(dir)?,
             None => ModelConfigs::sd15(),
         };
-        let vocabulary = opts.vocabulary.as_ref().ok_or_else(|| {
-            Error::arg(
-                "vocabulary",
-                format!(
-                    "{}: a single-file checkpoint carries no tokenizer: give the folder of SD1.x's \
-                     CLIP vocabulary (vocab.json, merges.txt) in LoadOptions::vocabulary",
-                    path.display()
-                ),
-            )
-        })?;
-        let tokenizer = ClipTokenizer::from_dir(vocabulary, configs.text.max_position_embeddings)?;
+        let tokenizer = opts.tokenizer(
+            &format!("{}: a single-file checkpoint", path.display()),
+            &configs.text,
+        )?;
         let (unet, which) = single_file::unet_files(&path, &configs.unet, opts.ema)?;
         let parts = Parts {
             name: path
@@ -326,13 +336,8 @@ impl StableDiffusion {
     }
 
     /// A model with the given configs and random weights (for benchmarks at real shapes): the
-    /// tokenizer comes from `tokenizer_dir`.
-    pub fn random(
-        configs: &ModelConfigs,
-        tokenizer_dir: &Path,
-        opts: &LoadOptions,
-        seed: u64,
-    ) -> Result<Self> {
+    /// tokenizer comes from `opts.vocabulary`.
+    pub fn random(configs: &ModelConfigs, opts: &LoadOptions, seed: u64) -> Result<Self> {
         let dev = &opts.device;
         let vae_dtype = if configs.vae.force_upcast {
             DType::F32
@@ -344,10 +349,7 @@ impl StableDiffusion {
         let unet = UNet::new(vb(opts.dtype, 2), &configs.unet, opts.kernels)?;
         let vae = Vae::new(vb(vae_dtype, 3), &configs.vae, opts.kernels)?;
         Ok(Self {
-            tokenizer: ClipTokenizer::from_dir(
-                tokenizer_dir,
-                configs.text.max_position_embeddings,
-            )?,
+            tokenizer: opts.tokenizer("a model with random weights", &configs.text)?,
             text_encoder,
             unet,
             vae,
