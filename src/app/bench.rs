@@ -381,11 +381,7 @@ impl Bench<'_> {
         }
         let mut concepts = ConceptSet::new();
         concepts.insert(concept, false);
-        let pair_options = |generate| PairOptions {
-            generate,
-            replace_steps: 1.0,
-        };
-        let iopts = pair_options(gen_opts.clone());
+        let iopts = PairOptions::from(gen_opts.clone());
         let prompt = "a photo of a <thing> sitting by a teapot";
         self.measure(
             "infusion pair (base+custom)",
@@ -396,7 +392,7 @@ impl Bench<'_> {
             "infusion pair, per step",
             plain_step.map(|t| ("text-to-image per step", t)),
             |steps| {
-                let opts = pair_options(with_steps(steps));
+                let opts = PairOptions::from(with_steps(steps));
                 generate_pair(sd, &concepts, prompt, &opts, None, job)
             },
         )?;

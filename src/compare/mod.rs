@@ -693,15 +693,12 @@ impl<'a> Comparison<'a> {
         seed: u64,
         job: &Job,
     ) -> Result<crate::customize::generate::PairGeneration> {
-        let opts = PairOptions {
-            generate: GenerateOptions {
-                seed,
-                steps: self.opts.steps,
-                guidance: self.opts.guidance,
-                ..Default::default()
-            },
-            replace_steps: 1.0,
-        };
+        let opts = PairOptions::from(GenerateOptions {
+            seed,
+            steps: self.opts.steps,
+            guidance: self.opts.guidance,
+            ..Default::default()
+        });
         generate_pair(self.sd, set, prompt, &opts, None, job)
     }
 }

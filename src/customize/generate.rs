@@ -32,8 +32,15 @@ pub struct PairOptions {
 
 impl Default for PairOptions {
     fn default() -> Self {
+        GenerateOptions::default().into()
+    }
+}
+
+/// The pair of a generation's settings, C using F's maps in every step (the paper's).
+impl From<GenerateOptions> for PairOptions {
+    fn from(generate: GenerateOptions) -> Self {
         Self {
-            generate: GenerateOptions::default(),
+            generate,
             replace_steps: 1.0,
         }
     }

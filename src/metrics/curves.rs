@@ -202,15 +202,12 @@ struct Measure<'a> {
 
 impl Measure<'_> {
     fn generate(&self, set: &ConceptSet, prompt: &str, seed: u64) -> Result<PairGeneration> {
-        let io = PairOptions {
-            generate: GenerateOptions {
-                seed,
-                steps: self.opts.steps,
-                guidance: self.opts.guidance,
-                ..Default::default()
-            },
-            replace_steps: 1.0,
-        };
+        let io = PairOptions::from(GenerateOptions {
+            seed,
+            steps: self.opts.steps,
+            guidance: self.opts.guidance,
+            ..Default::default()
+        });
         generate_pair(self.sd, set, prompt, &io, None, self.job)
     }
 

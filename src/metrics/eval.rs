@@ -181,15 +181,12 @@ impl Subject<'_> {
         let name = &self.name;
         let prompt = opts.prompts[p].replace("{}", &format!("<{name}>"));
         let seed = opts.seed + sample as u64;
-        let io = PairOptions {
-            generate: GenerateOptions {
-                seed,
-                steps: opts.steps,
-                guidance: opts.guidance,
-                ..Default::default()
-            },
-            replace_steps: 1.0,
-        };
+        let io = PairOptions::from(GenerateOptions {
+            seed,
+            steps: opts.steps,
+            guidance: opts.guidance,
+            ..Default::default()
+        });
         let g = generate_pair(sd, &self.set, &prompt, &io, None, job)?;
         let img = tensor_to_rgb(&g.custom_image)?;
         let rel = format!("images/{name}/p{p:03}-s{sample:03}.png");
