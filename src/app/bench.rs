@@ -272,6 +272,17 @@ impl Bench<'_> {
             self.opts.repeats.max(1)
         );
         let t = time(&self.dev, self.opts.repeats, self.job, f)?;
+        self.record(name, t, baseline)
+    }
+
+    /// Adds a row of `(seconds, peak)` and shows the report so far (rows print as measured);
+    /// returns the seconds.
+    fn record(
+        &mut self,
+        name: &str,
+        t: (f64, Option<u64>),
+        baseline: Option<(&str, f64)>,
+    ) -> Result<f64> {
         self.report
             .rows
             .push(row(name, t, self.opts.repeats, baseline));
@@ -294,12 +305,7 @@ impl Bench<'_> {
         let one = time(&self.dev, repeats, self.job, || f(1))?;
         let three = time(&self.dev, repeats, self.job, || f(3))?;
         let seconds = ((three.0 - one.0) / 2.0).max(0.0);
-        let peak = one.1.max(three.1);
-        self.report
-            .rows
-            .push(row(name, (seconds, peak), repeats, baseline));
-        (self.on_row)(&self.report)?;
-        Ok(seconds)
+        self.record(name, (seconds, one.1.max(three.1)), baseline)
     }
 
     /// Loading the model against reading its weight files once into memory (what loading that

@@ -565,8 +565,8 @@ macro_rules! config_names {
     ($(#[$meta:meta])* $ty:ident, $key:literal, default $default:ident,
      { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-        #[serde(try_from = "String", into = "String")]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+        #[serde(try_from = "String")]
         pub enum $ty {
             $($(#[$vmeta])* $variant,)+
         }
@@ -609,12 +609,6 @@ macro_rules! config_names {
 
             fn try_from(s: String) -> std::result::Result<Self, String> {
                 s.parse()
-            }
-        }
-
-        impl From<$ty> for String {
-            fn from(v: $ty) -> String {
-                v.name().to_string()
             }
         }
 
@@ -869,6 +863,6 @@ mod tests {
         let cfg: SchedulerConfig =
             serde_json::from_str(r#"{"prediction_type": "v_prediction"}"#).unwrap();
         assert_eq!(cfg.prediction_type, PredictionType::VPrediction);
-        assert_eq!(String::from(cfg.prediction_type), "v_prediction");
+        assert_eq!(cfg.prediction_type.name(), "v_prediction");
     }
 }
