@@ -9,7 +9,6 @@ use crate::sd::scheduler::NoiseSchedule;
 
 pub(super) const ENTRY: Entry = Entry {
     name: "ddim",
-    diffusers: "DDIMScheduler (eta 0)",
     a1111: "DDIM",
     karras: false,
     noise: false,

@@ -12,7 +12,6 @@ use crate::sd::scheduler::NoiseSchedule;
 
 pub(super) const ENTRY: Entry = Entry {
     name: "dpmpp_2m",
-    diffusers: "DPMSolverMultistepScheduler",
     a1111: "DPM++ 2M",
     karras: true,
     noise: false,

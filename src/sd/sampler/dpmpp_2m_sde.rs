@@ -13,7 +13,6 @@ use crate::sd::scheduler::NoiseSchedule;
 
 pub(super) const ENTRY: Entry = Entry {
     name: "dpmpp_2m_sde",
-    diffusers: "DPMSolverMultistepScheduler (algorithm_type sde-dpmsolver++)",
     a1111: "DPM++ 2M SDE",
     karras: true,
     noise: true,

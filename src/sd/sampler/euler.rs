@@ -12,7 +12,6 @@ use crate::sd::scheduler::NoiseSchedule;
 
 pub(super) const ENTRY: Entry = Entry {
     name: "euler",
-    diffusers: "EulerDiscreteScheduler",
     a1111: "Euler",
     karras: true,
     noise: false,

@@ -9,7 +9,6 @@ use crate::sd::scheduler::NoiseSchedule;
 
 pub(super) const ENTRY: Entry = Entry {
     name: "euler_a",
-    diffusers: "EulerAncestralDiscreteScheduler",
     a1111: "Euler a",
     karras: false,
     noise: true,

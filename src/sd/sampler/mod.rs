@@ -144,8 +144,6 @@ impl<'a> Made<'a> {
 pub struct Entry {
     /// The name `--scheduler` and the `scheduler` option take.
     pub name: &'static str,
-    /// The diffusers scheduler it follows (and its options).
-    pub diffusers: &'static str,
     /// The name AUTOMATIC1111's web UI gives it in its PNG `parameters`.
     pub a1111: &'static str,
     /// Whether it takes Karras et al.'s sigma spacing (as diffusers' `use_karras_sigmas`).

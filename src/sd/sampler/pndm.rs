@@ -11,7 +11,6 @@ use crate::sd::scheduler::NoiseSchedule;
 
 pub(super) const ENTRY: Entry = Entry {
     name: "pndm",
-    diffusers: "PNDMScheduler",
     a1111: "PLMS",
     karras: false,
     noise: false,
