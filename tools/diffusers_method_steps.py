@@ -9,7 +9,15 @@ mixed precision keeps them:
   with gradient, the UNet's input gradient flows back through it;
 - lora: peft rank 4 on to_q/to_k/to_v/to_out.0 (train_dreambooth_lora.py's targets);
 - dreambooth: every UNet parameter, AdamW (train_dreambooth.py), the UNet in f32 (the script's
-  master weights) with `--dtype`'s autocast.
+  master weights) with `--dtype`'s autocast;
+- infusion: the paper's step written with diffusers' attention processors (there is no
+  diffusers script): F's UNet pass without gradient records every cross-attention's
+  probabilities, C's pass uses them with one residual per layer added to the concept token's
+  value, and only those 16 residuals train (AdamW, lr 0.01), as `infusion-repl train` does.
+
+On the CPU each step's peak resident memory is measured too (VmHWM, started over after the
+warm-up through /proc/self/clear_refs, as `bench` does). Measure one method per process
+(`--methods lora`): memory an earlier method freed may stay with the process.
 
 usage: diffusers_method_steps.py --baseline PATH/diffusers_baseline.py [--device cuda]
        [--dtype fp16] [--tiny] [--json OUT] [--methods textual_inversion,lora,dreambooth]
@@ -37,7 +45,7 @@ def main():
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json")
-    ap.add_argument("--methods", default="textual_inversion,lora,dreambooth")
+    ap.add_argument("--methods", default="infusion,textual_inversion,lora,dreambooth")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
@@ -56,7 +64,9 @@ def main():
 
     def record(name, r):
         out[name] = r
-        print(f"{name}: {r['median_s']:.4f} s/step", flush=True)
+        rss = r.get("peak_rss_bytes")
+        mem = f", peak RSS {rss / 2**20:.0f} MiB" if rss else ""
+        print(f"{name}: {r['median_s']:.4f} s/step{mem}", flush=True)
         if args.json:
             json.dump(out, open(args.json, "w"), indent=1)
 
@@ -69,10 +79,74 @@ def main():
             torch.cuda.empty_cache()
 
 
+CONCEPT_TOKEN = 5  # the concept word's position in the prompt's ids (any one will do for timing)
+
+
+class InfusionProcessor:
+    """A cross-attention layer of F (records its probabilities) or of C (uses F's, and adds the
+    layer's residual to the concept token's value)."""
+
+    def __init__(self, name, state):
+        self.name, self.state = name, state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        v = attn.to_v(encoder_hidden_states)
+        if self.state["mode"] == "f":
+            probs = attn.get_attention_scores(q, k, None)
+            self.state["probs"][self.name] = probs.detach()
+        else:
+            probs = self.state["probs"][self.name]
+            onehot = torch.zeros(v.shape[1], 1, dtype=v.dtype, device=v.device)
+            onehot[CONCEPT_TOKEN] = 1
+            v = v + onehot * self.state["delta"][self.name].to(v.dtype)
+        out = attn.batch_to_head_dim(torch.bmm(probs, attn.head_to_batch_dim(v)))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def infusion_layers(unet, dev):
+    """Sets Infusion's processor on every cross-attention layer; returns the shared state."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    state = {"mode": "f", "probs": {}, "delta": {}}
+    procs = {}
+    for name, proc in unet.attn_processors.items():
+        if name.endswith("attn2.processor"):
+            attn = unet.get_submodule(name[: -len(".processor")])
+            state["delta"][name] = torch.zeros(attn.to_v.out_features, device=dev,
+                                               requires_grad=True)
+            procs[name] = InfusionProcessor(name, state)
+        else:
+            procs[name] = AttnProcessor2_0()
+    unet.set_attn_processor(procs)
+    return state
+
+
+def peak_rss_reset():
+    """Starts the process's resident peak over (Linux; what `bench` does per row)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes():
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def run(method, base, args, b, dev, dtype, batch_data, record):
     lat, noise, t, ids, sched = batch_data
     unet, _, text = base.build_models(args.tiny, 0)
     text.to(dev, dtype)
+    lr = 1e-4
     if method == "dreambooth":
         unet.to(dev, torch.float32).requires_grad_(True)
         params = list(unet.parameters())
@@ -90,7 +164,11 @@ def run(method, base, args, b, dev, dtype, batch_data, record):
         params = [p for p in unet.parameters() if p.requires_grad]
         for p in params:
             p.data = p.data.float()
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    if method == "infusion":
+        state = infusion_layers(unet, dev)
+        params = list(state["delta"].values())
+        lr = 1e-2
+    opt = torch.optim.AdamW(params, lr=lr)
 
     def step():
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -99,19 +177,31 @@ def run(method, base, args, b, dev, dtype, batch_data, record):
             else:
                 with torch.no_grad():
                     states = text(ids)[0]
-            pred = unet(sched.add_noise(lat, noise, t).to(dtype if method != "dreambooth" else torch.float32),
-                        t, encoder_hidden_states=states).sample
+            noisy = sched.add_noise(lat, noise, t).to(dtype if method != "dreambooth" else torch.float32)
+            if method == "infusion":
+                state["mode"] = "f"
+                with torch.no_grad():
+                    unet(noisy, t, encoder_hidden_states=states)
+                state["mode"] = "c"
+            pred = unet(noisy, t, encoder_hidden_states=states).sample
         loss = F.mse_loss(pred.float(), noise.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    for _ in range(b.warmup):
+        step()
     b.reset_mem()
-    r = b.time(step)
-    r.update(peak_mem_bytes=b.peak(), trainable=sum(p.numel() for p in params))
+    peak_rss_reset()
+    r = b.time(step, warmup=0)
+    if method == "infusion":  # the residuals, and only they, learned something
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+        assert not any(p.requires_grad for p in unet.parameters())
+    r.update(peak_mem_bytes=b.peak(), peak_rss_bytes=peak_rss_bytes(),
+             trainable=sum(p.numel() for p in params))
     # The names of bench's rows.
-    label = "lora rank 4" if method == "lora" else method
-    record(f"training step, batch 4, {label}", r)
+    label = {"lora": ", lora rank 4", "infusion": ""}.get(method, f", {method}")
+    record(f"training step, batch 4{label}", r)
 
 
 if __name__ == "__main__":

@@ -202,7 +202,8 @@ impl AttentionCall {
                 let out = fused_attention::fused_attention(&self.q, &self.k, &v, self.scale)?;
                 return merge_heads(&out);
             }
-            if cpu_attention::applies(&self.q, &self.k, &v) {
+            // With gradients too: its backward recomputes the probabilities by blocks.
+            if cpu_attention::applies_with_grad(&self.q, &self.k, &v) {
                 let out = cpu_attention::attention_tensors(&self.q, &self.k, &v, self.scale)?;
                 return merge_heads(&out);
             }

@@ -4,6 +4,11 @@
 //! `(batch x head)` slices and their blocks run in parallel; the `(n, m)` score matrix never
 //! exists whole. Where a hook asks for the probabilities, [`probs`] and [`mix`] do the same
 //! two halves with the same blocks, so a run that looks at them changes no bit of the result.
+//!
+//! Training goes through the same op: its backward ([`attention_grads`]) recomputes each
+//! block's probabilities instead of keeping them, so a self-attention layer holds q, k and v
+//! for the backward pass, not its `(n, m)` probabilities (2 GiB per layer at SD1.5's first
+//! level, batch 4).
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -101,6 +106,121 @@ pub fn attention(
     out
 }
 
+/// The gradients of [`attention`] for the output's gradient `go (bh, n, d)`: `(dq, dk, dv)`.
+/// Per block of query rows, with `p` its probabilities (recomputed) and `dp = go v^T`:
+/// `ds = scale p (dp - rowsum(p dp))`, `dq = ds k`, `dk += ds^T q`, `dv += p^T go`. Slices run
+/// in parallel, the blocks of one slice in turn (they add into the same `dk`, `dv`).
+pub fn attention_grads(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    go: &[f32],
+    (bh, n, m, d): (usize, usize, usize, usize),
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0; bh * n * d],
+        vec![0.0; bh * m * d],
+        vec![0.0; bh * m * d],
+    );
+    if bh * n * m * d == 0 {
+        return (dq, dk, dv);
+    }
+    let rows = block_rows(n, m);
+    dq.par_chunks_mut(n * d)
+        .zip(dk.par_chunks_mut(m * d))
+        .zip(dv.par_chunks_mut(m * d))
+        .enumerate()
+        .for_each(|(s, ((dq, dk), dv))| {
+            let (ks, vs) = (&k[s * m * d..][..m * d], &v[s * m * d..][..m * d]);
+            with_scratch(2 * rows * m, |scratch| {
+                for row in (0..n).step_by(rows) {
+                    let r = rows.min(n - row);
+                    let (p, dp) = scratch.split_at_mut(rows * m);
+                    let (p, dp) = (&mut p[..r * m], &mut dp[..r * m]);
+                    let at = (s * n + row) * d;
+                    let (qb, gb) = (&q[at..][..r * d], &go[at..][..r * d]);
+                    block_probs(qb, ks, p, (r, m, d), scale);
+                    block_scores_grad(p, dp, gb, vs, (r, m, d), scale);
+                    block_grads(
+                        p,
+                        dp,
+                        (qb, gb, ks),
+                        (&mut dq[row * d..][..r * d], dk, dv),
+                        (r, m, d),
+                    );
+                }
+            });
+        });
+    (dq, dk, dv)
+}
+
+/// `dp = scale p (go vs^T - rowsum(p (go vs^T)))`, the gradient of a block's scaled scores.
+fn block_scores_grad(
+    p: &[f32],
+    dp: &mut [f32],
+    gb: &[f32],
+    vs: &[f32],
+    (r, m, d): (usize, usize, usize),
+    scale: f32,
+) {
+    // SAFETY: gb (r, d) row-major; vs (m, d) read as vs^T (d, m); dp (r, m).
+    unsafe {
+        sgemm(
+            (r, m, d),
+            Mat::rows(dp.as_mut_ptr(), m),
+            Mat::rows(gb.as_ptr(), d),
+            Mat::cols(vs.as_ptr(), d),
+            false,
+            1,
+        )
+    };
+    for (dp, p) in dp.chunks_exact_mut(m).zip(p.chunks_exact(m)) {
+        let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
+        dp.iter_mut()
+            .zip(p)
+            .for_each(|(g, &p)| *g = scale * p * (*g - dot));
+    }
+}
+
+/// A block's share of the three gradients: `dqb = ds ks`, `dk += ds^T qb`, `dv += p^T gb`.
+fn block_grads(
+    p: &[f32],
+    ds: &[f32],
+    (qb, gb, ks): (&[f32], &[f32], &[f32]),
+    (dqb, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+    (r, m, d): (usize, usize, usize),
+) {
+    // SAFETY: ds and p (r, m) row-major, read as-is or transposed (m, r); ks (m, d), qb and gb
+    // (r, d), dqb (r, d), dk and dv (m, d), all row-major.
+    unsafe {
+        sgemm(
+            (r, d, m),
+            Mat::rows(dqb.as_mut_ptr(), d),
+            Mat::rows(ds.as_ptr(), m),
+            Mat::rows(ks.as_ptr(), d),
+            false,
+            1,
+        );
+        sgemm(
+            (m, d, r),
+            Mat::rows(dk.as_mut_ptr(), d),
+            Mat::cols(ds.as_ptr(), m),
+            Mat::rows(qb.as_ptr(), d),
+            true,
+            1,
+        );
+        sgemm(
+            (m, d, r),
+            Mat::rows(dv.as_mut_ptr(), d),
+            Mat::cols(p.as_ptr(), m),
+            Mat::rows(gb.as_ptr(), d),
+            true,
+            1,
+        );
+    }
+}
+
 /// The probabilities alone: q `(bh, n, d)`, k `(bh, m, d)` -> `(bh, n, m)`, the same blocks
 /// and arithmetic as [`attention`].
 pub fn probs(
@@ -137,19 +257,39 @@ pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op())
 }
 
-/// [`attention`] on tensors: q `(b, h, n, d)`, k and v `(b, h, m, d)` -> `(b, h, n, d)`.
-pub fn attention_tensors(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    crate::sd::attention::per_head_op(
-        "attention",
-        q,
-        k,
-        v,
-        &Blocked {
-            scale: scale as f32,
-        },
-    )
+/// Whether [`attention_tensors`] takes these: f32 on the CPU, gradients or not.
+pub fn applies_with_grad(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    [q, k, v]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
+/// [`attention`] on tensors: q `(b, h, n, d)`, k and v `(b, h, m, d)` -> `(b, h, n, d)`;
+/// differentiable ([`attention_grads`]) when any of them tracks gradients.
+pub fn attention_tensors(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let op = Blocked {
+        scale: scale as f32,
+    };
+    if ![q, k, v].iter().any(|t| t.track_op()) {
+        return crate::sd::attention::per_head_op("attention", q, k, v, &op);
+    }
+    let (b, h, n, d) = q.dims4()?;
+    let m = k.dim(2)?;
+    if k.dims() != [b, h, m, d] || v.dims() != k.dims() || m == 0 {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let flat = |t: &Tensor, rows: usize| t.reshape((b * h, rows, d))?.contiguous();
+    flat(q, n)?
+        .apply_op3(&flat(k, m)?, &flat(v, m)?, op)?
+        .reshape((b, h, n, d))
+}
+
+#[derive(Clone, Copy)]
 struct Blocked {
     scale: f32,
 }
@@ -238,12 +378,39 @@ impl CustomOp3 for Blocked {
         let out = attention(q, k, v, (bh, n, m, d), self.scale);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (bh, n, d) = q.dims3()?;
+        let m = k.dim(1)?;
+        let data = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let (dq, dk, dv) = attention_grads(
+            &data(q)?,
+            &data(k)?,
+            &data(v)?,
+            &data(grad)?,
+            (bh, n, m, d),
+            self.scale,
+        );
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, (bh, n, d), dev)?),
+            Some(Tensor::from_vec(dk, (bh, m, d), dev)?),
+            Some(Tensor::from_vec(dv, (bh, m, d), dev)?),
+        ))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sd::cpu::test_util::{max_diff, randn};
+    use crate::sd::cpu::test_util::{max_abs, max_diff, randn};
 
     /// Against candle's composite `softmax(scale q k^T) v` (matmul, softmax, matmul) to f32
     /// rounding (2e-5 of the inputs' size; scores of size 30 carry ~1e-5 relative rounding into the softmax): one row, blocks that do not divide the
@@ -271,6 +438,43 @@ mod tests {
             let theirs = p.matmul(&v).unwrap();
             let err = max_diff(&ours, &theirs);
             assert!(err < 2e-5 * amp as f32, "case {i}: {err}");
+        }
+    }
+
+    /// The backward pass against candle's composite (matmul, softmax, matmul) differentiated
+    /// by candle, for the loss `sum(out * up)`: dq, dk and dv to 5e-5 of the largest gradient
+    /// (f32 sums over up to 1000 keys). Cases: one row; 77 keys; 1000 keys, so that 300 query
+    /// rows run as two blocks of 262 and 38 that add into the same dk, dv.
+    #[test]
+    fn gradients_match_the_composite() {
+        use candle_core::Var;
+        for (i, &(b, h, n, m, d)) in [(1, 1, 1, 1, 8), (2, 3, 65, 77, 40), (1, 2, 300, 1000, 16)]
+            .iter()
+            .enumerate()
+        {
+            let r = |s: u64, rows: usize| {
+                Var::from_tensor(&randn(10 * i as u64 + s, &[b, h, rows, d])).unwrap()
+            };
+            let (q, k, v) = (r(0, n), r(1, m), r(2, m));
+            let up = randn(10 * i as u64 + 3, &[b, h, n, d]);
+            let scale = 1.0 / (d as f64).sqrt();
+            let loss = |out: Tensor| (out * &up).unwrap().sum_all().unwrap();
+            let ours = loss(attention_tensors(&q, &k, &v, scale).unwrap())
+                .backward()
+                .unwrap();
+            let p = candle_nn::ops::softmax(
+                &((q.as_tensor() * scale).unwrap())
+                    .matmul(&k.t().unwrap())
+                    .unwrap(),
+                candle_core::D::Minus1,
+            )
+            .unwrap();
+            let theirs = loss(p.matmul(&v).unwrap()).backward().unwrap();
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (a, t) = (ours.get(x).unwrap(), theirs.get(x).unwrap());
+                let err = max_diff(a, t) / max_abs(t).max(1.0);
+                assert!(err < 5e-5, "case {i}, d{name}: {err}");
+            }
         }
     }
 }
