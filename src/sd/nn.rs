@@ -83,8 +83,14 @@ pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<
     Ok(LayerNorm::new(weight, bias, eps))
 }
 
-/// Applies a layer norm, differentiably when `xs` tracks gradients.
+/// Applies a layer norm, differentiably when `xs` tracks gradients ([`crate::sd::cpu::layer_norm`]
+/// for f32 on the CPU, with or without gradients).
 pub fn norm(ln: &LayerNorm, xs: &Tensor) -> candle_core::Result<Tensor> {
+    if let Some(bias) = ln.bias() {
+        if crate::sd::cpu::layer_norm::applies(xs, ln.weight(), bias) {
+            return crate::sd::cpu::layer_norm::layer_norm(xs, ln.weight(), bias, ln.eps());
+        }
+    }
     match ln.bias() {
         Some(bias) if xs.track_op() => {
             candle_nn::ops::layer_norm_slow(xs, ln.weight(), bias, ln.eps() as f32)

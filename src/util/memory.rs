@@ -17,10 +17,23 @@ pub fn process_memory() -> Option<ProcessMemory> {
 }
 
 /// Starts this process's peak (`VmHWM`) over from its resident memory now, as Linux allows
-/// (writing 5 to `/proc/self/clear_refs`); false where it cannot, so a later peak is the
-/// process's whole life.
+/// (writing 5 to `/proc/self/clear_refs`), after handing freed memory back
+/// ([`release_freed`]); false where it cannot, so a later peak is the process's whole life.
 pub fn reset_peak() -> bool {
+    release_freed();
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Hands the pages of freed heap memory back to the system (glibc's `malloc_trim`). The binary
+/// keeps freed blocks for the next denoising step's tensors (`keep_freed_memory` in main.rs),
+/// and blocks in the middle of the heap stay resident until this: after a training run, the
+/// gigabytes of its activations.
+pub fn release_freed() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of glibc's heaps to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// `VmRSS` and `VmHWM` of a `/proc/PID/status` text (in kB there).

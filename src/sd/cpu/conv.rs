@@ -225,9 +225,8 @@ impl BiasedOp for Conv {
         Ok((CpuStorage::F32(out), Shape::from((b, c_out, oh, ow))))
     }
 
-    /// candle's backward pass of `Op::Conv2D` (candle-core 0.11.1, backprop.rs): the gradients
-    /// of the input and the kernel.
-    fn grads(&self, arg: &Tensor, kernel: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// candle's backward pass of `Op::Conv2D` (candle-core 0.11.1, backprop.rs) for the input.
+    fn input_grad(&self, arg: &Tensor, kernel: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let (padding, stride, dilation) = (self.padding, self.stride, self.dilation);
         // The transposed convolution's output padding per side (candle takes one for both and
         // derives it from the height only, which fails on non-square inputs with stride > 1):
@@ -249,6 +248,12 @@ impl BiasedOp for Conv {
             )?
             .narrow(2, 0, arg.dim(2)?)?
             .narrow(3, 0, arg.dim(3)?)?;
+        Ok(grad_arg)
+    }
+
+    /// candle's backward pass of `Op::Conv2D` for the kernel.
+    fn weight_grad(&self, arg: &Tensor, kernel: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let (padding, stride, dilation) = (self.padding, self.stride, self.dilation);
         // candle passes (dilation, stride) in this order here: the roles swap for the kernel.
         let grad_kernel = arg
             .transpose(0, 1)?
@@ -261,7 +266,7 @@ impl BiasedOp for Conv {
         } else {
             grad_kernel
         };
-        Ok((grad_arg, grad_kernel))
+        Ok(grad_kernel)
     }
 
     fn bias_grad(&self, grad: &Tensor) -> Result<Tensor> {

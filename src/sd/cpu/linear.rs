@@ -169,9 +169,14 @@ impl BiasedOp for Linear {
         Ok((CpuStorage::F32(y), Shape::from((rows, o))))
     }
 
-    /// The gradients of `x (rows, k)` and `w (o, k)` for `grad (rows, o)`.
-    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((grad.matmul(w)?, grad.t()?.matmul(x)?))
+    /// The gradient of `x (rows, k)` for `grad (rows, o)`, `w (o, k)`.
+    fn input_grad(&self, _x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        grad.matmul(w)
+    }
+
+    /// The gradient of `w (o, k)` for `grad (rows, o)`, `x (rows, k)`.
+    fn weight_grad(&self, x: &Tensor, _w: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        grad.t()?.matmul(x)
     }
 
     fn bias_grad(&self, grad: &Tensor) -> Result<Tensor> {
@@ -255,6 +260,25 @@ mod tests {
             assert_eq!(a.dims(), t.dims());
             assert!(max_diff(a, t) < 2e-5);
         }
+    }
+
+    /// A frozen weight and bias get no gradient (candle would keep it to the end of the
+    /// backward pass); the input's is still candle's to 2e-5.
+    #[test]
+    fn frozen_weights_get_no_gradient() {
+        let x = Var::from_tensor(&randn(1, &[2, 5, 7])).unwrap();
+        let (w, b) = (randn(2, &[3, 7]), randn(3, &[3]));
+        let up = randn(4, &[2, 5, 3]);
+        let grads = (linear(x.as_tensor(), &w, Some(&b)).unwrap() * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(grads.get(&w).is_none() && grads.get(&b).is_none());
+        let expected = up.reshape((10, 3)).unwrap().matmul(&w).unwrap();
+        let got = grads.get(&x).unwrap().reshape((10, 7)).unwrap();
+        assert!(max_diff(&got, &expected) < 2e-5);
     }
 
     /// Shapes that do not fit are one error naming them, not a panic.
