@@ -176,6 +176,11 @@ impl ResnetBlock {
             _ => h,
         };
         let h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
-        (shortcut + h)? / self.output_scale_factor
+        // Dividing by 1 (SD's UNet and VAE) would cost a pass and, in training, a tensor kept.
+        if self.output_scale_factor == 1.0 {
+            shortcut + h
+        } else {
+            (shortcut + h)? / self.output_scale_factor
+        }
     }
 }
