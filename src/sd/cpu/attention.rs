@@ -389,7 +389,7 @@ impl CustomOp3 for Blocked {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (bh, n, d) = q.dims3()?;
         let m = k.dim(1)?;
-        let data = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let data = super::f32_data;
         let (dq, dk, dv) = attention_grads(
             &data(q)?,
             &data(k)?,

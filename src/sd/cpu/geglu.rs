@@ -22,18 +22,13 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
         candle_core::bail!("geglu: the last dimension of {dims:?} is not even");
     };
     let rows = outer.iter().product::<usize>();
-    let h2 = h.reshape((rows, last))?.contiguous()?;
-    let y = if h2.track_op() {
-        h2.apply_op1(Geglu)?
-    } else {
-        h2.apply_op1_no_bwd(&Geglu)?
-    };
+    // candle records the op for the backward pass only where the input tracks gradients.
+    let y = h.reshape((rows, last))?.contiguous()?.apply_op1(Geglu)?;
     let mut out = outer.to_vec();
     out.push(last / 2);
     y.reshape(out)
 }
 
-#[derive(Clone, Copy)]
 struct Geglu;
 
 impl CustomOp1 for Geglu {
@@ -60,10 +55,7 @@ impl CustomOp1 for Geglu {
         let (rows, two_n) = h.dims2()?;
         let n = two_n / 2;
         let dev = h.device().clone();
-        let (h, dy) = (
-            h.flatten_all()?.to_vec1::<f32>()?,
-            dy.flatten_all()?.to_vec1::<f32>()?,
-        );
+        let (h, dy) = (super::f32_data(h)?, super::f32_data(dy)?);
         let mut dh = vec![0.0f32; rows * two_n];
         if n > 0 {
             dh.par_chunks_mut(two_n)

@@ -47,20 +47,13 @@ pub fn group_norm(
         eps: eps as f32,
         silu,
     };
-    let (x3, w, b) = (
-        x.reshape((n, c, hw))?.contiguous()?,
-        w.contiguous()?,
-        b.contiguous()?,
-    );
-    let y = if [&x3, &w, &b].iter().any(|t| t.track_op()) {
-        x3.apply_op3(&w, &b, op)?
-    } else {
-        x3.apply_op3_no_bwd(&w, &b, &op)?
-    };
-    y.reshape(dims)
+    // candle records the op for the backward pass only where an argument tracks gradients.
+    x.reshape((n, c, hw))?
+        .contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)?
+        .reshape(dims)
 }
 
-#[derive(Clone, Copy)]
 struct GroupNorm {
     groups: usize,
     eps: f32,
@@ -195,7 +188,7 @@ impl CustomOp3 for GroupNorm {
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, hw) = x.dims3()?;
-        let data = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let data = super::f32_data;
         let (dx, dw, db) = self.grads(&data(x)?, &data(w)?, &data(b)?, &data(gy)?, (c, hw));
         let dev = x.device();
         // A frozen weight's gradient would stay in candle's store to the end of the pass.

@@ -31,20 +31,13 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
         );
     }
     let op = LayerNorm { eps: eps as f32 };
-    let (x2, w, b) = (
-        x.reshape((x.elem_count() / d, d))?.contiguous()?,
-        w.contiguous()?,
-        b.contiguous()?,
-    );
-    let y = if [&x2, &w, &b].iter().any(|t| t.track_op()) {
-        x2.apply_op3(&w, &b, op)?
-    } else {
-        x2.apply_op3_no_bwd(&w, &b, &op)?
-    };
-    y.reshape(dims)
+    // candle records the op for the backward pass only where an argument tracks gradients.
+    x.reshape((x.elem_count() / d, d))?
+        .contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)?
+        .reshape(dims)
 }
 
-#[derive(Clone, Copy)]
 struct LayerNorm {
     eps: f32,
 }
@@ -151,7 +144,7 @@ impl CustomOp3 for LayerNorm {
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (rows, d) = x.dims2()?;
-        let data = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let data = super::f32_data;
         let (dx, dw, db) = self.grads(&data(x)?, &data(w)?, &data(gy)?, d);
         let dev = x.device();
         // A frozen weight's gradient would stay in candle's store to the end of the pass.

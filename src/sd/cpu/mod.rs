@@ -239,6 +239,11 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
+/// A tensor's f32 elements, in order (what the backward passes here work on).
+fn f32_data(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
 /// The f32 elements of a contiguous storage (what the custom ops here take).
 fn f32_slice<'a>(
     s: &'a candle_core::CpuStorage,
