@@ -231,13 +231,14 @@ impl AttentionCall {
 
 /// `op` over q `(b, h, n, d)`, k and v `(b, h, m, d)` as `(b*h, rows, d)` contiguous tensors
 /// -> `(b, h, n, d)`: the frame of the attention kernels (fused, blocked CPU); `what` names the
-/// kernel in errors.
+/// kernel in errors. candle records the op for the backward pass where an input tracks
+/// gradients (an op without one then fails in the backward pass, never silently).
 pub(crate) fn per_head_op(
     what: &str,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    op: &impl candle_core::CustomOp3,
+    op: impl candle_core::CustomOp3 + Send + Sync + 'static,
 ) -> candle_core::Result<Tensor> {
     let (b, h, n, d) = q.dims4()?;
     let (kb, kh, m, kd) = k.dims4()?;
@@ -254,7 +255,7 @@ pub(crate) fn per_head_op(
     }
     let flat = |t: &Tensor, rows: usize| t.reshape((b * h, rows, d))?.contiguous();
     flat(q, n)?
-        .apply_op3_no_bwd(&flat(k, m)?, &flat(v, m)?, op)?
+        .apply_op3(&flat(k, m)?, &flat(v, m)?, op)?
         .reshape((b, h, n, d))
 }
 

@@ -250,11 +250,10 @@ pub fn mix(p: &[f32], v: &[f32], (bh, n, m, d): (usize, usize, usize, usize)) ->
     out
 }
 
-/// Whether [`attention_tensors`] takes these: f32 on the CPU, nothing tracking gradients.
+/// Whether [`probs_tensors`] and [`mix_tensors`] take these: f32 on the CPU, nothing tracking
+/// gradients (they have no backward pass).
 pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    [q, k, v]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op())
+    applies_with_grad(q, k, v) && ![q, k, v].iter().any(|t| t.track_op())
 }
 
 /// Whether [`attention_tensors`] takes these: f32 on the CPU, gradients or not.
@@ -270,26 +269,9 @@ pub fn attention_tensors(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resu
     let op = Blocked {
         scale: scale as f32,
     };
-    if ![q, k, v].iter().any(|t| t.track_op()) {
-        return crate::sd::attention::per_head_op("attention", q, k, v, &op);
-    }
-    let (b, h, n, d) = q.dims4()?;
-    let m = k.dim(2)?;
-    if k.dims() != [b, h, m, d] || v.dims() != k.dims() || m == 0 {
-        candle_core::bail!(
-            "attention: q {:?}, k {:?}, v {:?} do not fit",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
-    }
-    let flat = |t: &Tensor, rows: usize| t.reshape((b * h, rows, d))?.contiguous();
-    flat(q, n)?
-        .apply_op3(&flat(k, m)?, &flat(v, m)?, op)?
-        .reshape((b, h, n, d))
+    crate::sd::attention::per_head_op("attention", q, k, v, op)
 }
 
-#[derive(Clone, Copy)]
 struct Blocked {
     scale: f32,
 }
@@ -398,19 +380,15 @@ impl CustomOp3 for Blocked {
             (bh, n, m, d),
             self.scale,
         );
-        let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, (bh, n, d), dev)?),
-            Some(Tensor::from_vec(dk, (bh, m, d), dev)?),
-            Some(Tensor::from_vec(dv, (bh, m, d), dev)?),
-        ))
+        let grad = super::grad_for;
+        Ok((grad(q, dq)?, grad(k, dk)?, grad(v, dv)?))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sd::cpu::test_util::{max_abs, max_diff, randn};
+    use crate::sd::cpu::test_util::{grad_err, max_diff, randn};
 
     /// Against candle's composite `softmax(scale q k^T) v` (matmul, softmax, matmul) to f32
     /// rounding (2e-5 of the inputs' size; scores of size 30 carry ~1e-5 relative rounding into the softmax): one row, blocks that do not divide the
@@ -471,8 +449,7 @@ mod tests {
             .unwrap();
             let theirs = loss(p.matmul(&v).unwrap()).backward().unwrap();
             for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
-                let (a, t) = (ours.get(x).unwrap(), theirs.get(x).unwrap());
-                let err = max_diff(a, t) / max_abs(t).max(1.0);
+                let err = grad_err(&ours, &theirs, x);
                 assert!(err < 5e-5, "case {i}, d{name}: {err}");
             }
         }

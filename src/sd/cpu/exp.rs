@@ -83,6 +83,14 @@ simd_fn! {
     }
 }
 
+/// The mean of `xs` and `1 / sqrt(variance + eps)`, the variance as the mean of squared
+/// deviations (the composite norms' arithmetic): group and layer norm, forward and backward.
+pub fn mean_rstd(xs: &[f32], eps: f32) -> (f32, f32) {
+    let n = xs.len() as f32;
+    let mean = sum(xs) / n;
+    (mean, 1.0 / (sum_sq(xs, mean) / n + eps).sqrt())
+}
+
 /// The sum of `f(x)` over `xs` in [`LANES`] independent lanes (vectorisable).
 #[inline(always)]
 fn lanes_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {

@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::exp::{affine_silu, sum, sum_sq};
+use super::exp::{affine_silu, mean_rstd};
 use super::uninit;
 
 /// Whether [`group_norm`] takes these: f32 on the CPU, gradients or not.
@@ -71,9 +71,7 @@ impl GroupNorm {
             .enumerate()
             .for_each(|(run, (yg, xg))| {
                 let g = run % self.groups;
-                let mean = sum(xg) / len as f32;
-                let var = sum_sq(xg, mean) / len as f32;
-                let rstd = 1.0 / (var + self.eps).sqrt();
+                let (mean, rstd) = mean_rstd(xg, self.eps);
                 for (i, (yc, xc)) in yg.chunks_exact_mut(hw).zip(xg.chunks_exact(hw)).enumerate() {
                     let ch = g * cpg + i;
                     let scale = rstd * w[ch];
@@ -105,8 +103,7 @@ impl GroupNorm {
             .enumerate()
             .map(|(run, (dxg, (xg, gg)))| {
                 let g = run % self.groups;
-                let mean = sum(xg) / len as f32;
-                let rstd = 1.0 / (sum_sq(xg, mean) / len as f32 + self.eps).sqrt();
+                let (mean, rstd) = mean_rstd(xg, self.eps);
                 let (mut sum_d, mut sum_dx) = (0.0f32, 0.0f32);
                 let mut channels = Vec::with_capacity(cpg);
                 for (i, ((dxc, xc), gc)) in dxg
@@ -187,28 +184,18 @@ impl CustomOp3 for GroupNorm {
         _y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, c, hw) = x.dims3()?;
+        let (_, c, hw) = x.dims3()?;
         let data = super::f32_data;
         let (dx, dw, db) = self.grads(&data(x)?, &data(w)?, &data(b)?, &data(gy)?, (c, hw));
-        let dev = x.device();
-        // A frozen weight's gradient would stay in candle's store to the end of the pass.
-        let tracked = |t: &Tensor, g: Vec<f32>| {
-            t.track_op()
-                .then(|| Tensor::from_vec(g, c, dev))
-                .transpose()
-        };
-        Ok((
-            Some(Tensor::from_vec(dx, (n, c, hw), dev)?),
-            tracked(w, dw)?,
-            tracked(b, db)?,
-        ))
+        let grad = super::grad_for;
+        Ok((grad(x, dx)?, grad(w, dw)?, grad(b, db)?))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sd::cpu::test_util::{max_abs, max_diff, randn};
+    use crate::sd::cpu::test_util::{grad_err, max_diff, randn};
     use crate::sd::fused::group_norm::GroupNorm as Layer;
     use crate::sd::fused::Kernels;
 
@@ -272,8 +259,7 @@ mod tests {
                 };
                 let theirs = loss(theirs).backward().unwrap();
                 for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
-                    let (a, t) = (ours.get(v).unwrap(), theirs.get(v).unwrap());
-                    let err = max_diff(a, t) / max_abs(t).max(1.0);
+                    let err = grad_err(&ours, &theirs, v);
                     assert!(err < 1e-4, "case {i}, silu {silu}, d{name}: {err}");
                 }
             }

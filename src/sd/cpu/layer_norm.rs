@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::exp::{sum, sum_sq};
+use super::exp::mean_rstd;
 use super::uninit;
 
 /// Whether [`layer_norm`] takes these: f32 on the CPU, gradients or not.
@@ -43,20 +43,13 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    /// A row's mean and reciprocal standard deviation.
-    fn stats(&self, row: &[f32]) -> (f32, f32) {
-        let n = row.len() as f32;
-        let mean = sum(row) / n;
-        (mean, 1.0 / (sum_sq(row, mean) / n + self.eps).sqrt())
-    }
-
     fn run(&self, x: &[f32], w: &[f32], b: &[f32], d: usize) -> Vec<f32> {
         // SAFETY: every row of `y` is written whole from its row of `x`.
         let mut y = unsafe { uninit(x.len()) };
         y.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .for_each(|(yr, xr)| {
-                let (mean, rstd) = self.stats(xr);
+                let (mean, rstd) = mean_rstd(xr, self.eps);
                 for (((y, &x), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
                     *y = (x - mean) * rstd * w + b;
                 }
@@ -84,7 +77,7 @@ impl LayerNorm {
                     .zip(xs.chunks_exact(d))
                     .zip(gs.chunks_exact(d))
                 {
-                    let (mean, rstd) = self.stats(xr);
+                    let (mean, rstd) = mean_rstd(xr, self.eps);
                     let (mut sum_g, mut sum_gx) = (0.0f32, 0.0f32);
                     for i in 0..d {
                         let xh = (xr[i] - mean) * rstd;
@@ -143,21 +136,11 @@ impl CustomOp3 for LayerNorm {
         _y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (rows, d) = x.dims2()?;
+        let (_, d) = x.dims2()?;
         let data = super::f32_data;
         let (dx, dw, db) = self.grads(&data(x)?, &data(w)?, &data(gy)?, d);
-        let dev = x.device();
-        // A frozen weight's gradient would stay in candle's store to the end of the pass.
-        let tracked = |t: &Tensor, g: Vec<f32>| {
-            t.track_op()
-                .then(|| Tensor::from_vec(g, d, dev))
-                .transpose()
-        };
-        Ok((
-            Some(Tensor::from_vec(dx, (rows, d), dev)?),
-            tracked(w, dw)?,
-            tracked(b, db)?,
-        ))
+        let grad = super::grad_for;
+        Ok((grad(x, dx)?, grad(w, dw)?, grad(b, db)?))
     }
 }
 
@@ -166,7 +149,7 @@ mod tests {
     use candle_core::Var;
 
     use super::*;
-    use crate::sd::cpu::test_util::{max_abs, max_diff, randn};
+    use crate::sd::cpu::test_util::{grad_err, max_diff, randn};
 
     /// Against candle's composite layer norm (`layer_norm_slow`), values to 2e-5 and, for the
     /// loss `sum(y * up)`, dx, dw and db to 1e-4 of the largest gradient: rows of 7 and of 320
@@ -189,8 +172,7 @@ mod tests {
                 loss(theirs).backward().unwrap(),
             );
             for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
-                let (a, t) = (ours.get(v).unwrap(), theirs.get(v).unwrap());
-                let err = max_diff(a, t) / max_abs(t).max(1.0);
+                let err = grad_err(&ours, &theirs, v);
                 assert!(err < 1e-4, "case {i}, d{name}: {err}");
             }
         }

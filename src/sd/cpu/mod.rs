@@ -244,6 +244,14 @@ fn f32_data(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
+/// The gradient `g` of an op's argument `arg`, shaped like it, where `arg` tracks gradients:
+/// candle would keep any other (a frozen weight's) to the end of the backward pass.
+fn grad_for(arg: &Tensor, g: Vec<f32>) -> candle_core::Result<Option<Tensor>> {
+    arg.track_op()
+        .then(|| Tensor::from_vec(g, arg.shape(), arg.device()))
+        .transpose()
+}
+
 /// The f32 elements of a contiguous storage (what the custom ops here take).
 fn f32_slice<'a>(
     s: &'a candle_core::CpuStorage,
@@ -297,5 +305,16 @@ mod test_util {
     /// The largest `|a - b|`.
     pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         max_abs(&(a - b).unwrap())
+    }
+
+    /// The largest difference of `v`'s gradients in two backward passes, relative to the
+    /// largest of the second's (or absolute below 1).
+    pub fn grad_err(
+        ours: &candle_core::backprop::GradStore,
+        theirs: &candle_core::backprop::GradStore,
+        v: &Tensor,
+    ) -> f32 {
+        let (a, t) = (ours.get(v).unwrap(), theirs.get(v).unwrap());
+        max_diff(a, t) / max_abs(t).max(1.0)
     }
 }

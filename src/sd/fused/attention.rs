@@ -52,7 +52,7 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
         q,
         k,
         v,
-        &FusedAttention {
+        FusedAttention {
             scale: scale as f32,
         },
     )?;
