@@ -846,3 +846,34 @@ fn human_seconds(s: f64) -> String {
         s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cell's values read back bit-exact: a resumed run and a report see the value the run
+    /// measured. 0.0010063240770250559 is a Fisher cell's value that serde_json's default
+    /// parser read back one ulp off (0.001006324077025056).
+    #[test]
+    fn a_cells_values_read_back_bit_exact() {
+        let value = 0.0010063240770250559f64;
+        let cell = Cell {
+            run: "0123abcd".into(),
+            method: "lora".into(),
+            subject: "pot".into(),
+            step: 2,
+            measure: Measure::Fisher,
+            chunk: None,
+            values: vec![Value {
+                metric: "fisher".into(),
+                value,
+                std_err: value / 3.0,
+                n: 2,
+                note: String::new(),
+            }],
+        };
+        let back: Cell = serde_json::from_str(&serde_json::to_string(&cell).unwrap()).unwrap();
+        assert_eq!(back.values[0].value.to_bits(), value.to_bits());
+        assert_eq!(back.values[0].std_err.to_bits(), (value / 3.0).to_bits());
+    }
+}
