@@ -3,8 +3,11 @@
 //! rows) meets the kernel in one GEMM, `(c_out, c_in*kh*kw) x (c_in*kh*kw, tile)`, written
 //! straight into the NCHW output. 1x1 convolutions with stride 1 multiply the image itself.
 //! A bias is where each output plane starts (the GEMMs add to it), or added by Winograd's
-//! output transform: no pass of its own. The backward pass is candle's (its formulas for
-//! `Op::Conv2D`), and the bias's gradient the sum of the output's.
+//! output transform: no pass of its own. The input's gradient of a stride-1 convolution is
+//! this convolution again (of the flipped kernel: Winograd's for 3x3, where candle's
+//! transposed convolution, a dot product per output element, was a fifth of a training step);
+//! the rest of the backward pass is candle's (its formulas for `Op::Conv2D`), and the bias's
+//! gradient the sum of the output's.
 
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use candle_nn::Conv2dConfig;
@@ -194,6 +197,25 @@ impl Conv {
     }
 }
 
+/// `w (c_out, c_in, kh, kw)` -> `(c_in, c_out, kh, kw)` turned by 180 degrees: the kernel of
+/// a stride-1 convolution's adjoint.
+fn flipped(w: &Tensor) -> Result<Tensor> {
+    let (co, ci, kh, kw) = w.dims4()?;
+    let src = w.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0.0f32; src.len()];
+    for o in 0..co {
+        for i in 0..ci {
+            for y in 0..kh {
+                for x in 0..kw {
+                    out[((i * co + o) * kh + kh - 1 - y) * kw + kw - 1 - x] =
+                        src[((o * ci + i) * kh + y) * kw + x];
+                }
+            }
+        }
+    }
+    Tensor::from_vec(out, (ci, co, kh, kw), w.device())
+}
+
 impl BiasedOp for Conv {
     fn name(&self) -> &'static str {
         "conv2d-gemm"
@@ -225,8 +247,22 @@ impl BiasedOp for Conv {
         Ok((CpuStorage::F32(out), Shape::from((b, c_out, oh, ow))))
     }
 
-    /// candle's backward pass of `Op::Conv2D` (candle-core 0.11.1, backprop.rs) for the input.
+    /// The input's gradient. With stride and dilation 1 it is the output's gradient convolved
+    /// with the kernel flipped in both directions, its channels swapped, padded `k - 1 - p`:
+    /// [`conv2d`] again (Winograd's for 3x3), where candle's transposed convolution is a plain
+    /// loop. Otherwise candle's backward pass of `Op::Conv2D` (candle-core 0.11.1, backprop.rs).
     fn input_grad(&self, arg: &Tensor, kernel: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let (_, _, kh, kw) = kernel.dims4()?;
+        if self.stride == 1 && self.dilation == 1 && self.padding < kh.min(kw) {
+            let (ph, pw) = (kh - 1 - self.padding, kw - 1 - self.padding);
+            if ph == pw {
+                let cfg = Conv2dConfig {
+                    padding: ph,
+                    ..Default::default()
+                };
+                return conv2d(grad, &flipped(&kernel.detach())?, None, &cfg, None);
+            }
+        }
         let (padding, stride, dilation) = (self.padding, self.stride, self.dilation);
         // The transposed convolution's output padding per side (candle takes one for both and
         // derives it from the height only, which fails on non-square inputs with stride > 1):
@@ -348,6 +384,47 @@ mod tests {
         let ours = conv2d(&x, &kern, None, &cfg, None).unwrap();
         let theirs = x.conv2d(&kern, 1, 1, 1, 1).unwrap();
         assert!(max_rel(&ours, &theirs) < 1e-5);
+    }
+
+    /// Stride-1 input gradients (our own convolution of the flipped kernel) against candle's
+    /// backward pass, to 1e-5 relative: 3x3 padded 1 on 34x33 (Winograd's size), unpadded 3x3,
+    /// 1x1, each with a frozen kernel (no kernel gradient) and a variable one (its gradient
+    /// candle's too).
+    #[test]
+    fn stride_one_input_gradients_are_candles() {
+        let cases = [(3, 1, 34, 33), (3, 0, 9, 8), (1, 0, 7, 5)];
+        for (i, &(k, padding, h, w)) in cases.iter().enumerate() {
+            for variable in [false, true] {
+                let x = Var::from_tensor(&randn(10 * i as u64, &[2, 5, h, w])).unwrap();
+                let kern = randn(10 * i as u64 + 1, &[6, 5, k, k]);
+                let kern = match variable {
+                    true => Var::from_tensor(&kern).unwrap().as_tensor().clone(),
+                    false => kern,
+                };
+                let cfg = Conv2dConfig {
+                    padding,
+                    ..Default::default()
+                };
+                let y = conv2d(x.as_tensor(), &kern, None, &cfg, None).unwrap();
+                let up = randn(10 * i as u64 + 2, y.dims());
+                let loss = |y: Tensor| (y * &up).unwrap().sum_all().unwrap();
+                let ours = loss(y).backward().unwrap();
+                let theirs = x.as_tensor().conv2d(&kern, padding, 1, 1, 1).unwrap();
+                let theirs = loss(theirs).backward().unwrap();
+                let (a, b) = (ours.get(&x).unwrap(), theirs.get(&x).unwrap());
+                assert!(max_rel(a, b) < 1e-5, "case {i}: {}", max_rel(a, b));
+                match variable {
+                    false => assert!(
+                        ours.get(&kern).is_none(),
+                        "case {i}: a frozen kernel's gradient"
+                    ),
+                    true => {
+                        let (a, b) = (ours.get(&kern).unwrap(), theirs.get(&kern).unwrap());
+                        assert!(max_rel(a, b) < 1e-5, "case {i}, kernel: {}", max_rel(a, b));
+                    }
+                }
+            }
+        }
     }
 
     /// A cache does not keep the transform of a variable's kernel: after the variable changes,
