@@ -70,6 +70,62 @@ simd_fn! {
 }
 
 simd_fn! {
+    /// GEGLU's backward pass over a row: `da = dy gelu(g)`, `dg = dy a gelu'(g)` with
+    /// `gelu'(g) = Phi(g) + g phi(g)`.
+    pub fn gelu_mul_grad(a: &[f32], g: &[f32], dy: &[f32], da: &mut [f32], dg: &mut [f32]) -> () {
+        let grads = da.iter_mut().zip(dg.iter_mut());
+        for (((da, dg), &a), (&g, &dy)) in grads.zip(a).zip(g.iter().zip(dy)) {
+            let cdf = 0.5 * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = exp(-0.5 * g * g) * 0.398_942_3;
+            *da = dy * g * cdf;
+            *dg = dy * a * (cdf + g * pdf);
+        }
+    }
+}
+
+simd_fn! {
+    /// One channel of the group norm's backward pass (`group_norm::GroupNorm::grads`): with
+    /// `x^ = (x - mean) rstd`, `z = w x^ + b` and `dz = gy`, through SiLU where `silu`
+    /// (`gy s (1 + z (1 - s))`, `s` the sigmoid of `z`), writes `dx = w dz` and returns the
+    /// sums (`stats`: `[mean, rstd, w, b]`) `[dz x^, dz, w dz, w dz x^]`, in 16 lanes.
+    pub fn norm_silu_grad(x: &[f32], gy: &[f32], dx: &mut [f32], stats: [f32; 4], silu: bool) -> [f32; 4] {
+        let [mean, rstd, w, b] = stats;
+        let one = |x: f32, gy: f32, dx: &mut f32| {
+            let xh = (x - mean) * rstd;
+            let dz = if silu {
+                let z = w * xh + b;
+                let s = 1.0 / (1.0 + exp(-z));
+                gy * s * (1.0 + z * (1.0 - s))
+            } else {
+                gy
+            };
+            *dx = dz * w;
+            [dz * xh, dz, *dx, *dx * xh]
+        };
+        let mut lanes = [[0f32; LANES]; 4];
+        let (mut xs, mut gs) = (x.chunks_exact(LANES), gy.chunks_exact(LANES));
+        let mut ds = dx.chunks_exact_mut(LANES);
+        for ((xc, gc), dc) in (&mut xs).zip(&mut gs).zip(&mut ds) {
+            for l in 0..LANES {
+                let s = one(xc[l], gc[l], &mut dc[l]);
+                for k in 0..4 {
+                    lanes[k][l] += s[k];
+                }
+            }
+        }
+        let mut sums = lanes.map(|l| l.iter().sum::<f32>());
+        let rest = xs.remainder().iter().zip(gs.remainder());
+        for ((&x, &gy), dx) in rest.zip(ds.into_remainder()) {
+            let s = one(x, gy, dx);
+            for k in 0..4 {
+                sums[k] += s[k];
+            }
+        }
+        sums
+    }
+}
+
+simd_fn! {
     /// The sum of `(x - shift)^2` over `xs` (`shift` 0: of squares), in 16 lanes.
     pub fn sum_sq(xs: &[f32], shift: f32) -> f32 {
         lanes_sum(xs, |x| (x - shift) * (x - shift))

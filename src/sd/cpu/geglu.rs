@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::exp::{erf, gelu_mul};
+use super::exp::{gelu_mul, gelu_mul_grad};
 use super::{f32_slice, uninit};
 
 /// Whether [`geglu`] takes this: f32 on the CPU, gradients or not.
@@ -61,13 +61,7 @@ impl CustomOp1 for Geglu {
                 .zip(hs.par_chunks(two_n).zip(dy.par_chunks(n)))
                 .for_each(|(d, (row, dy))| {
                     let (da, dg) = d.split_at_mut(n);
-                    for i in 0..n {
-                        let (a, g) = (row[i], row[n + i]);
-                        let cdf = 0.5 * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2));
-                        let pdf = (-0.5 * g * g).exp() * 0.398_942_3;
-                        da[i] = dy[i] * g * cdf;
-                        dg[i] = dy[i] * a * (cdf + g * pdf);
-                    }
+                    gelu_mul_grad(&row[..n], &row[n..], dy, da, dg);
                 });
         }
         super::grad_for(h, dh)

@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::exp::{affine_silu, mean_rstd};
+use super::exp::{affine_silu, mean_rstd, norm_silu_grad};
 use super::uninit;
 
 /// Whether [`group_norm`] takes these: f32 on the CPU, gradients or not.
@@ -113,22 +113,10 @@ impl GroupNorm {
                     .enumerate()
                 {
                     let ch = g * cpg + i;
-                    let (mut dw, mut db) = (0.0f32, 0.0f32);
-                    for ((d, &xv), &gv) in dxc.iter_mut().zip(xc).zip(gc) {
-                        let xh = (xv - mean) * rstd;
-                        let dz = if self.silu {
-                            let z = w[ch] * xh + b[ch];
-                            let s = 1.0 / (1.0 + super::exp::exp(-z));
-                            gv * s * (1.0 + z * (1.0 - s))
-                        } else {
-                            gv
-                        };
-                        dw += dz * xh;
-                        db += dz;
-                        *d = dz * w[ch];
-                        sum_d += *d;
-                        sum_dx += *d * xh;
-                    }
+                    let [dw, db, d, dx] =
+                        norm_silu_grad(xc, gc, dxc, [mean, rstd, w[ch], b[ch]], self.silu);
+                    sum_d += d;
+                    sum_dx += dx;
                     channels.push((dw, db));
                 }
                 let (md, mdx) = (sum_d / len as f32, sum_dx / len as f32);
