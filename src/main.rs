@@ -27,15 +27,19 @@ fn main() -> std::process::ExitCode {
 /// blocks over its dynamic threshold (1-32 MiB) straight to mmap, so each such op paid page
 /// faults and page clearing again (a tenth of the CPU time on SD1.5's shapes). Every block now
 /// comes from the heap (no mmap: the feed-forward's 168 MiB outputs at batch 4 are reused
-/// too; glibc still maps memory when the heap cannot grow), which keeps up to 512 MiB of
-/// freed memory for reuse. A UNet call at batch 4 took 8%, then 5% less here, with the same
-/// peak memory (notes/cpu.md).
+/// too; glibc still maps memory when the heap cannot grow), and none goes back to the system
+/// by itself (trimming off): a training step frees and takes again ~10 GiB of activations on
+/// SD1.5's shapes, and with freed memory over 512 MiB trimmed, clearing the pages again was
+/// 8% of the step. A UNet call at batch 4 took 8%, then 5% less here, with the same peak
+/// memory (notes/cpu.md). Each REPL input hands the freed memory back when it ends
+/// (`util::memory::release_freed`), as bench does before each row.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes glibc's allocation thresholds; called before any thread.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+        // -1: never trim (mallopt(3)).
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
     }
 }

@@ -497,6 +497,9 @@ impl Repl {
             }
         }
         self.session.job.reset();
+        // The binary keeps freed memory while a job runs (main.rs); the session between
+        // inputs holds only what it keeps.
+        crate::util::memory::release_freed();
     }
 
     /// Runs a file in the session with `args` as its `ARGS`, as the recipe runner does.
