@@ -39,6 +39,9 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_MMAP_MAX, 0);
+        // One arena, the heap's: the work runs on a spawned thread, whose own arena (64 MiB
+        // heaps) maps every larger block anyway and unmaps it when freed.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
         // -1: never trim (mallopt(3)).
         libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
     }
