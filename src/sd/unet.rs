@@ -43,6 +43,14 @@ impl FeedForward {
 
     fn forward(&self, xs: &Tensor, hook: Option<&HookCtx<'_>>) -> Result<Tensor> {
         let h = module(hook, &self.paths[0], xs, &self.proj_in)?;
+        let (w, b) = (self.proj_out.weight(), self.proj_out.bias());
+        // The product and the projection as one op, where no hook looks at the product.
+        if crate::sd::cpu::geglu::applies(&h)
+            && crate::sd::cpu::linear::applies(&h, w)
+            && !hook.is_some_and(|h| h.wants_module(&self.paths[1]))
+        {
+            return Ok(crate::sd::cpu::geglu::geglu_linear(&h, w, b)?);
+        }
         // diffusers' GEGLU uses the exact (erf) GELU.
         let product = if crate::sd::cpu::geglu::applies(&h) {
             crate::sd::cpu::geglu::geglu(&h)?

@@ -40,7 +40,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     y.reshape(out)
 }
 
-struct Linear;
+pub(super) struct Linear;
 
 impl Linear {
     /// `x (rows, k)`, `w (o, k)`, `b (o)` -> `(rows, o)`.
@@ -51,7 +51,7 @@ impl Linear {
     /// 154 x 3072 -> 768: 12.4 ms against 3.8 ms). Up to [`FEW_ROWS`] rows the input goes in
     /// transposed instead, padded to whole vectors, which gemm reads in place, and the small
     /// result is transposed back (notes/cpu.md, "The text encoder").
-    fn run(
+    pub(super) fn run(
         x: &[f32],
         w: &[f32],
         b: Option<&[f32]>,
