@@ -179,14 +179,20 @@ fn sync(dev: &Device) -> Result<()> {
 }
 
 /// Median seconds of `repeats` calls of `f` after one warm-up call, and the peak memory over
-/// the timed calls (the GPU's; on the CPU the process's resident peak, weights included). A cancelled `job` (Ctrl-C,
-/// SIGTERM) stops it between calls.
+/// the timed calls (the GPU's; on the CPU the process's resident peak, weights included). A
+/// cancelled `job` (Ctrl-C, SIGTERM) stops it between calls.
+///
+/// On the CPU the freed memory of the rows before goes back to the system before the
+/// warm-up, and the warm-up's stays: the timed calls run as the second and later calls of a
+/// job do (a training run's steps reuse the first step's pages; handing them back in between
+/// made the timed step clear ~10 GiB of pages again), and the peak counts what this work holds.
 fn time<T>(
     dev: &Device,
     repeats: usize,
     job: &Job,
     mut f: impl FnMut() -> Result<T>,
 ) -> Result<(f64, Option<u64>)> {
+    crate::util::memory::release_freed();
     f()?;
     sync(dev)?;
     let reset = crate::sd::device::reset_peak(dev);
@@ -434,7 +440,8 @@ impl Bench<'_> {
                 Err(e) => return Err(e),
             };
             let name = train_row(method, &settings);
-            // The last row's activations go back to the system before this one's memory check.
+            // The rows before keep their freed memory (main.rs): it goes back before this
+            // row's check that a batch fits.
             crate::util::memory::release_freed();
             let mut t = match Trainer::new(sd, "thing", "cat", &images, opts.clone(), learner) {
                 Ok(t) => t,

@@ -17,10 +17,10 @@ pub fn process_memory() -> Option<ProcessMemory> {
 }
 
 /// Starts this process's peak (`VmHWM`) over from its resident memory now, as Linux allows
-/// (writing 5 to `/proc/self/clear_refs`), after handing freed memory back
-/// ([`release_freed`]); false where it cannot, so a later peak is the process's whole life.
+/// (writing 5 to `/proc/self/clear_refs`); false where it cannot, so a later peak is the
+/// process's whole life. Freed memory the process keeps counts as resident: call
+/// [`release_freed`] first to leave it out.
 pub fn reset_peak() -> bool {
-    release_freed();
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
