@@ -54,9 +54,12 @@ enum ProbSource {
 }
 
 /// One attention layer's call, open to a hook. Probabilities are `(heads, queries, keys)` per row
-/// in f32; values are `(batch, keys, heads * head_dim)`, before the head split.
+/// in f32; values are `(batch, keys, heads * head_dim)`, before the head split. Queries and keys
+/// stay in the projections' layout too, split into heads only on the paths that need it.
 pub struct AttentionCall {
+    /// `(b, n, inner)`.
     q: Tensor,
+    /// `(b, m, inner)`.
     k: Tensor,
     v: Tensor,
     heads: usize,
@@ -72,8 +75,8 @@ impl AttentionCall {
         let b = q.dim(0)?;
         let head_dim = q.dim(2)? / heads;
         Ok(Self {
-            q: split_heads(&q, heads)?,
-            k: split_heads(&k, heads)?,
+            q,
+            k,
             v,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
@@ -88,12 +91,12 @@ impl AttentionCall {
 
     /// Number of queries (pixels of the feature map).
     pub fn queries(&self) -> usize {
-        self.q.dims()[2]
+        self.q.dims()[1]
     }
 
     /// Number of keys (text tokens in cross-attention).
     pub fn keys(&self) -> usize {
-        self.k.dims()[2]
+        self.k.dims()[1]
     }
 
     /// The value features `(batch, keys, inner)` as they will be mixed.
@@ -176,14 +179,18 @@ impl AttentionCall {
         let rows: Vec<usize> = (0..self.batch())
             .filter(|&r| matches!(self.sources[r], ProbSource::Own))
             .collect();
+        let (q, k) = (
+            split_heads(&self.q, self.heads)?,
+            split_heads(&self.k, self.heads)?,
+        );
         let (q, k) = if rows.len() == self.batch() {
-            (self.q.clone(), self.k.clone())
+            (q, k)
         } else {
             let idx = Tensor::new(
                 rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
                 self.q.device(),
             )?;
-            (self.q.index_select(&idx, 0)?, self.k.index_select(&idx, 0)?)
+            (q.index_select(&idx, 0)?, k.index_select(&idx, 0)?)
         };
         let probs = attention_probs(&q, &k, self.scale)?;
         self.own = Some((rows, probs));
@@ -194,20 +201,25 @@ impl AttentionCall {
     /// where `kernels` choose it and nobody asked for probabilities.
     fn finish(mut self, kernels: Kernels) -> Result<Tensor> {
         let all_own = self.sources.iter().all(|s| matches!(s, ProbSource::Own));
-        let v = split_heads(&self.v, self.heads)?;
+        let split = |x: &Tensor| split_heads(x, self.heads);
         // Nobody asked for probabilities: the fused op and the blocked CPU one never
         // materialise them.
         if all_own && self.own.is_none() {
-            if kernels.fused() && fused_attention::supports(&self.q, &self.k, &v) {
-                let out = fused_attention::fused_attention(&self.q, &self.k, &v, self.scale)?;
-                return merge_heads(&out);
+            if kernels.fused() {
+                let (q, k, v) = (split(&self.q)?, split(&self.k)?, split(&self.v)?);
+                if fused_attention::supports(&q, &k, &v) {
+                    let out = fused_attention::fused_attention(&q, &k, &v, self.scale)?;
+                    return merge_heads(&out);
+                }
             }
-            // With gradients too: its backward recomputes the probabilities by blocks.
-            if cpu_attention::applies_with_grad(&self.q, &self.k, &v) {
-                let out = cpu_attention::attention_tensors(&self.q, &self.k, &v, self.scale)?;
-                return merge_heads(&out);
+            // With gradients too (its backward recomputes the probabilities by blocks), on the
+            // projections' layout: the per-head copies live inside the op, not in the graph.
+            let (q, k, v) = (&self.q, &self.k, &self.v);
+            if cpu_attention::applies_with_grad(q, k, v) {
+                return cpu_attention::attention_heads(q, k, v, self.heads, self.scale);
             }
         }
+        let v = split(&self.v)?;
         let probs = if all_own {
             self.compute_own()?;
             self.own.take().expect("computed above").1

@@ -256,24 +256,87 @@ pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     applies_with_grad(q, k, v) && ![q, k, v].iter().any(|t| t.track_op())
 }
 
-/// Whether [`attention_tensors`] takes these: f32 on the CPU, gradients or not.
+/// Whether [`attention_heads`] takes these: f32 on the CPU, gradients or not.
 pub fn applies_with_grad(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     [q, k, v]
         .iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
-/// [`attention`] on tensors: q `(b, h, n, d)`, k and v `(b, h, m, d)` -> `(b, h, n, d)`;
-/// differentiable ([`attention_grads`]) when any of them tracks gradients.
-pub fn attention_tensors(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let op = Blocked {
+/// [`attention`] on the projections' layout: q `(b, n, h*d)`, k and v `(b, m, h*d)` ->
+/// `(b, n, h*d)`; differentiable ([`attention_grads`]) when any of them tracks gradients. The
+/// heads are split into (and the output merged from) buffers inside the op, so that training
+/// keeps q, k and v as the projections wrote them and no per-head copies (4 activation-sized
+/// tensors per layer: 1.1 GiB over SD1.5's UNet at batch 4).
+pub fn attention_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, _, inner) = q.dims3()?;
+    let (kb, m, k_inner) = k.dims3()?;
+    if heads == 0 || inner % heads != 0 || (kb, k_inner) != (b, inner) || v.dims() != k.dims() {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit {heads} heads",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if m == 0 {
+        candle_core::bail!("attention over zero keys");
+    }
+    let op = Heads {
+        heads,
         scale: scale as f32,
     };
-    crate::sd::attention::per_head_op("attention", q, k, v, op)
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
-struct Blocked {
+/// [`attention_heads`]' op.
+struct Heads {
+    heads: usize,
     scale: f32,
+}
+
+impl Heads {
+    /// `(b, rows, h*d)` -> `(b*h, rows, d)`.
+    fn split(&self, x: &[f32], (b, rows, inner): (usize, usize, usize)) -> Vec<f32> {
+        let d = inner / self.heads;
+        // SAFETY: each (batch, head) chunk of rows*d is written whole, row by row.
+        let mut out = unsafe { uninit(b * rows * inner) };
+        if d > 0 && rows > 0 {
+            out.par_chunks_mut(rows * d).enumerate().for_each(|(s, o)| {
+                let (i, j) = (s / self.heads, s % self.heads);
+                for (r, dst) in o.chunks_exact_mut(d).enumerate() {
+                    dst.copy_from_slice(&x[(i * rows + r) * inner + j * d..][..d]);
+                }
+            });
+        }
+        out
+    }
+
+    /// `(b*h, rows, d)` -> `(b, rows, h*d)`.
+    fn merge(&self, x: &[f32], (b, rows, inner): (usize, usize, usize)) -> Vec<f32> {
+        let d = inner / self.heads;
+        // SAFETY: each batch's rows*inner is written whole, one head's d at a time.
+        let mut out = unsafe { uninit(b * rows * inner) };
+        if d > 0 && rows > 0 {
+            out.par_chunks_mut(rows * inner)
+                .enumerate()
+                .for_each(|(i, o)| {
+                    for (r, row) in o.chunks_exact_mut(inner).enumerate() {
+                        for (j, dst) in row.chunks_exact_mut(d).enumerate() {
+                            dst.copy_from_slice(&x[((i * self.heads + j) * rows + r) * d..][..d]);
+                        }
+                    }
+                });
+        }
+        out
+    }
 }
 
 /// [`probs`] on tensors: q `(b, h, n, d)`, k `(b, h, m, d)` -> `(b, h, n, m)`.
@@ -336,7 +399,7 @@ impl CustomOp2 for Half {
     }
 }
 
-impl CustomOp3 for Blocked {
+impl CustomOp3 for Heads {
     fn name(&self) -> &'static str {
         "blocked-attention"
     }
@@ -350,14 +413,15 @@ impl CustomOp3 for Blocked {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (
-            super::f32_slice(s1, l1)?,
-            super::f32_slice(s2, l2)?,
-            super::f32_slice(s3, l3)?,
-        );
-        let (bh, n, d) = l1.shape().dims3()?;
+        let (b, n, inner) = l1.shape().dims3()?;
         let m = l2.shape().dims3()?.1;
-        let out = attention(q, k, v, (bh, n, m, d), self.scale);
+        let split = |s, l, rows| {
+            Ok::<_, candle_core::Error>(self.split(super::f32_slice(s, l)?, (b, rows, inner)))
+        };
+        let (q, k, v) = (split(s1, l1, n)?, split(s2, l2, m)?, split(s3, l3, m)?);
+        let dims = (b * self.heads, n, m, inner / self.heads);
+        let out = attention(&q, &k, &v, dims, self.scale);
+        let out = self.merge(&out, (b, n, inner));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -369,19 +433,25 @@ impl CustomOp3 for Blocked {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (bh, n, d) = q.dims3()?;
+        let (b, n, inner) = q.dims3()?;
         let m = k.dim(1)?;
-        let data = super::f32_data;
+        let split = |t: &Tensor, rows| {
+            Ok::<_, candle_core::Error>(self.split(&super::f32_data(t)?, (b, rows, inner)))
+        };
+        let dims = (b * self.heads, n, m, inner / self.heads);
         let (dq, dk, dv) = attention_grads(
-            &data(q)?,
-            &data(k)?,
-            &data(v)?,
-            &data(grad)?,
-            (bh, n, m, d),
+            &split(q, n)?,
+            &split(k, m)?,
+            &split(v, m)?,
+            &split(grad, n)?,
+            dims,
             self.scale,
         );
-        let grad = super::grad_for;
-        Ok((grad(q, dq)?, grad(k, dk)?, grad(v, dv)?))
+        let grad = |t: &Tensor, g: Vec<f32>, rows| match t.track_op() {
+            true => super::grad_for(t, self.merge(&g, (b, rows, inner))),
+            false => Ok(None),
+        };
+        Ok((grad(q, dq, n)?, grad(k, dk, m)?, grad(v, dv, m)?))
     }
 }
 
@@ -390,7 +460,14 @@ mod tests {
     use super::*;
     use crate::sd::cpu::test_util::{grad_err, max_diff, randn};
 
-    /// Against candle's composite `softmax(scale q k^T) v` (matmul, softmax, matmul) to f32
+    /// `(b, h, n, d)` -> `(b, n, h*d)`: the projections' layout, which the op takes.
+    fn merged(x: &Tensor) -> Tensor {
+        let (b, h, n, d) = x.dims4().unwrap();
+        x.transpose(1, 2).unwrap().reshape((b, n, h * d)).unwrap()
+    }
+
+    /// On the projections' layout, against candle's composite `softmax(scale q k^T) v` (the
+    /// heads split, matmul, softmax, matmul, merged) to f32
     /// rounding (2e-5 of the inputs' size; scores of size 30 carry ~1e-5 relative rounding into the softmax): one row, blocks that do not divide the
     /// rows, SD1.5's head sizes, cross-attention's 77 keys, and scores with a standard deviation of 9.
     #[test]
@@ -408,15 +485,18 @@ mod tests {
                 |s: u64, rows: usize| (randn(10 * i as u64 + s, &[b, h, rows, d]) * amp).unwrap();
             let (q, k, v) = (r(0, n), r(1, m), r(2, m));
             let scale = 1.0 / (d as f64).sqrt();
-            let ours = attention_tensors(&q, &k, &v, scale).unwrap();
+            let ours = attention_heads(&merged(&q), &merged(&k), &merged(&v), h, scale).unwrap();
             let p = candle_nn::ops::softmax_last_dim(
                 &((&q * scale).unwrap().matmul(&k.t().unwrap()).unwrap()),
             )
             .unwrap();
-            let theirs = p.matmul(&v).unwrap();
+            let theirs = merged(&p.matmul(&v).unwrap());
             let err = max_diff(&ours, &theirs);
             assert!(err < 2e-5 * amp as f32, "case {i}: {err}");
         }
+        let q = randn(1, &[1, 4, 8]);
+        let e = attention_heads(&q, &q, &q, 3, 1.0).unwrap_err().to_string();
+        assert!(e.contains("3 heads") && e.contains("[1, 4, 8]"), "{e}");
     }
 
     /// The backward pass against candle's composite (matmul, softmax, matmul) differentiated
@@ -431,23 +511,29 @@ mod tests {
             .enumerate()
         {
             let r = |s: u64, rows: usize| {
-                Var::from_tensor(&randn(10 * i as u64 + s, &[b, h, rows, d])).unwrap()
+                Var::from_tensor(&randn(10 * i as u64 + s, &[b, rows, h * d])).unwrap()
             };
             let (q, k, v) = (r(0, n), r(1, m), r(2, m));
-            let up = randn(10 * i as u64 + 3, &[b, h, n, d]);
+            let up = randn(10 * i as u64 + 3, &[b, n, h * d]);
             let scale = 1.0 / (d as f64).sqrt();
             let loss = |out: Tensor| (out * &up).unwrap().sum_all().unwrap();
-            let ours = loss(attention_tensors(&q, &k, &v, scale).unwrap())
+            let ours = loss(attention_heads(&q, &k, &v, h, scale).unwrap())
                 .backward()
                 .unwrap();
+            let split = |x: &Var, rows| {
+                let x = x.reshape((b, rows, h, d)).unwrap().transpose(1, 2).unwrap();
+                x.contiguous().unwrap()
+            };
             let p = candle_nn::ops::softmax(
-                &((q.as_tensor() * scale).unwrap())
-                    .matmul(&k.t().unwrap())
+                &((split(&q, n) * scale).unwrap())
+                    .matmul(&split(&k, m).t().unwrap())
                     .unwrap(),
                 candle_core::D::Minus1,
             )
             .unwrap();
-            let theirs = loss(p.matmul(&v).unwrap()).backward().unwrap();
+            let theirs = loss(merged(&p.matmul(&split(&v, m)).unwrap()))
+                .backward()
+                .unwrap();
             for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
                 let err = grad_err(&ours, &theirs, x);
                 assert!(err < 5e-5, "case {i}, d{name}: {err}");
