@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::exp::{gelu_mul, gelu_mul_grad};
 use super::linear::Linear;
-use super::{f32_slice, uninit, with_scratch, BiasedOp};
+use super::{f32_slice, on_rows, uninit, with_scratch, BiasedOp};
 
 /// Whether [`geglu`] takes this: f32 on the CPU, gradients or not.
 pub fn applies(h: &Tensor) -> bool {
@@ -20,15 +20,11 @@ pub fn applies(h: &Tensor) -> bool {
 /// `h (..., 2 n)` -> `(..., n)`: the first half times the GELU of the second.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
     let dims = h.dims();
-    let Some((&last, outer)) = dims.split_last().filter(|(&last, _)| last % 2 == 0) else {
+    if dims.last().is_none_or(|last| last % 2 != 0) {
         candle_core::bail!("geglu: the last dimension of {dims:?} is not even");
-    };
-    let rows = outer.iter().product::<usize>();
+    }
     // candle records the op for the backward pass only where the input tracks gradients.
-    let y = h.reshape((rows, last))?.contiguous()?.apply_op1(Geglu)?;
-    let mut out = outer.to_vec();
-    out.push(last / 2);
-    y.reshape(out)
+    on_rows(h, |h2| h2.apply_op1(Geglu))
 }
 
 struct Geglu;
@@ -87,22 +83,16 @@ fn product_grad(h: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
 pub fn geglu_linear(h: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = h.dims();
     let (o, n) = w.dims2()?;
-    let Some((&last, outer)) = dims
-        .split_last()
-        .filter(|(&last, _)| last == 2 * n && b.is_none_or(|b| b.dims() == [o]))
-    else {
+    if dims.last() != Some(&(2 * n)) || b.is_some_and(|b| b.dims() != [o]) {
         candle_core::bail!(
             "geglu_linear: input {dims:?}, weight {:?}, bias {:?}",
             w.dims(),
             b.map(|b| b.dims())
         );
-    };
-    let rows = outer.iter().product::<usize>();
-    let h2 = h.reshape((rows, last))?.contiguous()?;
-    let y = super::apply_biased(&h2, &w.contiguous()?, b, GegluLinear)?;
-    let mut out = outer.to_vec();
-    out.push(o);
-    y.reshape(out)
+    }
+    on_rows(h, |h2| {
+        super::apply_biased(h2, &w.contiguous()?, b, GegluLinear)
+    })
 }
 
 struct GegluLinear;

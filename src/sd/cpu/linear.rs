@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{apply_biased, f32_slice, sgemm, uninit, BiasedOp, Mat};
+use super::{apply_biased, f32_slice, on_rows, sgemm, uninit, BiasedOp, Mat};
 
 /// Whether [`linear`] takes these: f32 on the CPU, a `(out, in)` weight.
 pub fn applies(x: &Tensor, w: &Tensor) -> bool {
@@ -21,23 +21,14 @@ pub fn applies(x: &Tensor, w: &Tensor) -> bool {
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (o, k) = w.dims2()?;
     let dims = x.dims();
-    let bias_fits = b.is_none_or(|b| b.dims() == [o]);
-    let Some((&last, outer)) = dims
-        .split_last()
-        .filter(|(&last, _)| last == k && bias_fits)
-    else {
+    if dims.last() != Some(&k) || b.is_some_and(|b| b.dims() != [o]) {
         candle_core::bail!(
             "linear: input {dims:?}, weight {:?}, bias {:?}",
             w.dims(),
             b.map(|b| b.dims())
         );
-    };
-    let rows = outer.iter().product::<usize>();
-    let x2 = x.reshape((rows, last))?.contiguous()?;
-    let y = apply_biased(&x2, &w.contiguous()?, b, Linear)?;
-    let mut out = outer.to_vec();
-    out.push(o);
-    y.reshape(out)
+    }
+    on_rows(x, |x2| apply_biased(x2, &w.contiguous()?, b, Linear))
 }
 
 pub(super) struct Linear;

@@ -155,6 +155,24 @@ fn apply_biased(
     }
 }
 
+/// `f` on `x (..., k)` as a contiguous `(rows, k)` matrix, its `(rows, o)` result shaped
+/// `(..., o)` again: the frame of the row-wise ops (linear, GEGLU).
+fn on_rows(
+    x: &Tensor,
+    f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let Some((&last, outer)) = dims.split_last() else {
+        candle_core::bail!("a row-wise op on a scalar");
+    };
+    let y = f(&x
+        .reshape((outer.iter().product::<usize>(), last))?
+        .contiguous()?)?;
+    let mut out = outer.to_vec();
+    out.push(y.dim(1)?);
+    y.reshape(out)
+}
+
 /// A [`BiasedOp`] as candle's custom op.
 struct Biased<O>(O);
 
