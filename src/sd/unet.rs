@@ -49,7 +49,7 @@ impl FeedForward {
             && crate::sd::cpu::linear::applies(&h, w)
             && !hook.is_some_and(|h| h.wants_module(&self.paths[1]))
         {
-            return Ok(crate::sd::cpu::geglu::geglu_linear(&h, w, b)?);
+            return crate::sd::cpu::geglu::geglu_linear(&h, w, b);
         }
         // diffusers' GEGLU uses the exact (erf) GELU.
         let product = if crate::sd::cpu::geglu::applies(&h) {
