@@ -231,7 +231,7 @@ impl AttentionCall {
             Tensor::cat(&per_row, 0)?
         };
         let probs = probs.to_dtype(v.dtype())?;
-        let out = if cpu_attention::applies(&probs, &v, &v) {
+        let out = if cpu_attention::applies_with_grad(&probs, &v, &v) {
             // The same blocks as the blocked attention: looking changes nothing.
             cpu_attention::mix_tensors(&probs, &v)?
         } else {
