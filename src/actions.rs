@@ -219,6 +219,9 @@ pub struct TrainAsk {
     pub steps: Option<usize>,
     pub lr: Option<f64>,
     pub batch: Option<usize>,
+    /// Images per forward and backward pass (see [`TrainOptions::micro_batch`]): a setting of
+    /// this machine, taken on resuming too.
+    pub micro_batch: Option<usize>,
     pub seed: Option<u64>,
     pub templates: Option<Vec<String>>,
     pub flip: Option<bool>,
@@ -297,6 +300,7 @@ impl TrainAsk {
                 checkpoint_every: self.checkpoint_every,
                 checkpoint_dir: self.checkpoint_dir.clone(),
                 masks: self.masks.clone(),
+                micro_batch: self.micro_batch,
                 ..defaults
             };
             if options.checkpoint_every.is_some() {
@@ -380,6 +384,7 @@ impl TrainAsk {
         if let Some(steps) = self.steps {
             options.steps = steps;
         }
+        options.micro_batch = self.micro_batch;
         // The run's masks, from where they are now when the request says.
         if let Some(m) = &self.masks {
             options.masks = Some(m.clone());

@@ -39,6 +39,9 @@ pub struct BenchOptions {
     pub repeats: usize,
     /// The groups of rows to run (of [`GROUPS`]); empty: all.
     pub only: Vec<String>,
+    /// Images per forward and backward pass of the training rows (see
+    /// [`TrainOptions::micro_batch`]); `None`: as training chooses.
+    pub micro_batch: Option<usize>,
 }
 
 impl Default for BenchOptions {
@@ -47,6 +50,7 @@ impl Default for BenchOptions {
             steps: 50,
             repeats: 3,
             only: vec![],
+            micro_batch: None,
         }
     }
 }
@@ -421,6 +425,7 @@ impl Bench<'_> {
             .collect();
         let opts = TrainOptions {
             steps: usize::MAX,
+            micro_batch: self.opts.micro_batch,
             ..Default::default()
         };
         // Every method of the registry, with its default settings: the paper's first (the row
@@ -449,6 +454,19 @@ impl Bench<'_> {
                     eprintln!("not measuring {name}: {e}");
                     continue;
                 }
+            };
+            // The rows keep their names (tools/compare_bench.py reads them) unless asked for
+            // other passes than training's own.
+            let (m, batch) = (t.micro_batch(), t.options().batch);
+            let name = match self.opts.micro_batch {
+                Some(_) if m < batch => format!("{name}, passes of {m}"),
+                None if m < batch => {
+                    eprintln!(
+                        "{name}: the batch of {batch} in passes of {m}, as `train` runs it here"
+                    );
+                    name
+                }
+                _ => name,
             };
             self.measure(&name, unet4.map(|t| ("unet batch 4", t)), || t.step())?;
         }

@@ -395,6 +395,10 @@ struct BenchArgs {
     /// Timed runs per row after one warm-up; each row is their median (at least 1).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Images per forward and backward pass of the training rows (default: as `train`
+    /// chooses).
+    #[arg(long)]
+    micro_batch: Option<usize>,
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -460,6 +464,12 @@ struct TrainArgs {
     /// Images per training step (default: the method's, see --method).
     #[arg(long)]
     batch: Option<usize>,
+    /// Images per forward and backward pass: a step's batch goes through in slices of this
+    /// many, their gradients summed (the same update in less memory; default on the CPU: 2 at
+    /// 512x512, the whole batch at smaller sizes; on a GPU the whole batch; fewer where the
+    /// memory available holds fewer; 1 fits SD1.5 Infusion training in 8 GB).
+    #[arg(long)]
+    micro_batch: Option<usize>,
     /// Seed of every random draw (a whole number from 0).
     #[arg(long, allow_negative_numbers = true, value_parser = parse_seed,
           help = format!("Seed of every random draw, a whole number from 0 (default {})", TrainOptions::default().seed))]
@@ -842,6 +852,7 @@ fn train(global: &GlobalArgs, args: &TrainArgs, job: &Job, signals: &Signals) ->
         steps: args.train_steps,
         lr: args.lr,
         batch: args.batch,
+        micro_batch: args.micro_batch,
         seed: args.seed,
         templates: (!args.templates.is_empty()).then(|| args.templates.clone()),
         flip: args.no_flip.then_some(false),
@@ -1010,6 +1021,7 @@ fn bench(global: &GlobalArgs, args: &BenchArgs, job: &Job) -> Result<()> {
         steps: args.steps,
         repeats: args.repeats,
         only: args.only.clone(),
+        micro_batch: args.micro_batch,
     };
     let quiet = Job::quiet();
     let reload = || load_model(global, &quiet);

@@ -86,16 +86,19 @@ pub fn human_bytes(bytes: u128) -> String {
     }
 }
 
+/// Whether `need` bytes fit in what `device` has available (true where it does not say).
+pub fn fits(need: u128, device: &Device) -> bool {
+    available_bytes(device).is_none_or(|have| need <= have as u128)
+}
+
 /// Refuses work that would need more memory than `device` has available, before anything is
 /// allocated (an allocation that fails aborts the process, and with it a REPL session). The
 /// error names the argument `arg` to change; `what` says what needs `need` bytes.
 pub fn ensure_fits(arg: &str, what: &str, need: u128, device: &Device) -> Result<()> {
-    let Some(have) = available_bytes(device) else {
-        return Ok(());
-    };
-    if need <= have as u128 {
+    if fits(need, device) {
         return Ok(());
     }
+    let have = available_bytes(device).unwrap_or(0);
     Err(Error::arg(
         arg,
         format!(

@@ -43,6 +43,14 @@ pub struct TrainOptions {
     /// does not); none: the plain loss over the whole image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masks: Option<PathBuf>,
+    /// Images per forward and backward pass: each step's batch goes through the model in
+    /// slices of this many and their gradients are summed, the same update (to float rounding)
+    /// in less memory. `None`: on the CPU slices of about two SD1.5 images' latent pixels (two
+    /// images at 512x512, the whole batch of smaller ones), on a GPU the whole batch; fewer
+    /// where the memory available holds fewer.
+    /// A setting of the machine, not of the run: checkpoints leave it out.
+    #[serde(skip)]
+    pub micro_batch: Option<usize>,
 }
 
 impl Default for TrainOptions {
@@ -58,6 +66,7 @@ impl Default for TrainOptions {
             checkpoint_every: None,
             checkpoint_dir: None,
             masks: None,
+            micro_batch: None,
         }
     }
 }
@@ -72,6 +81,9 @@ impl TrainOptions {
         }
         if self.batch == 0 {
             return Err(Error::arg("batch", "must be at least 1"));
+        }
+        if self.micro_batch == Some(0) {
+            return Err(Error::arg("micro_batch", "must be at least 1"));
         }
         if !self.weight_decay.is_finite() || self.weight_decay < 0.0 {
             return Err(Error::arg(
@@ -197,11 +209,65 @@ pub struct Trainer<'a> {
     previous: Option<Snapshot>,
     /// Whether the parameters are small enough to snapshot (see [`ROLLBACK_LIMIT_BYTES`]).
     rollback: bool,
+    /// Images per forward and backward pass (see [`TrainOptions::micro_batch`]).
+    micro: usize,
     /// Loss scaling, for f16 models.
     scaler: Option<LossScale>,
     /// Prior preservation: the class images (with the class prompt) and the weight of their
     /// loss, added to each step's.
     prior: Option<(TrainingSet, f64)>,
+}
+
+/// Latent pixels per pass (rows times `h * w`) past which more rows add memory and hardly any
+/// speed: SD1.5's step at batch 4 (64x64 latents) took 55.9 s in one pass, 57.7 s in passes of
+/// 2 (12692 against 8803 MiB peak) and 69.7 s in passes of 1 (6995 MiB) on the 2-core CPU of
+/// notes/cpu.md. Smaller rows are run together up to this, for the GEMMs' sake.
+const PASS_PIXELS: usize = 2 * 64 * 64;
+
+/// The rows per pass: on the CPU enough for [`PASS_PIXELS`] of `hw` latents, on a GPU (which
+/// runs larger GEMMs faster still) the whole batch; at most `batch`, fewer where `fits` says
+/// they do not fit (1 where none does).
+fn auto_micro_batch(
+    batch: usize,
+    (h, w): (usize, usize),
+    cpu: bool,
+    fits: impl Fn(usize) -> bool,
+) -> usize {
+    let most = if cpu {
+        PASS_PIXELS.div_ceil(h * w)
+    } else {
+        batch
+    };
+    (1..=most.clamp(1, batch))
+        .rev()
+        .find(|&m| fits(m))
+        .unwrap_or(1)
+}
+
+/// The images per forward and backward pass of `opts`' run (see
+/// [`TrainOptions::micro_batch`]): the one asked, else enough rows for [`PASS_PIXELS`], fewer
+/// where the memory available holds fewer. An error names the setting to change when not even
+/// that slice fits.
+fn micro_batch(sd: &StableDiffusion, opts: &TrainOptions, hw: (usize, usize)) -> Result<usize> {
+    let need = |rows: usize| sd.unet_train_bytes(rows, hw);
+    let micro = match opts.micro_batch {
+        Some(m) => m.min(opts.batch),
+        None => auto_micro_batch(opts.batch, hw, sd.device().is_cpu(), |m| {
+            crate::sd::device::fits(need(m), sd.device())
+        }),
+    };
+    let what = if micro == opts.batch {
+        format!("a training batch of {micro}")
+    } else {
+        format!("a training pass of {micro} images")
+    };
+    let arg = if opts.micro_batch.is_some() {
+        "micro_batch"
+    } else {
+        "batch"
+    };
+    crate::sd::device::ensure_fits(arg, &what, need(micro), sd.device())?;
+    Ok(micro)
 }
 
 /// The random stream of training step `step` (`eval`: the evaluation set's).
@@ -226,13 +292,7 @@ impl<'a> Trainer<'a> {
         opts.validate()?;
         let size = sd.default_size();
         let hw = sd.latent_size(size, size)?;
-        // F's pass, C's pass and what C's keeps for the backward pass.
-        crate::sd::device::ensure_fits(
-            "batch",
-            &format!("a training batch of {}", opts.batch),
-            sd.unet_call_bytes(opts.batch, hw) * 3,
-            sd.device(),
-        )?;
+        let micro = micro_batch(sd, &opts, hw)?;
         let word = word.trim().to_string();
         check_word(&word)?;
         let data = TrainingSet::new(
@@ -266,6 +326,7 @@ impl<'a> Trainer<'a> {
             step: 0,
             previous: None,
             rollback: bytes <= ROLLBACK_LIMIT_BYTES,
+            micro,
             scaler: (sd.dtype() == DType::F16).then(LossScale::new),
             prior: None,
         })
@@ -303,6 +364,11 @@ impl<'a> Trainer<'a> {
 
     pub fn options(&self) -> &TrainOptions {
         &self.opts
+    }
+
+    /// Images per forward and backward pass (see [`TrainOptions::micro_batch`]).
+    pub fn micro_batch(&self) -> usize {
+        self.micro
     }
 
     /// Changes how many steps [`Trainer::run`] trains to (to train on in stages).
@@ -409,7 +475,8 @@ impl<'a> Trainer<'a> {
         ))
     }
 
-    /// One optimization step (of [`Learner::accumulate`] batches); returns its loss. A
+    /// One optimization step (of [`Learner::accumulate`] batches, each in slices of
+    /// [`TrainOptions::micro_batch`] images); returns its loss. A
     /// non-finite loss is an error that rolls the parameters and the optimizer state back to
     /// those of the last finite loss (one update back, when there was one). In f16 the loss is scaled (see [`LossScale`]); a step whose scaled
     /// gradients overflow changes nothing but the scale.
@@ -419,37 +486,53 @@ impl<'a> Trainer<'a> {
         let scale = self.scaler.map_or(1.0, |s| s.scale);
         let mut value = 0f32;
         let mut g: Option<BTreeMap<String, Tensor>> = None;
+        let n = self.opts.batch;
         for _ in 0..parts {
-            let batch = self.data.draw(self.sd, &mut rng, self.opts.batch)?;
+            let batch = self.data.draw(self.sd, &mut rng, n)?;
             self.learner.observe(self.sd, &self.data, &batch)?;
-            let params = self.var_tensors();
-            let mut loss = self.loss(&batch, &params)?;
-            if let Some((data, weight)) = &self.prior {
-                let class = data.draw(self.sd, &mut rng, self.opts.batch)?;
-                let prior = self.learner.loss(self.sd, data, &class, &params)?;
-                loss = (loss + (prior * *weight)?)?;
-            }
-            if parts > 1 {
-                loss = (loss / parts as f64)?;
-            }
-            let part = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            value += part;
-            if !part.is_finite() {
-                return Err(self.roll_back(value));
-            }
-            let grads = if scale == 1.0 {
-                loss.backward()?
-            } else {
-                (loss * scale)?.backward()?
+            let class = match &self.prior {
+                Some((data, _)) => Some(data.draw(self.sd, &mut rng, n)?),
+                None => None,
             };
-            let part = crate::train::optim::gradients(&grads, self.learner.vars(), scale)?;
-            g = Some(match g {
-                None => part,
-                Some(sum) => sum
-                    .into_iter()
-                    .map(|(k, a)| Ok((k.clone(), (a + &part[&k])?)))
-                    .collect::<Result<_>>()?,
-            });
+            let params = self.var_tensors();
+            // The batch's loss is the mean of its images': each slice's, weighted by its share.
+            for a in (0..n).step_by(self.micro) {
+                let b = (a + self.micro).min(n);
+                let mut loss = self.loss(&batch.slice(a, b)?, &params)?;
+                if let (Some((data, weight)), Some(class)) = (&self.prior, &class) {
+                    let prior = self
+                        .learner
+                        .loss(self.sd, data, &class.slice(a, b)?, &params)?;
+                    loss = (loss + (prior * *weight)?)?;
+                }
+                if parts > 1 {
+                    loss = (loss / parts as f64)?;
+                }
+                if b - a < n {
+                    loss = (loss * ((b - a) as f64 / n as f64))?;
+                }
+                let part = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                value += part;
+                if !part.is_finite() {
+                    return Err(self.roll_back(value));
+                }
+                let grads = if scale == 1.0 {
+                    loss.backward()?
+                } else {
+                    (&loss * scale)?.backward()?
+                };
+                // The graph goes before the next slice's is built.
+                drop(loss);
+                let part = crate::train::optim::gradients(&grads, self.learner.vars(), scale)?;
+                drop(grads);
+                g = Some(match g {
+                    None => part,
+                    Some(sum) => sum
+                        .into_iter()
+                        .map(|(k, a)| Ok((k.clone(), (a + &part[&k])?)))
+                        .collect::<Result<_>>()?,
+                });
+            }
         }
         let mut g = g.ok_or_else(|| Error::Internal("no batch in a step".into()))?;
         // An overflow is seen before clipping (which would scale it to zeros).
@@ -818,6 +901,23 @@ fn all_finite(grads: &BTreeMap<String, Tensor>) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On the CPU passes of two SD1.5 images' latent pixels: 2 rows at 64x64, the whole batch
+    /// of 4 at 32x32, 1 at 96x96 (SD1.5 at 768x768); on a GPU the whole batch; fewer where
+    /// memory holds fewer, 1 where it holds none.
+    #[test]
+    fn passes_take_two_sd15_images_of_latent_pixels_where_memory_holds_them() {
+        let all = |_| true;
+        assert_eq!(auto_micro_batch(4, (64, 64), true, all), 2);
+        assert_eq!(auto_micro_batch(4, (32, 32), true, all), 4);
+        assert_eq!(auto_micro_batch(4, (96, 96), true, all), 1);
+        assert_eq!(auto_micro_batch(4, (8, 8), true, all), 4);
+        assert_eq!(auto_micro_batch(16, (16, 16), true, |m| m <= 5), 5);
+        assert_eq!(auto_micro_batch(4, (8, 8), true, |_| false), 1);
+        // A GPU takes the whole batch where it fits.
+        assert_eq!(auto_micro_batch(4, (64, 64), false, all), 4);
+        assert_eq!(auto_micro_batch(4, (64, 64), false, |m| m <= 3), 3);
+    }
 
     /// GradScaler's rule: an overflow skips the step and halves the scale, a run of good steps
     /// doubles it, and an overflow at scale 1 is an error.

@@ -192,6 +192,9 @@ fn train_then_generate_with_the_concept() {
             "3",
             "--checkpoint-every",
             "2",
+            // The batch of 4 in passes of 1 image (the memory setting, end to end).
+            "--micro-batch",
+            "1",
         ],
         dir.path(),
         &[],
@@ -434,6 +437,7 @@ fn bench_reports_each_row_as_it_is_measured() {
         steps: 1,
         repeats: 1,
         only: vec![],
+        micro_batch: None,
     };
     let report = infusion_repl::app::run_bench(
         crate::common::tiny(),

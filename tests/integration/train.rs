@@ -258,6 +258,74 @@ fn runs_are_deterministic_and_resuming_continues_the_same_curve() {
     assert_eq!(deltas_diff(&ck, &concept(&a).unwrap()), 0.0);
 }
 
+/// A step's batch through the model in slices (`micro_batch`) makes the update of the whole
+/// batch: the losses and the Δs after three steps of batch 4 in passes of 1 and of 3 (a short
+/// last slice) equal those of whole passes to float rounding (losses 1e-5 relative, Δs 1e-5
+/// absolute; AdamW's first steps move each Δ element by about lr = 0.1), for Infusion alone and
+/// for a LoRA with prior preservation (its class batch sliced alongside; see its bound below).
+#[test]
+fn a_batch_in_slices_makes_the_whole_batch_update() {
+    let imgs = images();
+    let run = |micro: Option<usize>| {
+        let mut o = opts(3);
+        o.micro_batch = micro;
+        let mut t = trainer(tiny(), "thing", "teapot", &imgs, o).unwrap();
+        assert_eq!(t.micro_batch(), micro.unwrap_or(4));
+        let r = t.run(&Job::quiet()).unwrap();
+        (r.losses, concept(&t).unwrap())
+    };
+    let (whole, c) = run(None);
+    for micro in [1, 3] {
+        let (losses, d) = run(Some(micro));
+        for (a, b) in losses.iter().zip(&whole) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "passes of {micro}: loss {a} vs {b}"
+            );
+        }
+        let diff = deltas_diff(&c, &d);
+        assert!(diff <= 1e-5, "passes of {micro}: Δs differ by {diff}");
+    }
+    // Asked for the whole batch, the same run exactly.
+    assert_eq!(deltas_diff(&c, &run(Some(4)).1), 0.0);
+
+    let lora = |micro: Option<usize>| {
+        let mut o = opts(2);
+        o.lr = 0.01;
+        o.micro_batch = micro;
+        let learner = infusion_repl::methods::LoraLearner::new(tiny(), 4, "sks", 0).unwrap();
+        let mut t = infusion_repl::train::Trainer::new(
+            tiny(),
+            "pot",
+            "teapot",
+            &imgs,
+            o,
+            Box::new(learner),
+        )
+        .unwrap();
+        t.set_prior(&imgs[..2], 0.5).unwrap();
+        let r = t.run(&Job::quiet()).unwrap();
+        let vars: Vec<(String, candle_core::Tensor)> = t
+            .vars()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        (r.losses, vars)
+    };
+    let (whole, a) = lora(None);
+    let (sliced, b) = lora(Some(1));
+    for (x, y) in sliced.iter().zip(&whole) {
+        assert!((x - y).abs() <= 1e-5 * y.abs(), "LoRA loss {x} vs {y}");
+    }
+    // AdamW divides each gradient by its RMS + 1e-8: where a gradient is near 1e-8 (the tiny
+    // model's self-attention keys), float rounding moves the factor by a part of a step, so
+    // the LoRA's bound is 1% of one step (lr 0.01) rather than 1e-5.
+    for ((k, x), (_, y)) in a.iter().zip(&b) {
+        let diff = max_abs(&(x - y).unwrap());
+        assert!(diff <= 1e-4, "LoRA factor {k} differs by {diff}");
+    }
+}
+
 #[test]
 fn cancelling_keeps_the_deltas_reached() {
     let imgs = images();
@@ -344,4 +412,8 @@ fn bad_options_are_named() {
     o.batch = 0;
     let e = trainer(tiny(), "thing", "teapot", &imgs, o).err().unwrap();
     assert!(e.to_string().contains("batch"), "{e}");
+    let mut o = opts(1);
+    o.micro_batch = Some(0);
+    let e = trainer(tiny(), "thing", "teapot", &imgs, o).err().unwrap();
+    assert!(e.to_string().contains("micro_batch"), "{e}");
 }

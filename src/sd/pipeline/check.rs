@@ -49,6 +49,23 @@ impl StableDiffusion {
         attention + activations
     }
 
+    /// About the bytes one training pass over `rows` rows of an `(h, w)` latent grid needs
+    /// for the activations its backward pass keeps. On the CPU (attention by blocks, no `n²`
+    /// scores kept) they were measured at about 1.8 GiB a row for SD1.5 at 64x64 latents
+    /// (Infusion: 6995 MiB peak in passes of 1 image, 8803 MiB in passes of 2, 2026-12-06),
+    /// some 350 times a row's first feature map (`c0 * h * w` f32): 400 times it here, for the
+    /// methods that keep more (LoRA's low-rank branches). Elsewhere, the larger of that and
+    /// three plain UNet calls ([`Self::unet_call_bytes`]: F's pass, C's, and what C's keeps).
+    pub fn unet_train_bytes(&self, rows: usize, (h, w): (usize, usize)) -> u128 {
+        let c0 = self.unet.config().block_out_channels[0] as u128;
+        let kept = rows as u128 * c0 * (h * w) as u128 * 4 * 400;
+        if self.device().is_cpu() {
+            kept
+        } else {
+            kept.max(self.unet_call_bytes(rows, (h, w)) * 3)
+        }
+    }
+
     /// About the peak bytes decoding `rows` latents of `(h, w)` allocates: the VAE decoder's
     /// mid-block attention over the latent pixels and its widest activations on the way up.
     pub fn decode_bytes(&self, rows: usize, (h, w): (usize, usize)) -> u128 {
