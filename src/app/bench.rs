@@ -461,9 +461,7 @@ impl Bench<'_> {
             let name = match self.opts.micro_batch {
                 Some(_) if m < batch => format!("{name}, passes of {m}"),
                 None if m < batch => {
-                    eprintln!(
-                        "{name}: the batch of {batch} in passes of {m}, as `train` runs it here"
-                    );
+                    eprintln!("note: {name} runs in passes of {m}, as `train` does here");
                     name
                 }
                 _ => name,

@@ -465,9 +465,9 @@ struct TrainArgs {
     #[arg(long)]
     batch: Option<usize>,
     /// Images per forward and backward pass: a step's batch goes through in slices of this
-    /// many, their gradients summed (the same update in less memory; default on the CPU: 2 at
-    /// 512x512, the whole batch at smaller sizes; on a GPU the whole batch; fewer where the
-    /// memory available holds fewer; 1 fits SD1.5 Infusion training in 8 GB).
+    /// many, their gradients summed: the same update in less memory, a little slower
+    /// (default: the whole batch, fewer where the memory available holds fewer; 1 fits SD1.5
+    /// Infusion training in 8 GB).
     #[arg(long)]
     micro_batch: Option<usize>,
     /// Seed of every random draw (a whole number from 0).

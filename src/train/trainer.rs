@@ -45,9 +45,7 @@ pub struct TrainOptions {
     pub masks: Option<PathBuf>,
     /// Images per forward and backward pass: each step's batch goes through the model in
     /// slices of this many and their gradients are summed, the same update (to float rounding)
-    /// in less memory. `None`: on the CPU slices of about two SD1.5 images' latent pixels (two
-    /// images at 512x512, the whole batch of smaller ones), on a GPU the whole batch; fewer
-    /// where the memory available holds fewer.
+    /// in less memory. `None`: the whole batch, fewer where the memory available holds fewer.
     /// A setting of the machine, not of the run: checkpoints leave it out.
     #[serde(skip)]
     pub micro_batch: Option<usize>,
@@ -218,41 +216,30 @@ pub struct Trainer<'a> {
     prior: Option<(TrainingSet, f64)>,
 }
 
-/// Latent pixels per pass (rows times `h * w`) past which more rows add memory and hardly any
-/// speed: SD1.5's step at batch 4 (64x64 latents) took 55.9 s in one pass, 57.7 s in passes of
-/// 2 (12692 against 8803 MiB peak) and 69.7 s in passes of 1 (6995 MiB) on the 2-core CPU of
-/// notes/cpu.md. Smaller rows are run together up to this, for the GEMMs' sake.
-const PASS_PIXELS: usize = 2 * 64 * 64;
-
-/// The rows per pass: on the CPU enough for [`PASS_PIXELS`] of `hw` latents, on a GPU (which
-/// runs larger GEMMs faster still) the whole batch; at most `batch`, fewer where `fits` says
-/// they do not fit (1 where none does).
-fn auto_micro_batch(
-    batch: usize,
-    (h, w): (usize, usize),
-    cpu: bool,
-    fits: impl Fn(usize) -> bool,
-) -> usize {
-    let most = if cpu {
-        PASS_PIXELS.div_ceil(h * w)
-    } else {
-        batch
-    };
-    (1..=most.clamp(1, batch))
-        .rev()
-        .find(|&m| fits(m))
-        .unwrap_or(1)
+/// The rows per pass: the whole batch where `fits` says it fits, else the most that do (1
+/// where none does). Passes cost time (SD1.5's Infusion step at batch 4 on the 2-core CPU of
+/// notes/cpu.md: 55.9 s whole, 56.5-64.0 s in passes of 2, 69.7 s in passes of 1), so they are
+/// taken only where memory asks for them.
+fn auto_micro_batch(batch: usize, fits: impl Fn(usize) -> bool) -> usize {
+    (1..=batch).rev().find(|&m| fits(m)).unwrap_or(1)
 }
 
 /// The images per forward and backward pass of `opts`' run (see
-/// [`TrainOptions::micro_batch`]): the one asked, else enough rows for [`PASS_PIXELS`], fewer
-/// where the memory available holds fewer. An error names the setting to change when not even
-/// that slice fits.
+/// [`TrainOptions::micro_batch`]): the one asked, else the whole batch, fewer where the memory
+/// available holds fewer. An error names the setting to change when not even that slice fits.
 fn micro_batch(sd: &StableDiffusion, opts: &TrainOptions, hw: (usize, usize)) -> Result<usize> {
+    // Each step draws the whole batch's noise (and the VAE's sample noise) at once.
+    let latent = (sd.unet.config().in_channels * hw.0 * hw.1 * 4) as u128;
+    crate::sd::device::ensure_fits(
+        "batch",
+        &format!("a training batch of {}", opts.batch),
+        opts.batch as u128 * latent * 2 + sd.unet_train_bytes(1, hw),
+        sd.device(),
+    )?;
     let need = |rows: usize| sd.unet_train_bytes(rows, hw);
     let micro = match opts.micro_batch {
         Some(m) => m.min(opts.batch),
-        None => auto_micro_batch(opts.batch, hw, sd.device().is_cpu(), |m| {
+        None => auto_micro_batch(opts.batch, |m| {
             crate::sd::device::fits(need(m), sd.device())
         }),
     };
@@ -902,21 +889,12 @@ fn all_finite(grads: &BTreeMap<String, Tensor>) -> Result<bool> {
 mod tests {
     use super::*;
 
-    /// On the CPU passes of two SD1.5 images' latent pixels: 2 rows at 64x64, the whole batch
-    /// of 4 at 32x32, 1 at 96x96 (SD1.5 at 768x768); on a GPU the whole batch; fewer where
-    /// memory holds fewer, 1 where it holds none.
+    /// The whole batch where it fits, else the largest pass that does, 1 where none does.
     #[test]
-    fn passes_take_two_sd15_images_of_latent_pixels_where_memory_holds_them() {
-        let all = |_| true;
-        assert_eq!(auto_micro_batch(4, (64, 64), true, all), 2);
-        assert_eq!(auto_micro_batch(4, (32, 32), true, all), 4);
-        assert_eq!(auto_micro_batch(4, (96, 96), true, all), 1);
-        assert_eq!(auto_micro_batch(4, (8, 8), true, all), 4);
-        assert_eq!(auto_micro_batch(16, (16, 16), true, |m| m <= 5), 5);
-        assert_eq!(auto_micro_batch(4, (8, 8), true, |_| false), 1);
-        // A GPU takes the whole batch where it fits.
-        assert_eq!(auto_micro_batch(4, (64, 64), false, all), 4);
-        assert_eq!(auto_micro_batch(4, (64, 64), false, |m| m <= 3), 3);
+    fn passes_are_the_whole_batch_unless_memory_asks_for_fewer() {
+        assert_eq!(auto_micro_batch(4, |_| true), 4);
+        assert_eq!(auto_micro_batch(16, |m| m <= 5), 5);
+        assert_eq!(auto_micro_batch(4, |_| false), 1);
     }
 
     /// GradScaler's rule: an overflow skips the step and halves the scale, a run of good steps

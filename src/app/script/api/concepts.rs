@@ -105,7 +105,7 @@ fn train_spec() -> FnSpec {
         .opt_unset("masks", Kind::Str, "a folder of loss masks, one PNG per image named as it (white counts; default: the plain loss)")
         .opt_unset("prior_dir", Kind::Str, "a folder to keep the class images in and take them from next time (default: made each run)")
         .opt_unset("batch", Kind::POSITIVE, "images per step (default: the method's)")
-        .opt_unset("micro_batch", Kind::POSITIVE, "images per forward and backward pass: the step's batch in slices of this many, the same update in less memory (default on the CPU: 2 at 512x512, the whole batch at smaller sizes; on a GPU the whole batch; fewer where the memory available holds fewer; 1 fits SD1.5 Infusion training in 8 GB)")
+        .opt_unset("micro_batch", Kind::POSITIVE, "images per forward and backward pass: the step's batch in slices of this many, the same update in less memory, a little slower (default: the whole batch, fewer where the memory available holds fewer; 1 fits SD1.5 Infusion training in 8 GB)")
         .opt("seed", Kind::SEED, d.seed as INT, "seed of every random draw (images, timesteps, noise)")
         .opt("templates", Kind::Strings, d.templates.clone(), "prompt templates, {} for the class word")
         .opt("flip", Kind::Bool, d.flip, "also train on the mirror images")
