@@ -216,7 +216,7 @@ impl AttentionCall {
             // projections' layout: the per-head copies live inside the op, not in the graph.
             let (q, k, v) = (&self.q, &self.k, &self.v);
             if cpu_attention::applies_with_grad(q, k, v) {
-                return cpu_attention::attention_heads(q, k, v, self.heads, self.scale);
+                return cpu_attention::attention_heads(q, k, v, self.heads, self.scale, false);
             }
         }
         let v = split(&self.v)?;

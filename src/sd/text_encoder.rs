@@ -54,27 +54,38 @@ impl ClipAttention {
         })
     }
 
+    /// `causal`: each token attends to itself and those before it (the text tower).
     fn forward(
         &self,
         xs: &Tensor,
-        mask: Option<&Tensor>,
+        causal: bool,
         hook: Option<(&dyn ModuleHook, &str)>,
     ) -> candle_core::Result<Tensor> {
         let (b, n, d) = xs.dims3()?;
         let lin = |l: &Linear, name: &str, x: &Tensor| hooked(l, hook, "self_attn", name, x);
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let (q, k, v) = (
+            lin(&self.q_proj, "q_proj", xs)?,
+            lin(&self.k_proj, "k_proj", xs)?,
+            lin(&self.v_proj, "v_proj", xs)?,
+        );
+        // The heads, the scale and the mask inside one op (the per-head products, the mask
+        // and the softmax were a dozen small ops per layer).
+        if crate::sd::cpu::attention::applies_with_grad(&q, &k, &v) {
+            let out =
+                crate::sd::cpu::attention::attention_heads(&q, &k, &v, self.heads, scale, causal)?;
+            return lin(&self.out_proj, "out_proj", &out);
+        }
         let split = |t: Tensor| {
             t.reshape((b, n, self.heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = split((lin(&self.q_proj, "q_proj", xs)? * scale)?)?;
-        let k = split(lin(&self.k_proj, "k_proj", xs)?)?;
-        let v = split(lin(&self.v_proj, "v_proj", xs)?)?;
+        let (q, k, v) = (split((q * scale)?)?, split(k)?, split(v)?);
         let scores = q.matmul(&k.t()?)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
+        let scores = match causal {
+            true => scores.broadcast_add(&causal_mask(n, scores.dtype(), xs.device())?)?,
+            false => scores,
         };
         let probs =
             crate::sd::nn::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
@@ -127,17 +138,18 @@ impl ClipLayer {
         })
     }
 
-    /// `hook`: a module hook and this layer's path (`text_model.encoder.layers.N`).
+    /// `causal`: each token attends to itself and those before it (the text tower); `hook`: a
+    /// module hook and this layer's path (`text_model.encoder.layers.N`).
     pub(crate) fn forward(
         &self,
         xs: &Tensor,
-        mask: Option<&Tensor>,
+        causal: bool,
         hook: Option<(&dyn ModuleHook, &str)>,
     ) -> candle_core::Result<Tensor> {
         let lin = |l: &Linear, name: &str, x: &Tensor| hooked(l, hook, "mlp", name, x);
-        let h = self
-            .self_attn
-            .forward(&crate::sd::nn::norm(&self.layer_norm1, xs)?, mask, hook)?;
+        let h =
+            self.self_attn
+                .forward(&crate::sd::nn::norm(&self.layer_norm1, xs)?, causal, hook)?;
         let xs = (xs + h)?;
         let h = lin(
             &self.fc1,
@@ -145,6 +157,9 @@ impl ClipLayer {
             &crate::sd::nn::norm(&self.layer_norm2, &xs)?,
         )?;
         let h = match self.act {
+            TextActivation::QuickGelu if crate::sd::cpu::quick_gelu::applies(&h) => {
+                crate::sd::cpu::quick_gelu::quick_gelu(&h)?
+            }
             TextActivation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
             TextActivation::Gelu => h.gelu_erf()?,
             TextActivation::GeluNew => h.gelu()?,
@@ -255,16 +270,16 @@ impl TextEncoder {
         }
         let positions = Tensor::arange(0u32, n as u32, embeds.device())?;
         let xs = embeds.broadcast_add(&self.position_embedding.forward(&positions)?)?;
-        let mask = causal_mask(n, xs.dtype(), embeds.device())?;
         let mut xs = xs;
         for (i, layer) in self.layers.iter().enumerate() {
             let path = format!("text_model.encoder.layers.{i}");
-            xs = layer.forward(&xs, Some(&mask), hook.map(|h| (h, path.as_str())))?;
+            xs = layer.forward(&xs, true, hook.map(|h| (h, path.as_str())))?;
         }
         crate::sd::nn::norm(&self.final_layer_norm, &xs)
     }
 }
 
+/// `(1, 1, n, n)`: 0 where key `j <= i`, minus infinity after.
 fn causal_mask(n: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
     let mask: Vec<f32> = (0..n)
         .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))

@@ -24,13 +24,16 @@ fn block_rows(n: usize, m: usize) -> usize {
     (BLOCK_ELEMS / m.max(1)).clamp(1, n.max(1))
 }
 
-/// One block's probabilities: `scores (r, m) = softmax(scale qb ks^T)` row by row.
+/// One block's probabilities: `scores (r, m) = softmax(scale qb ks^T)` row by row. `causal`:
+/// the block's first query row, whose row `i` sees keys `0..=first + i` only (a causal mask:
+/// CLIP's text encoder).
 fn block_probs(
     qb: &[f32],
     ks: &[f32],
     scores: &mut [f32],
     (r, m, d): (usize, usize, usize),
     scale: f32,
+    causal: Option<usize>,
 ) {
     // SAFETY: qb (r, d) row-major; ks (m, d) read as ks^T (d, m): element (i, j) at j*d + i;
     // scores (r, m).
@@ -44,6 +47,11 @@ fn block_probs(
             1,
         )
     };
+    if let Some(first) = causal {
+        for (i, row) in scores.chunks_exact_mut(m).enumerate() {
+            row[(first + i + 1).min(m)..].fill(f32::NEG_INFINITY);
+        }
+    }
     for row in scores.chunks_exact_mut(m) {
         let inv = 1.0 / super::exp::softmax_numerator(row, scale);
         row.iter_mut().for_each(|x| *x *= inv);
@@ -85,13 +93,15 @@ fn by_blocks(
         });
 }
 
-/// q `(bh, n, d)`, k and v `(bh, m, d)`, all contiguous -> `(bh, n, d)`.
+/// q `(bh, n, d)`, k and v `(bh, m, d)`, all contiguous -> `(bh, n, d)`; `causal`: query `i`
+/// sees keys `0..=i` only.
 pub fn attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     (bh, n, m, d): (usize, usize, usize, usize),
     scale: f32,
+    causal: bool,
 ) -> Vec<f32> {
     // SAFETY: `by_blocks` hands every row block to `block_mix`, which writes it whole.
     let mut out = unsafe { uninit(bh * n * d) };
@@ -99,7 +109,7 @@ pub fn attention(
         let (ks, vs) = (&k[s * m * d..][..m * d], &v[s * m * d..][..m * d]);
         let qb = &q[(s * n + row) * d..][..r * d];
         with_scratch(r * m, |scores| {
-            block_probs(qb, ks, scores, (r, m, d), scale);
+            block_probs(qb, ks, scores, (r, m, d), scale, causal.then_some(row));
             block_mix(scores, vs, o, (r, m, d));
         });
     });
@@ -117,6 +127,7 @@ pub fn attention_grads(
     go: &[f32],
     (bh, n, m, d): (usize, usize, usize, usize),
     scale: f32,
+    causal: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (mut dq, mut dk, mut dv) = (
         vec![0.0; bh * n * d],
@@ -140,7 +151,7 @@ pub fn attention_grads(
                     let (p, dp) = (&mut p[..r * m], &mut dp[..r * m]);
                     let at = (s * n + row) * d;
                     let (qb, gb) = (&q[at..][..r * d], &go[at..][..r * d]);
-                    block_probs(qb, ks, p, (r, m, d), scale);
+                    block_probs(qb, ks, p, (r, m, d), scale, causal.then_some(row));
                     block_scores_grad(p, dp, gb, vs, (r, m, d), scale);
                     block_grads(
                         p,
@@ -233,7 +244,7 @@ pub fn probs(
     let mut out = unsafe { uninit(bh * n * m) };
     by_blocks(&mut out, (n, m, block_rows(n, m)), |s, row, r, p| {
         let qb = &q[(s * n + row) * d..][..r * d];
-        block_probs(qb, &k[s * m * d..][..m * d], p, (r, m, d), scale);
+        block_probs(qb, &k[s * m * d..][..m * d], p, (r, m, d), scale, None);
     });
     out
 }
@@ -275,6 +286,7 @@ pub fn attention_heads(
     v: &Tensor,
     heads: usize,
     scale: f64,
+    causal: bool,
 ) -> Result<Tensor> {
     let (b, _, inner) = q.dims3()?;
     let (kb, m, k_inner) = k.dims3()?;
@@ -289,9 +301,13 @@ pub fn attention_heads(
     if m == 0 {
         candle_core::bail!("attention over zero keys");
     }
+    if causal && m != q.dim(1)? {
+        candle_core::bail!("causal attention of {} queries over {m} keys", q.dim(1)?);
+    }
     let op = Heads {
         heads,
         scale: scale as f32,
+        causal,
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -301,6 +317,7 @@ pub fn attention_heads(
 struct Heads {
     heads: usize,
     scale: f32,
+    causal: bool,
 }
 
 impl Heads {
@@ -441,7 +458,7 @@ impl CustomOp3 for Heads {
         };
         let (q, k, v) = (split(s1, l1, n)?, split(s2, l2, m)?, split(s3, l3, m)?);
         let dims = (b * self.heads, n, m, inner / self.heads);
-        let out = attention(&q, &k, &v, dims, self.scale);
+        let out = attention(&q, &k, &v, dims, self.scale, self.causal);
         let out = self.merge(&out, (b, n, inner));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -467,6 +484,7 @@ impl CustomOp3 for Heads {
             &split(grad, n)?,
             dims,
             self.scale,
+            self.causal,
         );
         let grad = |t: &Tensor, g: Vec<f32>, rows| match t.track_op() {
             true => super::grad_for(t, self.merge(&g, (b, rows, inner))),
@@ -490,7 +508,9 @@ mod tests {
     /// On the projections' layout, against candle's composite `softmax(scale q k^T) v` (the
     /// heads split, matmul, softmax, matmul, merged) to f32
     /// rounding (2e-5 of the inputs' size; scores of size 30 carry ~1e-5 relative rounding into the softmax): one row, blocks that do not divide the
-    /// rows, SD1.5's head sizes, cross-attention's 77 keys, and scores with a standard deviation of 9.
+    /// rows, SD1.5's head sizes, cross-attention's 77 keys, and scores with a standard deviation of 9;
+    /// with a causal mask where queries and keys are as many (CLIP's text encoder, and 1100
+    /// rows in five blocks of 238 that each start the mask at their own row).
     #[test]
     fn matches_the_composite_attention() {
         for (i, &(b, h, n, m, d, amp)) in [
@@ -498,6 +518,8 @@ mod tests {
             (2, 3, 65, 77, 40, 1.0),
             (1, 2, 300, 1000, 80, 1.0),
             (1, 1, 130, 33, 160, 3.0),
+            (2, 12, 77, 77, 64, 1.0),
+            (1, 1, 1100, 1100, 8, 1.0),
         ]
         .iter()
         .enumerate()
@@ -506,30 +528,62 @@ mod tests {
                 |s: u64, rows: usize| (randn(10 * i as u64 + s, &[b, h, rows, d]) * amp).unwrap();
             let (q, k, v) = (r(0, n), r(1, m), r(2, m));
             let scale = 1.0 / (d as f64).sqrt();
-            let ours = attention_heads(&merged(&q), &merged(&k), &merged(&v), h, scale).unwrap();
-            let p = candle_nn::ops::softmax_last_dim(
-                &((&q * scale).unwrap().matmul(&k.t().unwrap()).unwrap()),
-            )
-            .unwrap();
-            let theirs = merged(&p.matmul(&v).unwrap());
-            let err = max_diff(&ours, &theirs);
-            assert!(err < 2e-5 * amp as f32, "case {i}: {err}");
+            for causal in [false, true].into_iter().filter(|&c| !c || n == m) {
+                let ours = attention_heads(&merged(&q), &merged(&k), &merged(&v), h, scale, causal)
+                    .unwrap();
+                let scores = (&q * scale).unwrap().matmul(&k.t().unwrap()).unwrap();
+                let scores = match causal {
+                    true => scores.broadcast_add(&causal_mask(n)).unwrap(),
+                    false => scores,
+                };
+                let p = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+                let theirs = merged(&p.matmul(&v).unwrap());
+                let err = max_diff(&ours, &theirs);
+                assert!(err < 2e-5 * amp as f32, "case {i}, causal {causal}: {err}");
+            }
         }
         let q = randn(1, &[1, 4, 8]);
-        let e = attention_heads(&q, &q, &q, 3, 1.0).unwrap_err().to_string();
+        let e = attention_heads(&q, &q, &q, 3, 1.0, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("3 heads") && e.contains("[1, 4, 8]"), "{e}");
+        let k = randn(1, &[1, 5, 8]);
+        let e = attention_heads(&q, &k, &k, 2, 1.0, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("causal"), "{e}");
+    }
+
+    /// `(n, n)`: 0 where key `j <= i`, minus infinity after (CLIP's causal mask).
+    fn causal_mask(n: usize) -> Tensor {
+        let m: Vec<f32> = (0..n * n)
+            .map(|x| {
+                if x % n > x / n {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Tensor::from_vec(m, (n, n), &candle_core::Device::Cpu).unwrap()
     }
 
     /// The backward pass against candle's composite (matmul, softmax, matmul) differentiated
     /// by candle, for the loss `sum(out * up)`: dq, dk and dv to 5e-5 of the largest gradient
     /// (f32 sums over up to 1000 keys). Cases: one row; 77 keys; 1000 keys, so that 300 query
-    /// rows run as two blocks of 262 and 38 that add into the same dk, dv.
+    /// rows run as two blocks of 262 and 38 that add into the same dk, dv; 600 rows in two
+    /// blocks, with and without a causal mask.
     #[test]
     fn gradients_match_the_composite() {
         use candle_core::Var;
-        for (i, &(b, h, n, m, d)) in [(1, 1, 1, 1, 8), (2, 3, 65, 77, 40), (1, 2, 300, 1000, 16)]
-            .iter()
-            .enumerate()
+        for (i, &(b, h, n, m, d)) in [
+            (1, 1, 1, 1, 8),
+            (2, 3, 65, 77, 40),
+            (1, 2, 300, 1000, 16),
+            (1, 2, 600, 600, 16),
+        ]
+        .iter()
+        .enumerate()
         {
             let r = |s: u64, rows: usize| {
                 Var::from_tensor(&randn(10 * i as u64 + s, &[b, rows, h * d])).unwrap()
@@ -538,26 +592,29 @@ mod tests {
             let up = randn(10 * i as u64 + 3, &[b, n, h * d]);
             let scale = 1.0 / (d as f64).sqrt();
             let loss = |out: Tensor| (out * &up).unwrap().sum_all().unwrap();
-            let ours = loss(attention_heads(&q, &k, &v, h, scale).unwrap())
-                .backward()
-                .unwrap();
             let split = |x: &Var, rows| {
                 let x = x.reshape((b, rows, h, d)).unwrap().transpose(1, 2).unwrap();
                 x.contiguous().unwrap()
             };
-            let p = candle_nn::ops::softmax(
-                &((split(&q, n) * scale).unwrap())
+            for causal in [false, true].into_iter().filter(|&c| !c || n == m) {
+                let ours = loss(attention_heads(&q, &k, &v, h, scale, causal).unwrap())
+                    .backward()
+                    .unwrap();
+                let scores = ((split(&q, n) * scale).unwrap())
                     .matmul(&split(&k, m).t().unwrap())
-                    .unwrap(),
-                candle_core::D::Minus1,
-            )
-            .unwrap();
-            let theirs = loss(merged(&p.matmul(&split(&v, m)).unwrap()))
-                .backward()
-                .unwrap();
-            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
-                let err = grad_err(&ours, &theirs, x);
-                assert!(err < 5e-5, "case {i}, d{name}: {err}");
+                    .unwrap();
+                let scores = match causal {
+                    true => scores.broadcast_add(&causal_mask(n)).unwrap(),
+                    false => scores,
+                };
+                let p = candle_nn::ops::softmax(&scores, candle_core::D::Minus1).unwrap();
+                let theirs = loss(merged(&p.matmul(&split(&v, m)).unwrap()))
+                    .backward()
+                    .unwrap();
+                for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                    let err = grad_err(&ours, &theirs, x);
+                    assert!(err < 5e-5, "case {i}, causal {causal}, d{name}: {err}");
+                }
             }
         }
     }

@@ -1,5 +1,5 @@
 //! Vectorised f32 loops: a softmax row's numerator `exp(scale (x - max))` in place, the
-//! affine map + SiLU of a normalised channel, and GEGLU's `a * gelu(g)`. `exp` is Cephes'
+//! affine map + SiLU of a normalised channel, GEGLU's `a * gelu(g)` and CLIP's QuickGELU. `exp` is Cephes'
 //! `expf` polynomial (within 2 ulp of `f32::exp` on the softmax's range; libm's scalar `expf`
 //! was 7% of a UNet step), `erf` Eigen's rational approximation (within 1e-6). The loops
 //! are written in 16 independent lanes so that the compiler vectorises them; `simd_fn!`
@@ -79,6 +79,28 @@ simd_fn! {
             let pdf = exp(-0.5 * g * g) * 0.398_942_3;
             *da = dy * g * cdf;
             *dg = dy * a * (cdf + g * pdf);
+        }
+    }
+}
+
+/// QuickGELU's constant: `x * sigmoid(1.702 x)` (CLIP's activation).
+pub const QUICK_GELU: f32 = 1.702;
+
+simd_fn! {
+    /// `ys = xs * sigmoid(1.702 xs)`: CLIP's QuickGELU.
+    pub fn quick_gelu(xs: &[f32], ys: &mut [f32]) -> () {
+        for (y, &x) in ys.iter_mut().zip(xs) {
+            *y = x / (1.0 + exp(-QUICK_GELU * x));
+        }
+    }
+}
+
+simd_fn! {
+    /// QuickGELU's backward pass: `dx = dy (s + 1.702 x s (1 - s))`, `s = sigmoid(1.702 x)`.
+    pub fn quick_gelu_grad(xs: &[f32], dy: &[f32], dx: &mut [f32]) -> () {
+        for ((d, &x), &g) in dx.iter_mut().zip(xs).zip(dy) {
+            let s = 1.0 / (1.0 + exp(-QUICK_GELU * x));
+            *d = g * (s + QUICK_GELU * x * s * (1.0 - s));
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - [`geglu`]: the feed-forward's `a * gelu(g)` in one pass.
 //! - [`group_norm`]: group norm + SiLU in three vectorised passes instead of about ten.
 //! - [`layer_norm`]: layer norm in three passes.
+//! - [`quick_gelu`]: CLIP's `x * sigmoid(1.702 x)` in one pass.
 //!
 //! Both keep candle's results to f32 rounding (tests compare them with candle's ops) and both
 //! are used only for f32 tensors on the CPU; everything else goes through candle.
@@ -22,6 +23,7 @@ pub mod geglu;
 pub mod group_norm;
 pub mod layer_norm;
 pub mod linear;
+pub mod quick_gelu;
 pub mod winograd;
 
 use std::cell::RefCell;
