@@ -13,10 +13,19 @@ use crate::sd::fused::group_norm::GroupNorm;
 use crate::sd::fused::Kernels;
 
 /// A 2-D convolution with candle_nn's weights (`weight`, `bias`) and config, run by
-/// [`crate::sd::cpu::conv`] for f32 on the CPU (keeping Winograd's transform of the kernel)
-/// and by candle elsewhere.
+/// [`crate::sd::cpu::conv`] for f32 on the CPU (keeping Winograd's transform of the kernel,
+/// unless [`Conv2d::without_kernel_cache`]) and by candle elsewhere.
 #[derive(Clone, Debug)]
-pub struct Conv2d(candle_nn::Conv2d, KernelCache);
+pub struct Conv2d(candle_nn::Conv2d, Option<KernelCache>);
+
+impl Conv2d {
+    /// The convolution without a kept Winograd kernel: each call transforms it again, a
+    /// negligible share of a call at large sizes, for a model run once per image (the VAE:
+    /// SD1.5's decoder kept about 330 MB of transforms, 16/9 of its 3x3 kernels).
+    pub fn without_kernel_cache(self) -> Self {
+        Self(self.0, None)
+    }
+}
 
 /// candle_nn's `conv2d` constructor, for [`Conv2d`].
 pub fn conv2d(
@@ -26,7 +35,7 @@ pub fn conv2d(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> candle_core::Result<Conv2d> {
-    candle_nn::conv2d(c_in, c_out, kernel, cfg, vb).map(|c| Conv2d(c, KernelCache::default()))
+    candle_nn::conv2d(c_in, c_out, kernel, cfg, vb).map(|c| Conv2d(c, Some(KernelCache::default())))
 }
 
 impl Module for Conv2d {
@@ -35,7 +44,7 @@ impl Module for Conv2d {
         if !crate::sd::cpu::conv::applies(xs, w, cfg) {
             return self.0.forward(xs);
         }
-        crate::sd::cpu::conv::conv2d(xs, w, self.0.bias(), cfg, Some(&self.1))
+        crate::sd::cpu::conv::conv2d(xs, w, self.0.bias(), cfg, self.1.as_ref())
     }
 }
 
@@ -159,6 +168,17 @@ impl ResnetBlock {
                 .transpose()?,
             output_scale_factor: s.output_scale_factor,
         })
+    }
+
+    /// The block with its convolutions keeping no Winograd kernels (see
+    /// [`Conv2d::without_kernel_cache`]).
+    pub fn without_kernel_cache(self) -> Self {
+        Self {
+            conv1: self.conv1.without_kernel_cache(),
+            conv2: self.conv2.without_kernel_cache(),
+            conv_shortcut: self.conv_shortcut.map(Conv2d::without_kernel_cache),
+            ..self
+        }
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {

@@ -14,6 +14,8 @@ use crate::sd::nn::{ResnetBlock, ResnetSpec};
 
 const VAE_EPS: f64 = 1e-6;
 
+/// A 3x3 convolution. The VAE runs once per image: its convolutions keep no Winograd kernels
+/// (see [`Conv2d::without_kernel_cache`]).
 fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
     conv2d(
         cin,
@@ -25,6 +27,7 @@ fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
         },
         vb,
     )
+    .map(Conv2d::without_kernel_cache)
 }
 
 fn resnet(
@@ -46,6 +49,7 @@ fn resnet(
         },
         kernels,
     )
+    .map(ResnetBlock::without_kernel_cache)
 }
 
 /// Single-head self-attention over the pixels of the mid block.
