@@ -100,9 +100,7 @@ impl StableDiffusion {
         let size = self.default_size();
         let (width, height) = (opts.width.unwrap_or(size), opts.height.unwrap_or(size));
         let hw = self.latent_size(width, height)?;
-        let need = self
-            .unet_call_bytes(rows, hw)
-            .max(self.decode_bytes(rows / 2, hw));
+        let need = self.unet_call_bytes(rows, hw).max(self.decode_bytes(1, hw));
         crate::sd::device::ensure_fits(
             if width >= height { "width" } else { "height" },
             &format!("a {width}x{height} image"),

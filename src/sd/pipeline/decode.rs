@@ -6,10 +6,16 @@ use super::{finite, StableDiffusion};
 use crate::error::Result;
 
 impl StableDiffusion {
-    /// UNet-scale latents -> the VAE's raw output `(b, 3, H, W)` (about [-1, 1]), f32.
+    /// UNet-scale latents -> the VAE's raw output `(b, 3, H, W)` (about [-1, 1]), f32. One
+    /// latent at a time: the decoder's activations at full resolution are the largest a
+    /// generation holds (the Infusion pair's two images at once took it over diffusers' peak
+    /// for one image), and the rows are independent, so the images are the same bit for bit.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let z = self.vae.unscale(&latents.to_dtype(self.vae_dtype)?)?;
-        let image = self.vae.decode(&z)?.to_dtype(DType::F32)?;
+        let rows = (0..z.dim(0)?)
+            .map(|i| self.vae.decode(&z.narrow(0, i, 1)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let image = Tensor::cat(&rows, 0)?.to_dtype(DType::F32)?;
         finite(&image, || {
             "the VAE decoder gave NaN or infinite values (its weights, or f16 without force_upcast?)".into()
         })?;
