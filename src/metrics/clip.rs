@@ -211,7 +211,7 @@ impl VisionTower {
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         xs = norm(&self.pre_layrnorm, &xs)?;
         for l in &self.layers {
-            xs = l.forward(&xs, false, None)?;
+            xs = l.forward(&xs, None, None)?;
         }
         let pooled = norm(&self.post_layernorm, &xs.narrow(1, 0, 1)?.squeeze(1)?)?;
         Ok((xs, pooled))

@@ -21,7 +21,7 @@ pub struct Conv2d(candle_nn::Conv2d, Option<KernelCache>);
 impl Conv2d {
     /// The convolution without a kept Winograd kernel: each call transforms it again, a
     /// negligible share of a call at large sizes, for a model run once per image (the VAE:
-    /// SD1.5's decoder kept about 330 MB of transforms, 16/9 of its 3x3 kernels).
+    /// SD1.5's decoder kept about 340 MB of transforms, 16/9 of its 3x3 kernels).
     pub fn without_kernel_cache(self) -> Self {
         Self(self.0, None)
     }

@@ -54,11 +54,12 @@ impl ClipAttention {
         })
     }
 
-    /// `causal`: each token attends to itself and those before it (the text tower).
+    /// `causal`: the causal mask ([`causal_mask`]) where each token attends to itself and
+    /// those before it (the text tower).
     fn forward(
         &self,
         xs: &Tensor,
-        causal: bool,
+        causal: Option<&Tensor>,
         hook: Option<(&dyn ModuleHook, &str)>,
     ) -> candle_core::Result<Tensor> {
         let (b, n, d) = xs.dims3()?;
@@ -72,8 +73,14 @@ impl ClipAttention {
         // The heads, the scale and the mask inside one op (the per-head products, the mask
         // and the softmax were a dozen small ops per layer).
         if crate::sd::cpu::attention::applies_with_grad(&q, &k, &v) {
-            let out =
-                crate::sd::cpu::attention::attention_heads(&q, &k, &v, self.heads, scale, causal)?;
+            let out = crate::sd::cpu::attention::attention_heads(
+                &q,
+                &k,
+                &v,
+                self.heads,
+                scale,
+                causal.is_some(),
+            )?;
             return lin(&self.out_proj, "out_proj", &out);
         }
         let split = |t: Tensor| {
@@ -84,8 +91,8 @@ impl ClipAttention {
         let (q, k, v) = (split((q * scale)?)?, split(k)?, split(v)?);
         let scores = q.matmul(&k.t()?)?;
         let scores = match causal {
-            true => scores.broadcast_add(&causal_mask(n, scores.dtype(), xs.device())?)?,
-            false => scores,
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
         };
         let probs =
             crate::sd::nn::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
@@ -138,12 +145,13 @@ impl ClipLayer {
         })
     }
 
-    /// `causal`: each token attends to itself and those before it (the text tower); `hook`: a
-    /// module hook and this layer's path (`text_model.encoder.layers.N`).
+    /// `causal`: the causal mask ([`causal_mask`]) where each token attends to itself and
+    /// those before it (the text tower); `hook`: a module hook and this layer's path
+    /// (`text_model.encoder.layers.N`).
     pub(crate) fn forward(
         &self,
         xs: &Tensor,
-        causal: bool,
+        causal: Option<&Tensor>,
         hook: Option<(&dyn ModuleHook, &str)>,
     ) -> candle_core::Result<Tensor> {
         let lin = |l: &Linear, name: &str, x: &Tensor| hooked(l, hook, "mlp", name, x);
@@ -270,17 +278,18 @@ impl TextEncoder {
         }
         let positions = Tensor::arange(0u32, n as u32, embeds.device())?;
         let xs = embeds.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = causal_mask(n, xs.dtype(), embeds.device())?;
         let mut xs = xs;
         for (i, layer) in self.layers.iter().enumerate() {
             let path = format!("text_model.encoder.layers.{i}");
-            xs = layer.forward(&xs, true, hook.map(|h| (h, path.as_str())))?;
+            xs = layer.forward(&xs, Some(&mask), hook.map(|h| (h, path.as_str())))?;
         }
         crate::sd::nn::norm(&self.final_layer_norm, &xs)
     }
 }
 
 /// `(1, 1, n, n)`: 0 where key `j <= i`, minus infinity after.
-fn causal_mask(n: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+pub(crate) fn causal_mask(n: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
     let mask: Vec<f32> = (0..n)
         .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();

@@ -237,23 +237,19 @@ fn micro_batch(sd: &StableDiffusion, opts: &TrainOptions, hw: (usize, usize)) ->
         sd.device(),
     )?;
     let need = |rows: usize| sd.unet_train_bytes(rows, hw);
-    let micro = match opts.micro_batch {
-        Some(m) => m.min(opts.batch),
-        None => auto_micro_batch(opts.batch, |m| {
+    let Some(asked) = opts.micro_batch else {
+        // Passes of 1 fit (checked above).
+        return Ok(auto_micro_batch(opts.batch, |m| {
             crate::sd::device::fits(need(m), sd.device())
-        }),
+        }));
     };
-    let what = if micro == opts.batch {
-        format!("a training batch of {micro}")
-    } else {
-        format!("a training pass of {micro} images")
-    };
-    let arg = if opts.micro_batch.is_some() {
-        "micro_batch"
-    } else {
-        "batch"
-    };
-    crate::sd::device::ensure_fits(arg, &what, need(micro), sd.device())?;
+    let micro = asked.min(opts.batch);
+    crate::sd::device::ensure_fits(
+        "micro_batch",
+        &format!("a training pass of {micro} images"),
+        need(micro),
+        sd.device(),
+    )?;
     Ok(micro)
 }
 

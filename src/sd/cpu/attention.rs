@@ -554,18 +554,10 @@ mod tests {
         assert!(e.contains("causal"), "{e}");
     }
 
-    /// `(n, n)`: 0 where key `j <= i`, minus infinity after (CLIP's causal mask).
+    /// CLIP's causal mask, as the text encoder's composite path adds it.
     fn causal_mask(n: usize) -> Tensor {
-        let m: Vec<f32> = (0..n * n)
-            .map(|x| {
-                if x % n > x / n {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        Tensor::from_vec(m, (n, n), &candle_core::Device::Cpu).unwrap()
+        crate::sd::text_encoder::causal_mask(n, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap()
     }
 
     /// The backward pass against candle's composite (matmul, softmax, matmul) differentiated

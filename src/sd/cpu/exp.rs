@@ -1,9 +1,10 @@
 //! Vectorised f32 loops: a softmax row's numerator `exp(scale (x - max))` in place, the
-//! affine map + SiLU of a normalised channel, GEGLU's `a * gelu(g)` and CLIP's QuickGELU. `exp` is Cephes'
-//! `expf` polynomial (within 2 ulp of `f32::exp` on the softmax's range; libm's scalar `expf`
-//! was 7% of a UNet step), `erf` Eigen's rational approximation (within 1e-6). The loops
-//! are written in 16 independent lanes so that the compiler vectorises them; `simd_fn!`
-//! compiles them for AVX-512 or AVX2 + FMA, chosen at run time where the CPU has it.
+//! affine map + SiLU of a normalised channel, GEGLU's `a * gelu(g)` and CLIP's QuickGELU.
+//! `exp` is Cephes' `expf` polynomial (within 2 ulp of `f32::exp` on the softmax's range;
+//! libm's scalar `expf` was 7% of a UNet step), `erf` Eigen's rational approximation (within
+//! 1e-6). The loops are written in 16 independent lanes so that the compiler vectorises them;
+//! `simd_fn!` compiles them for AVX-512 or AVX2 + FMA, chosen at run time where the CPU has
+//! it.
 
 const LANES: usize = 16;
 
