@@ -20,7 +20,7 @@ use candle_nn::VarBuilder;
 use super::hook::{HookCtx, Projection};
 use crate::sd::cpu::attention as cpu_attention;
 use crate::sd::fused::{attention as fused_attention, Kernels};
-use crate::sd::nn::{linear, linear_no_bias, Linear};
+use crate::sd::nn::{linear, linear_no_bias, Linear, LinearInput};
 
 /// Self-attention (`attn1`: keys from the image) or cross-attention (`attn2`: keys from the text).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -370,29 +370,30 @@ impl Attention {
         (l.weight(), l.bias())
     }
 
-    /// `xs`: (b, h*w, query_dim) with `spatial` = (h, w); `context`: (b, keys, context_dim) for
-    /// cross-attention.
+    /// `xs`: (b, h*w, query_dim) with `spatial` = (h, w), usually a layer norm's output on its
+    /// way in; `context`: (b, keys, context_dim) for cross-attention.
     pub fn forward(
         &self,
-        xs: &Tensor,
+        xs: &LinearInput<'_>,
         context: Option<&Tensor>,
         spatial: (usize, usize),
         hook: Option<&HookCtx<'_>>,
     ) -> Result<Tensor> {
-        let kv_in = context.unwrap_or(xs);
+        let context = context.map(LinearInput::plain);
+        let kv_in = context.as_ref().unwrap_or(xs);
         let Some(h) = hook.filter(|h| h.hook.wants(&self.info)) else {
-            let q = self.to_q.forward(xs)?;
-            let k = self.to_k.forward(kv_in)?;
-            let v = self.to_v.forward(kv_in)?;
+            let q = xs.linear(&self.to_q)?;
+            let k = kv_in.linear(&self.to_k)?;
+            let v = kv_in.linear(&self.to_v)?;
             let call = AttentionCall::new(q, k, v, self.info.heads)?;
             return self.to_out.forward(&call.finish(self.kernels)?);
         };
-        if h.rows.len() != xs.dim(0)? {
+        let batch = xs.tensor()?.dim(0)?;
+        if h.rows.len() != batch {
             candle_core::bail!(
-                "{}: the batch layout has {} rows, the batch {}",
+                "{}: the batch layout has {} rows, the batch {batch}",
                 self.info.path,
                 h.rows.len(),
-                xs.dim(0)?
             );
         }
         let site = super::hook::AttnSite {
@@ -401,15 +402,17 @@ impl Attention {
             rows: h.rows,
             spatial,
         };
-        let project = |p: Projection, layer: &Linear, input: &Tensor| {
-            h.hook.project(&site, p, input, layer.forward(input)?)
+        let project = |p: Projection, layer: &Linear, input: &LinearInput| {
+            h.hook
+                .project(&site, p, input.tensor()?, input.linear(layer)?)
         };
         let q = project(Projection::Query, &self.to_q, xs)?;
         let k = project(Projection::Key, &self.to_k, kv_in)?;
         let v = project(Projection::Value, &self.to_v, kv_in)?;
         let mut call = AttentionCall::new(q, k, v, self.info.heads)?;
         h.hook.attend(&site, &mut call)?;
-        project(Projection::Out, &self.to_out, &call.finish(self.kernels)?)
+        let mixed = call.finish(self.kernels)?;
+        project(Projection::Out, &self.to_out, &LinearInput::plain(&mixed))
     }
 }
 

@@ -108,6 +108,64 @@ pub fn norm(ln: &LayerNorm, xs: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// The input of linear layers: a tensor, or a layer norm's output on its way into them. Where
+/// a graph is kept for frozen weights, each layer runs the norm and its product as one op
+/// ([`crate::sd::cpu::norm_linear`]): the graph then keeps the norm's input instead of its
+/// output. Otherwise the norm runs once, when first asked for.
+pub struct LinearInput<'a> {
+    xs: &'a Tensor,
+    norm: Option<&'a LayerNorm>,
+    normed: std::cell::OnceCell<Tensor>,
+}
+
+impl<'a> LinearInput<'a> {
+    /// `xs` itself.
+    pub fn plain(xs: &'a Tensor) -> Self {
+        Self {
+            xs,
+            norm: None,
+            normed: Default::default(),
+        }
+    }
+
+    /// `norm(xs)` (see [`norm`]).
+    pub fn normed(norm: &'a LayerNorm, xs: &'a Tensor) -> Self {
+        Self {
+            norm: Some(norm),
+            ..Self::plain(xs)
+        }
+    }
+
+    /// The input as a tensor (a hook that reads it, say).
+    pub fn tensor(&self) -> candle_core::Result<&Tensor> {
+        let Some(ln) = self.norm else {
+            return Ok(self.xs);
+        };
+        if self.normed.get().is_none() {
+            let _ = self.normed.set(norm(ln, self.xs)?);
+        }
+        Ok(self.normed.get().expect("set above"))
+    }
+
+    /// `layer(input)`.
+    pub fn linear(&self, layer: &Linear) -> candle_core::Result<Tensor> {
+        use crate::sd::cpu::norm_linear::{applies, norm_linear, NormLinear};
+        if let Some((ln, norm_bias)) = self.norm.and_then(|ln| Some((ln, ln.bias()?))) {
+            let layers = NormLinear {
+                norm_weight: ln.weight(),
+                norm_bias,
+                eps: ln.eps(),
+                weight: layer.weight(),
+                bias: layer.bias(),
+            };
+            if self.xs.track_op() && applies(self.xs, &layers) {
+                return norm_linear(self.xs, &layers);
+            }
+        }
+        layer.forward(self.tensor()?)
+    }
+}
+
 /// Softmax over the last dimension, differentiably when `xs` tracks gradients.
 pub fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
     if xs.track_op() {
@@ -186,21 +244,51 @@ impl ResnetBlock {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let h = self.conv1.forward(&self.norm1.forward(xs, true)?)?;
-        let h = match (temb, &self.time_emb_proj) {
-            (Some(temb), Some(proj)) => proj
-                .forward(&silu(temb)?)?
-                .unsqueeze(D::Minus1)?
-                .unsqueeze(D::Minus1)?
-                .broadcast_add(&h)?,
-            _ => h,
+        let temb = match (temb, &self.time_emb_proj) {
+            (Some(temb), Some(proj)) => Some(
+                proj.forward(&silu(temb)?)?
+                    .unsqueeze(D::Minus1)?
+                    .unsqueeze(D::Minus1)?,
+            ),
+            _ => None,
         };
-        let h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
+        let h = norm_conv_add(&self.norm1, &self.conv1, xs, temb.as_ref())?;
         // Dividing by 1 (SD's UNet and VAE) would cost a pass and, in training, a tensor kept.
         if self.output_scale_factor == 1.0 {
-            shortcut + h
+            norm_conv_add(&self.norm2, &self.conv2, &h, Some(&shortcut))
         } else {
-            (shortcut + h)? / self.output_scale_factor
+            (norm_conv_add(&self.norm2, &self.conv2, &h, None)? + shortcut)?
+                / self.output_scale_factor
         }
+    }
+}
+
+/// `conv(silu(norm(xs))) + addend` (`addend` broadcast to the output). Where a graph is kept
+/// for frozen weights, as one op that keeps only `xs` and the addend
+/// ([`crate::sd::cpu::norm_conv`]); otherwise op by op.
+fn norm_conv_add(
+    norm: &GroupNorm,
+    conv: &Conv2d,
+    xs: &Tensor,
+    addend: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    use crate::sd::cpu::norm_conv::{applies, norm_conv, NormConv};
+    let layers = NormConv {
+        norm_weight: norm.weight(),
+        norm_bias: norm.bias(),
+        groups: norm.groups(),
+        eps: norm.eps(),
+        weight: conv.0.weight(),
+        bias: conv.0.bias(),
+        cfg: conv.0.config(),
+        cache: conv.1.as_ref(),
+    };
+    if xs.track_op() && applies(xs, &layers) {
+        return norm_conv(xs, &layers, addend);
+    }
+    let h = conv.forward(&norm.forward(xs, true)?)?;
+    match addend {
+        Some(a) => a.broadcast_add(&h),
+        None => Ok(h),
     }
 }

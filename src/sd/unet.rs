@@ -15,7 +15,7 @@ use crate::sd::config::UNetConfig;
 use crate::sd::fused::group_norm::GroupNorm;
 use crate::sd::fused::Kernels;
 use crate::sd::hook::HookCtx;
-use crate::sd::nn::{layer_norm, norm, ResnetBlock, ResnetSpec};
+use crate::sd::nn::{layer_norm, LinearInput, ResnetBlock, ResnetSpec};
 
 /// Diffusers' `Transformer2DModel` uses a fixed group-norm epsilon.
 const TRANSFORMER_NORM_EPS: f64 = 1e-6;
@@ -41,7 +41,7 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, xs: &Tensor, hook: Option<&HookCtx<'_>>) -> Result<Tensor> {
+    fn forward(&self, xs: &LinearInput<'_>, hook: Option<&HookCtx<'_>>) -> Result<Tensor> {
         let h = module(hook, &self.paths[0], xs, &self.proj_in)?;
         let (w, b) = (self.proj_out.weight(), self.proj_out.bias());
         // The product and the projection as one op, where no hook looks at the product.
@@ -60,15 +60,25 @@ impl FeedForward {
             let gate = h.narrow(D::Minus1, half, half)?;
             (hidden * gate.gelu_erf()?)?
         };
-        module(hook, &self.paths[1], &product, &self.proj_out)
+        module(
+            hook,
+            &self.paths[1],
+            &LinearInput::plain(&product),
+            &self.proj_out,
+        )
     }
 }
 
 /// `linear(xs)`, changed by the hook's module seam where it wants `path`.
-fn module(hook: Option<&HookCtx<'_>>, path: &str, xs: &Tensor, linear: &Linear) -> Result<Tensor> {
-    let out = linear.forward(xs)?;
+fn module(
+    hook: Option<&HookCtx<'_>>,
+    path: &str,
+    xs: &LinearInput<'_>,
+    linear: &Linear,
+) -> Result<Tensor> {
+    let out = xs.linear(linear)?;
     match hook {
-        Some(h) if h.wants_module(path) => h.module(path, xs, out),
+        Some(h) if h.wants_module(path) => h.module(path, xs.tensor()?, out),
         _ => Ok(out),
     }
 }
@@ -104,15 +114,20 @@ impl TransformerBlock {
         spatial: (usize, usize),
         hook: Option<&HookCtx<'_>>,
     ) -> Result<Tensor> {
-        let xs = (self
-            .attn1
-            .forward(&norm(&self.norm1, xs)?, None, spatial, hook)?
-            + xs)?;
-        let xs = (self
-            .attn2
-            .forward(&norm(&self.norm2, &xs)?, Some(context), spatial, hook)?
-            + xs)?;
-        self.ff.forward(&norm(&self.norm3, &xs)?, hook)? + xs
+        let xs =
+            (self
+                .attn1
+                .forward(&LinearInput::normed(&self.norm1, xs), None, spatial, hook)?
+                + xs)?;
+        let xs = (self.attn2.forward(
+            &LinearInput::normed(&self.norm2, &xs),
+            Some(context),
+            spatial,
+            hook,
+        )? + xs)?;
+        self.ff
+            .forward(&LinearInput::normed(&self.norm3, &xs), hook)?
+            + xs
     }
 }
 

@@ -54,16 +54,11 @@ pub fn conv2d(
             bias.map(|b| b.dims())
         );
     }
-    let op = Conv {
-        padding: cfg.padding,
-        stride: cfg.stride,
-        dilation: cfg.dilation,
-        cache: cache.filter(|_| !w.is_variable()).cloned(),
-    };
+    let op = Conv::new(cfg, cache.filter(|_| !w.is_variable()).cloned());
     apply_biased(&x.contiguous()?, &w.contiguous()?, bias, op)
 }
 
-struct Conv {
+pub(super) struct Conv {
     padding: usize,
     stride: usize,
     dilation: usize,
@@ -84,6 +79,44 @@ struct Dims {
 }
 
 impl Conv {
+    pub(super) fn new(cfg: &Conv2dConfig, cache: Option<KernelCache>) -> Self {
+        Self {
+            padding: cfg.padding,
+            stride: cfg.stride,
+            dilation: cfg.dilation,
+            cache,
+        }
+    }
+
+    /// The convolution of contiguous f32 `x` of shape `xs` with kernel `k` of shape `ks`,
+    /// plus `bias`: the output's values and shape.
+    pub(super) fn run(
+        &self,
+        (x, xs): (&[f32], &Shape),
+        (k, ks): (&[f32], &Shape),
+        bias: Option<&[f32]>,
+    ) -> Result<(Vec<f32>, Shape)> {
+        let (b, c_in, h, w) = xs.dims4()?;
+        let (c_out, _, kh, kw) = ks.dims4()?;
+        let (Some(oh), Some(ow)) = (self.out_len(h, kh), self.out_len(w, kw)) else {
+            candle_core::bail!("conv2d: a {kh}x{kw} kernel does not fit a {h}x{w} input");
+        };
+        let d = Dims {
+            c_in,
+            h,
+            w,
+            c_out,
+            kh,
+            kw,
+            oh,
+            ow,
+        };
+        Ok((
+            self.forward(x, b, k, bias, d),
+            Shape::from((b, c_out, oh, ow)),
+        ))
+    }
+
     fn out_len(&self, len: usize, k: usize) -> Option<usize> {
         let span = self.dilation * (k - 1) + 1;
         (len + 2 * self.padding)
@@ -227,24 +260,9 @@ impl BiasedOp for Conv {
         (s2, l2): (&CpuStorage, &Layout),
         bias: Option<&[f32]>,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, c_in, h, w) = l1.shape().dims4()?;
-        let (c_out, _, kh, kw) = l2.shape().dims4()?;
-        let (Some(oh), Some(ow)) = (self.out_len(h, kh), self.out_len(w, kw)) else {
-            candle_core::bail!("conv2d: a {kh}x{kw} kernel does not fit a {h}x{w} input");
-        };
         let (x, k) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
-        let d = Dims {
-            c_in,
-            h,
-            w,
-            c_out,
-            kh,
-            kw,
-            oh,
-            ow,
-        };
-        let out = self.forward(x, b, k, bias, d);
-        Ok((CpuStorage::F32(out), Shape::from((b, c_out, oh, ow))))
+        let (out, shape) = self.run((x, l1.shape()), (k, l2.shape()), bias)?;
+        Ok((CpuStorage::F32(out), shape))
     }
 
     /// The input's gradient. With stride and dilation 1 it is the output's gradient convolved

@@ -54,14 +54,14 @@ pub fn group_norm(
         .reshape(dims)
 }
 
-struct GroupNorm {
-    groups: usize,
-    eps: f32,
-    silu: bool,
+pub(super) struct GroupNorm {
+    pub(super) groups: usize,
+    pub(super) eps: f32,
+    pub(super) silu: bool,
 }
 
 impl GroupNorm {
-    fn run(&self, x: &[f32], w: &[f32], b: &[f32], (c, hw): (usize, usize)) -> Vec<f32> {
+    pub(super) fn run(&self, x: &[f32], w: &[f32], b: &[f32], (c, hw): (usize, usize)) -> Vec<f32> {
         let cpg = c / self.groups;
         let len = cpg * hw;
         // SAFETY: each group's run of `y` is written whole from its run of `x`.
@@ -85,7 +85,7 @@ impl GroupNorm {
     /// input, `z = w x^ + b` and `dz` the gradient through SiLU (`s (1 + z (1 - s))`, `s` the
     /// sigmoid of `z`): `dw = sum dz x^`, `db = sum dz` per channel, and per group
     /// `dx = rstd (w dz - mean(w dz) - x^ mean(w dz x^))`.
-    fn grads(
+    pub(super) fn grads(
         &self,
         x: &[f32],
         w: &[f32],

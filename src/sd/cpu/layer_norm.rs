@@ -38,12 +38,12 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
         .reshape(dims)
 }
 
-struct LayerNorm {
-    eps: f32,
+pub(super) struct LayerNorm {
+    pub(super) eps: f32,
 }
 
 impl LayerNorm {
-    fn run(&self, x: &[f32], w: &[f32], b: &[f32], d: usize) -> Vec<f32> {
+    pub(super) fn run(&self, x: &[f32], w: &[f32], b: &[f32], d: usize) -> Vec<f32> {
         // SAFETY: every row of `y` is written whole from its row of `x`.
         let mut y = unsafe { uninit(x.len()) };
         y.par_chunks_mut(d)
@@ -59,7 +59,13 @@ impl LayerNorm {
 
     /// The gradients for `gy`: `(dx, dw, db)`. With `x^` the normalised row and `g = gy w`:
     /// `dx = rstd (g - mean(g) - x^ mean(g x^))`, `dw = sum gy x^`, `db = sum gy` over rows.
-    fn grads(&self, x: &[f32], w: &[f32], gy: &[f32], d: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    pub(super) fn grads(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        gy: &[f32],
+        d: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let mut dx = vec![0.0; x.len()];
         let rows_per_task = (x.len() / d)
             .div_ceil(4 * rayon::current_num_threads())

@@ -11,6 +11,9 @@
 //! - [`geglu`]: the feed-forward's `a * gelu(g)` in one pass.
 //! - [`group_norm`]: group norm + SiLU in three vectorised passes instead of about ten.
 //! - [`layer_norm`]: layer norm in three passes.
+//! - [`norm_conv`]: a frozen group norm + SiLU, convolution and add as one op, for training
+//!   (the graph keeps the norm's input only).
+//! - [`norm_linear`]: the same for a frozen layer norm and linear layer.
 //! - [`quick_gelu`]: CLIP's `x * sigmoid(1.702 x)` in one pass.
 //!
 //! Both keep candle's results to f32 rounding (tests compare them with candle's ops) and both
@@ -23,6 +26,8 @@ pub mod geglu;
 pub mod group_norm;
 pub mod layer_norm;
 pub mod linear;
+pub mod norm_conv;
+pub mod norm_linear;
 pub mod quick_gelu;
 pub mod winograd;
 
@@ -281,6 +286,20 @@ fn f32_slice<'a>(
         (candle_core::CpuStorage::F32(x), Some((a, b))) => Ok(&x[a..b]),
         _ => candle_core::bail!("the CPU kernels take contiguous f32 tensors"),
     }
+}
+
+/// `f` of the f32 elements of a tensor on the CPU (a frozen weight an op holds, not one of its
+/// arguments), borrowed in place when contiguous.
+fn with_f32<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*storage else {
+        candle_core::bail!("the CPU kernels take tensors on the CPU");
+    };
+    f(f32_slice(s, layout)?)
 }
 
 /// A vector of `len` f32 whose every element the caller writes before reading.

@@ -69,6 +69,22 @@ impl GroupNorm {
         })
     }
 
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     /// Normalises `xs` `(b, c, ...)`; with `silu`, applies SiLU to the result.
     pub fn forward(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
         if self.kernels.fused() && self.fused_applies(xs) {
