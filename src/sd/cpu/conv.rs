@@ -14,7 +14,9 @@ use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
 
-use super::{apply_biased, f32_slice, sgemm, uninit, winograd, with_scratch, BiasedOp, Mat};
+use super::{
+    apply_biased, f32_slice, sgemm, uninit, winograd, with_f32, with_scratch, BiasedOp, Mat,
+};
 
 /// Elements of one im2col tile (16 MiB): whole output rows, at least one.
 const TILE_ELEMS: usize = 4 << 20;
@@ -231,21 +233,26 @@ impl Conv {
 }
 
 /// `w (c_out, c_in, kh, kw)` -> `(c_in, c_out, kh, kw)` turned by 180 degrees: the kernel of
-/// a stride-1 convolution's adjoint.
+/// a stride-1 convolution's adjoint. In parallel, one input channel's kernels per task (an
+/// element-by-element copy on one thread took ~1.5% of a training step).
 fn flipped(w: &Tensor) -> Result<Tensor> {
     let (co, ci, kh, kw) = w.dims4()?;
-    let src = w.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0.0f32; src.len()];
-    for o in 0..co {
-        for i in 0..ci {
-            for y in 0..kh {
-                for x in 0..kw {
-                    out[((i * co + o) * kh + kh - 1 - y) * kw + kw - 1 - x] =
-                        src[((o * ci + i) * kh + y) * kw + x];
-                }
-            }
+    let taps = kh * kw;
+    let out = with_f32(w, |src| {
+        // SAFETY: each task writes its channel's `co` kernels of `taps` whole.
+        let mut out = unsafe { uninit(src.len()) };
+        if taps > 0 {
+            out.par_chunks_mut(co * taps)
+                .enumerate()
+                .for_each(|(i, dst)| {
+                    for (o, d) in dst.chunks_exact_mut(taps).enumerate() {
+                        let s = &src[(o * ci + i) * taps..][..taps];
+                        d.iter_mut().zip(s.iter().rev()).for_each(|(d, &s)| *d = s);
+                    }
+                });
         }
-    }
+        Ok(out)
+    })?;
     Tensor::from_vec(out, (ci, co, kh, kw), w.device())
 }
 

@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::{sgemm, with_scratch, Mat};
+use super::{sgemm, uninit, with_scratch, Mat};
 
 /// Transformed input per batch of tiles: at most this many f32 (16 MiB).
 const BATCH_ELEMS: usize = 4 << 20;
@@ -20,42 +20,55 @@ pub fn applies(oh: usize, ow: usize) -> bool {
 }
 
 /// `U = G g G^T` for every (o, c) of `k (c_out, c_in, 3, 3)`: 16 matrices `(c_out, c_in)`,
-/// ξ-major, what [`conv3x3`] takes.
+/// ξ-major, what [`conv3x3`] takes. By blocks of (o, c) pairs in parallel, each block's 16
+/// values per pair written out as 16 contiguous runs (a training step transforms every
+/// flipped kernel of its backward pass again).
 pub fn transform_kernel(k: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
+    const BLOCK: usize = 256;
     let n = c_out * c_in;
-    let mut u = vec![0f32; 16 * n];
-    // Per (o, c) pair: 9 weights in, 16 out, written at stride n.
-    let cols: Vec<[f32; 16]> = (0..n)
-        .into_par_iter()
-        .map(|p| {
-            let g = &k[p * 9..p * 9 + 9];
-            // G g: 4x3.
-            let mut t = [[0f32; 3]; 4];
-            for j in 0..3 {
-                let (a, b, c) = (g[j], g[3 + j], g[6 + j]);
-                t[0][j] = a;
-                t[1][j] = 0.5 * (a + b + c);
-                t[2][j] = 0.5 * (a - b + c);
-                t[3][j] = c;
-            }
-            // (G g) G^T: 4x4.
-            let mut out = [0f32; 16];
-            for i in 0..4 {
-                let (a, b, c) = (t[i][0], t[i][1], t[i][2]);
-                out[i * 4] = a;
-                out[i * 4 + 1] = 0.5 * (a + b + c);
-                out[i * 4 + 2] = 0.5 * (a - b + c);
-                out[i * 4 + 3] = c;
-            }
-            out
-        })
-        .collect();
-    for (p, col) in cols.iter().enumerate() {
-        for (xi, &v) in col.iter().enumerate() {
-            u[xi * n + p] = v;
+    // SAFETY: the blocks cover 0..n, and each writes its run of every one of the 16 streams.
+    let mut u = unsafe { uninit(16 * n) };
+    let u_ptr = SendPtr(u.as_mut_ptr());
+    (0..n.div_ceil(BLOCK)).into_par_iter().for_each(|block| {
+        let u_ptr = &u_ptr;
+        let p0 = block * BLOCK;
+        let len = BLOCK.min(n - p0);
+        let mut tiles = [[0f32; 16]; BLOCK];
+        for (i, tile) in tiles[..len].iter_mut().enumerate() {
+            *tile = kernel_tile(&k[(p0 + i) * 9..][..9]);
         }
-    }
+        for xi in 0..16 {
+            // SAFETY: (ξ, p0..p0 + len) is inside u; only this block writes it.
+            let dst = unsafe { std::slice::from_raw_parts_mut(u_ptr.0.add(xi * n + p0), len) };
+            dst.iter_mut()
+                .zip(&tiles[..len])
+                .for_each(|(d, t)| *d = t[xi]);
+        }
+    });
     u
+}
+
+/// `G g G^T` of one 3x3 kernel `g`: 4x4, row-major.
+fn kernel_tile(g: &[f32]) -> [f32; 16] {
+    // G g: 4x3.
+    let mut t = [[0f32; 3]; 4];
+    for j in 0..3 {
+        let (a, b, c) = (g[j], g[3 + j], g[6 + j]);
+        t[0][j] = a;
+        t[1][j] = 0.5 * (a + b + c);
+        t[2][j] = 0.5 * (a - b + c);
+        t[3][j] = c;
+    }
+    // (G g) G^T: 4x4.
+    let mut out = [0f32; 16];
+    for i in 0..4 {
+        let (a, b, c) = (t[i][0], t[i][1], t[i][2]);
+        out[i * 4] = a;
+        out[i * 4 + 1] = 0.5 * (a + b + c);
+        out[i * 4 + 2] = 0.5 * (a - b + c);
+        out[i * 4 + 3] = c;
+    }
+    out
 }
 
 /// One image: `x (c_in, h, w)` -> `out (c_out, h, w)`, with the transformed kernel `u`, plus
