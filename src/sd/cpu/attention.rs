@@ -13,6 +13,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::exp::softmax_grad;
 use super::{sgemm, uninit, with_scratch, Mat};
 
 /// Scores per block (1 MiB): 64 query rows against SD1.5's 4096 keys.
@@ -187,10 +188,7 @@ fn block_scores_grad(
         )
     };
     for (dp, p) in dp.chunks_exact_mut(m).zip(p.chunks_exact(m)) {
-        let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
-        dp.iter_mut()
-            .zip(p)
-            .for_each(|(g, &p)| *g = scale * p * (*g - dot));
+        softmax_grad(dp, p, scale);
     }
 }
 

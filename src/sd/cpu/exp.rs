@@ -149,6 +149,25 @@ simd_fn! {
 }
 
 simd_fn! {
+    /// A softmax row's gradient in place: `dp = scale p (dp - sum(p dp))` (on entry the
+    /// gradient of the probabilities `p`, on return of the scaled scores), the sum in 16 lanes.
+    pub fn softmax_grad(dp: &mut [f32], p: &[f32], scale: f32) -> () {
+        let mut lanes = [0f32; LANES];
+        let (mut gs, mut ps) = (dp.chunks_exact(LANES), p.chunks_exact(LANES));
+        for (g, q) in (&mut gs).zip(&mut ps) {
+            for ((l, &g), &q) in lanes.iter_mut().zip(g).zip(q) {
+                *l = g.mul_add(q, *l);
+            }
+        }
+        let tail: f32 = gs.remainder().iter().zip(ps.remainder()).map(|(g, q)| g * q).sum();
+        let dot = lanes.iter().sum::<f32>() + tail;
+        for (g, &q) in dp.iter_mut().zip(p) {
+            *g = scale * q * (*g - dot);
+        }
+    }
+}
+
+simd_fn! {
     /// The sum of `(x - shift)^2` over `xs` (`shift` 0: of squares), in 16 lanes.
     pub fn sum_sq(xs: &[f32], shift: f32) -> f32 {
         lanes_sum(xs, |x| (x - shift) * (x - shift))
