@@ -51,10 +51,11 @@ impl StableDiffusion {
 
     /// About the bytes one training pass over `rows` rows of an `(h, w)` latent grid needs
     /// for the activations its backward pass keeps. On the CPU (attention by blocks, no `n²`
-    /// scores kept) they were measured at about 1.8 GiB a row for SD1.5 at 64x64 latents
-    /// (Infusion: 6995 MiB peak in passes of 1 image, 8803 MiB in passes of 2, 2026-12-06),
-    /// some 350 times a row's first feature map (`c0 * h * w` f32): 400 times it here, for the
-    /// methods that keep more (LoRA's low-rank branches). Elsewhere, the larger of that and
+    /// scores kept, no norm outputs kept for frozen layers) they were measured at about 1.6
+    /// GiB a row for SD1.5 at 64x64 latents (Infusion: 6334 MiB peak in passes of 1 image,
+    /// 11298 MiB for the whole batch of 4, 2026-12-06), some 320 times a row's first feature
+    /// map (`c0 * h * w` f32): 400 times it here, for the methods that keep more (LoRA's
+    /// low-rank branches read the projections' inputs). Elsewhere, the larger of that and
     /// three plain UNet calls ([`Self::unet_call_bytes`]: F's pass, C's, and what C's keeps).
     pub fn unet_train_bytes(&self, rows: usize, (h, w): (usize, usize)) -> u128 {
         let c0 = self.unet.config().block_out_channels[0] as u128;
