@@ -10,7 +10,7 @@
 //! for the backward pass, not its `(n, m)` probabilities (2 GiB per layer at SD1.5's first
 //! level, batch 4).
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::exp::softmax_grad;
@@ -268,9 +268,7 @@ pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 /// Whether [`attention_heads`] and [`mix_tensors`] take these: f32 on the CPU, gradients or
 /// not.
 pub fn applies_with_grad(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    [q, k, v]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    [q, k, v].iter().all(|t| super::cpu_f32(t))
 }
 
 /// [`attention`] on the projections' layout: q `(b, n, h*d)`, k and v `(b, m, h*d)` ->

@@ -5,7 +5,7 @@
 //! only its input for the backward pass (the composite kept the GELU and the product too).
 //! [`geglu_linear`] runs the product and the feed-forward's output projection as one op.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::exp::{gelu_mul, gelu_mul_grad};
@@ -14,7 +14,7 @@ use super::{f32_slice, on_rows, uninit, with_scratch, BiasedOp};
 
 /// Whether [`geglu`] takes this: f32 on the CPU, gradients or not.
 pub fn applies(h: &Tensor) -> bool {
-    h.device().is_cpu() && h.dtype() == DType::F32 && h.rank() >= 1
+    super::cpu_f32(h) && h.rank() >= 1
 }
 
 /// `h (..., 2 n)` -> `(..., n)`: the first half times the GELU of the second.

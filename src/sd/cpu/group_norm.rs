@@ -8,7 +8,7 @@
 //! so a norm holds its input for the backward pass instead of the composite's five or six
 //! activation-sized intermediates (and SiLU's).
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::exp::{affine_silu, mean_rstd, norm_silu_grad};
@@ -16,10 +16,7 @@ use super::uninit;
 
 /// Whether [`group_norm`] takes these: f32 on the CPU, gradients or not.
 pub fn applies(x: &Tensor, w: &Tensor, b: &Tensor) -> bool {
-    [x, w, b]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
-        && x.rank() >= 3
+    [x, w, b].iter().all(|t| super::cpu_f32(t)) && x.rank() >= 3
 }
 
 /// `x (b, c, ...)` normalised over `groups` groups of channels with weight and bias `(c)`,

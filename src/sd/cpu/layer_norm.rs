@@ -4,7 +4,7 @@
 //! instead of the composite's five activation-sized intermediates (candle's fused layer norm
 //! has no backward, and its composite makes a fresh tensor per step).
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::exp::mean_rstd;
@@ -12,10 +12,7 @@ use super::uninit;
 
 /// Whether [`layer_norm`] takes these: f32 on the CPU, gradients or not.
 pub fn applies(x: &Tensor, w: &Tensor, b: &Tensor) -> bool {
-    [x, w, b]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
-        && x.rank() >= 1
+    [x, w, b].iter().all(|t| super::cpu_f32(t)) && x.rank() >= 1
 }
 
 /// `x (..., d)` normalised over its last dimension, times `w (d)`, plus `b (d)`;

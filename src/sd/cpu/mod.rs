@@ -288,6 +288,11 @@ fn f32_slice<'a>(
     }
 }
 
+/// Whether the kernels here take `t`: f32 on the CPU.
+fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
 /// `f` of the f32 elements of a tensor on the CPU (a frozen weight an op holds, not one of its
 /// arguments), borrowed in place when contiguous.
 fn with_f32<R>(

@@ -10,13 +10,13 @@
 //! arithmetic is the ops' own ([`GroupNorm::run`], [`Conv::run`], then the add), so the result
 //! is the same to the bit.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
 
 use super::conv::{Conv, KernelCache};
 use super::group_norm::GroupNorm;
-use super::{f32_data, f32_slice, grad_for, with_f32, BiasedOp};
+use super::{cpu_f32, f32_data, f32_slice, grad_for, with_f32, BiasedOp};
 
 /// The frozen layers: a group norm (weight, bias `(c_in)`, followed by SiLU) and a
 /// convolution (`(c_out, c_in, kh, kw)`, bias `(c_out)`).
@@ -42,7 +42,6 @@ impl NormConv<'_> {
 /// Whether [`norm_conv`] takes these: f32 on the CPU, every weight frozen (a weight that
 /// trains needs its input kept), a stride-1 convolution of one group.
 pub fn applies(x: &Tensor, layers: &NormConv) -> bool {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     cpu_f32(x)
         && x.rank() == 4
         && layers.weight.rank() == 4

@@ -10,11 +10,11 @@
 //! forward arithmetic is the ops' own ([`LayerNorm::run`], [`Linear::run`]): the same result
 //! to the bit.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use super::layer_norm::LayerNorm;
 use super::linear::Linear;
-use super::{f32_data, f32_slice, grad_for, on_rows, with_f32};
+use super::{cpu_f32, f32_data, f32_slice, grad_for, on_rows, with_f32};
 
 /// The frozen layers: a layer norm (weight, bias `(k)`) and a linear layer (`(o, k)`, bias
 /// `(o)`).
@@ -30,7 +30,6 @@ pub struct NormLinear<'a> {
 /// Whether [`norm_linear`] takes these: f32 on the CPU, every weight frozen (a weight that
 /// trains needs its input kept).
 pub fn applies(x: &Tensor, layers: &NormLinear) -> bool {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     cpu_f32(x)
         && x.rank() >= 1
         && layers.weight.rank() == 2

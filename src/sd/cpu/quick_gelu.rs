@@ -3,7 +3,7 @@
 //! scalar `exp` ran on one thread, and the product): a third of the text encoder's time
 //! outside its GEMMs. In training the op keeps only its input for the backward pass.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::exp::{quick_gelu as forward, quick_gelu_grad};
@@ -14,7 +14,7 @@ const CHUNK: usize = 1 << 14;
 
 /// Whether [`quick_gelu`] takes this: f32 on the CPU, gradients or not.
 pub fn applies(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+    super::cpu_f32(x)
 }
 
 /// `x * sigmoid(1.702 x)` elementwise, differentiable.
