@@ -8,24 +8,13 @@
 use candle_core::{Tensor, D};
 use candle_nn::{Conv2dConfig, LayerNorm, Module, VarBuilder};
 
-use crate::sd::cpu::conv::KernelCache;
 use crate::sd::fused::group_norm::GroupNorm;
 use crate::sd::fused::Kernels;
 
 /// A 2-D convolution with candle_nn's weights (`weight`, `bias`) and config, run by
-/// [`crate::sd::cpu::conv`] for f32 on the CPU (keeping Winograd's transform of the kernel,
-/// unless [`Conv2d::without_kernel_cache`]) and by candle elsewhere.
+/// [`crate::sd::cpu::conv`] for f32 on the CPU and by candle elsewhere.
 #[derive(Clone, Debug)]
-pub struct Conv2d(candle_nn::Conv2d, Option<KernelCache>);
-
-impl Conv2d {
-    /// The convolution without a kept Winograd kernel: each call transforms it again, a
-    /// negligible share of a call at large sizes, for a model run once per image (the VAE:
-    /// SD1.5's decoder kept about 340 MB of transforms, 16/9 of its 3x3 kernels).
-    pub fn without_kernel_cache(self) -> Self {
-        Self(self.0, None)
-    }
-}
+pub struct Conv2d(candle_nn::Conv2d);
 
 /// candle_nn's `conv2d` constructor, for [`Conv2d`].
 pub fn conv2d(
@@ -35,7 +24,7 @@ pub fn conv2d(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> candle_core::Result<Conv2d> {
-    candle_nn::conv2d(c_in, c_out, kernel, cfg, vb).map(|c| Conv2d(c, Some(KernelCache::default())))
+    candle_nn::conv2d(c_in, c_out, kernel, cfg, vb).map(Conv2d)
 }
 
 impl Module for Conv2d {
@@ -44,7 +33,7 @@ impl Module for Conv2d {
         if !crate::sd::cpu::conv::applies(xs, w, cfg) {
             return self.0.forward(xs);
         }
-        crate::sd::cpu::conv::conv2d(xs, w, self.0.bias(), cfg, self.1.as_ref())
+        crate::sd::cpu::conv::conv2d(xs, w, self.0.bias(), cfg)
     }
 }
 
@@ -228,17 +217,6 @@ impl ResnetBlock {
         })
     }
 
-    /// The block with its convolutions keeping no Winograd kernels (see
-    /// [`Conv2d::without_kernel_cache`]).
-    pub fn without_kernel_cache(self) -> Self {
-        Self {
-            conv1: self.conv1.without_kernel_cache(),
-            conv2: self.conv2.without_kernel_cache(),
-            conv_shortcut: self.conv_shortcut.map(Conv2d::without_kernel_cache),
-            ..self
-        }
-    }
-
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
@@ -281,7 +259,6 @@ fn norm_conv_add(
         weight: conv.0.weight(),
         bias: conv.0.bias(),
         cfg: conv.0.config(),
-        cache: conv.1.as_ref(),
     };
     if xs.track_op() && applies(xs, &layers) {
         return norm_conv(xs, &layers, addend);

@@ -14,8 +14,7 @@ use crate::sd::nn::{ResnetBlock, ResnetSpec};
 
 const VAE_EPS: f64 = 1e-6;
 
-/// A 3x3 convolution. The VAE runs once per image: its convolutions keep no Winograd kernels
-/// (see [`Conv2d::without_kernel_cache`]).
+/// A 3x3 convolution.
 fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
     conv2d(
         cin,
@@ -27,7 +26,6 @@ fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
         },
         vb,
     )
-    .map(Conv2d::without_kernel_cache)
 }
 
 fn resnet(
@@ -49,7 +47,6 @@ fn resnet(
         },
         kernels,
     )
-    .map(ResnetBlock::without_kernel_cache)
 }
 
 /// Single-head self-attention over the pixels of the mid block.

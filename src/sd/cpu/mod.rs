@@ -6,7 +6,7 @@
 //!   the output back, and multiplies 512-pixel tiles).
 //! - [`attention`]: `softmax(scale q k^T) v` by blocks of query rows: each block's scores are
 //!   one GEMM, a softmax in cache, one GEMM with V; the `(n, m)` score matrix never exists.
-//! - [`winograd`]: 3x3 stride-1 convolutions with 2.25 times fewer multiply-adds.
+//! - [`winograd`]: 3x3 stride-1 convolutions with 4 times fewer multiply-adds (F(4x4, 3x3)).
 //! - [`linear`]: `x w^T + b` as one GEMM that starts from the bias.
 //! - [`geglu`]: the feed-forward's `a * gelu(g)` in one pass.
 //! - [`group_norm`]: group norm + SiLU in three vectorised passes instead of about ten.

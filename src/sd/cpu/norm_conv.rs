@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
 
-use super::conv::{Conv, KernelCache};
+use super::conv::Conv;
 use super::group_norm::GroupNorm;
 use super::{cpu_f32, f32_data, f32_slice, grad_for, with_f32, BiasedOp};
 
@@ -28,7 +28,6 @@ pub struct NormConv<'a> {
     pub weight: &'a Tensor,
     pub bias: Option<&'a Tensor>,
     pub cfg: &'a Conv2dConfig,
-    pub cache: Option<&'a KernelCache>,
 }
 
 impl NormConv<'_> {
@@ -77,7 +76,7 @@ pub fn norm_conv(x: &Tensor, layers: &NormConv, addend: Option<&Tensor>) -> Resu
         },
         norm_weight: f32_data(layers.norm_weight)?,
         norm_bias: f32_data(layers.norm_bias)?,
-        conv: Conv::new(layers.cfg, layers.cache.cloned()),
+        conv: Conv::new(layers.cfg),
         weight: layers.weight.contiguous()?,
         bias: layers.bias.map(f32_data).transpose()?,
     };
@@ -242,7 +241,6 @@ mod tests {
                 weight: &w,
                 bias: Some(&b),
                 cfg: &cfg,
-                cache: None,
             };
             assert!(applies(x.as_tensor(), &layers));
             let a = addend.as_ref().map(|a| a.as_tensor());
@@ -250,7 +248,7 @@ mod tests {
             let normed =
                 super::super::group_norm::group_norm(x.as_tensor(), &nw, &nb, 4, 1e-5, true)
                     .unwrap();
-            let conv = super::super::conv::conv2d(&normed, &w, Some(&b), &cfg, None).unwrap();
+            let conv = super::super::conv::conv2d(&normed, &w, Some(&b), &cfg).unwrap();
             let theirs = match a {
                 Some(a) => a.broadcast_add(&conv).unwrap(),
                 None => conv,
@@ -289,7 +287,6 @@ mod tests {
             weight: trained.as_tensor(),
             bias: None,
             cfg: &cfg,
-            cache: None,
         };
         assert!(!applies(&x, &layers), "a trained kernel");
         layers.weight = &w;
