@@ -343,7 +343,7 @@ mod tests {
             // tiles, batch 2 (both images' tiles in one batch).
             (2, 5, 18, 17, 6, 3, 1, 1),
             // Winograd with 600 channels: 19 x 11 tiles, two batches (17 tile rows fit in
-            // one); with dilation 2: im2col rows of 9 * 600 * 42 elements, several tiles of
+            // one); with dilation 2: im2col rows of 9 * 600 * 40 elements, several tiles of
             // output rows.
             (1, 600, 75, 42, 8, 3, 1, 1),
         ];
