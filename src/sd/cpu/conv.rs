@@ -14,7 +14,8 @@ use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
 
 use super::{
-    apply_biased, f32_slice, sgemm, uninit, winograd, with_f32, with_scratch, BiasedOp, Mat,
+    apply_biased, cpu_f32, f32_slice, sgemm, uninit, winograd, with_f32, with_scratch, BiasedOp,
+    Mat,
 };
 
 /// Elements of one im2col tile (16 MiB): whole output rows, at least one.
@@ -234,6 +235,31 @@ fn flipped(w: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, (ci, co, kh, kw), w.device())
 }
 
+/// `g (b, c, oh, ow)` spread to `(b, c, h, w)`: `g[y][x]` at `(stride y, stride x)`, zeros
+/// elsewhere. A strided convolution's input gradient is the stride-1 convolution of this
+/// (the transposed convolution written as a plain one), so it runs on [`conv2d`]'s kernels.
+fn spread(g: &Tensor, stride: usize, h: usize, w: usize) -> Result<Tensor> {
+    let (b, c, oh, ow) = g.dims4()?;
+    if (oh - 1) * stride >= h || (ow - 1) * stride >= w {
+        candle_core::bail!("spread: {oh}x{ow} by {stride} does not fit {h}x{w}");
+    }
+    let out = with_f32(g, |src| {
+        let mut out = vec![0f32; b * c * h * w];
+        out.par_chunks_mut(h * w)
+            .zip(src.par_chunks(oh * ow))
+            .for_each(|(dst, src)| {
+                for (y, row) in src.chunks_exact(ow).enumerate() {
+                    let dst = &mut dst[y * stride * w..];
+                    for (x, &v) in row.iter().enumerate() {
+                        dst[x * stride] = v;
+                    }
+                }
+            });
+        Ok(out)
+    })?;
+    Tensor::from_vec(out, (b, c, h, w), g.device())
+}
+
 impl BiasedOp for Conv {
     fn name(&self) -> &'static str {
         "conv2d-gemm"
@@ -253,7 +279,10 @@ impl BiasedOp for Conv {
     /// The input's gradient. With stride and dilation 1 it is the output's gradient convolved
     /// with the kernel flipped in both directions, its channels swapped, padded `k - 1 - p`:
     /// [`conv2d`] again (Winograd's for 3x3), where candle's transposed convolution is a plain
-    /// loop. Otherwise candle's backward pass of `Op::Conv2D` (candle-core 0.11.1, backprop.rs).
+    /// loop. With a larger stride and "same" padding (`k = 2p + 1`, the downsamplers) it is
+    /// the same convolution of the gradient spread out to the input's size, zeros between
+    /// ([`spread`]). Otherwise candle's backward pass of `Op::Conv2D` (candle-core 0.11.1,
+    /// backprop.rs).
     fn input_grad(&self, arg: &Tensor, kernel: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let (_, _, kh, kw) = kernel.dims4()?;
         if self.stride == 1 && self.dilation == 1 && self.padding < kh.min(kw) {
@@ -265,6 +294,15 @@ impl BiasedOp for Conv {
                 };
                 return conv2d(grad, &flipped(&kernel.detach())?, None, &cfg);
             }
+        }
+        if self.dilation == 1 && kh == kw && kh == 2 * self.padding + 1 && cpu_f32(grad) {
+            let (_, _, h, w) = arg.dims4()?;
+            let cfg = Conv2dConfig {
+                padding: self.padding,
+                ..Default::default()
+            };
+            let spread = spread(grad, self.stride, h, w)?;
+            return conv2d(&spread, &flipped(&kernel.detach())?, None, &cfg);
         }
         let (padding, stride, dilation) = (self.padding, self.stride, self.dilation);
         // The transposed convolution's output padding per side (candle takes one for both and
@@ -432,6 +470,35 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Strided input gradients with "same" padding (the gradient spread out, then our own
+    /// convolution of the flipped kernel) against candle's backward pass (its transposed
+    /// convolution): a 3x3 stride-2 downsampler on an even and an odd size, one of them
+    /// Winograd's (34x34: 3e-5 relative, F(4x4)'s rounding; 1e-5 otherwise), a 1x1 stride-2
+    /// and a 3x3 stride-3 convolution.
+    #[test]
+    fn strided_input_gradients_are_candles() {
+        // (k, padding, stride, side)
+        let cases = [(3, 1, 2, 34), (3, 1, 2, 9), (1, 0, 2, 7), (3, 1, 3, 10)];
+        for (i, &(k, padding, stride, side)) in cases.iter().enumerate() {
+            let x = Var::from_tensor(&randn(30 + i as u64, &[2, 5, side, side])).unwrap();
+            let kern = randn(40 + i as u64, &[6, 5, k, k]);
+            let cfg = Conv2dConfig {
+                padding,
+                stride,
+                ..Default::default()
+            };
+            let y = conv2d(x.as_tensor(), &kern, None, &cfg).unwrap();
+            let up = randn(50 + i as u64, y.dims());
+            let loss = |y: Tensor| (y * &up).unwrap().sum_all().unwrap();
+            let ours = loss(y).backward().unwrap();
+            let theirs = x.as_tensor().conv2d(&kern, padding, stride, 1, 1).unwrap();
+            let theirs = loss(theirs).backward().unwrap();
+            let (a, b) = (ours.get(&x).unwrap(), theirs.get(&x).unwrap());
+            let tol = if side * side >= 256 { 3e-5 } else { 1e-5 };
+            assert!(max_rel(a, b) < tol, "case {i}: {}", max_rel(a, b));
         }
     }
 
