@@ -14,8 +14,7 @@ use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
 
 use super::{
-    apply_biased, cpu_f32, f32_slice, sgemm, uninit, winograd, with_f32, with_scratch, BiasedOp,
-    Mat,
+    apply_biased, f32_slice, sgemm, uninit, winograd, with_f32, with_scratch, BiasedOp, Mat,
 };
 
 /// Elements of one im2col tile (16 MiB): whole output rows, at least one.
@@ -240,7 +239,7 @@ fn flipped(w: &Tensor) -> Result<Tensor> {
 /// (the transposed convolution written as a plain one), so it runs on [`conv2d`]'s kernels.
 fn spread(g: &Tensor, stride: usize, h: usize, w: usize) -> Result<Tensor> {
     let (b, c, oh, ow) = g.dims4()?;
-    if (oh - 1) * stride >= h || (ow - 1) * stride >= w {
+    if h * w == 0 || oh.saturating_sub(1) * stride >= h || ow.saturating_sub(1) * stride >= w {
         candle_core::bail!("spread: {oh}x{ow} by {stride} does not fit {h}x{w}");
     }
     let out = with_f32(g, |src| {
@@ -285,24 +284,19 @@ impl BiasedOp for Conv {
     /// backprop.rs).
     fn input_grad(&self, arg: &Tensor, kernel: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let (_, _, kh, kw) = kernel.dims4()?;
-        if self.stride == 1 && self.dilation == 1 && self.padding < kh.min(kw) {
-            let (ph, pw) = (kh - 1 - self.padding, kw - 1 - self.padding);
-            if ph == pw {
-                let cfg = Conv2dConfig {
-                    padding: ph,
-                    ..Default::default()
-                };
-                return conv2d(grad, &flipped(&kernel.detach())?, None, &cfg);
-            }
-        }
-        if self.dilation == 1 && kh == kw && kh == 2 * self.padding + 1 && cpu_f32(grad) {
-            let (_, _, h, w) = arg.dims4()?;
+        let square = kh == kw && self.padding < kh;
+        let same = kh == 2 * self.padding + 1;
+        if self.dilation == 1 && square && (self.stride == 1 || same) {
             let cfg = Conv2dConfig {
-                padding: self.padding,
+                padding: kh - 1 - self.padding,
                 ..Default::default()
             };
-            let spread = spread(grad, self.stride, h, w)?;
-            return conv2d(&spread, &flipped(&kernel.detach())?, None, &cfg);
+            let kernel = flipped(&kernel.detach())?;
+            if self.stride == 1 {
+                return conv2d(grad, &kernel, None, &cfg);
+            }
+            let (_, _, h, w) = arg.dims4()?;
+            return conv2d(&spread(grad, self.stride, h, w)?, &kernel, None, &cfg);
         }
         let (padding, stride, dilation) = (self.padding, self.stride, self.dilation);
         // The transposed convolution's output padding per side (candle takes one for both and
@@ -407,7 +401,8 @@ mod tests {
                 // F(4x4, 3x3) in f32 keeps about a decimal digit less than a direct sum
                 // (winograd.rs: ~1e-5 of the output's scale at 600 channels, candle's direct
                 // convolution ~5e-7).
-                let winograd = (k, padding, stride, dilation) == (3, 1, 1, 1) && h * w >= 256;
+                let winograd =
+                    (k, padding, stride, dilation) == (3, 1, 1, 1) && winograd::applies(h, w);
                 let tol = if winograd { 3e-5 } else { 1e-5 };
                 for (b, theirs) in [(None, &theirs), (Some(&bias), &biased)] {
                     let ours = conv2d(&x, &kern, b, &cfg).unwrap();
@@ -497,7 +492,11 @@ mod tests {
             let theirs = x.as_tensor().conv2d(&kern, padding, stride, 1, 1).unwrap();
             let theirs = loss(theirs).backward().unwrap();
             let (a, b) = (ours.get(&x).unwrap(), theirs.get(&x).unwrap());
-            let tol = if side * side >= 256 { 3e-5 } else { 1e-5 };
+            let tol = if winograd::applies(side, side) {
+                3e-5
+            } else {
+                1e-5
+            };
             assert!(max_rel(a, b) < tol, "case {i}: {}", max_rel(a, b));
         }
     }
