@@ -12,14 +12,14 @@ use crate::customize::set::ConceptSet;
 use crate::error::Result;
 use crate::infusion::concept::Concept;
 use crate::job::Job;
-use crate::sd::attention::naive_attention;
+use crate::sd::attention::unhooked_attention;
 use crate::sd::fused::{self, group_norm::GroupNorm, Kernels};
 use crate::sd::pipeline::{GenerateOptions, StableDiffusion};
 use crate::train::{TrainOptions, Trainer};
 use crate::util::noise::seeded_noise;
 
 /// The groups of rows `--only` chooses from, in the order they run.
-pub const GROUPS: [&str; 8] = [
+pub const GROUPS: [&str; 9] = [
     "load",
     "unet",
     "vae",
@@ -28,6 +28,7 @@ pub const GROUPS: [&str; 8] = [
     "train",
     "attention",
     "groupnorm",
+    "conv",
 ];
 
 /// What to run.
@@ -471,8 +472,9 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// The first self-attention (the full latent resolution: 4096 tokens for SD1.5) alone, both
-    /// implementations, batch 2: what the fused kernel changes, without the rest of the UNet.
+    /// The first self-attention (the full latent resolution: 4096 tokens for SD1.5) alone, batch
+    /// 2: as a layer runs it with naive kernels (on the projections' layout; the blocked op on
+    /// the CPU in f32), then the fused kernel where it applies.
     fn attention(&mut self) -> Result<()> {
         let Some(layer) = self
             .sd
@@ -486,19 +488,40 @@ impl Bench<'_> {
         let (heads, d) = (layer.heads, layer.head_dim);
         let n = self.hw.0 * self.hw.1;
         let qkv = (0..3)
-            .map(|i| self.noise(10 + i, &[2, heads, n, d]))
+            .map(|i| self.noise(10 + i, &[2, n, heads * d]))
             .collect::<Result<Vec<_>>>()?;
         let scale = 1.0 / (d as f64).sqrt();
         let name = format!("self-attention {n}x{d}, batch 2");
-        let naive = self.measure(&format!("{name}, naive"), None, || {
-            Ok(naive_attention(&qkv[0], &qkv[1], &qkv[2], scale)?)
-        })?;
-        if fused::attention::supports(&qkv[0], &qkv[1], &qkv[2]) {
+        let run = |kernels| unhooked_attention(&qkv[0], &qkv[1], &qkv[2], heads, scale, kernels);
+        let naive = self.measure(&format!("{name}, naive"), None, || Ok(run(Kernels::Naive)?))?;
+        let split = |t: &Tensor| t.reshape((2, n, heads, d))?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (split(&qkv[0])?, split(&qkv[1])?, split(&qkv[2])?);
+        if fused::attention::supports(&q, &k, &v) {
             self.measure(&format!("{name}, fused"), Some(("naive", naive)), || {
-                Ok(fused::attention::fused_attention(
-                    &qkv[0], &qkv[1], &qkv[2], scale,
-                )?)
+                Ok(run(Kernels::Fused)?)
             })?;
+        }
+        Ok(())
+    }
+
+    /// One 3x3 convolution (stride 1, padding 1, channels in = out) per level of the UNet at
+    /// batch 2, as its layers run it: most of a UNet call's convolution time, level by level.
+    fn convolutions(&mut self) -> Result<()> {
+        let channels = self.sd.unet.config().block_out_channels.clone();
+        let (mut h, mut w) = self.hw;
+        let cfg = candle_nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        for (i, &c) in channels.iter().enumerate() {
+            let x = self.noise(30 + i as u64, &[2, c, h, w])?;
+            let k = (self.noise(40 + i as u64, &[c, c, 3, 3])? * 0.02)?;
+            let b = self.noise(50 + i as u64, &[c])?;
+            let conv = crate::sd::nn::Conv2d::new(k, Some(b), cfg);
+            self.measure(&format!("conv 3x3 2x{c}x{h}x{w}"), None, || {
+                Ok(candle_core::Module::forward(&conv, &x)?)
+            })?;
+            (h, w) = (h.div_ceil(2), w.div_ceil(2));
         }
         Ok(())
     }
@@ -599,6 +622,9 @@ pub fn run(
     }
     if opts.runs("groupnorm") {
         bench.group_norm()?;
+    }
+    if opts.runs("conv") {
+        bench.convolutions()?;
     }
     Ok(bench.report)
 }

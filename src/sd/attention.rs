@@ -201,24 +201,12 @@ impl AttentionCall {
     /// where `kernels` choose it and nobody asked for probabilities.
     fn finish(mut self, kernels: Kernels) -> Result<Tensor> {
         let all_own = self.sources.iter().all(|s| matches!(s, ProbSource::Own));
-        let split = |x: &Tensor| split_heads(x, self.heads);
         // Nobody asked for probabilities: the fused op and the blocked CPU one never
         // materialise them.
         if all_own && self.own.is_none() {
-            if kernels.fused() {
-                let (q, k, v) = (split(&self.q)?, split(&self.k)?, split(&self.v)?);
-                if fused_attention::supports(&q, &k, &v) {
-                    let out = fused_attention::fused_attention(&q, &k, &v, self.scale)?;
-                    return merge_heads(&out);
-                }
-            }
-            // With gradients too (its backward recomputes the probabilities by blocks), on the
-            // projections' layout: the per-head copies live inside the op, not in the graph.
-            let (q, k, v) = (&self.q, &self.k, &self.v);
-            if cpu_attention::applies_with_grad(q, k, v) {
-                return cpu_attention::attention_heads(q, k, v, self.heads, self.scale, false);
-            }
+            return unhooked_attention(&self.q, &self.k, &self.v, self.heads, self.scale, kernels);
         }
+        let split = |x: &Tensor| split_heads(x, self.heads);
         let v = split(&self.v)?;
         let probs = if all_own {
             self.compute_own()?;
@@ -239,6 +227,32 @@ impl AttentionCall {
         };
         merge_heads(&out)
     }
+}
+
+/// `softmax(scale q k^T) v` on the projections' layout, q `(b, n, h*d)`, k and v
+/// `(b, m, h*d)` -> `(b, n, h*d)`, as a layer runs it when no hook asks for probabilities: the
+/// fused op where `kernels` choose it and it applies, the blocked CPU op in f32 on the CPU
+/// (with gradients too: its backward pass recomputes the probabilities by blocks, and the
+/// per-head copies live inside the op, not in the graph), else the composite.
+pub fn unhooked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    kernels: Kernels,
+) -> Result<Tensor> {
+    let split = |x: &Tensor| split_heads(x, heads);
+    if kernels.fused() {
+        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+        if fused_attention::supports(&q, &k, &v) {
+            return merge_heads(&fused_attention::fused_attention(&q, &k, &v, scale)?);
+        }
+    }
+    if cpu_attention::applies_with_grad(q, k, v) {
+        return cpu_attention::attention_heads(q, k, v, heads, scale, false);
+    }
+    merge_heads(&naive_attention(&split(q)?, &split(k)?, &split(v)?, scale)?)
 }
 
 /// `op` over q `(b, h, n, d)`, k and v `(b, h, m, d)` as `(b*h, rows, d)` contiguous tensors

@@ -27,6 +27,13 @@ pub fn conv2d(
     candle_nn::conv2d(c_in, c_out, kernel, cfg, vb).map(Conv2d)
 }
 
+impl Conv2d {
+    /// A layer of these weights (`weight (c_out, c_in, kh, kw)`).
+    pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Self {
+        Self(candle_nn::Conv2d::new(weight, bias, cfg))
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (w, cfg) = (self.0.weight(), self.0.config());

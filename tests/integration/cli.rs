@@ -295,10 +295,24 @@ fn bench_smoke_run_reports_every_measurement() {
     // Loading against reading the files, two UNet rows, the text encoder and the VAE decoder,
     // text-to-image and the pair (whole runs, then per step), a training step of each
     // registered method (in the registry's order), then the first self-attention and the first
-    // group norm + SiLU alone: naive, and fused against it.
+    // group norm + SiLU alone: naive, and fused against it; then a 3x3 convolution per UNet
+    // level, each level half the last one's size.
     let methods = infusion_repl::methods::names();
     let after = 10 + methods.len();
-    assert_eq!(rows.len(), after + 4);
+    let levels = crate::common::tiny()
+        .unet
+        .config()
+        .block_out_channels
+        .clone();
+    assert_eq!(rows.len(), after + 4 + levels.len());
+    let mut side = None;
+    for (r, c) in rows[after + 4..].iter().zip(&levels) {
+        let name = r["name"].as_str().unwrap();
+        let size: usize = name.rsplit('x').next().unwrap().parse().unwrap();
+        assert!(name.starts_with(&format!("conv 3x3 2x{c}x")), "{name}");
+        assert!(side.is_none_or(|s: usize| s.div_ceil(2) == size), "{name}");
+        side = Some(size);
+    }
     // On Linux each CPU row carries the process's resident peak over its timed runs (started
     // over before them): at least the tiny model's weights, below anything absurd.
     if cfg!(target_os = "linux") && std::fs::write("/proc/self/clear_refs", "5").is_ok() {
