@@ -494,8 +494,9 @@ impl Bench<'_> {
         let name = format!("self-attention {n}x{d}, batch 2");
         let run = |kernels| unhooked_attention(&qkv[0], &qkv[1], &qkv[2], heads, scale, kernels);
         let naive = self.measure(&format!("{name}, naive"), None, || Ok(run(Kernels::Naive)?))?;
-        let split = |t: &Tensor| t.reshape((2, n, heads, d))?.transpose(1, 2)?.contiguous();
-        let (q, k, v) = (split(&qkv[0])?, split(&qkv[1])?, split(&qkv[2])?);
+        // The per-head views the fused op would take (it asks their dtype and head size).
+        let heads_of = |t: &Tensor| t.reshape((2, n, heads, d))?.transpose(1, 2);
+        let (q, k, v) = (heads_of(&qkv[0])?, heads_of(&qkv[1])?, heads_of(&qkv[2])?);
         if fused::attention::supports(&q, &k, &v) {
             self.measure(&format!("{name}, fused"), Some(("naive", naive)), || {
                 Ok(run(Kernels::Fused)?)

@@ -300,8 +300,9 @@ fn merge_heads(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The unfused attention `softmax(scale * q k^T) v`: q `(b, h, n, d)`, k and v `(b, h, m, d)`
-/// -> `(b, h, n, d)`, as every layer runs it when the fused op does not apply.
-pub fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+/// -> `(b, h, n, d)`, the composite [`unhooked_attention`] falls back to where neither kernel
+/// applies.
+fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     attention_probs(q, k, scale)?.to_dtype(v.dtype())?.matmul(v)
 }
 

@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{sgemm, uninit, with_scratch, Mat};
+use super::{sgemm, transpose, uninit, with_scratch, Mat};
 
 /// Scores per block (1 MiB): 64 query rows against SD1.5's 4096 keys.
 const BLOCK_ELEMS: usize = 1 << 18;
@@ -84,34 +84,7 @@ fn block_mix(pt: &[f32], vs: &[f32], o: &mut [f32], (r, m, d): (usize, usize, us
             1,
         )
     };
-    transpose(&ot, o, d, r);
-}
-
-/// `dst (cols, rows)` = the transpose of `src (rows, cols)`, both row-major, by 16x16 tiles
-/// read and written a row (one cache line) at a time: rows of 4096 floats are 16 KiB apart,
-/// and a tile's 16 lines there share one set of the L1 cache.
-fn transpose(src: &[f32], dst: &mut [f32], rows: usize, cols: usize) {
-    const T: usize = 16;
-    for i0 in (0..rows).step_by(T) {
-        for j0 in (0..cols).step_by(T) {
-            if i0 + T <= rows && j0 + T <= cols {
-                let tile: [[f32; T]; T] =
-                    std::array::from_fn(|i| std::array::from_fn(|j| src[(i0 + i) * cols + j0 + j]));
-                for j in 0..T {
-                    let row = &mut dst[(j0 + j) * rows + i0..][..T];
-                    for (i, x) in row.iter_mut().enumerate() {
-                        *x = tile[i][j];
-                    }
-                }
-            } else {
-                for j in j0..(j0 + T).min(cols) {
-                    for i in i0..(i0 + T).min(rows) {
-                        dst[j * rows + i] = src[i * cols + j];
-                    }
-                }
-            }
-        }
-    }
+    transpose(&ot, (d, r), r, o, d);
 }
 
 /// Runs `f(slice, first_row, rows, out_block)` over the blocks of query rows of every
@@ -262,7 +235,7 @@ pub fn probs(
         let qb = &q[(s * n + row) * d..][..r * d];
         with_scratch(m * r, |pt| {
             block_probs(qb, &k[s * m * d..][..m * d], pt, (r, m, d), scale, None);
-            transpose(pt, p, m, r);
+            transpose(pt, (m, r), r, p, m);
         });
     });
     out
@@ -276,7 +249,7 @@ pub fn mix(p: &[f32], v: &[f32], (bh, n, m, d): (usize, usize, usize, usize)) ->
     by_blocks(&mut out, (n, d, block_rows(n, m)), |s, row, r, o| {
         let pb = &p[(s * n + row) * m..][..r * m];
         with_scratch(m * r, |pt| {
-            transpose(pb, pt, r, m);
+            transpose(pb, (r, m), m, pt, r);
             block_mix(pt, &v[s * m * d..][..m * d], o, (r, m, d));
         });
     });
