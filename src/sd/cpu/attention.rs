@@ -84,7 +84,7 @@ fn block_mix(pt: &[f32], vs: &[f32], o: &mut [f32], (r, m, d): (usize, usize, us
             1,
         )
     };
-    transpose(&ot, (d, r), r, o, d);
+    transpose(&ot, (d, r), r, o, d, false);
 }
 
 /// Runs `f(slice, first_row, rows, out_block)` over the blocks of query rows of every
@@ -235,7 +235,7 @@ pub fn probs(
         let qb = &q[(s * n + row) * d..][..r * d];
         with_scratch(m * r, |pt| {
             block_probs(qb, &k[s * m * d..][..m * d], pt, (r, m, d), scale, None);
-            transpose(pt, (m, r), r, p, m);
+            transpose(pt, (m, r), r, p, m, false);
         });
     });
     out
@@ -249,7 +249,7 @@ pub fn mix(p: &[f32], v: &[f32], (bh, n, m, d): (usize, usize, usize, usize)) ->
     by_blocks(&mut out, (n, d, block_rows(n, m)), |s, row, r, o| {
         let pb = &p[(s * n + row) * m..][..r * m];
         with_scratch(m * r, |pt| {
-            transpose(pb, (r, m), m, pt, r);
+            transpose(pb, (r, m), m, pt, r, false);
             block_mix(pt, &v[s * m * d..][..m * d], o, (r, m, d));
         });
     });

@@ -53,7 +53,7 @@ impl Linear {
         }
         let padded = rows.next_multiple_of(16);
         let mut xt = vec![0.0; k * padded];
-        transpose(x, (rows, k), k, &mut xt, padded);
+        super::transpose(x, (rows, k), k, &mut xt, padded, true);
         // SAFETY: every element is set to the bias or zero before the GEMM adds to it.
         let mut yt = unsafe { uninit(o * padded) };
         yt.par_chunks_mut(padded).enumerate().for_each(|(j, col)| {
@@ -73,7 +73,7 @@ impl Linear {
         };
         // SAFETY: every element is written by the transpose.
         let mut out = unsafe { uninit(rows * o) };
-        transpose(&yt, (o, rows), padded, &mut out, o);
+        super::transpose(&yt, (o, rows), padded, &mut out, o, true);
         out
     }
 
@@ -116,26 +116,6 @@ impl Linear {
 /// Up to this many rows [`Linear::run`] multiplies the transposed input (measured on SD1.5's
 /// shapes: 154 to 512 rows gained 15-70%; from 2048 rows it lost up to 10%).
 const FEW_ROWS: usize = 512;
-
-/// [`super::transpose`] by blocks of 32 columns of `src` in parallel.
-fn transpose(
-    src: &[f32],
-    (rows, cols): (usize, usize),
-    src_stride: usize,
-    dst: &mut [f32],
-    dst_stride: usize,
-) {
-    const TILE: usize = 32;
-    dst.par_chunks_mut(TILE * dst_stride)
-        .enumerate()
-        .for_each(|(tile, block)| {
-            let c0 = tile * TILE;
-            let width = (block.len() / dst_stride).min(cols.saturating_sub(c0));
-            if width > 0 {
-                super::transpose(&src[c0..], (rows, width), src_stride, block, dst_stride);
-            }
-        });
-}
 
 impl BiasedOp for Linear {
     fn name(&self) -> &'static str {

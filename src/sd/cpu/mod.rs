@@ -34,6 +34,7 @@ pub mod winograd;
 use std::cell::RefCell;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 /// A matrix operand of [`sgemm`]: its first element and the strides (in elements) between
 /// rows and between columns.
@@ -106,10 +107,36 @@ unsafe fn sgemm(
     )
 }
 
-/// `dst[c * dst_stride + r] = src[r * src_stride + c]` for the `(rows, cols)` block of `src`,
-/// by 16x16 tiles read and written a row (one cache line) at a time: rows of 4096 floats are
-/// 16 KiB apart, and a tile's 16 lines there share one set of the L1 cache.
+/// `dst[c * dst_stride + r] = src[r * src_stride + c]` for the `(rows, cols)` block of `src`;
+/// `parallel`: by blocks of 32 columns of `src` over rayon's pool (a whole activation), else
+/// on this thread (a block inside a kernel's own parallel loop).
 fn transpose(
+    src: &[f32],
+    (rows, cols): (usize, usize),
+    src_stride: usize,
+    dst: &mut [f32],
+    dst_stride: usize,
+    parallel: bool,
+) {
+    const COLS: usize = 32;
+    if !parallel {
+        return transpose_tiles(src, (rows, cols), src_stride, dst, dst_stride);
+    }
+    dst.par_chunks_mut(COLS * dst_stride)
+        .enumerate()
+        .for_each(|(block, dst)| {
+            let c0 = block * COLS;
+            let width = (dst.len() / dst_stride).min(cols.saturating_sub(c0));
+            if width > 0 {
+                transpose_tiles(&src[c0..], (rows, width), src_stride, dst, dst_stride);
+            }
+        });
+}
+
+/// [`transpose`] on this thread, by 16x16 tiles read and written a row (one cache line) at a
+/// time: rows of 4096 floats are 16 KiB apart, and a tile's 16 lines there share one set of
+/// the L1 cache.
+fn transpose_tiles(
     src: &[f32],
     (rows, cols): (usize, usize),
     src_stride: usize,
