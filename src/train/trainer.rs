@@ -225,30 +225,63 @@ fn auto_micro_batch(batch: usize, fits: impl Fn(usize) -> bool) -> usize {
 }
 
 /// The images per forward and backward pass of `opts`' run (see
-/// [`TrainOptions::micro_batch`]): the one asked, else the whole batch, fewer where the memory
-/// available holds fewer. An error names the setting to change when not even that slice fits.
-fn micro_batch(sd: &StableDiffusion, opts: &TrainOptions, hw: (usize, usize)) -> Result<usize> {
+/// [`TrainOptions::micro_batch`]) on `sd`'s device, `state` bytes of parameters' training
+/// state held besides (see [`state_bytes`]).
+fn micro_batch(
+    sd: &StableDiffusion,
+    opts: &TrainOptions,
+    hw: (usize, usize),
+    state: u128,
+) -> Result<usize> {
     // Each step draws the whole batch's noise (and the VAE's sample noise) at once.
     let latent = (sd.unet.config().in_channels * hw.0 * hw.1 * 4) as u128;
-    crate::sd::device::ensure_fits(
+    plan_passes(
+        opts,
+        opts.batch as u128 * latent * 2,
+        |rows| sd.unet_train_bytes(rows, hw),
+        state,
+        |arg, what, need| crate::sd::device::ensure_fits(arg, what, need, sd.device()),
+    )
+}
+
+/// The bytes training `params` bytes of parameters holds whatever the rows: their gradients,
+/// the sum of the passes' gradients, and AdamW's two moments. DreamBooth's SD1.5 UNet (3.4 GB)
+/// holds ~14 GB, which an estimate of the activations alone left out: on a 16 GiB machine its
+/// run is now refused before it starts. It is a lower bound: on a 23 GiB machine, where it says
+/// passes of 1 fit, the OOM killer still ends that run at 24.4 GB (the activations of a UNet
+/// whose every weight trains are more than `unet_train_bytes` counts; PLAN.md).
+fn state_bytes(params: u128) -> u128 {
+    4 * params
+}
+
+/// The rows per pass: the one asked, else the whole batch, fewer where `ensure` (which refuses
+/// a need of more bytes than are available, naming the argument to change) holds fewer.
+/// `noise`: the bytes of a step's noise; `activations(rows)`: of a pass of `rows`; `state`:
+/// see [`state_bytes`]. An error when not even a pass of 1 fits.
+fn plan_passes(
+    opts: &TrainOptions,
+    noise: u128,
+    activations: impl Fn(usize) -> u128,
+    state: u128,
+    ensure: impl Fn(&str, &str, u128) -> Result<()>,
+) -> Result<usize> {
+    let need = |rows: usize| activations(rows) + state;
+    ensure(
         "batch",
         &format!("a training batch of {}", opts.batch),
-        opts.batch as u128 * latent * 2 + sd.unet_train_bytes(1, hw),
-        sd.device(),
+        noise + need(1),
     )?;
-    let need = |rows: usize| sd.unet_train_bytes(rows, hw);
     let Some(asked) = opts.micro_batch else {
         // Passes of 1 fit (checked above).
         return Ok(auto_micro_batch(opts.batch, |m| {
-            crate::sd::device::fits(need(m), sd.device())
+            ensure("micro_batch", "", need(m)).is_ok()
         }));
     };
     let micro = asked.min(opts.batch);
-    crate::sd::device::ensure_fits(
+    ensure(
         "micro_batch",
         &format!("a training pass of {micro} images"),
         need(micro),
-        sd.device(),
     )?;
     Ok(micro)
 }
@@ -275,7 +308,12 @@ impl<'a> Trainer<'a> {
         opts.validate()?;
         let size = sd.default_size();
         let hw = sd.latent_size(size, size)?;
-        let micro = micro_batch(sd, &opts, hw)?;
+        let bytes: usize = learner
+            .vars()
+            .values()
+            .map(|v| v.elem_count() * v.dtype().size_in_bytes())
+            .sum();
+        let micro = micro_batch(sd, &opts, hw, state_bytes(bytes as u128))?;
         let word = word.trim().to_string();
         check_word(&word)?;
         let data = TrainingSet::new(
@@ -293,11 +331,6 @@ impl<'a> Trainer<'a> {
                 adam.set_lr_scale(k, scale);
             }
         }
-        let bytes: usize = learner
-            .vars()
-            .values()
-            .map(|v| v.elem_count() * v.dtype().size_in_bytes())
-            .sum();
         Ok(Self {
             sd,
             name: name.to_string(),
@@ -891,6 +924,48 @@ mod tests {
         assert_eq!(auto_micro_batch(4, |_| true), 4);
         assert_eq!(auto_micro_batch(16, |m| m <= 5), 5);
         assert_eq!(auto_micro_batch(4, |_| false), 1);
+    }
+
+    /// The passes count the parameters' training state besides the activations: on 14 GiB
+    /// free, with SD1.5's shapes (2 GiB of activations a row, `unet_train_bytes`), a learner of
+    /// a few KB (Infusion's) takes the whole batch, one of 7 GiB passes of 3, and DreamBooth's
+    /// 3.4 GB UNet (12.8 GiB of state) is refused with the argument to change, even in passes
+    /// of 1, where the activations alone say the whole batch fits.
+    #[test]
+    fn passes_count_the_parameters_training_state() {
+        const GIB: u128 = 1 << 30;
+        let have = 14 * GIB;
+        let ensure = |arg: &str, what: &str, need: u128| {
+            if need <= have {
+                Ok(())
+            } else {
+                Err(Error::arg(arg, format!("{what} needs {need}")))
+            }
+        };
+        let activations = |rows: usize| rows as u128 * 2_147_483_648;
+        let opts = TrainOptions::default();
+        assert_eq!(opts.batch, 4);
+        let small = state_bytes(16 * 1280 * 4);
+        assert_eq!(
+            plan_passes(&opts, 0, activations, small, ensure).unwrap(),
+            4
+        );
+        let three = 7 * GIB;
+        assert_eq!(
+            plan_passes(&opts, 0, activations, three, ensure).unwrap(),
+            3
+        );
+        let dreambooth = state_bytes(859_520_964 * 4);
+        assert_eq!(plan_passes(&opts, 0, activations, 0, ensure).unwrap(), 4);
+        let e = plan_passes(&opts, 0, activations, dreambooth, ensure).unwrap_err();
+        assert!(e.to_string().contains("batch"), "{e}");
+        let asked = TrainOptions {
+            micro_batch: Some(1),
+            ..Default::default()
+        };
+        let e = plan_passes(&asked, 0, activations, dreambooth, ensure).unwrap_err();
+        assert!(e.to_string().contains("batch"), "{e}");
+        assert!(plan_passes(&asked, 0, activations, small, ensure).unwrap() == 1);
     }
 
     /// GradScaler's rule: an overflow skips the step and halves the scale, a run of good steps
