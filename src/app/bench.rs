@@ -505,8 +505,10 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// One 3x3 convolution (stride 1, padding 1, channels in = out) per level of the UNet at
-    /// batch 2, as its layers run it: most of a UNet call's convolution time, level by level.
+    /// Two 3x3 convolutions (stride 1, padding 1) per level of the UNet at batch 2, as its
+    /// layers run them: channels in = out (most of them), and the up path's first (its input
+    /// the deeper level's output beside the skip connection: 2560 -> 1280 channels at SD1.5's
+    /// 16x16 level). Most of a UNet call's convolution time, level by level.
     fn convolutions(&mut self) -> Result<()> {
         let channels = self.sd.unet.config().block_out_channels.clone();
         let (mut h, mut w) = self.hw;
@@ -515,13 +517,23 @@ impl Bench<'_> {
             ..Default::default()
         };
         for (i, &c) in channels.iter().enumerate() {
-            let x = self.noise(30 + i as u64, &[2, c, h, w])?;
-            let k = (self.noise(40 + i as u64, &[c, c, 3, 3])? * 0.02)?;
-            let b = self.noise(50 + i as u64, &[c])?;
-            let conv = crate::sd::nn::Conv2d::new(k, Some(b), cfg);
-            self.measure(&format!("conv 3x3 2x{c}x{h}x{w}"), None, || {
-                Ok(candle_core::Module::forward(&conv, &x)?)
-            })?;
+            let deeper = channels
+                .get(i + 1)
+                .or(channels.last())
+                .copied()
+                .unwrap_or(c);
+            for (j, c_in) in [c, c + deeper].into_iter().enumerate() {
+                let seed = 30 + 10 * j as u64 + i as u64;
+                let x = self.noise(seed, &[2, c_in, h, w])?;
+                let k = (self.noise(seed + 100, &[c, c_in, 3, 3])? * 0.02)?;
+                let b = self.noise(seed + 200, &[c])?;
+                let conv = crate::sd::nn::Conv2d::new(k, Some(b), cfg);
+                let name = match j {
+                    0 => format!("conv 3x3 2x{c}x{h}x{w}"),
+                    _ => format!("conv 3x3 2x{c_in}x{h}x{w} -> {c}"),
+                };
+                self.measure(&name, None, || Ok(candle_core::Module::forward(&conv, &x)?))?;
+            }
             (h, w) = (h.div_ceil(2), w.div_ceil(2));
         }
         Ok(())

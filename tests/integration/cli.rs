@@ -295,8 +295,9 @@ fn bench_smoke_run_reports_every_measurement() {
     // Loading against reading the files, two UNet rows, the text encoder and the VAE decoder,
     // text-to-image and the pair (whole runs, then per step), a training step of each
     // registered method (in the registry's order), then the first self-attention and the first
-    // group norm + SiLU alone: naive, and fused against it; then a 3x3 convolution per UNet
-    // level, each level half the last one's size.
+    // group norm + SiLU alone: naive, and fused against it; then two 3x3 convolutions per UNet
+    // level (channels in = out, then the up path's first: its own and the deeper level's
+    // channels in), each level half the last one's size.
     let methods = infusion_repl::methods::names();
     let after = 10 + methods.len();
     let levels = crate::common::tiny()
@@ -304,14 +305,20 @@ fn bench_smoke_run_reports_every_measurement() {
         .config()
         .block_out_channels
         .clone();
-    assert_eq!(rows.len(), after + 4 + levels.len());
+    assert_eq!(rows.len(), after + 4 + 2 * levels.len());
     let mut side = None;
-    for (r, c) in rows[after + 4..].iter().zip(&levels) {
-        let name = r["name"].as_str().unwrap();
+    for (i, (pair, c)) in rows[after + 4..].chunks(2).zip(&levels).enumerate() {
+        let name = pair[0]["name"].as_str().unwrap();
         let size: usize = name.rsplit('x').next().unwrap().parse().unwrap();
         assert!(name.starts_with(&format!("conv 3x3 2x{c}x")), "{name}");
         assert!(side.is_none_or(|s: usize| s.div_ceil(2) == size), "{name}");
         side = Some(size);
+        let deeper = levels.get(i + 1).unwrap_or(&levels[levels.len() - 1]);
+        let up = pair[1]["name"].as_str().unwrap();
+        assert_eq!(
+            up,
+            format!("conv 3x3 2x{}x{size}x{size} -> {c}", c + deeper)
+        );
     }
     // On Linux each CPU row carries the process's resident peak over its timed runs (started
     // over before them): at least the tiny model's weights, below anything absurd.
