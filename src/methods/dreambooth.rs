@@ -343,6 +343,14 @@ impl Learner for FullUnet {
         format!("{} {word}", self.trigger)
     }
 
+    /// Every weight trains, so the layers keep what the frozen UNet's fused ops drop: one
+    /// pass of one SD1.5 row peaked 13.1 GB above the loaded models (3.4 GB of it the
+    /// gradients) against the 2.1 GB counted for a frozen UNet (notes/cpu.md, "DreamBooth on
+    /// SD1.5 does not fit 23 GiB").
+    fn activation_factor(&self) -> f64 {
+        4.5
+    }
+
     fn vars(&self) -> &BTreeMap<String, Var> {
         &self.vars
     }

@@ -98,6 +98,13 @@ pub trait Learner {
         None
     }
 
+    /// The activations a training pass keeps for this learner's backward, as a multiple of a
+    /// frozen UNet's (`StableDiffusion::unet_train_bytes`, which the pass planner reads). 1
+    /// where the UNet's weights stay frozen or few train.
+    fn activation_factor(&self) -> f64 {
+        1.0
+    }
+
     /// How its training images are drawn (Custom Diffusion's scale augmentation).
     fn augment(&self) -> data::Augment {
         data::Augment::None

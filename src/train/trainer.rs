@@ -226,19 +226,21 @@ fn auto_micro_batch(batch: usize, fits: impl Fn(usize) -> bool) -> usize {
 
 /// The images per forward and backward pass of `opts`' run (see
 /// [`TrainOptions::micro_batch`]) on `sd`'s device, `state` bytes of parameters' training
-/// state held besides (see [`state_bytes`]).
+/// state held besides (see [`state_bytes`]), activations `factor` times a frozen UNet's (see
+/// [`Learner::activation_factor`]).
 fn micro_batch(
     sd: &StableDiffusion,
     opts: &TrainOptions,
     hw: (usize, usize),
     state: u128,
+    factor: f64,
 ) -> Result<usize> {
     // Each step draws the whole batch's noise (and the VAE's sample noise) at once.
     let latent = (sd.unet.config().in_channels * hw.0 * hw.1 * 4) as u128;
     plan_passes(
         opts,
         opts.batch as u128 * latent * 2,
-        |rows| sd.unet_train_bytes(rows, hw),
+        |rows| (sd.unet_train_bytes(rows, hw) as f64 * factor) as u128,
         state,
         |arg, what, need| crate::sd::device::ensure_fits(arg, what, need, sd.device()),
     )
@@ -246,10 +248,8 @@ fn micro_batch(
 
 /// The bytes training `params` bytes of parameters holds whatever the rows: their gradients,
 /// the sum of the passes' gradients, and AdamW's two moments. DreamBooth's SD1.5 UNet (3.4 GB)
-/// holds ~14 GB, which an estimate of the activations alone left out: on a 16 GiB machine its
-/// run is now refused before it starts. It is a lower bound: on a 23 GiB machine, where it says
-/// passes of 1 fit, the OOM killer still ends that run at 24.4 GB (the activations of a UNet
-/// whose every weight trains are more than `unet_train_bytes` counts; PLAN.md).
+/// holds ~14 GB, which an estimate of the activations alone left out (the OOM killer ended its
+/// run on a 23 GiB machine, passes of 1 included).
 fn state_bytes(params: u128) -> u128 {
     4 * params
 }
@@ -313,7 +313,13 @@ impl<'a> Trainer<'a> {
             .values()
             .map(|v| v.elem_count() * v.dtype().size_in_bytes())
             .sum();
-        let micro = micro_batch(sd, &opts, hw, state_bytes(bytes as u128))?;
+        let micro = micro_batch(
+            sd,
+            &opts,
+            hw,
+            state_bytes(bytes as u128),
+            learner.activation_factor(),
+        )?;
         let word = word.trim().to_string();
         check_word(&word)?;
         let data = TrainingSet::new(
