@@ -517,11 +517,8 @@ impl Bench<'_> {
             ..Default::default()
         };
         for (i, &c) in channels.iter().enumerate() {
-            let deeper = channels
-                .get(i + 1)
-                .or(channels.last())
-                .copied()
-                .unwrap_or(c);
+            // The deepest level's up path takes its own width twice.
+            let deeper = channels.get(i + 1).copied().unwrap_or(c);
             for (j, c_in) in [c, c + deeper].into_iter().enumerate() {
                 let seed = 30 + 10 * j as u64 + i as u64;
                 let x = self.noise(seed, &[2, c_in, h, w])?;

@@ -403,8 +403,9 @@ struct BenchArgs {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Only these groups of rows, comma-separated: load, unet, vae (text encoder and VAE
-    /// decode), txt2img, pair, train, attention, groupnorm, conv (a 3x3 convolution per UNet
-    /// level) (load: a model from files, not `--shapes sd15`).
+    /// decode), txt2img, pair, train, attention, groupnorm, conv (two 3x3 convolutions per UNet
+    /// level: channels in = out, and the up path's first) (load: a model from files, not
+    /// `--shapes sd15`).
     #[arg(long, value_delimiter = ',', value_parser = crate::app::bench::GROUPS)]
     only: Vec<String>,
 }

@@ -313,7 +313,7 @@ fn bench_smoke_run_reports_every_measurement() {
         assert!(name.starts_with(&format!("conv 3x3 2x{c}x")), "{name}");
         assert!(side.is_none_or(|s: usize| s.div_ceil(2) == size), "{name}");
         side = Some(size);
-        let deeper = levels.get(i + 1).unwrap_or(&levels[levels.len() - 1]);
+        let deeper = levels.get(i + 1).unwrap_or(c);
         let up = pair[1]["name"].as_str().unwrap();
         assert_eq!(
             up,
